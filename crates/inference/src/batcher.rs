@@ -1,0 +1,123 @@
+//! Dynamic batching: requests of 1..N elements queue per model; each worker thread takes the
+//! oldest, adds more until the batch is full or the oldest has waited `max_queue_delay_us`,
+//! runs the model once, and splits the outputs back to the callers in order.
+//!
+//! Workers are OS threads (libtorch calls block), one per instance; they share one MPMC queue,
+//! so a free instance always takes the next batch.
+
+use crate::config::ModelConfig;
+use crate::stats::ModelStats;
+use crate::torch_model::{ExecTimings, TorchModel};
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// One validated request: `inputs[i]` is the payload for config input `i`.
+pub struct Job {
+    pub batch: usize,
+    pub inputs: Vec<Bytes>,
+    pub enqueued: Instant,
+    pub reply: oneshot::Sender<Result<JobOutput, String>>,
+}
+
+/// A request's share of a batch's outputs, one buffer per config output.
+pub struct JobOutput {
+    pub outputs: Vec<Bytes>,
+    pub queue: Duration,
+    pub compute: ExecTimings,
+    /// Elements in the batch this request rode in.
+    pub batch_size: usize,
+}
+
+/// Creates the queue shared by a model's workers.
+pub fn queue() -> (Sender<Job>, Receiver<Job>) {
+    crossbeam_channel::unbounded()
+}
+
+/// Forward loop of one instance; returns when every sender is dropped.
+pub fn run_worker(
+    model: TorchModel,
+    config: Arc<ModelConfig>,
+    stats: Arc<ModelStats>,
+    rx: Receiver<Job>,
+) {
+    let _no_grad = tch::no_grad_guard();
+    let delay = Duration::from_micros(config.max_queue_delay_us);
+    let mut carried: Option<Job> = None;
+    loop {
+        let first = match carried.take() {
+            Some(j) => j,
+            None => match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+        };
+        let deadline = first.enqueued + delay;
+        let mut size = first.batch;
+        let mut jobs = vec![first];
+        while size < config.max_batch_size {
+            match rx.recv_deadline(deadline) {
+                Ok(j) if size + j.batch > config.max_batch_size => {
+                    carried = Some(j);
+                    break;
+                }
+                Ok(j) => {
+                    size += j.batch;
+                    jobs.push(j);
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        execute(&model, &stats, size, jobs);
+    }
+}
+
+fn execute(model: &TorchModel, stats: &ModelStats, size: usize, jobs: Vec<Job>) {
+    let started = Instant::now();
+    let n_inputs = jobs[0].inputs.len();
+    let inputs: Vec<Vec<Bytes>> = (0..n_inputs)
+        .map(|i| jobs.iter().map(|j| j.inputs[i].clone()).collect())
+        .collect();
+    for j in &jobs {
+        stats.record_queue(started - j.enqueued);
+    }
+    match model.execute(size, &inputs) {
+        Ok((outputs, timings)) => {
+            stats.record_execution(
+                size,
+                jobs.len(),
+                timings.input,
+                timings.infer,
+                timings.output,
+            );
+            let mut offset = 0;
+            for job in jobs {
+                // Bytes::slice shares the batch buffer: no copy per request.
+                let mine = outputs
+                    .iter()
+                    .map(|o| {
+                        let per = o.len() / size;
+                        o.slice(offset * per..(offset + job.batch) * per)
+                    })
+                    .collect();
+                offset += job.batch;
+                stats.record_success(job.enqueued.elapsed());
+                let _ = job.reply.send(Ok(JobOutput {
+                    outputs: mine,
+                    queue: started - job.enqueued,
+                    compute: timings,
+                    batch_size: size,
+                }));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, batch = size, "model execution failed");
+            for job in jobs {
+                stats.record_failure(job.enqueued.elapsed());
+                let _ = job.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! A model's `config.toml`: its tensors, batching and on-device conversions.
+//!
+//! ```toml
+//! max_batch_size = 24
+//! max_queue_delay_us = 2000
+//!
+//! [[input]]
+//! name = "face"
+//! datatype = "UINT8"      # what travels on the wire
+//! dims = [6, 320, 320]    # without the batch dimension
+//! normalize = true        # u8 on the wire, float in [0, 1] inside the model
+//!
+//! [[output]]
+//! name = "output"
+//! datatype = "UINT8"
+//! dims = [3, 320, 320]
+//! normalize = true        # model's float in [0, 1] clamped, scaled and rounded to u8 on device
+//! ```
+
+use framecast_proto::tensor::DataType;
+use serde::Deserialize;
+use std::path::Path;
+
+/// File name of a model's configuration inside its directory.
+pub const CONFIG_FILE: &str = "config.toml";
+/// File name of a model's TorchScript module inside its directory.
+pub const MODEL_FILE: &str = "model.pt";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_platform")]
+    platform: String,
+    max_batch_size: usize,
+    #[serde(default = "default_delay")]
+    max_queue_delay_us: u64,
+    #[serde(default)]
+    input: Vec<RawTensor>,
+    #[serde(default)]
+    output: Vec<RawTensor>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTensor {
+    name: String,
+    datatype: String,
+    dims: Vec<i64>,
+    #[serde(default)]
+    normalize: bool,
+}
+
+fn default_platform() -> String {
+    "torchscript".to_string()
+}
+
+fn default_delay() -> u64 {
+    1000
+}
+
+/// One input or output tensor of a model, batch dimension excluded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    /// Element type on the wire.
+    pub datatype: DataType,
+    pub dims: Vec<i64>,
+    /// u8 on the wire, f32 in [0, 1] inside the model; converted on the model's device.
+    pub normalize: bool,
+}
+
+impl TensorSpec {
+    /// Bytes one batch element occupies on the wire.
+    pub fn element_bytes(&self) -> usize {
+        self.dims.iter().product::<i64>() as usize * self.datatype.size()
+    }
+
+    /// Shape with a leading batch dimension of `batch`.
+    pub fn batched_shape(&self, batch: usize) -> Vec<i64> {
+        let mut s = Vec::with_capacity(self.dims.len() + 1);
+        s.push(batch as i64);
+        s.extend_from_slice(&self.dims);
+        s
+    }
+}
+
+/// A validated model configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelConfig {
+    pub platform: String,
+    pub max_batch_size: usize,
+    pub max_queue_delay_us: u64,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// Why a configuration was refused; the message names the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    pub reason: String,
+}
+
+impl ModelConfig {
+    /// Reads and validates `dir/config.toml`.
+    pub fn load(dir: &Path) -> Result<Self, ConfigError> {
+        let path = dir.join(CONFIG_FILE);
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
+            file: file.clone(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text).map_err(|reason| ConfigError { file, reason })
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        if raw.platform != "torchscript" {
+            return Err(format!(
+                "platform: {:?} is not supported (only \"torchscript\")",
+                raw.platform
+            ));
+        }
+        if raw.max_batch_size == 0 || raw.max_batch_size > 4096 {
+            return Err(format!(
+                "max_batch_size: {} is out of range 1..=4096",
+                raw.max_batch_size
+            ));
+        }
+        if raw.max_queue_delay_us > 10_000_000 {
+            return Err(format!(
+                "max_queue_delay_us: {} exceeds 10 s",
+                raw.max_queue_delay_us
+            ));
+        }
+        let inputs = tensors("input", raw.input)?;
+        let outputs = tensors("output", raw.output)?;
+        Ok(ModelConfig {
+            platform: raw.platform,
+            max_batch_size: raw.max_batch_size,
+            max_queue_delay_us: raw.max_queue_delay_us,
+            inputs,
+            outputs,
+        })
+    }
+
+    /// Serializes back to the TOML form `parse` reads.
+    pub fn to_toml(&self) -> String {
+        let mut s = format!(
+            "platform = \"{}\"\nmax_batch_size = {}\nmax_queue_delay_us = {}\n",
+            self.platform, self.max_batch_size, self.max_queue_delay_us
+        );
+        for (kind, list) in [("input", &self.inputs), ("output", &self.outputs)] {
+            for t in list {
+                s += &format!(
+                    "\n[[{kind}]]\nname = \"{}\"\ndatatype = \"{}\"\ndims = {:?}\nnormalize = {}\n",
+                    t.name, t.datatype, t.dims, t.normalize
+                );
+            }
+        }
+        s
+    }
+}
+
+fn tensors(kind: &str, raw: Vec<RawTensor>) -> Result<Vec<TensorSpec>, String> {
+    if raw.is_empty() {
+        return Err(format!("{kind}: at least one [[{kind}]] is required"));
+    }
+    let mut out: Vec<TensorSpec> = Vec::with_capacity(raw.len());
+    for (i, t) in raw.into_iter().enumerate() {
+        let at = format!("{kind}[{i}]");
+        if t.name.is_empty() {
+            return Err(format!("{at}.name is empty"));
+        }
+        if out.iter().any(|o| o.name == t.name) {
+            return Err(format!("{at}.name {:?} is used twice", t.name));
+        }
+        let datatype = DataType::parse(&t.datatype).map_err(|e| format!("{at}.datatype: {e}"))?;
+        if t.dims.iter().any(|&d| d <= 0) {
+            return Err(format!(
+                "{at}.dims {:?}: every dimension must be positive (the batch dimension is implied)",
+                t.dims
+            ));
+        }
+        framecast_proto::tensor::byte_len(datatype, &t.dims)
+            .map_err(|e| format!("{at}.dims: {e}"))?;
+        if t.normalize && datatype != DataType::U8 {
+            return Err(format!(
+                "{at}.normalize needs datatype UINT8, not {datatype}"
+            ));
+        }
+        out.push(TensorSpec {
+            name: t.name,
+            datatype,
+            dims: t.dims,
+            normalize: t.normalize,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+max_batch_size = 4
+[[input]]
+name = "x"
+datatype = "UINT8"
+dims = [3, 8, 8]
+normalize = true
+[[output]]
+name = "y"
+datatype = "FP32"
+dims = [2]
+"#;
+
+    #[test]
+    fn parses_and_round_trips() {
+        let c = ModelConfig::parse(GOOD).unwrap();
+        assert_eq!(c.max_batch_size, 4);
+        assert_eq!(c.inputs[0].element_bytes(), 192);
+        assert_eq!(c.outputs[0].batched_shape(3), vec![3, 2]);
+        assert_eq!(ModelConfig::parse(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let cases = [
+            (
+                GOOD.replace("max_batch_size = 4", "max_batch_size = 0"),
+                "max_batch_size",
+            ),
+            (GOOD.replace("\"UINT8\"", "\"INT4\""), "input[0].datatype"),
+            (GOOD.replace("[3, 8, 8]", "[3, -1, 8]"), "input[0].dims"),
+            (
+                GOOD.replace("\"FP32\"", "\"FP32\"\nnormalize = true"),
+                "output[0].normalize",
+            ),
+            (
+                GOOD.replace("name = \"y\"", "name = \"\""),
+                "output[0].name",
+            ),
+            (GOOD.replace("max_batch_size", "max_batch"), "max_batch"),
+        ];
+        for (text, field) in cases {
+            let err = ModelConfig::parse(&text).unwrap_err();
+            assert!(err.contains(field), "{err:?} should name {field}");
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! framecast-inference: batched TorchScript models behind the KServe v2 gRPC protocol.
+//!
+//! A request flows `service` (validate, look up the model) → `models` (load on demand,
+//! one load for concurrent callers) → `batcher` (a queue per model, drained by one OS thread
+//! per instance that merges requests into batches) → `torch_model` (bytes to tensors, forward,
+//! tensors to bytes) and back through a oneshot channel.
+
+pub mod batcher;
+pub mod config;
+pub mod models;
+pub mod repository;
+pub mod server;
+pub mod service;
+pub mod stats;
+pub mod torch_model;
+pub mod validate;
+pub mod zoo;
+
+/// Parses a device list such as `cpu` or `cuda:0,cuda:1`.
+pub fn parse_devices(list: &str) -> Result<Vec<tch::Device>, String> {
+    list.split(',')
+        .map(str::trim)
+        .map(|d| match d {
+            "cpu" => Ok(tch::Device::Cpu),
+            "cuda" => Ok(tch::Device::Cuda(0)),
+            _ => d
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse::<usize>().ok())
+                .map(tch::Device::Cuda)
+                .ok_or_else(|| format!("devices: {d:?} is not `cpu`, `cuda` or `cuda:N`")),
+        })
+        .collect()
+}

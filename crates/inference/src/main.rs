@@ -1,0 +1,170 @@
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use framecast_inference::models::{ExecOptions, ModelManager};
+use framecast_inference::repository::Repository;
+use framecast_inference::server::{self, ServerOptions};
+use framecast_inference::zoo::{self, Builtin, ZooOptions};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Batched TorchScript inference over the KServe v2 / Open Inference Protocol (gRPC).
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the models of a repository.
+    Serve(ServeArgs),
+    /// Write the built-in models (passthrough, lipsync-ref, talking-demo) into a repository.
+    Models(ModelsArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Model repository: one directory per model holding model.pt and config.toml.
+    #[arg(long, env = "FRAMECAST_REPOSITORY", default_value = "models")]
+    repository: PathBuf,
+    /// gRPC listen address (KServe v2, health, reflection).
+    #[arg(
+        long,
+        env = "FRAMECAST_INFERENCE_LISTEN",
+        default_value = "0.0.0.0:8001"
+    )]
+    listen: SocketAddr,
+    /// Devices to run on: `cpu`, or a list such as `cuda:0,cuda:1`.
+    #[arg(long, env = "FRAMECAST_DEVICES", default_value = "cpu")]
+    devices: String,
+    /// Worker threads (model instances) per device and model.
+    #[arg(long, env = "FRAMECAST_INSTANCES", default_value_t = 1)]
+    instances: usize,
+    /// Models to load at start-up, comma-separated.
+    #[arg(long, env = "FRAMECAST_LOAD", value_delimiter = ',')]
+    load: Vec<String>,
+    /// Load a model at its first request when it is not loaded yet.
+    #[arg(long, env = "FRAMECAST_LOAD_ON_DEMAND", default_value_t = true, action = clap::ArgAction::Set)]
+    load_on_demand: bool,
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "FRAMECAST_MAX_MESSAGE_BYTES", default_value_t = framecast_proto::DEFAULT_MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
+    /// Requests slower than this (milliseconds, end to end) are logged at WARN.
+    #[arg(long, env = "FRAMECAST_SLOW_REQUEST_MS", default_value_t = 500)]
+    slow_request_ms: u64,
+    /// libtorch intra-op threads per process (0: libtorch's default).
+    #[arg(long, env = "FRAMECAST_TORCH_THREADS", default_value_t = 0)]
+    torch_threads: i32,
+}
+
+#[derive(clap::Args)]
+struct ModelsArgs {
+    /// Repository directory to write into (created if missing).
+    #[arg(long, default_value = "models")]
+    out: PathBuf,
+    /// Which models; all by default.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Builtin>,
+    /// Crop size of passthrough and talking-demo (lipsync-ref is fixed at 320).
+    #[arg(long, default_value_t = zoo::LIPSYNC_CROP)]
+    crop: i64,
+    /// max_batch_size written to each config.
+    #[arg(long, default_value_t = 24)]
+    max_batch_size: usize,
+    /// max_queue_delay_us written to each config.
+    #[arg(long, default_value_t = 2000)]
+    max_queue_delay_us: u64,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+        Command::Models(args) => {
+            let opts = ZooOptions {
+                crop: args.crop,
+                max_batch_size: args.max_batch_size,
+                max_queue_delay_us: args.max_queue_delay_us,
+            };
+            let which = if args.only.is_empty() {
+                Builtin::ALL.to_vec()
+            } else {
+                args.only
+            };
+            for m in which {
+                let dir = zoo::write(&args.out, m, &opts)?;
+                println!("wrote {}", dir.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let devices = framecast_inference::parse_devices(&args.devices).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(args.instances >= 1, "instances: must be at least 1");
+    for d in &devices {
+        if let tch::Device::Cuda(i) = d {
+            anyhow::ensure!(
+                (*i as i64) < tch::Cuda::device_count(),
+                "devices: cuda:{i} requested but {} CUDA device(s) are visible",
+                tch::Cuda::device_count()
+            );
+        }
+    }
+    if args.torch_threads > 0 {
+        tch::set_num_threads(args.torch_threads);
+    }
+    let repo = Repository::open(&args.repository)
+        .with_context(|| format!("repository: cannot open {}", args.repository.display()))?;
+    let exec = ExecOptions {
+        devices,
+        instances: args.instances,
+    };
+    let models = Arc::new(ModelManager::new(repo, exec, args.load_on_demand));
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        for name in &args.load {
+            models
+                .load(name)
+                .await
+                .with_context(|| format!("load: model '{name}'"))?;
+        }
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listen: cannot bind {}", args.listen))?;
+        tracing::info!(addr = %listener.local_addr()?, "framecast-inference serving");
+        let opts = ServerOptions {
+            max_message_bytes: args.max_message_bytes,
+            slow_request: Duration::from_millis(args.slow_request_ms),
+        };
+        server::serve(listener, models, opts, shutdown_signal()).await
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down: finishing in-flight requests");
+}

@@ -1,0 +1,60 @@
+//! The gRPC server: KServe service, health and reflection on one HTTP/2 port, tuned for large
+//! tensor messages.
+
+use crate::models::ModelManager;
+use crate::service::InferenceService;
+use framecast_proto::kserve::grpc_inference_service_server::GrpcInferenceServiceServer;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// Transport settings.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub max_message_bytes: usize,
+    pub slow_request: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            max_message_bytes: framecast_proto::DEFAULT_MAX_MESSAGE_BYTES,
+            slow_request: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Serves on `listener` until `shutdown` resolves; in-flight calls finish first.
+pub async fn serve(
+    listener: TcpListener,
+    models: Arc<ModelManager>,
+    opts: ServerOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let svc = InferenceService::new(models, opts.slow_request);
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<GrpcInferenceServiceServer<InferenceService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(framecast_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let kserve = GrpcInferenceServiceServer::new(svc)
+        .max_decoding_message_size(opts.max_message_bytes)
+        .max_encoding_message_size(opts.max_message_bytes);
+    tonic::transport::Server::builder()
+        // A 24-frame batch is ~15 MB each way: wide windows keep it from stalling on acks.
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(64 << 20))
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(kserve)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

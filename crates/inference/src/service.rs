@@ -1,0 +1,314 @@
+//! The KServe v2 `GRPCInferenceService` over the [`ModelManager`].
+
+use crate::models::{LoadedModel, ModelError, ModelManager};
+use crate::repository::RepoError;
+use crate::validate;
+use framecast_proto::kserve::{
+    self, grpc_inference_service_server::GrpcInferenceService,
+    model_infer_response::InferOutputTensor, InferParameter, ModelInferRequest, ModelInferResponse,
+};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Response parameter: nanoseconds the request waited in the batch queue.
+pub const PARAM_QUEUE_NS: &str = "framecast_queue_ns";
+/// Response parameter: nanoseconds of input conversion, forward and output conversion.
+pub const PARAM_COMPUTE_NS: &str = "framecast_compute_ns";
+/// Response parameter: elements in the batch the request was executed in.
+pub const PARAM_BATCH_SIZE: &str = "framecast_batch_size";
+
+/// Requests slower than this end to end are logged at WARN.
+#[derive(Clone)]
+pub struct InferenceService {
+    models: Arc<ModelManager>,
+    slow_request: Duration,
+}
+
+impl InferenceService {
+    pub fn new(models: Arc<ModelManager>, slow_request: Duration) -> Self {
+        InferenceService {
+            models,
+            slow_request,
+        }
+    }
+
+    async fn infer(&self, mut req: ModelInferRequest) -> Result<ModelInferResponse, Status> {
+        let started = Instant::now();
+        let model = self.models.get(&req.model_name).await.map_err(status_of)?;
+        let prepared = validate::prepare(&model.name, &model.config, &mut req)?;
+        let out = model
+            .infer(prepared.batch, prepared.inputs)
+            .await
+            .map_err(|e| Status::internal(format!("model '{}': {e}", model.name)))?;
+        let compute = out.compute.input + out.compute.infer + out.compute.output;
+        let elapsed = started.elapsed();
+        if elapsed > self.slow_request {
+            tracing::warn!(
+                model = %model.name, id = %req.id, batch = prepared.batch,
+                total_ms = elapsed.as_secs_f64() * 1e3,
+                queue_ms = out.queue.as_secs_f64() * 1e3,
+                compute_ms = compute.as_secs_f64() * 1e3,
+                "slow request"
+            );
+        }
+        let params = [
+            (PARAM_QUEUE_NS, out.queue.as_nanos() as i64),
+            (PARAM_COMPUTE_NS, compute.as_nanos() as i64),
+            (PARAM_BATCH_SIZE, out.batch_size as i64),
+        ]
+        .into_iter()
+        .map(|(k, v)| {
+            let p = InferParameter {
+                parameter_choice: Some(kserve::infer_parameter::ParameterChoice::Int64Param(v)),
+            };
+            (k.to_string(), p)
+        })
+        .collect();
+        Ok(response(
+            &model,
+            req,
+            prepared.batch,
+            &prepared.outputs,
+            out.outputs,
+            params,
+        ))
+    }
+}
+
+fn response(
+    model: &LoadedModel,
+    req: ModelInferRequest,
+    batch: usize,
+    wanted: &[usize],
+    mut outputs: Vec<bytes::Bytes>,
+    parameters: HashMap<String, InferParameter>,
+) -> ModelInferResponse {
+    let specs = &model.config.outputs;
+    ModelInferResponse {
+        model_name: model.name.clone(),
+        model_version: "1".to_string(),
+        id: req.id,
+        parameters,
+        outputs: wanted
+            .iter()
+            .map(|&i| InferOutputTensor {
+                name: specs[i].name.clone(),
+                datatype: specs[i].datatype.as_str().to_string(),
+                shape: specs[i].batched_shape(batch),
+                ..Default::default()
+            })
+            .collect(),
+        raw_output_contents: wanted
+            .iter()
+            .map(|&i| std::mem::take(&mut outputs[i]))
+            .collect(),
+    }
+}
+
+/// Maps lifecycle errors to gRPC codes.
+pub fn status_of(e: ModelError) -> Status {
+    match &e {
+        ModelError::Repo(RepoError::InvalidName { .. }) => {
+            Status::invalid_argument(format!("model_name: {e}"))
+        }
+        ModelError::Repo(RepoError::NotFound(_)) => Status::not_found(e.to_string()),
+        ModelError::NotLoaded(_) => Status::unavailable(e.to_string()),
+        ModelError::LoadFailed { .. } => Status::failed_precondition(e.to_string()),
+    }
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(
+        &self,
+        _: Request<kserve::ServerLiveRequest>,
+    ) -> Reply<kserve::ServerLiveResponse> {
+        Ok(Response::new(kserve::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<kserve::ServerReadyRequest>,
+    ) -> Reply<kserve::ServerReadyResponse> {
+        Ok(Response::new(kserve::ServerReadyResponse { ready: true }))
+    }
+
+    async fn model_ready(
+        &self,
+        req: Request<kserve::ModelReadyRequest>,
+    ) -> Reply<kserve::ModelReadyResponse> {
+        let name = req.into_inner().name;
+        crate::repository::check_name(&name).map_err(|e| status_of(e.into()))?;
+        Ok(Response::new(kserve::ModelReadyResponse {
+            ready: self.models.ready(&name).is_some(),
+        }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<kserve::ServerMetadataRequest>,
+    ) -> Reply<kserve::ServerMetadataResponse> {
+        Ok(Response::new(kserve::ServerMetadataResponse {
+            name: "framecast-inference".to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            extensions: vec![
+                "model_repository".into(),
+                "statistics".into(),
+                "streaming".into(),
+            ],
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        req: Request<kserve::ModelMetadataRequest>,
+    ) -> Reply<kserve::ModelMetadataResponse> {
+        use kserve::model_metadata_response::TensorMetadata;
+        let name = req.into_inner().name;
+        let dir = self
+            .models
+            .repository()
+            .model_dir(&name)
+            .map_err(|e| status_of(e.into()))?;
+        let config = crate::config::ModelConfig::load(&dir)
+            .map_err(|e| Status::failed_precondition(format!("model '{name}': {e}")))?;
+        let meta = |specs: &[crate::config::TensorSpec]| {
+            specs
+                .iter()
+                .map(|s| TensorMetadata {
+                    name: s.name.clone(),
+                    datatype: s.datatype.as_str().to_string(),
+                    shape: s
+                        .batched_shape(0)
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, d)| if i == 0 { -1 } else { d })
+                        .collect(),
+                })
+                .collect()
+        };
+        Ok(Response::new(kserve::ModelMetadataResponse {
+            name,
+            versions: vec!["1".to_string()],
+            platform: config.platform.clone(),
+            inputs: meta(&config.inputs),
+            outputs: meta(&config.outputs),
+        }))
+    }
+
+    async fn model_infer(&self, req: Request<ModelInferRequest>) -> Reply<ModelInferResponse> {
+        self.infer(req.into_inner()).await.map(Response::new)
+    }
+
+    type ModelStreamInferStream = ReceiverStream<Result<kserve::ModelStreamInferResponse, Status>>;
+
+    async fn model_stream_infer(
+        &self,
+        req: Request<Streaming<ModelInferRequest>>,
+    ) -> Reply<Self::ModelStreamInferStream> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(256);
+        let this = self.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = inbound.next().await {
+                let Ok(msg) = msg else { break };
+                let (tx, this) = (tx.clone(), this.clone());
+                // Each request runs on its own task so many are in flight and batch together;
+                // responses go back as they complete, matched by id.
+                tokio::spawn(async move {
+                    let (id, model_name) = (msg.id.clone(), msg.model_name.clone());
+                    let reply = match this.infer(msg).await {
+                        Ok(r) => kserve::ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(r),
+                        },
+                        Err(s) => kserve::ModelStreamInferResponse {
+                            error_message: format!("{:?}: {}", s.code(), s.message()),
+                            infer_response: Some(ModelInferResponse {
+                                id,
+                                model_name,
+                                ..Default::default()
+                            }),
+                        },
+                    };
+                    let _ = tx.send(Ok(reply)).await;
+                });
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn model_statistics(
+        &self,
+        req: Request<kserve::ModelStatisticsRequest>,
+    ) -> Reply<kserve::ModelStatisticsResponse> {
+        let name = req.into_inner().name;
+        let models = if name.is_empty() {
+            self.models.loaded()
+        } else {
+            let dir = self.models.repository().model_dir(&name);
+            dir.map_err(|e| status_of(e.into()))?;
+            vec![self
+                .models
+                .ready(&name)
+                .ok_or_else(|| status_of(ModelError::NotLoaded(name.clone())))?]
+        };
+        Ok(Response::new(kserve::ModelStatisticsResponse {
+            model_stats: models.iter().map(|m| m.stats.snapshot(&m.name)).collect(),
+        }))
+    }
+
+    async fn repository_index(
+        &self,
+        req: Request<kserve::RepositoryIndexRequest>,
+    ) -> Reply<kserve::RepositoryIndexResponse> {
+        use kserve::repository_index_response::ModelIndex;
+        let ready_only = req.into_inner().ready;
+        let names = self
+            .models
+            .repository()
+            .list()
+            .map_err(|e| Status::internal(format!("reading the repository: {e}")))?;
+        let models = names
+            .into_iter()
+            .filter_map(|name| {
+                let (state, reason) = self
+                    .models
+                    .state(&name)
+                    .unwrap_or(("UNLOADED", String::new()));
+                (!ready_only || state == "READY").then(|| ModelIndex {
+                    name,
+                    version: "1".to_string(),
+                    state: state.to_string(),
+                    reason,
+                })
+            })
+            .collect();
+        Ok(Response::new(kserve::RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        req: Request<kserve::RepositoryModelLoadRequest>,
+    ) -> Reply<kserve::RepositoryModelLoadResponse> {
+        let name = req.into_inner().model_name;
+        self.models.load(&name).await.map_err(status_of)?;
+        Ok(Response::new(kserve::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        req: Request<kserve::RepositoryModelUnloadRequest>,
+    ) -> Reply<kserve::RepositoryModelUnloadResponse> {
+        let name = req.into_inner().model_name;
+        self.models.unload(&name).map_err(status_of)?;
+        Ok(Response::new(kserve::RepositoryModelUnloadResponse {}))
+    }
+}

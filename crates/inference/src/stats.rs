@@ -1,0 +1,101 @@
+//! Per-model counters behind `ModelStatistics`: lock-free, updated by the worker threads.
+
+use framecast_proto::kserve;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[derive(Default)]
+struct Counter {
+    count: AtomicU64,
+    ns: AtomicU64,
+}
+
+impl Counter {
+    fn add(&self, n: u64, d: Duration) {
+        self.count.fetch_add(n, Relaxed);
+        self.ns.fetch_add(d.as_nanos() as u64, Relaxed);
+    }
+
+    fn snapshot(&self) -> kserve::StatisticDuration {
+        kserve::StatisticDuration {
+            count: self.count.load(Relaxed),
+            ns: self.ns.load(Relaxed),
+        }
+    }
+}
+
+/// Cumulative statistics of one model since it was loaded.
+#[derive(Default)]
+pub struct ModelStats {
+    inference_count: AtomicU64,
+    execution_count: AtomicU64,
+    last_inference_ms: AtomicU64,
+    success: Counter,
+    fail: Counter,
+    queue: Counter,
+    compute_input: Counter,
+    compute_infer: Counter,
+    compute_output: Counter,
+}
+
+impl ModelStats {
+    /// Records one executed batch of `frames` elements serving `requests` requests.
+    pub fn record_execution(
+        &self,
+        frames: usize,
+        requests: usize,
+        input: Duration,
+        infer: Duration,
+        output: Duration,
+    ) {
+        let n = requests as u64;
+        self.execution_count.fetch_add(1, Relaxed);
+        self.inference_count.fetch_add(frames as u64, Relaxed);
+        // Like Triton, compute durations are counted per request in the batch.
+        self.compute_input.add(n, input * requests as u32);
+        self.compute_infer.add(n, infer * requests as u32);
+        self.compute_output.add(n, output * requests as u32);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.last_inference_ms
+            .store(now.as_millis() as u64, Relaxed);
+    }
+
+    pub fn record_queue(&self, d: Duration) {
+        self.queue.add(1, d);
+    }
+
+    pub fn record_success(&self, d: Duration) {
+        self.success.add(1, d);
+    }
+
+    pub fn record_failure(&self, d: Duration) {
+        self.fail.add(1, d);
+    }
+
+    pub fn execution_count(&self) -> u64 {
+        self.execution_count.load(Relaxed)
+    }
+
+    pub fn snapshot(&self, name: &str) -> kserve::ModelStatistics {
+        kserve::ModelStatistics {
+            name: name.to_string(),
+            version: "1".to_string(),
+            last_inference: self.last_inference_ms.load(Relaxed),
+            inference_count: self.inference_count.load(Relaxed),
+            execution_count: self.execution_count.load(Relaxed),
+            inference_stats: Some(kserve::InferStatistics {
+                success: Some(self.success.snapshot()),
+                fail: Some(self.fail.snapshot()),
+                queue: Some(self.queue.snapshot()),
+                compute_input: Some(self.compute_input.snapshot()),
+                compute_infer: Some(self.compute_infer.snapshot()),
+                compute_output: Some(self.compute_output.snapshot()),
+                cache_hit: None,
+                cache_miss: None,
+            }),
+            batch_stats: Vec::new(),
+        }
+    }
+}

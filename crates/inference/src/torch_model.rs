@@ -1,0 +1,223 @@
+//! One TorchScript module on one device: turns batched wire bytes into tensors, runs the
+//! forward, and turns the outputs back into wire bytes, with u8 <-> float conversion done on
+//! the device so the wire carries u8 rather than float32.
+
+use crate::config::{ModelConfig, TensorSpec, MODEL_FILE};
+use bytes::Bytes;
+use framecast_proto::tensor::DataType;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tch::{CModule, Device, IValue, Kind, Tensor};
+
+/// Maps a wire datatype to the libtorch element kind, where libtorch has one.
+pub fn kind_of(datatype: DataType) -> Option<Kind> {
+    Some(match datatype {
+        DataType::Bool => Kind::Bool,
+        DataType::U8 => Kind::Uint8,
+        DataType::I8 => Kind::Int8,
+        DataType::I16 => Kind::Int16,
+        DataType::I32 => Kind::Int,
+        DataType::I64 => Kind::Int64,
+        DataType::F16 => Kind::Half,
+        DataType::BF16 => Kind::BFloat16,
+        DataType::F32 => Kind::Float,
+        DataType::F64 => Kind::Double,
+        DataType::U16 | DataType::U32 | DataType::U64 => return None,
+    })
+}
+
+/// Time spent in each phase of one execution.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ExecTimings {
+    pub input: Duration,
+    pub infer: Duration,
+    pub output: Duration,
+}
+
+/// A loaded module, owned by one worker thread.
+pub struct TorchModel {
+    module: CModule,
+    device: Device,
+    config: ModelConfig,
+}
+
+impl TorchModel {
+    /// Loads `dir/model.pt` onto `device`. Errors name the file and the cause.
+    pub fn load(dir: &Path, config: ModelConfig, device: Device) -> Result<Self, String> {
+        for t in config.inputs.iter().chain(&config.outputs) {
+            if kind_of(t.datatype).is_none() {
+                return Err(format!(
+                    "config: tensor '{}' has datatype {}, which libtorch cannot hold",
+                    t.name, t.datatype
+                ));
+            }
+        }
+        let path = dir.join(MODEL_FILE);
+        let mut module = CModule::load_on_device(&path, device).map_err(|e| {
+            format!(
+                "{}: cannot load TorchScript module: {}",
+                path.display(),
+                first_line(&e.to_string())
+            )
+        })?;
+        module.set_eval();
+        Ok(TorchModel {
+            module,
+            device,
+            config,
+        })
+    }
+
+    /// Runs one forward at `batch` with zero inputs and checks the outputs against the config.
+    pub fn warm_up(&self, batch: usize) -> Result<(), String> {
+        let parts: Vec<Vec<Bytes>> = self
+            .config
+            .inputs
+            .iter()
+            .map(|t| vec![Bytes::from(vec![0u8; t.element_bytes() * batch])])
+            .collect();
+        self.execute(batch, &parts).map(|_| ())
+    }
+
+    /// Executes one batch of `batch` elements. `inputs[i]` holds, for config input `i`, the
+    /// payloads of the requests in the batch, in order; their lengths sum to the batch's bytes.
+    /// Returns one contiguous buffer per config output.
+    pub fn execute(
+        &self,
+        batch: usize,
+        inputs: &[Vec<Bytes>],
+    ) -> Result<(Vec<Bytes>, ExecTimings), String> {
+        let t0 = Instant::now();
+        let tensors = self
+            .config
+            .inputs
+            .iter()
+            .zip(inputs)
+            .map(|(spec, parts)| self.input_tensor(spec, batch, parts))
+            .collect::<Result<Vec<_>, _>>()?;
+        let t1 = Instant::now();
+        let ivalues: Vec<IValue> = tensors.into_iter().map(IValue::Tensor).collect();
+        let out = self
+            .module
+            .forward_is(&ivalues)
+            .map_err(|e| format!("forward failed: {}", first_line(&e.to_string())))?;
+        let outs = flatten_outputs(out)?;
+        if outs.len() != self.config.outputs.len() {
+            return Err(format!(
+                "model returned {} output tensors; config declares {}",
+                outs.len(),
+                self.config.outputs.len()
+            ));
+        }
+        let t2 = Instant::now();
+        let bytes = self
+            .config
+            .outputs
+            .iter()
+            .zip(outs)
+            .map(|(spec, t)| output_bytes(spec, batch, t))
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.device != Device::Cpu {
+            tch::Cuda::synchronize(device_index(self.device));
+        }
+        let t3 = Instant::now();
+        Ok((
+            bytes,
+            ExecTimings {
+                input: t1 - t0,
+                infer: t2 - t1,
+                output: t3 - t2,
+            },
+        ))
+    }
+
+    fn input_tensor(
+        &self,
+        spec: &TensorSpec,
+        batch: usize,
+        parts: &[Bytes],
+    ) -> Result<Tensor, String> {
+        let kind = kind_of(spec.datatype).ok_or("unsupported datatype")?;
+        let total: usize = parts.iter().map(Bytes::len).sum();
+        if total != spec.element_bytes() * batch {
+            return Err(format!(
+                "input '{}': {} bytes for a batch of {}",
+                spec.name, total, batch
+            ));
+        }
+        let host = Tensor::empty(spec.batched_shape(batch), (kind, Device::Cpu));
+        // SAFETY: `host` was just allocated contiguous with exactly `total` bytes, and the
+        // parts are copied end to end without overlap; one copy, no intermediate Vec.
+        unsafe {
+            let mut dst = host.data_ptr() as *mut u8;
+            for p in parts {
+                std::ptr::copy_nonoverlapping(p.as_ptr(), dst, p.len());
+                dst = dst.add(p.len());
+            }
+        }
+        let t = host.to_device(self.device);
+        Ok(if spec.normalize {
+            t.to_kind(Kind::Float) * (1.0 / 255.0)
+        } else {
+            t
+        })
+    }
+}
+
+fn device_index(device: Device) -> i64 {
+    match device {
+        Device::Cuda(i) => i as i64,
+        _ => 0,
+    }
+}
+
+fn flatten_outputs(value: IValue) -> Result<Vec<Tensor>, String> {
+    match value {
+        IValue::Tensor(t) => Ok(vec![t]),
+        IValue::Tuple(items) | IValue::GenericList(items) => items
+            .into_iter()
+            .map(|v| match v {
+                IValue::Tensor(t) => Ok(t),
+                other => Err(format!("model returned a non-tensor output: {other:?}")),
+            })
+            .collect(),
+        IValue::TensorList(ts) => Ok(ts),
+        other => Err(format!("model returned {other:?}, not tensors")),
+    }
+}
+
+fn output_bytes(spec: &TensorSpec, batch: usize, t: Tensor) -> Result<Bytes, String> {
+    let want_shape = spec.batched_shape(batch);
+    if t.size() != want_shape {
+        return Err(format!(
+            "output '{}' has shape {:?}; config declares {:?}",
+            spec.name,
+            t.size(),
+            want_shape
+        ));
+    }
+    let kind = kind_of(spec.datatype).ok_or("unsupported datatype")?;
+    let t = if spec.normalize {
+        (t.clamp(0.0, 1.0) * 255.0).round().to_kind(Kind::Uint8)
+    } else if t.kind() != kind {
+        return Err(format!(
+            "output '{}' is {:?}; config declares {}",
+            spec.name,
+            t.kind(),
+            spec.datatype
+        ));
+    } else {
+        t
+    };
+    let t = t.to_device(Device::Cpu).contiguous();
+    let numel = t.numel();
+    let mut buf = vec![0u8; numel * spec.datatype.size()];
+    t.f_copy_data_u8(&mut buf, numel)
+        .map_err(|e| format!("output '{}': {}", spec.name, first_line(&e.to_string())))?;
+    Ok(Bytes::from(buf))
+}
+
+/// libtorch errors carry a C++ backtrace after the first line; clients need the first line.
+pub fn first_line(s: &str) -> &str {
+    s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s).trim()
+}

@@ -1,0 +1,279 @@
+//! Built-in models, generated without any download: traced with `tch` and saved as
+//! TorchScript beside a `config.toml`, exactly as an operator's own models would be stored.
+//!
+//! - `passthrough`: returns the reference face channels unchanged (tests check composites
+//!   pixel for pixel).
+//! - `lipsync-ref`: a UNet modelled on the public UNet-328 of SyncTalk_2D /
+//!   Ultralight-Digital-Human (depthwise-separable double convs, an audio encoder fused at
+//!   the bottleneck); deterministic weights. The reference workload for benchmarks.
+//! - `talking-demo`: opens a dark mouth in the reference crop in proportion to the audio
+//!   energy, so a person watching the demo sees the mouth move with the sound.
+//!
+//! All take `face` [B,6,S,S] u8 (reference crop and its masked copy) and `audio`
+//! [B,32,16,16] f32, and return [B,3,S,S] u8.
+
+use crate::config::{ModelConfig, TensorSpec, MODEL_FILE};
+use anyhow::{Context, Result};
+use framecast_proto::tensor::DataType;
+use std::path::{Path, PathBuf};
+use tch::nn::{self, ModuleT};
+use tch::{CModule, Device, Kind, Tensor};
+
+/// Crop size of `lipsync-ref`, fixed by its architecture.
+pub const LIPSYNC_CROP: i64 = 320;
+/// Audio feature shape every built-in model takes per frame.
+pub const AUDIO_DIMS: [i64; 3] = [32, 16, 16];
+
+/// Which built-in model to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Builtin {
+    Passthrough,
+    LipsyncRef,
+    TalkingDemo,
+}
+
+impl Builtin {
+    pub const ALL: [Builtin; 3] = [
+        Builtin::Passthrough,
+        Builtin::LipsyncRef,
+        Builtin::TalkingDemo,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Builtin::Passthrough => "passthrough",
+            Builtin::LipsyncRef => "lipsync-ref",
+            Builtin::TalkingDemo => "talking-demo",
+        }
+    }
+}
+
+/// Options for writing built-in models.
+#[derive(Debug, Clone)]
+pub struct ZooOptions {
+    /// Crop size of `passthrough` and `talking-demo` (`lipsync-ref` is always 320).
+    pub crop: i64,
+    pub max_batch_size: usize,
+    pub max_queue_delay_us: u64,
+}
+
+impl Default for ZooOptions {
+    fn default() -> Self {
+        ZooOptions {
+            crop: LIPSYNC_CROP,
+            max_batch_size: 24,
+            max_queue_delay_us: 2000,
+        }
+    }
+}
+
+/// Writes `model` into `root/<name>/` and returns that directory.
+pub fn write(root: &Path, model: Builtin, opts: &ZooOptions) -> Result<PathBuf> {
+    let crop = if model == Builtin::LipsyncRef {
+        LIPSYNC_CROP
+    } else {
+        opts.crop
+    };
+    anyhow::ensure!(
+        (16..=1024).contains(&crop),
+        "crop size {crop} is out of range 16..=1024"
+    );
+    let dir = root.join(model.name());
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _no_grad = tch::no_grad_guard();
+    let face = Tensor::zeros([1, 6, crop, crop], (Kind::Float, Device::Cpu));
+    let audio = Tensor::zeros(
+        [1, AUDIO_DIMS[0], AUDIO_DIMS[1], AUDIO_DIMS[2]],
+        (Kind::Float, Device::Cpu),
+    );
+    let module = match model {
+        Builtin::Passthrough => trace(model, &[face, audio], |x| vec![x[0].narrow(1, 0, 3)])?,
+        Builtin::TalkingDemo => {
+            trace(model, &[face, audio], |x| vec![talking(&x[0], &x[1], crop)])?
+        }
+        Builtin::LipsyncRef => {
+            tch::manual_seed(328);
+            let mut vs = nn::VarStore::new(Device::Cpu);
+            let net = UNet::new(&vs.root());
+            vs.freeze();
+            trace(model, &[face, audio], |x| vec![net.forward(&x[0], &x[1])])?
+        }
+    };
+    let path = dir.join(MODEL_FILE);
+    // Write beside and rename, so a reader never sees a half-written model.
+    let tmp = dir.join(format!(".{MODEL_FILE}.tmp"));
+    module
+        .save(&tmp)
+        .with_context(|| format!("saving {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path)?;
+    let config = config(crop, opts);
+    std::fs::write(dir.join(crate::config::CONFIG_FILE), config.to_toml())?;
+    Ok(dir)
+}
+
+fn trace(
+    model: Builtin,
+    inputs: &[Tensor],
+    mut f: impl FnMut(&[Tensor]) -> Vec<Tensor>,
+) -> Result<CModule> {
+    CModule::create_by_tracing(model.name(), "forward", inputs, &mut f)
+        .with_context(|| format!("tracing {}", model.name()))
+}
+
+fn config(crop: i64, opts: &ZooOptions) -> ModelConfig {
+    let u8_image = |name: &str, channels| TensorSpec {
+        name: name.to_string(),
+        datatype: DataType::U8,
+        dims: vec![channels, crop, crop],
+        normalize: true,
+    };
+    ModelConfig {
+        platform: "torchscript".to_string(),
+        max_batch_size: opts.max_batch_size,
+        max_queue_delay_us: opts.max_queue_delay_us,
+        inputs: vec![
+            u8_image("face", 6),
+            TensorSpec {
+                name: "audio".to_string(),
+                datatype: DataType::F32,
+                dims: AUDIO_DIMS.to_vec(),
+                normalize: false,
+            },
+        ],
+        outputs: vec![u8_image("output", 3)],
+    }
+}
+
+/// A dark, soft-edged mouth whose opening follows the mean absolute audio feature.
+fn talking(face: &Tensor, audio: &Tensor, crop: i64) -> Tensor {
+    let reference = face.narrow(1, 0, 3);
+    let energy = audio
+        .abs()
+        .mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float)
+        .clamp(0.0, 1.0)
+        .view([-1, 1, 1, 1]);
+    let opts = (Kind::Float, Device::Cpu);
+    let s = crop as f64;
+    let ys = (Tensor::arange(crop, opts) / s).view([1, 1, crop, 1]);
+    let xs = (Tensor::arange(crop, opts) / s).view([1, 1, 1, crop]);
+    let ry = energy * 0.085 + 0.006;
+    let dx = (xs - 0.5) / 0.15;
+    let dy = (ys - 0.74) / ry;
+    let d = &dx * &dx + &dy * &dy;
+    let mask = (d.neg() + 1.0).g_mul_scalar(6.0).sigmoid();
+    let mouth = Tensor::from_slice(&[0.22f32, 0.04, 0.06]).view([1, 3, 1, 1]);
+    &reference * (1.0 - &mask) + mouth * &mask
+}
+
+/// Depthwise 3x3 (strided) then pointwise 1x1, each with batch norm and ReLU.
+fn dw_conv(p: nn::Path, cin: i64, cout: i64, stride: i64) -> nn::SequentialT {
+    let dw = nn::ConvConfig {
+        stride,
+        padding: 1,
+        groups: cin,
+        bias: false,
+        ..Default::default()
+    };
+    let pw = nn::ConvConfig {
+        bias: false,
+        ..Default::default()
+    };
+    nn::seq_t()
+        .add(nn::conv2d(&p / "dw", cin, cin, 3, dw))
+        .add(nn::batch_norm2d(&p / "bn1", cin, Default::default()))
+        .add_fn(|x| x.relu())
+        .add(nn::conv2d(&p / "pw", cin, cout, 1, pw))
+        .add(nn::batch_norm2d(&p / "bn2", cout, Default::default()))
+        .add_fn(|x| x.relu())
+}
+
+fn double_conv(p: nn::Path, cin: i64, cout: i64, stride: i64) -> nn::SequentialT {
+    nn::seq_t()
+        .add(dw_conv(&p / "a", cin, cout, stride))
+        .add(dw_conv(&p / "b", cout, cout, 1))
+}
+
+/// UNet-328-style lip-sync generator: 5-level encoder, audio features fused at 20x20.
+struct UNet {
+    down: Vec<nn::SequentialT>,
+    audio: nn::SequentialT,
+    fuse: nn::SequentialT,
+    up: Vec<nn::SequentialT>,
+    out: nn::Conv2D,
+}
+
+const WIDTHS: [i64; 5] = [32, 64, 128, 256, 512];
+
+impl UNet {
+    fn new(p: &nn::Path) -> Self {
+        let mut down = vec![double_conv(p / "inc", 6, WIDTHS[0], 1)];
+        for i in 1..WIDTHS.len() {
+            down.push(double_conv(
+                p / format!("down{i}"),
+                WIDTHS[i - 1],
+                WIDTHS[i],
+                2,
+            ));
+        }
+        let conv = |name: &str, cin, cout| {
+            nn::seq_t()
+                .add(nn::conv2d(
+                    p / name,
+                    cin,
+                    cout,
+                    3,
+                    nn::ConvConfig {
+                        padding: 1,
+                        ..Default::default()
+                    },
+                ))
+                .add_fn(|x| x.relu())
+        };
+        let audio = nn::seq_t()
+            .add(conv("audio0", AUDIO_DIMS[0], 64))
+            .add(conv("audio1", 64, 128))
+            .add(conv("audio2", 128, 512));
+        let fuse = double_conv(p / "fuse", 1024, 512, 1);
+        let mut up = Vec::new();
+        for i in (0..WIDTHS.len() - 1).rev() {
+            up.push(double_conv(
+                p / format!("up{i}"),
+                WIDTHS[i + 1] + WIDTHS[i],
+                WIDTHS[i],
+                1,
+            ));
+        }
+        let out = nn::conv2d(p / "outc", WIDTHS[0], 3, 1, Default::default());
+        UNet {
+            down,
+            audio,
+            fuse,
+            up,
+            out,
+        }
+    }
+
+    fn forward(&self, face: &Tensor, audio: &Tensor) -> Tensor {
+        let mut skips = Vec::new();
+        let mut x = face.shallow_clone();
+        for d in &self.down {
+            x = d.forward_t(&x, false);
+            skips.push(x.shallow_clone());
+        }
+        let bottleneck = LIPSYNC_CROP / 16;
+        let a = self.audio.forward_t(audio, false).upsample_bilinear2d(
+            [bottleneck, bottleneck].as_slice(),
+            false,
+            None,
+            None,
+        );
+        x = self.fuse.forward_t(&Tensor::cat(&[x, a], 1), false);
+        for (level, u) in self.up.iter().enumerate() {
+            let skip = &skips[skips.len() - 2 - level];
+            let size = LIPSYNC_CROP >> (WIDTHS.len() - 2 - level);
+            let upsampled = x.upsample_bilinear2d([size, size].as_slice(), false, None, None);
+            x = u.forward_t(&Tensor::cat(&[upsampled, skip.shallow_clone()], 1), false);
+        }
+        x.apply(&self.out).sigmoid()
+    }
+}

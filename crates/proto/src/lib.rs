@@ -1,0 +1,42 @@
+//! Generated protocol code for framecast and the tensor helpers both services share.
+//!
+//! - [`kserve`]: the KServe v2 / Open Inference Protocol (`package inference`).
+//! - [`compositor::v1`]: the compositor's `Render` and avatar management API.
+//! - [`tensor`]: datatype names, byte-length checks and typed little-endian encoding of
+//!   `raw_input_contents` / `raw_output_contents`.
+
+/// KServe v2 / Open Inference Protocol messages, client and server.
+pub mod kserve {
+    #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
+    tonic::include_proto!("inference");
+}
+
+/// The compositor's API.
+pub mod compositor {
+    /// Version 1 of the compositor API.
+    pub mod v1 {
+        #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
+        tonic::include_proto!("framecast.compositor.v1");
+    }
+}
+
+pub mod tensor;
+
+/// Encoded `FileDescriptorSet` of every proto file, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
+
+/// Largest gRPC message either service accepts or sends by default: a 48-frame batch of
+/// 6x320x320 u8 faces is ~30 MB, so the 4 MiB tonic default is far too small.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+impl kserve::model_infer_request::InferInputTensor {
+    /// Describes an input whose data travels in `raw_input_contents`.
+    pub fn new(name: &str, datatype: tensor::DataType, shape: Vec<i64>) -> Self {
+        Self {
+            name: name.to_string(),
+            datatype: datatype.as_str().to_string(),
+            shape,
+            ..Default::default()
+        }
+    }
+}

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Installs what a fresh machine lacks, idempotently:
+#   - apt packages: cmake and nasm (turbojpeg builds its bundled libjpeg-turbo with them)
+#   - libtorch 2.11.0 (the pair of tch 0.24) unpacked from the PyPI torch wheel into a cache dir
+# Prints the environment to use as `export` lines on stdout (everything else goes to stderr), so
+#   eval "$(scripts/setup.sh)"
+# leaves LIBTORCH, LIBTORCH_CXX11_ABI and LD_LIBRARY_PATH set.
+#
+# FRAMECAST_CACHE   cache root (default ~/.cache/framecast)
+# FRAMECAST_TORCH   cpu (default) or cuda: which libtorch variant to prepare
+set -euo pipefail
+
+TORCH_VERSION=2.11.0
+CUDART_VERSION='13.0.96.*'
+CUPTI_VERSION='13.0.85.*'
+variant=${FRAMECAST_TORCH:-cpu}
+cache=${FRAMECAST_CACHE:-$HOME/.cache/framecast}
+libtorch="$cache/libtorch-$TORCH_VERSION-$variant"
+
+log() { echo "setup: $*" >&2; }
+
+need_apt=()
+command -v cmake >/dev/null || need_apt+=(cmake)
+command -v nasm >/dev/null || need_apt+=(nasm)
+command -v unzip >/dev/null || need_apt+=(unzip)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing ${need_apt[*]} with apt-get"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if [ ! -f "$libtorch/.complete" ]; then
+  log "preparing libtorch $TORCH_VERSION ($variant) in $libtorch (one-time, ~530 MB download)"
+  mkdir -p "$cache"
+  tmp=$(mktemp -d "$cache/tmp.XXXXXX")
+  trap 'rm -rf "$tmp"' EXIT
+  python3 -m pip download -q --no-deps --only-binary=:all: -d "$tmp/wheels" "torch==$TORCH_VERSION" >&2
+  (cd "$tmp" && unzip -q wheels/torch-*.whl 'torch/lib/*' 'torch/include/*' 'torch/share/*')
+  if [ "$variant" = cpu ]; then
+    (cd "$tmp/torch/lib" && rm -f libtorch_cuda*.so libc10_cuda.so libtorch_python.so libtorch_nvshmem.so libcaffe2_nvrtc.so)
+    # libtorch_cpu.so still links these two CUDA runtime libraries even when no GPU is used.
+    python3 -m pip download -q --no-deps --only-binary=:all: -d "$tmp/wheels" \
+      "nvidia-cuda-runtime==$CUDART_VERSION" "nvidia-cuda-cupti==$CUPTI_VERSION" >&2
+    # Each wheel holds one of the two; pull them out by name wherever they sit.
+    python3 - "$tmp/wheels" "$tmp/torch/lib" <<'PY'
+import pathlib, re, sys, zipfile
+wheels, dest = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+found = set()
+for whl in wheels.glob("nvidia_cuda_*.whl"):
+    with zipfile.ZipFile(whl) as z:
+        for name in z.namelist():
+            m = re.search(r"/(libcudart|libcupti)\.so\.13(\.[0-9.]*)?$", name)
+            if m:
+                (dest / f"{m.group(1)}.so.13").write_bytes(z.read(name))
+                found.add(m.group(1))
+missing = {"libcudart", "libcupti"} - found
+if missing:
+    sys.exit(f"setup: {sorted(missing)} not found in the nvidia wheels")
+PY
+  else
+    rm -f "$tmp/torch/lib/libtorch_python.so"
+  fi
+  rm -rf "$libtorch"
+  mv "$tmp/torch" "$libtorch"
+  rm -rf "$tmp/wheels"
+  touch "$libtorch/.complete"
+  log "libtorch ready"
+fi
+
+echo "export LIBTORCH='$libtorch'"
+echo "export LIBTORCH_CXX11_ABI=1"
+echo "export LD_LIBRARY_PATH='$libtorch/lib'\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
