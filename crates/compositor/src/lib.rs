@@ -1,1 +1,34 @@
+//! framecast-compositor: the CPU half of framecast.
+//!
+//! It keeps each avatar's background frames in RAM (`avatar_store`, `avatar`), sends the
+//! model's face inputs to the inference service (`inference`), pastes the generated crops
+//! back with a feathered mask (`blend`, `mask`), encodes JPEG in parallel (`encode`) and
+//! streams frames in order (`render`, `service`).
 
+pub mod avatar;
+pub mod avatar_store;
+pub mod blend;
+pub mod demo;
+pub mod encode;
+pub mod inference;
+pub mod manifest;
+pub mod mask;
+pub mod render;
+pub mod server;
+pub mod service;
+
+/// Accepts only names that are one safe path component: `[A-Za-z0-9._-]`, not starting
+/// with '.', so a request can never reach outside the avatar root.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{name:?} must be letters, digits, '.', '_' or '-'"))
+    }
+}

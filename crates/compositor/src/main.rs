@@ -1,1 +1,238 @@
-fn main() {}
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use framecast_compositor::avatar::Avatar;
+use framecast_compositor::avatar_store::AvatarStore;
+use framecast_compositor::demo::{self, DemoOptions};
+use framecast_compositor::encode::Subsampling;
+use framecast_compositor::inference::{ClientOptions, InferenceClient};
+use framecast_compositor::render::RenderOptions;
+use framecast_compositor::service::CompositorService;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Composites generated faces into avatar video and streams JPEG frames over gRPC.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the Render and avatar management API.
+    Serve(ServeArgs),
+    /// Work with avatar bundles on disk.
+    #[command(subcommand)]
+    Avatar(AvatarCommand),
+}
+
+#[derive(Subcommand)]
+enum AvatarCommand {
+    /// Validate a bundle and report every problem found (exit 1 if any).
+    Check {
+        /// The bundle directory (holding avatar.toml).
+        dir: PathBuf,
+    },
+    /// Generate the demo avatar bundle (no download).
+    MakeDemo {
+        /// Avatar root to write into; the bundle lands in ROOT/ID.
+        #[arg(long, default_value = "avatars")]
+        root: PathBuf,
+        #[arg(long, default_value = "demo")]
+        id: String,
+        #[arg(long, default_value_t = 1280)]
+        width: u32,
+        #[arg(long, default_value_t = 720)]
+        height: u32,
+        #[arg(long, default_value_t = 200)]
+        frames: u32,
+        #[arg(long, default_value_t = 25.0)]
+        fps: f64,
+        #[arg(long, default_value_t = 320)]
+        crop_size: u32,
+        /// Model the avatar renders with.
+        #[arg(long, default_value = "talking-demo")]
+        model: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Directory holding one bundle directory per avatar.
+    #[arg(long, env = "FRAMECAST_AVATARS", default_value = "avatars")]
+    avatars: PathBuf,
+    /// gRPC listen address.
+    #[arg(
+        long,
+        env = "FRAMECAST_COMPOSITOR_LISTEN",
+        default_value = "0.0.0.0:8011"
+    )]
+    listen: SocketAddr,
+    /// Inference service URL.
+    #[arg(
+        long,
+        env = "FRAMECAST_INFERENCE_URL",
+        default_value = "http://127.0.0.1:8001"
+    )]
+    inference: String,
+    /// Avatars to load at start-up, comma-separated.
+    #[arg(long, env = "FRAMECAST_PRELOAD", value_delimiter = ',')]
+    preload: Vec<String>,
+    /// Load an avatar at its first request when it is not loaded yet.
+    #[arg(long, env = "FRAMECAST_AVATAR_ON_DEMAND", default_value_t = true, action = clap::ArgAction::Set)]
+    load_on_demand: bool,
+    /// Frames per inference call (at most the model's max_batch_size).
+    #[arg(long, env = "FRAMECAST_BATCH", default_value_t = 24)]
+    batch: usize,
+    /// Inference calls in flight per render request (2 overlaps compositing with inference).
+    #[arg(long, env = "FRAMECAST_PIPELINE_DEPTH", default_value_t = 2)]
+    pipeline_depth: usize,
+    /// Largest frame_count one render request may ask for.
+    #[arg(long, env = "FRAMECAST_MAX_FRAMES_PER_REQUEST", default_value_t = 3000)]
+    max_frames_per_request: u32,
+    /// JPEG chroma subsampling: 4:4:4, 4:2:2, 4:2:0 or gray.
+    #[arg(long, env = "FRAMECAST_SUBSAMPLING", default_value = "4:2:0")]
+    subsampling: Subsampling,
+    /// Threads for blending and encoding (0: one per core).
+    #[arg(long, env = "FRAMECAST_WORKERS", default_value_t = 0)]
+    workers: usize,
+    /// HTTP/2 keep-alive ping interval to the inference service, seconds.
+    #[arg(long, env = "FRAMECAST_KEEPALIVE_S", default_value_t = 10)]
+    keepalive_s: u64,
+    /// Keep-alive ping timeout, seconds.
+    #[arg(long, env = "FRAMECAST_KEEPALIVE_TIMEOUT_S", default_value_t = 20)]
+    keepalive_timeout_s: u64,
+    /// Largest gRPC message, bytes.
+    #[arg(long, env = "FRAMECAST_MAX_MESSAGE_BYTES", default_value_t = framecast_proto::DEFAULT_MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+        Command::Avatar(AvatarCommand::Check { dir }) => match Avatar::load(&dir) {
+            Ok(a) => {
+                println!(
+                    "{}: ok: {} frames {}x{}, crop {}, model {}, {:.1} MiB in memory",
+                    dir.display(),
+                    a.frames.len(),
+                    a.manifest.width,
+                    a.manifest.height,
+                    a.manifest.crop_size,
+                    a.manifest.model,
+                    a.resident_bytes() as f64 / (1 << 20) as f64
+                );
+                Ok(())
+            }
+            Err(problems) => {
+                for p in &problems {
+                    eprintln!("{p}");
+                }
+                eprintln!("{}: {} problem(s)", dir.display(), problems.len());
+                std::process::exit(1);
+            }
+        },
+        Command::Avatar(AvatarCommand::MakeDemo {
+            root,
+            id,
+            width,
+            height,
+            frames,
+            fps,
+            crop_size,
+            model,
+        }) => {
+            let opts = DemoOptions {
+                id,
+                width,
+                height,
+                frames,
+                fps,
+                crop_size,
+                model,
+            };
+            let dir = demo::write_demo(&root, &opts)?;
+            println!("wrote {}", dir.display());
+            Ok(())
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    anyhow::ensure!(args.batch >= 1, "batch: must be at least 1");
+    anyhow::ensure!(
+        args.pipeline_depth >= 1,
+        "pipeline-depth: must be at least 1"
+    );
+    if args.workers > 0 {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(args.workers)
+            .thread_name(|i| format!("compose-{i}"))
+            .build_global()
+            .context("workers: cannot size the compositing pool")?;
+    }
+    let store = Arc::new(
+        AvatarStore::new(&args.avatars, args.load_on_demand)
+            .with_context(|| format!("avatars: cannot open {}", args.avatars.display()))?,
+    );
+    let client_opts = ClientOptions {
+        keep_alive_interval: Duration::from_secs(args.keepalive_s),
+        keep_alive_timeout: Duration::from_secs(args.keepalive_timeout_s),
+        max_message_bytes: args.max_message_bytes,
+        ..Default::default()
+    };
+    let inference =
+        InferenceClient::connect_lazy(&args.inference, &client_opts).map_err(anyhow::Error::msg)?;
+    let opts = RenderOptions {
+        max_batch: args.batch,
+        max_frames_per_request: args.max_frames_per_request,
+        pipeline_depth: args.pipeline_depth,
+        subsampling: args.subsampling,
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        for id in &args.preload {
+            store
+                .load(id)
+                .await
+                .with_context(|| format!("preload: avatar '{id}'"))?;
+        }
+        let svc = CompositorService {
+            store,
+            inference,
+            opts: Arc::new(opts),
+        };
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listen: cannot bind {}", args.listen))?;
+        tracing::info!(addr = %listener.local_addr()?, "framecast-compositor serving");
+        framecast_compositor::server::serve(
+            listener,
+            svc,
+            args.max_message_bytes,
+            shutdown_signal(),
+        )
+        .await
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down: finishing in-flight renders");
+}

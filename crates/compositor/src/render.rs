@@ -1,0 +1,394 @@
+//! One `RenderRequest` from validation to frames on the stream.
+//!
+//! The requested frames are cut into batches of at most `max_batch`. Up to `pipeline_depth`
+//! batches are at the inference service at once, so the GPU works on batch k+1 while this
+//! process blends and encodes batch k. Within a batch, frames are blended and encoded in
+//! parallel on the rayon pool and sent in order as soon as each and its predecessors are done.
+
+use crate::avatar::Avatar;
+use crate::blend::{self, BlendScratch};
+use crate::encode::{self, Subsampling};
+use crate::inference::{InferenceClient, ModelInfo};
+use bytes::{Bytes, BytesMut};
+use framecast_proto::compositor::v1::{
+    ImageFormat, RenderRequest, RenderedFrame, StageTimings, Tensor,
+};
+use framecast_proto::kserve::{
+    model_infer_request::InferInputTensor, ModelInferRequest, ModelInferResponse,
+};
+use framecast_proto::tensor::{self, DataType};
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+/// Render settings shared by every request.
+#[derive(Debug, Clone)]
+pub struct RenderOptions {
+    /// Frames per inference call.
+    pub max_batch: usize,
+    /// Largest `frame_count` a request may ask for.
+    pub max_frames_per_request: u32,
+    /// Batches at the inference service at once per request.
+    pub pipeline_depth: usize,
+    pub subsampling: Subsampling,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        RenderOptions {
+            max_batch: 24,
+            max_frames_per_request: 3000,
+            pipeline_depth: 2,
+            subsampling: Subsampling::S420,
+        }
+    }
+}
+
+/// Where frames go; a closed receiver means the client went away.
+pub type FrameSink = mpsc::Sender<Result<RenderedFrame, Status>>;
+
+/// A validated request: everything needed to build its batches.
+struct Job {
+    request_id: String,
+    avatar: Arc<Avatar>,
+    model: Arc<ModelInfo>,
+    start: u64,
+    count: usize,
+    quality: u8,
+    /// Conditioning payloads in model input order, each `count` frames long.
+    conditioning: Vec<(Arc<str>, DataType, Vec<i64>, Bytes)>,
+    arrived: Instant,
+}
+
+/// Checks a request against its avatar and model.
+fn validate(
+    req: RenderRequest,
+    avatar: Arc<Avatar>,
+    model: Arc<ModelInfo>,
+    opts: &RenderOptions,
+    arrived: Instant,
+) -> Result<Job, Status> {
+    if req.frame_count == 0 || req.frame_count > opts.max_frames_per_request {
+        return Err(Status::invalid_argument(format!(
+            "frame_count {} is out of range 1..={}",
+            req.frame_count, opts.max_frames_per_request
+        )));
+    }
+    if req
+        .start_frame
+        .checked_add(req.frame_count as u64)
+        .is_none()
+    {
+        return Err(Status::invalid_argument(
+            "start_frame + frame_count overflows u64",
+        ));
+    }
+    if req.jpeg_quality > 100 {
+        return Err(Status::invalid_argument(format!(
+            "jpeg_quality {} is out of range 0..=100 (0: the avatar's default)",
+            req.jpeg_quality
+        )));
+    }
+    if model.crop_size != avatar.manifest.crop_size {
+        return Err(Status::failed_precondition(format!(
+            "avatar '{}' has crop_size {} but model '{}' takes {}",
+            avatar.manifest.id, avatar.manifest.crop_size, model.name, model.crop_size
+        )));
+    }
+    let count = req.frame_count as usize;
+    for t in &req.conditioning {
+        if !model.conditioning.iter().any(|m| m.name == t.name) {
+            return Err(Status::invalid_argument(format!(
+                "conditioning: '{}' is not an input of model '{}' (expects {})",
+                t.name,
+                model.name,
+                model
+                    .conditioning
+                    .iter()
+                    .map(|m| m.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    let mut conditioning = Vec::with_capacity(model.conditioning.len());
+    for m in &model.conditioning {
+        let mut shape = m.shape.clone();
+        shape[0] = count as i64;
+        let Some(t) = req.conditioning.iter().find(|t| t.name == m.name) else {
+            return Err(Status::invalid_argument(format!(
+                "conditioning: '{}' {} {:?} is missing",
+                m.name, m.datatype, shape
+            )));
+        };
+        let Tensor {
+            name,
+            datatype,
+            shape: got,
+            data,
+        } = t.clone();
+        let dt = DataType::parse(&datatype).map_err(|e| {
+            Status::invalid_argument(format!("conditioning '{name}': datatype: {e}"))
+        })?;
+        if dt.as_str() != m.datatype {
+            return Err(Status::invalid_argument(format!(
+                "conditioning '{name}': datatype is {dt}; model '{}' expects {}",
+                model.name, m.datatype
+            )));
+        }
+        if got != shape {
+            return Err(Status::invalid_argument(format!(
+                "conditioning '{name}': shape {got:?} should be {shape:?} (frame_count first)"
+            )));
+        }
+        tensor::check_byte_len(dt, &shape, data.len())
+            .map_err(|e| Status::invalid_argument(format!("conditioning '{name}': {e}")))?;
+        conditioning.push((Arc::from(name.as_str()), dt, shape, data));
+    }
+    let quality = if req.jpeg_quality == 0 {
+        avatar.manifest.jpeg_quality
+    } else {
+        req.jpeg_quality as u8
+    };
+    Ok(Job {
+        request_id: req.request_id,
+        avatar,
+        model,
+        start: req.start_frame,
+        count,
+        quality,
+        conditioning,
+        arrived,
+    })
+}
+
+/// Renders one request onto `sink`. Returns an error status for the stream, or Ok when done
+/// (also when the client went away: there is no one left to tell).
+pub async fn render(
+    req: RenderRequest,
+    avatar: Arc<Avatar>,
+    model: Arc<ModelInfo>,
+    client: &InferenceClient,
+    opts: &RenderOptions,
+    sink: &FrameSink,
+) -> Result<(), Status> {
+    let arrived = Instant::now();
+    let job = Arc::new(validate(req, avatar, model, opts, arrived)?);
+    let batch = opts.max_batch.max(1);
+    let mut in_flight: VecDeque<(
+        usize,
+        usize,
+        Instant,
+        tokio::task::JoinHandle<Result<ModelInferResponse, Status>>,
+    )> = VecDeque::new();
+    let mut next = 0usize;
+    while next < job.count || !in_flight.is_empty() {
+        while next < job.count && in_flight.len() < opts.pipeline_depth.max(1) {
+            let end = (next + batch).min(job.count);
+            let request = infer_request(&job, next, end);
+            let client = client.clone();
+            let sent = Instant::now();
+            in_flight.push_back((
+                next,
+                end,
+                sent,
+                tokio::spawn(async move { client.infer(request).await }),
+            ));
+            next = end;
+        }
+        let Some((lo, hi, sent, handle)) = in_flight.pop_front() else {
+            break;
+        };
+        let response = handle
+            .await
+            .map_err(|e| Status::internal(format!("inference task failed: {e}")))?
+            .map_err(|s| {
+                Status::new(
+                    s.code(),
+                    format!("inference for frames {lo}..{hi}: {}", s.message()),
+                )
+            })?;
+        let timing = BatchTiming {
+            queue: sent - job.arrived,
+            inference: sent.elapsed(),
+        };
+        if !finish_batch(&job, lo, hi, response, timing, opts.subsampling, sink).await? {
+            // Client gone: drop the batches still in flight.
+            for (.., h) in in_flight {
+                h.abort();
+            }
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn infer_request(job: &Job, lo: usize, hi: usize) -> ModelInferRequest {
+    let n = hi - lo;
+    let s = job.model.crop_size as i64;
+    let per_frame = job.avatar.face_inputs[0].len();
+    let mut face = BytesMut::with_capacity(n * per_frame);
+    for i in lo..hi {
+        face.extend_from_slice(
+            &job.avatar.face_inputs[job.avatar.background_index(job.start + i as u64)],
+        );
+    }
+    let mut inputs = vec![InferInputTensor::new(
+        &job.model.face_input,
+        DataType::U8,
+        vec![n as i64, 6, s, s],
+    )];
+    let mut raw = vec![face.freeze()];
+    for (name, dt, shape, data) in &job.conditioning {
+        let per = data.len() / job.count;
+        let mut sh = shape.clone();
+        sh[0] = n as i64;
+        inputs.push(InferInputTensor::new(name, *dt, sh));
+        raw.push(data.slice(lo * per..hi * per));
+    }
+    ModelInferRequest {
+        model_name: job.model.name.clone(),
+        id: format!("{}:{lo}", job.request_id),
+        inputs,
+        raw_input_contents: raw,
+        ..Default::default()
+    }
+}
+
+#[derive(Clone, Copy)]
+struct BatchTiming {
+    queue: Duration,
+    inference: Duration,
+}
+
+struct Composed {
+    jpeg: Vec<u8>,
+    blend: Duration,
+    encode: Duration,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<BlendScratch> = RefCell::new(BlendScratch::default());
+}
+
+/// Blends and encodes one frame on the calling (rayon) thread.
+pub fn compose(
+    avatar: &Avatar,
+    background: usize,
+    crop_chw: &[u8],
+    quality: u8,
+    subsampling: Subsampling,
+) -> Result<(Vec<u8>, Duration, Duration), String> {
+    let m = &avatar.manifest;
+    let t0 = Instant::now();
+    let mut frame = avatar.frames[background].clone();
+    SCRATCH.with(|s| {
+        blend::paste(
+            &mut frame,
+            m.width,
+            &avatar.boxes[background],
+            crop_chw,
+            &avatar.mask,
+            m.crop_size,
+            &mut s.borrow_mut(),
+        )
+    })?;
+    let t1 = Instant::now();
+    let jpeg = encode::encode_rgb(&frame, m.width, m.height, quality, subsampling)?;
+    Ok((jpeg, t1 - t0, t1.elapsed()))
+}
+
+/// Returns false when the client has gone away.
+async fn finish_batch(
+    job: &Arc<Job>,
+    lo: usize,
+    hi: usize,
+    response: ModelInferResponse,
+    timing: BatchTiming,
+    subsampling: Subsampling,
+    sink: &FrameSink,
+) -> Result<bool, Status> {
+    let n = hi - lo;
+    let s = job.model.crop_size as usize;
+    let idx = response
+        .outputs
+        .iter()
+        .position(|o| o.name == job.model.output)
+        .ok_or_else(|| {
+            Status::internal(format!(
+                "inference response lacks output '{}'",
+                job.model.output
+            ))
+        })?;
+    let crops = response
+        .raw_output_contents
+        .get(idx)
+        .cloned()
+        .ok_or_else(|| Status::internal("inference response has no raw_output_contents"))?;
+    let per = 3 * s * s;
+    if crops.len() != n * per {
+        return Err(Status::internal(format!(
+            "inference output '{}' is {} bytes; {n} frames of 3x{s}x{s} need {}",
+            job.model.output,
+            crops.len(),
+            n * per
+        )));
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let work = job.clone();
+    rayon::spawn(move || {
+        (0..n).into_par_iter().for_each_with(tx, |tx, i| {
+            let bg = work.avatar.background_index(work.start + (lo + i) as u64);
+            let crop = &crops[i * per..(i + 1) * per];
+            let r = compose(&work.avatar, bg, crop, work.quality, subsampling).map(
+                |(jpeg, blend, encode)| Composed {
+                    jpeg,
+                    blend,
+                    encode,
+                },
+            );
+            let _ = tx.send((i, bg, r));
+        });
+    });
+    let mut pending = BTreeMap::new();
+    let mut emitted = 0usize;
+    while emitted < n {
+        let (i, bg, r) = rx
+            .recv()
+            .await
+            .ok_or_else(|| Status::internal("compositing worker stopped"))?;
+        pending.insert(i, (bg, r));
+        while let Some((bg, r)) = pending.remove(&emitted) {
+            let c = r.map_err(|e| {
+                Status::internal(format!("frame {}: {e}", job.start + (lo + emitted) as u64))
+            })?;
+            let m = &job.avatar.manifest;
+            let frame = RenderedFrame {
+                request_id: job.request_id.clone(),
+                frame_index: job.start + (lo + emitted) as u64,
+                background_index: bg as u32,
+                image: Bytes::from(c.jpeg),
+                format: ImageFormat::Jpeg as i32,
+                width: m.width,
+                height: m.height,
+                timings: Some(StageTimings {
+                    queue_us: timing.queue.as_micros() as u64,
+                    inference_us: timing.inference.as_micros() as u64,
+                    blend_us: c.blend.as_micros() as u64,
+                    encode_us: c.encode.as_micros() as u64,
+                    total_us: job.arrived.elapsed().as_micros() as u64,
+                }),
+                last_in_request: lo + emitted + 1 == job.count,
+            };
+            if sink.send(Ok(frame)).await.is_err() {
+                return Ok(false);
+            }
+            emitted += 1;
+        }
+    }
+    Ok(true)
+}
