@@ -40,11 +40,14 @@ if [ ! -f "$libtorch/.complete" ]; then
   (cd "$tmp" && unzip -q wheels/torch-*.whl 'torch/lib/*' 'torch/include/*' 'torch/share/*')
   if [ "$variant" = cpu ]; then
     (cd "$tmp/torch/lib" && rm -f libtorch_cuda*.so libc10_cuda.so libtorch_python.so libtorch_nvshmem.so libcaffe2_nvrtc.so)
-    # libtorch_cpu.so still links these two CUDA runtime libraries even when no GPU is used.
-    python3 -m pip download -q --no-deps --only-binary=:all: -d "$tmp/wheels" \
-      "nvidia-cuda-runtime==$CUDART_VERSION" "nvidia-cuda-cupti==$CUPTI_VERSION" >&2
-    # Each wheel holds one of the two; pull them out by name wherever they sit.
-    python3 - "$tmp/wheels" "$tmp/torch/lib" <<'PY'
+  else
+    rm -f "$tmp/torch/lib/libtorch_python.so"
+  fi
+  # libtorch_cpu.so links these two CUDA runtime libraries even when no GPU is used.
+  python3 -m pip download -q --no-deps --only-binary=:all: -d "$tmp/wheels" \
+    "nvidia-cuda-runtime==$CUDART_VERSION" "nvidia-cuda-cupti==$CUPTI_VERSION" >&2
+  # Each wheel holds one of the two; pull them out by name wherever they sit.
+  python3 - "$tmp/wheels" "$tmp/torch/lib" <<'PY'
 import pathlib, re, sys, zipfile
 wheels, dest = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 found = set()
@@ -59,9 +62,6 @@ missing = {"libcudart", "libcupti"} - found
 if missing:
     sys.exit(f"setup: {sorted(missing)} not found in the nvidia wheels")
 PY
-  else
-    rm -f "$tmp/torch/lib/libtorch_python.so"
-  fi
   rm -rf "$libtorch"
   mv "$tmp/torch" "$libtorch"
   rm -rf "$tmp/wheels"

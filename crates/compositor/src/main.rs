@@ -190,8 +190,6 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_message_bytes: args.max_message_bytes,
         ..Default::default()
     };
-    let inference =
-        InferenceClient::connect_lazy(&args.inference, &client_opts).map_err(anyhow::Error::msg)?;
     let opts = RenderOptions {
         max_batch: args.batch,
         max_frames_per_request: args.max_frames_per_request,
@@ -200,6 +198,9 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
+        // The channel's connection task needs the runtime, so the client is made inside it.
+        let inference = InferenceClient::connect_lazy(&args.inference, &client_opts)
+            .map_err(anyhow::Error::msg)?;
         for id in &args.preload {
             store
                 .load(id)

@@ -37,3 +37,33 @@ pub async fn serve(
         .await?;
     Ok(())
 }
+
+/// A server running on its own task; dropping the handle shuts it down.
+pub struct Running {
+    pub addr: std::net::SocketAddr,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Running {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Starts a server on an ephemeral loopback port (tests, benchmarks, embedding).
+pub async fn spawn_on_loopback(svc: CompositorService) -> anyhow::Result<Running> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let max = framecast_proto::DEFAULT_MAX_MESSAGE_BYTES;
+        if let Err(e) = serve(listener, svc, max, async {
+            let _ = stopped.await;
+        })
+        .await
+        {
+            tracing::error!(error = %e, "compositor server stopped");
+        }
+    });
+    Ok(Running { addr, _stop: stop })
+}

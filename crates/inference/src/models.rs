@@ -92,13 +92,20 @@ impl ModelManager {
 
     /// The model, ready; loads it first if on-demand loading is on.
     pub async fn get(&self, name: &str) -> LoadResult {
-        self.repo.model_dir(name)?;
-        let slot = {
-            let mut slots = self.slots.lock();
-            match slots.get(name) {
-                Some(s) => s.clone(),
-                None if self.load_on_demand => slots.entry(name.to_string()).or_default().clone(),
-                None => return Err(ModelError::NotLoaded(name.to_string())),
+        // Known models skip the filesystem: the hot path is one map lookup.
+        let known = self.slots.lock().get(name).cloned();
+        let slot = match known {
+            Some(s) => s,
+            None => {
+                self.repo.model_dir(name)?;
+                if !self.load_on_demand {
+                    return Err(ModelError::NotLoaded(name.to_string()));
+                }
+                self.slots
+                    .lock()
+                    .entry(name.to_string())
+                    .or_default()
+                    .clone()
             }
         };
         self.resolve(name, &slot).await

@@ -58,3 +58,35 @@ pub async fn serve(
         .await?;
     Ok(())
 }
+
+/// A server running on its own task; dropping the handle shuts it down.
+pub struct Running {
+    pub addr: std::net::SocketAddr,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Running {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Starts a server on an ephemeral loopback port (tests, benchmarks, embedding).
+pub async fn spawn_on_loopback(
+    models: Arc<ModelManager>,
+    opts: ServerOptions,
+) -> anyhow::Result<Running> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        if let Err(e) = serve(listener, models, opts, async {
+            let _ = stopped.await;
+        })
+        .await
+        {
+            tracing::error!(error = %e, "inference server stopped");
+        }
+    });
+    Ok(Running { addr, _stop: stop })
+}

@@ -116,7 +116,9 @@ fn trace(
     inputs: &[Tensor],
     mut f: impl FnMut(&[Tensor]) -> Vec<Tensor>,
 ) -> Result<CModule> {
-    CModule::create_by_tracing(model.name(), "forward", inputs, &mut f)
+    // TorchScript class names must be identifiers: "lipsync-ref" becomes "lipsync_ref".
+    let class = model.name().replace('-', "_");
+    CModule::create_by_tracing(&class, "forward", inputs, &mut f)
         .with_context(|| format!("tracing {}", model.name()))
 }
 

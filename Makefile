@@ -1,0 +1,33 @@
+# framecast: `make demo` and `make test` work on a fresh machine (they install what is missing).
+SHELL := /bin/bash
+ENV = eval "$$(scripts/setup.sh)"
+
+.PHONY: demo test setup build build-cuda lint fmt bench clean
+
+## Render the demo avatar end to end; output in out/demo.
+demo:
+	scripts/demo.sh
+
+## Every test: unit, integration, end to end (real servers on loopback).
+test:
+	$(ENV) && cargo test --workspace --all-targets
+
+## Install apt packages and the libtorch cache.
+setup:
+	scripts/setup.sh >/dev/null
+
+build:
+	$(ENV) && cargo build --release --bins
+
+## CUDA-capable inference binary and a bundle for any GPU host with PyTorch 2.11.
+build-cuda:
+	scripts/build-cuda.sh
+
+lint:
+	$(ENV) && cargo fmt --all -- --check && cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+clean:
+	rm -rf out target

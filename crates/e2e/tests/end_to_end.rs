@@ -1,0 +1,336 @@
+//! Both real servers on loopback, frames through `passthrough`: the composite is checked
+//! against a reference computed here, and pixels away from the face against the
+//! background's own JPEG round trip.
+
+use framecast_compositor::avatar::{ping_pong, Avatar};
+use framecast_compositor::avatar_store::AvatarStore;
+use framecast_compositor::demo::{self, DemoOptions};
+use framecast_compositor::encode::{self, Subsampling};
+use framecast_compositor::inference::{ClientOptions, InferenceClient};
+use framecast_compositor::render::RenderOptions;
+use framecast_compositor::service::CompositorService;
+use framecast_compositor::{mask, server as comp_server};
+use framecast_inference::models::{ExecOptions, ModelManager};
+use framecast_inference::repository::Repository;
+use framecast_inference::server::{self as inf_server, ServerOptions};
+use framecast_inference::zoo::{self, Builtin, ZooOptions};
+use framecast_proto::compositor::v1::{
+    compositor_client::CompositorClient, RenderRequest, RenderedFrame, Tensor,
+};
+use framecast_proto::tensor::{self, DataType};
+use std::path::Path;
+use std::sync::Arc;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+const CROP: u32 = 64;
+const W: u32 = 320;
+const H: u32 = 180;
+const FRAMES: u32 = 6;
+
+struct Stack {
+    _inference: inf_server::Running,
+    _compositor: comp_server::Running,
+    client: CompositorClient<tonic::transport::Channel>,
+}
+
+async fn stack(root: &Path, batch: usize) -> Stack {
+    let models = root.join("models");
+    let zoo_opts = ZooOptions {
+        crop: CROP as i64,
+        max_batch_size: 8,
+        max_queue_delay_us: 1000,
+    };
+    zoo::write(&models, Builtin::Passthrough, &zoo_opts).unwrap();
+    let avatars = root.join("avatars");
+    for (id, w, h) in [("small", W, H), ("tall", 144, 256)] {
+        let opts = DemoOptions {
+            id: id.into(),
+            width: w,
+            height: h,
+            frames: FRAMES,
+            fps: 25.0,
+            crop_size: CROP,
+            model: "passthrough".into(),
+        };
+        demo::write_demo(&avatars, &opts).unwrap();
+    }
+    let repo = Repository::open(&models).unwrap();
+    let exec = ExecOptions {
+        devices: vec![tch::Device::Cpu],
+        instances: 1,
+    };
+    let manager = Arc::new(ModelManager::new(repo, exec, true));
+    let inference = inf_server::spawn_on_loopback(manager, ServerOptions::default())
+        .await
+        .unwrap();
+    let client =
+        InferenceClient::connect_lazy(&inference.url(), &ClientOptions::default()).unwrap();
+    let svc = CompositorService {
+        store: Arc::new(AvatarStore::new(&avatars, true).unwrap()),
+        inference: client,
+        opts: Arc::new(RenderOptions {
+            max_batch: batch,
+            ..Default::default()
+        }),
+    };
+    let compositor = comp_server::spawn_on_loopback(svc).await.unwrap();
+    let client = CompositorClient::connect(compositor.url()).await.unwrap();
+    Stack {
+        _inference: inference,
+        _compositor: compositor,
+        client,
+    }
+}
+
+fn zero_audio(n: u32) -> Tensor {
+    Tensor {
+        name: "audio".into(),
+        datatype: "FP32".into(),
+        shape: vec![n as i64, 32, 16, 16],
+        data: tensor::encode(&vec![0f32; n as usize * 32 * 16 * 16]),
+    }
+}
+
+fn request(avatar: &str, start: u64, n: u32) -> RenderRequest {
+    RenderRequest {
+        request_id: format!("{avatar}-{start}"),
+        avatar_id: avatar.into(),
+        start_frame: start,
+        frame_count: n,
+        conditioning: vec![zero_audio(n)],
+        jpeg_quality: 0,
+    }
+}
+
+async fn render(
+    client: &CompositorClient<tonic::transport::Channel>,
+    reqs: Vec<RenderRequest>,
+) -> Result<Vec<RenderedFrame>, tonic::Status> {
+    let mut stream = client
+        .clone()
+        .render(tokio_stream::iter(reqs))
+        .await?
+        .into_inner();
+    let mut frames = Vec::new();
+    while let Some(f) = stream.next().await {
+        frames.push(f?);
+    }
+    Ok(frames)
+}
+
+fn psnr(a: &[u8], b: &[u8]) -> f64 {
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    10.0 * (255.0f64 * 255.0 / mse.max(1e-9)).log10()
+}
+
+/// The composite computed independently of the compositor's blend path: crop → S x S →
+/// back to the box (the `image` crate's triangle filter), blended with the mask as floats.
+fn reference_composite(
+    bg: &[u8],
+    width: u32,
+    b: &framecast_compositor::manifest::FaceBox,
+) -> Vec<u8> {
+    use image::imageops::{resize, FilterType};
+    let height = (bg.len() / (width as usize * 3)) as u32;
+    let frame = image::RgbImage::from_raw(width, height, bg.to_vec()).unwrap();
+    let face = image::imageops::crop_imm(&frame, b.x, b.y, b.w, b.h).to_image();
+    let small = resize(&face, CROP, CROP, FilterType::Triangle);
+    let back = resize(&small, b.w, b.h, FilterType::Triangle);
+    let m = image::GrayImage::from_raw(CROP, CROP, mask::lower_face(CROP, 0.25)).unwrap();
+    let alpha = resize(&m, b.w, b.h, FilterType::Triangle);
+    let mut out = bg.to_vec();
+    for y in 0..b.h {
+        for x in 0..b.w {
+            let a = alpha.get_pixel(x, y).0[0] as f64 / 255.0;
+            let i = (((b.y + y) * width + b.x + x) * 3) as usize;
+            for c in 0..3 {
+                let v = back.get_pixel(x, y).0[c] as f64 * a + bg[i + c] as f64 * (1.0 - a);
+                out[i + c] = v.round() as u8;
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn passthrough_frames_match_the_reference_composite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 4).await;
+    let avatar = Avatar::load(&tmp.path().join("avatars/small")).unwrap();
+    // 11 frames over 6 backgrounds: ping-pong wraps, and 4-frame batches leave a remainder.
+    let frames = render(&s.client, vec![request("small", 3, 11)])
+        .await
+        .unwrap();
+    assert_eq!(frames.len(), 11);
+    for (k, f) in frames.iter().enumerate() {
+        assert_eq!(f.frame_index, 3 + k as u64, "frames out of order");
+        let bg_index = ping_pong(f.frame_index, FRAMES as usize);
+        assert_eq!(f.background_index as usize, bg_index);
+        assert_eq!(f.last_in_request, k == 10);
+        assert_eq!((f.width, f.height), (W, H));
+        let t = f.timings.as_ref().unwrap();
+        assert!(t.total_us >= t.inference_us);
+        let (pixels, w, h) = encode::decode_rgb(&f.image).unwrap();
+        assert_eq!((w, h), (W, H), "decoded JPEG size");
+
+        let bg = &avatar.frames[bg_index];
+        let b = avatar.boxes[bg_index];
+        let want = reference_composite(bg, W, &b);
+        let region = |img: &[u8]| -> Vec<u8> {
+            (b.y..b.y + b.h)
+                .flat_map(|y| {
+                    let i = ((y * W + b.x) * 3) as usize;
+                    img[i..i + (b.w * 3) as usize].to_vec()
+                })
+                .collect()
+        };
+        let p = psnr(&region(&pixels), &region(&want));
+        assert!(
+            p > 28.0,
+            "frame {}: face region PSNR {p:.1} dB",
+            f.frame_index
+        );
+
+        // Away from the box (two MCUs of margin for chroma upsampling), the frame must be
+        // exactly the background's own JPEG round trip at the same settings.
+        let jpeg = encode::encode_rgb(bg, W, H, 75, Subsampling::S420).unwrap();
+        let (round_trip, ..) = encode::decode_rgb(&jpeg).unwrap();
+        let margin = 32i64;
+        let mut compared = 0;
+        for y in 0..H as i64 {
+            for x in 0..W as i64 {
+                let near = x >= b.x as i64 - margin
+                    && x < (b.x + b.w) as i64 + margin
+                    && y >= b.y as i64 - margin
+                    && y < (b.y + b.h) as i64 + margin;
+                if !near {
+                    let i = ((y * W as i64 + x) * 3) as usize;
+                    assert_eq!(
+                        &pixels[i..i + 3],
+                        &round_trip[i..i + 3],
+                        "frame {} pixel ({x},{y})",
+                        f.frame_index
+                    );
+                    compared += 1;
+                }
+            }
+        }
+        assert!(
+            compared > (W * H / 4) as usize,
+            "too few pixels outside the box to compare"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_on_two_avatars_run_in_parallel_and_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 3).await;
+    let a = render(
+        &s.client,
+        vec![request("small", 0, 5), request("small", 5, 4)],
+    );
+    let b = render(&s.client, vec![request("tall", 100, 7)]);
+    let (a, b) = tokio::join!(a, b);
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(
+        a.iter().map(|f| f.frame_index).collect::<Vec<_>>(),
+        (0..9).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        b.iter().map(|f| f.frame_index).collect::<Vec<_>>(),
+        (100..107).collect::<Vec<_>>()
+    );
+    assert!(b.iter().all(|f| (f.width, f.height) == (144, 256)));
+    assert_eq!(a.iter().filter(|f| f.last_in_request).count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_render_requests_get_precise_statuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 4).await;
+    let err = |r: RenderRequest| {
+        let c = s.client.clone();
+        async move { render(&c, vec![r]).await.unwrap_err() }
+    };
+    let e = err(request("nobody", 0, 2)).await;
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    let e = err(request("../small", 0, 2)).await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("avatar_id"));
+
+    let e = err(request("small", 0, 0)).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("frame_count"), "{}", e.message());
+
+    let mut r = request("small", 0, 2);
+    r.conditioning[0].shape[0] = 3;
+    let e = err(r).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("'audio'") && e.message().contains("shape"),
+        "{}",
+        e.message()
+    );
+
+    let mut r = request("small", 0, 2);
+    r.conditioning.clear();
+    let e = err(r).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("'audio'") && e.message().contains("missing"),
+        "{}",
+        e.message()
+    );
+
+    let mut r = request("small", 0, 2);
+    r.conditioning[0].datatype = DataType::F64.as_str().into();
+    let e = err(r).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("datatype"), "{}", e.message());
+}
+
+#[tokio::test]
+async fn avatar_check_names_the_file_and_the_cause() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = DemoOptions {
+        id: "x".into(),
+        width: 96,
+        height: 64,
+        frames: 3,
+        crop_size: 32,
+        ..Default::default()
+    };
+    let dir = demo::write_demo(tmp.path(), &opts).unwrap();
+    assert!(Avatar::load(&dir).is_ok());
+    std::fs::write(dir.join("frames/000001.jpg"), b"garbage").unwrap();
+    std::fs::write(
+        dir.join("boxes.json"),
+        "[[0,0,10,10],[90,0,10,10],[0,0,10,10]]",
+    )
+    .unwrap();
+    let problems = Avatar::load(&dir).err().unwrap();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("boxes.json") && p.contains("box 1")),
+        "{problems:?}"
+    );
+    std::fs::write(
+        dir.join("boxes.json"),
+        "[[0,0,10,10],[0,0,10,10],[0,0,10,10]]",
+    )
+    .unwrap();
+    let problems = Avatar::load(&dir).err().unwrap();
+    assert!(
+        problems.iter().any(|p| p.contains("000001.jpg")),
+        "{problems:?}"
+    );
+}

@@ -1,0 +1,374 @@
+//! The inference server on loopback with real TorchScript models on CPU.
+
+use bytes::Bytes;
+use framecast_inference::config::{ModelConfig, TensorSpec};
+use framecast_inference::models::{ExecOptions, ModelManager};
+use framecast_inference::repository::Repository;
+use framecast_inference::server::{self, Running, ServerOptions};
+use framecast_inference::torch_model::kind_of;
+use framecast_inference::zoo::{self, Builtin, ZooOptions};
+use framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
+use framecast_proto::kserve::model_infer_request::InferInputTensor;
+use framecast_proto::kserve::{ModelInferRequest, ModelStatisticsRequest, RepositoryIndexRequest};
+use framecast_proto::tensor::DataType;
+use std::path::Path;
+use std::sync::Arc;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const CROP: i64 = 32;
+
+fn write_zoo(root: &Path, max_batch: usize) {
+    let opts = ZooOptions {
+        crop: CROP,
+        max_batch_size: max_batch,
+        max_queue_delay_us: 20_000,
+    };
+    for m in [Builtin::Passthrough, Builtin::TalkingDemo] {
+        zoo::write(root, m, &opts).unwrap();
+    }
+}
+
+async fn start(root: &Path) -> (Running, GrpcInferenceServiceClient<Channel>) {
+    let repo = Repository::open(root).unwrap();
+    let exec = ExecOptions {
+        devices: vec![tch::Device::Cpu],
+        instances: 1,
+    };
+    let models = Arc::new(ModelManager::new(repo, exec, true));
+    let running = server::spawn_on_loopback(models, ServerOptions::default())
+        .await
+        .unwrap();
+    let client = GrpcInferenceServiceClient::connect(running.url())
+        .await
+        .unwrap()
+        .max_decoding_message_size(64 << 20);
+    (running, client)
+}
+
+fn face_audio(batch: usize, crop: i64, seed: u8) -> (Vec<InferInputTensor>, Vec<Bytes>) {
+    let b = batch as i64;
+    let face: Vec<u8> = (0..batch * 6 * (crop * crop) as usize)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    let audio = vec![0u8; batch * 32 * 16 * 16 * 4];
+    (
+        vec![
+            InferInputTensor::new("face", DataType::U8, vec![b, 6, crop, crop]),
+            InferInputTensor::new("audio", DataType::F32, vec![b, 32, 16, 16]),
+        ],
+        vec![Bytes::from(face), Bytes::from(audio)],
+    )
+}
+
+fn request(model: &str, batch: usize, seed: u8) -> ModelInferRequest {
+    let (inputs, raw) = face_audio(batch, CROP, seed);
+    ModelInferRequest {
+        model_name: model.to_string(),
+        id: format!("r{seed}"),
+        inputs,
+        raw_input_contents: raw,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn passthrough_returns_reference_channels_and_merges_concurrent_requests() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_zoo(tmp.path(), 16);
+    let (_server, client) = start(tmp.path()).await;
+
+    let mut tasks = Vec::new();
+    for seed in 0..8u8 {
+        let mut c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = request("passthrough", 2, seed);
+            let face = req.raw_input_contents[0].clone();
+            let resp = c.model_infer(req).await.unwrap().into_inner();
+            (seed, face, resp)
+        }));
+    }
+    for t in tasks {
+        let (seed, face, resp) = t.await.unwrap();
+        assert_eq!(resp.id, format!("r{seed}"));
+        assert_eq!(resp.outputs[0].shape, vec![2, 3, CROP, CROP]);
+        let out = &resp.raw_output_contents[0];
+        let plane = (CROP * CROP) as usize;
+        // Each caller gets back its own first three channels, byte for byte.
+        for b in 0..2 {
+            assert_eq!(
+                &out[b * 3 * plane..(b + 1) * 3 * plane],
+                &face[b * 6 * plane..b * 6 * plane + 3 * plane],
+                "request {seed}, element {b}"
+            );
+        }
+    }
+    let stats = client
+        .clone()
+        .model_statistics(ModelStatisticsRequest {
+            name: "passthrough".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let s = &stats.model_stats[0];
+    assert_eq!(s.inference_count, 16);
+    assert!(
+        s.execution_count < 8,
+        "8 concurrent requests ran in {} executions; expected merging",
+        s.execution_count
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builtin_models_have_the_right_output_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_zoo(tmp.path(), 2);
+    zoo::write(
+        tmp.path(),
+        Builtin::LipsyncRef,
+        &ZooOptions {
+            max_batch_size: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (_server, mut client) = start(tmp.path()).await;
+    for (model, crop) in [("talking-demo", CROP), ("lipsync-ref", zoo::LIPSYNC_CROP)] {
+        let (inputs, raw) = face_audio(2, crop, 7);
+        let resp = client
+            .model_infer(ModelInferRequest {
+                model_name: model.into(),
+                inputs,
+                raw_input_contents: raw,
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{model}: {e}"))
+            .into_inner();
+        assert_eq!(resp.outputs[0].shape, vec![2, 3, crop, crop], "{model}");
+        assert_eq!(resp.outputs[0].datatype, "UINT8");
+        assert_eq!(
+            resp.raw_output_contents[0].len(),
+            2 * 3 * (crop * crop) as usize
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn talking_demo_darkens_the_mouth_with_audio_energy() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_zoo(tmp.path(), 2);
+    let (_server, mut client) = start(tmp.path()).await;
+    let mean_of = |loud: bool| {
+        let mut req = request("talking-demo", 1, 0);
+        req.raw_input_contents[0] = Bytes::from(vec![200u8; 6 * (CROP * CROP) as usize]);
+        let level = if loud { 1.0f32 } else { 0.0 };
+        req.raw_input_contents[1] = framecast_proto::tensor::encode(&vec![level; 32 * 16 * 16]);
+        req
+    };
+    let quiet = client
+        .model_infer(mean_of(false))
+        .await
+        .unwrap()
+        .into_inner();
+    let loud = client
+        .model_infer(mean_of(true))
+        .await
+        .unwrap()
+        .into_inner();
+    let sum = |r: &framecast_proto::kserve::ModelInferResponse| {
+        r.raw_output_contents[0]
+            .iter()
+            .map(|&v| v as u64)
+            .sum::<u64>()
+    };
+    assert!(
+        sum(&loud) < sum(&quiet) * 97 / 100,
+        "loud audio should open a dark mouth"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_precise_statuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_zoo(tmp.path(), 4);
+    let (_server, client) = start(tmp.path()).await;
+    let call = |req: ModelInferRequest| {
+        let mut c = client.clone();
+        async move { c.model_infer(req).await.unwrap_err() }
+    };
+
+    let e = call(request("nope", 1, 0)).await;
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("nope"));
+
+    let e = call(request("../passthrough", 1, 0)).await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("model_name"));
+
+    let mut r = request("passthrough", 1, 0);
+    r.inputs[0].shape = vec![1, 6, CROP, CROP + 1];
+    let e = call(r).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("'face'") && e.message().contains("shape"),
+        "{}",
+        e.message()
+    );
+
+    let mut r = request("passthrough", 1, 0);
+    r.inputs[1].datatype = "FP16".into();
+    let e = call(r).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("'audio'") && e.message().contains("FP32"),
+        "{}",
+        e.message()
+    );
+
+    let mut r = request("passthrough", 1, 0);
+    r.raw_input_contents[0] = r.raw_input_contents[0].slice(1..);
+    let e = call(r).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("'face'") && e.message().contains("bytes"),
+        "{}",
+        e.message()
+    );
+
+    let e = call(request("passthrough", 5, 0)).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("batch"), "{}", e.message());
+
+    let mut r = request("passthrough", 1, 0);
+    r.inputs[1].name = "audi0".into();
+    let e = call(r).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("audi0"), "{}", e.message());
+
+    let mut r = request("passthrough", 1, 0);
+    r.inputs.pop();
+    r.raw_input_contents.pop();
+    let e = call(r).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("'audio'") && e.message().contains("missing"),
+        "{}",
+        e.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_model_fails_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_zoo(tmp.path(), 2);
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::copy(
+        tmp.path().join("passthrough/config.toml"),
+        broken.join("config.toml"),
+    )
+    .unwrap();
+    std::fs::write(broken.join("model.pt"), b"not a zip archive").unwrap();
+    let (_server, mut client) = start(tmp.path()).await;
+
+    let e = client
+        .model_infer(request("broken", 1, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("model.pt"), "{}", e.message());
+    client
+        .model_infer(request("passthrough", 1, 0))
+        .await
+        .unwrap();
+
+    let index = client
+        .repository_index(RepositoryIndexRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let state = |n: &str| {
+        index
+            .models
+            .iter()
+            .find(|m| m.name == n)
+            .map(|m| m.state.clone())
+    };
+    assert_eq!(state("broken").as_deref(), Some("UNAVAILABLE"));
+    assert_eq!(state("passthrough").as_deref(), Some("READY"));
+    assert_eq!(state("talking-demo").as_deref(), Some("UNLOADED"));
+}
+
+/// An identity model for one datatype, to carry every dtype through the real server.
+fn write_identity(root: &Path, dt: DataType) -> String {
+    let name = format!("identity-{}", dt.as_str().to_lowercase());
+    let dir = root.join(&name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kind = kind_of(dt).unwrap();
+    let example = tch::Tensor::zeros([1, 5], (kind, tch::Device::Cpu));
+    let m =
+        tch::CModule::create_by_tracing(&name, "forward", &[example], &mut |x| vec![x[0].copy()])
+            .unwrap();
+    m.save(dir.join("model.pt")).unwrap();
+    let spec = |n: &str| TensorSpec {
+        name: n.into(),
+        datatype: dt,
+        dims: vec![5],
+        normalize: false,
+    };
+    let config = ModelConfig {
+        platform: "torchscript".into(),
+        max_batch_size: 4,
+        max_queue_delay_us: 0,
+        inputs: vec![spec("x")],
+        outputs: vec![spec("y")],
+    };
+    std::fs::write(dir.join("config.toml"), config.to_toml()).unwrap();
+    name
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_accepted_datatype_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let accepted: Vec<DataType> = DataType::ALL
+        .into_iter()
+        .filter(|d| kind_of(*d).is_some())
+        .collect();
+    assert!(accepted.len() >= 10);
+    let names: Vec<String> = accepted
+        .iter()
+        .map(|&d| write_identity(tmp.path(), d))
+        .collect();
+    let (_server, mut client) = start(tmp.path()).await;
+    for (dt, name) in accepted.iter().zip(names) {
+        let n = 3 * 5 * dt.size();
+        let data: Vec<u8> = (0..n)
+            .map(|i| {
+                if *dt == DataType::Bool {
+                    (i % 2) as u8
+                } else {
+                    (i * 37 % 251) as u8
+                }
+            })
+            .collect();
+        let resp = client
+            .model_infer(ModelInferRequest {
+                model_name: name.clone(),
+                inputs: vec![InferInputTensor::new("x", *dt, vec![3, 5])],
+                raw_input_contents: vec![Bytes::from(data.clone())],
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .into_inner();
+        assert_eq!(resp.outputs[0].datatype, dt.as_str());
+        assert_eq!(
+            resp.raw_output_contents[0].as_ref(),
+            data.as_slice(),
+            "{name}"
+        );
+    }
+}
