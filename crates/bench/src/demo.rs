@@ -50,7 +50,7 @@ pub fn audio_features(start: u64, n: u32, fps: f64) -> Tensor {
     for f in 0..n as u64 {
         let e = envelope((start + f) as f64 / fps);
         for k in 0..per {
-            let sign = if (k * 7919 + f as usize) % 3 == 0 {
+            let sign = if (k * 7919 + f as usize).is_multiple_of(3) {
                 -1.0
             } else {
                 1.0
@@ -122,7 +122,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             &frame.image,
         )?;
         jpegs.push(frame.image.to_vec());
-        if jpegs.len() % 50 == 0 {
+        if jpegs.len().is_multiple_of(50) {
             eprintln!("  {} / {total} frames", jpegs.len());
         }
     }

@@ -78,7 +78,7 @@ impl Avatar {
                 let input = face_input(&frame, manifest.width, face, s, &manifest.channel_order)
                     .map_err(|e| format!("{}: {e}", path.display()))?;
                 let n = done.fetch_add(1, Ordering::Relaxed) + 1;
-                if total >= 100 && n % (total / 4) == 0 {
+                if total >= 100 && n.is_multiple_of(total / 4) {
                     tracing::info!(avatar = %manifest.id, "decoded {n}/{total} frames");
                 }
                 Ok((frame, input))

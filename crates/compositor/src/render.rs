@@ -179,12 +179,7 @@ pub async fn render(
     let arrived = Instant::now();
     let job = Arc::new(validate(req, avatar, model, opts, arrived)?);
     let batch = opts.max_batch.max(1);
-    let mut in_flight: VecDeque<(
-        usize,
-        usize,
-        Instant,
-        tokio::task::JoinHandle<Result<ModelInferResponse, Status>>,
-    )> = VecDeque::new();
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let mut next = 0usize;
     while next < job.count || !in_flight.is_empty() {
         while next < job.count && in_flight.len() < opts.pipeline_depth.max(1) {
@@ -258,6 +253,14 @@ fn infer_request(job: &Job, lo: usize, hi: usize) -> ModelInferRequest {
         ..Default::default()
     }
 }
+
+/// A batch at the inference service: its frame range, when it was sent, and the call.
+type InFlight = (
+    usize,
+    usize,
+    Instant,
+    tokio::task::JoinHandle<Result<ModelInferResponse, Status>>,
+);
 
 #[derive(Clone, Copy)]
 struct BatchTiming {

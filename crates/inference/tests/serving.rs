@@ -310,8 +310,10 @@ fn write_identity(root: &Path, dt: DataType) -> String {
     let kind = kind_of(dt).unwrap();
     let example = tch::Tensor::zeros([1, 5], (kind, tch::Device::Cpu));
     let m =
-        tch::CModule::create_by_tracing(&name, "forward", &[example], &mut |x| vec![x[0].copy()])
-            .unwrap();
+        tch::CModule::create_by_tracing(&name.replace('-', "_"), "forward", &[example], &mut |x| {
+            vec![x[0].copy()]
+        })
+        .unwrap();
     m.save(dir.join("model.pt")).unwrap();
     let spec = |n: &str| TensorSpec {
         name: n.into(),

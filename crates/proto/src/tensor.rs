@@ -204,7 +204,7 @@ pub fn decode<T: Element>(datatype: DataType, raw: &[u8]) -> Result<Vec<T>, Tens
         });
     }
     let size = datatype.size();
-    if raw.len() % size != 0 {
+    if !raw.len().is_multiple_of(size) {
         return Err(TensorError::ByteLength {
             expected: raw.len() / size * size,
             actual: raw.len(),
