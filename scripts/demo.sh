@@ -21,10 +21,10 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 "$bin/framecast-inference" serve --repository "$out/models" --listen "127.0.0.1:$inf_port" \
-  --load talking-demo >"$out/inference.log" 2>&1 &
+  --metrics-listen "127.0.0.1:$((inf_port + 1))" --load talking-demo >"$out/inference.log" 2>&1 &
 pids+=($!)
 "$bin/framecast-compositor" serve --avatars "$out/avatars" --listen "127.0.0.1:$comp_port" \
-  --inference "http://127.0.0.1:$inf_port" --preload demo >"$out/compositor.log" 2>&1 &
+  --metrics-listen "127.0.0.1:$((comp_port + 1))" --inference "http://127.0.0.1:$inf_port" --preload demo >"$out/compositor.log" 2>&1 &
 pids+=($!)
 
 dump_logs() { tail -n 20 "$out/inference.log" "$out/compositor.log" >&2; }

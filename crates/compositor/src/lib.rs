@@ -13,6 +13,7 @@ pub mod encode;
 pub mod inference;
 pub mod manifest;
 pub mod mask;
+pub mod metrics;
 pub mod render;
 pub mod server;
 pub mod service;

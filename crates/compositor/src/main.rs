@@ -5,6 +5,7 @@ use framecast_compositor::avatar_store::AvatarStore;
 use framecast_compositor::demo::{self, DemoOptions};
 use framecast_compositor::encode::Subsampling;
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
+use framecast_compositor::metrics::Metrics;
 use framecast_compositor::render::RenderOptions;
 use framecast_compositor::service::CompositorService;
 use std::net::SocketAddr;
@@ -81,6 +82,17 @@ struct ServeArgs {
     /// Avatars to load at start-up, comma-separated.
     #[arg(long, env = "FRAMECAST_PRELOAD", value_delimiter = ',')]
     preload: Vec<String>,
+    /// RAM budget for decoded avatars, MiB (0: unlimited). Least recently used idle avatars
+    /// are evicted to make room.
+    #[arg(long, env = "FRAMECAST_AVATAR_BUDGET_MIB", default_value_t = 0)]
+    avatar_budget_mib: u64,
+    /// Prometheus /metrics listen address (HTTP).
+    #[arg(
+        long,
+        env = "FRAMECAST_COMPOSITOR_METRICS_LISTEN",
+        default_value = "0.0.0.0:8012"
+    )]
+    metrics_listen: SocketAddr,
     /// Load an avatar at its first request when it is not loaded yet.
     #[arg(long, env = "FRAMECAST_AVATAR_ON_DEMAND", default_value_t = true, action = clap::ArgAction::Set)]
     load_on_demand: bool,
@@ -111,12 +123,7 @@ struct ServeArgs {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    framecast_telemetry::init_logs();
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Avatar(AvatarCommand::Check { dir }) => match Avatar::load(&dir) {
@@ -180,8 +187,10 @@ fn serve(args: ServeArgs) -> Result<()> {
             .build_global()
             .context("workers: cannot size the compositing pool")?;
     }
+    let metrics = Arc::new(Metrics::new());
+    let budget = (args.avatar_budget_mib > 0).then_some(args.avatar_budget_mib << 20);
     let store = Arc::new(
-        AvatarStore::new(&args.avatars, args.load_on_demand)
+        AvatarStore::new(&args.avatars, args.load_on_demand, budget, metrics.clone())
             .with_context(|| format!("avatars: cannot open {}", args.avatars.display()))?,
     );
     let client_opts = ClientOptions {
@@ -201,6 +210,9 @@ fn serve(args: ServeArgs) -> Result<()> {
         // The channel's connection task needs the runtime, so the client is made inside it.
         let inference = InferenceClient::connect_lazy(&args.inference, &client_opts)
             .map_err(anyhow::Error::msg)?;
+        framecast_telemetry::serve_metrics(args.metrics_listen, metrics.registry.clone())
+            .await
+            .with_context(|| format!("metrics-listen: cannot bind {}", args.metrics_listen))?;
         for id in &args.preload {
             store
                 .load(id)
@@ -211,6 +223,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             store,
             inference,
             opts: Arc::new(opts),
+            metrics,
         };
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
@@ -220,20 +233,8 @@ fn serve(args: ServeArgs) -> Result<()> {
             listener,
             svc,
             args.max_message_bytes,
-            shutdown_signal(),
+            framecast_telemetry::shutdown_signal(),
         )
         .await
     })
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
-    tracing::info!("shutting down: finishing in-flight renders");
 }

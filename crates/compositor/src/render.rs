@@ -9,6 +9,7 @@ use crate::avatar::Avatar;
 use crate::blend::{self, BlendScratch};
 use crate::encode::{self, Subsampling};
 use crate::inference::{InferenceClient, ModelInfo};
+use crate::metrics::Metrics;
 use bytes::{Bytes, BytesMut};
 use framecast_proto::compositor::v1::{
     ImageFormat, RenderRequest, RenderedFrame, StageTimings, Tensor,
@@ -59,6 +60,7 @@ struct Job {
     start: u64,
     count: usize,
     quality: u8,
+    subsampling: Subsampling,
     /// Conditioning payloads in model input order, each `count` frames long.
     conditioning: Vec<(Arc<str>, DataType, Vec<i64>, Bytes)>,
     arrived: Instant,
@@ -161,6 +163,7 @@ fn validate(
         start: req.start_frame,
         count,
         quality,
+        subsampling: opts.subsampling,
         conditioning,
         arrived,
     })
@@ -174,6 +177,7 @@ pub async fn render(
     model: Arc<ModelInfo>,
     client: &InferenceClient,
     opts: &RenderOptions,
+    metrics: &Metrics,
     sink: &FrameSink,
 ) -> Result<(), Status> {
     let arrived = Instant::now();
@@ -211,7 +215,11 @@ pub async fn render(
             queue: sent - job.arrived,
             inference: sent.elapsed(),
         };
-        if !finish_batch(&job, lo, hi, response, timing, opts.subsampling, sink).await? {
+        metrics.queue_seconds.observe(timing.queue.as_secs_f64());
+        metrics
+            .inference_seconds
+            .observe(timing.inference.as_secs_f64());
+        if !finish_batch(&job, lo, hi, response, timing, metrics, sink).await? {
             // Client gone: drop the batches still in flight.
             for (.., h) in in_flight {
                 h.abort();
@@ -312,7 +320,7 @@ async fn finish_batch(
     hi: usize,
     response: ModelInferResponse,
     timing: BatchTiming,
-    subsampling: Subsampling,
+    metrics: &Metrics,
     sink: &FrameSink,
 ) -> Result<bool, Status> {
     let n = hi - lo;
@@ -347,7 +355,7 @@ async fn finish_batch(
         (0..n).into_par_iter().for_each_with(tx, |tx, i| {
             let bg = work.avatar.background_index(work.start + (lo + i) as u64);
             let crop = &crops[i * per..(i + 1) * per];
-            let r = compose(&work.avatar, bg, crop, work.quality, subsampling).map(
+            let r = compose(&work.avatar, bg, crop, work.quality, work.subsampling).map(
                 |(jpeg, blend, encode)| Composed {
                     jpeg,
                     blend,
@@ -390,6 +398,12 @@ async fn finish_batch(
             if sink.send(Ok(frame)).await.is_err() {
                 return Ok(false);
             }
+            metrics.frames.inc();
+            metrics.blend_seconds.observe(c.blend.as_secs_f64());
+            metrics.encode_seconds.observe(c.encode.as_secs_f64());
+            metrics
+                .end_to_end_seconds
+                .observe(job.arrived.elapsed().as_secs_f64());
             emitted += 1;
         }
     }

@@ -2,6 +2,7 @@
 
 use crate::avatar_store::{AvatarError, AvatarStatus, AvatarStore};
 use crate::inference::InferenceClient;
+use crate::metrics::Metrics;
 use crate::render::{self, RenderOptions};
 use framecast_proto::compositor::v1::{
     compositor_server::Compositor, AvatarInfo, ListAvatarsRequest, ListAvatarsResponse,
@@ -19,6 +20,7 @@ pub struct CompositorService {
     pub store: Arc<AvatarStore>,
     pub inference: InferenceClient,
     pub opts: Arc<RenderOptions>,
+    pub metrics: Arc<Metrics>,
 }
 
 pub fn status_of(e: AvatarError) -> Status {
@@ -27,6 +29,20 @@ pub fn status_of(e: AvatarError) -> Status {
         AvatarError::NotFound(_) => Status::not_found(e.to_string()),
         AvatarError::NotLoaded(_) => Status::failed_precondition(e.to_string()),
         AvatarError::LoadFailed { .. } => Status::failed_precondition(e.to_string()),
+        AvatarError::TooLarge { .. } => Status::failed_precondition(e.to_string()),
+        AvatarError::NoRoom { .. } => Status::resource_exhausted(e.to_string()),
+    }
+}
+
+fn code_label(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::InvalidArgument => "invalid_argument",
+        tonic::Code::NotFound => "not_found",
+        tonic::Code::FailedPrecondition => "failed_precondition",
+        tonic::Code::ResourceExhausted => "resource_exhausted",
+        tonic::Code::DeadlineExceeded => "deadline_exceeded",
+        tonic::Code::Unavailable => "unavailable",
+        _ => "internal",
     }
 }
 
@@ -67,7 +83,16 @@ impl CompositorService {
                     ),
                 )
             })?;
-        render::render(req, avatar, model, &self.inference, &self.opts, sink).await
+        render::render(
+            req,
+            avatar,
+            model,
+            &self.inference,
+            &self.opts,
+            &self.metrics,
+            sink,
+        )
+        .await
     }
 }
 
@@ -83,6 +108,7 @@ impl Compositor for CompositorService {
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
         tokio::spawn(async move {
+            this.metrics.streams_active.inc();
             // Requests on one stream render one after another, so frames leave in the order
             // they were asked for.
             while let Some(msg) = inbound.next().await {
@@ -90,7 +116,15 @@ impl Compositor for CompositorService {
                     Ok(r) => r,
                     Err(_) => break,
                 };
-                if let Err(status) = this.render_one(req, &tx).await {
+                let result = this.render_one(req, &tx).await;
+                let outcome = match &result {
+                    Ok(()) if tx.is_closed() => "cancelled",
+                    Ok(()) => "ok",
+                    Err(s) => code_label(s.code()),
+                };
+                this.metrics.requests.with_label_values(&[outcome]).inc();
+                if let Err(status) = result {
+                    tracing::debug!(code = ?status.code(), message = status.message(), "render failed");
                     let _ = tx.send(Err(status)).await;
                     break;
                 }
@@ -98,6 +132,7 @@ impl Compositor for CompositorService {
                     break;
                 }
             }
+            this.metrics.streams_active.dec();
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

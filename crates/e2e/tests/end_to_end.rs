@@ -56,18 +56,16 @@ async fn stack(root: &Path, batch: usize) -> Stack {
         demo::write_demo(&avatars, &opts).unwrap();
     }
     let repo = Repository::open(&models).unwrap();
-    let exec = ExecOptions {
-        devices: vec![tch::Device::Cpu],
-        instances: 1,
-    };
-    let manager = Arc::new(ModelManager::new(repo, exec, true));
+    let exec = ExecOptions::default();
+    let manager = Arc::new(ModelManager::new(repo, exec, true, Default::default()));
     let inference = inf_server::spawn_on_loopback(manager, ServerOptions::default())
         .await
         .unwrap();
     let client =
         InferenceClient::connect_lazy(&inference.url(), &ClientOptions::default()).unwrap();
     let svc = CompositorService {
-        store: Arc::new(AvatarStore::new(&avatars, true).unwrap()),
+        metrics: Default::default(),
+        store: Arc::new(AvatarStore::new(&avatars, true, None, Default::default()).unwrap()),
         inference: client,
         opts: Arc::new(RenderOptions {
             max_batch: batch,

@@ -19,7 +19,18 @@ pub struct Job {
     pub batch: usize,
     pub inputs: Vec<Bytes>,
     pub enqueued: Instant,
-    pub reply: oneshot::Sender<Result<JobOutput, String>>,
+    /// Dropped unexecuted if still queued at this instant.
+    pub deadline: Option<Instant>,
+    pub reply: oneshot::Sender<Result<JobOutput, JobError>>,
+}
+
+/// Why a queued request produced no output.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JobError {
+    #[error("request waited {waited:?} in the queue, past its deadline")]
+    Expired { waited: Duration },
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// A request's share of a batch's outputs, one buffer per config output.
@@ -54,23 +65,45 @@ pub fn run_worker(
                 Err(_) => return,
             },
         };
+        let Some(first) = live(first, &stats) else {
+            continue;
+        };
         let deadline = first.enqueued + delay;
         let mut size = first.batch;
         let mut jobs = vec![first];
         while size < config.max_batch_size {
             match rx.recv_deadline(deadline) {
-                Ok(j) if size + j.batch > config.max_batch_size => {
-                    carried = Some(j);
-                    break;
-                }
                 Ok(j) => {
+                    let Some(j) = live(j, &stats) else { continue };
+                    if size + j.batch > config.max_batch_size {
+                        carried = Some(j);
+                        break;
+                    }
                     size += j.batch;
                     jobs.push(j);
                 }
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
-        execute(&model, &stats, size, jobs);
+        // Waiting for batch-mates may have outlived some deadlines: drop those unexecuted.
+        let jobs: Vec<Job> = jobs.into_iter().filter_map(|j| live(j, &stats)).collect();
+        let size = jobs.iter().map(|j| j.batch).sum();
+        if size > 0 {
+            execute(&model, &stats, size, jobs);
+        }
+    }
+}
+
+/// Answers an expired job instead of running it; its client has stopped waiting.
+fn live(job: Job, stats: &ModelStats) -> Option<Job> {
+    match job.deadline {
+        Some(d) if Instant::now() >= d => {
+            let waited = job.enqueued.elapsed();
+            stats.record_failure(waited);
+            let _ = job.reply.send(Err(JobError::Expired { waited }));
+            None
+        }
+        _ => Some(job),
     }
 }
 
@@ -116,7 +149,7 @@ fn execute(model: &TorchModel, stats: &ModelStats, size: usize, jobs: Vec<Job>) 
             tracing::error!(error = %e, batch = size, "model execution failed");
             for job in jobs {
                 stats.record_failure(job.enqueued.elapsed());
-                let _ = job.reply.send(Err(e.clone()));
+                let _ = job.reply.send(Err(JobError::Failed(e.clone())));
             }
         }
     }

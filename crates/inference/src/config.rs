@@ -16,6 +16,9 @@
 //! dims = [3, 320, 320]
 //! normalize = true        # model's float in [0, 1] clamped, scaled and rounded to u8 on device
 //! ```
+//!
+//! Optional keys: `queue_timeout_us` (0: none), `pinned` (never evicted), `precision`
+//! (`"fp32"` or `"fp16"`), `channels_last`, `cudnn_benchmark`.
 
 use framecast_proto::tensor::DataType;
 use serde::Deserialize;
@@ -34,6 +37,16 @@ struct RawConfig {
     max_batch_size: usize,
     #[serde(default = "default_delay")]
     max_queue_delay_us: u64,
+    #[serde(default)]
+    queue_timeout_us: u64,
+    #[serde(default)]
+    pinned: bool,
+    #[serde(default)]
+    precision: Precision,
+    #[serde(default)]
+    channels_last: bool,
+    #[serde(default)]
+    cudnn_benchmark: bool,
     #[serde(default)]
     input: Vec<RawTensor>,
     #[serde(default)]
@@ -56,6 +69,24 @@ fn default_platform() -> String {
 
 fn default_delay() -> u64 {
     1000
+}
+
+/// Floating-point precision the model runs in on its device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Fp16,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+        }
+    }
 }
 
 /// One input or output tensor of a model, batch dimension excluded.
@@ -90,6 +121,15 @@ pub struct ModelConfig {
     pub platform: String,
     pub max_batch_size: usize,
     pub max_queue_delay_us: u64,
+    /// Requests that waited longer than this in the queue fail with DEADLINE_EXCEEDED (0: never).
+    pub queue_timeout_us: u64,
+    /// Never evicted under memory pressure.
+    pub pinned: bool,
+    pub precision: Precision,
+    /// Feed 4-D float inputs in NHWC memory order (faster convolutions on tensor cores).
+    pub channels_last: bool,
+    /// Let cuDNN pick the fastest convolution algorithms for the shapes it sees.
+    pub cudnn_benchmark: bool,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
 }
@@ -103,6 +143,22 @@ pub struct ConfigError {
 }
 
 impl ModelConfig {
+    /// A TorchScript model with default batching, precision and lifecycle settings.
+    pub fn new(max_batch_size: usize, inputs: Vec<TensorSpec>, outputs: Vec<TensorSpec>) -> Self {
+        ModelConfig {
+            platform: default_platform(),
+            max_batch_size,
+            max_queue_delay_us: default_delay(),
+            queue_timeout_us: 0,
+            pinned: false,
+            precision: Precision::Fp32,
+            channels_last: false,
+            cudnn_benchmark: false,
+            inputs,
+            outputs,
+        }
+    }
+
     /// Reads and validates `dir/config.toml`.
     pub fn load(dir: &Path) -> Result<Self, ConfigError> {
         let path = dir.join(CONFIG_FILE);
@@ -141,6 +197,11 @@ impl ModelConfig {
             platform: raw.platform,
             max_batch_size: raw.max_batch_size,
             max_queue_delay_us: raw.max_queue_delay_us,
+            queue_timeout_us: raw.queue_timeout_us,
+            pinned: raw.pinned,
+            precision: raw.precision,
+            channels_last: raw.channels_last,
+            cudnn_benchmark: raw.cudnn_benchmark,
             inputs,
             outputs,
         })
@@ -149,8 +210,15 @@ impl ModelConfig {
     /// Serializes back to the TOML form `parse` reads.
     pub fn to_toml(&self) -> String {
         let mut s = format!(
-            "platform = \"{}\"\nmax_batch_size = {}\nmax_queue_delay_us = {}\n",
-            self.platform, self.max_batch_size, self.max_queue_delay_us
+            "platform = \"{}\"\nmax_batch_size = {}\nmax_queue_delay_us = {}\nqueue_timeout_us = {}\npinned = {}\nprecision = \"{}\"\nchannels_last = {}\ncudnn_benchmark = {}\n",
+            self.platform,
+            self.max_batch_size,
+            self.max_queue_delay_us,
+            self.queue_timeout_us,
+            self.pinned,
+            self.precision.as_str(),
+            self.channels_last,
+            self.cudnn_benchmark
         );
         for (kind, list) in [("input", &self.inputs), ("output", &self.outputs)] {
             for t in list {
@@ -245,6 +313,13 @@ dims = [2]
                 "output[0].name",
             ),
             (GOOD.replace("max_batch_size", "max_batch"), "max_batch"),
+            (
+                GOOD.replace(
+                    "max_batch_size = 4",
+                    "max_batch_size = 4\nprecision = \"int3\"",
+                ),
+                "precision",
+            ),
         ];
         for (text, field) in cases {
             let err = ModelConfig::parse(&text).unwrap_err();

@@ -7,6 +7,7 @@
 
 pub mod batcher;
 pub mod config;
+pub mod metrics;
 pub mod models;
 pub mod repository;
 pub mod server;

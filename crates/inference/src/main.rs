@@ -1,5 +1,6 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use framecast_inference::metrics::Metrics;
 use framecast_inference::models::{ExecOptions, ModelManager};
 use framecast_inference::repository::Repository;
 use framecast_inference::server::{self, ServerOptions};
@@ -55,6 +56,23 @@ struct ServeArgs {
     /// Requests slower than this (milliseconds, end to end) are logged at WARN.
     #[arg(long, env = "FRAMECAST_SLOW_REQUEST_MS", default_value_t = 500)]
     slow_request_ms: u64,
+    /// Device-memory budget per device for loaded models, MiB (0: unlimited). Least recently
+    /// used idle models are evicted to make room.
+    #[arg(long, env = "FRAMECAST_MEMORY_BUDGET_MIB", default_value_t = 0)]
+    memory_budget_mib: u64,
+    /// Working memory accounted per model on top of its weights, MiB.
+    #[arg(long, env = "FRAMECAST_MODEL_OVERHEAD_MIB", default_value_t = 64)]
+    model_overhead_mib: u64,
+    /// Models never evicted, comma-separated (a config may also say `pinned = true`).
+    #[arg(long, env = "FRAMECAST_PIN", value_delimiter = ',')]
+    pin: Vec<String>,
+    /// Prometheus /metrics listen address (HTTP).
+    #[arg(
+        long,
+        env = "FRAMECAST_INFERENCE_METRICS_LISTEN",
+        default_value = "0.0.0.0:8002"
+    )]
+    metrics_listen: SocketAddr,
     /// libtorch intra-op threads per process (0: libtorch's default).
     #[arg(long, env = "FRAMECAST_TORCH_THREADS", default_value_t = 0)]
     torch_threads: i32,
@@ -80,12 +98,7 @@ struct ModelsArgs {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    framecast_telemetry::init_logs();
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Models(args) => {
@@ -128,10 +141,22 @@ fn serve(args: ServeArgs) -> Result<()> {
     let exec = ExecOptions {
         devices,
         instances: args.instances,
+        memory_budget: (args.memory_budget_mib > 0).then_some(args.memory_budget_mib << 20),
+        model_overhead: args.model_overhead_mib << 20,
+        pinned: args.pin.iter().cloned().collect(),
     };
-    let models = Arc::new(ModelManager::new(repo, exec, args.load_on_demand));
+    let metrics = Arc::new(Metrics::new());
+    let models = Arc::new(ModelManager::new(
+        repo,
+        exec,
+        args.load_on_demand,
+        metrics.clone(),
+    ));
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
+        framecast_telemetry::serve_metrics(args.metrics_listen, metrics.registry.clone())
+            .await
+            .with_context(|| format!("metrics-listen: cannot bind {}", args.metrics_listen))?;
         for name in &args.load {
             models
                 .load(name)
@@ -146,25 +171,12 @@ fn serve(args: ServeArgs) -> Result<()> {
             max_message_bytes: args.max_message_bytes,
             slow_request: Duration::from_millis(args.slow_request_ms),
         };
-        server::serve(listener, models, opts, shutdown_signal()).await
+        server::serve(
+            listener,
+            models,
+            opts,
+            framecast_telemetry::shutdown_signal(),
+        )
+        .await
     })
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return ctrl_c.await.unwrap_or(()),
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down: finishing in-flight requests");
 }

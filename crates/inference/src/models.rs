@@ -1,15 +1,23 @@
 //! Model lifecycle: load on request or on demand (concurrent callers wait for one load),
-//! warm-up before ready, unload when asked. Each loaded model owns its worker threads.
+//! warm-up before ready, LRU eviction under a device-memory budget, unload when asked.
+//!
+//! Memory accounting: a model occupies the size of its `model.pt` (its parameters and buffers
+//! as serialized; halved for fp16) plus a configured working overhead, on every device it runs
+//! on. Room is reserved before a load starts, so concurrent loads never over-commit; when the
+//! budget is full, the least recently used models that are ready, unpinned and idle (no
+//! request in flight) are evicted until the new one fits.
 
-use crate::batcher::{self, Job, JobOutput};
-use crate::config::ModelConfig;
+use crate::batcher::{self, Job, JobError, JobOutput};
+use crate::config::{ModelConfig, Precision, MODEL_FILE};
+use crate::metrics::Metrics;
 use crate::repository::{RepoError, Repository};
 use crate::stats::ModelStats;
 use crate::torch_model::TorchModel;
 use bytes::Bytes;
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::Device;
@@ -24,6 +32,19 @@ pub enum ModelError {
     LoadFailed { name: String, reason: String },
     #[error("model '{0}' is not loaded")]
     NotLoaded(String),
+    #[error("model '{name}' needs {need} bytes but the device-memory budget is {budget} bytes")]
+    TooLarge {
+        name: String,
+        need: u64,
+        budget: u64,
+    },
+    #[error("model '{name}' needs {need} bytes; {free} of the {budget}-byte budget are free and every other model is pinned or has requests in flight")]
+    NoRoom {
+        name: String,
+        need: u64,
+        free: u64,
+        budget: u64,
+    },
 }
 
 /// A model with its workers running, warm and ready.
@@ -33,24 +54,55 @@ pub struct LoadedModel {
     pub stats: Arc<ModelStats>,
     pub load_time: Duration,
     pub warmup_time: Duration,
+    /// Bytes accounted against the budget on each device.
+    pub bytes: u64,
+    in_flight: AtomicUsize,
+    last_used: AtomicU64,
     queue: Sender<Job>,
 }
 
 impl LoadedModel {
     /// Queues one validated request and waits for its share of a batch.
-    pub async fn infer(&self, batch: usize, inputs: Vec<Bytes>) -> Result<JobOutput, String> {
+    pub async fn infer(
+        &self,
+        batch: usize,
+        inputs: Vec<Bytes>,
+        deadline: Option<Instant>,
+    ) -> Result<JobOutput, JobError> {
         let (reply, rx) = oneshot::channel();
         let job = Job {
             batch,
             inputs,
             enqueued: Instant::now(),
+            deadline,
             reply,
         };
         self.queue
             .send(job)
-            .map_err(|_| "model workers have stopped".to_string())?;
+            .map_err(|_| JobError::Failed("model workers have stopped".into()))?;
         rx.await
-            .map_err(|_| "model worker dropped the request".to_string())?
+            .map_err(|_| JobError::Failed("model worker dropped the request".into()))?
+    }
+
+    /// Requests currently holding a lease on this model.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+}
+
+/// A model in use by one request: while it lives the model is never evicted.
+pub struct ModelLease(Arc<LoadedModel>);
+
+impl std::ops::Deref for ModelLease {
+    type Target = LoadedModel;
+    fn deref(&self) -> &LoadedModel {
+        &self.0
+    }
+}
+
+impl Drop for ModelLease {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -66,6 +118,30 @@ struct Slot {
 pub struct ExecOptions {
     pub devices: Vec<Device>,
     pub instances: usize,
+    /// Per-device budget for model memory; `None` is unlimited.
+    pub memory_budget: Option<u64>,
+    /// Working memory (activations, workspaces) accounted per model on top of its weights.
+    pub model_overhead: u64,
+    /// Models that are never evicted, in addition to those whose config says `pinned`.
+    pub pinned: HashSet<String>,
+}
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        ExecOptions {
+            devices: vec![Device::Cpu],
+            instances: 1,
+            memory_budget: None,
+            model_overhead: 64 << 20,
+            pinned: HashSet::new(),
+        }
+    }
+}
+
+struct State {
+    slots: HashMap<String, Arc<Slot>>,
+    /// Bytes reserved by loaded and loading models.
+    reserved: HashMap<String, u64>,
 }
 
 /// All models this server knows of, loaded or not.
@@ -73,16 +149,31 @@ pub struct ModelManager {
     repo: Repository,
     exec: ExecOptions,
     load_on_demand: bool,
-    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    state: Mutex<State>,
+    clock: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 impl ModelManager {
-    pub fn new(repo: Repository, exec: ExecOptions, load_on_demand: bool) -> Self {
+    pub fn new(
+        repo: Repository,
+        exec: ExecOptions,
+        load_on_demand: bool,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        metrics
+            .memory_budget_bytes
+            .set(exec.memory_budget.unwrap_or(0) as i64);
         ModelManager {
             repo,
             exec,
             load_on_demand,
-            slots: Mutex::new(HashMap::new()),
+            state: Mutex::new(State {
+                slots: HashMap::new(),
+                reserved: HashMap::new(),
+            }),
+            clock: AtomicU64::new(0),
+            metrics,
         }
     }
 
@@ -90,40 +181,67 @@ impl ModelManager {
         &self.repo
     }
 
-    /// The model, ready; loads it first if on-demand loading is on.
-    pub async fn get(&self, name: &str) -> LoadResult {
-        // Known models skip the filesystem: the hot path is one map lookup.
-        let known = self.slots.lock().get(name).cloned();
-        let slot = match known {
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Leases the model for one request, loading it first if on-demand loading is on.
+    pub async fn get(&self, name: &str) -> Result<ModelLease, ModelError> {
+        // A known, ready model is one map lookup; the lease is taken under the same lock that
+        // eviction holds, so a leased model is never chosen for eviction.
+        let slot = {
+            let state = self.state.lock();
+            match state.slots.get(name) {
+                Some(slot) => match slot.cell.get() {
+                    Some(Ok(m)) => return Ok(self.lease(m)),
+                    _ => Some(slot.clone()),
+                },
+                None => None,
+            }
+        };
+        let slot = match slot {
             Some(s) => s,
             None => {
                 self.repo.model_dir(name)?;
                 if !self.load_on_demand {
                     return Err(ModelError::NotLoaded(name.to_string()));
                 }
-                self.slots
+                self.state
                     .lock()
+                    .slots
                     .entry(name.to_string())
                     .or_default()
                     .clone()
             }
         };
-        self.resolve(name, &slot).await
+        let model = self.resolve(name, &slot).await?;
+        let _state = self.state.lock();
+        Ok(self.lease(&model))
+    }
+
+    fn lease(&self, model: &Arc<LoadedModel>) -> ModelLease {
+        model.in_flight.fetch_add(1, Ordering::AcqRel);
+        model.last_used.store(
+            self.clock.fetch_add(1, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        ModelLease(model.clone())
     }
 
     /// Loads `name` now (or returns it if loaded); a previous failure is retried.
     pub async fn load(&self, name: &str) -> LoadResult {
         self.repo.model_dir(name)?;
         let slot = {
-            let mut slots = self.slots.lock();
-            let failed = slots
+            let mut state = self.state.lock();
+            let failed = state
+                .slots
                 .get(name)
                 .and_then(|s| s.cell.get())
                 .is_some_and(|r| r.is_err());
             if failed {
-                slots.remove(name);
+                state.slots.remove(name);
             }
-            slots.entry(name.to_string()).or_default().clone()
+            state.slots.entry(name.to_string()).or_default().clone()
         };
         self.resolve(name, &slot).await
     }
@@ -131,16 +249,21 @@ impl ModelManager {
     /// Forgets `name`; its workers stop once requests already queued are answered.
     pub fn unload(&self, name: &str) -> Result<(), ModelError> {
         crate::repository::check_name(name)?;
-        match self.slots.lock().remove(name) {
-            Some(_) => Ok(()),
+        let mut state = self.state.lock();
+        match state.slots.remove(name) {
+            Some(_) => {
+                state.reserved.remove(name);
+                self.publish(&state);
+                Ok(())
+            }
             None => Err(ModelError::NotLoaded(name.to_string())),
         }
     }
 
     /// The model if it is loaded and ready, without loading it.
     pub fn ready(&self, name: &str) -> Option<Arc<LoadedModel>> {
-        let slots = self.slots.lock();
-        match slots.get(name)?.cell.get()? {
+        let state = self.state.lock();
+        match state.slots.get(name)?.cell.get()? {
             Ok(m) => Some(m.clone()),
             Err(_) => None,
         }
@@ -148,8 +271,8 @@ impl ModelManager {
 
     /// State of a model known to the manager: "READY", "LOADING", "UNAVAILABLE" with reason.
     pub fn state(&self, name: &str) -> Option<(&'static str, String)> {
-        let slots = self.slots.lock();
-        let slot = slots.get(name)?;
+        let state = self.state.lock();
+        let slot = state.slots.get(name)?;
         Some(match slot.cell.get() {
             None => ("LOADING", String::new()),
             Some(Ok(_)) => ("READY", String::new()),
@@ -159,8 +282,9 @@ impl ModelManager {
 
     /// Every ready model.
     pub fn loaded(&self) -> Vec<Arc<LoadedModel>> {
-        let slots = self.slots.lock();
-        let mut v: Vec<_> = slots
+        let state = self.state.lock();
+        let mut v: Vec<_> = state
+            .slots
             .values()
             .filter_map(|s| s.cell.get().and_then(|r| r.as_ref().ok()).cloned())
             .collect();
@@ -168,28 +292,136 @@ impl ModelManager {
         v
     }
 
+    /// Bytes reserved per device by loaded and loading models.
+    pub fn memory_used(&self) -> u64 {
+        self.state.lock().reserved.values().sum()
+    }
+
+    fn publish(&self, state: &State) {
+        let ready = state
+            .slots
+            .values()
+            .filter(|s| matches!(s.cell.get(), Some(Ok(_))))
+            .count();
+        self.metrics.models_loaded.set(ready as i64);
+        self.metrics
+            .memory_used_bytes
+            .set(state.reserved.values().sum::<u64>() as i64);
+    }
+
+    /// Reserves `need` bytes for `name`, evicting idle unpinned models, least recently used
+    /// first, until it fits.
+    fn reserve(&self, name: &str, need: u64) -> Result<(), ModelError> {
+        let mut state = self.state.lock();
+        if let Some(budget) = self.exec.memory_budget {
+            if need > budget {
+                return Err(ModelError::TooLarge {
+                    name: name.to_string(),
+                    need,
+                    budget,
+                });
+            }
+            loop {
+                let used: u64 = state.reserved.values().sum();
+                if used + need <= budget {
+                    break;
+                }
+                let victim = state
+                    .slots
+                    .iter()
+                    .filter(|(n, _)| n.as_str() != name)
+                    .filter_map(|(n, s)| match s.cell.get() {
+                        Some(Ok(m)) if !self.is_pinned(m) && m.in_flight() == 0 => {
+                            Some((m.last_used.load(Ordering::Relaxed), n.clone()))
+                        }
+                        _ => None,
+                    })
+                    .min();
+                let Some((_, victim)) = victim else {
+                    return Err(ModelError::NoRoom {
+                        name: name.to_string(),
+                        need,
+                        free: budget.saturating_sub(used),
+                        budget,
+                    });
+                };
+                state.slots.remove(&victim);
+                let freed = state.reserved.remove(&victim).unwrap_or(0);
+                self.metrics.evictions.inc();
+                tracing::info!(model = %victim, freed, for_model = name, "evicted (least recently used)");
+            }
+        }
+        state.reserved.insert(name.to_string(), need);
+        self.publish(&state);
+        Ok(())
+    }
+
+    fn is_pinned(&self, m: &LoadedModel) -> bool {
+        m.config.pinned || self.exec.pinned.contains(&m.name)
+    }
+
+    /// Bytes `name` will occupy per device, from its files.
+    fn footprint(&self, dir: &std::path::Path) -> Result<u64, ModelError> {
+        let name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let config = ModelConfig::load(dir).map_err(|e| ModelError::LoadFailed {
+            name: name.clone(),
+            reason: e.to_string(),
+        })?;
+        let path = dir.join(MODEL_FILE);
+        let file = std::fs::metadata(&path).map_err(|e| ModelError::LoadFailed {
+            name,
+            reason: format!("{}: {e}", path.display()),
+        })?;
+        let weights = match config.precision {
+            Precision::Fp32 => file.len(),
+            Precision::Fp16 => file.len() / 2,
+        };
+        Ok(weights + self.exec.model_overhead)
+    }
+
     async fn resolve(&self, name: &str, slot: &Slot) -> LoadResult {
-        slot.cell
+        let result = slot
+            .cell
             .get_or_init(|| async {
                 let dir = self.repo.model_dir(name)?;
+                let need = self.footprint(&dir)?;
+                if let Err(e) = self.reserve(name, need) {
+                    self.metrics.loads.with_label_values(&["refused"]).inc();
+                    tracing::warn!(model = name, error = %e, "model refused");
+                    return Err(e);
+                }
                 let exec = self.exec.clone();
                 let owned = name.to_string();
-                let result =
-                    tokio::task::spawn_blocking(move || load_blocking(&owned, &dir, &exec))
-                        .await
-                        .unwrap_or_else(|e| Err(format!("loader panicked: {e}")));
+                let stats = Arc::new(ModelStats::new(&self.metrics, name));
+                let result = tokio::task::spawn_blocking(move || {
+                    load_blocking(&owned, &dir, &exec, need, stats)
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("loader panicked: {e}")));
                 match result {
                     Ok(m) => {
                         tracing::info!(
                             model = name,
+                            mib = m.bytes as f64 / (1 << 20) as f64,
                             load_ms = m.load_time.as_millis() as u64,
                             warmup_ms = m.warmup_time.as_millis() as u64,
                             "model ready"
                         );
+                        self.metrics.loads.with_label_values(&["ok"]).inc();
+                        self.metrics
+                            .load_seconds
+                            .with_label_values(&[name])
+                            .observe(m.load_time.as_secs_f64());
                         Ok(Arc::new(m))
                     }
                     Err(reason) => {
                         tracing::warn!(model = name, %reason, "model failed to load");
+                        self.metrics.loads.with_label_values(&["failed"]).inc();
+                        self.state.lock().reserved.remove(name);
                         Err(ModelError::LoadFailed {
                             name: name.to_string(),
                             reason,
@@ -198,7 +430,23 @@ impl ModelManager {
                 }
             })
             .await
-            .clone()
+            .clone();
+        let mut state = self.state.lock();
+        if matches!(
+            result,
+            Err(ModelError::NoRoom { .. } | ModelError::TooLarge { .. })
+        ) {
+            // Lack of room is transient: forget the attempt so a later request tries again.
+            if state
+                .slots
+                .get(name)
+                .is_some_and(|s| std::ptr::eq(Arc::as_ptr(s), slot))
+            {
+                state.slots.remove(name);
+            }
+        }
+        self.publish(&state);
+        result
     }
 }
 
@@ -208,22 +456,22 @@ fn load_blocking(
     name: &str,
     dir: &std::path::Path,
     exec: &ExecOptions,
+    bytes: u64,
+    stats: Arc<ModelStats>,
 ) -> Result<LoadedModel, String> {
     let started = Instant::now();
     let config = Arc::new(ModelConfig::load(dir).map_err(|e| e.to_string())?);
-    let stats = Arc::new(ModelStats::default());
     let (tx, rx) = batcher::queue();
     let mut ready = Vec::new();
     for &device in &exec.devices {
         for instance in 0..exec.instances.max(1) {
-            let (rtx, rrx) = std::sync::mpsc::channel::<Result<(Duration, Duration), String>>();
+            let (rtx, rrx) = std::sync::mpsc::channel::<Result<Duration, String>>();
             let (config, stats, rx, dir) =
                 (config.clone(), stats.clone(), rx.clone(), dir.to_path_buf());
             std::thread::Builder::new()
                 .name(format!("{name}-{device:?}-{instance}"))
                 .spawn(move || {
                     let _no_grad = tch::no_grad_guard();
-                    let t0 = Instant::now();
                     let model = match TorchModel::load(&dir, (*config).clone(), device) {
                         Ok(m) => m,
                         Err(e) => {
@@ -231,8 +479,7 @@ fn load_blocking(
                             return;
                         }
                     };
-                    let loaded = t0.elapsed();
-                    let t1 = Instant::now();
+                    let t = Instant::now();
                     if let Err(e) = model.warm_up(config.max_batch_size) {
                         let _ = rtx.send(Err(format!(
                             "warm-up at batch {} failed; does config.toml match model.pt? {e}",
@@ -240,7 +487,7 @@ fn load_blocking(
                         )));
                         return;
                     }
-                    let _ = rtx.send(Ok((loaded, t1.elapsed())));
+                    let _ = rtx.send(Ok(t.elapsed()));
                     batcher::run_worker(model, config, stats, rx);
                 })
                 .map_err(|e| format!("cannot start worker thread: {e}"))?;
@@ -250,7 +497,7 @@ fn load_blocking(
     drop(rx);
     let mut warmup_time = Duration::ZERO;
     for r in ready {
-        let (_, warm) = r
+        let warm = r
             .recv()
             .map_err(|_| "worker thread died while loading".to_string())??;
         warmup_time = warmup_time.max(warm);
@@ -261,6 +508,9 @@ fn load_blocking(
         stats,
         load_time: started.elapsed(),
         warmup_time,
+        bytes,
+        in_flight: AtomicUsize::new(0),
+        last_used: AtomicU64::new(0),
         queue: tx,
     })
 }

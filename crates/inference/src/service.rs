@@ -1,5 +1,6 @@
 //! The KServe v2 `GRPCInferenceService` over the [`ModelManager`].
 
+use crate::batcher::JobError;
 use crate::models::{LoadedModel, ModelError, ModelManager};
 use crate::repository::RepoError;
 use crate::validate;
@@ -37,14 +38,68 @@ impl InferenceService {
         }
     }
 
-    async fn infer(&self, mut req: ModelInferRequest) -> Result<ModelInferResponse, Status> {
+    async fn infer(
+        &self,
+        mut req: ModelInferRequest,
+        grpc_deadline: Option<Instant>,
+    ) -> Result<ModelInferResponse, Status> {
         let started = Instant::now();
-        let model = self.models.get(&req.model_name).await.map_err(status_of)?;
-        let prepared = validate::prepare(&model.name, &model.config, &mut req)?;
+        let metrics = self.models.metrics().clone();
+        let model = match self.models.get(&req.model_name).await {
+            Ok(m) => m,
+            Err(e) => {
+                let status = status_of(e);
+                if status.code() != tonic::Code::NotFound
+                    && status.code() != tonic::Code::InvalidArgument
+                {
+                    metrics
+                        .requests
+                        .with_label_values(&[req.model_name.as_str(), outcome(&status)])
+                        .inc();
+                }
+                return Err(status);
+            }
+        };
+        let result = self.run(&model, &mut req, grpc_deadline, started).await;
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(s) => outcome(s),
+        };
+        metrics
+            .requests
+            .with_label_values(&[model.name.as_str(), label])
+            .inc();
+        result
+    }
+
+    async fn run(
+        &self,
+        model: &LoadedModel,
+        req: &mut ModelInferRequest,
+        grpc_deadline: Option<Instant>,
+        started: Instant,
+    ) -> Result<ModelInferResponse, Status> {
+        let prepared = validate::prepare(&model.name, &model.config, req)?;
+        let deadline = [
+            grpc_deadline,
+            request_timeout(req)?.map(|t| started + t),
+            (model.config.queue_timeout_us > 0)
+                .then(|| started + Duration::from_micros(model.config.queue_timeout_us)),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let out = model
-            .infer(prepared.batch, prepared.inputs)
+            .infer(prepared.batch, prepared.inputs, deadline)
             .await
-            .map_err(|e| Status::internal(format!("model '{}': {e}", model.name)))?;
+            .map_err(|e| match e {
+                JobError::Expired { waited } => Status::deadline_exceeded(format!(
+                    "model '{}': request waited {:.1} ms in the queue, past its deadline",
+                    model.name,
+                    waited.as_secs_f64() * 1e3
+                )),
+                JobError::Failed(e) => Status::internal(format!("model '{}': {e}", model.name)),
+            })?;
         let compute = out.compute.input + out.compute.infer + out.compute.output;
         let elapsed = started.elapsed();
         if elapsed > self.slow_request {
@@ -70,8 +125,8 @@ impl InferenceService {
         })
         .collect();
         Ok(response(
-            &model,
-            req,
+            model,
+            std::mem::take(&mut req.id),
             prepared.batch,
             &prepared.outputs,
             out.outputs,
@@ -80,9 +135,58 @@ impl InferenceService {
     }
 }
 
+/// Metric label for a failed request.
+fn outcome(s: &Status) -> &'static str {
+    match s.code() {
+        tonic::Code::InvalidArgument => "invalid_argument",
+        tonic::Code::NotFound => "not_found",
+        tonic::Code::DeadlineExceeded => "deadline_exceeded",
+        tonic::Code::ResourceExhausted => "resource_exhausted",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::FailedPrecondition => "failed_precondition",
+        _ => "internal",
+    }
+}
+
+/// The request's `timeout` parameter (microseconds, as Triton's clients send it).
+fn request_timeout(req: &ModelInferRequest) -> Result<Option<Duration>, Status> {
+    use kserve::infer_parameter::ParameterChoice;
+    match req
+        .parameters
+        .get("timeout")
+        .and_then(|p| p.parameter_choice.as_ref())
+    {
+        None => Ok(None),
+        Some(ParameterChoice::Int64Param(us)) if *us > 0 => {
+            Ok(Some(Duration::from_micros(*us as u64)))
+        }
+        Some(ParameterChoice::Uint64Param(us)) if *us > 0 => Ok(Some(Duration::from_micros(*us))),
+        Some(other) => Err(Status::invalid_argument(format!(
+            "parameters.timeout must be a positive int64 of microseconds, not {other:?}"
+        ))),
+    }
+}
+
+/// The deadline a gRPC client set with the `grpc-timeout` header, if any.
+pub fn grpc_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Instant> {
+    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Instant::now().checked_add(d)
+}
+
 fn response(
     model: &LoadedModel,
-    req: ModelInferRequest,
+    id: String,
     batch: usize,
     wanted: &[usize],
     mut outputs: Vec<bytes::Bytes>,
@@ -92,7 +196,7 @@ fn response(
     ModelInferResponse {
         model_name: model.name.clone(),
         model_version: "1".to_string(),
-        id: req.id,
+        id,
         parameters,
         outputs: wanted
             .iter()
@@ -119,6 +223,8 @@ pub fn status_of(e: ModelError) -> Status {
         ModelError::Repo(RepoError::NotFound(_)) => Status::not_found(e.to_string()),
         ModelError::NotLoaded(_) => Status::unavailable(e.to_string()),
         ModelError::LoadFailed { .. } => Status::failed_precondition(e.to_string()),
+        ModelError::TooLarge { .. } => Status::failed_precondition(e.to_string()),
+        ModelError::NoRoom { .. } => Status::resource_exhausted(e.to_string()),
     }
 }
 
@@ -204,7 +310,10 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_infer(&self, req: Request<ModelInferRequest>) -> Reply<ModelInferResponse> {
-        self.infer(req.into_inner()).await.map(Response::new)
+        let deadline = grpc_deadline(req.metadata());
+        self.infer(req.into_inner(), deadline)
+            .await
+            .map(Response::new)
     }
 
     type ModelStreamInferStream = ReceiverStream<Result<kserve::ModelStreamInferResponse, Status>>;
@@ -213,6 +322,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<Streaming<ModelInferRequest>>,
     ) -> Reply<Self::ModelStreamInferStream> {
+        let deadline = grpc_deadline(req.metadata());
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(256);
         let this = self.clone();
@@ -224,7 +334,7 @@ impl GrpcInferenceService for InferenceService {
                 // responses go back as they complete, matched by id.
                 tokio::spawn(async move {
                     let (id, model_name) = (msg.id.clone(), msg.model_name.clone());
-                    let reply = match this.infer(msg).await {
+                    let reply = match this.infer(msg, deadline).await {
                         Ok(r) => kserve::ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(r),

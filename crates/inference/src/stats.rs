@@ -1,6 +1,8 @@
 //! Per-model counters behind `ModelStatistics`: lock-free, updated by the worker threads.
 
+use crate::metrics::Metrics;
 use framecast_proto::kserve;
+use framecast_telemetry::prometheus::Histogram;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,9 +26,10 @@ impl Counter {
     }
 }
 
-/// Cumulative statistics of one model since it was loaded.
+/// Cumulative statistics of one model since it was loaded, and its Prometheus histograms.
 #[derive(Default)]
 pub struct ModelStats {
+    histograms: Option<(Histogram, Histogram, Histogram)>,
     inference_count: AtomicU64,
     execution_count: AtomicU64,
     last_inference_ms: AtomicU64,
@@ -39,6 +42,18 @@ pub struct ModelStats {
 }
 
 impl ModelStats {
+    /// Statistics that also feed the model's queue, compute and batch-size histograms.
+    pub fn new(metrics: &Metrics, model: &str) -> Self {
+        ModelStats {
+            histograms: Some((
+                metrics.queue_seconds.with_label_values(&[model]),
+                metrics.compute_seconds.with_label_values(&[model]),
+                metrics.batch_size.with_label_values(&[model]),
+            )),
+            ..Default::default()
+        }
+    }
+
     /// Records one executed batch of `frames` elements serving `requests` requests.
     pub fn record_execution(
         &self,
@@ -49,6 +64,10 @@ impl ModelStats {
         output: Duration,
     ) {
         let n = requests as u64;
+        if let Some((_, compute, batch)) = &self.histograms {
+            compute.observe((input + infer + output).as_secs_f64());
+            batch.observe(frames as f64);
+        }
         self.execution_count.fetch_add(1, Relaxed);
         self.inference_count.fetch_add(frames as u64, Relaxed);
         // Like Triton, compute durations are counted per request in the batch.
@@ -63,6 +82,9 @@ impl ModelStats {
     }
 
     pub fn record_queue(&self, d: Duration) {
+        if let Some((queue, ..)) = &self.histograms {
+            queue.observe(d.as_secs_f64());
+        }
         self.queue.add(1, d);
     }
 

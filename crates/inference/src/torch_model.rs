@@ -2,7 +2,7 @@
 //! forward, and turns the outputs back into wire bytes, with u8 <-> float conversion done on
 //! the device so the wire carries u8 rather than float32.
 
-use crate::config::{ModelConfig, TensorSpec, MODEL_FILE};
+use crate::config::{ModelConfig, Precision, TensorSpec, MODEL_FILE};
 use bytes::Bytes;
 use framecast_proto::tensor::DataType;
 use std::path::Path;
@@ -156,12 +156,33 @@ impl TorchModel {
             }
         }
         let t = host.to_device(self.device);
-        Ok(if spec.normalize {
-            t.to_kind(Kind::Float) * (1.0 / 255.0)
+        let float = match self.config.precision {
+            Precision::Fp32 => Kind::Float,
+            Precision::Fp16 => Kind::Half,
+        };
+        let t = if spec.normalize {
+            t.to_kind(float) * (1.0 / 255.0)
+        } else if t.is_floating_point() && t.kind() != float {
+            t.to_kind(float)
         } else {
             t
-        })
+        };
+        // NHWC strides under an NCHW shape: what PyTorch calls channels-last memory format.
+        Ok(
+            if self.config.channels_last && t.dim() == 4 && t.is_floating_point() {
+                t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+            } else {
+                t
+            },
+        )
     }
+}
+
+fn is_float(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double
+    )
 }
 
 fn device_index(device: Device) -> i64 {
@@ -199,6 +220,9 @@ fn output_bytes(spec: &TensorSpec, batch: usize, t: Tensor) -> Result<Bytes, Str
     let kind = kind_of(spec.datatype).ok_or("unsupported datatype")?;
     let t = if spec.normalize {
         (t.clamp(0.0, 1.0) * 255.0).round().to_kind(Kind::Uint8)
+    } else if t.kind() != kind && t.is_floating_point() && is_float(kind) {
+        // A model run in fp16 still answers in the datatype its config declares.
+        t.to_kind(kind)
     } else if t.kind() != kind {
         return Err(format!(
             "output '{}' is {:?}; config declares {}",

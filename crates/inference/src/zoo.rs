@@ -129,21 +129,19 @@ fn config(crop: i64, opts: &ZooOptions) -> ModelConfig {
         dims: vec![channels, crop, crop],
         normalize: true,
     };
-    ModelConfig {
-        platform: "torchscript".to_string(),
-        max_batch_size: opts.max_batch_size,
-        max_queue_delay_us: opts.max_queue_delay_us,
-        inputs: vec![
-            u8_image("face", 6),
-            TensorSpec {
-                name: "audio".to_string(),
-                datatype: DataType::F32,
-                dims: AUDIO_DIMS.to_vec(),
-                normalize: false,
-            },
-        ],
-        outputs: vec![u8_image("output", 3)],
-    }
+    let audio = TensorSpec {
+        name: "audio".to_string(),
+        datatype: DataType::F32,
+        dims: AUDIO_DIMS.to_vec(),
+        normalize: false,
+    };
+    let mut config = ModelConfig::new(
+        opts.max_batch_size,
+        vec![u8_image("face", 6), audio],
+        vec![u8_image("output", 3)],
+    );
+    config.max_queue_delay_us = opts.max_queue_delay_us;
+    config
 }
 
 /// A dark, soft-edged mouth whose opening follows the mean absolute audio feature.

@@ -31,11 +31,8 @@ fn write_zoo(root: &Path, max_batch: usize) {
 
 async fn start(root: &Path) -> (Running, GrpcInferenceServiceClient<Channel>) {
     let repo = Repository::open(root).unwrap();
-    let exec = ExecOptions {
-        devices: vec![tch::Device::Cpu],
-        instances: 1,
-    };
-    let models = Arc::new(ModelManager::new(repo, exec, true));
+    let exec = ExecOptions::default();
+    let models = Arc::new(ModelManager::new(repo, exec, true, Default::default()));
     let running = server::spawn_on_loopback(models, ServerOptions::default())
         .await
         .unwrap();
@@ -321,13 +318,8 @@ fn write_identity(root: &Path, dt: DataType) -> String {
         dims: vec![5],
         normalize: false,
     };
-    let config = ModelConfig {
-        platform: "torchscript".into(),
-        max_batch_size: 4,
-        max_queue_delay_us: 0,
-        inputs: vec![spec("x")],
-        outputs: vec![spec("y")],
-    };
+    let mut config = ModelConfig::new(4, vec![spec("x")], vec![spec("y")]);
+    config.max_queue_delay_us = 0;
     std::fs::write(dir.join("config.toml"), config.to_toml()).unwrap();
     name
 }

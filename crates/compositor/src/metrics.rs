@@ -1,0 +1,112 @@
+//! Prometheus metrics of the compositor.
+
+use framecast_telemetry::prometheus::{
+    histogram_opts, opts, Histogram, IntCounter, IntCounterVec, IntGauge, Registry,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub frames: IntCounter,
+    /// Render requests by outcome (`ok`, `cancelled`, or the failing status).
+    pub requests: IntCounterVec,
+    pub queue_seconds: Histogram,
+    pub inference_seconds: Histogram,
+    pub blend_seconds: Histogram,
+    pub encode_seconds: Histogram,
+    pub end_to_end_seconds: Histogram,
+    pub streams_active: IntGauge,
+    pub avatar_hits: IntCounter,
+    pub avatar_misses: IntCounter,
+    pub avatar_evictions: IntCounter,
+    pub avatar_bytes: IntGauge,
+    pub avatar_budget_bytes: IntGauge,
+    pub avatar_load_seconds: Histogram,
+}
+
+fn histogram(name: &str, help: &str) -> Histogram {
+    Histogram::with_opts(histogram_opts!(
+        name,
+        help,
+        framecast_telemetry::latency_buckets()
+    ))
+    .expect("valid metric")
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("framecast_compositor".into()), None)
+            .expect("static registry prefix is valid");
+        let m = Metrics {
+            frames: IntCounter::new("frames_total", "Frames streamed to clients")
+                .expect("valid metric"),
+            requests: IntCounterVec::new(
+                opts!("requests_total", "Render requests by outcome"),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+            queue_seconds: histogram(
+                "queue_seconds",
+                "Request arrival until its batch left for inference",
+            ),
+            inference_seconds: histogram("inference_seconds", "Inference round trip per batch"),
+            blend_seconds: histogram("blend_seconds", "Resize and alpha blend per frame"),
+            encode_seconds: histogram("encode_seconds", "JPEG encode per frame"),
+            end_to_end_seconds: histogram(
+                "end_to_end_seconds",
+                "Request arrival until the frame was sent",
+            ),
+            streams_active: IntGauge::new("render_streams_active", "Open Render streams")
+                .expect("valid metric"),
+            avatar_hits: IntCounter::new("avatar_hits_total", "Avatar lookups served from memory")
+                .expect("valid metric"),
+            avatar_misses: IntCounter::new(
+                "avatar_misses_total",
+                "Avatar lookups that loaded from disk",
+            )
+            .expect("valid metric"),
+            avatar_evictions: IntCounter::new(
+                "avatar_evictions_total",
+                "Avatars evicted under the RAM budget",
+            )
+            .expect("valid metric"),
+            avatar_bytes: IntGauge::new("avatar_bytes", "Bytes of avatars in memory")
+                .expect("valid metric"),
+            avatar_budget_bytes: IntGauge::new(
+                "avatar_budget_bytes",
+                "RAM budget for avatars (0: unlimited)",
+            )
+            .expect("valid metric"),
+            avatar_load_seconds: histogram(
+                "avatar_load_seconds",
+                "Avatar decode and preparation time",
+            ),
+            registry,
+        };
+        let collectors: Vec<Box<dyn framecast_telemetry::prometheus::core::Collector>> = vec![
+            Box::new(m.frames.clone()),
+            Box::new(m.requests.clone()),
+            Box::new(m.queue_seconds.clone()),
+            Box::new(m.inference_seconds.clone()),
+            Box::new(m.blend_seconds.clone()),
+            Box::new(m.encode_seconds.clone()),
+            Box::new(m.end_to_end_seconds.clone()),
+            Box::new(m.streams_active.clone()),
+            Box::new(m.avatar_hits.clone()),
+            Box::new(m.avatar_misses.clone()),
+            Box::new(m.avatar_evictions.clone()),
+            Box::new(m.avatar_bytes.clone()),
+            Box::new(m.avatar_budget_bytes.clone()),
+            Box::new(m.avatar_load_seconds.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        m
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

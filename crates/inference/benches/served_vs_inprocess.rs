@@ -1,0 +1,186 @@
+//! Served throughput versus the same model in-process, and the transport cost of a batch.
+//!
+//! `cargo bench -p framecast-inference --bench served_vs_inprocess` (or `make bench`):
+//! 1. in-process: `lipsync-ref` executed in a loop at batch B on one worker, frames/s;
+//! 2. served: the same model behind gRPC with dynamic batching, C clients each sending
+//!    batch-B requests back to back (saturation), frames/s; the ratio served / in-process;
+//! 3. transport: one client, sequential batch-B requests; client round trip minus the
+//!    server's compute time (the `framecast_compute_ns` response parameter), median.
+//!
+//! Env: BENCH_BATCH (24), BENCH_SECONDS per phase (20), BENCH_CLIENTS (2), BENCH_OUT (file
+//! for the JSON report). Under `cargo test` it runs a seconds-long smoke pass on a tiny model.
+
+use bytes::Bytes;
+use framecast_inference::config::ModelConfig;
+use framecast_inference::models::{ExecOptions, ModelManager};
+use framecast_inference::repository::Repository;
+use framecast_inference::server::{self, ServerOptions};
+use framecast_inference::service::PARAM_COMPUTE_NS;
+use framecast_inference::torch_model::TorchModel;
+use framecast_inference::zoo::{self, Builtin, ZooOptions};
+use framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
+use framecast_proto::kserve::infer_parameter::ParameterChoice;
+use framecast_proto::kserve::model_infer_request::InferInputTensor;
+use framecast_proto::kserve::ModelInferRequest;
+use framecast_proto::tensor::DataType;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let full = std::env::args().any(|a| a == "--bench");
+    let (model, batch, seconds, clients) = if full {
+        (
+            Builtin::LipsyncRef,
+            env("BENCH_BATCH", 24usize),
+            env("BENCH_SECONDS", 20.0f64),
+            env("BENCH_CLIENTS", 2usize),
+        )
+    } else {
+        (Builtin::Passthrough, 2, 0.5, 2)
+    };
+    let tmp = tempfile::tempdir()?;
+    let opts = ZooOptions {
+        crop: 64,
+        max_batch_size: batch,
+        max_queue_delay_us: 2000,
+    };
+    let dir = zoo::write(tmp.path(), model, &opts)?;
+    let config = ModelConfig::load(&dir)?;
+    let crop = config.inputs[0].dims[1];
+    let b = batch as i64;
+    let face = Bytes::from(
+        (0..config.inputs[0].element_bytes() * batch)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect::<Vec<_>>(),
+    );
+    let audio = Bytes::from(vec![0u8; config.inputs[1].element_bytes() * batch]);
+    println!(
+        "model {} at batch {batch}, crop {crop}, {seconds} s per phase",
+        model.name()
+    );
+
+    // 1. In-process loop on one worker thread, gradients off, as the server's workers run.
+    let in_process_fps = {
+        let _no_grad = tch::no_grad_guard();
+        let m =
+            TorchModel::load(&dir, config.clone(), tch::Device::Cpu).map_err(anyhow::Error::msg)?;
+        m.warm_up(batch).map_err(anyhow::Error::msg)?;
+        let inputs = vec![vec![face.clone()], vec![audio.clone()]];
+        let mut per_batch = Vec::new();
+        let start = Instant::now();
+        while start.elapsed().as_secs_f64() < seconds || per_batch.len() < 3 {
+            let t = Instant::now();
+            m.execute(batch, &inputs).map_err(anyhow::Error::msg)?;
+            per_batch.push(t.elapsed().as_secs_f64());
+        }
+        batch as f64 / median(&mut per_batch)
+    };
+    println!("in-process   {in_process_fps:>9.2} frames/s");
+
+    let rt = tokio::runtime::Runtime::new()?;
+    let (served_fps, transport_ms, rtt_ms) = rt.block_on(async {
+        let models = Arc::new(ModelManager::new(
+            Repository::open(tmp.path())?,
+            ExecOptions::default(),
+            true,
+            Default::default(),
+        ));
+        let running = server::spawn_on_loopback(models, ServerOptions::default()).await?;
+        let client = GrpcInferenceServiceClient::connect(running.url())
+            .await?
+            .max_decoding_message_size(framecast_proto::DEFAULT_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(framecast_proto::DEFAULT_MAX_MESSAGE_BYTES);
+        let request = ModelInferRequest {
+            model_name: model.name().into(),
+            inputs: vec![
+                InferInputTensor::new("face", DataType::U8, vec![b, 6, crop, crop]),
+                InferInputTensor::new("audio", DataType::F32, vec![b, 32, 16, 16]),
+            ],
+            raw_input_contents: vec![face.clone(), audio.clone()],
+            ..Default::default()
+        };
+        client.clone().model_infer(request.clone()).await?;
+
+        // 2. Saturation: C clients back to back.
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (mut c, r) = (client.clone(), request.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut frames = 0usize;
+                while start.elapsed().as_secs_f64() < seconds || frames == 0 {
+                    c.model_infer(r.clone()).await?;
+                    frames += batch;
+                }
+                anyhow::Ok(frames)
+            }));
+        }
+        let mut frames = 0;
+        for t in tasks {
+            frames += t.await??;
+        }
+        let served = frames as f64 / start.elapsed().as_secs_f64();
+
+        // 3. Transport: sequential requests, round trip minus server compute.
+        let (mut transport, mut rtts) = (Vec::new(), Vec::new());
+        let start = Instant::now();
+        while start.elapsed().as_secs_f64() < seconds / 2.0 || transport.len() < 3 {
+            let t = Instant::now();
+            let resp = client
+                .clone()
+                .model_infer(request.clone())
+                .await?
+                .into_inner();
+            let rtt = t.elapsed();
+            let compute = match resp
+                .parameters
+                .get(PARAM_COMPUTE_NS)
+                .and_then(|p| p.parameter_choice.clone())
+            {
+                Some(ParameterChoice::Int64Param(ns)) => Duration::from_nanos(ns as u64),
+                _ => anyhow::bail!("response lacks {PARAM_COMPUTE_NS}"),
+            };
+            transport.push((rtt.saturating_sub(compute)).as_secs_f64() * 1e3);
+            rtts.push(rtt.as_secs_f64() * 1e3);
+        }
+        anyhow::Ok((served, median(&mut transport), median(&mut rtts)))
+    })?;
+    let ratio = served_fps / in_process_fps;
+    println!("served       {served_fps:>9.2} frames/s ({clients} clients)");
+    println!("ratio        {ratio:>9.3} served / in-process (target >= 0.95)");
+    println!("transport    {transport_ms:>9.2} ms per {batch}-frame batch, median (round trip {rtt_ms:.1} ms minus server compute; target <= 5 ms)");
+    let bytes_each_way = (
+        face.len() + audio.len(),
+        batch * config.outputs[0].element_bytes(),
+    );
+    println!(
+        "payload      {:.1} MB in, {:.1} MB out",
+        bytes_each_way.0 as f64 / 1e6,
+        bytes_each_way.1 as f64 / 1e6
+    );
+    if let Ok(path) = std::env::var("BENCH_OUT") {
+        let json = format!(
+            "{{\"model\":\"{}\",\"batch\":{batch},\"clients\":{clients},\"seconds\":{seconds},\"in_process_fps\":{in_process_fps:.3},\"served_fps\":{served_fps:.3},\"ratio\":{ratio:.4},\"transport_ms_median\":{transport_ms:.3},\"rtt_ms_median\":{rtt_ms:.3}}}\n",
+            model.name()
+        );
+        std::fs::write(&path, json)?;
+        println!("wrote {path}");
+    }
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! Model lifecycle under a memory budget: LRU eviction, pinning, in-flight protection, and
+//! models too large to ever fit. Real TorchScript models, real gRPC on loopback.
+
+use bytes::Bytes;
+use framecast_inference::metrics::Metrics;
+use framecast_inference::models::{ExecOptions, ModelManager};
+use framecast_inference::repository::Repository;
+use framecast_inference::server::{self, Running, ServerOptions};
+use framecast_inference::zoo::{self, Builtin, ZooOptions};
+use framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
+use framecast_proto::kserve::model_infer_request::InferInputTensor;
+use framecast_proto::kserve::{
+    ModelInferRequest, RepositoryIndexRequest, RepositoryModelLoadRequest,
+};
+use framecast_proto::tensor::DataType;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const CROP: i64 = 16;
+const MIB: u64 = 1 << 20;
+
+/// `passthrough` copied under each name; `delay_us` sets each copy's batching delay.
+fn repo_with(root: &Path, models: &[(&str, u64)]) {
+    let src = root.join("src");
+    zoo::write(
+        &src,
+        Builtin::Passthrough,
+        &ZooOptions {
+            crop: CROP,
+            max_batch_size: 4,
+            max_queue_delay_us: 0,
+        },
+    )
+    .unwrap();
+    for (name, delay) in models {
+        let dir = root.join("repo").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(src.join("passthrough/model.pt"), dir.join("model.pt")).unwrap();
+        let config = std::fs::read_to_string(src.join("passthrough/config.toml"))
+            .unwrap()
+            .replace(
+                "max_queue_delay_us = 0",
+                &format!("max_queue_delay_us = {delay}"),
+            );
+        std::fs::write(dir.join("config.toml"), config).unwrap();
+    }
+}
+
+async fn start(
+    root: &Path,
+    budget: u64,
+    pinned: &[&str],
+) -> (Running, GrpcInferenceServiceClient<Channel>, Arc<Metrics>) {
+    let exec = ExecOptions {
+        memory_budget: Some(budget),
+        model_overhead: MIB,
+        pinned: pinned.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let metrics = Arc::new(Metrics::new());
+    let models = Arc::new(ModelManager::new(
+        Repository::open(&root.join("repo")).unwrap(),
+        exec,
+        true,
+        metrics.clone(),
+    ));
+    let running = server::spawn_on_loopback(models, ServerOptions::default())
+        .await
+        .unwrap();
+    let client = GrpcInferenceServiceClient::connect(running.url())
+        .await
+        .unwrap();
+    (running, client, metrics)
+}
+
+fn request(model: &str) -> ModelInferRequest {
+    ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![
+            InferInputTensor::new("face", DataType::U8, vec![1, 6, CROP, CROP]),
+            InferInputTensor::new("audio", DataType::F32, vec![1, 32, 16, 16]),
+        ],
+        raw_input_contents: vec![
+            Bytes::from(vec![9u8; 6 * (CROP * CROP) as usize]),
+            Bytes::from(vec![0u8; 32 * 16 * 16 * 4]),
+        ],
+        ..Default::default()
+    }
+}
+
+async fn states(client: &mut GrpcInferenceServiceClient<Channel>) -> Vec<(String, String)> {
+    let index = client
+        .repository_index(RepositoryIndexRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    index
+        .models
+        .into_iter()
+        .map(|m| (m.name, m.state))
+        .collect()
+}
+
+fn state_of(states: &[(String, String)], name: &str) -> String {
+    states
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, s)| s.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_recently_used_is_evicted_and_pinned_survives() {
+    let tmp = tempfile::tempdir().unwrap();
+    repo_with(tmp.path(), &[("p", 0), ("a", 0), ("b", 0), ("c", 0)]);
+    // Room for two models of ~1 MiB each.
+    let (_s, mut client, metrics) = start(tmp.path(), 2 * MIB + MIB / 2, &["p"]).await;
+    for m in ["p", "a"] {
+        client.model_infer(request(m)).await.unwrap();
+    }
+    client.model_infer(request("b")).await.unwrap();
+    let s = states(&mut client).await;
+    assert_eq!(state_of(&s, "p"), "READY", "{s:?}");
+    assert_eq!(state_of(&s, "a"), "UNLOADED", "{s:?}");
+    assert_eq!(state_of(&s, "b"), "READY", "{s:?}");
+    // Use b, then c must evict b (p is pinned even though it is the least recently used).
+    client.model_infer(request("c")).await.unwrap();
+    let s = states(&mut client).await;
+    assert_eq!(state_of(&s, "p"), "READY", "{s:?}");
+    assert_eq!(state_of(&s, "b"), "UNLOADED", "{s:?}");
+    assert_eq!(metrics.evictions.get(), 2);
+
+    // The same figures are on /metrics.
+    let addr = framecast_telemetry::serve_metrics(
+        "127.0.0.1:0".parse().unwrap(),
+        metrics.registry.clone(),
+    )
+    .await
+    .unwrap();
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await.unwrap();
+    assert!(
+        body.contains("framecast_inference_evictions_total 2"),
+        "{body}"
+    );
+    assert!(
+        body.contains("framecast_inference_models_loaded 2"),
+        "{body}"
+    );
+    assert!(
+        body.contains("framecast_inference_requests_total{model=\"c\",outcome=\"ok\"} 1"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_with_requests_in_flight_is_not_evicted() {
+    let tmp = tempfile::tempdir().unwrap();
+    // "slow" holds each request 1.5 s waiting for batch-mates: a request in flight.
+    repo_with(tmp.path(), &[("slow", 1_500_000), ("a", 0)]);
+    let (_s, mut client, _) = start(tmp.path(), MIB + MIB / 2, &[]).await;
+    client.model_infer(request("slow")).await.unwrap();
+    let mut c = client.clone();
+    let in_flight = tokio::spawn(async move { c.model_infer(request("slow")).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let e = client.model_infer(request("a")).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("in flight"), "{}", e.message());
+    in_flight.await.unwrap().unwrap();
+    // Idle now: "slow" gives way.
+    client.model_infer(request("a")).await.unwrap();
+    let s = states(&mut client).await;
+    assert_eq!(state_of(&s, "slow"), "UNLOADED", "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_cannot_fit_alone_is_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    repo_with(tmp.path(), &[("a", 0)]);
+    let (_s, mut client, metrics) = start(tmp.path(), MIB / 2, &[]).await;
+    let e = client
+        .repository_model_load(RepositoryModelLoadRequest {
+            model_name: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("budget"), "{}", e.message());
+    assert_eq!(metrics.loads.with_label_values(&["refused"]).get(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_requests_past_their_timeout_are_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    repo_with(tmp.path(), &[("slow", 1_000_000)]);
+    let (_s, mut client, _) = start(tmp.path(), 64 * MIB, &[]).await;
+    client.model_infer(request("slow")).await.unwrap();
+    // The first request waits up to 1 s for batch-mates; the second, with a 100 ms timeout,
+    // joins its batch and has expired by the time the batch is ready to run.
+    let mut c = client.clone();
+    let first = tokio::spawn(async move { c.model_infer(request("slow")).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut r = request("slow");
+    r.parameters.insert(
+        "timeout".into(),
+        framecast_proto::kserve::InferParameter {
+            parameter_choice: Some(
+                framecast_proto::kserve::infer_parameter::ParameterChoice::Int64Param(100_000),
+            ),
+        },
+    );
+    let e = client.model_infer(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    first.await.unwrap().unwrap();
+}
