@@ -17,24 +17,25 @@ pub fn crop_with_alpha(crop_chw: &[u8], mask: &[u8], size: u32, out: &mut Vec<u8
     }
 }
 
-/// Resizes an RGBA `size` x `size` image to `w` x `h`, treating alpha as a plain channel
-/// (no premultiplication: it is a blend weight, not transparency of the colour).
+/// Resizes an RGBA `size` x `size` image to `w` x `h` into `out`, treating alpha as a plain
+/// channel (no premultiplication: it is a blend weight, not transparency of the colour).
 pub fn resize_rgba(
     rgba: &[u8],
     size: u32,
     w: u32,
     h: u32,
     resizer: &mut Resizer,
-) -> Result<Image<'static>, String> {
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
     let src = ImageRef::new(size, size, rgba, PixelType::U8x4).map_err(|e| e.to_string())?;
-    let mut dst = Image::new(w, h, PixelType::U8x4);
+    out.resize(w as usize * h as usize * 4, 0);
+    let mut dst = Image::from_slice_u8(w, h, out, PixelType::U8x4).map_err(|e| e.to_string())?;
     let opts = ResizeOptions::new()
         .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
         .use_alpha(false);
     resizer
         .resize(&src, &mut dst, &opts)
-        .map_err(|e| e.to_string())?;
-    Ok(dst)
+        .map_err(|e| e.to_string())
 }
 
 /// Blends `rgba` (already `face.w` x `face.h`) into the RGB `frame` of `width` pixels per row:
@@ -58,10 +59,12 @@ pub fn alpha_blend(frame: &mut [u8], width: u32, face: &FaceBox, rgba: &[u8]) {
     }
 }
 
-/// Reusable per-thread buffers for [`paste`].
+/// Reusable per-thread buffers for [`paste`]: after the first frame of a given box size,
+/// pasting allocates nothing.
 #[derive(Default)]
 pub struct BlendScratch {
     rgba: Vec<u8>,
+    resized: Vec<u8>,
     resizer: Resizer,
 }
 
@@ -76,8 +79,15 @@ pub fn paste(
     scratch: &mut BlendScratch,
 ) -> Result<(), String> {
     crop_with_alpha(crop_chw, mask, size, &mut scratch.rgba);
-    let resized = resize_rgba(&scratch.rgba, size, face.w, face.h, &mut scratch.resizer)?;
-    alpha_blend(frame, width, face, resized.buffer());
+    resize_rgba(
+        &scratch.rgba,
+        size,
+        face.w,
+        face.h,
+        &mut scratch.resizer,
+        &mut scratch.resized,
+    )?;
+    alpha_blend(frame, width, face, &scratch.resized);
     Ok(())
 }
 

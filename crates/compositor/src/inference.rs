@@ -1,18 +1,27 @@
-//! Client of the inference service: one kept-alive HTTP/2 channel (multiplexed, so batches in
-//! flight share it), and the model metadata the compositor needs, fetched once per model.
+//! Client of the inference service: a pool of replicas, each reached over one kept-alive
+//! HTTP/2 connection carrying a long-lived `ModelStreamInfer` stream on which many batches
+//! are in flight at once (responses are matched by request id).
+//!
+//! Each batch goes to the less loaded of two healthy replicas picked at random
+//! (power of two choices), so operators add GPU workers without touching the compositor. A
+//! replica whose stream breaks is marked unhealthy, its in-flight batches are retried once on
+//! another replica, and a background health check brings it back when it answers again.
 
 use framecast_proto::kserve::{
     grpc_inference_service_client::GrpcInferenceServiceClient,
     model_metadata_response::TensorMetadata, ModelInferRequest, ModelInferResponse,
-    ModelMetadataRequest,
+    ModelMetadataRequest, ServerReadyRequest,
 };
 use framecast_proto::tensor::DataType;
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
-use tonic::Status;
+use tonic::{Code, Status};
 
 /// Connection settings.
 #[derive(Debug, Clone)]
@@ -20,6 +29,9 @@ pub struct ClientOptions {
     pub keep_alive_interval: Duration,
     pub keep_alive_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Longest wait for one batch's response.
+    pub request_timeout: Duration,
+    pub health_interval: Duration,
     pub max_message_bytes: usize,
 }
 
@@ -29,6 +41,8 @@ impl Default for ClientOptions {
             keep_alive_interval: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            health_interval: Duration::from_secs(2),
             max_message_bytes: framecast_proto::DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
@@ -84,57 +98,319 @@ impl ModelInfo {
     }
 }
 
+type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Result<ModelInferResponse, Status>>>>>;
+
+/// One open `ModelStreamInfer` stream.
+struct StreamConn {
+    tx: mpsc::Sender<ModelInferRequest>,
+    pending: Pending,
+    alive: Arc<AtomicBool>,
+}
+
+/// One inference endpoint.
+struct Replica {
+    url: String,
+    client: GrpcInferenceServiceClient<Channel>,
+    stream: tokio::sync::Mutex<Option<Arc<StreamConn>>>,
+    in_flight: AtomicUsize,
+    healthy: AtomicBool,
+}
+
+/// Decrements a replica's in-flight count when a call ends, however it ends.
+struct InFlight<'a>(&'a Replica);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Replica {
+    async fn connection(&self) -> Result<Arc<StreamConn>, Status> {
+        let mut guard = self.stream.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if c.alive.load(Ordering::Acquire) && !c.tx.is_closed() {
+                return Ok(c.clone());
+            }
+        }
+        let (tx, rx) = mpsc::channel::<ModelInferRequest>(256);
+        let mut inbound = self
+            .client
+            .clone()
+            .model_stream_infer(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let pending: Pending = Arc::default();
+        let alive = Arc::new(AtomicBool::new(true));
+        let conn = Arc::new(StreamConn {
+            tx,
+            pending: pending.clone(),
+            alive: alive.clone(),
+        });
+        let url = self.url.clone();
+        tokio::spawn(async move {
+            let why = loop {
+                match inbound.message().await {
+                    Ok(Some(msg)) => {
+                        let resp = msg.infer_response.unwrap_or_default();
+                        let Some(reply) = pending.lock().remove(&resp.id) else {
+                            continue;
+                        };
+                        let result = if msg.error_message.is_empty() {
+                            Ok(resp)
+                        } else {
+                            Err(parse_stream_error(&msg.error_message))
+                        };
+                        let _ = reply.send(result);
+                    }
+                    Ok(None) => break "stream closed by the server".to_string(),
+                    Err(s) => break s.message().to_string(),
+                }
+            };
+            alive.store(false, Ordering::Release);
+            let orphans: Vec<_> = pending.lock().drain().collect();
+            if !orphans.is_empty() {
+                tracing::warn!(replica = %url, batches = orphans.len(), reason = %why, "inference stream lost");
+            }
+            for (_, reply) in orphans {
+                let _ = reply.send(Err(Status::unavailable(format!(
+                    "inference stream to {url} lost: {why}"
+                ))));
+            }
+        });
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn infer(
+        &self,
+        mut req: ModelInferRequest,
+        id: String,
+        timeout: Duration,
+    ) -> Result<ModelInferResponse, Status> {
+        let conn = self.connection().await?;
+        let caller_id = std::mem::replace(&mut req.id, id.clone());
+        let (reply, rx) = oneshot::channel();
+        conn.pending.lock().insert(id.clone(), reply);
+        if conn.tx.send(req).await.is_err() {
+            conn.pending.lock().remove(&id);
+            conn.alive.store(false, Ordering::Release);
+            return Err(Status::unavailable(format!(
+                "inference stream to {} closed",
+                self.url
+            )));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result.map(|mut r| {
+                r.id = caller_id;
+                r
+            }),
+            Ok(Err(_)) => Err(Status::unavailable(format!(
+                "inference stream to {} lost",
+                self.url
+            ))),
+            Err(_) => {
+                conn.pending.lock().remove(&id);
+                Err(Status::deadline_exceeded(format!(
+                    "no answer from {} within {timeout:?}",
+                    self.url
+                )))
+            }
+        }
+    }
+}
+
+/// The server's stream errors read "Code: message"; recover the code.
+fn parse_stream_error(text: &str) -> Status {
+    let (code, message) = text.split_once(": ").unwrap_or(("", text));
+    let code = match code {
+        "InvalidArgument" => Code::InvalidArgument,
+        "NotFound" => Code::NotFound,
+        "FailedPrecondition" => Code::FailedPrecondition,
+        "ResourceExhausted" => Code::ResourceExhausted,
+        "DeadlineExceeded" => Code::DeadlineExceeded,
+        "Unavailable" => Code::Unavailable,
+        _ => return Status::internal(text.to_string()),
+    };
+    Status::new(code, message.to_string())
+}
+
+/// The pool of inference replicas.
 #[derive(Clone)]
 pub struct InferenceClient {
-    client: GrpcInferenceServiceClient<Channel>,
+    replicas: Arc<Vec<Arc<Replica>>>,
     info: Arc<Mutex<HashMap<String, Arc<ModelInfo>>>>,
+    next_id: Arc<AtomicU64>,
+    opts: ClientOptions,
 }
 
 impl InferenceClient {
-    /// A client for `url` (e.g. `http://127.0.0.1:8001`); connects on first use and
-    /// reconnects by itself.
-    pub fn connect_lazy(url: &str, opts: &ClientOptions) -> Result<Self, String> {
-        let endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|e| format!("inference endpoint {url:?}: {e}"))?
-            .connect_timeout(opts.connect_timeout)
-            .http2_keep_alive_interval(opts.keep_alive_interval)
-            .keep_alive_timeout(opts.keep_alive_timeout)
-            .keep_alive_while_idle(true)
-            .initial_stream_window_size(Some(16 << 20))
-            .initial_connection_window_size(Some(64 << 20))
-            .tcp_nodelay(true);
-        let client = GrpcInferenceServiceClient::new(endpoint.connect_lazy())
-            .max_decoding_message_size(opts.max_message_bytes)
-            .max_encoding_message_size(opts.max_message_bytes);
+    /// A pool over `urls` (e.g. `http://10.0.0.5:8001`); connects on first use, reconnects by
+    /// itself, and health-checks every replica in the background. Call inside a tokio runtime.
+    pub fn connect_lazy(urls: &[String], opts: &ClientOptions) -> Result<Self, String> {
+        if urls.is_empty() {
+            return Err("inference: at least one endpoint URL is required".into());
+        }
+        let replicas = urls
+            .iter()
+            .map(|url| {
+                let endpoint = Endpoint::from_shared(url.clone())
+                    .map_err(|e| format!("inference endpoint {url:?}: {e}"))?
+                    .connect_timeout(opts.connect_timeout)
+                    .http2_keep_alive_interval(opts.keep_alive_interval)
+                    .keep_alive_timeout(opts.keep_alive_timeout)
+                    .keep_alive_while_idle(true)
+                    .initial_stream_window_size(Some(16 << 20))
+                    .initial_connection_window_size(Some(64 << 20))
+                    .tcp_nodelay(true);
+                let client = GrpcInferenceServiceClient::new(endpoint.connect_lazy())
+                    .max_decoding_message_size(opts.max_message_bytes)
+                    .max_encoding_message_size(opts.max_message_bytes);
+                Ok(Arc::new(Replica {
+                    url: url.clone(),
+                    client,
+                    stream: tokio::sync::Mutex::new(None),
+                    in_flight: AtomicUsize::new(0),
+                    healthy: AtomicBool::new(true),
+                }))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let replicas = Arc::new(replicas);
+        let watched = Arc::downgrade(&replicas);
+        let interval = opts.health_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(replicas) = watched.upgrade() else {
+                    return;
+                };
+                for r in replicas.iter() {
+                    let mut client = r.client.clone();
+                    let probe = client.server_ready(ServerReadyRequest {});
+                    let ok = matches!(
+                        tokio::time::timeout(interval, probe).await,
+                        Ok(Ok(resp)) if resp.get_ref().ready
+                    );
+                    if ok != r.healthy.swap(ok, Ordering::AcqRel) {
+                        tracing::info!(replica = %r.url, healthy = ok, "inference replica health changed");
+                    }
+                }
+            }
+        });
         Ok(InferenceClient {
-            client,
+            replicas,
             info: Arc::default(),
+            next_id: Arc::new(AtomicU64::new(1)),
+            opts: opts.clone(),
         })
     }
 
-    /// Metadata of `model`, cached after the first call.
+    /// Replicas and whether each is healthy.
+    pub fn health(&self) -> Vec<(String, bool)> {
+        self.replicas
+            .iter()
+            .map(|r| (r.url.clone(), r.healthy.load(Ordering::Acquire)))
+            .collect()
+    }
+
+    /// Power of two choices among healthy replicas (all of them if none is healthy, so a
+    /// recovered fleet is found without waiting for the health check), skipping `avoid`.
+    fn pick(&self, avoid: Option<usize>) -> Option<usize> {
+        let candidates: Vec<usize> = {
+            let healthy: Vec<usize> = (0..self.replicas.len())
+                .filter(|&i| Some(i) != avoid && self.replicas[i].healthy.load(Ordering::Acquire))
+                .collect();
+            if healthy.is_empty() {
+                (0..self.replicas.len())
+                    .filter(|&i| Some(i) != avoid)
+                    .collect()
+            } else {
+                healthy
+            }
+        };
+        match candidates.len() {
+            0 => None,
+            1 => Some(candidates[0]),
+            n => {
+                let r = self
+                    .next_id
+                    .fetch_add(1, Ordering::Relaxed)
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let a = (r % n as u64) as usize;
+                let b = (a + 1 + ((r >> 32) % (n as u64 - 1)) as usize) % n;
+                let load = |i: usize| {
+                    self.replicas[candidates[i]]
+                        .in_flight
+                        .load(Ordering::Acquire)
+                };
+                Some(candidates[if load(b) < load(a) { b } else { a }])
+            }
+        }
+    }
+
+    /// Runs one batch on the pool; a batch lost to a failing replica is retried once on
+    /// another.
+    pub async fn infer(&self, req: ModelInferRequest) -> Result<ModelInferResponse, Status> {
+        let first = self
+            .pick(None)
+            .ok_or_else(|| Status::unavailable("no inference replica configured"))?;
+        let result = self.infer_on(first, req.clone()).await;
+        match result {
+            Err(s) if s.code() == Code::Unavailable && self.replicas.len() > 1 => {
+                self.replicas[first].healthy.store(false, Ordering::Release);
+                let Some(second) = self.pick(Some(first)) else {
+                    return Err(s);
+                };
+                tracing::warn!(from = %self.replicas[first].url, to = %self.replicas[second].url, "retrying batch on another replica");
+                self.infer_on(second, req).await
+            }
+            other => other,
+        }
+    }
+
+    async fn infer_on(
+        &self,
+        i: usize,
+        req: ModelInferRequest,
+    ) -> Result<ModelInferResponse, Status> {
+        let replica = &self.replicas[i];
+        replica.in_flight.fetch_add(1, Ordering::AcqRel);
+        let _guard = InFlight(replica);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
+        replica.infer(req, id, self.opts.request_timeout).await
+    }
+
+    /// Metadata of `model`, cached after the first answer.
     pub async fn model_info(&self, model: &str) -> Result<Arc<ModelInfo>, Status> {
         if let Some(i) = self.info.lock().get(model) {
             return Ok(i.clone());
         }
-        let meta = self
-            .client
-            .clone()
-            .model_metadata(ModelMetadataRequest {
+        let mut last = Status::unavailable("no inference replica configured");
+        for _ in 0..self.replicas.len() {
+            let Some(i) = self.pick(None) else { break };
+            let request = ModelMetadataRequest {
                 name: model.to_string(),
                 version: String::new(),
-            })
-            .await?
-            .into_inner();
-        let info = Arc::new(
-            ModelInfo::from_metadata(model, meta.inputs, &meta.outputs)
-                .map_err(Status::failed_precondition)?,
-        );
-        self.info.lock().insert(model.to_string(), info.clone());
-        Ok(info)
-    }
-
-    pub async fn infer(&self, req: ModelInferRequest) -> Result<ModelInferResponse, Status> {
-        Ok(self.client.clone().model_infer(req).await?.into_inner())
+            };
+            match self.replicas[i]
+                .client
+                .clone()
+                .model_metadata(request)
+                .await
+            {
+                Ok(meta) => {
+                    let meta = meta.into_inner();
+                    let info = Arc::new(
+                        ModelInfo::from_metadata(model, meta.inputs, &meta.outputs)
+                            .map_err(Status::failed_precondition)?,
+                    );
+                    self.info.lock().insert(model.to_string(), info.clone());
+                    return Ok(info);
+                }
+                Err(s) if s.code() == Code::Unavailable => last = s,
+                Err(s) => return Err(s),
+            }
+        }
+        Err(last)
     }
 }

@@ -72,13 +72,17 @@ struct ServeArgs {
         default_value = "0.0.0.0:8011"
     )]
     listen: SocketAddr,
-    /// Inference service URL.
+    /// Inference service URLs, comma-separated; batches are balanced across them.
     #[arg(
         long,
         env = "FRAMECAST_INFERENCE_URL",
-        default_value = "http://127.0.0.1:8001"
+        default_value = "http://127.0.0.1:8001",
+        value_delimiter = ','
     )]
-    inference: String,
+    inference: Vec<String>,
+    /// Longest wait for one inference batch, seconds.
+    #[arg(long, env = "FRAMECAST_INFERENCE_TIMEOUT_S", default_value_t = 30)]
+    inference_timeout_s: u64,
     /// Avatars to load at start-up, comma-separated.
     #[arg(long, env = "FRAMECAST_PRELOAD", value_delimiter = ',')]
     preload: Vec<String>,
@@ -197,6 +201,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         keep_alive_interval: Duration::from_secs(args.keepalive_s),
         keep_alive_timeout: Duration::from_secs(args.keepalive_timeout_s),
         max_message_bytes: args.max_message_bytes,
+        request_timeout: Duration::from_secs(args.inference_timeout_s),
         ..Default::default()
     };
     let opts = RenderOptions {

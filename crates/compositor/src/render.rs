@@ -283,10 +283,13 @@ struct Composed {
 }
 
 thread_local! {
-    static SCRATCH: RefCell<BlendScratch> = RefCell::new(BlendScratch::default());
+    /// Per rayon thread: blend buffers and the frame being composited, reused frame after
+    /// frame so the hot path allocates no full frame.
+    static SCRATCH: RefCell<(BlendScratch, Vec<u8>)> = RefCell::new((BlendScratch::default(), Vec::new()));
 }
 
-/// Blends and encodes one frame on the calling (rayon) thread.
+/// Blends and encodes one frame on the calling (rayon) thread; returns the JPEG and the
+/// blend and encode times.
 pub fn compose(
     avatar: &Avatar,
     background: usize,
@@ -295,22 +298,24 @@ pub fn compose(
     subsampling: Subsampling,
 ) -> Result<(Vec<u8>, Duration, Duration), String> {
     let m = &avatar.manifest;
-    let t0 = Instant::now();
-    let mut frame = avatar.frames[background].clone();
-    SCRATCH.with(|s| {
+    SCRATCH.with(|cell| {
+        let (scratch, frame) = &mut *cell.borrow_mut();
+        let t0 = Instant::now();
+        frame.clear();
+        frame.extend_from_slice(&avatar.frames[background]);
         blend::paste(
-            &mut frame,
+            frame,
             m.width,
             &avatar.boxes[background],
             crop_chw,
             &avatar.mask,
             m.crop_size,
-            &mut s.borrow_mut(),
-        )
-    })?;
-    let t1 = Instant::now();
-    let jpeg = encode::encode_rgb(&frame, m.width, m.height, quality, subsampling)?;
-    Ok((jpeg, t1 - t0, t1.elapsed()))
+            scratch,
+        )?;
+        let t1 = Instant::now();
+        let jpeg = encode::encode_rgb(frame, m.width, m.height, quality, subsampling)?;
+        Ok((jpeg, t1 - t0, t1.elapsed()))
+    })
 }
 
 /// Returns false when the client has gone away.

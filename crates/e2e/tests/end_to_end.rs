@@ -32,9 +32,14 @@ struct Stack {
     _inference: inf_server::Running,
     _compositor: comp_server::Running,
     client: CompositorClient<tonic::transport::Channel>,
+    metrics: Arc<framecast_compositor::metrics::Metrics>,
 }
 
 async fn stack(root: &Path, batch: usize) -> Stack {
+    stack_with_budget(root, batch, None).await
+}
+
+async fn stack_with_budget(root: &Path, batch: usize, budget: Option<u64>) -> Stack {
     let models = root.join("models");
     let zoo_opts = ZooOptions {
         crop: CROP as i64,
@@ -62,10 +67,11 @@ async fn stack(root: &Path, batch: usize) -> Stack {
         .await
         .unwrap();
     let client =
-        InferenceClient::connect_lazy(&inference.url(), &ClientOptions::default()).unwrap();
+        InferenceClient::connect_lazy(&[inference.url()], &ClientOptions::default()).unwrap();
+    let metrics = Arc::new(framecast_compositor::metrics::Metrics::new());
     let svc = CompositorService {
-        metrics: Default::default(),
-        store: Arc::new(AvatarStore::new(&avatars, true, None, Default::default()).unwrap()),
+        metrics: metrics.clone(),
+        store: Arc::new(AvatarStore::new(&avatars, true, budget, metrics.clone()).unwrap()),
         inference: client,
         opts: Arc::new(RenderOptions {
             max_batch: batch,
@@ -78,6 +84,7 @@ async fn stack(root: &Path, batch: usize) -> Stack {
         _inference: inference,
         _compositor: compositor,
         client,
+        metrics,
     }
 }
 
@@ -117,6 +124,15 @@ async fn render(
     Ok(frames)
 }
 
+fn face_region(img: &[u8], width: u32, b: &framecast_compositor::manifest::FaceBox) -> Vec<u8> {
+    (b.y..b.y + b.h)
+        .flat_map(|y| {
+            let i = ((y * width + b.x) * 3) as usize;
+            img[i..i + (b.w * 3) as usize].to_vec()
+        })
+        .collect()
+}
+
 fn psnr(a: &[u8], b: &[u8]) -> f64 {
     let mse = a
         .iter()
@@ -133,12 +149,21 @@ fn reference_composite(
     bg: &[u8],
     width: u32,
     b: &framecast_compositor::manifest::FaceBox,
+    masked: bool,
 ) -> Vec<u8> {
     use image::imageops::{resize, FilterType};
     let height = (bg.len() / (width as usize * 3)) as u32;
     let frame = image::RgbImage::from_raw(width, height, bg.to_vec()).unwrap();
     let face = image::imageops::crop_imm(&frame, b.x, b.y, b.w, b.h).to_image();
-    let small = resize(&face, CROP, CROP, FilterType::Triangle);
+    let mut small = resize(&face, CROP, CROP, FilterType::Triangle);
+    if masked {
+        // The masked copy: lower half black.
+        for y in CROP / 2..CROP {
+            for x in 0..CROP {
+                small.put_pixel(x, y, image::Rgb([0, 0, 0]));
+            }
+        }
+    }
     let back = resize(&small, b.w, b.h, FilterType::Triangle);
     let m = image::GrayImage::from_raw(CROP, CROP, mask::lower_face(CROP, 0.25)).unwrap();
     let alpha = resize(&m, b.w, b.h, FilterType::Triangle);
@@ -179,16 +204,8 @@ async fn passthrough_frames_match_the_reference_composite() {
 
         let bg = &avatar.frames[bg_index];
         let b = avatar.boxes[bg_index];
-        let want = reference_composite(bg, W, &b);
-        let region = |img: &[u8]| -> Vec<u8> {
-            (b.y..b.y + b.h)
-                .flat_map(|y| {
-                    let i = ((y * W + b.x) * 3) as usize;
-                    img[i..i + (b.w * 3) as usize].to_vec()
-                })
-                .collect()
-        };
-        let p = psnr(&region(&pixels), &region(&want));
+        let want = reference_composite(bg, W, &b, false);
+        let p = psnr(&face_region(&pixels, W, &b), &face_region(&want, W, &b));
         assert!(
             p > 28.0,
             "frame {}: face region PSNR {p:.1} dB",
@@ -331,4 +348,169 @@ async fn avatar_check_names_the_file_and_the_cause() {
         problems.iter().any(|p| p.contains("000001.jpg")),
         "{problems:?}"
     );
+}
+
+/// A hand-made bundle: odd frame size, boxes touching every edge, a non-square box.
+fn write_edge_bundle(root: &Path) -> Vec<framecast_compositor::manifest::FaceBox> {
+    let (w, h) = (161u32, 97u32);
+    let dir = root.join("avatars/edges");
+    std::fs::create_dir_all(dir.join("frames")).unwrap();
+    let boxes = [
+        [0u32, 0, 40, 40],
+        [121, 57, 40, 40],
+        [0, 50, 33, 47],
+        [128, 0, 33, 97],
+    ];
+    for (i, _) in boxes.iter().enumerate() {
+        // Texture in luma, slow gradients in chroma: what 4:2:0 is designed for.
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            let t = 40.0 * (x as f64 / 6.0).sin() * (y as f64 / 8.0).cos();
+            let base = [
+                90.0 + x as f64 * 0.6 + i as f64 * 8.0,
+                80.0 + y as f64 * 0.8,
+                120.0,
+            ];
+            image::Rgb(base.map(|c| (c + t).clamp(0.0, 255.0) as u8))
+        });
+        img.save(dir.join(format!("frames/{i:03}.png"))).unwrap();
+    }
+    std::fs::write(dir.join("boxes.json"), serde_json_like(&boxes)).unwrap();
+    std::fs::write(
+        dir.join("avatar.toml"),
+        // Masked copy first: passthrough then returns a crop with a black lower half, so the
+        // composite differs visibly from the background where the mask pastes it.
+        format!("id = \"edges\"\nfps = 25.0\nwidth = {w}\nheight = {h}\ncrop_size = {CROP}\nmodel = \"passthrough\"\nchannel_order = [\"masked\", \"reference\"]\n"),
+    )
+    .unwrap();
+    boxes.iter().map(|&b| b.into()).collect()
+}
+
+fn serde_json_like(boxes: &[[u32; 4]]) -> String {
+    let items: Vec<String> = boxes
+        .iter()
+        .map(|b| format!("[{},{},{},{}]", b[0], b[1], b[2], b[3]))
+        .collect();
+    format!("[{}]", items.join(","))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn boxes_on_the_edges_of_odd_sized_frames_composite_correctly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let boxes = write_edge_bundle(tmp.path());
+    let s = stack(tmp.path(), 4).await;
+    let avatar = Avatar::load(&tmp.path().join("avatars/edges")).unwrap();
+    let frames = render(&s.client, vec![request("edges", 0, 4)])
+        .await
+        .unwrap();
+    assert_eq!(frames.len(), 4);
+    for f in &frames {
+        let (pixels, w, h) = encode::decode_rgb(&f.image).unwrap();
+        assert_eq!((w, h), (161, 97));
+        let i = f.background_index as usize;
+        let b = boxes[i];
+        let want = reference_composite(&avatar.frames[i], 161, &b, true);
+        let p = psnr(&face_region(&pixels, 161, &b), &face_region(&want, 161, &b));
+        assert!(p > 28.0, "frame {i} box {b:?}: PSNR {p:.1} dB");
+        let unchanged = psnr(
+            &face_region(&pixels, 161, &b),
+            &face_region(&avatar.frames[i], 161, &b),
+        );
+        assert!(
+            unchanged < 20.0,
+            "frame {i}: the darkened crop must show ({unchanged:.1} dB vs background)"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn avatars_are_evicted_under_a_small_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Written by the first stack; sized here so exactly one avatar fits.
+    let probe = stack(tmp.path(), 4).await;
+    drop(probe);
+    let fp = |id: &str| {
+        framecast_compositor::avatar_store::footprint(&tmp.path().join("avatars").join(id)).unwrap()
+    };
+    let budget = fp("small").max(fp("tall")) + 1;
+    assert!(budget < fp("small") + fp("tall"));
+    let s = stack_with_budget(tmp.path(), 4, Some(budget)).await;
+    render(&s.client, vec![request("small", 0, 2)])
+        .await
+        .unwrap();
+    render(&s.client, vec![request("tall", 0, 2)])
+        .await
+        .unwrap();
+    render(&s.client, vec![request("small", 0, 2)])
+        .await
+        .unwrap();
+    assert_eq!(s.metrics.avatar_evictions.get(), 2);
+    let list = s
+        .client
+        .clone()
+        .list_avatars(framecast_proto::compositor::v1::ListAvatarsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let state = |id: &str| {
+        list.avatars
+            .iter()
+            .find(|a| a.avatar_id == id)
+            .unwrap()
+            .state
+            .clone()
+    };
+    assert_eq!(state("small"), "ready");
+    assert_eq!(state("tall"), "available");
+    assert!(s.metrics.avatar_bytes.get() as u64 <= budget);
+}
+
+#[tokio::test]
+async fn an_avatar_in_use_is_not_evicted() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (id, w) in [("a", 96), ("b", 112)] {
+        let opts = DemoOptions {
+            id: id.into(),
+            width: w,
+            height: 64,
+            frames: 2,
+            crop_size: 32,
+            ..Default::default()
+        };
+        demo::write_demo(tmp.path(), &opts).unwrap();
+    }
+    let fp =
+        |id: &str| framecast_compositor::avatar_store::footprint(&tmp.path().join(id)).unwrap();
+    let store = AvatarStore::new(tmp.path(), true, Some(fp("b") + 1), Default::default()).unwrap();
+    let held = store.get("a").await.unwrap();
+    assert_eq!(held.resident_bytes(), fp("a"), "footprint must be exact");
+    let e = store.get("b").await.err().unwrap();
+    assert!(
+        matches!(
+            e,
+            framecast_compositor::avatar_store::AvatarError::NoRoom { .. }
+        ),
+        "{e}"
+    );
+    drop(held);
+    store.get("b").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_avatar_that_fails_to_load_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 4).await;
+    std::fs::write(
+        tmp.path().join("avatars/tall/frames/000002.jpg"),
+        b"not a jpeg",
+    )
+    .unwrap();
+    let e = render(&s.client, vec![request("tall", 0, 2)])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("000002.jpg"), "{}", e.message());
+    // The other avatar is unaffected.
+    render(&s.client, vec![request("small", 0, 2)])
+        .await
+        .unwrap();
 }
