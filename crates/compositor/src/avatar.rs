@@ -1,14 +1,17 @@
 //! A loaded avatar: decoded background frames, face boxes, blend mask, and the model's face
 //! inputs for every frame, computed once at load rather than per rendered frame.
 
+use crate::blend::BoxMask;
 use crate::manifest::{self, Channel, FaceBox, Manifest};
 use crate::{encode, mask};
 use bytes::Bytes;
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use rayon::prelude::*;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct Avatar {
@@ -20,6 +23,8 @@ pub struct Avatar {
     pub face_inputs: Vec<Bytes>,
     /// Blend alpha, S x S.
     pub mask: Vec<u8>,
+    /// The mask resized to each frame's face box (shared between boxes of one size).
+    pub box_masks: Vec<Arc<BoxMask>>,
     pub load_time: Duration,
 }
 
@@ -98,12 +103,26 @@ impl Avatar {
         if !problems.is_empty() {
             return Err(problems);
         }
+        let mut by_size: HashMap<(u32, u32), Arc<BoxMask>> = HashMap::new();
+        let mut box_masks = Vec::with_capacity(boxes.len());
+        for b in &boxes {
+            let m = match by_size.get(&(b.w, b.h)) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = Arc::new(BoxMask::new(&mask, s, b.w, b.h).map_err(|e| vec![e])?);
+                    by_size.insert((b.w, b.h), m.clone());
+                    m
+                }
+            };
+            box_masks.push(m);
+        }
         Ok(Avatar {
             manifest,
             frames,
             boxes,
             face_inputs,
             mask,
+            box_masks,
             load_time: started.elapsed(),
         })
     }
@@ -118,8 +137,15 @@ impl Avatar {
     pub fn resident_bytes(&self) -> u64 {
         let frames: usize = self.frames.iter().map(Vec::len).sum();
         let inputs: usize = self.face_inputs.iter().map(Bytes::len).sum();
-        (frames + inputs + self.mask.len() + self.boxes.len() * std::mem::size_of::<FaceBox>())
-            as u64
+        let mut sizes: Vec<(u32, u32)> = self.boxes.iter().map(|b| (b.w, b.h)).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        let box_masks: usize = sizes.iter().map(|&(w, h)| (w * h) as usize * 4).sum();
+        (frames
+            + inputs
+            + self.mask.len()
+            + box_masks
+            + self.boxes.len() * std::mem::size_of::<FaceBox>()) as u64
     }
 }
 

@@ -316,8 +316,14 @@ impl AvatarStore {
 pub fn footprint(dir: &Path) -> Result<u64, Vec<String>> {
     let m = Manifest::load(dir)?;
     let frames = manifest::frame_files(dir).map_err(|e| vec![e])?.len() as u64;
+    let boxes = manifest::load_boxes(dir).map_err(|e| vec![e])?;
+    let mut sizes: Vec<(u32, u32)> = boxes.iter().map(|b| (b.w, b.h)).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    // Per distinct box size: alpha, and alpha repeated per colour channel.
+    let box_masks: u64 = sizes.iter().map(|&(w, h)| w as u64 * h as u64 * 4).sum();
     let s = m.crop_size as u64;
     let frame = m.width as u64 * m.height as u64 * 3;
     let box_size = std::mem::size_of::<manifest::FaceBox>() as u64;
-    Ok(frames * (frame + 6 * s * s + box_size) + s * s)
+    Ok(frames * (frame + 6 * s * s + box_size) + s * s + box_masks)
 }

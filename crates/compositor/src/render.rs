@@ -308,8 +308,8 @@ pub fn compose(
             m.width,
             &avatar.boxes[background],
             crop_chw,
-            &avatar.mask,
             m.crop_size,
+            &avatar.box_masks[background],
             scratch,
         )?;
         let t1 = Instant::now();
