@@ -12,6 +12,10 @@ demo:
 test:
 	$(ENV) && cargo test --workspace --all-targets
 
+## The standard benchmark suite; results in out/bench/ (about 10 minutes on 2 cores).
+bench:
+	scripts/bench.sh
+
 ## Install apt packages and the libtorch cache.
 setup:
 	scripts/setup.sh >/dev/null

@@ -12,8 +12,9 @@ pub fn channel(url: &str) -> Result<Channel> {
     Ok(Endpoint::from_shared(url.to_string())
         .with_context(|| format!("bad URL {url:?}"))?
         .connect_timeout(Duration::from_secs(5))
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(32 << 20))
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(64 << 20))
+        .max_frame_size(1u32 << 20)
         .tcp_nodelay(true)
         .connect_lazy())
 }

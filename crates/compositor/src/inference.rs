@@ -262,6 +262,8 @@ impl InferenceClient {
                     .keep_alive_while_idle(true)
                     .initial_stream_window_size(Some(16 << 20))
                     .initial_connection_window_size(Some(64 << 20))
+                    // Responses of several MB arrive in 1 MiB DATA frames, not 16 KiB ones.
+                    .max_frame_size(1u32 << 20)
                     .tcp_nodelay(true);
                 let client = GrpcInferenceServiceClient::new(endpoint.connect_lazy())
                     .max_decoding_message_size(opts.max_message_bytes)

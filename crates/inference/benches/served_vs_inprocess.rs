@@ -7,8 +7,9 @@
 //! 3. transport: one client, sequential batch-B requests; client round trip minus the
 //!    server's compute time (the `framecast_compute_ns` response parameter), median.
 //!
-//! Env: BENCH_BATCH (24), BENCH_SECONDS per phase (20), BENCH_CLIENTS (2), BENCH_OUT (file
-//! for the JSON report). Under `cargo test` it runs a seconds-long smoke pass on a tiny model.
+//! Env: BENCH_MODEL (lipsync-ref, or passthrough to isolate transport from compute),
+//! BENCH_BATCH (24), BENCH_SECONDS per phase (20), BENCH_CLIENTS (2), BENCH_OUT (file for the
+//! JSON report). Under `cargo test` it runs a seconds-long smoke pass on a tiny model.
 
 use bytes::Bytes;
 use framecast_inference::config::ModelConfig;
@@ -45,8 +46,12 @@ fn median(v: &mut [f64]) -> f64 {
 fn main() -> anyhow::Result<()> {
     let full = std::env::args().any(|a| a == "--bench");
     let (model, batch, seconds, clients) = if full {
+        let model = match std::env::var("BENCH_MODEL").as_deref() {
+            Ok("passthrough") => Builtin::Passthrough,
+            _ => Builtin::LipsyncRef,
+        };
         (
-            Builtin::LipsyncRef,
+            model,
             env("BENCH_BATCH", 24usize),
             env("BENCH_SECONDS", 20.0f64),
             env("BENCH_CLIENTS", 2usize),
@@ -56,7 +61,8 @@ fn main() -> anyhow::Result<()> {
     };
     let tmp = tempfile::tempdir()?;
     let opts = ZooOptions {
-        crop: 64,
+        // Every model at the lipsync crop, so payloads match the reference workload.
+        crop: if full { 320 } else { 64 },
         max_batch_size: batch,
         max_queue_delay_us: 2000,
     };
@@ -102,8 +108,14 @@ fn main() -> anyhow::Result<()> {
             Default::default(),
         ));
         let running = server::spawn_on_loopback(models, ServerOptions::default()).await?;
-        let client = GrpcInferenceServiceClient::connect(running.url())
-            .await?
+        let channel = tonic::transport::Endpoint::from_shared(running.url())?
+            .initial_stream_window_size(Some(16 << 20))
+            .initial_connection_window_size(Some(64 << 20))
+            .max_frame_size(1u32 << 20)
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        let client = GrpcInferenceServiceClient::new(channel)
             .max_decoding_message_size(framecast_proto::DEFAULT_MAX_MESSAGE_BYTES)
             .max_encoding_message_size(framecast_proto::DEFAULT_MAX_MESSAGE_BYTES);
         let request = ModelInferRequest {
