@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/setup.sh)"
-out=out/bench
+out="$PWD/out/bench"
 mkdir -p "$out"
 cargo build --release --bins
 
