@@ -10,7 +10,7 @@ demo:
 
 ## Every test: unit, integration, end to end (real servers on loopback).
 test:
-	$(ENV) && cargo test --workspace --all-targets
+	$(ENV) && cargo test --workspace --all-targets --no-fail-fast
 
 ## The standard benchmark suite; results in out/bench/ (about 10 minutes on 2 cores).
 bench:

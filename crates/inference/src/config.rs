@@ -19,6 +19,10 @@
 //!
 //! Optional keys: `queue_timeout_us` (0: none), `pinned` (never evicted), `precision`
 //! (`"fp32"` or `"fp16"`), `channels_last`, `cudnn_benchmark`.
+//!
+//! Float inputs under `"fp32"`: FP16 and BF16 widen to FP32 (lossless), FP32 and FP64 reach the
+//! model as declared. Under `"fp16"` every float input is cast to FP16. Float outputs are cast
+//! back to the datatype the config declares.
 
 use framecast_proto::tensor::DataType;
 use serde::Deserialize;

@@ -160,9 +160,16 @@ impl TorchModel {
             Precision::Fp32 => Kind::Float,
             Precision::Fp16 => Kind::Half,
         };
+        // fp16 precision: the model's weights are half, so every float input must be too.
+        // fp32 precision: half-width wire types widen (lossless; clients send FP16 to halve
+        // bandwidth), FP32 and FP64 reach the model as declared, never narrowed.
+        let cast = match self.config.precision {
+            Precision::Fp16 => t.kind() != Kind::Half,
+            Precision::Fp32 => matches!(t.kind(), Kind::Half | Kind::BFloat16),
+        };
         let t = if spec.normalize {
             t.to_kind(float) * (1.0 / 255.0)
-        } else if t.is_floating_point() && t.kind() != float {
+        } else if t.is_floating_point() && cast {
             t.to_kind(float)
         } else {
             t
