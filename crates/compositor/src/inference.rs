@@ -6,7 +6,11 @@
 //! (power of two choices), so operators add GPU workers without touching the compositor. A
 //! replica whose stream breaks is marked unhealthy, its in-flight batches are retried once on
 //! another replica, and a background health check brings it back when it answers again.
+//!
+//! A replica on the same host gets the tensors through shared memory instead of the stream
+//! (see [`crate::shm_pool`]); one that cannot map them gets them over gRPC.
 
+use crate::shm_pool::{Lease, ShmPool};
 use framecast_proto::kserve::{
     grpc_inference_service_client::GrpcInferenceServiceClient,
     model_metadata_response::TensorMetadata, ModelInferRequest, ModelInferResponse,
@@ -33,6 +37,8 @@ pub struct ClientOptions {
     pub request_timeout: Duration,
     pub health_interval: Duration,
     pub max_message_bytes: usize,
+    /// Try shared memory with each replica (used only where the replica can map it).
+    pub shared_memory: bool,
 }
 
 impl Default for ClientOptions {
@@ -44,8 +50,16 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(30),
             health_interval: Duration::from_secs(2),
             max_message_bytes: framecast_proto::DEFAULT_MAX_MESSAGE_BYTES,
+            shared_memory: true,
         }
     }
+}
+
+/// The output a batch wants back: its name and size, so it can be placed in shared memory.
+#[derive(Debug, Clone)]
+pub struct Expected {
+    pub output: String,
+    pub bytes: usize,
 }
 
 /// What the compositor needs to know of a model.
@@ -114,6 +128,7 @@ struct Replica {
     stream: tokio::sync::Mutex<Option<Arc<StreamConn>>>,
     in_flight: AtomicUsize,
     healthy: AtomicBool,
+    shm: Option<Arc<ShmPool>>,
 }
 
 /// Decrements a replica's in-flight count when a call ends, however it ends.
@@ -220,6 +235,33 @@ impl Replica {
     }
 }
 
+/// Puts the result the server wrote into the slot where a gRPC response would carry it.
+fn with_result(
+    mut resp: ModelInferResponse,
+    lease: Lease,
+    offset: usize,
+    expected: &Expected,
+) -> Result<ModelInferResponse, Status> {
+    let idx = resp
+        .outputs
+        .iter()
+        .position(|o| o.name == expected.output)
+        .ok_or_else(|| {
+            Status::internal(format!(
+                "inference response lacks output '{}'",
+                expected.output
+            ))
+        })?;
+    let data = lease
+        .result(offset, expected.bytes)
+        .map_err(|e| Status::internal(format!("shared-memory result: {e}")))?;
+    if resp.raw_output_contents.len() <= idx {
+        resp.raw_output_contents.resize(idx + 1, Default::default());
+    }
+    resp.raw_output_contents[idx] = data;
+    Ok(resp)
+}
+
 /// The server's stream errors read "Code: message"; recover the code.
 fn parse_stream_error(text: &str) -> Status {
     let (code, message) = text.split_once(": ").unwrap_or(("", text));
@@ -241,6 +283,7 @@ pub struct InferenceClient {
     replicas: Arc<Vec<Arc<Replica>>>,
     info: Arc<Mutex<HashMap<String, Arc<ModelInfo>>>>,
     next_id: Arc<AtomicU64>,
+    shm_batches: Arc<AtomicU64>,
     opts: ClientOptions,
 }
 
@@ -253,7 +296,8 @@ impl InferenceClient {
         }
         let replicas = urls
             .iter()
-            .map(|url| {
+            .enumerate()
+            .map(|(i, url)| {
                 let endpoint = Endpoint::from_shared(url.clone())
                     .map_err(|e| format!("inference endpoint {url:?}: {e}"))?
                     .connect_timeout(opts.connect_timeout)
@@ -268,12 +312,16 @@ impl InferenceClient {
                 let client = GrpcInferenceServiceClient::new(endpoint.connect_lazy())
                     .max_decoding_message_size(opts.max_message_bytes)
                     .max_encoding_message_size(opts.max_message_bytes);
+                let shm = opts
+                    .shared_memory
+                    .then(|| Arc::new(ShmPool::new(client.clone(), url, i)));
                 Ok(Arc::new(Replica {
                     url: url.clone(),
                     client,
                     stream: tokio::sync::Mutex::new(None),
                     in_flight: AtomicUsize::new(0),
                     healthy: AtomicBool::new(true),
+                    shm,
                 }))
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -303,6 +351,7 @@ impl InferenceClient {
             replicas,
             info: Arc::default(),
             next_id: Arc::new(AtomicU64::new(1)),
+            shm_batches: Arc::default(),
             opts: opts.clone(),
         })
     }
@@ -350,13 +399,23 @@ impl InferenceClient {
         }
     }
 
+    /// Batches whose tensors went through shared memory so far.
+    pub fn shared_memory_batches(&self) -> u64 {
+        self.shm_batches.load(Ordering::Relaxed)
+    }
+
     /// Runs one batch on the pool; a batch lost to a failing replica is retried once on
-    /// another.
-    pub async fn infer(&self, req: ModelInferRequest) -> Result<ModelInferResponse, Status> {
+    /// another. The response carries `expected.output` in `raw_output_contents` however it
+    /// travelled.
+    pub async fn infer(
+        &self,
+        req: ModelInferRequest,
+        expected: &Expected,
+    ) -> Result<ModelInferResponse, Status> {
         let first = self
             .pick(None)
             .ok_or_else(|| Status::unavailable("no inference replica configured"))?;
-        let result = self.infer_on(first, req.clone()).await;
+        let result = self.infer_on(first, req.clone(), expected).await;
         match result {
             Err(s) if s.code() == Code::Unavailable && self.replicas.len() > 1 => {
                 self.replicas[first].healthy.store(false, Ordering::Release);
@@ -364,7 +423,7 @@ impl InferenceClient {
                     return Err(s);
                 };
                 tracing::warn!(from = %self.replicas[first].url, to = %self.replicas[second].url, "retrying batch on another replica");
-                self.infer_on(second, req).await
+                self.infer_on(second, req, expected).await
             }
             other => other,
         }
@@ -374,12 +433,42 @@ impl InferenceClient {
         &self,
         i: usize,
         req: ModelInferRequest,
+        expected: &Expected,
     ) -> Result<ModelInferResponse, Status> {
         let replica = &self.replicas[i];
         replica.in_flight.fetch_add(1, Ordering::AcqRel);
         let _guard = InFlight(replica);
+        let timeout = self.opts.request_timeout;
+        if let Some(pool) = &replica.shm {
+            let in_bytes: usize = req.raw_input_contents.iter().map(|b| b.len()).sum();
+            if let Some(lease) = pool.lease(in_bytes + expected.bytes).await {
+                let mut shm_req = req.clone();
+                match lease.attach(&mut shm_req, &expected.output, expected.bytes) {
+                    Ok(()) => {
+                        let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
+                        match replica.infer(shm_req, id, timeout).await {
+                            Ok(resp) => {
+                                self.shm_batches.fetch_add(1, Ordering::Relaxed);
+                                return with_result(resp, lease, in_bytes, expected);
+                            }
+                            // A restarted server forgot our regions: register anew next time,
+                            // send this batch over gRPC.
+                            Err(s)
+                                if s.code() == Code::NotFound
+                                    && s.message().contains("shared-memory") =>
+                            {
+                                tracing::warn!(replica = %replica.url, "shared-memory regions lost; registering again");
+                                pool.reset();
+                            }
+                            Err(s) => return Err(s),
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "batch not placed in shared memory"),
+                }
+            }
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
-        replica.infer(req, id, self.opts.request_timeout).await
+        replica.infer(req, id, timeout).await
     }
 
     /// Metadata of `model`, cached after the first answer.

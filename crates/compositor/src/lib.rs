@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod render;
 pub mod server;
 pub mod service;
+pub mod shm_pool;
 
 /// Accepts only names that are one safe path component: `[A-Za-z0-9._-]`, not starting
 /// with '.', so a request can never reach outside the avatar root.

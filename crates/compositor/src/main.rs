@@ -80,6 +80,10 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     inference: Vec<String>,
+    /// Pass batches to inference replicas on this host through shared memory (/dev/shm)
+    /// instead of the gRPC stream; replicas that cannot map it get them over gRPC.
+    #[arg(long, env = "FRAMECAST_INFERENCE_SHARED_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
+    inference_shared_memory: bool,
     /// Longest wait for one inference batch, seconds.
     #[arg(long, env = "FRAMECAST_INFERENCE_TIMEOUT_S", default_value_t = 30)]
     inference_timeout_s: u64,
@@ -202,6 +206,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         keep_alive_timeout: Duration::from_secs(args.keepalive_timeout_s),
         max_message_bytes: args.max_message_bytes,
         request_timeout: Duration::from_secs(args.inference_timeout_s),
+        shared_memory: args.inference_shared_memory,
         ..Default::default()
     };
     let opts = RenderOptions {

@@ -8,7 +8,7 @@
 use crate::avatar::Avatar;
 use crate::blend::{self, BlendScratch};
 use crate::encode::{self, Subsampling};
-use crate::inference::{InferenceClient, ModelInfo};
+use crate::inference::{Expected, InferenceClient, ModelInfo};
 use crate::metrics::Metrics;
 use bytes::{Bytes, BytesMut};
 use framecast_proto::compositor::v1::{
@@ -189,13 +189,17 @@ pub async fn render(
         while next < job.count && in_flight.len() < opts.pipeline_depth.max(1) {
             let end = (next + batch).min(job.count);
             let request = infer_request(&job, next, end);
+            let expected = Expected {
+                output: job.model.output.clone(),
+                bytes: (end - next) * 3 * (job.model.crop_size as usize).pow(2),
+            };
             let client = client.clone();
             let sent = Instant::now();
             in_flight.push_back((
                 next,
                 end,
                 sent,
-                tokio::spawn(async move { client.infer(request).await }),
+                tokio::spawn(async move { client.infer(request, &expected).await }),
             ));
             next = end;
         }

@@ -33,13 +33,18 @@ struct Stack {
     _compositor: comp_server::Running,
     client: CompositorClient<tonic::transport::Channel>,
     metrics: Arc<framecast_compositor::metrics::Metrics>,
+    inference: InferenceClient,
 }
 
 async fn stack(root: &Path, batch: usize) -> Stack {
-    stack_with_budget(root, batch, None).await
+    stack_with(root, batch, None, true).await
 }
 
 async fn stack_with_budget(root: &Path, batch: usize, budget: Option<u64>) -> Stack {
+    stack_with(root, batch, budget, true).await
+}
+
+async fn stack_with(root: &Path, batch: usize, budget: Option<u64>, shared_memory: bool) -> Stack {
     let models = root.join("models");
     let zoo_opts = ZooOptions {
         crop: CROP as i64,
@@ -66,25 +71,29 @@ async fn stack_with_budget(root: &Path, batch: usize, budget: Option<u64>) -> St
     let inference = inf_server::spawn_on_loopback(manager, ServerOptions::default())
         .await
         .unwrap();
-    let client =
-        InferenceClient::connect_lazy(&[inference.url()], &ClientOptions::default()).unwrap();
+    let client_opts = ClientOptions {
+        shared_memory,
+        ..Default::default()
+    };
+    let client = InferenceClient::connect_lazy(&[inference.url()], &client_opts).unwrap();
     let metrics = Arc::new(framecast_compositor::metrics::Metrics::new());
     let svc = CompositorService {
         metrics: metrics.clone(),
         store: Arc::new(AvatarStore::new(&avatars, true, budget, metrics.clone()).unwrap()),
-        inference: client,
+        inference: client.clone(),
         opts: Arc::new(RenderOptions {
             max_batch: batch,
             ..Default::default()
         }),
     };
     let compositor = comp_server::spawn_on_loopback(svc).await.unwrap();
-    let client = CompositorClient::connect(compositor.url()).await.unwrap();
+    let compositor_url = compositor.url();
     Stack {
         _inference: inference,
         _compositor: compositor,
-        client,
+        client: CompositorClient::connect(compositor_url).await.unwrap(),
         metrics,
+        inference: client,
     }
 }
 
@@ -181,11 +190,30 @@ fn reference_composite(
     out
 }
 
+/// Same host: batches travel through shared memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn passthrough_frames_match_the_reference_composite() {
     let tmp = tempfile::tempdir().unwrap();
     let s = stack(tmp.path(), 4).await;
-    let avatar = Avatar::load(&tmp.path().join("avatars/small")).unwrap();
+    check_reference_composite(tmp.path(), &s).await;
+    assert_eq!(
+        s.inference.shared_memory_batches(),
+        3,
+        "11 frames in batches of 4"
+    );
+}
+
+/// Shared memory off: the same frames over the gRPC stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn passthrough_frames_match_the_reference_composite_over_grpc() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack_with(tmp.path(), 4, None, false).await;
+    check_reference_composite(tmp.path(), &s).await;
+    assert_eq!(s.inference.shared_memory_batches(), 0);
+}
+
+async fn check_reference_composite(root: &Path, s: &Stack) {
+    let avatar = Avatar::load(&root.join("avatars/small")).unwrap();
     // 11 frames over 6 backgrounds: ping-pong wraps, and 4-frame batches leave a remainder.
     let frames = render(&s.client, vec![request("small", 3, 11)])
         .await

@@ -12,6 +12,7 @@ pub mod models;
 pub mod repository;
 pub mod server;
 pub mod service;
+pub mod shared_memory;
 pub mod stats;
 pub mod torch_model;
 pub mod validate;

@@ -3,11 +3,13 @@
 use crate::batcher::JobError;
 use crate::models::{LoadedModel, ModelError, ModelManager};
 use crate::repository::RepoError;
-use crate::validate;
+use crate::shared_memory::SharedMemory;
+use crate::validate::{self, Requested};
 use framecast_proto::kserve::{
     self, grpc_inference_service_server::GrpcInferenceService,
     model_infer_response::InferOutputTensor, InferParameter, ModelInferRequest, ModelInferResponse,
 };
+use framecast_proto::shm;
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,6 +29,7 @@ pub const PARAM_BATCH_SIZE: &str = "framecast_batch_size";
 #[derive(Clone)]
 pub struct InferenceService {
     models: Arc<ModelManager>,
+    shm: Arc<SharedMemory>,
     slow_request: Duration,
 }
 
@@ -34,6 +37,7 @@ impl InferenceService {
     pub fn new(models: Arc<ModelManager>, slow_request: Duration) -> Self {
         InferenceService {
             models,
+            shm: Arc::default(),
             slow_request,
         }
     }
@@ -79,7 +83,7 @@ impl InferenceService {
         grpc_deadline: Option<Instant>,
         started: Instant,
     ) -> Result<ModelInferResponse, Status> {
-        let prepared = validate::prepare(&model.name, &model.config, req)?;
+        let prepared = validate::prepare(&model.name, &model.config, &self.shm, req)?;
         let deadline = [
             grpc_deadline,
             request_timeout(req)?.map(|t| started + t),
@@ -124,14 +128,14 @@ impl InferenceService {
             (k.to_string(), p)
         })
         .collect();
-        Ok(response(
+        response(
             model,
             std::mem::take(&mut req.id),
             prepared.batch,
             &prepared.outputs,
             out.outputs,
             params,
-        ))
+        )
     }
 }
 
@@ -184,34 +188,48 @@ pub fn grpc_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Instant>
     Instant::now().checked_add(d)
 }
 
+/// Builds the response; outputs asked into shared memory are written there and leave an empty
+/// `raw_output_contents` entry, so entries stay aligned with `outputs`.
 fn response(
     model: &LoadedModel,
     id: String,
     batch: usize,
-    wanted: &[usize],
+    wanted: &[Requested],
     mut outputs: Vec<bytes::Bytes>,
     parameters: HashMap<String, InferParameter>,
-) -> ModelInferResponse {
+) -> Result<ModelInferResponse, Status> {
     let specs = &model.config.outputs;
-    ModelInferResponse {
+    let mut tensors = Vec::with_capacity(wanted.len());
+    let mut raw = Vec::with_capacity(wanted.len());
+    for w in wanted {
+        let spec = &specs[w.index];
+        let data = std::mem::take(&mut outputs[w.index]);
+        let mut tensor = InferOutputTensor {
+            name: spec.name.clone(),
+            datatype: spec.datatype.as_str().to_string(),
+            shape: spec.batched_shape(batch),
+            ..Default::default()
+        };
+        match &w.shm {
+            Some(slot) => {
+                slot.write(&data).map_err(|e| {
+                    Status::internal(format!("output '{}': shared memory: {e}", spec.name))
+                })?;
+                tensor.parameters = shm::tensor_params(&slot.region.name, data.len(), slot.offset);
+                raw.push(bytes::Bytes::new());
+            }
+            None => raw.push(data),
+        }
+        tensors.push(tensor);
+    }
+    Ok(ModelInferResponse {
         model_name: model.name.clone(),
         model_version: "1".to_string(),
         id,
         parameters,
-        outputs: wanted
-            .iter()
-            .map(|&i| InferOutputTensor {
-                name: specs[i].name.clone(),
-                datatype: specs[i].datatype.as_str().to_string(),
-                shape: specs[i].batched_shape(batch),
-                ..Default::default()
-            })
-            .collect(),
-        raw_output_contents: wanted
-            .iter()
-            .map(|&i| std::mem::take(&mut outputs[i]))
-            .collect(),
-    }
+        outputs: tensors,
+        raw_output_contents: raw,
+    })
 }
 
 /// Maps lifecycle errors to gRPC codes.
@@ -268,6 +286,7 @@ impl GrpcInferenceService for InferenceService {
                 "model_repository".into(),
                 "statistics".into(),
                 "streaming".into(),
+                "system_shared_memory".into(),
             ],
         }))
     }
@@ -420,5 +439,50 @@ impl GrpcInferenceService for InferenceService {
         let name = req.into_inner().model_name;
         self.models.unload(&name).map_err(status_of)?;
         Ok(Response::new(kserve::RepositoryModelUnloadResponse {}))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        req: Request<kserve::SystemSharedMemoryStatusRequest>,
+    ) -> Reply<kserve::SystemSharedMemoryStatusResponse> {
+        use kserve::system_shared_memory_status_response::RegionStatus;
+        let regions = self.shm.status(&req.into_inner().name)?;
+        Ok(Response::new(kserve::SystemSharedMemoryStatusResponse {
+            regions: regions
+                .into_iter()
+                .map(|r| {
+                    let status = RegionStatus {
+                        name: r.name.clone(),
+                        key: r.key.clone(),
+                        offset: r.offset,
+                        byte_size: r.mapping.len() as u64,
+                    };
+                    (r.name.clone(), status)
+                })
+                .collect(),
+        }))
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        req: Request<kserve::SystemSharedMemoryRegisterRequest>,
+    ) -> Reply<kserve::SystemSharedMemoryRegisterResponse> {
+        let r = req.into_inner();
+        let shm = self.shm.clone();
+        // Opening and mapping touch the file system: keep them off the async workers.
+        tokio::task::spawn_blocking(move || shm.register(&r.name, &r.key, r.offset, r.byte_size))
+            .await
+            .map_err(|e| Status::internal(format!("registering shared memory: {e}")))??;
+        Ok(Response::new(kserve::SystemSharedMemoryRegisterResponse {}))
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        req: Request<kserve::SystemSharedMemoryUnregisterRequest>,
+    ) -> Reply<kserve::SystemSharedMemoryUnregisterResponse> {
+        self.shm.unregister(&req.into_inner().name);
+        Ok(Response::new(
+            kserve::SystemSharedMemoryUnregisterResponse {},
+        ))
     }
 }

@@ -2,9 +2,13 @@
 //! mistake comes back as INVALID_ARGUMENT naming the offending field.
 
 use crate::config::ModelConfig;
+use crate::shared_memory::{SharedMemory, Slot};
 use bytes::Bytes;
-use framecast_proto::kserve::{InferTensorContents, ModelInferRequest};
+use framecast_proto::kserve::infer_parameter::ParameterChoice;
+use framecast_proto::kserve::{InferParameter, InferTensorContents, ModelInferRequest};
+use framecast_proto::shm::{PARAM_BYTE_SIZE, PARAM_OFFSET, PARAM_REGION};
 use framecast_proto::tensor::{self, DataType, Element};
+use std::collections::HashMap;
 use tonic::Status;
 
 /// A request ready for the batcher.
@@ -13,27 +17,53 @@ pub struct Prepared {
     pub batch: usize,
     /// One payload per config input, in config order.
     pub inputs: Vec<Bytes>,
-    /// Indices of the config outputs to return, in the order asked.
-    pub outputs: Vec<usize>,
+    /// The outputs to return, in the order asked.
+    pub outputs: Vec<Requested>,
+}
+
+/// One output to return: which config output, and the shared-memory slot to write it into
+/// instead of `raw_output_contents`.
+#[derive(Clone)]
+pub struct Requested {
+    pub index: usize,
+    pub shm: Option<Slot>,
+}
+
+impl std::fmt::Debug for Requested {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Requested")
+            .field("index", &self.index)
+            .field("shm", &self.shm.as_ref().map(|s| s.region.name.as_str()))
+            .finish()
+    }
 }
 
 /// Validates `req` against `config` and takes its payloads.
 pub fn prepare(
     model: &str,
     config: &ModelConfig,
+    shm: &SharedMemory,
     req: &mut ModelInferRequest,
 ) -> Result<Prepared, Status> {
     let raw = std::mem::take(&mut req.raw_input_contents);
-    if !raw.is_empty() && raw.len() != req.inputs.len() {
+    let in_shm: Vec<Option<Slot>> = req
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| shm_slot(shm, &format!("inputs[{i}] '{}'", t.name), &t.parameters))
+        .collect::<Result<_, _>>()?;
+    // Like Triton: one raw entry per input that does not come from shared memory, in order.
+    let wire_inputs = in_shm.iter().filter(|s| s.is_none()).count();
+    if !raw.is_empty() && raw.len() != wire_inputs {
         return Err(Status::invalid_argument(format!(
-            "raw_input_contents has {} entries for {} inputs; send one per input",
+            "raw_input_contents has {} entries for {wire_inputs} inputs not in shared memory; send one per input",
             raw.len(),
-            req.inputs.len()
         )));
     }
+    let mut raw = raw.into_iter();
     let mut slots: Vec<Option<Bytes>> = vec![None; config.inputs.len()];
     let mut batch: Option<usize> = None;
-    for (i, input) in req.inputs.iter_mut().enumerate() {
+    for (i, (input, slot)) in req.inputs.iter_mut().zip(in_shm).enumerate() {
         let name = &input.name;
         let Some(idx) = config.inputs.iter().position(|s| &s.name == name) else {
             return Err(Status::invalid_argument(format!(
@@ -82,8 +112,8 @@ pub fn prepare(
             }
         }
         batch = Some(n);
-        let payload = match raw.get(i) {
-            Some(bytes) => bytes.clone(),
+        let payload = match slot.map(|s| s.bytes()).or_else(|| raw.next()) {
+            Some(bytes) => bytes,
             None => match input.contents.take() {
                 Some(c) => contents_bytes(datatype, &c).map_err(|e| {
                     Status::invalid_argument(format!("input '{name}': contents: {e}"))
@@ -111,31 +141,78 @@ pub fn prepare(
             }
         }
     }
+    let batch = batch.unwrap_or(0);
     let outputs = if req.outputs.is_empty() {
-        (0..config.outputs.len()).collect()
+        (0..config.outputs.len())
+            .map(|index| Requested { index, shm: None })
+            .collect()
     } else {
         req.outputs
             .iter()
-            .map(|o| {
-                config
+            .enumerate()
+            .map(|(i, o)| {
+                let index = config
                     .outputs
                     .iter()
                     .position(|s| s.name == o.name)
                     .ok_or_else(|| {
                         Status::invalid_argument(format!(
-                            "outputs: '{}' is not an output of model '{model}' (outputs: {})",
+                            "outputs[{i}]: '{}' is not an output of model '{model}' (outputs: {})",
                             o.name,
                             names(config.outputs.iter().map(|s| s.name.as_str()))
                         ))
-                    })
+                    })?;
+                let field = format!("outputs[{i}] '{}'", o.name);
+                let slot = shm_slot(shm, &field, &o.parameters)?;
+                let needed = config.outputs[index].element_bytes() * batch;
+                if let Some(s) = &slot {
+                    if s.len < needed {
+                        return Err(Status::invalid_argument(format!(
+                            "{field}: {PARAM_BYTE_SIZE} is {} bytes; the output needs {needed}",
+                            s.len
+                        )));
+                    }
+                }
+                Ok(Requested { index, shm: slot })
             })
             .collect::<Result<_, _>>()?
     };
     Ok(Prepared {
-        batch: batch.unwrap_or(0),
+        batch,
         inputs,
         outputs,
     })
+}
+
+/// The shared-memory slot a tensor's parameters name, if they name one.
+fn shm_slot(
+    shm: &SharedMemory,
+    field: &str,
+    params: &HashMap<String, InferParameter>,
+) -> Result<Option<Slot>, Status> {
+    let Some(region) = params.get(PARAM_REGION) else {
+        return Ok(None);
+    };
+    let Some(ParameterChoice::StringParam(region)) = &region.parameter_choice else {
+        return Err(Status::invalid_argument(format!(
+            "{field}: parameter {PARAM_REGION} must be a string"
+        )));
+    };
+    let int = |key: &str| match params.get(key).and_then(|p| p.parameter_choice.as_ref()) {
+        None => Ok(None),
+        Some(ParameterChoice::Int64Param(v)) if *v >= 0 => Ok(Some(*v as u64)),
+        Some(ParameterChoice::Uint64Param(v)) => Ok(Some(*v)),
+        Some(other) => Err(Status::invalid_argument(format!(
+            "{field}: parameter {key} must be a non-negative integer, not {other:?}"
+        ))),
+    };
+    let len = int(PARAM_BYTE_SIZE)?.ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "{field}: parameter {PARAM_BYTE_SIZE} is required with {PARAM_REGION}"
+        ))
+    })?;
+    let offset = int(PARAM_OFFSET)?.unwrap_or(0);
+    shm.slot(field, region, offset, len).map(Some)
 }
 
 fn names<'a>(it: impl Iterator<Item = &'a str>) -> String {

@@ -376,3 +376,124 @@ async fn every_accepted_datatype_round_trips() {
         );
     }
 }
+
+/// Inputs read from and outputs written into a registered shared-memory object, and every
+/// misuse of the extension answered with a precise status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_memory_carries_tensors_both_ways() {
+    use framecast_proto::kserve::model_infer_request::InferRequestedOutputTensor;
+    use framecast_proto::kserve::{
+        SystemSharedMemoryRegisterRequest, SystemSharedMemoryStatusRequest,
+        SystemSharedMemoryUnregisterRequest,
+    };
+    use framecast_proto::shm::tensor_params;
+    use framecast_proto::shm::OwnedObject;
+
+    let tmp = tempfile::tempdir().unwrap();
+    write_zoo(tmp.path(), 4);
+    let (_server, mut client) = start(tmp.path()).await;
+    let (inputs, raw) = face_audio(2, CROP, 7);
+    let (face_len, audio_len) = (raw[0].len(), raw[1].len());
+    let out_len = 2 * 3 * (CROP * CROP) as usize;
+    let key = format!("/framecast_serving_test_{}", std::process::id());
+    let object = OwnedObject::create(&key, (face_len + audio_len + out_len) as u64).unwrap();
+    object.mapping().write(0, &raw[0]).unwrap();
+    object.mapping().write(face_len, &raw[1]).unwrap();
+    let register = |name: &str, key: &str, byte_size: u64| SystemSharedMemoryRegisterRequest {
+        name: name.into(),
+        key: key.into(),
+        offset: 0,
+        byte_size,
+    };
+    let total = (face_len + audio_len + out_len) as u64;
+    client
+        .system_shared_memory_register(register("io", &key, total))
+        .await
+        .unwrap();
+
+    let shm_request = |out_size: usize| {
+        let mut inputs = inputs.clone();
+        inputs[0].parameters = tensor_params("io", face_len, 0);
+        inputs[1].parameters = tensor_params("io", audio_len, face_len);
+        ModelInferRequest {
+            model_name: "passthrough".into(),
+            inputs,
+            outputs: vec![InferRequestedOutputTensor {
+                name: "output".into(),
+                parameters: tensor_params("io", out_size, face_len + audio_len),
+            }],
+            ..Default::default()
+        }
+    };
+    let resp = client
+        .model_infer(shm_request(out_len))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.raw_output_contents[0].is_empty());
+    let mut out = vec![0u8; out_len];
+    object
+        .mapping()
+        .read(face_len + audio_len, &mut out)
+        .unwrap();
+    let plane = (CROP * CROP) as usize;
+    for b in 0..2 {
+        assert_eq!(
+            &out[b * 3 * plane..(b + 1) * 3 * plane],
+            &raw[0][b * 6 * plane..b * 6 * plane + 3 * plane],
+            "element {b}"
+        );
+    }
+
+    // Misuse: each answered with its own code and a message naming the field.
+    let status = client
+        .system_shared_memory_status(SystemSharedMemoryStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.regions["io"].byte_size, total);
+    let e = client
+        .system_shared_memory_register(register("io", &key, total))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let e = client
+        .system_shared_memory_register(register("x", "/../etc/passwd", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = client
+        .system_shared_memory_register(register("x", "/framecast_no_such_key", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = client
+        .system_shared_memory_register(register("x", &key, total + 1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("does not fit"), "{}", e.message());
+    let e = client
+        .model_infer(shm_request(out_len - 1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("outputs[0] 'output'"),
+        "{}",
+        e.message()
+    );
+    let mut past_end = shm_request(out_len);
+    past_end.inputs[1].parameters = tensor_params("io", audio_len, total as usize);
+    let e = client.model_infer(past_end).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("inputs[1] 'audio'"), "{}", e.message());
+
+    client
+        .system_shared_memory_unregister(SystemSharedMemoryUnregisterRequest { name: "io".into() })
+        .await
+        .unwrap();
+    let e = client.model_infer(shm_request(out_len)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("not registered"), "{}", e.message());
+}

@@ -20,6 +20,7 @@ pub mod compositor {
     }
 }
 
+pub mod shm;
 pub mod tensor;
 
 /// Encoded `FileDescriptorSet` of every proto file, for gRPC server reflection.
