@@ -31,7 +31,21 @@ pids+=($!)
 "$bin/framecast-compositor" serve --avatars "$work/avatars" --listen 127.0.0.1:18111 \
   --metrics-listen 127.0.0.1:18112 --inference http://127.0.0.1:18101 --preload demo >"$out/compositor.log" 2>&1 &
 pids+=($!)
-"$bin/framecast-bench" wait http://127.0.0.1:18101 http://127.0.0.1:18111 --timeout-s 180
+# The same compositor without shared memory, for the side-by-side below.
+"$bin/framecast-compositor" serve --avatars "$work/avatars" --listen 127.0.0.1:18121 \
+  --metrics-listen 127.0.0.1:18122 --inference http://127.0.0.1:18101 --preload demo \
+  --inference-shared-memory false >"$out/compositor-grpc.log" 2>&1 &
+pids+=($!)
+"$bin/framecast-bench" wait http://127.0.0.1:18101 http://127.0.0.1:18111 http://127.0.0.1:18121 --timeout-s 180
+
+echo "== shared memory vs gRPC between compositor and inference: alternating, 3 rounds each"
+for round in 1 2 3; do
+  for port in 18111 18121; do
+    printf 'port %s (%s) round %s: ' "$port" "$([ $port = 18111 ] && echo shm || echo grpc)" "$round"
+    "$bin/framecast-bench" compositor --url "http://127.0.0.1:$port" --mode full --concurrency 2 \
+      --duration-s 10 --warmup-s 2 | grep -A1 ' conc ' | tail -1
+  done
+done | tee "$out/shm-vs-grpc.txt"
 
 echo "== end to end: Render streams, talking-demo, 1280x720, chunks of 24"
 "$bin/framecast-bench" compositor --url http://127.0.0.1:18111 --mode sweep --sweep 1:4:1 \
