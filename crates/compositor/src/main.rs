@@ -84,6 +84,10 @@ struct ServeArgs {
     /// instead of the gRPC stream; replicas that cannot map it get them over gRPC.
     #[arg(long, env = "FRAMECAST_INFERENCE_SHARED_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
     inference_shared_memory: bool,
+    /// On SIGTERM: stop accepting, let each stream finish the request it is rendering for at
+    /// most this many seconds, then exit.
+    #[arg(long, env = "FRAMECAST_SHUTDOWN_GRACE_S", default_value_t = 30)]
+    shutdown_grace_s: u64,
     /// Longest wait for one inference batch, seconds.
     #[arg(long, env = "FRAMECAST_INFERENCE_TIMEOUT_S", default_value_t = 30)]
     inference_timeout_s: u64,
@@ -229,12 +233,7 @@ fn serve(args: ServeArgs) -> Result<()> {
                 .await
                 .with_context(|| format!("preload: avatar '{id}'"))?;
         }
-        let svc = CompositorService {
-            store,
-            inference,
-            opts: Arc::new(opts),
-            metrics,
-        };
+        let svc = CompositorService::new(store, inference, opts, metrics);
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listen: cannot bind {}", args.listen))?;
@@ -243,6 +242,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             listener,
             svc,
             args.max_message_bytes,
+            Duration::from_secs(args.shutdown_grace_s),
             framecast_telemetry::shutdown_signal(),
         )
         .await

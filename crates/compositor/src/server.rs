@@ -2,17 +2,37 @@
 
 use crate::service::CompositorService;
 use framecast_proto::compositor::v1::compositor_server::CompositorServer;
+use framecast_telemetry::Drain;
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
-/// Serves on `listener` until `shutdown` resolves.
+/// Serves on `listener` until `shutdown` resolves, then stops accepting, lets each stream finish
+/// the request it is rendering, and returns when all is done or after `grace`.
 pub async fn serve(
     listener: TcpListener,
     svc: CompositorService,
     max_message_bytes: usize,
-    shutdown: impl Future<Output = ()> + Send,
+    grace: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    framecast_telemetry::serve_with_grace(shutdown, grace, |drain| {
+        serve_draining(
+            listener,
+            svc.with_drain(drain.clone()),
+            max_message_bytes,
+            drain,
+        )
+    })
+    .await
+}
+
+async fn serve_draining(
+    listener: TcpListener,
+    svc: CompositorService,
+    max_message_bytes: usize,
+    drain: Drain,
 ) -> anyhow::Result<()> {
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
@@ -37,7 +57,7 @@ pub async fn serve(
             // The builder's tcp_nodelay only reaches listeners tonic binds itself: without it
             // here, Nagle and delayed ACKs hold small replies for ~40 ms.
             TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
+            async move { drain.started().await },
         )
         .await?;
     Ok(())
@@ -46,12 +66,19 @@ pub async fn serve(
 /// A server running on its own task; dropping the handle shuts it down.
 pub struct Running {
     pub addr: std::net::SocketAddr,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Shuts the server down as SIGTERM would and waits until it has stopped.
+    pub async fn shutdown(self) {
+        drop(self.stop);
+        let _ = self.done.await;
     }
 }
 
@@ -60,9 +87,10 @@ pub async fn spawn_on_loopback(svc: CompositorService) -> anyhow::Result<Running
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
+    let done = tokio::spawn(async move {
         let max = framecast_proto::DEFAULT_MAX_MESSAGE_BYTES;
-        if let Err(e) = serve(listener, svc, max, async {
+        let grace = Duration::from_secs(5);
+        if let Err(e) = serve(listener, svc, max, grace, async {
             let _ = stopped.await;
         })
         .await
@@ -70,5 +98,5 @@ pub async fn spawn_on_loopback(svc: CompositorService) -> anyhow::Result<Running
             tracing::error!(error = %e, "compositor server stopped");
         }
     });
-    Ok(Running { addr, _stop: stop })
+    Ok(Running { addr, stop, done })
 }

@@ -9,6 +9,7 @@ use framecast_proto::compositor::v1::{
     LoadAvatarRequest, LoadAvatarResponse, RenderRequest, RenderedFrame, UnloadAvatarRequest,
     UnloadAvatarResponse,
 };
+use framecast_telemetry::Drain;
 use futures::StreamExt;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -17,10 +18,34 @@ use tonic::{Request, Response, Status, Streaming};
 
 #[derive(Clone)]
 pub struct CompositorService {
-    pub store: Arc<AvatarStore>,
-    pub inference: InferenceClient,
-    pub opts: Arc<RenderOptions>,
-    pub metrics: Arc<Metrics>,
+    store: Arc<AvatarStore>,
+    inference: InferenceClient,
+    opts: Arc<RenderOptions>,
+    metrics: Arc<Metrics>,
+    drain: Drain,
+}
+
+impl CompositorService {
+    pub fn new(
+        store: Arc<AvatarStore>,
+        inference: InferenceClient,
+        opts: RenderOptions,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        CompositorService {
+            store,
+            inference,
+            opts: Arc::new(opts),
+            metrics,
+            drain: Drain::never(),
+        }
+    }
+
+    /// The same service, ending its streams when `drain` starts.
+    pub fn with_drain(mut self, drain: Drain) -> Self {
+        self.drain = drain;
+        self
+    }
 }
 
 pub fn status_of(e: AvatarError) -> Status {
@@ -111,10 +136,21 @@ impl Compositor for CompositorService {
             this.metrics.streams_active.inc();
             // Requests on one stream render one after another, so frames leave in the order
             // they were asked for.
-            while let Some(msg) = inbound.next().await {
+            loop {
+                // Draining: the request being rendered finishes (this loop awaits it); a
+                // client still streaming is told to go elsewhere.
+                let msg = tokio::select! {
+                    biased;
+                    _ = this.drain.started() => {
+                        let bye = Status::unavailable("compositor shutting down: send further requests to another instance");
+                        let _ = tx.send(Err(bye)).await;
+                        break;
+                    }
+                    msg = inbound.next() => msg,
+                };
                 let req = match msg {
-                    Ok(r) => r,
-                    Err(_) => break,
+                    Some(Ok(r)) => r,
+                    _ => break,
                 };
                 let result = this.render_one(req, &tx).await;
                 let outcome = match &result {

@@ -50,12 +50,12 @@ async fn stack(
     let client =
         InferenceClient::connect_lazy(&[inference.url()], &ClientOptions::default()).unwrap();
     let metrics = Arc::new(framecast_compositor::metrics::Metrics::new());
-    let svc = CompositorService {
-        store: Arc::new(AvatarStore::new(&avatars, true, None, metrics.clone()).unwrap()),
-        inference: client,
-        opts: Arc::new(RenderOptions::default()),
+    let svc = CompositorService::new(
+        Arc::new(AvatarStore::new(&avatars, true, None, metrics.clone()).unwrap()),
+        client,
+        RenderOptions::default(),
         metrics,
-    };
+    );
     let compositor = framecast_compositor::server::spawn_on_loopback(svc)
         .await
         .unwrap();

@@ -29,8 +29,8 @@ const H: u32 = 180;
 const FRAMES: u32 = 6;
 
 struct Stack {
-    _inference: inf_server::Running,
-    _compositor: comp_server::Running,
+    inference_server: inf_server::Running,
+    compositor_server: comp_server::Running,
     client: CompositorClient<tonic::transport::Channel>,
     metrics: Arc<framecast_compositor::metrics::Metrics>,
     inference: InferenceClient,
@@ -77,20 +77,20 @@ async fn stack_with(root: &Path, batch: usize, budget: Option<u64>, shared_memor
     };
     let client = InferenceClient::connect_lazy(&[inference.url()], &client_opts).unwrap();
     let metrics = Arc::new(framecast_compositor::metrics::Metrics::new());
-    let svc = CompositorService {
-        metrics: metrics.clone(),
-        store: Arc::new(AvatarStore::new(&avatars, true, budget, metrics.clone()).unwrap()),
-        inference: client.clone(),
-        opts: Arc::new(RenderOptions {
+    let svc = CompositorService::new(
+        Arc::new(AvatarStore::new(&avatars, true, budget, metrics.clone()).unwrap()),
+        client.clone(),
+        RenderOptions {
             max_batch: batch,
             ..Default::default()
-        }),
-    };
+        },
+        metrics.clone(),
+    );
     let compositor = comp_server::spawn_on_loopback(svc).await.unwrap();
     let compositor_url = compositor.url();
     Stack {
-        _inference: inference,
-        _compositor: compositor,
+        inference_server: inference,
+        compositor_server: compositor,
         client: CompositorClient::connect(compositor_url).await.unwrap(),
         metrics,
         inference: client,
@@ -541,4 +541,57 @@ async fn an_avatar_that_fails_to_load_names_the_file() {
     render(&s.client, vec![request("small", 0, 2)])
         .await
         .unwrap();
+}
+
+/// Shutdown while a stream renders: the request in flight completes, in order, then the stream
+/// ends with UNAVAILABLE; the inference service, whose stream from the compositor stays open,
+/// still stops at once rather than waiting out its grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_finishes_the_request_in_flight_then_ends_streams() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 2).await;
+    let (req_tx, req_rx) = tokio::sync::mpsc::channel(4);
+    req_tx.send(request("small", 0, 30)).await.unwrap();
+    let mut stream = s
+        .client
+        .clone()
+        .render(tokio_stream::wrappers::ReceiverStream::new(req_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.frame_index, 0);
+    let stopping = tokio::spawn(s.compositor_server.shutdown());
+    let mut next = 1;
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(f)) => {
+                assert_eq!(
+                    f.frame_index, next,
+                    "frames out of order after shutdown began"
+                );
+                next += 1;
+            }
+            other => break other,
+        }
+    };
+    assert_eq!(next, 30, "frames of the request in flight were lost");
+    match end {
+        Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        Ok(None) => {}
+        Ok(Some(_)) => unreachable!(),
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(10), stopping)
+        .await
+        .expect("compositor did not stop")
+        .unwrap();
+    drop(req_tx);
+    let started = std::time::Instant::now();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        s.inference_server.shutdown(),
+    )
+    .await
+    .expect("inference server did not stop");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
 }

@@ -73,6 +73,10 @@ struct ServeArgs {
         default_value = "0.0.0.0:8002"
     )]
     metrics_listen: SocketAddr,
+    /// On SIGTERM: stop accepting, finish in-flight requests for at most this many seconds,
+    /// then exit.
+    #[arg(long, env = "FRAMECAST_SHUTDOWN_GRACE_S", default_value_t = 30)]
+    shutdown_grace_s: u64,
     /// libtorch intra-op threads per process (0: libtorch's default).
     #[arg(long, env = "FRAMECAST_TORCH_THREADS", default_value_t = 0)]
     torch_threads: i32,
@@ -170,6 +174,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         let opts = ServerOptions {
             max_message_bytes: args.max_message_bytes,
             slow_request: Duration::from_millis(args.slow_request_ms),
+            grace: Duration::from_secs(args.shutdown_grace_s),
         };
         server::serve(
             listener,

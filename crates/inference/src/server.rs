@@ -4,6 +4,7 @@
 use crate::models::ModelManager;
 use crate::service::InferenceService;
 use framecast_proto::kserve::grpc_inference_service_server::GrpcInferenceServiceServer;
+use framecast_telemetry::Drain;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,8 @@ use tonic::transport::server::TcpIncoming;
 pub struct ServerOptions {
     pub max_message_bytes: usize,
     pub slow_request: Duration,
+    /// After the shutdown signal, how long in-flight work may take before connections close.
+    pub grace: Duration,
 }
 
 impl Default for ServerOptions {
@@ -22,18 +25,34 @@ impl Default for ServerOptions {
         ServerOptions {
             max_message_bytes: framecast_proto::DEFAULT_MAX_MESSAGE_BYTES,
             slow_request: Duration::from_millis(500),
+            grace: Duration::from_secs(30),
         }
     }
 }
 
-/// Serves on `listener` until `shutdown` resolves; in-flight calls finish first.
+/// Serves on `listener` until `shutdown` resolves, then stops accepting, ends open streams
+/// once their in-flight requests are answered, and returns when all is done or after the
+/// grace period.
 pub async fn serve(
     listener: TcpListener,
     models: Arc<ModelManager>,
     opts: ServerOptions,
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let svc = InferenceService::new(models, opts.slow_request);
+    let grace = opts.grace;
+    framecast_telemetry::serve_with_grace(shutdown, grace, |drain| {
+        serve_draining(listener, models, opts, drain)
+    })
+    .await
+}
+
+async fn serve_draining(
+    listener: TcpListener,
+    models: Arc<ModelManager>,
+    opts: ServerOptions,
+    drain: Drain,
+) -> anyhow::Result<()> {
+    let svc = InferenceService::new(models, opts.slow_request, drain.clone());
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
         .set_serving::<GrpcInferenceServiceServer<InferenceService>>()
@@ -59,7 +78,7 @@ pub async fn serve(
             // The builder's tcp_nodelay only reaches listeners tonic binds itself: without it
             // here, Nagle and delayed ACKs hold small replies for ~40 ms.
             TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
+            async move { drain.started().await },
         )
         .await?;
     Ok(())
@@ -68,12 +87,19 @@ pub async fn serve(
 /// A server running on its own task; dropping the handle shuts it down.
 pub struct Running {
     pub addr: std::net::SocketAddr,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Shuts the server down as SIGTERM would and waits until it has stopped.
+    pub async fn shutdown(self) {
+        drop(self.stop);
+        let _ = self.done.await;
     }
 }
 
@@ -85,7 +111,7 @@ pub async fn spawn_on_loopback(
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
+    let done = tokio::spawn(async move {
         if let Err(e) = serve(listener, models, opts, async {
             let _ = stopped.await;
         })
@@ -94,5 +120,5 @@ pub async fn spawn_on_loopback(
             tracing::error!(error = %e, "inference server stopped");
         }
     });
-    Ok(Running { addr, _stop: stop })
+    Ok(Running { addr, stop, done })
 }

@@ -10,6 +10,7 @@ use framecast_proto::kserve::{
     model_infer_response::InferOutputTensor, InferParameter, ModelInferRequest, ModelInferResponse,
 };
 use framecast_proto::shm;
+use framecast_telemetry::Drain;
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,14 +32,16 @@ pub struct InferenceService {
     models: Arc<ModelManager>,
     shm: Arc<SharedMemory>,
     slow_request: Duration,
+    drain: Drain,
 }
 
 impl InferenceService {
-    pub fn new(models: Arc<ModelManager>, slow_request: Duration) -> Self {
+    pub fn new(models: Arc<ModelManager>, slow_request: Duration, drain: Drain) -> Self {
         InferenceService {
             models,
             shm: Arc::default(),
             slow_request,
+            drain,
         }
     }
 
@@ -346,8 +349,15 @@ impl GrpcInferenceService for InferenceService {
         let (tx, rx) = mpsc::channel(256);
         let this = self.clone();
         tokio::spawn(async move {
-            while let Some(msg) = inbound.next().await {
-                let Ok(msg) = msg else { break };
+            loop {
+                // Draining: take no new requests; the stream ends once those in flight are
+                // answered (their tasks hold the last senders).
+                let msg = tokio::select! {
+                    biased;
+                    _ = this.drain.started() => break,
+                    msg = inbound.next() => msg,
+                };
+                let Some(Ok(msg)) = msg else { break };
                 let (tx, this) = (tx.clone(), this.clone());
                 // Each request runs on its own task so many are in flight and batch together;
                 // responses go back as they complete, matched by id.

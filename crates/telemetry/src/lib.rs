@@ -3,6 +3,8 @@
 
 use std::net::SocketAddr;
 
+pub mod drain;
+pub use drain::{serve_with_grace, Drain};
 pub use prometheus;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
