@@ -84,6 +84,9 @@ struct ServeArgs {
     /// instead of the gRPC stream; replicas that cannot map it get them over gRPC.
     #[arg(long, env = "FRAMECAST_INFERENCE_SHARED_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
     inference_shared_memory: bool,
+    /// Admission limit: open Render streams; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FRAMECAST_MAX_STREAMS", default_value_t = framecast_compositor::service::DEFAULT_MAX_STREAMS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_streams: usize,
     /// On SIGTERM: stop accepting, let each stream finish the request it is rendering for at
     /// most this many seconds, then exit.
     #[arg(long, env = "FRAMECAST_SHUTDOWN_GRACE_S", default_value_t = 30)]
@@ -233,7 +236,8 @@ fn serve(args: ServeArgs) -> Result<()> {
                 .await
                 .with_context(|| format!("preload: avatar '{id}'"))?;
         }
-        let svc = CompositorService::new(store, inference, opts, metrics);
+        let svc = CompositorService::new(store, inference, opts, metrics)
+            .with_max_streams(args.max_streams);
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listen: cannot bind {}", args.listen))?;

@@ -15,6 +15,7 @@ pub struct Metrics {
     pub encode_seconds: Histogram,
     pub end_to_end_seconds: Histogram,
     pub streams_active: IntGauge,
+    pub streams_limit: IntGauge,
     pub avatar_hits: IntCounter,
     pub avatar_misses: IntCounter,
     pub avatar_evictions: IntCounter,
@@ -55,6 +56,11 @@ impl Metrics {
                 "end_to_end_seconds",
                 "Request arrival until the frame was sent",
             ),
+            streams_limit: IntGauge::new(
+                "render_streams_limit",
+                "Admission limit: open Render streams before RESOURCE_EXHAUSTED",
+            )
+            .expect("valid metric"),
             streams_active: IntGauge::new("render_streams_active", "Open Render streams")
                 .expect("valid metric"),
             avatar_hits: IntCounter::new("avatar_hits_total", "Avatar lookups served from memory")
@@ -91,6 +97,7 @@ impl Metrics {
             Box::new(m.encode_seconds.clone()),
             Box::new(m.end_to_end_seconds.clone()),
             Box::new(m.streams_active.clone()),
+            Box::new(m.streams_limit.clone()),
             Box::new(m.avatar_hits.clone()),
             Box::new(m.avatar_misses.clone()),
             Box::new(m.avatar_evictions.clone()),

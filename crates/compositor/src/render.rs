@@ -361,7 +361,7 @@ async fn finish_batch(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let work = job.clone();
     rayon::spawn(move || {
-        (0..n).into_par_iter().for_each_with(tx, |tx, i| {
+        (0..n).into_par_iter().for_each_with(tx.clone(), |tx, i| {
             let bg = work.avatar.background_index(work.start + (lo + i) as u64);
             let crop = &crops[i * per..(i + 1) * per];
             let r = compose(&work.avatar, bg, crop, work.quality, work.subsampling).map(
@@ -373,6 +373,11 @@ async fn finish_batch(
             );
             let _ = tx.send((i, bg, r));
         });
+        // Release the job (and with it the avatar and the crops) before the channel closes:
+        // once the caller sees it closed, this batch holds nothing, so an avatar whose
+        // stream has ended is never still "in use" and can be evicted.
+        drop((work, crops));
+        drop(tx);
     });
     let mut pending = BTreeMap::new();
     let mut emitted = 0usize;
@@ -416,5 +421,6 @@ async fn finish_batch(
             emitted += 1;
         }
     }
+    while rx.recv().await.is_some() {}
     Ok(true)
 }

@@ -12,7 +12,7 @@ use framecast_proto::compositor::v1::{
 use framecast_telemetry::Drain;
 use futures::StreamExt;
 use std::sync::Arc;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -23,7 +23,11 @@ pub struct CompositorService {
     opts: Arc<RenderOptions>,
     metrics: Arc<Metrics>,
     drain: Drain,
+    streams: Arc<Semaphore>,
 }
+
+/// Open Render streams a compositor accepts unless told otherwise.
+pub const DEFAULT_MAX_STREAMS: usize = 64;
 
 impl CompositorService {
     pub fn new(
@@ -32,13 +36,23 @@ impl CompositorService {
         opts: RenderOptions,
         metrics: Arc<Metrics>,
     ) -> Self {
+        metrics.streams_limit.set(DEFAULT_MAX_STREAMS as i64);
         CompositorService {
             store,
             inference,
             opts: Arc::new(opts),
             metrics,
             drain: Drain::never(),
+            streams: Arc::new(Semaphore::new(DEFAULT_MAX_STREAMS)),
         }
+    }
+
+    /// The same service, admitting at most `n` open Render streams; more are refused with
+    /// RESOURCE_EXHAUSTED instead of slowing every session down.
+    pub fn with_max_streams(mut self, n: usize) -> Self {
+        self.streams = Arc::new(Semaphore::new(n));
+        self.metrics.streams_limit.set(n as i64);
+        self
     }
 
     /// The same service, ending its streams when `drain` starts.
@@ -129,10 +143,21 @@ impl Compositor for CompositorService {
         &self,
         req: Request<Streaming<RenderRequest>>,
     ) -> Result<Response<Self::RenderStream>, Status> {
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
+            self.metrics
+                .requests
+                .with_label_values(&["resource_exhausted"])
+                .inc();
+            Status::resource_exhausted(format!(
+                "compositor at its limit of {} open Render streams (--max-streams); retry later or use another instance",
+                self.metrics.streams_limit.get()
+            ))
+        })?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             this.metrics.streams_active.inc();
             // Requests on one stream render one after another, so frames leave in the order
             // they were asked for.

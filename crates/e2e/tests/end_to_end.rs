@@ -8,7 +8,7 @@ use framecast_compositor::demo::{self, DemoOptions};
 use framecast_compositor::encode::{self, Subsampling};
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
 use framecast_compositor::render::RenderOptions;
-use framecast_compositor::service::CompositorService;
+use framecast_compositor::service::{CompositorService, DEFAULT_MAX_STREAMS};
 use framecast_compositor::{mask, server as comp_server};
 use framecast_inference::models::{ExecOptions, ModelManager};
 use framecast_inference::repository::Repository;
@@ -37,14 +37,20 @@ struct Stack {
 }
 
 async fn stack(root: &Path, batch: usize) -> Stack {
-    stack_with(root, batch, None, true).await
+    stack_with(root, batch, None, true, DEFAULT_MAX_STREAMS).await
 }
 
 async fn stack_with_budget(root: &Path, batch: usize, budget: Option<u64>) -> Stack {
-    stack_with(root, batch, budget, true).await
+    stack_with(root, batch, budget, true, DEFAULT_MAX_STREAMS).await
 }
 
-async fn stack_with(root: &Path, batch: usize, budget: Option<u64>, shared_memory: bool) -> Stack {
+async fn stack_with(
+    root: &Path,
+    batch: usize,
+    budget: Option<u64>,
+    shared_memory: bool,
+    max_streams: usize,
+) -> Stack {
     let models = root.join("models");
     let zoo_opts = ZooOptions {
         crop: CROP as i64,
@@ -85,7 +91,8 @@ async fn stack_with(root: &Path, batch: usize, budget: Option<u64>, shared_memor
             ..Default::default()
         },
         metrics.clone(),
-    );
+    )
+    .with_max_streams(max_streams);
     let compositor = comp_server::spawn_on_loopback(svc).await.unwrap();
     let compositor_url = compositor.url();
     Stack {
@@ -207,7 +214,7 @@ async fn passthrough_frames_match_the_reference_composite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn passthrough_frames_match_the_reference_composite_over_grpc() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = stack_with(tmp.path(), 4, None, false).await;
+    let s = stack_with(tmp.path(), 4, None, false, DEFAULT_MAX_STREAMS).await;
     check_reference_composite(tmp.path(), &s).await;
     assert_eq!(s.inference.shared_memory_batches(), 0);
 }
@@ -594,4 +601,43 @@ async fn shutdown_finishes_the_request_in_flight_then_ends_streams() {
     .await
     .expect("inference server did not stop");
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
+
+/// Admission: past `--max-streams` open Render streams, a new one is refused at once with
+/// RESOURCE_EXHAUSTED; when one closes, the next is admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_past_the_limit_are_refused_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack_with(tmp.path(), 4, None, true, 1).await;
+    let (req_tx, req_rx) = tokio::sync::mpsc::channel(4);
+    req_tx.send(request("small", 0, 2)).await.unwrap();
+    let mut open = s
+        .client
+        .clone()
+        .render(tokio_stream::wrappers::ReceiverStream::new(req_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(open.message().await.unwrap().is_some());
+    let e = render(&s.client, vec![request("small", 0, 2)])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("--max-streams"), "{}", e.message());
+    assert_eq!(s.metrics.streams_limit.get(), 1);
+    drop(req_tx);
+    while open.message().await.unwrap().is_some() {}
+    // The first stream's task releases its slot as it ends; allow it a moment.
+    let mut admitted = false;
+    for _ in 0..50 {
+        if render(&s.client, vec![request("small", 0, 2)])
+            .await
+            .is_ok()
+        {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(admitted, "a stream was refused after the open one closed");
 }

@@ -29,6 +29,8 @@ pub struct Job {
 pub enum JobError {
     #[error("request waited {waited:?} in the queue, past its deadline")]
     Expired { waited: Duration },
+    #[error("queue full ({capacity} requests waiting)")]
+    QueueFull { capacity: usize },
     #[error("{0}")]
     Failed(String),
 }
@@ -42,9 +44,9 @@ pub struct JobOutput {
     pub batch_size: usize,
 }
 
-/// Creates the queue shared by a model's workers.
-pub fn queue() -> (Sender<Job>, Receiver<Job>) {
-    crossbeam_channel::unbounded()
+/// Creates the queue shared by a model's workers, holding at most `capacity` requests.
+pub fn queue(capacity: usize) -> (Sender<Job>, Receiver<Job>) {
+    crossbeam_channel::bounded(capacity.max(1))
 }
 
 /// Forward loop of one instance; returns when every sender is dropped.

@@ -63,6 +63,10 @@ struct ServeArgs {
     /// Working memory accounted per model on top of its weights, MiB.
     #[arg(long, env = "FRAMECAST_MODEL_OVERHEAD_MIB", default_value_t = 64)]
     model_overhead_mib: u64,
+    /// Admission limit: requests one model's queue holds; past it requests get
+    /// RESOURCE_EXHAUSTED at once instead of waiting without bound.
+    #[arg(long, env = "FRAMECAST_MAX_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    max_queue: u64,
     /// Models never evicted, comma-separated (a config may also say `pinned = true`).
     #[arg(long, env = "FRAMECAST_PIN", value_delimiter = ',')]
     pin: Vec<String>,
@@ -148,6 +152,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         memory_budget: (args.memory_budget_mib > 0).then_some(args.memory_budget_mib << 20),
         model_overhead: args.model_overhead_mib << 20,
         pinned: args.pin.iter().cloned().collect(),
+        max_queue: args.max_queue as usize,
     };
     let metrics = Arc::new(Metrics::new());
     let models = Arc::new(ModelManager::new(

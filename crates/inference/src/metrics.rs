@@ -18,6 +18,7 @@ pub struct Metrics {
     pub evictions: IntCounter,
     pub memory_used_bytes: IntGauge,
     pub memory_budget_bytes: IntGauge,
+    pub queue_capacity: IntGauge,
 }
 
 impl Metrics {
@@ -82,6 +83,11 @@ impl Metrics {
                 "Device memory budget per device (0: unlimited)",
             )
             .expect("valid metric"),
+            queue_capacity: IntGauge::new(
+                "queue_capacity",
+                "Admission limit: requests one model's queue holds before RESOURCE_EXHAUSTED",
+            )
+            .expect("valid metric"),
             registry,
         };
         for c in [
@@ -96,6 +102,7 @@ impl Metrics {
             Box::new(m.evictions.clone()),
             Box::new(m.memory_used_bytes.clone()),
             Box::new(m.memory_budget_bytes.clone()),
+            Box::new(m.queue_capacity.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }

@@ -15,6 +15,7 @@ use crate::stats::ModelStats;
 use crate::torch_model::TorchModel;
 use bytes::Bytes;
 use crossbeam_channel::Sender;
+use crossbeam_channel::TrySendError;
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -77,9 +78,12 @@ impl LoadedModel {
             deadline,
             reply,
         };
-        self.queue
-            .send(job)
-            .map_err(|_| JobError::Failed("model workers have stopped".into()))?;
+        self.queue.try_send(job).map_err(|e| match e {
+            TrySendError::Full(_) => JobError::QueueFull {
+                capacity: self.queue.capacity().unwrap_or(0),
+            },
+            TrySendError::Disconnected(_) => JobError::Failed("model workers have stopped".into()),
+        })?;
         rx.await
             .map_err(|_| JobError::Failed("model worker dropped the request".into()))?
     }
@@ -124,6 +128,8 @@ pub struct ExecOptions {
     pub model_overhead: u64,
     /// Models that are never evicted, in addition to those whose config says `pinned`.
     pub pinned: HashSet<String>,
+    /// Requests a model's queue holds; past it requests are refused at once.
+    pub max_queue: usize,
 }
 
 impl Default for ExecOptions {
@@ -134,6 +140,7 @@ impl Default for ExecOptions {
             memory_budget: None,
             model_overhead: 64 << 20,
             pinned: HashSet::new(),
+            max_queue: 256,
         }
     }
 }
@@ -164,6 +171,7 @@ impl ModelManager {
         metrics
             .memory_budget_bytes
             .set(exec.memory_budget.unwrap_or(0) as i64);
+        metrics.queue_capacity.set(exec.max_queue as i64);
         ModelManager {
             repo,
             exec,
@@ -461,7 +469,7 @@ fn load_blocking(
 ) -> Result<LoadedModel, String> {
     let started = Instant::now();
     let config = Arc::new(ModelConfig::load(dir).map_err(|e| e.to_string())?);
-    let (tx, rx) = batcher::queue();
+    let (tx, rx) = batcher::queue(exec.max_queue);
     let mut ready = Vec::new();
     for &device in &exec.devices {
         for instance in 0..exec.instances.max(1) {

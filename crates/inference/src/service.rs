@@ -105,6 +105,10 @@ impl InferenceService {
                     model.name,
                     waited.as_secs_f64() * 1e3
                 )),
+                JobError::QueueFull { capacity } => Status::resource_exhausted(format!(
+                    "model '{}': queue full ({capacity} requests waiting); retry later or add replicas",
+                    model.name
+                )),
                 JobError::Failed(e) => Status::internal(format!("model '{}': {e}", model.name)),
             })?;
         let compute = out.compute.input + out.compute.infer + out.compute.output;

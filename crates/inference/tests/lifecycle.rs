@@ -222,3 +222,78 @@ async fn queued_requests_past_their_timeout_are_dropped() {
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
     first.await.unwrap().unwrap();
 }
+
+/// Admission: with room for one waiting request, a third request while one runs and one waits
+/// is refused at once with RESOURCE_EXHAUSTED; the two admitted ones complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    // lipsync-ref on CPU takes most of a second per frame: a worker busy long enough.
+    let opts = ZooOptions {
+        crop: zoo::LIPSYNC_CROP,
+        max_batch_size: 1,
+        max_queue_delay_us: 0,
+    };
+    zoo::write(&repo, Builtin::LipsyncRef, &opts).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let exec = ExecOptions {
+        max_queue: 1,
+        ..Default::default()
+    };
+    let models = Arc::new(ModelManager::new(
+        Repository::open(&repo).unwrap(),
+        exec,
+        true,
+        metrics.clone(),
+    ));
+    let (_s, client) = {
+        let running = server::spawn_on_loopback(models, ServerOptions::default())
+            .await
+            .unwrap();
+        let client = GrpcInferenceServiceClient::connect(running.url())
+            .await
+            .unwrap();
+        (running, client)
+    };
+    let crop = zoo::LIPSYNC_CROP;
+    let lipsync = || ModelInferRequest {
+        model_name: "lipsync-ref".into(),
+        inputs: vec![
+            InferInputTensor::new("face", DataType::U8, vec![1, 6, crop, crop]),
+            InferInputTensor::new("audio", DataType::F32, vec![1, 32, 16, 16]),
+        ],
+        raw_input_contents: vec![
+            Bytes::from(vec![9u8; 6 * (crop * crop) as usize]),
+            Bytes::from(vec![0u8; 32 * 16 * 16 * 4]),
+        ],
+        ..Default::default()
+    };
+    client
+        .clone()
+        .repository_model_load(RepositoryModelLoadRequest {
+            model_name: "lipsync-ref".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (mut a, mut b) = (client.clone(), client.clone());
+    let (ra, rb) = (lipsync(), lipsync());
+    let running = tokio::spawn(async move { a.model_infer(ra).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let waiting = tokio::spawn(async move { b.model_infer(rb).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let e = client.clone().model_infer(lipsync()).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("queue full"), "{}", e.message());
+    running.await.unwrap().unwrap();
+    waiting.await.unwrap().unwrap();
+    assert_eq!(metrics.queue_capacity.get(), 1);
+    assert_eq!(
+        metrics
+            .requests
+            .with_label_values(&["lipsync-ref", "resource_exhausted"])
+            .get(),
+        1
+    );
+}
