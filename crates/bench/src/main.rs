@@ -6,7 +6,6 @@ use framecast_bench::load::{self, Phase};
 use framecast_bench::report::Report;
 use framecast_bench::target::{self, Fill, Target};
 use framecast_bench::{charts, client, demo};
-use framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,6 +96,9 @@ enum Mode {
 struct Common {
     #[arg(long, value_enum, default_value = "quick")]
     mode: Mode,
+    /// Bearer token the server requires, if any.
+    #[arg(long, env = "FRAMECAST_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Concurrent requests in flight (closed loop).
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
@@ -260,7 +262,7 @@ async fn run(cli: Cli) -> Result<()> {
                 bail!("--chunk and --fps must be positive");
             }
             let target = Arc::new(target::Compositor::new(
-                client::compositor(&url)?,
+                client::compositor(&url, common.token.as_deref())?,
                 &avatar,
                 chunk,
             ));
@@ -298,9 +300,7 @@ async fn run(cli: Cli) -> Result<()> {
             if batch == 0 {
                 bail!("--batch must be at least 1");
             }
-            let client = GrpcInferenceServiceClient::new(client::channel(&url)?)
-                .max_decoding_message_size(framecast_proto::DEFAULT_MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(framecast_proto::DEFAULT_MAX_MESSAGE_BYTES);
+            let client = client::kserve(&url, common.token.as_deref())?;
             let target = Arc::new(
                 target::Kserve::new(client, &model, batch, &data, stream)
                     .await

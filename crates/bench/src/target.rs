@@ -1,5 +1,6 @@
 //! What a load run calls: a compositor `Render` stream or a KServe v2 inference server.
 
+use crate::client::Authed;
 use crate::report::Outcome;
 use bytes::Bytes;
 use framecast_proto::compositor::v1::{compositor_client::CompositorClient, RenderRequest, Tensor};
@@ -12,7 +13,6 @@ use futures::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 /// One kind of call, made many times by the load engine.
 pub trait Target: Send + Sync + 'static {
@@ -40,14 +40,14 @@ pub fn audio(n: u32, seed: u64) -> Tensor {
 
 /// `Render` requests of `chunk` frames on a fresh stream per call.
 pub struct Compositor {
-    pub client: CompositorClient<Channel>,
+    pub client: CompositorClient<Authed>,
     pub avatar: String,
     pub chunk: u32,
     pub audio: Tensor,
 }
 
 impl Compositor {
-    pub fn new(client: CompositorClient<Channel>, avatar: &str, chunk: u32) -> Self {
+    pub fn new(client: CompositorClient<Authed>, avatar: &str, chunk: u32) -> Self {
         Compositor {
             client,
             avatar: avatar.to_string(),
@@ -139,7 +139,7 @@ impl std::str::FromStr for Fill {
 
 /// `ModelInfer` (or `ModelStreamInfer`) of one batch, shaped from the model's metadata.
 pub struct Kserve {
-    pub client: GrpcInferenceServiceClient<Channel>,
+    pub client: GrpcInferenceServiceClient<Authed>,
     pub request: ModelInferRequest,
     pub batch: u64,
     pub stream: bool,
@@ -148,7 +148,7 @@ pub struct Kserve {
 impl Kserve {
     /// Reads the model's metadata and builds a batch-`batch` request with `fill` data.
     pub async fn new(
-        mut client: GrpcInferenceServiceClient<Channel>,
+        mut client: GrpcInferenceServiceClient<Authed>,
         model: &str,
         batch: u64,
         fill: &Fill,

@@ -11,6 +11,7 @@
 //! (see [`crate::shm_pool`]); one that cannot map them gets them over gRPC.
 
 use crate::shm_pool::{Lease, ShmPool};
+use framecast_proto::auth::authorize;
 use framecast_proto::kserve::{
     grpc_inference_service_client::GrpcInferenceServiceClient,
     model_metadata_response::TensorMetadata, ModelInferRequest, ModelInferResponse,
@@ -25,7 +26,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
+use tonic::{Code, Request, Status};
 
 /// Connection settings.
 #[derive(Debug, Clone)]
@@ -39,6 +40,8 @@ pub struct ClientOptions {
     pub max_message_bytes: usize,
     /// Try shared memory with each replica (used only where the replica can map it).
     pub shared_memory: bool,
+    /// Bearer token the inference replicas require, if any.
+    pub token: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -51,6 +54,7 @@ impl Default for ClientOptions {
             health_interval: Duration::from_secs(2),
             max_message_bytes: framecast_proto::DEFAULT_MAX_MESSAGE_BYTES,
             shared_memory: true,
+            token: None,
         }
     }
 }
@@ -129,6 +133,7 @@ struct Replica {
     in_flight: AtomicUsize,
     healthy: AtomicBool,
     shm: Option<Arc<ShmPool>>,
+    token: Option<String>,
 }
 
 /// Decrements a replica's in-flight count when a call ends, however it ends.
@@ -152,7 +157,10 @@ impl Replica {
         let mut inbound = self
             .client
             .clone()
-            .model_stream_infer(ReceiverStream::new(rx))
+            .model_stream_infer(authorize(
+                Request::new(ReceiverStream::new(rx)),
+                self.token.as_deref(),
+            )?)
             .await?
             .into_inner();
         let pending: Pending = Arc::default();
@@ -312,9 +320,10 @@ impl InferenceClient {
                 let client = GrpcInferenceServiceClient::new(endpoint.connect_lazy())
                     .max_decoding_message_size(opts.max_message_bytes)
                     .max_encoding_message_size(opts.max_message_bytes);
-                let shm = opts
-                    .shared_memory
-                    .then(|| Arc::new(ShmPool::new(client.clone(), url, i)));
+                let shm = opts.shared_memory.then(|| {
+                    let token = opts.token.clone();
+                    Arc::new(ShmPool::new(client.clone(), token, url, i))
+                });
                 Ok(Arc::new(Replica {
                     url: url.clone(),
                     client,
@@ -322,6 +331,7 @@ impl InferenceClient {
                     in_flight: AtomicUsize::new(0),
                     healthy: AtomicBool::new(true),
                     shm,
+                    token: opts.token.clone(),
                 }))
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -336,7 +346,11 @@ impl InferenceClient {
                 };
                 for r in replicas.iter() {
                     let mut client = r.client.clone();
-                    let probe = client.server_ready(ServerReadyRequest {});
+                    let probe = async {
+                        let req =
+                            authorize(Request::new(ServerReadyRequest {}), r.token.as_deref())?;
+                        client.server_ready(req).await
+                    };
                     let ok = matches!(
                         tokio::time::timeout(interval, probe).await,
                         Ok(Ok(resp)) if resp.get_ref().ready
@@ -483,6 +497,7 @@ impl InferenceClient {
                 name: model.to_string(),
                 version: String::new(),
             };
+            let request = authorize(Request::new(request), self.replicas[i].token.as_deref())?;
             match self.replicas[i]
                 .client
                 .clone()

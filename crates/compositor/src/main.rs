@@ -7,6 +7,7 @@ use framecast_compositor::encode::Subsampling;
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
 use framecast_compositor::metrics::Metrics;
 use framecast_compositor::render::RenderOptions;
+use framecast_compositor::server::ServeOptions;
 use framecast_compositor::service::CompositorService;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -84,6 +85,13 @@ struct ServeArgs {
     /// instead of the gRPC stream; replicas that cannot map it get them over gRPC.
     #[arg(long, env = "FRAMECAST_INFERENCE_SHARED_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
     inference_shared_memory: bool,
+    /// Bearer token clients must send (`authorization: Bearer <token>`) on every Render and
+    /// avatar call; unset: no authentication. Health checks stay open.
+    #[arg(long, env = "FRAMECAST_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
+    /// Bearer token to send to the inference replicas, if they require one.
+    #[arg(long, env = "FRAMECAST_INFERENCE_TOKEN", hide_env_values = true)]
+    inference_token: Option<String>,
     /// Admission limit: open Render streams; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "FRAMECAST_MAX_STREAMS", default_value_t = framecast_compositor::service::DEFAULT_MAX_STREAMS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_streams: usize,
@@ -214,6 +222,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_message_bytes: args.max_message_bytes,
         request_timeout: Duration::from_secs(args.inference_timeout_s),
         shared_memory: args.inference_shared_memory,
+        token: args.inference_token.clone(),
         ..Default::default()
     };
     let opts = RenderOptions {
@@ -242,11 +251,15 @@ fn serve(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("listen: cannot bind {}", args.listen))?;
         tracing::info!(addr = %listener.local_addr()?, "framecast-compositor serving");
+        let serve_opts = ServeOptions {
+            max_message_bytes: args.max_message_bytes,
+            grace: Duration::from_secs(args.shutdown_grace_s),
+            auth_token: args.auth_token,
+        };
         framecast_compositor::server::serve(
             listener,
             svc,
-            args.max_message_bytes,
-            Duration::from_secs(args.shutdown_grace_s),
+            serve_opts,
             framecast_telemetry::shutdown_signal(),
         )
         .await

@@ -1,29 +1,46 @@
 //! The compositor's gRPC server: Render and avatar management, health and reflection.
 
 use crate::service::CompositorService;
+use framecast_proto::auth::BearerCheck;
 use framecast_proto::compositor::v1::compositor_server::CompositorServer;
 use framecast_telemetry::Drain;
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub max_message_bytes: usize,
+    /// After the shutdown signal, how long streams may take to finish their requests.
+    pub grace: Duration,
+    /// Bearer token every Render and avatar call must carry (health checks stay open).
+    pub auth_token: Option<String>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            max_message_bytes: framecast_proto::DEFAULT_MAX_MESSAGE_BYTES,
+            grace: Duration::from_secs(30),
+            auth_token: None,
+        }
+    }
+}
+
 /// Serves on `listener` until `shutdown` resolves, then stops accepting, lets each stream finish
-/// the request it is rendering, and returns when all is done or after `grace`.
+/// the request it is rendering, and returns when all is done or after the grace period.
 pub async fn serve(
     listener: TcpListener,
     svc: CompositorService,
-    max_message_bytes: usize,
-    grace: Duration,
+    opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let grace = opts.grace;
     framecast_telemetry::serve_with_grace(shutdown, grace, |drain| {
-        serve_draining(
-            listener,
-            svc.with_drain(drain.clone()),
-            max_message_bytes,
-            drain,
-        )
+        serve_draining(listener, svc.with_drain(drain.clone()), opts, drain)
     })
     .await
 }
@@ -31,7 +48,7 @@ pub async fn serve(
 async fn serve_draining(
     listener: TcpListener,
     svc: CompositorService,
-    max_message_bytes: usize,
+    opts: ServeOptions,
     drain: Drain,
 ) -> anyhow::Result<()> {
     let (health, health_svc) = tonic_health::server::health_reporter();
@@ -42,8 +59,10 @@ async fn serve_draining(
         .register_encoded_file_descriptor_set(framecast_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let compositor = CompositorServer::new(svc)
-        .max_decoding_message_size(max_message_bytes)
-        .max_encoding_message_size(max_message_bytes);
+        .max_decoding_message_size(opts.max_message_bytes)
+        .max_encoding_message_size(opts.max_message_bytes);
+    let compositor =
+        InterceptedService::new(compositor, BearerCheck::new(opts.auth_token.as_deref()));
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
@@ -83,14 +102,15 @@ impl Running {
 }
 
 /// Starts a server on an ephemeral loopback port (tests, benchmarks, embedding).
-pub async fn spawn_on_loopback(svc: CompositorService) -> anyhow::Result<Running> {
+pub async fn spawn_on_loopback(
+    svc: CompositorService,
+    opts: ServeOptions,
+) -> anyhow::Result<Running> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let done = tokio::spawn(async move {
-        let max = framecast_proto::DEFAULT_MAX_MESSAGE_BYTES;
-        let grace = Duration::from_secs(5);
-        if let Err(e) = serve(listener, svc, max, grace, async {
+        if let Err(e) = serve(listener, svc, opts, async {
             let _ = stopped.await;
         })
         .await

@@ -12,6 +12,7 @@
 //! itself off and batches go over gRPC as before.
 
 use bytes::Bytes;
+use framecast_proto::auth::authorize;
 use framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
 use framecast_proto::kserve::model_infer_request::InferRequestedOutputTensor;
 use framecast_proto::kserve::{
@@ -22,6 +23,7 @@ use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tonic::transport::Channel;
+use tonic::Request;
 
 /// Slots per replica at most; past that, batches go over gRPC rather than wait.
 const MAX_SLOTS: usize = 16;
@@ -42,6 +44,7 @@ struct Slot {
 /// The shared-memory slots of one replica.
 pub struct ShmPool {
     client: GrpcInferenceServiceClient<Channel>,
+    token: Option<String>,
     url: String,
     prefix: String,
     state: AtomicU8,
@@ -129,9 +132,15 @@ impl AsRef<[u8]> for View {
 }
 
 impl ShmPool {
-    pub fn new(client: GrpcInferenceServiceClient<Channel>, url: &str, replica: usize) -> Self {
+    pub fn new(
+        client: GrpcInferenceServiceClient<Channel>,
+        token: Option<String>,
+        url: &str,
+        replica: usize,
+    ) -> Self {
         ShmPool {
             client,
+            token,
             url: url.to_string(),
             // pid and a clock nonce: two compositors on one host never share a name.
             prefix: format!(
@@ -230,14 +239,17 @@ impl ShmPool {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
+        let register = SystemSharedMemoryRegisterRequest {
+            name: name.clone(),
+            key: object.key().to_string(),
+            offset: 0,
+            byte_size: size as u64,
+        };
+        let register = authorize(Request::new(register), self.token.as_deref())
+            .map_err(|s| s.message().to_string())?;
         self.client
             .clone()
-            .system_shared_memory_register(SystemSharedMemoryRegisterRequest {
-                name: name.clone(),
-                key: object.key().to_string(),
-                offset: 0,
-                byte_size: size as u64,
-            })
+            .system_shared_memory_register(register)
             .await
             .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
         Ok(Slot {
@@ -250,12 +262,14 @@ impl ShmPool {
     /// Unregisters a slot we no longer use; its object is removed when `slot` drops.
     fn forget(&self, slot: Slot) {
         let mut client = self.client.clone();
+        let token = self.token.clone();
         tokio::spawn(async move {
-            let _ = client
-                .system_shared_memory_unregister(SystemSharedMemoryUnregisterRequest {
-                    name: slot.name.clone(),
-                })
-                .await;
+            let request = SystemSharedMemoryUnregisterRequest {
+                name: slot.name.clone(),
+            };
+            if let Ok(request) = authorize(Request::new(request), token.as_deref()) {
+                let _ = client.system_shared_memory_unregister(request).await;
+            }
             drop(slot);
         });
     }

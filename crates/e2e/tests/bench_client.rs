@@ -56,7 +56,7 @@ async fn stack(
         RenderOptions::default(),
         metrics,
     );
-    let compositor = framecast_compositor::server::spawn_on_loopback(svc)
+    let compositor = framecast_compositor::server::spawn_on_loopback(svc, Default::default())
         .await
         .unwrap();
     (inference, compositor)
@@ -75,7 +75,7 @@ fn phase(seconds: f64) -> Phase {
 async fn compositor_load_counts_add_up() {
     let tmp = tempfile::tempdir().unwrap();
     let (_i, c) = stack(tmp.path(), 1000).await;
-    let client = framecast_bench::client::compositor(&c.url()).unwrap();
+    let client = framecast_bench::client::compositor(&c.url(), None).unwrap();
     let good = Arc::new(target::Compositor::new(client.clone(), "a", 6));
     let level = load::closed_loop(good, 2, &phase(2.0)).await;
     assert!(level.requests_succeeded > 0, "{level:?}");
@@ -109,10 +109,7 @@ async fn compositor_load_counts_add_up() {
 async fn kserve_load_counts_add_up() {
     let tmp = tempfile::tempdir().unwrap();
     let (i, _c) = stack(tmp.path(), 1000).await;
-    let client =
-        framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient::new(
-            framecast_bench::client::channel(&i.url()).unwrap(),
-        );
+    let client = framecast_bench::client::kserve(&i.url(), None).unwrap();
     for stream in [false, true] {
         let t = Arc::new(
             target::Kserve::new(client.clone(), "passthrough", 3, &Fill::Random, stream)
@@ -134,7 +131,7 @@ async fn realtime_detects_a_slow_server() {
     let tmp = tempfile::tempdir().unwrap();
     // A batching delay of 600 ms against a deadline of one 4-frame chunk at 25 fps (160 ms).
     let (_i, c) = stack(tmp.path(), 600_000).await;
-    let client = framecast_bench::client::compositor(&c.url()).unwrap();
+    let client = framecast_bench::client::compositor(&c.url(), None).unwrap();
     let t = Arc::new(target::Compositor::new(client, "a", 4));
     let trial = load::realtime_trial(
         t,
@@ -157,7 +154,7 @@ async fn realtime_detects_a_slow_server() {
 async fn realtime_passes_a_fast_server_with_generous_deadlines() {
     let tmp = tempfile::tempdir().unwrap();
     let (_i, c) = stack(tmp.path(), 0).await;
-    let client = framecast_bench::client::compositor(&c.url()).unwrap();
+    let client = framecast_bench::client::compositor(&c.url(), None).unwrap();
     let t = Arc::new(target::Compositor::new(client, "a", 4));
     let trial =
         load::realtime_trial(t, 1, 25.0, Duration::from_secs(3), Duration::from_secs(1)).await;

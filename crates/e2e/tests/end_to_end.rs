@@ -37,20 +37,42 @@ struct Stack {
 }
 
 async fn stack(root: &Path, batch: usize) -> Stack {
-    stack_with(root, batch, None, true, DEFAULT_MAX_STREAMS).await
+    stack_with(root, batch, Opts::default()).await
 }
 
-async fn stack_with_budget(root: &Path, batch: usize, budget: Option<u64>) -> Stack {
-    stack_with(root, batch, budget, true, DEFAULT_MAX_STREAMS).await
-}
-
-async fn stack_with(
-    root: &Path,
-    batch: usize,
+/// Settings of a test stack beyond the batch size.
+struct Opts {
     budget: Option<u64>,
     shared_memory: bool,
     max_streams: usize,
-) -> Stack {
+    /// (inference token, compositor token)
+    tokens: (Option<&'static str>, Option<&'static str>),
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            budget: None,
+            shared_memory: true,
+            max_streams: DEFAULT_MAX_STREAMS,
+            tokens: (None, None),
+        }
+    }
+}
+
+async fn stack_with_budget(root: &Path, batch: usize, budget: Option<u64>) -> Stack {
+    stack_with(
+        root,
+        batch,
+        Opts {
+            budget,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+async fn stack_with(root: &Path, batch: usize, o: Opts) -> Stack {
     let models = root.join("models");
     let zoo_opts = ZooOptions {
         crop: CROP as i64,
@@ -74,17 +96,22 @@ async fn stack_with(
     let repo = Repository::open(&models).unwrap();
     let exec = ExecOptions::default();
     let manager = Arc::new(ModelManager::new(repo, exec, true, Default::default()));
-    let inference = inf_server::spawn_on_loopback(manager, ServerOptions::default())
+    let server_opts = ServerOptions {
+        auth_token: o.tokens.0.map(String::from),
+        ..Default::default()
+    };
+    let inference = inf_server::spawn_on_loopback(manager, server_opts)
         .await
         .unwrap();
     let client_opts = ClientOptions {
-        shared_memory,
+        shared_memory: o.shared_memory,
+        token: o.tokens.0.map(String::from),
         ..Default::default()
     };
     let client = InferenceClient::connect_lazy(&[inference.url()], &client_opts).unwrap();
     let metrics = Arc::new(framecast_compositor::metrics::Metrics::new());
     let svc = CompositorService::new(
-        Arc::new(AvatarStore::new(&avatars, true, budget, metrics.clone()).unwrap()),
+        Arc::new(AvatarStore::new(&avatars, true, o.budget, metrics.clone()).unwrap()),
         client.clone(),
         RenderOptions {
             max_batch: batch,
@@ -92,8 +119,14 @@ async fn stack_with(
         },
         metrics.clone(),
     )
-    .with_max_streams(max_streams);
-    let compositor = comp_server::spawn_on_loopback(svc).await.unwrap();
+    .with_max_streams(o.max_streams);
+    let serve_opts = comp_server::ServeOptions {
+        auth_token: o.tokens.1.map(String::from),
+        ..Default::default()
+    };
+    let compositor = comp_server::spawn_on_loopback(svc, serve_opts)
+        .await
+        .unwrap();
     let compositor_url = compositor.url();
     Stack {
         inference_server: inference,
@@ -214,7 +247,11 @@ async fn passthrough_frames_match_the_reference_composite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn passthrough_frames_match_the_reference_composite_over_grpc() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = stack_with(tmp.path(), 4, None, false, DEFAULT_MAX_STREAMS).await;
+    let opts = Opts {
+        shared_memory: false,
+        ..Default::default()
+    };
+    let s = stack_with(tmp.path(), 4, opts).await;
     check_reference_composite(tmp.path(), &s).await;
     assert_eq!(s.inference.shared_memory_batches(), 0);
 }
@@ -608,7 +645,11 @@ async fn shutdown_finishes_the_request_in_flight_then_ends_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streams_past_the_limit_are_refused_at_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = stack_with(tmp.path(), 4, None, true, 1).await;
+    let opts = Opts {
+        max_streams: 1,
+        ..Default::default()
+    };
+    let s = stack_with(tmp.path(), 4, opts).await;
     let (req_tx, req_rx) = tokio::sync::mpsc::channel(4);
     req_tx.send(request("small", 0, 2)).await.unwrap();
     let mut open = s
@@ -640,4 +681,68 @@ async fn streams_past_the_limit_are_refused_at_once() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(admitted, "a stream was refused after the open one closed");
+}
+
+/// Bearer tokens on both services: the compositor authenticates its clients and itself to the
+/// inference service; calls without the right token get UNAUTHENTICATED; health stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn both_services_require_their_bearer_token() {
+    use framecast_proto::auth::authorize;
+    use framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use tonic::Request;
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = Opts {
+        tokens: (Some("inference-secret"), Some("compositor-secret")),
+        ..Default::default()
+    };
+    let s = stack_with(tmp.path(), 4, opts).await;
+    let call = |token: Option<&str>| {
+        let req = tokio_stream::iter(vec![request("small", 0, 3)]);
+        authorize(Request::new(req), token).unwrap()
+    };
+    for bad in [None, Some("inference-secret"), Some("wrong")] {
+        let e = s.client.clone().render(call(bad)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{bad:?}: {e:?}");
+    }
+    let mut frames = s
+        .client
+        .clone()
+        .render(call(Some("compositor-secret")))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while let Some(f) = frames.message().await.unwrap() {
+        assert_eq!(f.frame_index, n);
+        n += 1;
+    }
+    assert_eq!(
+        n, 3,
+        "an authenticated render must reach inference with its token"
+    );
+
+    let url = s.inference_server.url();
+    let mut kserve = GrpcInferenceServiceClient::connect(url.clone())
+        .await
+        .unwrap();
+    let e = kserve
+        .server_ready(framecast_proto::kserve::ServerReadyRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 }

@@ -77,6 +77,10 @@ struct ServeArgs {
         default_value = "0.0.0.0:8002"
     )]
     metrics_listen: SocketAddr,
+    /// Bearer token clients must send (`authorization: Bearer <token>`) on every KServe call;
+    /// unset: no authentication. Health checks stay open.
+    #[arg(long, env = "FRAMECAST_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
     /// On SIGTERM: stop accepting, finish in-flight requests for at most this many seconds,
     /// then exit.
     #[arg(long, env = "FRAMECAST_SHUTDOWN_GRACE_S", default_value_t = 30)]
@@ -180,6 +184,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             max_message_bytes: args.max_message_bytes,
             slow_request: Duration::from_millis(args.slow_request_ms),
             grace: Duration::from_secs(args.shutdown_grace_s),
+            auth_token: args.auth_token,
         };
         server::serve(
             listener,

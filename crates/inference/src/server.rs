@@ -3,12 +3,14 @@
 
 use crate::models::ModelManager;
 use crate::service::InferenceService;
+use framecast_proto::auth::BearerCheck;
 use framecast_proto::kserve::grpc_inference_service_server::GrpcInferenceServiceServer;
 use framecast_telemetry::Drain;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
 /// Transport settings.
@@ -18,6 +20,8 @@ pub struct ServerOptions {
     pub slow_request: Duration,
     /// After the shutdown signal, how long in-flight work may take before connections close.
     pub grace: Duration,
+    /// Bearer token every KServe call must carry (health checks stay open).
+    pub auth_token: Option<String>,
 }
 
 impl Default for ServerOptions {
@@ -26,6 +30,7 @@ impl Default for ServerOptions {
             max_message_bytes: framecast_proto::DEFAULT_MAX_MESSAGE_BYTES,
             slow_request: Duration::from_millis(500),
             grace: Duration::from_secs(30),
+            auth_token: None,
         }
     }
 }
@@ -63,6 +68,7 @@ async fn serve_draining(
     let kserve = GrpcInferenceServiceServer::new(svc)
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);
+    let kserve = InterceptedService::new(kserve, BearerCheck::new(opts.auth_token.as_deref()));
     tonic::transport::Server::builder()
         // A 24-frame batch is ~15 MB each way: wide windows keep it from stalling on acks.
         .initial_stream_window_size(Some(16 << 20))

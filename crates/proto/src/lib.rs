@@ -20,6 +20,7 @@ pub mod compositor {
     }
 }
 
+pub mod auth;
 pub mod shm;
 pub mod tensor;
 
