@@ -72,7 +72,8 @@ async fn stack_with_budget(root: &Path, batch: usize, budget: Option<u64>) -> St
     .await
 }
 
-async fn stack_with(root: &Path, batch: usize, o: Opts) -> Stack {
+/// Writes the `passthrough` model and the `small` and `tall` avatars under `root`.
+fn write_fixtures(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let models = root.join("models");
     let zoo_opts = ZooOptions {
         crop: CROP as i64,
@@ -93,6 +94,11 @@ async fn stack_with(root: &Path, batch: usize, o: Opts) -> Stack {
         };
         demo::write_demo(&avatars, &opts).unwrap();
     }
+    (models, avatars)
+}
+
+async fn stack_with(root: &Path, batch: usize, o: Opts) -> Stack {
+    let (models, avatars) = write_fixtures(root);
     let repo = Repository::open(&models).unwrap();
     let exec = ExecOptions::default();
     let manager = Arc::new(ModelManager::new(repo, exec, true, Default::default()));
@@ -745,4 +751,89 @@ async fn both_services_require_their_bearer_token() {
         status.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+}
+
+/// A replica that stops under load: the render loses no frame and keeps its order (batches
+/// bound for the stopped replica go to the other), and the replica is used again once it is
+/// back on the same address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_stops_under_load_loses_no_frames_and_is_used_when_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (models, avatars) = write_fixtures(tmp.path());
+    let replica = |metrics: Arc<framecast_inference::metrics::Metrics>| {
+        let repo = Repository::open(&models).unwrap();
+        Arc::new(ModelManager::new(
+            repo,
+            ExecOptions::default(),
+            true,
+            metrics,
+        ))
+    };
+    let spawn = |addr, metrics| inf_server::spawn(addr, replica(metrics), ServerOptions::default());
+    let mut a = Some(
+        spawn(([127, 0, 0, 1], 0).into(), Default::default())
+            .await
+            .unwrap(),
+    );
+    let b = spawn(([127, 0, 0, 1], 0).into(), Default::default())
+        .await
+        .unwrap();
+    let (a_addr, a_url) = a.as_ref().map(|a| (a.addr, a.url())).unwrap();
+    let client_opts = ClientOptions {
+        health_interval: std::time::Duration::from_millis(100),
+        ..Default::default()
+    };
+    let inference = InferenceClient::connect_lazy(&[a_url, b.url()], &client_opts).unwrap();
+    let metrics = Arc::new(framecast_compositor::metrics::Metrics::new());
+    let store = Arc::new(AvatarStore::new(&avatars, true, None, metrics.clone()).unwrap());
+    let opts = RenderOptions {
+        max_batch: 2,
+        ..Default::default()
+    };
+    let svc = CompositorService::new(store, inference.clone(), opts, metrics);
+    let compositor = comp_server::spawn_on_loopback(svc, Default::default())
+        .await
+        .unwrap();
+    let client = CompositorClient::connect(compositor.url()).await.unwrap();
+
+    let mut frames = client
+        .clone()
+        .render(tokio_stream::iter(vec![request("small", 0, 200)]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = 0u64;
+    let mut stopping = None;
+    while let Some(f) = frames.message().await.unwrap() {
+        assert_eq!(f.frame_index, next, "frames out of order");
+        next += 1;
+        if next == 10 {
+            stopping = a.take().map(|a| tokio::spawn(a.shutdown()));
+        }
+    }
+    assert_eq!(next, 200, "frames lost when a replica stopped");
+    stopping.unwrap().await.unwrap();
+
+    // Back on the same address, with fresh state: health checks find it, batches reach it.
+    let back_metrics = Arc::new(framecast_inference::metrics::Metrics::new());
+    let _a = spawn(a_addr, back_metrics.clone()).await.unwrap();
+    let mut healthy = false;
+    for _ in 0..100 {
+        if inference.health().iter().all(|(_, ok)| *ok) {
+            healthy = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(healthy, "restarted replica never reported healthy");
+    let frames = render(&client, vec![request("small", 0, 40)])
+        .await
+        .unwrap();
+    assert_eq!(frames.len(), 40);
+    let served = back_metrics
+        .requests
+        .with_label_values(&["passthrough", "ok"])
+        .get();
+    assert!(served > 0, "the restarted replica got no batch");
+    drop(b);
 }

@@ -114,7 +114,16 @@ pub async fn spawn_on_loopback(
     models: Arc<ModelManager>,
     opts: ServerOptions,
 ) -> anyhow::Result<Running> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    spawn(([127, 0, 0, 1], 0).into(), models, opts).await
+}
+
+/// Starts a server on `addr` on its own task.
+pub async fn spawn(
+    addr: std::net::SocketAddr,
+    models: Arc<ModelManager>,
+    opts: ServerOptions,
+) -> anyhow::Result<Running> {
+    let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let done = tokio::spawn(async move {
