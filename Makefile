@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 ENV = eval "$$(scripts/setup.sh)"
 
-.PHONY: demo test setup build build-cuda lint fmt bench clean
+.PHONY: demo test setup build build-cuda lint fmt bench soak clean
 
 ## Render the demo avatar end to end; output in out/demo.
 demo:
@@ -15,6 +15,11 @@ test:
 ## The standard benchmark suite; results in out/bench/ (about 10 minutes on 2 cores).
 bench:
 	scripts/bench.sh
+
+## Real-time sessions against both services for a bounded time: errors, lost frames, RSS
+## growth (SOAK_SESSIONS, SOAK_SECONDS; results in out/soak/).
+soak:
+	scripts/soak.sh
 
 ## Install apt packages and the libtorch cache.
 setup:

@@ -348,6 +348,7 @@ pub async fn realtime_trial(
     let p1 = all.get(all.len() / 100).copied().unwrap_or(0.0) * 1e3;
     RealtimeTrial {
         sessions,
+        expected_frames: sessions as u64 * chunks * target.chunk as u64,
         frames,
         late_frames,
         errors,

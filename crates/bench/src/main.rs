@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use framecast_bench::load::{self, Phase};
-use framecast_bench::report::Report;
+use framecast_bench::report::{self, Report};
 use framecast_bench::target::{self, Fill, Target};
 use framecast_bench::{charts, client, demo};
 use std::path::PathBuf;
@@ -41,6 +41,9 @@ enum Command {
         /// Realtime: most sessions to try.
         #[arg(long, default_value_t = 64)]
         max_sessions: usize,
+        /// Realtime: run exactly this many sessions once (a soak) instead of searching.
+        #[arg(long)]
+        sessions: Option<usize>,
         #[command(flatten)]
         common: Common,
     },
@@ -255,6 +258,7 @@ async fn run(cli: Cli) -> Result<()> {
             fps,
             deadline_ms,
             max_sessions,
+            sessions,
             common,
         } => {
             common.validate()?;
@@ -280,9 +284,23 @@ async fn run(cli: Cli) -> Result<()> {
                 let deadline =
                     Duration::from_secs_f64(deadline_ms.unwrap_or(chunk as f64 / fps * 1e3) / 1e3);
                 let duration = Duration::from_secs_f64(common.duration_s);
-                report.realtime = Some(
-                    load::realtime(target, fps, deadline, duration, max_sessions.max(1)).await,
-                );
+                report.realtime = Some(match sessions {
+                    Some(n) => {
+                        let trial =
+                            load::realtime_trial(target.clone(), n.max(1), fps, deadline, duration)
+                                .await;
+                        report::Realtime {
+                            fps,
+                            chunk: target.chunk,
+                            deadline_ms: deadline.as_secs_f64() * 1e3,
+                            max_sessions: if trial.passed { n } else { 0 },
+                            trials: vec![trial],
+                        }
+                    }
+                    None => {
+                        load::realtime(target, fps, deadline, duration, max_sessions.max(1)).await
+                    }
+                });
             } else {
                 run_levels(target, &common, &mut report).await?;
             }

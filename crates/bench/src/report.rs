@@ -195,6 +195,9 @@ pub struct Realtime {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct RealtimeTrial {
     pub sessions: usize,
+    /// Frames the sessions asked for; `expected_frames - frames` were lost.
+    #[serde(default)]
+    pub expected_frames: u64,
     pub frames: u64,
     pub late_frames: u64,
     pub errors: u64,
@@ -279,9 +282,10 @@ impl Report {
             );
             for t in &rt.trials {
                 println!(
-                    "  {:>4} sessions: {:>6} frames, {:>5} late, {:>3} errors, worst lateness {:>7.1} ms, 1st-percentile slack {:>7.1} ms  {}",
+                    "  {:>4} sessions: {:>6} frames, {:>4} lost, {:>5} late, {:>3} errors, worst lateness {:>7.1} ms, 1st-percentile slack {:>7.1} ms  {}",
                     t.sessions,
                     t.frames,
+                    t.expected_frames.saturating_sub(t.frames),
                     t.late_frames,
                     t.errors,
                     t.lateness_ms.max,
