@@ -2,15 +2,19 @@
 SHELL := /bin/bash
 ENV = eval "$$(scripts/setup.sh)"
 
-.PHONY: demo test setup build build-cuda lint fmt bench soak clean
+.PHONY: demo test validate-deploy setup build build-cuda lint fmt bench soak clean
 
 ## Render the demo avatar end to end; output in out/demo.
 demo:
 	scripts/demo.sh
 
-## Every test: unit, integration, end to end (real servers on loopback).
-test:
+## Every test: deploy/ validation, unit, integration, end to end (real servers on loopback).
+test: validate-deploy
 	$(ENV) && cargo test --workspace --all-targets --no-fail-fast
+
+## deploy/ checked without a cluster: manifests, compose file, dashboard.
+validate-deploy:
+	scripts/validate-deploy.sh
 
 ## The standard benchmark suite; results in out/bench/ (about 10 minutes on 2 cores).
 bench:

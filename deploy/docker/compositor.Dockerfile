@@ -1,0 +1,21 @@
+# framecast-compositor: CPU only, no libtorch. Build from the repository root:
+#   docker build -f deploy/docker/compositor.Dockerfile -t framecast/compositor .
+FROM rust:1-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends cmake nasm \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release -p framecast-compositor -p framecast-bench --bins
+
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --home /srv framecast
+ENV FRAMECAST_AVATARS=/avatars \
+    FRAMECAST_COMPOSITOR_LISTEN=0.0.0.0:8011 \
+    FRAMECAST_COMPOSITOR_METRICS_LISTEN=0.0.0.0:8012
+COPY --from=build /src/target/release/framecast-compositor /src/target/release/framecast-bench \
+    /usr/local/bin/
+USER framecast
+EXPOSE 8011 8012
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s \
+    CMD ["framecast-bench", "wait", "http://127.0.0.1:8011", "--timeout-s", "4"]
+ENTRYPOINT ["framecast-compositor", "serve"]
