@@ -1,5 +1,5 @@
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use framecast_compositor::avatar::Avatar;
 use framecast_compositor::avatar_store::AvatarStore;
 use framecast_compositor::demo::{self, DemoOptions};
@@ -63,6 +63,10 @@ enum AvatarCommand {
 
 #[derive(clap::Args)]
 struct ServeArgs {
+    /// TOML file of settings; its keys are these flags' long names. Flags and environment
+    /// variables override it.
+    #[arg(long, env = "FRAMECAST_CONFIG")]
+    config: Option<PathBuf>,
     /// Directory holding one bundle directory per avatar.
     #[arg(long, env = "FRAMECAST_AVATARS", default_value = "avatars")]
     avatars: PathBuf,
@@ -147,6 +151,11 @@ struct ServeArgs {
 
 fn main() -> Result<()> {
     framecast_telemetry::init_logs();
+    if let Some(path) = framecast_telemetry::config_file::path_from_args() {
+        if let Some(serve) = Cli::command().find_subcommand("serve") {
+            framecast_telemetry::config_file::apply(serve, &path)?;
+        }
+    }
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Avatar(AvatarCommand::Check { dir }) => match Avatar::load(&dir) {
@@ -198,6 +207,9 @@ fn main() -> Result<()> {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
+    if let Some(path) = &args.config {
+        tracing::info!(path = %path.display(), "settings read from file");
+    }
     anyhow::ensure!(args.batch >= 1, "batch: must be at least 1");
     anyhow::ensure!(
         args.pipeline_depth >= 1,

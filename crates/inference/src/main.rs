@@ -1,5 +1,5 @@
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use framecast_inference::metrics::Metrics;
 use framecast_inference::models::{ExecOptions, ModelManager};
 use framecast_inference::repository::Repository;
@@ -28,6 +28,10 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ServeArgs {
+    /// TOML file of settings; its keys are these flags' long names. Flags and environment
+    /// variables override it.
+    #[arg(long, env = "FRAMECAST_CONFIG")]
+    config: Option<PathBuf>,
     /// Model repository: one directory per model holding model.pt and config.toml.
     #[arg(long, env = "FRAMECAST_REPOSITORY", default_value = "models")]
     repository: PathBuf,
@@ -111,6 +115,11 @@ struct ModelsArgs {
 
 fn main() -> Result<()> {
     framecast_telemetry::init_logs();
+    if let Some(path) = framecast_telemetry::config_file::path_from_args() {
+        if let Some(serve) = Cli::command().find_subcommand("serve") {
+            framecast_telemetry::config_file::apply(serve, &path)?;
+        }
+    }
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Models(args) => {
@@ -134,6 +143,9 @@ fn main() -> Result<()> {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
+    if let Some(path) = &args.config {
+        tracing::info!(path = %path.display(), "settings read from file");
+    }
     let devices = framecast_inference::parse_devices(&args.devices).map_err(anyhow::Error::msg)?;
     anyhow::ensure!(args.instances >= 1, "instances: must be at least 1");
     for d in &devices {
