@@ -179,6 +179,26 @@ async fn render(
     Ok(frames)
 }
 
+/// A Render stream the caller keeps open: `first` is sent at once, further requests through
+/// the returned sender; the stream ends when the sender is dropped.
+async fn open_render(
+    client: &CompositorClient<tonic::transport::Channel>,
+    first: RenderRequest,
+) -> (
+    tokio::sync::mpsc::Sender<RenderRequest>,
+    tonic::Streaming<RenderedFrame>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(first).await.unwrap();
+    let stream = client
+        .clone()
+        .render(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, stream)
+}
+
 fn face_region(img: &[u8], width: u32, b: &framecast_compositor::manifest::FaceBox) -> Vec<u8> {
     (b.y..b.y + b.h)
         .flat_map(|y| {
@@ -600,15 +620,7 @@ async fn an_avatar_that_fails_to_load_names_the_file() {
 async fn shutdown_finishes_the_request_in_flight_then_ends_streams() {
     let tmp = tempfile::tempdir().unwrap();
     let s = stack(tmp.path(), 2).await;
-    let (req_tx, req_rx) = tokio::sync::mpsc::channel(4);
-    req_tx.send(request("small", 0, 30)).await.unwrap();
-    let mut stream = s
-        .client
-        .clone()
-        .render(tokio_stream::wrappers::ReceiverStream::new(req_rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (req_tx, mut stream) = open_render(&s.client, request("small", 0, 30)).await;
     let first = stream.message().await.unwrap().unwrap();
     assert_eq!(first.frame_index, 0);
     let stopping = tokio::spawn(s.compositor_server.shutdown());
@@ -656,15 +668,7 @@ async fn streams_past_the_limit_are_refused_at_once() {
         ..Default::default()
     };
     let s = stack_with(tmp.path(), 4, opts).await;
-    let (req_tx, req_rx) = tokio::sync::mpsc::channel(4);
-    req_tx.send(request("small", 0, 2)).await.unwrap();
-    let mut open = s
-        .client
-        .clone()
-        .render(tokio_stream::wrappers::ReceiverStream::new(req_rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (req_tx, mut open) = open_render(&s.client, request("small", 0, 2)).await;
     assert!(open.message().await.unwrap().is_some());
     let e = render(&s.client, vec![request("small", 0, 2)])
         .await

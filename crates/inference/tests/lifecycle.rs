@@ -78,14 +78,19 @@ async fn start(
 }
 
 fn request(model: &str) -> ModelInferRequest {
+    request_at(model, CROP)
+}
+
+/// One frame of face crops of size `crop` and silent audio.
+fn request_at(model: &str, crop: i64) -> ModelInferRequest {
     ModelInferRequest {
         model_name: model.into(),
         inputs: vec![
-            InferInputTensor::new("face", DataType::U8, vec![1, 6, CROP, CROP]),
+            InferInputTensor::new("face", DataType::U8, vec![1, 6, crop, crop]),
             InferInputTensor::new("audio", DataType::F32, vec![1, 32, 16, 16]),
         ],
         raw_input_contents: vec![
-            Bytes::from(vec![9u8; 6 * (CROP * CROP) as usize]),
+            Bytes::from(vec![9u8; 6 * (crop * crop) as usize]),
             Bytes::from(vec![0u8; 32 * 16 * 16 * 4]),
         ],
         ..Default::default()
@@ -256,19 +261,7 @@ async fn a_full_queue_refuses_at_once() {
             .unwrap();
         (running, client)
     };
-    let crop = zoo::LIPSYNC_CROP;
-    let lipsync = || ModelInferRequest {
-        model_name: "lipsync-ref".into(),
-        inputs: vec![
-            InferInputTensor::new("face", DataType::U8, vec![1, 6, crop, crop]),
-            InferInputTensor::new("audio", DataType::F32, vec![1, 32, 16, 16]),
-        ],
-        raw_input_contents: vec![
-            Bytes::from(vec![9u8; 6 * (crop * crop) as usize]),
-            Bytes::from(vec![0u8; 32 * 16 * 16 * 4]),
-        ],
-        ..Default::default()
-    };
+    let lipsync = || request_at("lipsync-ref", zoo::LIPSYNC_CROP);
     client
         .clone()
         .repository_model_load(RepositoryModelLoadRequest {
