@@ -839,5 +839,18 @@ async fn a_replica_that_stops_under_load_loses_no_frames_and_is_used_when_back()
         .with_label_values(&["passthrough", "ok"])
         .get();
     assert!(served > 0, "the restarted replica got no batch");
+    // It forgot the old shared-memory regions; the compositor noticed and registered anew.
+    let regions = framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient::connect(format!("http://{a_addr}"))
+        .await
+        .unwrap()
+        .system_shared_memory_status(framecast_proto::kserve::SystemSharedMemoryStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .regions;
+    assert!(
+        !regions.is_empty(),
+        "no shared memory registered with the restarted replica"
+    );
     drop(b);
 }
