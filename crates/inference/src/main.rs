@@ -85,6 +85,10 @@ struct ServeArgs {
     /// unset: no authentication. Health checks stay open.
     #[arg(long, env = "FRAMECAST_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
+    /// Accept the system shared-memory extension: clients on this host may have the server
+    /// map their /dev/shm objects for tensors. Off: every tensor travels over gRPC.
+    #[arg(long, env = "FRAMECAST_SHARED_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
+    shared_memory: bool,
     /// On SIGTERM: stop accepting, finish in-flight requests for at most this many seconds,
     /// then exit.
     #[arg(long, env = "FRAMECAST_SHUTDOWN_GRACE_S", default_value_t = 30)]
@@ -197,6 +201,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             slow_request: Duration::from_millis(args.slow_request_ms),
             grace: Duration::from_secs(args.shutdown_grace_s),
             auth_token: args.auth_token,
+            shared_memory: args.shared_memory,
         };
         server::serve(
             listener,

@@ -22,6 +22,8 @@ pub struct ServerOptions {
     pub grace: Duration,
     /// Bearer token every KServe call must carry (health checks stay open).
     pub auth_token: Option<String>,
+    /// Accept the system shared-memory extension from clients on this host.
+    pub shared_memory: bool,
 }
 
 impl Default for ServerOptions {
@@ -31,6 +33,7 @@ impl Default for ServerOptions {
             slow_request: Duration::from_millis(500),
             grace: Duration::from_secs(30),
             auth_token: None,
+            shared_memory: true,
         }
     }
 }
@@ -57,7 +60,10 @@ async fn serve_draining(
     opts: ServerOptions,
     drain: Drain,
 ) -> anyhow::Result<()> {
-    let svc = InferenceService::new(models, opts.slow_request, drain.clone());
+    let mut svc = InferenceService::new(models, opts.slow_request, drain.clone());
+    if !opts.shared_memory {
+        svc = svc.without_shared_memory();
+    }
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
         .set_serving::<GrpcInferenceServiceServer<InferenceService>>()

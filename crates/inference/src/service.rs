@@ -33,6 +33,7 @@ pub struct InferenceService {
     shm: Arc<SharedMemory>,
     slow_request: Duration,
     drain: Drain,
+    shm_allowed: bool,
 }
 
 impl InferenceService {
@@ -42,7 +43,15 @@ impl InferenceService {
             shm: Arc::default(),
             slow_request,
             drain,
+            shm_allowed: true,
         }
+    }
+
+    /// The same service refusing shared-memory registration: clients on this host then
+    /// cannot have the server map their `/dev/shm` objects.
+    pub fn without_shared_memory(mut self) -> Self {
+        self.shm_allowed = false;
+        self
     }
 
     async fn infer(
@@ -289,12 +298,11 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(kserve::ServerMetadataResponse {
             name: "framecast-inference".to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            extensions: vec![
-                "model_repository".into(),
-                "statistics".into(),
-                "streaming".into(),
-                "system_shared_memory".into(),
-            ],
+            extensions: ["model_repository", "statistics", "streaming"]
+                .into_iter()
+                .chain(self.shm_allowed.then_some("system_shared_memory"))
+                .map(String::from)
+                .collect(),
         }))
     }
 
@@ -481,6 +489,11 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<kserve::SystemSharedMemoryRegisterRequest>,
     ) -> Reply<kserve::SystemSharedMemoryRegisterResponse> {
+        if !self.shm_allowed {
+            return Err(Status::failed_precondition(
+                "shared memory is disabled on this server (--shared-memory false); send tensors in raw_input_contents",
+            ));
+        }
         let r = req.into_inner();
         let shm = self.shm.clone();
         // Opening and mapping touch the file system: keep them off the async workers.

@@ -497,3 +497,46 @@ async fn shared_memory_carries_tensors_both_ways() {
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     assert!(e.message().contains("not registered"), "{}", e.message());
 }
+
+/// With the extension turned off, registration is refused and not advertised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_memory_can_be_turned_off() {
+    use framecast_proto::kserve::{ServerMetadataRequest, SystemSharedMemoryRegisterRequest};
+    use framecast_proto::shm::OwnedObject;
+    let tmp = tempfile::tempdir().unwrap();
+    write_zoo(tmp.path(), 4);
+    let repo = Repository::open(tmp.path()).unwrap();
+    let models = Arc::new(ModelManager::new(
+        repo,
+        ExecOptions::default(),
+        true,
+        Default::default(),
+    ));
+    let opts = ServerOptions {
+        shared_memory: false,
+        ..Default::default()
+    };
+    let running = server::spawn_on_loopback(models, opts).await.unwrap();
+    let mut client = GrpcInferenceServiceClient::connect(running.url())
+        .await
+        .unwrap();
+    let key = format!("/framecast_off_test_{}", std::process::id());
+    let _object = OwnedObject::create(&key, 4096).unwrap();
+    let e = client
+        .system_shared_memory_register(SystemSharedMemoryRegisterRequest {
+            name: "r".into(),
+            key,
+            offset: 0,
+            byte_size: 4096,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let meta = client
+        .server_metadata(ServerMetadataRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(meta.extensions.iter().any(|x| x == "streaming"));
+    assert!(!meta.extensions.iter().any(|x| x == "system_shared_memory"));
+}
