@@ -61,6 +61,14 @@ async fn start(
         pinned: pinned.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
     };
+    start_with(root, exec).await
+}
+
+/// A server over `root/repo` with `exec`.
+async fn start_with(
+    root: &Path,
+    exec: ExecOptions,
+) -> (Running, GrpcInferenceServiceClient<Channel>, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
     let models = Arc::new(ModelManager::new(
         Repository::open(&root.join("repo")).unwrap(),
@@ -241,26 +249,11 @@ async fn a_full_queue_refuses_at_once() {
         max_queue_delay_us: 0,
     };
     zoo::write(&repo, Builtin::LipsyncRef, &opts).unwrap();
-    let metrics = Arc::new(Metrics::new());
     let exec = ExecOptions {
         max_queue: 1,
         ..Default::default()
     };
-    let models = Arc::new(ModelManager::new(
-        Repository::open(&repo).unwrap(),
-        exec,
-        true,
-        metrics.clone(),
-    ));
-    let (_s, client) = {
-        let running = server::spawn_on_loopback(models, ServerOptions::default())
-            .await
-            .unwrap();
-        let client = GrpcInferenceServiceClient::connect(running.url())
-            .await
-            .unwrap();
-        (running, client)
-    };
+    let (_s, client, metrics) = start_with(tmp.path(), exec).await;
     let lipsync = || request_at("lipsync-ref", zoo::LIPSYNC_CROP);
     client
         .clone()
