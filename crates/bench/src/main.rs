@@ -144,6 +144,20 @@ struct Common {
 }
 
 impl Common {
+    /// An empty report of this run against `target` at `url`.
+    fn report(&self, target: String, url: String) -> Report {
+        Report {
+            target,
+            mode: self
+                .mode
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default(),
+            url,
+            ..Default::default()
+        }
+    }
+
     fn phase(&self) -> Phase {
         Phase {
             warmup: Duration::from_secs_f64(self.warmup_s),
@@ -270,16 +284,7 @@ async fn run(cli: Cli) -> Result<()> {
                 &avatar,
                 chunk,
             ));
-            let mut report = Report {
-                target: "compositor".into(),
-                mode: common
-                    .mode
-                    .to_possible_value()
-                    .map(|v| v.get_name().to_string())
-                    .unwrap_or_default(),
-                url,
-                ..Default::default()
-            };
+            let mut report = common.report("compositor".into(), url);
             if common.mode == Mode::Realtime {
                 let deadline =
                     Duration::from_secs_f64(deadline_ms.unwrap_or(chunk as f64 / fps * 1e3) / 1e3);
@@ -324,16 +329,7 @@ async fn run(cli: Cli) -> Result<()> {
                     .await
                     .with_context(|| format!("preparing requests for model '{model}' at {url}"))?,
             );
-            let mut report = Report {
-                target: format!("kserve:{model}"),
-                mode: common
-                    .mode
-                    .to_possible_value()
-                    .map(|v| v.get_name().to_string())
-                    .unwrap_or_default(),
-                url,
-                ..Default::default()
-            };
+            let mut report = common.report(format!("kserve:{model}"), url);
             run_levels(target, &common, &mut report).await?;
             write_outputs(&report, &common)
         }

@@ -1,5 +1,5 @@
 use anyhow::{Context, Result};
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use framecast_compositor::avatar::Avatar;
 use framecast_compositor::avatar_store::AvatarStore;
 use framecast_compositor::demo::{self, DemoOptions};
@@ -151,11 +151,7 @@ struct ServeArgs {
 
 fn main() -> Result<()> {
     framecast_telemetry::init_logs();
-    if let Some(path) = framecast_telemetry::config_file::path_from_args() {
-        if let Some(serve) = Cli::command().find_subcommand("serve") {
-            framecast_telemetry::config_file::apply(serve, &path)?;
-        }
-    }
+    framecast_telemetry::config_file::apply_for::<Cli>("serve")?;
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Avatar(AvatarCommand::Check { dir }) => match Avatar::load(&dir) {

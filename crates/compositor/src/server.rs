@@ -3,12 +3,13 @@
 use crate::service::CompositorService;
 use framecast_proto::auth::BearerCheck;
 use framecast_proto::compositor::v1::compositor_server::CompositorServer;
+use framecast_telemetry::running;
+pub use framecast_telemetry::running::Running;
 use framecast_telemetry::Drain;
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -73,32 +74,11 @@ async fn serve_draining(
         .add_service(reflection)
         .add_service(compositor)
         .serve_with_incoming_shutdown(
-            // The builder's tcp_nodelay only reaches listeners tonic binds itself: without it
-            // here, Nagle and delayed ACKs hold small replies for ~40 ms.
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            running::incoming(listener),
             async move { drain.started().await },
         )
         .await?;
     Ok(())
-}
-
-/// A server running on its own task; dropping the handle shuts it down.
-pub struct Running {
-    pub addr: std::net::SocketAddr,
-    stop: tokio::sync::oneshot::Sender<()>,
-    done: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Shuts the server down as SIGTERM would and waits until it has stopped.
-    pub async fn shutdown(self) {
-        drop(self.stop);
-        let _ = self.done.await;
-    }
 }
 
 /// Starts a server on an ephemeral loopback port (tests, benchmarks, embedding).
@@ -106,17 +86,10 @@ pub async fn spawn_on_loopback(
     svc: CompositorService,
     opts: ServeOptions,
 ) -> anyhow::Result<Running> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let done = tokio::spawn(async move {
-        if let Err(e) = serve(listener, svc, opts, async {
-            let _ = stopped.await;
-        })
-        .await
-        {
-            tracing::error!(error = %e, "compositor server stopped");
-        }
-    });
-    Ok(Running { addr, stop, done })
+    running::spawn(
+        ([127, 0, 0, 1], 0).into(),
+        "compositor",
+        |listener, stop| serve(listener, svc, opts, stop),
+    )
+    .await
 }

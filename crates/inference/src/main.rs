@@ -1,5 +1,5 @@
 use anyhow::{Context, Result};
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use framecast_inference::metrics::Metrics;
 use framecast_inference::models::{ExecOptions, ModelManager};
 use framecast_inference::repository::Repository;
@@ -119,11 +119,7 @@ struct ModelsArgs {
 
 fn main() -> Result<()> {
     framecast_telemetry::init_logs();
-    if let Some(path) = framecast_telemetry::config_file::path_from_args() {
-        if let Some(serve) = Cli::command().find_subcommand("serve") {
-            framecast_telemetry::config_file::apply(serve, &path)?;
-        }
-    }
+    framecast_telemetry::config_file::apply_for::<Cli>("serve")?;
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Models(args) => {

@@ -5,13 +5,14 @@ use crate::models::ModelManager;
 use crate::service::InferenceService;
 use framecast_proto::auth::BearerCheck;
 use framecast_proto::kserve::grpc_inference_service_server::GrpcInferenceServiceServer;
+use framecast_telemetry::running;
+pub use framecast_telemetry::running::Running;
 use framecast_telemetry::Drain;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 
 /// Transport settings.
 #[derive(Debug, Clone)]
@@ -87,32 +88,11 @@ async fn serve_draining(
         .add_service(reflection)
         .add_service(kserve)
         .serve_with_incoming_shutdown(
-            // The builder's tcp_nodelay only reaches listeners tonic binds itself: without it
-            // here, Nagle and delayed ACKs hold small replies for ~40 ms.
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            running::incoming(listener),
             async move { drain.started().await },
         )
         .await?;
     Ok(())
-}
-
-/// A server running on its own task; dropping the handle shuts it down.
-pub struct Running {
-    pub addr: std::net::SocketAddr,
-    stop: tokio::sync::oneshot::Sender<()>,
-    done: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Shuts the server down as SIGTERM would and waits until it has stopped.
-    pub async fn shutdown(self) {
-        drop(self.stop);
-        let _ = self.done.await;
-    }
 }
 
 /// Starts a server on an ephemeral loopback port (tests, benchmarks, embedding).
@@ -129,17 +109,8 @@ pub async fn spawn(
     models: Arc<ModelManager>,
     opts: ServerOptions,
 ) -> anyhow::Result<Running> {
-    let listener = TcpListener::bind(addr).await?;
-    let addr = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let done = tokio::spawn(async move {
-        if let Err(e) = serve(listener, models, opts, async {
-            let _ = stopped.await;
-        })
-        .await
-        {
-            tracing::error!(error = %e, "inference server stopped");
-        }
-    });
-    Ok(Running { addr, stop, done })
+    running::spawn(addr, "inference", |listener, stop| {
+        serve(listener, models, opts, stop)
+    })
+    .await
 }

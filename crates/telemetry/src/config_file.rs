@@ -12,8 +12,20 @@ use std::path::{Path, PathBuf};
 /// Environment variable naming the configuration file.
 pub const CONFIG_ENV: &str = "FRAMECAST_CONFIG";
 
+/// Applies the file named by `--config` (or `FRAMECAST_CONFIG`), if any, to the flags of
+/// subcommand `sub` of the command line `C`. Call first thing in `main`, then parse.
+pub fn apply_for<C: clap::CommandFactory>(sub: &str) -> Result<()> {
+    let Some(path) = path_from_args() else {
+        return Ok(());
+    };
+    match C::command().find_subcommand(sub) {
+        Some(cmd) => apply(cmd, &path),
+        None => Ok(()),
+    }
+}
+
 /// The `--config` path on the command line (or `FRAMECAST_CONFIG`), if any.
-pub fn path_from_args() -> Option<PathBuf> {
+fn path_from_args() -> Option<PathBuf> {
     let mut args = std::env::args_os().skip(1);
     while let Some(a) = args.next() {
         let a = a.to_string_lossy().into_owned();

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 pub mod config_file;
 pub mod drain;
+pub mod running;
 pub use drain::{serve_with_grace, Drain};
 pub use prometheus;
 
