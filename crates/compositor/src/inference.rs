@@ -12,6 +12,7 @@
 
 use crate::shm_pool::{Lease, ShmPool};
 use framecast_proto::auth::authorize;
+use framecast_proto::deadline::{timeout_parameter, PARAM_TIMEOUT};
 use framecast_proto::kserve::{
     grpc_inference_service_client::GrpcInferenceServiceClient,
     model_metadata_response::TensorMetadata, ModelInferRequest, ModelInferResponse,
@@ -22,7 +23,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -420,16 +421,18 @@ impl InferenceClient {
 
     /// Runs one batch on the pool; a batch lost to a failing replica is retried once on
     /// another. The response carries `expected.output` in `raw_output_contents` however it
-    /// travelled.
+    /// travelled. A `deadline` travels with the request (its `timeout` parameter), so the
+    /// server drops it unexecuted once it has passed, and bounds the wait here.
     pub async fn infer(
         &self,
         req: ModelInferRequest,
         expected: &Expected,
+        deadline: Option<Instant>,
     ) -> Result<ModelInferResponse, Status> {
         let first = self
             .pick(None)
             .ok_or_else(|| Status::unavailable("no inference replica configured"))?;
-        let result = self.infer_on(first, req.clone(), expected).await;
+        let result = self.infer_on(first, req.clone(), expected, deadline).await;
         match result {
             Err(s) if s.code() == Code::Unavailable && self.replicas.len() > 1 => {
                 self.replicas[first].healthy.store(false, Ordering::Release);
@@ -437,7 +440,7 @@ impl InferenceClient {
                     return Err(s);
                 };
                 tracing::warn!(from = %self.replicas[first].url, to = %self.replicas[second].url, "retrying batch on another replica");
-                self.infer_on(second, req, expected).await
+                self.infer_on(second, req, expected, deadline).await
             }
             other => other,
         }
@@ -446,13 +449,25 @@ impl InferenceClient {
     async fn infer_on(
         &self,
         i: usize,
-        req: ModelInferRequest,
+        mut req: ModelInferRequest,
         expected: &Expected,
+        deadline: Option<Instant>,
     ) -> Result<ModelInferResponse, Status> {
+        let mut timeout = self.opts.request_timeout;
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Status::deadline_exceeded(
+                    "the caller's deadline passed before the batch was sent",
+                ));
+            }
+            timeout = timeout.min(left);
+            req.parameters
+                .insert(PARAM_TIMEOUT.to_string(), timeout_parameter(left));
+        }
         let replica = &self.replicas[i];
         replica.in_flight.fetch_add(1, Ordering::AcqRel);
         let _guard = InFlight(replica);
-        let timeout = self.opts.request_timeout;
         if let Some(pool) = &replica.shm {
             let in_bytes: usize = req.raw_input_contents.iter().map(|b| b.len()).sum();
             if let Some(lease) = pool.lease(in_bytes + expected.bytes).await {

@@ -64,6 +64,23 @@ struct Job {
     /// Conditioning payloads in model input order, each `count` frames long.
     conditioning: Vec<(Arc<str>, DataType, Vec<i64>, Bytes)>,
     arrived: Instant,
+    /// The client's deadline for the stream (`grpc-timeout`), if it set one.
+    deadline: Option<Instant>,
+}
+
+impl Job {
+    /// DEADLINE_EXCEEDED for frames `lo..hi` if the client's deadline has passed.
+    fn check_deadline(&self, lo: usize, hi: usize) -> Result<(), Status> {
+        match self.deadline {
+            Some(d) if Instant::now() >= d => Err(Status::deadline_exceeded(format!(
+                "request '{}': the stream's deadline passed before frames {}..{} were rendered",
+                self.request_id,
+                self.start + lo as u64,
+                self.start + hi as u64
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Checks a request against its avatar and model.
@@ -73,6 +90,7 @@ fn validate(
     model: Arc<ModelInfo>,
     opts: &RenderOptions,
     arrived: Instant,
+    deadline: Option<Instant>,
 ) -> Result<Job, Status> {
     if req.frame_count == 0 || req.frame_count > opts.max_frames_per_request {
         return Err(Status::invalid_argument(format!(
@@ -166,11 +184,14 @@ fn validate(
         subsampling: opts.subsampling,
         conditioning,
         arrived,
+        deadline,
     })
 }
 
 /// Renders one request onto `sink`. Returns an error status for the stream, or Ok when done
-/// (also when the client went away: there is no one left to tell).
+/// (also when the client went away: there is no one left to tell). Past `deadline` no batch
+/// is sent for inference or composited, and the status is DEADLINE_EXCEEDED.
+#[allow(clippy::too_many_arguments)]
 pub async fn render(
     req: RenderRequest,
     avatar: Arc<Avatar>,
@@ -179,9 +200,10 @@ pub async fn render(
     opts: &RenderOptions,
     metrics: &Metrics,
     sink: &FrameSink,
+    deadline: Option<Instant>,
 ) -> Result<(), Status> {
     let arrived = Instant::now();
-    let job = Arc::new(validate(req, avatar, model, opts, arrived)?);
+    let job = Arc::new(validate(req, avatar, model, opts, arrived, deadline)?);
     let batch = opts.max_batch.max(1);
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let mut next = 0usize;
@@ -199,7 +221,7 @@ pub async fn render(
                 next,
                 end,
                 sent,
-                tokio::spawn(async move { client.infer(request, &expected).await }),
+                tokio::spawn(async move { client.infer(request, &expected, deadline).await }),
             ));
             next = end;
         }
@@ -215,6 +237,12 @@ pub async fn render(
                     format!("inference for frames {lo}..{hi}: {}", s.message()),
                 )
             })?;
+        if let Err(s) = job.check_deadline(lo, hi) {
+            for (.., h) in in_flight {
+                h.abort();
+            }
+            return Err(s);
+        }
         let timing = BatchTiming {
             queue: sent - job.arrived,
             inference: sent.elapsed(),
@@ -284,6 +312,13 @@ struct Composed {
     jpeg: Vec<u8>,
     blend: Duration,
     encode: Duration,
+}
+
+/// Why a frame of a batch has no JPEG.
+enum FrameError {
+    /// Not composited: the client went away or its deadline passed.
+    Skipped,
+    Failed(String),
 }
 
 thread_local! {
@@ -360,23 +395,29 @@ async fn finish_batch(
     }
     let (tx, mut rx) = mpsc::unbounded_channel();
     let work = job.clone();
+    let watch = sink.clone();
     rayon::spawn(move || {
         (0..n).into_par_iter().for_each_with(tx.clone(), |tx, i| {
             let bg = work.avatar.background_index(work.start + (lo + i) as u64);
-            let crop = &crops[i * per..(i + 1) * per];
-            let r = compose(&work.avatar, bg, crop, work.quality, work.subsampling).map(
-                |(jpeg, blend, encode)| Composed {
-                    jpeg,
-                    blend,
-                    encode,
-                },
-            );
+            // A client gone or out of time stops the rest of the batch here, not after it.
+            let r = if watch.is_closed() || work.deadline.is_some_and(|d| Instant::now() >= d) {
+                Err(FrameError::Skipped)
+            } else {
+                let crop = &crops[i * per..(i + 1) * per];
+                compose(&work.avatar, bg, crop, work.quality, work.subsampling)
+                    .map(|(jpeg, blend, encode)| Composed {
+                        jpeg,
+                        blend,
+                        encode,
+                    })
+                    .map_err(FrameError::Failed)
+            };
             let _ = tx.send((i, bg, r));
         });
         // Release the job (and with it the avatar and the crops) before the channel closes:
         // once the caller sees it closed, this batch holds nothing, so an avatar whose
         // stream has ended is never still "in use" and can be evicted.
-        drop((work, crops));
+        drop((work, crops, watch));
         drop(tx);
     });
     let mut pending = BTreeMap::new();
@@ -388,13 +429,22 @@ async fn finish_batch(
             .ok_or_else(|| Status::internal("compositing worker stopped"))?;
         pending.insert(i, (bg, r));
         while let Some((bg, r)) = pending.remove(&emitted) {
-            let c = r.map_err(|e| {
-                Status::internal(format!("frame {}: {e}", job.start + (lo + emitted) as u64))
-            })?;
+            let frame_index = job.start + (lo + emitted) as u64;
+            let c = match r {
+                Ok(c) => c,
+                Err(FrameError::Skipped) if sink.is_closed() => return Ok(false),
+                Err(FrameError::Skipped) => {
+                    job.check_deadline(lo + emitted, hi)?;
+                    return Err(Status::internal(format!("frame {frame_index} was skipped")));
+                }
+                Err(FrameError::Failed(e)) => {
+                    return Err(Status::internal(format!("frame {frame_index}: {e}")))
+                }
+            };
             let m = &job.avatar.manifest;
             let frame = RenderedFrame {
                 request_id: job.request_id.clone(),
-                frame_index: job.start + (lo + emitted) as u64,
+                frame_index,
                 background_index: bg as u32,
                 image: Bytes::from(c.jpeg),
                 format: ImageFormat::Jpeg as i32,

@@ -12,6 +12,7 @@ use framecast_proto::compositor::v1::{
 use framecast_telemetry::Drain;
 use futures::StreamExt;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -105,7 +106,12 @@ fn info(s: &AvatarStatus) -> AvatarInfo {
 }
 
 impl CompositorService {
-    async fn render_one(&self, req: RenderRequest, sink: &render::FrameSink) -> Result<(), Status> {
+    async fn render_one(
+        &self,
+        req: RenderRequest,
+        sink: &render::FrameSink,
+        deadline: Option<Instant>,
+    ) -> Result<(), Status> {
         let avatar = self.store.get(&req.avatar_id).await.map_err(status_of)?;
         let model = self
             .inference
@@ -130,6 +136,7 @@ impl CompositorService {
             &self.opts,
             &self.metrics,
             sink,
+            deadline,
         )
         .await
     }
@@ -153,6 +160,9 @@ impl Compositor for CompositorService {
                 self.metrics.streams_limit.get()
             ))
         })?;
+        // A deadline on the call covers the whole stream: past it, nothing more is rendered
+        // and the stream ends with DEADLINE_EXCEEDED.
+        let deadline = framecast_proto::deadline::from_metadata(req.metadata());
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
@@ -171,13 +181,18 @@ impl Compositor for CompositorService {
                         let _ = tx.send(Err(bye)).await;
                         break;
                     }
+                    _ = sleep_until_opt(deadline) => {
+                        let late = Status::deadline_exceeded("the stream's deadline passed while waiting for the next request");
+                        let _ = tx.send(Err(late)).await;
+                        break;
+                    }
                     msg = inbound.next() => msg,
                 };
                 let req = match msg {
                     Some(Ok(r)) => r,
                     _ => break,
                 };
-                let result = this.render_one(req, &tx).await;
+                let result = this.render_one(req, &tx, deadline).await;
                 let outcome = match &result {
                     Ok(()) if tx.is_closed() => "cancelled",
                     Ok(()) => "ok",
@@ -235,5 +250,13 @@ impl Compositor for CompositorService {
         Ok(Response::new(ListAvatarsResponse {
             avatars: list.iter().map(info).collect(),
         }))
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
     }
 }

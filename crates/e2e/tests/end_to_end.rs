@@ -47,6 +47,8 @@ struct Opts {
     max_streams: usize,
     /// (inference token, compositor token)
     tokens: (Option<&'static str>, Option<&'static str>),
+    /// How long the model waits for batch-mates (its max batch is 8).
+    queue_delay_us: u64,
 }
 
 impl Default for Opts {
@@ -56,6 +58,7 @@ impl Default for Opts {
             shared_memory: true,
             max_streams: DEFAULT_MAX_STREAMS,
             tokens: (None, None),
+            queue_delay_us: 1000,
         }
     }
 }
@@ -73,12 +76,12 @@ async fn stack_with_budget(root: &Path, batch: usize, budget: Option<u64>) -> St
 }
 
 /// Writes the `passthrough` model and the `small` and `tall` avatars under `root`.
-fn write_fixtures(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+fn write_fixtures(root: &Path, queue_delay_us: u64) -> (std::path::PathBuf, std::path::PathBuf) {
     let models = root.join("models");
     let zoo_opts = ZooOptions {
         crop: CROP as i64,
         max_batch_size: 8,
-        max_queue_delay_us: 1000,
+        max_queue_delay_us: queue_delay_us,
     };
     zoo::write(&models, Builtin::Passthrough, &zoo_opts).unwrap();
     let avatars = root.join("avatars");
@@ -98,7 +101,7 @@ fn write_fixtures(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
 }
 
 async fn stack_with(root: &Path, batch: usize, o: Opts) -> Stack {
-    let (models, avatars) = write_fixtures(root);
+    let (models, avatars) = write_fixtures(root, o.queue_delay_us);
     let repo = Repository::open(&models).unwrap();
     let exec = ExecOptions::default();
     let manager = Arc::new(ModelManager::new(repo, exec, true, Default::default()));
@@ -763,7 +766,7 @@ async fn both_services_require_their_bearer_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_that_stops_under_load_loses_no_frames_and_is_used_when_back() {
     let tmp = tempfile::tempdir().unwrap();
-    let (models, avatars) = write_fixtures(tmp.path());
+    let (models, avatars) = write_fixtures(tmp.path(), 1000);
     let replica = |metrics: Arc<framecast_inference::metrics::Metrics>| {
         let repo = Repository::open(&models).unwrap();
         Arc::new(ModelManager::new(
@@ -853,4 +856,119 @@ async fn a_replica_that_stops_under_load_loses_no_frames_and_is_used_when_back()
         "no shared memory registered with the restarted replica"
     );
     drop(b);
+}
+
+/// The inference server's statistics of `passthrough`: (executions, failed requests).
+async fn passthrough_stats(url: String) -> (u64, u64) {
+    use framecast_proto::kserve::{
+        grpc_inference_service_client::GrpcInferenceServiceClient, ModelStatisticsRequest,
+    };
+    let stats = GrpcInferenceServiceClient::connect(url)
+        .await
+        .unwrap()
+        .model_statistics(ModelStatisticsRequest {
+            name: "passthrough".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .model_stats
+        .remove(0);
+    let fail = stats
+        .inference_stats
+        .and_then(|s| s.fail)
+        .map_or(0, |f| f.count);
+    (stats.execution_count, fail)
+}
+
+/// A deadline on the Render call reaches the inference queue: the batch still waiting there
+/// when it passes is dropped before the model runs, and the client gets DEADLINE_EXCEEDED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_render_deadline_drops_queued_work_before_the_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Batches of 4 frames wait up to 3 s at the model for batch-mates.
+    let opts = Opts {
+        queue_delay_us: 3_000_000,
+        ..Default::default()
+    };
+    let s = stack_with(tmp.path(), 4, opts).await;
+    // Load the avatar and the model first, so the deadline is spent in the queue.
+    s.client
+        .clone()
+        .load_avatar(framecast_proto::compositor::v1::LoadAvatarRequest {
+            avatar_id: "small".into(),
+        })
+        .await
+        .unwrap();
+    let url = s.inference_server.url();
+    framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient::connect(
+        url.clone(),
+    )
+    .await
+    .unwrap()
+    .repository_model_load(framecast_proto::kserve::RepositoryModelLoadRequest {
+        model_name: "passthrough".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (executions_before, _) = passthrough_stats(url.clone()).await;
+
+    let mut req = tonic::Request::new(tokio_stream::iter(vec![request("small", 0, 4)]));
+    req.set_timeout(std::time::Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let outcome = async {
+        let mut stream = s.client.clone().render(req).await?.into_inner();
+        while stream.message().await?.is_some() {}
+        Ok::<_, tonic::Status>(())
+    }
+    .await;
+    let e = outcome.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(2500),
+        "DEADLINE_EXCEEDED came only after the batch window: {:?}",
+        started.elapsed()
+    );
+    // Once the batch window has closed the inference server has judged the request: failed
+    // as expired, and the model never ran it.
+    let mut stats = passthrough_stats(url.clone()).await;
+    for _ in 0..100 {
+        if stats.1 > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        stats = passthrough_stats(url.clone()).await;
+    }
+    assert_eq!(stats, (executions_before, 1), "(executions, failures)");
+}
+
+/// A client that closes its Render stream stops the work for it: of a 40-batch request, only
+/// the batches already at the inference service when the client left are executed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_closed_render_stream_stops_further_inference() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Each 4-frame batch waits 200 ms at the model, so the request takes ~4 s at depth 2.
+    let opts = Opts {
+        queue_delay_us: 200_000,
+        ..Default::default()
+    };
+    let s = stack_with(tmp.path(), 4, opts).await;
+    let url = s.inference_server.url();
+    let (tx, mut frames) = open_render(&s.client, request("small", 0, 160)).await;
+    let first = frames.message().await.unwrap().unwrap();
+    assert_eq!(first.frame_index, 0);
+    let (executed_then, _) = passthrough_stats(url.clone()).await;
+    drop(frames);
+    drop(tx);
+    // Long enough for the whole request to have run had it gone on.
+    tokio::time::sleep(std::time::Duration::from_millis(4500)).await;
+    let (executed, _) = passthrough_stats(url).await;
+    assert!(
+        executed <= executed_then + 2,
+        "{executed} batches executed after the client left at {executed_then} (depth 2)"
+    );
+    let frames_sent = s.metrics.frames.get();
+    assert!(frames_sent < 40, "{frames_sent} frames composited for a client that left");
 }

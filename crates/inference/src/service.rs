@@ -173,7 +173,7 @@ fn request_timeout(req: &ModelInferRequest) -> Result<Option<Duration>, Status> 
     use kserve::infer_parameter::ParameterChoice;
     match req
         .parameters
-        .get("timeout")
+        .get(framecast_proto::deadline::PARAM_TIMEOUT)
         .and_then(|p| p.parameter_choice.as_ref())
     {
         None => Ok(None),
@@ -185,23 +185,6 @@ fn request_timeout(req: &ModelInferRequest) -> Result<Option<Duration>, Status> 
             "parameters.timeout must be a positive int64 of microseconds, not {other:?}"
         ))),
     }
-}
-
-/// The deadline a gRPC client set with the `grpc-timeout` header, if any.
-pub fn grpc_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Instant> {
-    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
-    let d = match unit {
-        "H" => Duration::from_secs(n.checked_mul(3600)?),
-        "M" => Duration::from_secs(n.checked_mul(60)?),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    };
-    Instant::now().checked_add(d)
 }
 
 /// Builds the response; outputs asked into shared memory are written there and leave an empty
@@ -344,7 +327,7 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_infer(&self, req: Request<ModelInferRequest>) -> Reply<ModelInferResponse> {
-        let deadline = grpc_deadline(req.metadata());
+        let deadline = framecast_proto::deadline::from_metadata(req.metadata());
         self.infer(req.into_inner(), deadline)
             .await
             .map(Response::new)
@@ -356,7 +339,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<Streaming<ModelInferRequest>>,
     ) -> Reply<Self::ModelStreamInferStream> {
-        let deadline = grpc_deadline(req.metadata());
+        let deadline = framecast_proto::deadline::from_metadata(req.metadata());
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(256);
         let this = self.clone();

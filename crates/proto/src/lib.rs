@@ -21,6 +21,7 @@ pub mod compositor {
 }
 
 pub mod auth;
+pub mod deadline;
 pub mod shm;
 pub mod tensor;
 
