@@ -1,1 +1,65 @@
-//! Tests only: see tests/.
+//! Fixtures the end-to-end tests share (see tests/), and, as binaries, the two services' own
+//! `main`s so those tests can run them as processes.
+
+use framecast_compositor::demo::{self, DemoOptions};
+use framecast_inference::zoo::{self, Builtin, ZooOptions};
+use framecast_proto::compositor::v1::{RenderRequest, Tensor};
+use framecast_proto::tensor;
+use std::path::{Path, PathBuf};
+
+/// Face crop side of the fixture model and avatars.
+pub const CROP: u32 = 64;
+/// Size of the `small` avatar's frames.
+pub const W: u32 = 320;
+pub const H: u32 = 180;
+/// Background frames per fixture avatar.
+pub const FRAMES: u32 = 6;
+
+/// Writes the `passthrough` model (max batch 8, waiting up to `queue_delay_us` for
+/// batch-mates) and the `small` (320x180) and `tall` (144x256) avatars under `root`; returns
+/// the model repository and the avatar root.
+pub fn write_fixtures(root: &Path, queue_delay_us: u64) -> (PathBuf, PathBuf) {
+    let models = root.join("models");
+    let zoo_opts = ZooOptions {
+        crop: CROP as i64,
+        max_batch_size: 8,
+        max_queue_delay_us: queue_delay_us,
+    };
+    zoo::write(&models, Builtin::Passthrough, &zoo_opts).expect("writing the fixture model");
+    let avatars = root.join("avatars");
+    for (id, w, h) in [("small", W, H), ("tall", 144, 256)] {
+        let opts = DemoOptions {
+            id: id.into(),
+            width: w,
+            height: h,
+            frames: FRAMES,
+            fps: 25.0,
+            crop_size: CROP,
+            model: "passthrough".into(),
+        };
+        demo::write_demo(&avatars, &opts).expect("writing a fixture avatar");
+    }
+    (models, avatars)
+}
+
+/// Silent audio conditioning for `n` frames.
+pub fn zero_audio(n: u32) -> Tensor {
+    Tensor {
+        name: "audio".into(),
+        datatype: "FP32".into(),
+        shape: vec![n as i64, 32, 16, 16],
+        data: tensor::encode(&vec![0f32; n as usize * 32 * 16 * 16]),
+    }
+}
+
+/// A request for frames `start..start + n` of `avatar`, with silent audio.
+pub fn request(avatar: &str, start: u64, n: u32) -> RenderRequest {
+    RenderRequest {
+        request_id: format!("{avatar}-{start}"),
+        avatar_id: avatar.into(),
+        start_frame: start,
+        frame_count: n,
+        conditioning: vec![zero_audio(n)],
+        jpeg_quality: 0,
+    }
+}

@@ -10,23 +10,18 @@ use framecast_compositor::inference::{ClientOptions, InferenceClient};
 use framecast_compositor::render::RenderOptions;
 use framecast_compositor::service::{CompositorService, DEFAULT_MAX_STREAMS};
 use framecast_compositor::{mask, server as comp_server};
+use framecast_e2e::{request, write_fixtures, CROP, FRAMES, H, W};
 use framecast_inference::models::{ExecOptions, ModelManager};
 use framecast_inference::repository::Repository;
 use framecast_inference::server::{self as inf_server, ServerOptions};
-use framecast_inference::zoo::{self, Builtin, ZooOptions};
 use framecast_proto::compositor::v1::{
-    compositor_client::CompositorClient, RenderRequest, RenderedFrame, Tensor,
+    compositor_client::CompositorClient, RenderRequest, RenderedFrame,
 };
-use framecast_proto::tensor::{self, DataType};
+use framecast_proto::tensor::DataType;
 use std::path::Path;
 use std::sync::Arc;
 use tokio_stream::StreamExt;
 use tonic::Code;
-
-const CROP: u32 = 64;
-const W: u32 = 320;
-const H: u32 = 180;
-const FRAMES: u32 = 6;
 
 struct Stack {
     inference_server: inf_server::Running,
@@ -75,31 +70,6 @@ async fn stack_with_budget(root: &Path, batch: usize, budget: Option<u64>) -> St
     .await
 }
 
-/// Writes the `passthrough` model and the `small` and `tall` avatars under `root`.
-fn write_fixtures(root: &Path, queue_delay_us: u64) -> (std::path::PathBuf, std::path::PathBuf) {
-    let models = root.join("models");
-    let zoo_opts = ZooOptions {
-        crop: CROP as i64,
-        max_batch_size: 8,
-        max_queue_delay_us: queue_delay_us,
-    };
-    zoo::write(&models, Builtin::Passthrough, &zoo_opts).unwrap();
-    let avatars = root.join("avatars");
-    for (id, w, h) in [("small", W, H), ("tall", 144, 256)] {
-        let opts = DemoOptions {
-            id: id.into(),
-            width: w,
-            height: h,
-            frames: FRAMES,
-            fps: 25.0,
-            crop_size: CROP,
-            model: "passthrough".into(),
-        };
-        demo::write_demo(&avatars, &opts).unwrap();
-    }
-    (models, avatars)
-}
-
 async fn stack_with(root: &Path, batch: usize, o: Opts) -> Stack {
     let (models, avatars) = write_fixtures(root, o.queue_delay_us);
     let repo = Repository::open(&models).unwrap();
@@ -143,26 +113,6 @@ async fn stack_with(root: &Path, batch: usize, o: Opts) -> Stack {
         client: CompositorClient::connect(compositor_url).await.unwrap(),
         metrics,
         inference: client,
-    }
-}
-
-fn zero_audio(n: u32) -> Tensor {
-    Tensor {
-        name: "audio".into(),
-        datatype: "FP32".into(),
-        shape: vec![n as i64, 32, 16, 16],
-        data: tensor::encode(&vec![0f32; n as usize * 32 * 16 * 16]),
-    }
-}
-
-fn request(avatar: &str, start: u64, n: u32) -> RenderRequest {
-    RenderRequest {
-        request_id: format!("{avatar}-{start}"),
-        avatar_id: avatar.into(),
-        start_frame: start,
-        frame_count: n,
-        conditioning: vec![zero_audio(n)],
-        jpeg_quality: 0,
     }
 }
 
@@ -970,5 +920,8 @@ async fn a_closed_render_stream_stops_further_inference() {
         "{executed} batches executed after the client left at {executed_then} (depth 2)"
     );
     let frames_sent = s.metrics.frames.get();
-    assert!(frames_sent < 40, "{frames_sent} frames composited for a client that left");
+    assert!(
+        frames_sent < 40,
+        "{frames_sent} frames composited for a client that left"
+    );
 }

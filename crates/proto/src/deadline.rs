@@ -51,7 +51,10 @@ mod tests {
         ] {
             m.insert("grpc-timeout", v.parse().unwrap());
             let left = from_metadata(&m).unwrap() - Instant::now();
-            assert!(left <= d && left + Duration::from_millis(100) > d, "{v}: {left:?}");
+            assert!(
+                left <= d && left + Duration::from_millis(100) > d,
+                "{v}: {left:?}"
+            );
         }
         for bad in ["", "m", "12x", "-1S", "99999999999999999999H"] {
             m.insert("grpc-timeout", bad.parse().unwrap());

@@ -1,0 +1,285 @@
+//! The services as real processes, for the faults a process can suffer: an inference replica
+//! killed with SIGKILL under load, and SIGTERM ending both services with exit status 0 once
+//! their in-flight work is done.
+
+use framecast_compositor::avatar_store::AvatarStore;
+use framecast_compositor::inference::{ClientOptions, InferenceClient};
+use framecast_compositor::render::RenderOptions;
+use framecast_compositor::server as comp_server;
+use framecast_compositor::service::CompositorService;
+use framecast_e2e::{request, write_fixtures};
+use framecast_inference::models::{ExecOptions, ModelManager};
+use framecast_inference::repository::Repository;
+use framecast_inference::server as inf_server;
+use framecast_proto::compositor::v1::compositor_client::CompositorClient;
+use framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
+use framecast_proto::kserve::ModelStatisticsRequest;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
+
+const INFERENCE: &str = env!("CARGO_BIN_EXE_inference-process");
+const COMPOSITOR: &str = env!("CARGO_BIN_EXE_compositor-process");
+
+/// A loopback address nothing listens on at the moment.
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+}
+
+/// A service process; killed if the test ends without stopping it.
+struct Proc {
+    name: &'static str,
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn start(name: &'static str, bin: &str, args: &[String]) -> Proc {
+        let child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name}: cannot start {bin}: {e}"));
+        Proc { name, child }
+    }
+
+    fn inference(models: &Path, addr: SocketAddr) -> Proc {
+        let args = [
+            "serve",
+            "--repository",
+            &models.display().to_string(),
+            "--listen",
+            &addr.to_string(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--torch-threads",
+            "1",
+        ];
+        Proc::start("inference", INFERENCE, &args.map(String::from))
+    }
+
+    /// Waits until the process's gRPC health service answers SERVING.
+    async fn wait_serving(&mut self, addr: SocketAddr) {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(60) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("{} exited before serving: {status}", self.name);
+            }
+            let url = format!("http://{addr}");
+            if let Ok(channel) = tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+            {
+                let status = HealthClient::new(channel)
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await;
+                if status.is_ok_and(|s| s.into_inner().status == ServingStatus::Serving as i32) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{} not serving on {addr} after 60 s", self.name);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill({}, {signal})", self.name);
+    }
+
+    /// The exit status, waiting at most `limit` (a hang fails the test rather than CI).
+    async fn exit_within(&mut self, limit: Duration) -> ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "{} still running {limit:?} after the signal",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// How many batches a server has executed for `passthrough`.
+async fn executions(addr: SocketAddr) -> u64 {
+    GrpcInferenceServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .model_statistics(ModelStatisticsRequest {
+            name: "passthrough".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .model_stats
+        .first()
+        .map_or(0, |s| s.execution_count)
+}
+
+/// SIGKILL to one of two replicas while 200 frames render: every frame arrives once and in
+/// order (the dead replica's batches are retried on the other), and the replica is used again
+/// once a new process listens on its address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_inference_process_killed_under_load_loses_no_frames() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (models, avatars) = write_fixtures(tmp.path(), 1000);
+    let a_addr = free_addr();
+    let mut a = Proc::inference(&models, a_addr);
+    a.wait_serving(a_addr).await;
+    let repo = Repository::open(&models).unwrap();
+    let manager = ModelManager::new(repo, ExecOptions::default(), true, Default::default());
+    let b = inf_server::spawn_on_loopback(Arc::new(manager), Default::default())
+        .await
+        .unwrap();
+    let client_opts = ClientOptions {
+        health_interval: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let urls = [format!("http://{a_addr}"), b.url()];
+    let inference = InferenceClient::connect_lazy(&urls, &client_opts).unwrap();
+    let metrics = Arc::new(framecast_compositor::metrics::Metrics::new());
+    let store = Arc::new(AvatarStore::new(&avatars, true, None, metrics.clone()).unwrap());
+    let opts = RenderOptions {
+        max_batch: 2,
+        ..Default::default()
+    };
+    let svc = CompositorService::new(store, inference.clone(), opts, metrics);
+    let compositor = comp_server::spawn_on_loopback(svc, Default::default())
+        .await
+        .unwrap();
+    let client = CompositorClient::connect(compositor.url()).await.unwrap();
+
+    let served_before_kill = {
+        let mut frames = client
+            .clone()
+            .render(tokio_stream::iter(vec![request("small", 0, 200)]))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut next = 0u64;
+        let mut served = 0;
+        while let Some(f) = frames.message().await.unwrap() {
+            assert_eq!(f.frame_index, next, "frame out of order or sent twice");
+            next += 1;
+            if next == 20 {
+                served = executions(a_addr).await;
+                a.child.kill().unwrap();
+            }
+        }
+        assert_eq!(next, 200, "frames lost when a replica was killed");
+        served
+    };
+    assert!(
+        served_before_kill > 0,
+        "the killed replica had served nothing: the test did not exercise it"
+    );
+    assert!(!a.child.wait().unwrap().success());
+
+    let mut a = Proc::inference(&models, a_addr);
+    a.wait_serving(a_addr).await;
+    let started = Instant::now();
+    while !inference.health().iter().all(|(_, ok)| *ok) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "restarted replica never reported healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut frames = client
+        .clone()
+        .render(tokio_stream::iter(vec![request("small", 0, 40)]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while frames.message().await.unwrap().is_some() {
+        n += 1;
+    }
+    assert_eq!(n, 40);
+    assert!(
+        executions(a_addr).await > 0,
+        "the restarted replica got no batch"
+    );
+}
+
+/// SIGTERM to both processes while a request waits at the model: the request is finished and
+/// its frames delivered, then both exit with status 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_work_then_both_processes_exit_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The model waits 1.5 s for batch-mates: the request is still queued at the signal.
+    let (models, avatars) = write_fixtures(tmp.path(), 1_500_000);
+    let inf_addr = free_addr();
+    let mut inference = Proc::inference(&models, inf_addr);
+    inference.wait_serving(inf_addr).await;
+    let comp_addr = free_addr();
+    let args = [
+        "serve",
+        "--avatars",
+        &avatars.display().to_string(),
+        "--inference",
+        &format!("http://{inf_addr}"),
+        "--listen",
+        &comp_addr.to_string(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--batch",
+        "4",
+        "--shutdown-grace-s",
+        "20",
+    ];
+    let mut compositor = Proc::start("compositor", COMPOSITOR, &args.map(String::from));
+    compositor.wait_serving(comp_addr).await;
+
+    let mut client = CompositorClient::connect(format!("http://{comp_addr}"))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(request("small", 0, 4)).await.unwrap();
+    let mut frames = client
+        .render(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    compositor.signal(libc::SIGTERM);
+    inference.signal(libc::SIGTERM);
+
+    let mut got = Vec::new();
+    let end = loop {
+        match frames.message().await {
+            Ok(Some(f)) => got.push(f.frame_index),
+            Ok(None) => break None,
+            Err(s) => break Some(s),
+        }
+    };
+    assert_eq!(got, [0, 1, 2, 3], "the request in flight was not finished");
+    if let Some(s) = end {
+        assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+    }
+    drop(tx);
+    let limit = Duration::from_secs(30);
+    let status = compositor.exit_within(limit).await;
+    assert!(status.success(), "compositor: {status}");
+    let status = inference.exit_within(limit).await;
+    assert!(status.success(), "inference: {status}");
+}
