@@ -16,9 +16,8 @@ pub struct DemoArgs {
     /// Compositor URL.
     #[arg(long, default_value = "http://127.0.0.1:8011")]
     pub compositor: String,
-    /// Bearer token the compositor requires, if any.
-    #[arg(long, env = "FRAMECAST_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub access: client::Access,
     #[arg(long, default_value = "demo")]
     pub avatar: String,
     /// Seconds of video to render.
@@ -77,7 +76,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let frames_dir = args.out.join("frames");
     std::fs::create_dir_all(&frames_dir)
         .with_context(|| format!("creating {}", frames_dir.display()))?;
-    let mut client = client::compositor(&args.compositor, args.token.as_deref())?;
+    let mut client = client::compositor(&args.compositor, &args.access)?;
     let mut requests = Vec::new();
     let mut start = 0u32;
     while start < total {

@@ -74,6 +74,8 @@ enum Command {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 120)]
         timeout_s: u64,
+        #[command(flatten)]
+        access: client::Access,
     },
     /// Render the demo avatar and write frames, an MJPEG AVI and a contact sheet.
     Demo(demo::DemoArgs),
@@ -99,9 +101,8 @@ enum Mode {
 struct Common {
     #[arg(long, value_enum, default_value = "quick")]
     mode: Mode,
-    /// Bearer token the server requires, if any.
-    #[arg(long, env = "FRAMECAST_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    #[command(flatten)]
+    access: client::Access,
     /// Concurrent requests in flight (closed loop).
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
@@ -261,9 +262,11 @@ fn write_outputs(report: &Report, common: &Common) -> Result<()> {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Wait { urls, timeout_s } => {
-            client::wait_healthy(&urls, Duration::from_secs(timeout_s)).await
-        }
+        Command::Wait {
+            urls,
+            timeout_s,
+            access,
+        } => client::wait_healthy(&urls, &access, Duration::from_secs(timeout_s)).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Compositor {
             url,
@@ -280,7 +283,7 @@ async fn run(cli: Cli) -> Result<()> {
                 bail!("--chunk and --fps must be positive");
             }
             let target = Arc::new(target::Compositor::new(
-                client::compositor(&url, common.token.as_deref())?,
+                client::compositor(&url, &common.access)?,
                 &avatar,
                 chunk,
             ));
@@ -323,7 +326,7 @@ async fn run(cli: Cli) -> Result<()> {
             if batch == 0 {
                 bail!("--batch must be at least 1");
             }
-            let client = client::kserve(&url, common.token.as_deref())?;
+            let client = client::kserve(&url, &common.access)?;
             let target = Arc::new(
                 target::Kserve::new(client, &model, batch, &data, stream)
                     .await

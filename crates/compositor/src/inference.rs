@@ -19,6 +19,7 @@ use framecast_proto::kserve::{
     ModelMetadataRequest, ServerReadyRequest,
 };
 use framecast_proto::tensor::DataType;
+use framecast_telemetry::tls::{self, ClientTls};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -26,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 /// Connection settings.
@@ -43,6 +44,8 @@ pub struct ClientOptions {
     pub shared_memory: bool,
     /// Bearer token the inference replicas require, if any.
     pub token: Option<String>,
+    /// TLS to the replicas (their URLs are then https://).
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for ClientOptions {
@@ -56,6 +59,7 @@ impl Default for ClientOptions {
             max_message_bytes: framecast_proto::DEFAULT_MAX_MESSAGE_BYTES,
             shared_memory: true,
             token: None,
+            tls: None,
         }
     }
 }
@@ -307,8 +311,8 @@ impl InferenceClient {
             .iter()
             .enumerate()
             .map(|(i, url)| {
-                let endpoint = Endpoint::from_shared(url.clone())
-                    .map_err(|e| format!("inference endpoint {url:?}: {e}"))?
+                let endpoint = tls::endpoint(url, opts.tls.as_ref(), "inference-tls")
+                    .map_err(|e| format!("inference: {e:#}"))?
                     .connect_timeout(opts.connect_timeout)
                     .http2_keep_alive_interval(opts.keep_alive_interval)
                     .keep_alive_timeout(opts.keep_alive_timeout)

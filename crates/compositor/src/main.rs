@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the Render and avatar management API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Work with avatar bundles on disk.
     #[command(subcommand)]
     Avatar(AvatarCommand),
@@ -96,6 +96,22 @@ struct ServeArgs {
     /// Bearer token to send to the inference replicas, if they require one.
     #[arg(long, env = "FRAMECAST_INFERENCE_TOKEN", hide_env_values = true)]
     inference_token: Option<String>,
+    #[command(flatten)]
+    tls: framecast_telemetry::tls::ServerTlsArgs,
+    /// PEM CA that signed the inference replicas' certificates: reach them over TLS (the
+    /// --inference URLs must then be https://).
+    #[arg(long, env = "FRAMECAST_INFERENCE_TLS_CA")]
+    inference_tls_ca: Option<PathBuf>,
+    /// PEM certificate to present to the inference replicas (mutual TLS; with
+    /// --inference-tls-key).
+    #[arg(long, env = "FRAMECAST_INFERENCE_TLS_CERT")]
+    inference_tls_cert: Option<PathBuf>,
+    /// PEM private key of --inference-tls-cert.
+    #[arg(long, env = "FRAMECAST_INFERENCE_TLS_KEY")]
+    inference_tls_key: Option<PathBuf>,
+    /// Name to expect in the replicas' certificates, when it is not the URLs' host.
+    #[arg(long, env = "FRAMECAST_INFERENCE_TLS_DOMAIN")]
+    inference_tls_domain: Option<String>,
     /// Admission limit: open Render streams; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "FRAMECAST_MAX_STREAMS", default_value_t = framecast_compositor::service::DEFAULT_MAX_STREAMS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_streams: usize,
@@ -153,7 +169,7 @@ fn main() -> Result<()> {
     framecast_telemetry::init_logs();
     framecast_telemetry::config_file::apply_for::<Cli>("serve")?;
     match Cli::parse().command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Avatar(AvatarCommand::Check { dir }) => match Avatar::load(&dir) {
             Ok(a) => {
                 println!(
@@ -218,6 +234,14 @@ fn serve(args: ServeArgs) -> Result<()> {
             .build_global()
             .context("workers: cannot size the compositing pool")?;
     }
+    let tls = args.tls.load()?;
+    let inference_tls = framecast_telemetry::tls::ClientTls::from_files(
+        "inference-tls",
+        args.inference_tls_ca.as_deref(),
+        args.inference_tls_cert.as_deref(),
+        args.inference_tls_key.as_deref(),
+        args.inference_tls_domain.clone(),
+    )?;
     let metrics = Arc::new(Metrics::new());
     let budget = (args.avatar_budget_mib > 0).then_some(args.avatar_budget_mib << 20);
     let store = Arc::new(
@@ -231,6 +255,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         request_timeout: Duration::from_secs(args.inference_timeout_s),
         shared_memory: args.inference_shared_memory,
         token: args.inference_token.clone(),
+        tls: inference_tls,
         ..Default::default()
     };
     let opts = RenderOptions {
@@ -244,9 +269,13 @@ fn serve(args: ServeArgs) -> Result<()> {
         // The channel's connection task needs the runtime, so the client is made inside it.
         let inference = InferenceClient::connect_lazy(&args.inference, &client_opts)
             .map_err(anyhow::Error::msg)?;
-        framecast_telemetry::serve_metrics(args.metrics_listen, metrics.registry.clone())
-            .await
-            .with_context(|| format!("metrics-listen: cannot bind {}", args.metrics_listen))?;
+        framecast_telemetry::serve_metrics(
+            args.metrics_listen,
+            metrics.registry.clone(),
+            tls.as_ref(),
+        )
+        .await
+        .with_context(|| format!("metrics-listen: cannot bind {}", args.metrics_listen))?;
         for id in &args.preload {
             store
                 .load(id)
@@ -263,6 +292,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             max_message_bytes: args.max_message_bytes,
             grace: Duration::from_secs(args.shutdown_grace_s),
             auth_token: args.auth_token,
+            tls,
         };
         framecast_compositor::server::serve(
             listener,

@@ -3,9 +3,9 @@
 use crate::service::CompositorService;
 use framecast_proto::auth::BearerCheck;
 use framecast_proto::compositor::v1::compositor_server::CompositorServer;
-use framecast_telemetry::running;
 pub use framecast_telemetry::running::Running;
 use framecast_telemetry::Drain;
+use framecast_telemetry::{running, tls};
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -17,6 +17,8 @@ pub struct ServeOptions {
     pub max_message_bytes: usize,
     /// After the shutdown signal, how long streams may take to finish their requests.
     pub grace: Duration,
+    /// Serve over TLS (and require client certificates if it has a client CA).
+    pub tls: Option<tls::ServerTls>,
     /// Bearer token every Render and avatar call must carry (health checks stay open).
     pub auth_token: Option<String>,
 }
@@ -27,6 +29,7 @@ impl Default for ServeOptions {
             max_message_bytes: framecast_proto::DEFAULT_MAX_MESSAGE_BYTES,
             grace: Duration::from_secs(30),
             auth_token: None,
+            tls: None,
         }
     }
 }
@@ -64,12 +67,13 @@ async fn serve_draining(
         .max_encoding_message_size(opts.max_message_bytes);
     let compositor =
         InterceptedService::new(compositor, BearerCheck::new(opts.auth_token.as_deref()));
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
         .max_frame_size(Some(1 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    tls::server(server, opts.tls.as_ref())?
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(compositor)

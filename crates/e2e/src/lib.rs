@@ -63,3 +63,55 @@ pub fn request(avatar: &str, start: u64, n: u32) -> RenderRequest {
         jpeg_quality: 0,
     }
 }
+
+/// Certificates for TLS tests, as PEM: a CA, a server certificate it signed for `localhost`
+/// and `127.0.0.1`, a client certificate it signed, and a client certificate from another CA.
+pub struct TestPki {
+    pub ca: String,
+    pub server_cert: String,
+    pub server_key: String,
+    pub client_cert: String,
+    pub client_key: String,
+    pub stranger_cert: String,
+    pub stranger_key: String,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let ca_params = || {
+            let mut p = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p
+        };
+        let key = || KeyPair::generate().expect("key pair");
+        let ca = CertifiedIssuer::self_signed(ca_params(), key()).expect("CA");
+        let other_ca = CertifiedIssuer::self_signed(ca_params(), key()).expect("other CA");
+        let leaf = |names: &[&str], issuer: &CertifiedIssuer<'_, KeyPair>| {
+            let k = key();
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let cert = CertificateParams::new(names)
+                .and_then(|p| p.signed_by(&k, issuer))
+                .expect("leaf certificate");
+            (cert.pem(), k.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(&["localhost", "127.0.0.1"], &ca);
+        let (client_cert, client_key) = leaf(&["compositor"], &ca);
+        let (stranger_cert, stranger_key) = leaf(&["stranger"], &other_ca);
+        TestPki {
+            ca: ca.pem(),
+            server_cert,
+            server_key,
+            client_cert,
+            client_key,
+            stranger_cert,
+            stranger_key,
+        }
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}

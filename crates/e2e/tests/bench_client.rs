@@ -75,7 +75,7 @@ fn phase(seconds: f64) -> Phase {
 async fn compositor_load_counts_add_up() {
     let tmp = tempfile::tempdir().unwrap();
     let (_i, c) = stack(tmp.path(), 1000).await;
-    let client = framecast_bench::client::compositor(&c.url(), None).unwrap();
+    let client = framecast_bench::client::compositor(&c.url(), &Default::default()).unwrap();
     let good = Arc::new(target::Compositor::new(client.clone(), "a", 6));
     let level = load::closed_loop(good, 2, &phase(2.0)).await;
     assert!(level.requests_succeeded > 0, "{level:?}");
@@ -109,7 +109,7 @@ async fn compositor_load_counts_add_up() {
 async fn kserve_load_counts_add_up() {
     let tmp = tempfile::tempdir().unwrap();
     let (i, _c) = stack(tmp.path(), 1000).await;
-    let client = framecast_bench::client::kserve(&i.url(), None).unwrap();
+    let client = framecast_bench::client::kserve(&i.url(), &Default::default()).unwrap();
     for stream in [false, true] {
         let t = Arc::new(
             target::Kserve::new(client.clone(), "passthrough", 3, &Fill::Random, stream)
@@ -131,7 +131,7 @@ async fn realtime_detects_a_slow_server() {
     let tmp = tempfile::tempdir().unwrap();
     // A batching delay of 600 ms against a deadline of one 4-frame chunk at 25 fps (160 ms).
     let (_i, c) = stack(tmp.path(), 600_000).await;
-    let client = framecast_bench::client::compositor(&c.url(), None).unwrap();
+    let client = framecast_bench::client::compositor(&c.url(), &Default::default()).unwrap();
     let t = Arc::new(target::Compositor::new(client, "a", 4));
     let trial = load::realtime_trial(
         t,
@@ -154,7 +154,7 @@ async fn realtime_detects_a_slow_server() {
 async fn realtime_passes_a_fast_server_with_generous_deadlines() {
     let tmp = tempfile::tempdir().unwrap();
     let (_i, c) = stack(tmp.path(), 0).await;
-    let client = framecast_bench::client::compositor(&c.url(), None).unwrap();
+    let client = framecast_bench::client::compositor(&c.url(), &Default::default()).unwrap();
     let t = Arc::new(target::Compositor::new(client, "a", 4));
     let trial =
         load::realtime_trial(t, 1, 25.0, Duration::from_secs(3), Duration::from_secs(1)).await;

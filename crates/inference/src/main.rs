@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the models of a repository.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write the built-in models (passthrough, lipsync-ref, talking-demo) into a repository.
     Models(ModelsArgs),
 }
@@ -85,6 +85,8 @@ struct ServeArgs {
     /// unset: no authentication. Health checks stay open.
     #[arg(long, env = "FRAMECAST_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
+    #[command(flatten)]
+    tls: framecast_telemetry::tls::ServerTlsArgs,
     /// Accept the system shared-memory extension: clients on this host may have the server
     /// map their /dev/shm objects for tensors. Off: every tensor travels over gRPC.
     #[arg(long, env = "FRAMECAST_SHARED_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
@@ -121,7 +123,7 @@ fn main() -> Result<()> {
     framecast_telemetry::init_logs();
     framecast_telemetry::config_file::apply_for::<Cli>("serve")?;
     match Cli::parse().command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Models(args) => {
             let opts = ZooOptions {
                 crop: args.crop,
@@ -170,6 +172,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         pinned: args.pin.iter().cloned().collect(),
         max_queue: args.max_queue as usize,
     };
+    let tls = args.tls.load()?;
     let metrics = Arc::new(Metrics::new());
     let models = Arc::new(ModelManager::new(
         repo,
@@ -179,9 +182,13 @@ fn serve(args: ServeArgs) -> Result<()> {
     ));
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        framecast_telemetry::serve_metrics(args.metrics_listen, metrics.registry.clone())
-            .await
-            .with_context(|| format!("metrics-listen: cannot bind {}", args.metrics_listen))?;
+        framecast_telemetry::serve_metrics(
+            args.metrics_listen,
+            metrics.registry.clone(),
+            tls.as_ref(),
+        )
+        .await
+        .with_context(|| format!("metrics-listen: cannot bind {}", args.metrics_listen))?;
         for name in &args.load {
             models
                 .load(name)
@@ -198,6 +205,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             grace: Duration::from_secs(args.shutdown_grace_s),
             auth_token: args.auth_token,
             shared_memory: args.shared_memory,
+            tls,
         };
         server::serve(
             listener,

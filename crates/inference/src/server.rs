@@ -5,9 +5,9 @@ use crate::models::ModelManager;
 use crate::service::InferenceService;
 use framecast_proto::auth::BearerCheck;
 use framecast_proto::kserve::grpc_inference_service_server::GrpcInferenceServiceServer;
-use framecast_telemetry::running;
 pub use framecast_telemetry::running::Running;
 use framecast_telemetry::Drain;
+use framecast_telemetry::{running, tls};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +21,8 @@ pub struct ServerOptions {
     pub slow_request: Duration,
     /// After the shutdown signal, how long in-flight work may take before connections close.
     pub grace: Duration,
+    /// Serve over TLS (and require client certificates if it has a client CA).
+    pub tls: Option<tls::ServerTls>,
     /// Bearer token every KServe call must carry (health checks stay open).
     pub auth_token: Option<String>,
     /// Accept the system shared-memory extension from clients on this host.
@@ -34,6 +36,7 @@ impl Default for ServerOptions {
             slow_request: Duration::from_millis(500),
             grace: Duration::from_secs(30),
             auth_token: None,
+            tls: None,
             shared_memory: true,
         }
     }
@@ -76,14 +79,15 @@ async fn serve_draining(
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);
     let kserve = InterceptedService::new(kserve, BearerCheck::new(opts.auth_token.as_deref()));
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         // A 24-frame batch is ~15 MB each way: wide windows keep it from stalling on acks.
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(64 << 20))
         // Large DATA frames: a 15 MB batch in 1 MiB frames instead of ~1000 16 KiB ones.
         .max_frame_size(Some(1 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    tls::server(server, opts.tls.as_ref())?
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(kserve)

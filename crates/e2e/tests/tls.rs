@@ -1,0 +1,220 @@
+//! TLS on every port: mutual TLS between the compositor and the inference service, TLS from
+//! a client to the compositor, and /metrics over mutual TLS; plaintext and strangers refused.
+
+use framecast_bench::client::{self, Access};
+use framecast_compositor::avatar_store::AvatarStore;
+use framecast_compositor::inference::{ClientOptions, InferenceClient};
+use framecast_compositor::server::{self as comp_server, ServeOptions};
+use framecast_compositor::service::CompositorService;
+use framecast_e2e::{request, write_fixtures, TestPki};
+use framecast_inference::models::{ExecOptions, ModelManager};
+use framecast_inference::repository::Repository;
+use framecast_inference::server::{self as inf_server, ServerOptions};
+use framecast_proto::kserve::ServerReadyRequest;
+use framecast_telemetry::tls::{ClientTls, ServerTls};
+use std::path::Path;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+
+fn server_tls(pki: &TestPki, mutual: bool) -> ServerTls {
+    let ca = mutual.then(|| pki.ca.clone().into_bytes());
+    ServerTls::from_pem(
+        pki.server_cert.clone().into_bytes(),
+        pki.server_key.clone().into_bytes(),
+        ca,
+    )
+    .unwrap()
+}
+
+/// The bench's access flags for `dir`'s PEM files: the CA, and a client identity if given.
+fn access(dir: &Path, pki: &TestPki, identity: Option<(&str, &str)>) -> Access {
+    let write = |name: &str, pem: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    };
+    Access {
+        tls_ca: Some(write("ca.pem", &pki.ca)),
+        tls_cert: identity.map(|(c, _)| write("client.pem", c)),
+        tls_key: identity.map(|(_, k)| write("client.key", k)),
+        ..Default::default()
+    }
+}
+
+async fn ready(url: &str, access: &Access) -> Result<bool, String> {
+    let mut c = client::kserve(url, access).map_err(|e| format!("{e:#}"))?;
+    c.server_ready(ServerReadyRequest {})
+        .await
+        .map(|r| r.into_inner().ready)
+        .map_err(|s| format!("{s:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mutual_tls_between_the_services_and_tls_to_the_compositor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let (models, avatars) = write_fixtures(tmp.path(), 1000);
+    let repo = Repository::open(&models).unwrap();
+    let manager = ModelManager::new(repo, ExecOptions::default(), true, Default::default());
+    let inference_opts = ServerOptions {
+        tls: Some(server_tls(&pki, true)),
+        ..Default::default()
+    };
+    let inference = inf_server::spawn_on_loopback(Arc::new(manager), inference_opts)
+        .await
+        .unwrap();
+    let inference_url = format!("https://127.0.0.1:{}", inference.addr.port());
+
+    // Who gets into the inference service: only holders of a certificate from its CA.
+    let with_cert = access(tmp.path(), &pki, Some((&pki.client_cert, &pki.client_key)));
+    assert_eq!(ready(&inference_url, &with_cert).await, Ok(true));
+    let dir = tempfile::tempdir().unwrap();
+    let no_cert = access(dir.path(), &pki, None);
+    assert!(ready(&inference_url, &no_cert).await.is_err());
+    let dir = tempfile::tempdir().unwrap();
+    let stranger = access(
+        dir.path(),
+        &pki,
+        Some((&pki.stranger_cert, &pki.stranger_key)),
+    );
+    assert!(ready(&inference_url, &stranger).await.is_err());
+    let plaintext = format!("http://127.0.0.1:{}", inference.addr.port());
+    assert!(ready(&plaintext, &Access::default()).await.is_err());
+
+    // The compositor reaches it with its client certificate and serves over TLS itself.
+    let client_tls = ClientTls::from_pem(
+        "inference-tls",
+        pki.ca.clone().into_bytes(),
+        Some((
+            pki.client_cert.clone().into_bytes(),
+            pki.client_key.clone().into_bytes(),
+        )),
+        None,
+    )
+    .unwrap();
+    let client_opts = ClientOptions {
+        tls: Some(client_tls),
+        ..Default::default()
+    };
+    let pool = InferenceClient::connect_lazy(&[inference_url], &client_opts).unwrap();
+    let metrics = Arc::new(framecast_compositor::metrics::Metrics::new());
+    let store = Arc::new(AvatarStore::new(&avatars, true, None, metrics.clone()).unwrap());
+    let opts = framecast_compositor::render::RenderOptions {
+        max_batch: 4,
+        ..Default::default()
+    };
+    let svc = CompositorService::new(store, pool, opts, metrics);
+    let serve_opts = ServeOptions {
+        tls: Some(server_tls(&pki, false)),
+        ..Default::default()
+    };
+    let compositor = comp_server::spawn_on_loopback(svc, serve_opts)
+        .await
+        .unwrap();
+    let port = compositor.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = client::compositor(
+        &format!("https://localhost:{port}"),
+        &access(dir.path(), &pki, None),
+    )
+    .unwrap();
+    let mut frames = c
+        .render(tokio_stream::iter(vec![request("small", 0, 12)]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while let Some(f) = frames.message().await.unwrap() {
+        assert_eq!(f.frame_index, n);
+        n += 1;
+    }
+    assert_eq!(n, 12);
+
+    let mut plain =
+        client::compositor(&format!("http://127.0.0.1:{port}"), &Access::default()).unwrap();
+    let refused = plain
+        .render(tokio_stream::iter(vec![request("small", 0, 1)]))
+        .await;
+    assert!(refused.is_err(), "plaintext Render reached a TLS port");
+}
+
+/// GET /metrics over TLS with `identity` as the client certificate; the status line, or why
+/// the connection failed.
+async fn get_metrics(
+    addr: std::net::SocketAddr,
+    pki: &TestPki,
+    identity: Option<(&str, &str)>,
+) -> Result<String, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(pki.ca.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match identity {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = "localhost".try_into().unwrap();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut body = String::new();
+    tls.read_to_string(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(body)
+}
+
+#[tokio::test]
+async fn metrics_are_served_over_mutual_tls() {
+    let pki = TestPki::new();
+    let registry = framecast_telemetry::prometheus::Registry::new();
+    let probe =
+        framecast_telemetry::prometheus::IntCounter::new("tls_probe_total", "probe").unwrap();
+    probe.inc();
+    registry.register(Box::new(probe)).unwrap();
+    let tls = server_tls(&pki, true);
+    let addr =
+        framecast_telemetry::serve_metrics("127.0.0.1:0".parse().unwrap(), registry, Some(&tls))
+            .await
+            .unwrap();
+    let body = get_metrics(addr, &pki, Some((&pki.client_cert, &pki.client_key)))
+        .await
+        .unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("tls_probe_total 1"), "{body}");
+    // Without a certificate, or with one from another CA, no metrics.
+    for identity in [
+        None,
+        Some((pki.stranger_cert.as_str(), pki.stranger_key.as_str())),
+    ] {
+        let got = get_metrics(addr, &pki, identity).await;
+        assert!(
+            got.as_ref()
+                .map_or(true, |b| !b.contains("tls_probe_total")),
+            "{got:?}"
+        );
+    }
+    // Plain HTTP on the TLS port gets no metrics either.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = tcp.read_to_end(&mut raw).await;
+    assert!(!String::from_utf8_lossy(&raw).contains("tls_probe_total"));
+}
