@@ -105,7 +105,7 @@ async fn mutual_tls_between_the_services_and_tls_to_the_compositor() {
         max_batch: 4,
         ..Default::default()
     };
-    let svc = CompositorService::new(store, pool, opts, metrics);
+    let svc = CompositorService::new(store, pool.clone(), opts, metrics);
     let serve_opts = ServeOptions {
         tls: Some(server_tls(&pki, false)),
         ..Default::default()
@@ -131,6 +131,8 @@ async fn mutual_tls_between_the_services_and_tls_to_the_compositor() {
         n += 1;
     }
     assert_eq!(n, 12);
+    // Same host: the tensors still bypassed the (now encrypted) socket.
+    assert!(pool.shared_memory_batches() > 0);
 
     let mut plain =
         client::compositor(&format!("http://127.0.0.1:{port}"), &Access::default()).unwrap();
