@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 ENV = eval "$$(scripts/setup.sh)"
 
-.PHONY: demo test validate-deploy setup build build-cuda lint fmt bench soak clean
+.PHONY: demo test validate-deploy setup build build-cuda lint fmt bench soak fuzz clean
 
 ## Render the demo avatar end to end; output in out/demo.
 demo:
@@ -24,6 +24,11 @@ bench:
 ## growth (SOAK_SESSIONS, SOAK_SECONDS; results in out/soak/).
 soak:
 	scripts/soak.sh
+
+## Fuzz the input parsers (tensor requests, model configs, avatar manifests) for FUZZ_SECONDS
+## each (default 60); crashes go to fuzz/artifacts/, kept ones to fuzz/regressions/.
+fuzz:
+	scripts/fuzz.sh
 
 ## Install apt packages and the libtorch cache.
 setup:

@@ -10,6 +10,8 @@ pub mod avatar_store;
 pub mod blend;
 pub mod demo;
 pub mod encode;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inference;
 pub mod manifest;
 pub mod mask;

@@ -125,16 +125,22 @@ impl Manifest {
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path)
             .map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
-        let m: Manifest = toml::from_str(&text)
-            .map_err(|e| vec![format!("{}: {}", path.display(), e.message())])?;
+        Self::parse(&text).map_err(|problems| {
+            problems
+                .into_iter()
+                .map(|p| format!("{}: {p}", path.display()))
+                .collect()
+        })
+    }
+
+    /// Parses manifest text; every problem found is returned, each naming its field.
+    pub fn parse(text: &str) -> Result<Self, Vec<String>> {
+        let m: Manifest = toml::from_str(text).map_err(|e| vec![toml_problem(text, &e)])?;
         let problems = m.problems();
         if problems.is_empty() {
             Ok(m)
         } else {
-            Err(problems
-                .into_iter()
-                .map(|p| format!("{}: {p}", path.display()))
-                .collect())
+            Err(problems)
         }
     }
 
@@ -193,6 +199,23 @@ impl Manifest {
             }
         }
         p
+    }
+}
+
+/// One line for a TOML error: where, and what (toml's message can be empty, as for `id =`).
+fn toml_problem(text: &str, e: &toml::de::Error) -> String {
+    let what = match e.message().trim() {
+        "" => "invalid TOML",
+        m => m,
+    };
+    match e.span() {
+        Some(span) => {
+            let before = &text.as_bytes()[..span.start.min(text.len())];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+            format!("line {line}, column {column}: {what}")
+        }
+        None => what.to_string(),
     }
 }
 

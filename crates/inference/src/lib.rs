@@ -7,6 +7,8 @@
 
 pub mod batcher;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod models;
 pub mod repository;
