@@ -274,8 +274,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             metrics.registry.clone(),
             tls.as_ref(),
         )
-        .await
-        .with_context(|| format!("metrics-listen: cannot bind {}", args.metrics_listen))?;
+        .await?;
         for id in &args.preload {
             store
                 .load(id)

@@ -1,11 +1,20 @@
 //! Fixtures the end-to-end tests share (see tests/), and, as binaries, the two services' own
 //! `main`s so those tests can run them as processes.
 
+use framecast_compositor::avatar_store::AvatarStore;
 use framecast_compositor::demo::{self, DemoOptions};
+use framecast_compositor::inference::InferenceClient;
+use framecast_compositor::render::RenderOptions;
+use framecast_compositor::server::{self as comp_server, ServeOptions};
+use framecast_compositor::service::CompositorService;
 use framecast_inference::zoo::{self, Builtin, ZooOptions};
-use framecast_proto::compositor::v1::{RenderRequest, Tensor};
+use framecast_proto::compositor::v1::{RenderRequest, RenderedFrame, Tensor};
+use framecast_proto::kserve::{
+    grpc_inference_service_client::GrpcInferenceServiceClient, ModelStatisticsRequest,
+};
 use framecast_proto::tensor;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Face crop side of the fixture model and avatars.
 pub const CROP: u32 = 64;
@@ -114,4 +123,58 @@ impl Default for TestPki {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A compositor on a loopback port over `inference`, with the avatars under `avatars`,
+/// batches of `max_batch` frames and `serve` options.
+pub async fn spawn_compositor(
+    avatars: &Path,
+    inference: InferenceClient,
+    max_batch: usize,
+    serve: ServeOptions,
+) -> comp_server::Running {
+    let metrics = Arc::new(framecast_compositor::metrics::Metrics::new());
+    let store = AvatarStore::new(avatars, true, None, metrics.clone()).expect("avatar store");
+    let opts = RenderOptions {
+        max_batch,
+        ..Default::default()
+    };
+    let svc = CompositorService::new(Arc::new(store), inference, opts, metrics);
+    comp_server::spawn_on_loopback(svc, serve)
+        .await
+        .expect("compositor start")
+}
+
+/// Reads a Render stream to its end, checking that frames come in order from `first` with
+/// no gap or repeat; returns how many came. Panics on a stream error.
+pub async fn count_in_order(stream: &mut tonic::Streaming<RenderedFrame>, first: u64) -> u64 {
+    let mut n = 0;
+    while let Some(f) = stream.message().await.expect("render stream") {
+        assert_eq!(
+            f.frame_index,
+            first + n,
+            "frame out of order, missing or repeated"
+        );
+        n += 1;
+    }
+    n
+}
+
+/// The inference server's statistics of `passthrough`: (batches executed, requests failed).
+pub async fn passthrough_stats(url: String) -> (u64, u64) {
+    let stats = GrpcInferenceServiceClient::connect(url)
+        .await
+        .expect("connect for statistics")
+        .model_statistics(ModelStatisticsRequest {
+            name: "passthrough".into(),
+            version: String::new(),
+        })
+        .await
+        .expect("model statistics")
+        .into_inner()
+        .model_stats;
+    stats.first().map_or((0, 0), |s| {
+        let fail = s.inference_stats.as_ref().and_then(|i| i.fail.as_ref());
+        (s.execution_count, fail.map_or(0, |f| f.count))
+    })
 }

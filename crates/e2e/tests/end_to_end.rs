@@ -10,7 +10,10 @@ use framecast_compositor::inference::{ClientOptions, InferenceClient};
 use framecast_compositor::render::RenderOptions;
 use framecast_compositor::service::{CompositorService, DEFAULT_MAX_STREAMS};
 use framecast_compositor::{mask, server as comp_server};
-use framecast_e2e::{request, write_fixtures, CROP, FRAMES, H, W};
+use framecast_e2e::{
+    count_in_order, passthrough_stats, request, spawn_compositor, write_fixtures, CROP, FRAMES, H,
+    W,
+};
 use framecast_inference::models::{ExecOptions, ModelManager};
 use framecast_inference::repository::Repository;
 use framecast_inference::server::{self as inf_server, ServerOptions};
@@ -674,13 +677,9 @@ async fn both_services_require_their_bearer_token() {
         .await
         .unwrap()
         .into_inner();
-    let mut n = 0;
-    while let Some(f) = frames.message().await.unwrap() {
-        assert_eq!(f.frame_index, n);
-        n += 1;
-    }
     assert_eq!(
-        n, 3,
+        count_in_order(&mut frames, 0).await,
+        3,
         "an authenticated render must reach inference with its token"
     );
 
@@ -741,16 +740,7 @@ async fn a_replica_that_stops_under_load_loses_no_frames_and_is_used_when_back()
         ..Default::default()
     };
     let inference = InferenceClient::connect_lazy(&[a_url, b.url()], &client_opts).unwrap();
-    let metrics = Arc::new(framecast_compositor::metrics::Metrics::new());
-    let store = Arc::new(AvatarStore::new(&avatars, true, None, metrics.clone()).unwrap());
-    let opts = RenderOptions {
-        max_batch: 2,
-        ..Default::default()
-    };
-    let svc = CompositorService::new(store, inference.clone(), opts, metrics);
-    let compositor = comp_server::spawn_on_loopback(svc, Default::default())
-        .await
-        .unwrap();
+    let compositor = spawn_compositor(&avatars, inference.clone(), 2, Default::default()).await;
     let client = CompositorClient::connect(compositor.url()).await.unwrap();
 
     let mut frames = client
@@ -806,30 +796,6 @@ async fn a_replica_that_stops_under_load_loses_no_frames_and_is_used_when_back()
         "no shared memory registered with the restarted replica"
     );
     drop(b);
-}
-
-/// The inference server's statistics of `passthrough`: (executions, failed requests).
-async fn passthrough_stats(url: String) -> (u64, u64) {
-    use framecast_proto::kserve::{
-        grpc_inference_service_client::GrpcInferenceServiceClient, ModelStatisticsRequest,
-    };
-    let stats = GrpcInferenceServiceClient::connect(url)
-        .await
-        .unwrap()
-        .model_statistics(ModelStatisticsRequest {
-            name: "passthrough".into(),
-            version: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .model_stats
-        .remove(0);
-    let fail = stats
-        .inference_stats
-        .and_then(|s| s.fail)
-        .map_or(0, |f| f.count);
-    (stats.execution_count, fail)
 }
 
 /// A deadline on the Render call reaches the inference queue: the batch still waiting there

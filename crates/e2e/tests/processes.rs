@@ -2,18 +2,12 @@
 //! killed with SIGKILL under load, and SIGTERM ending both services with exit status 0 once
 //! their in-flight work is done.
 
-use framecast_compositor::avatar_store::AvatarStore;
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
-use framecast_compositor::render::RenderOptions;
-use framecast_compositor::server as comp_server;
-use framecast_compositor::service::CompositorService;
-use framecast_e2e::{request, write_fixtures};
+use framecast_e2e::{count_in_order, passthrough_stats, request, spawn_compositor, write_fixtures};
 use framecast_inference::models::{ExecOptions, ModelManager};
 use framecast_inference::repository::Repository;
 use framecast_inference::server as inf_server;
 use framecast_proto::compositor::v1::compositor_client::CompositorClient;
-use framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
-use framecast_proto::kserve::ModelStatisticsRequest;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -120,19 +114,7 @@ impl Proc {
 
 /// How many batches a server has executed for `passthrough`.
 async fn executions(addr: SocketAddr) -> u64 {
-    GrpcInferenceServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap()
-        .model_statistics(ModelStatisticsRequest {
-            name: "passthrough".into(),
-            version: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .model_stats
-        .first()
-        .map_or(0, |s| s.execution_count)
+    passthrough_stats(format!("http://{addr}")).await.0
 }
 
 /// SIGKILL to one of two replicas while 200 frames render: every frame arrives once and in
@@ -156,16 +138,7 @@ async fn an_inference_process_killed_under_load_loses_no_frames() {
     };
     let urls = [format!("http://{a_addr}"), b.url()];
     let inference = InferenceClient::connect_lazy(&urls, &client_opts).unwrap();
-    let metrics = Arc::new(framecast_compositor::metrics::Metrics::new());
-    let store = Arc::new(AvatarStore::new(&avatars, true, None, metrics.clone()).unwrap());
-    let opts = RenderOptions {
-        max_batch: 2,
-        ..Default::default()
-    };
-    let svc = CompositorService::new(store, inference.clone(), opts, metrics);
-    let compositor = comp_server::spawn_on_loopback(svc, Default::default())
-        .await
-        .unwrap();
+    let compositor = spawn_compositor(&avatars, inference.clone(), 2, Default::default()).await;
     let client = CompositorClient::connect(compositor.url()).await.unwrap();
 
     let served_before_kill = {
@@ -210,11 +183,7 @@ async fn an_inference_process_killed_under_load_loses_no_frames() {
         .await
         .unwrap()
         .into_inner();
-    let mut n = 0;
-    while frames.message().await.unwrap().is_some() {
-        n += 1;
-    }
-    assert_eq!(n, 40);
+    assert_eq!(count_in_order(&mut frames, 0).await, 40);
     assert!(
         executions(a_addr).await > 0,
         "the restarted replica got no batch"

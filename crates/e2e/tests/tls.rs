@@ -2,11 +2,9 @@
 //! a client to the compositor, and /metrics over mutual TLS; plaintext and strangers refused.
 
 use framecast_bench::client::{self, Access};
-use framecast_compositor::avatar_store::AvatarStore;
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
-use framecast_compositor::server::{self as comp_server, ServeOptions};
-use framecast_compositor::service::CompositorService;
-use framecast_e2e::{request, write_fixtures, TestPki};
+use framecast_compositor::server::ServeOptions;
+use framecast_e2e::{count_in_order, request, spawn_compositor, write_fixtures, TestPki};
 use framecast_inference::models::{ExecOptions, ModelManager};
 use framecast_inference::repository::Repository;
 use framecast_inference::server::{self as inf_server, ServerOptions};
@@ -99,20 +97,11 @@ async fn mutual_tls_between_the_services_and_tls_to_the_compositor() {
         ..Default::default()
     };
     let pool = InferenceClient::connect_lazy(&[inference_url], &client_opts).unwrap();
-    let metrics = Arc::new(framecast_compositor::metrics::Metrics::new());
-    let store = Arc::new(AvatarStore::new(&avatars, true, None, metrics.clone()).unwrap());
-    let opts = framecast_compositor::render::RenderOptions {
-        max_batch: 4,
-        ..Default::default()
-    };
-    let svc = CompositorService::new(store, pool.clone(), opts, metrics);
     let serve_opts = ServeOptions {
         tls: Some(server_tls(&pki, false)),
         ..Default::default()
     };
-    let compositor = comp_server::spawn_on_loopback(svc, serve_opts)
-        .await
-        .unwrap();
+    let compositor = spawn_compositor(&avatars, pool.clone(), 4, serve_opts).await;
     let port = compositor.addr.port();
     let dir = tempfile::tempdir().unwrap();
     let mut c = client::compositor(
@@ -125,12 +114,7 @@ async fn mutual_tls_between_the_services_and_tls_to_the_compositor() {
         .await
         .unwrap()
         .into_inner();
-    let mut n = 0;
-    while let Some(f) = frames.message().await.unwrap() {
-        assert_eq!(f.frame_index, n);
-        n += 1;
-    }
-    assert_eq!(n, 12);
+    assert_eq!(count_in_order(&mut frames, 0).await, 12);
     // Same host: the tensors still bypassed the (now encrypted) socket.
     assert!(pool.shared_memory_batches() > 0);
 

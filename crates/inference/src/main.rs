@@ -187,8 +187,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             metrics.registry.clone(),
             tls.as_ref(),
         )
-        .await
-        .with_context(|| format!("metrics-listen: cannot bind {}", args.metrics_listen))?;
+        .await?;
         for name in &args.load {
             models
                 .load(name)

@@ -49,7 +49,10 @@ pub async fn serve_metrics(
     registry: prometheus::Registry,
     tls: Option<&tls::ServerTls>,
 ) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    use anyhow::Context;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("metrics-listen: cannot bind {addr}"))?;
     let local = listener.local_addr()?;
     let app = axum::Router::new().route(
         "/metrics",
