@@ -69,17 +69,21 @@ struct Job {
 }
 
 impl Job {
+    fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
     /// DEADLINE_EXCEEDED for frames `lo..hi` if the client's deadline has passed.
     fn check_deadline(&self, lo: usize, hi: usize) -> Result<(), Status> {
-        match self.deadline {
-            Some(d) if Instant::now() >= d => Err(Status::deadline_exceeded(format!(
-                "request '{}': the stream's deadline passed before frames {}..{} were rendered",
-                self.request_id,
-                self.start + lo as u64,
-                self.start + hi as u64
-            ))),
-            _ => Ok(()),
+        if !self.past_deadline() {
+            return Ok(());
         }
+        Err(Status::deadline_exceeded(format!(
+            "request '{}': the stream's deadline passed before frames {}..{} were rendered",
+            self.request_id,
+            self.start + lo as u64,
+            self.start + hi as u64
+        )))
     }
 }
 
@@ -400,7 +404,7 @@ async fn finish_batch(
         (0..n).into_par_iter().for_each_with(tx.clone(), |tx, i| {
             let bg = work.avatar.background_index(work.start + (lo + i) as u64);
             // A client gone or out of time stops the rest of the batch here, not after it.
-            let r = if watch.is_closed() || work.deadline.is_some_and(|d| Instant::now() >= d) {
+            let r = if watch.is_closed() || work.past_deadline() {
                 Err(FrameError::Skipped)
             } else {
                 let crop = &crops[i * per..(i + 1) * per];

@@ -63,8 +63,7 @@ impl ServerTls {
     /// From PEM text: certificate chain, private key and, for mutual TLS, the client CA.
     pub fn from_pem(cert: Vec<u8>, key: Vec<u8>, client_ca: Option<Vec<u8>>) -> Result<Self> {
         let chain = certificates(&cert).context("tls-cert")?;
-        let private = PrivateKeyDer::from_pem_slice(&key)
-            .map_err(|e| anyhow!("tls-key: no PEM private key ({e})"))?;
+        let private = private_key(&key, "tls-key")?;
         let builder = rustls::ServerConfig::builder();
         let builder = match &client_ca {
             Some(ca) => {
@@ -183,8 +182,7 @@ impl ClientTls {
         certificates(&ca).with_context(|| format!("{flag}-ca"))?;
         if let Some((cert, key)) = &identity {
             certificates(cert).with_context(|| format!("{flag}-cert"))?;
-            PrivateKeyDer::from_pem_slice(key)
-                .map_err(|e| anyhow!("{flag}-key: no PEM private key ({e})"))?;
+            private_key(key, &format!("{flag}-key"))?;
         }
         Ok(ClientTls {
             ca,
@@ -227,6 +225,10 @@ pub fn endpoint(url: &str, tls: Option<&ClientTls>, flag: &str) -> Result<Endpoi
 
 fn read(path: &Path, flag: &str) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("{flag}: cannot read {}", path.display()))
+}
+
+fn private_key(pem: &[u8], flag: &str) -> Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| anyhow!("{flag}: no PEM private key ({e})"))
 }
 
 fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
