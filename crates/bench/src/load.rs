@@ -294,6 +294,7 @@ pub async fn realtime_trial(
             };
             let mut slack = Vec::new();
             let mut errors = 0u64;
+            let mut rejected = false;
             match t
                 .client
                 .clone()
@@ -323,18 +324,20 @@ pub async fn realtime_trial(
                         errors += 1;
                     }
                 }
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => rejected = true,
                 Err(_) => errors += 1,
             }
             sender.abort();
-            (slack, errors)
+            (slack, errors, rejected)
         }));
     }
     let mut late = report::histogram();
-    let (mut frames, mut late_frames, mut errors) = (0, 0, 0);
+    let (mut frames, mut late_frames, mut errors, mut rejected) = (0, 0, 0, 0);
     let mut all = Vec::new();
     for h in handles {
-        let (slack, e) = h.await.unwrap_or((Vec::new(), 1));
+        let (slack, e, r) = h.await.unwrap_or((Vec::new(), 1, false));
         errors += e;
+        rejected += u64::from(r);
         frames += slack.len() as u64;
         for s in slack {
             if s < 0.0 {
@@ -348,13 +351,14 @@ pub async fn realtime_trial(
     let p1 = all.get(all.len() / 100).copied().unwrap_or(0.0) * 1e3;
     RealtimeTrial {
         sessions,
-        expected_frames: sessions as u64 * chunks * target.chunk as u64,
+        rejected,
+        expected_frames: (sessions as u64 - rejected) * chunks * target.chunk as u64,
         frames,
         late_frames,
         errors,
         lateness_ms: report::Percentiles::of(&late),
         slack_ms_p1: p1,
-        passed: late_frames == 0 && errors == 0 && frames > 0,
+        passed: late_frames == 0 && errors == 0 && rejected == 0 && frames > 0,
     }
 }
 

@@ -195,7 +195,11 @@ pub struct Realtime {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct RealtimeTrial {
     pub sessions: usize,
-    /// Frames the sessions asked for; `expected_frames - frames` were lost.
+    /// Sessions the compositor refused at once with RESOURCE_EXHAUSTED (its `--max-streams`
+    /// admission limit); they asked for no frame and are not counted in `errors`.
+    #[serde(default)]
+    pub rejected: u64,
+    /// Frames the admitted sessions asked for; `expected_frames - frames` were lost.
     #[serde(default)]
     pub expected_frames: u64,
     pub frames: u64,
@@ -282,8 +286,9 @@ impl Report {
             );
             for t in &rt.trials {
                 println!(
-                    "  {:>4} sessions: {:>6} frames, {:>4} lost, {:>5} late, {:>3} errors, worst lateness {:>7.1} ms, 1st-percentile slack {:>7.1} ms  {}",
+                    "  {:>4} sessions ({} rejected): {:>6} frames, {:>4} lost, {:>5} late, {:>3} errors, worst lateness {:>7.1} ms, 1st-percentile slack {:>7.1} ms  {}",
                     t.sessions,
+                    t.rejected,
                     t.frames,
                     t.expected_frames.saturating_sub(t.frames),
                     t.late_frames,

@@ -6,7 +6,7 @@ use framecast_compositor::avatar_store::AvatarStore;
 use framecast_compositor::demo::{self, DemoOptions};
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
 use framecast_compositor::render::RenderOptions;
-use framecast_compositor::service::CompositorService;
+use framecast_compositor::service::{CompositorService, DEFAULT_MAX_STREAMS};
 use framecast_inference::models::{ExecOptions, ModelManager};
 use framecast_inference::repository::Repository;
 use framecast_inference::server::{self as inf_server, ServerOptions};
@@ -15,10 +15,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Both servers; `delay_us` is the model's batching delay (large = a slow server).
+/// Both servers; `delay_us` is the model's batching delay (large = a slow server),
+/// `max_streams` the compositor's admission limit.
 async fn stack(
     root: &Path,
     delay_us: u64,
+    max_streams: usize,
 ) -> (inf_server::Running, framecast_compositor::server::Running) {
     let models = root.join("models");
     let opts = ZooOptions {
@@ -55,7 +57,8 @@ async fn stack(
         client,
         RenderOptions::default(),
         metrics,
-    );
+    )
+    .with_max_streams(max_streams);
     let compositor = framecast_compositor::server::spawn_on_loopback(svc, Default::default())
         .await
         .unwrap();
@@ -74,7 +77,7 @@ fn phase(seconds: f64) -> Phase {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn compositor_load_counts_add_up() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_i, c) = stack(tmp.path(), 1000).await;
+    let (_i, c) = stack(tmp.path(), 1000, DEFAULT_MAX_STREAMS).await;
     let client = framecast_bench::client::compositor(&c.url(), &Default::default()).unwrap();
     let good = Arc::new(target::Compositor::new(client.clone(), "a", 6));
     let level = load::closed_loop(good, 2, &phase(2.0)).await;
@@ -108,7 +111,7 @@ async fn compositor_load_counts_add_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kserve_load_counts_add_up() {
     let tmp = tempfile::tempdir().unwrap();
-    let (i, _c) = stack(tmp.path(), 1000).await;
+    let (i, _c) = stack(tmp.path(), 1000, DEFAULT_MAX_STREAMS).await;
     let client = framecast_bench::client::kserve(&i.url(), &Default::default()).unwrap();
     for stream in [false, true] {
         let t = Arc::new(
@@ -130,7 +133,7 @@ async fn kserve_load_counts_add_up() {
 async fn realtime_detects_a_slow_server() {
     let tmp = tempfile::tempdir().unwrap();
     // A batching delay of 600 ms against a deadline of one 4-frame chunk at 25 fps (160 ms).
-    let (_i, c) = stack(tmp.path(), 600_000).await;
+    let (_i, c) = stack(tmp.path(), 600_000, DEFAULT_MAX_STREAMS).await;
     let client = framecast_bench::client::compositor(&c.url(), &Default::default()).unwrap();
     let t = Arc::new(target::Compositor::new(client, "a", 4));
     let trial = load::realtime_trial(
@@ -153,7 +156,7 @@ async fn realtime_detects_a_slow_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn realtime_passes_a_fast_server_with_generous_deadlines() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_i, c) = stack(tmp.path(), 0).await;
+    let (_i, c) = stack(tmp.path(), 0, DEFAULT_MAX_STREAMS).await;
     let client = framecast_bench::client::compositor(&c.url(), &Default::default()).unwrap();
     let t = Arc::new(target::Compositor::new(client, "a", 4));
     let trial =
@@ -164,4 +167,20 @@ async fn realtime_passes_a_fast_server_with_generous_deadlines() {
         trial.frames, 28,
         "7 chunks of 4 frames cover one second at 25 fps"
     );
+}
+
+/// Sessions past the compositor's `--max-streams` are counted as refused, not as errors or
+/// lost frames, and the trial does not pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn realtime_counts_sessions_refused_at_the_admission_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_i, c) = stack(tmp.path(), 0, 1).await;
+    let client = framecast_bench::client::compositor(&c.url(), &Default::default()).unwrap();
+    let t = Arc::new(target::Compositor::new(client, "a", 4));
+    let trial =
+        load::realtime_trial(t, 3, 25.0, Duration::from_secs(3), Duration::from_secs(1)).await;
+    assert_eq!(trial.rejected, 2, "{trial:?}");
+    assert_eq!(trial.errors, 0, "{trial:?}");
+    assert_eq!((trial.frames, trial.expected_frames), (28, 28), "{trial:?}");
+    assert!(!trial.passed, "{trial:?}");
 }

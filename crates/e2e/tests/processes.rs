@@ -1,5 +1,5 @@
 //! The services as real processes, for the faults a process can suffer: an inference replica
-//! killed with SIGKILL under load, and SIGTERM ending both services with exit status 0 once
+//! killed with SIGKILL under load, the only replica restarted under an open stream, and SIGTERM ending both services with exit status 0 once
 //! their in-flight work is done.
 
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
@@ -188,6 +188,70 @@ async fn an_inference_process_killed_under_load_loses_no_frames() {
         executions(a_addr).await > 0,
         "the restarted replica got no batch"
     );
+}
+
+/// The only inference process killed and restarted while a Render stream is open: the stream
+/// ends with UNAVAILABLE naming the replica (there is no other to retry on), the frames sent
+/// before are in order and never repeated, and the next stream is served by the new process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_sole_inference_process_ends_the_stream_cleanly_then_serves_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (models, avatars) = write_fixtures(tmp.path(), 1000);
+    let addr = free_addr();
+    let mut server = Proc::inference(&models, addr);
+    server.wait_serving(addr).await;
+    let client_opts = ClientOptions {
+        health_interval: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let inference =
+        InferenceClient::connect_lazy(&[format!("http://{addr}")], &client_opts).unwrap();
+    let compositor = spawn_compositor(&avatars, inference.clone(), 2, Default::default()).await;
+    let client = CompositorClient::connect(compositor.url()).await.unwrap();
+
+    const ASKED: u64 = 2000;
+    let mut frames = client
+        .clone()
+        .render(tokio_stream::iter(vec![request("small", 0, ASKED as u32)]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = 0u64;
+    let end = loop {
+        match frames.message().await {
+            Ok(Some(f)) => {
+                assert_eq!(f.frame_index, next, "frame out of order or sent twice");
+                next += 1;
+                if next == 20 {
+                    server.child.kill().unwrap();
+                }
+            }
+            Ok(None) => break None,
+            Err(s) => break Some(s),
+        }
+    };
+    let status = end.expect("the stream ended without a status after losing its only replica");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains(&addr.to_string()),
+        "the status does not name the lost replica: {status:?}"
+    );
+    assert!(
+        next < ASKED,
+        "every frame arrived: the kill came too late to test anything"
+    );
+    assert!(!server.child.wait().unwrap().success());
+
+    let mut server = Proc::inference(&models, addr);
+    server.wait_serving(addr).await;
+    let mut frames = client
+        .clone()
+        .render(tokio_stream::iter(vec![request("small", 0, 40)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(count_in_order(&mut frames, 0).await, 40);
+    assert!(executions(addr).await > 0, "the new process got no batch");
 }
 
 /// SIGTERM to both processes while a request waits at the model: the request is finished and
