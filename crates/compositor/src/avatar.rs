@@ -11,13 +11,52 @@ use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+/// One decoded background frame, packed RGB (`width * height * 3` bytes).
+///
+/// Compositing pastes the face into these very pixels, encodes them and puts the saved pixels
+/// back (`render::compose`), so no frame is ever copied whole: a full-frame copy out of DRAM
+/// cost as much as the paste itself. The lock keeps two sessions that render the same frame
+/// at once from seeing each other's face.
+pub struct Background {
+    pixels: Mutex<Vec<u8>>,
+    len: usize,
+}
+
+impl Background {
+    pub fn new(pixels: Vec<u8>) -> Background {
+        let len = pixels.len();
+        Background {
+            pixels: Mutex::new(pixels),
+            len,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The pixels, for exclusive use. Whoever changes them restores them before unlocking,
+    /// even when unwinding, so a poisoned lock still guards intact pixels.
+    pub fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.pixels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy of the pixels.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.lock().clone()
+    }
+}
 
 pub struct Avatar {
     pub manifest: Manifest,
-    /// Packed RGB, `width * height * 3` bytes each.
-    pub frames: Vec<Vec<u8>>,
+    pub frames: Vec<Background>,
     pub boxes: Vec<FaceBox>,
     /// The model's face input per frame: 6 x S x S u8, groups in `channel_order`.
     pub face_inputs: Vec<Bytes>,
@@ -94,7 +133,7 @@ impl Avatar {
         for r in decoded {
             match r {
                 Ok((f, i)) => {
-                    frames.push(f);
+                    frames.push(Background::new(f));
                     face_inputs.push(i);
                 }
                 Err(e) => problems.push(e),
@@ -135,7 +174,7 @@ impl Avatar {
 
     /// Bytes this avatar holds in memory.
     pub fn resident_bytes(&self) -> u64 {
-        let frames: usize = self.frames.iter().map(Vec::len).sum();
+        let frames: usize = self.frames.iter().map(Background::len).sum();
         let inputs: usize = self.face_inputs.iter().map(Bytes::len).sum();
         let mut sizes: Vec<(u32, u32)> = self.boxes.iter().map(|b| (b.w, b.h)).collect();
         sizes.sort_unstable();

@@ -119,10 +119,10 @@ pub fn interleave_rows(crop_chw: &[u8], size: u32, rows: std::ops::Range<u32>, o
 /// `(face.x + x0, face.y + y0)` with the mask's alpha: `(src * a + bg * (255 - a)) / 255`,
 /// rounded.
 pub fn alpha_blend(frame: &mut [u8], width: u32, face: &FaceBox, mask: &BoxMask, rgb: &[u8]) {
-    let (pw, stride) = ((mask.x1 - mask.x0) as usize, width as usize * 3);
-    for (row, y) in (mask.y0..mask.y1).enumerate() {
-        let start = (face.y + y) as usize * stride + (face.x + mask.x0) as usize * 3;
-        let dst = &mut frame[start..start + pw * 3];
+    let pw = (mask.x1 - mask.x0) as usize;
+    let rows = (mask.y0..mask.y1).zip(pasted_rows(width, face, mask));
+    for (row, (y, bytes)) in rows.enumerate() {
+        let dst = &mut frame[bytes];
         let src = &rgb[row * pw * 3..(row + 1) * pw * 3];
         let alpha = &mask.alpha3[(y * mask.w + mask.x0) as usize * 3..][..pw * 3];
         for ((d, &s), &a) in dst.iter_mut().zip(src).zip(alpha) {
@@ -134,6 +134,21 @@ pub fn alpha_blend(frame: &mut [u8], width: u32, face: &FaceBox, mask: &BoxMask,
     }
 }
 
+/// The byte ranges of an RGB frame `width` pixels wide, one per row, that [`paste`] writes
+/// for this box and mask: what must be saved to undo a paste.
+pub fn pasted_rows(
+    width: u32,
+    face: &FaceBox,
+    mask: &BoxMask,
+) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let (row_bytes, stride) = ((mask.x1 - mask.x0) as usize * 3, width as usize * 3);
+    let (x, top) = ((face.x + mask.x0) as usize * 3, face.y);
+    (mask.y0..mask.y1).map(move |y| {
+        let start = (top + y) as usize * stride + x;
+        start..start + row_bytes
+    })
+}
+
 /// Reusable per-thread buffers for [`paste`]: after the first frame, pasting allocates
 /// nothing.
 #[derive(Default)]
@@ -143,8 +158,8 @@ pub struct BlendScratch {
     resizer: Resizer,
 }
 
-/// Resize + blend of one generated `size` x `size` crop into `frame` (a copy of the
-/// background), touching only the rectangle where `mask` is non-zero.
+/// Resize + blend of one generated `size` x `size` crop into `frame`, touching only the
+/// rectangle where `mask` is non-zero ([`pasted_rows`]).
 pub fn paste(
     frame: &mut [u8],
     width: u32,
