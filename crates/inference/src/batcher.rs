@@ -6,8 +6,9 @@
 //! so a free instance always takes the next batch.
 
 use crate::config::ModelConfig;
+use crate::shared_memory::Slot;
 use crate::stats::ModelStats;
-use crate::torch_model::{ExecTimings, TorchModel};
+use crate::torch_model::{ExecTimings, HostOutput, TorchModel};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -18,6 +19,10 @@ use tokio::sync::oneshot;
 pub struct Job {
     pub batch: usize,
     pub inputs: Vec<Bytes>,
+    /// Per config output: the shared-memory slot the worker writes this request's share
+    /// into (straight from the batch's output tensor, no copy in between), or `None` to get
+    /// it back in [`JobOutput::outputs`].
+    pub deliver: Vec<Option<Slot>>,
     pub enqueued: Instant,
     /// Dropped unexecuted if still queued at this instant.
     pub deadline: Option<Instant>,
@@ -35,7 +40,8 @@ pub enum JobError {
     Failed(String),
 }
 
-/// A request's share of a batch's outputs, one buffer per config output.
+/// A request's share of a batch's outputs, one buffer per config output (empty for those
+/// delivered into shared memory).
 pub struct JobOutput {
     pub outputs: Vec<Bytes>,
     pub queue: Duration,
@@ -91,7 +97,7 @@ pub fn run_worker(
         let jobs: Vec<Job> = jobs.into_iter().filter_map(|j| live(j, &stats)).collect();
         let size = jobs.iter().map(|j| j.batch).sum();
         if size > 0 {
-            execute(&model, &stats, size, jobs);
+            execute(&model, &config, &stats, size, jobs);
         }
     }
 }
@@ -109,7 +115,13 @@ fn live(job: Job, stats: &ModelStats) -> Option<Job> {
     }
 }
 
-fn execute(model: &TorchModel, stats: &ModelStats, size: usize, jobs: Vec<Job>) {
+fn execute(
+    model: &TorchModel,
+    config: &ModelConfig,
+    stats: &ModelStats,
+    size: usize,
+    jobs: Vec<Job>,
+) {
     let started = Instant::now();
     let n_inputs = jobs[0].inputs.len();
     let inputs: Vec<Vec<Bytes>> = (0..n_inputs)
@@ -119,7 +131,12 @@ fn execute(model: &TorchModel, stats: &ModelStats, size: usize, jobs: Vec<Job>) 
         stats.record_queue(started - j.enqueued);
     }
     match model.execute(size, &inputs) {
-        Ok((outputs, timings)) => {
+        Ok((outputs, mut timings)) => {
+            let t = Instant::now();
+            let shares = deliver(config, &outputs, size, &jobs);
+            // Writing into shared memory is the last step of producing the output, as in
+            // Triton's compute-output time.
+            timings.output += t.elapsed();
             stats.record_execution(
                 size,
                 jobs.len(),
@@ -127,24 +144,23 @@ fn execute(model: &TorchModel, stats: &ModelStats, size: usize, jobs: Vec<Job>) 
                 timings.infer,
                 timings.output,
             );
-            let mut offset = 0;
-            for job in jobs {
-                // Bytes::slice shares the batch buffer: no copy per request.
-                let mine = outputs
-                    .iter()
-                    .map(|o| {
-                        let per = o.len() / size;
-                        o.slice(offset * per..(offset + job.batch) * per)
-                    })
-                    .collect();
-                offset += job.batch;
-                stats.record_success(job.enqueued.elapsed());
-                let _ = job.reply.send(Ok(JobOutput {
-                    outputs: mine,
-                    queue: started - job.enqueued,
-                    compute: timings,
-                    batch_size: size,
-                }));
+            for (job, share) in jobs.into_iter().zip(shares) {
+                let reply = match share {
+                    Ok(outputs) => {
+                        stats.record_success(job.enqueued.elapsed());
+                        Ok(JobOutput {
+                            outputs,
+                            queue: started - job.enqueued,
+                            compute: timings,
+                            batch_size: size,
+                        })
+                    }
+                    Err(e) => {
+                        stats.record_failure(job.enqueued.elapsed());
+                        Err(JobError::Failed(e))
+                    }
+                };
+                let _ = job.reply.send(reply);
             }
         }
         Err(e) => {
@@ -155,4 +171,48 @@ fn execute(model: &TorchModel, stats: &ModelStats, size: usize, jobs: Vec<Job>) 
             }
         }
     }
+}
+
+/// Splits a batch's outputs among its jobs, in order: each job's share is written into its
+/// shared-memory slot, or returned as a slice of one buffer shared by the batch (`Bytes`
+/// slices, no copy per request).
+fn deliver(
+    config: &ModelConfig,
+    outputs: &[HostOutput],
+    size: usize,
+    jobs: &[Job],
+) -> Vec<Result<Vec<Bytes>, String>> {
+    let mut shares: Vec<Result<Vec<Bytes>, String>> = jobs
+        .iter()
+        .map(|_| Ok(Vec::with_capacity(outputs.len())))
+        .collect();
+    for (o, out) in outputs.iter().enumerate() {
+        let all = out.as_bytes();
+        let per = all.len() / size;
+        let wants_bytes = jobs
+            .iter()
+            .any(|j| j.deliver.get(o).is_none_or(Option::is_none));
+        let buffer = if wants_bytes {
+            Bytes::copy_from_slice(all)
+        } else {
+            Bytes::new()
+        };
+        let mut offset = 0;
+        for (job, share) in jobs.iter().zip(&mut shares) {
+            let range = offset * per..(offset + job.batch) * per;
+            offset += job.batch;
+            let Ok(parts) = share else { continue };
+            match job.deliver.get(o).and_then(Option::as_ref) {
+                Some(slot) => match slot.write(&all[range]) {
+                    Ok(()) => parts.push(Bytes::new()),
+                    Err(e) => {
+                        let name = &config.outputs[o].name;
+                        *share = Err(format!("output '{name}': shared memory: {e}"));
+                    }
+                },
+                None => parts.push(buffer.slice(range)),
+            }
+        }
+    }
+    shares
 }

@@ -11,6 +11,7 @@ use crate::batcher::{self, Job, JobError, JobOutput};
 use crate::config::{ModelConfig, Precision, MODEL_FILE};
 use crate::metrics::Metrics;
 use crate::repository::{RepoError, Repository};
+use crate::shared_memory;
 use crate::stats::ModelStats;
 use crate::torch_model::TorchModel;
 use bytes::Bytes;
@@ -63,17 +64,20 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Queues one validated request and waits for its share of a batch.
+    /// Queues one validated request and waits for its share of a batch; `deliver` names,
+    /// per config output, a shared-memory slot to write the share into instead.
     pub async fn infer(
         &self,
         batch: usize,
         inputs: Vec<Bytes>,
+        deliver: Vec<Option<shared_memory::Slot>>,
         deadline: Option<Instant>,
     ) -> Result<JobOutput, JobError> {
         let (reply, rx) = oneshot::channel();
         let job = Job {
             batch,
             inputs,
+            deliver,
             enqueued: Instant::now(),
             deadline,
             reply,

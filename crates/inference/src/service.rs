@@ -105,8 +105,12 @@ impl InferenceService {
         .into_iter()
         .flatten()
         .min();
+        let mut deliver = vec![None; model.config.outputs.len()];
+        for w in &prepared.outputs {
+            deliver[w.index] = w.shm.clone();
+        }
         let out = model
-            .infer(prepared.batch, prepared.inputs, deadline)
+            .infer(prepared.batch, prepared.inputs, deliver, deadline)
             .await
             .map_err(|e| match e {
                 JobError::Expired { waited } => Status::deadline_exceeded(format!(
@@ -187,8 +191,8 @@ fn request_timeout(req: &ModelInferRequest) -> Result<Option<Duration>, Status> 
     }
 }
 
-/// Builds the response; outputs asked into shared memory are written there and leave an empty
-/// `raw_output_contents` entry, so entries stay aligned with `outputs`.
+/// Builds the response; outputs asked into shared memory (the worker has written them there)
+/// leave an empty `raw_output_contents` entry, so entries stay aligned with `outputs`.
 fn response(
     model: &LoadedModel,
     id: String,
@@ -211,10 +215,8 @@ fn response(
         };
         match &w.shm {
             Some(slot) => {
-                slot.write(&data).map_err(|e| {
-                    Status::internal(format!("output '{}': shared memory: {e}", spec.name))
-                })?;
-                tensor.parameters = shm::tensor_params(&slot.region.name, data.len(), slot.offset);
+                let len = spec.element_bytes() * batch;
+                tensor.parameters = shm::tensor_params(&slot.region.name, len, slot.offset);
                 raw.push(bytes::Bytes::new());
             }
             None => raw.push(data),

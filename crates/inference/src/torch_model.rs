@@ -81,12 +81,13 @@ impl TorchModel {
 
     /// Executes one batch of `batch` elements. `inputs[i]` holds, for config input `i`, the
     /// payloads of the requests in the batch, in order; their lengths sum to the batch's bytes.
-    /// Returns one contiguous buffer per config output.
+    /// Returns one host tensor per config output, for the caller to copy each request's share
+    /// straight to where it goes.
     pub fn execute(
         &self,
         batch: usize,
         inputs: &[Vec<Bytes>],
-    ) -> Result<(Vec<Bytes>, ExecTimings), String> {
+    ) -> Result<(Vec<HostOutput>, ExecTimings), String> {
         let t0 = Instant::now();
         let tensors = self
             .config
@@ -110,19 +111,19 @@ impl TorchModel {
             ));
         }
         let t2 = Instant::now();
-        let bytes = self
+        let host = self
             .config
             .outputs
             .iter()
             .zip(outs)
-            .map(|(spec, t)| output_bytes(spec, batch, t))
+            .map(|(spec, t)| host_output(spec, batch, t))
             .collect::<Result<Vec<_>, _>>()?;
         if self.device != Device::Cpu {
             tch::Cuda::synchronize(device_index(self.device));
         }
         let t3 = Instant::now();
         Ok((
-            bytes,
+            host,
             ExecTimings {
                 input: t1 - t0,
                 infer: t2 - t1,
@@ -214,7 +215,26 @@ fn flatten_outputs(value: IValue) -> Result<Vec<Tensor>, String> {
     }
 }
 
-fn output_bytes(spec: &TensorSpec, batch: usize, t: Tensor) -> Result<Bytes, String> {
+/// One output of a batch: contiguous on the host, in the datatype its config declares.
+pub struct HostOutput {
+    tensor: Tensor,
+    len: usize,
+}
+
+impl HostOutput {
+    /// The batch's output bytes, without a copy.
+    pub fn as_bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `host_output` made the tensor contiguous on the CPU with `len` bytes of
+        // elements at `data_ptr`; `self` owns the tensor, so the storage outlives the borrow,
+        // and nothing writes to it once it is a `HostOutput`.
+        unsafe { std::slice::from_raw_parts(self.tensor.data_ptr() as *const u8, self.len) }
+    }
+}
+
+fn host_output(spec: &TensorSpec, batch: usize, t: Tensor) -> Result<HostOutput, String> {
     let want_shape = spec.batched_shape(batch);
     if t.size() != want_shape {
         return Err(format!(
@@ -240,12 +260,9 @@ fn output_bytes(spec: &TensorSpec, batch: usize, t: Tensor) -> Result<Bytes, Str
     } else {
         t
     };
-    let t = t.to_device(Device::Cpu).contiguous();
-    let numel = t.numel();
-    let mut buf = vec![0u8; numel * spec.datatype.size()];
-    t.f_copy_data_u8(&mut buf, numel)
-        .map_err(|e| format!("output '{}': {}", spec.name, first_line(&e.to_string())))?;
-    Ok(Bytes::from(buf))
+    let tensor = t.to_device(Device::Cpu).contiguous();
+    let len = tensor.numel() * spec.datatype.size();
+    Ok(HostOutput { tensor, len })
 }
 
 /// libtorch errors carry a C++ backtrace after the first line; clients need the first line.
