@@ -445,6 +445,54 @@ async fn shared_memory_carries_tensors_both_ways() {
         );
     }
 
+    // One batch with a shared-memory request and a plain one (the queue delay merges them):
+    // each share lands where its request asked for it.
+    object
+        .mapping()
+        .write(face_len + audio_len, &vec![0u8; out_len])
+        .unwrap();
+    let plain = request("passthrough", 2, 9);
+    let plain_face = plain.raw_input_contents[0].clone();
+    let executions = |c: &mut GrpcInferenceServiceClient<Channel>| {
+        let mut c = c.clone();
+        async move {
+            let req = ModelStatisticsRequest {
+                name: "passthrough".into(),
+                version: String::new(),
+            };
+            let stats = c.model_statistics(req).await.unwrap().into_inner();
+            stats.model_stats[0].execution_count
+        }
+    };
+    let before = executions(&mut client).await;
+    let (mut c1, mut c2) = (client.clone(), client.clone());
+    let (a, b) = tokio::join!(c1.model_infer(shm_request(out_len)), c2.model_infer(plain));
+    assert!(a.unwrap().into_inner().raw_output_contents[0].is_empty());
+    let b = b.unwrap().into_inner();
+    assert_eq!(
+        executions(&mut client).await - before,
+        1,
+        "the two requests were not merged"
+    );
+    object
+        .mapping()
+        .read(face_len + audio_len, &mut out)
+        .unwrap();
+    for b_i in 0..2 {
+        let want = |face: &[u8]| face[b_i * 6 * plane..b_i * 6 * plane + 3 * plane].to_vec();
+        let got = |o: &[u8]| o[b_i * 3 * plane..(b_i + 1) * 3 * plane].to_vec();
+        assert_eq!(
+            got(&out),
+            want(&raw[0]),
+            "shared-memory request, element {b_i}"
+        );
+        assert_eq!(
+            got(&b.raw_output_contents[0]),
+            want(&plain_face),
+            "plain request, element {b_i}"
+        );
+    }
+
     // Misuse: each answered with its own code and a message naming the field.
     let status = client
         .system_shared_memory_status(SystemSharedMemoryStatusRequest::default())
