@@ -8,11 +8,13 @@ use framecast_inference::models::{ExecOptions, ModelManager};
 use framecast_inference::repository::Repository;
 use framecast_inference::server as inf_server;
 use framecast_proto::compositor::v1::compositor_client::CompositorClient;
+use framecast_proto::compositor::v1::RenderedFrame;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tonic::transport::Channel;
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
 
 const INFERENCE: &str = env!("CARGO_BIN_EXE_inference-process");
@@ -47,6 +49,13 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("{name}: cannot start {bin}: {e}"));
         Proc { name, child }
+    }
+
+    /// An inference process on `addr`, once it answers health checks.
+    async fn serving_inference(models: &Path, addr: SocketAddr) -> Proc {
+        let mut p = Proc::inference(models, addr);
+        p.wait_serving(addr).await;
+        p
     }
 
     fn inference(models: &Path, addr: SocketAddr) -> Proc {
@@ -112,6 +121,19 @@ impl Proc {
     }
 }
 
+/// A Render stream asking for frames `0..n` of the `small` avatar.
+async fn render_small(
+    client: &CompositorClient<Channel>,
+    n: u32,
+) -> tonic::Streaming<RenderedFrame> {
+    client
+        .clone()
+        .render(tokio_stream::iter(vec![request("small", 0, n)]))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// How many batches a server has executed for `passthrough`.
 async fn executions(addr: SocketAddr) -> u64 {
     passthrough_stats(format!("http://{addr}")).await.0
@@ -125,8 +147,7 @@ async fn an_inference_process_killed_under_load_loses_no_frames() {
     let tmp = tempfile::tempdir().unwrap();
     let (models, avatars) = write_fixtures(tmp.path(), 1000);
     let a_addr = free_addr();
-    let mut a = Proc::inference(&models, a_addr);
-    a.wait_serving(a_addr).await;
+    let mut a = Proc::serving_inference(&models, a_addr).await;
     let repo = Repository::open(&models).unwrap();
     let manager = ModelManager::new(repo, ExecOptions::default(), true, Default::default());
     let b = inf_server::spawn_on_loopback(Arc::new(manager), Default::default())
@@ -142,12 +163,7 @@ async fn an_inference_process_killed_under_load_loses_no_frames() {
     let client = CompositorClient::connect(compositor.url()).await.unwrap();
 
     let served_before_kill = {
-        let mut frames = client
-            .clone()
-            .render(tokio_stream::iter(vec![request("small", 0, 200)]))
-            .await
-            .unwrap()
-            .into_inner();
+        let mut frames = render_small(&client, 200).await;
         let mut next = 0u64;
         let mut served = 0;
         while let Some(f) = frames.message().await.unwrap() {
@@ -167,8 +183,7 @@ async fn an_inference_process_killed_under_load_loses_no_frames() {
     );
     assert!(!a.child.wait().unwrap().success());
 
-    let mut a = Proc::inference(&models, a_addr);
-    a.wait_serving(a_addr).await;
+    let _restarted = Proc::serving_inference(&models, a_addr).await;
     let started = Instant::now();
     while !inference.health().iter().all(|(_, ok)| *ok) {
         assert!(
@@ -177,12 +192,7 @@ async fn an_inference_process_killed_under_load_loses_no_frames() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut frames = client
-        .clone()
-        .render(tokio_stream::iter(vec![request("small", 0, 40)]))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut frames = render_small(&client, 40).await;
     assert_eq!(count_in_order(&mut frames, 0).await, 40);
     assert!(
         executions(a_addr).await > 0,
@@ -198,8 +208,7 @@ async fn a_restarted_sole_inference_process_ends_the_stream_cleanly_then_serves_
     let tmp = tempfile::tempdir().unwrap();
     let (models, avatars) = write_fixtures(tmp.path(), 1000);
     let addr = free_addr();
-    let mut server = Proc::inference(&models, addr);
-    server.wait_serving(addr).await;
+    let mut server = Proc::serving_inference(&models, addr).await;
     let client_opts = ClientOptions {
         health_interval: Duration::from_millis(100),
         ..Default::default()
@@ -210,12 +219,7 @@ async fn a_restarted_sole_inference_process_ends_the_stream_cleanly_then_serves_
     let client = CompositorClient::connect(compositor.url()).await.unwrap();
 
     const ASKED: u64 = 2000;
-    let mut frames = client
-        .clone()
-        .render(tokio_stream::iter(vec![request("small", 0, ASKED as u32)]))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut frames = render_small(&client, ASKED as u32).await;
     let mut next = 0u64;
     let end = loop {
         match frames.message().await {
@@ -242,14 +246,8 @@ async fn a_restarted_sole_inference_process_ends_the_stream_cleanly_then_serves_
     );
     assert!(!server.child.wait().unwrap().success());
 
-    let mut server = Proc::inference(&models, addr);
-    server.wait_serving(addr).await;
-    let mut frames = client
-        .clone()
-        .render(tokio_stream::iter(vec![request("small", 0, 40)]))
-        .await
-        .unwrap()
-        .into_inner();
+    let _restarted = Proc::serving_inference(&models, addr).await;
+    let mut frames = render_small(&client, 40).await;
     assert_eq!(count_in_order(&mut frames, 0).await, 40);
     assert!(executions(addr).await > 0, "the new process got no batch");
 }
@@ -262,8 +260,7 @@ async fn sigterm_finishes_in_flight_work_then_both_processes_exit_0() {
     // The model waits 1.5 s for batch-mates: the request is still queued at the signal.
     let (models, avatars) = write_fixtures(tmp.path(), 1_500_000);
     let inf_addr = free_addr();
-    let mut inference = Proc::inference(&models, inf_addr);
-    inference.wait_serving(inf_addr).await;
+    let mut inference = Proc::serving_inference(&models, inf_addr).await;
     let comp_addr = free_addr();
     let args = [
         "serve",
