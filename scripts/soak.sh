@@ -37,7 +37,6 @@ pids+=($!); compositor=$!
 "$bin/framecast-bench" wait http://127.0.0.1:18201 http://127.0.0.1:18211 --timeout-s 180
 
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
-phase=start
 # One line a second: phase, inference RSS KiB, compositor RSS KiB.
 printf 'phase\tinference_kib\tcompositor_kib\n' >"$out/rss.tsv"
 sample() {

@@ -29,6 +29,13 @@ pub struct Job {
     pub reply: oneshot::Sender<Result<JobOutput, JobError>>,
 }
 
+impl Job {
+    /// The shared-memory slot config output `output` goes to, if any.
+    fn slot(&self, output: usize) -> Option<&Slot> {
+        self.deliver.get(output).and_then(Option::as_ref)
+    }
+}
+
 /// Why a queued request produced no output.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum JobError {
@@ -189,9 +196,7 @@ fn deliver(
     for (o, out) in outputs.iter().enumerate() {
         let all = out.as_bytes();
         let per = all.len() / size;
-        let wants_bytes = jobs
-            .iter()
-            .any(|j| j.deliver.get(o).is_none_or(Option::is_none));
+        let wants_bytes = jobs.iter().any(|j| j.slot(o).is_none());
         let buffer = if wants_bytes {
             Bytes::copy_from_slice(all)
         } else {
@@ -202,7 +207,7 @@ fn deliver(
             let range = offset * per..(offset + job.batch) * per;
             offset += job.batch;
             let Ok(parts) = share else { continue };
-            match job.deliver.get(o).and_then(Option::as_ref) {
+            match job.slot(o) {
                 Some(slot) => match slot.write(&all[range]) {
                     Ok(()) => parts.push(Bytes::new()),
                     Err(e) => {
