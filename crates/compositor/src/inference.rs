@@ -3,13 +3,16 @@
 //! are in flight at once (responses are matched by request id).
 //!
 //! Each batch goes to the less loaded of two healthy replicas picked at random
-//! (power of two choices), so operators add GPU workers without touching the compositor. A
-//! replica whose stream breaks is marked unhealthy, its in-flight batches are retried once on
-//! another replica, and a background health check brings it back when it answers again.
+//! (power of two choices). A replica whose stream breaks is marked unhealthy, its in-flight
+//! batches are retried once on another replica, and a background health check brings it back
+//! when it answers again. A URL whose host is a DNS name stands for every address it resolves
+//! to, looked up again and again, so operators add GPU workers without touching the
+//! compositor (see [`crate::discovery`]).
 //!
 //! A replica on the same host gets the tensors through shared memory instead of the stream
 //! (see [`crate::shm_pool`]); one that cannot map them gets them over gRPC.
 
+use crate::discovery::{self, Dial, Named, Resolve, SystemResolver};
 use crate::shm_pool::{Lease, ShmPool};
 use framecast_proto::auth::authorize;
 use framecast_proto::deadline::{timeout_parameter, PARAM_TIMEOUT};
@@ -20,10 +23,11 @@ use framecast_proto::kserve::{
 };
 use framecast_proto::tensor::DataType;
 use framecast_telemetry::tls::{self, ClientTls};
-use parking_lot::Mutex;
-use std::collections::HashMap;
+use parking_lot::{Mutex, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -39,6 +43,9 @@ pub struct ClientOptions {
     /// Longest wait for one batch's response.
     pub request_timeout: Duration,
     pub health_interval: Duration,
+    /// Time between DNS lookups of the URLs' host names; zero: no lookups, each URL is one
+    /// replica reached by name.
+    pub resolve_interval: Duration,
     pub max_message_bytes: usize,
     /// Try shared memory with each replica (used only where the replica can map it).
     pub shared_memory: bool,
@@ -56,6 +63,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             health_interval: Duration::from_secs(2),
+            resolve_interval: Duration::from_secs(10),
             max_message_bytes: framecast_proto::DEFAULT_MAX_MESSAGE_BYTES,
             shared_memory: true,
             token: None,
@@ -132,7 +140,12 @@ struct StreamConn {
 
 /// One inference endpoint.
 struct Replica {
+    /// The URL configured (`--inference`).
     url: String,
+    /// The address dialled, when `url`'s host is a name that was looked up.
+    addr: Option<SocketAddr>,
+    /// How logs and errors name it: the URL, and the address when there is one.
+    label: String,
     client: GrpcInferenceServiceClient<Channel>,
     stream: tokio::sync::Mutex<Option<Arc<StreamConn>>>,
     in_flight: AtomicUsize,
@@ -151,6 +164,52 @@ impl Drop for InFlight<'_> {
 }
 
 impl Replica {
+    /// A replica of `url`, dialling `addr` when given (else the URL's host); connects on
+    /// first use.
+    fn open(
+        id: u64,
+        url: &str,
+        addr: Option<SocketAddr>,
+        opts: &ClientOptions,
+    ) -> Result<Arc<Replica>, String> {
+        let endpoint = tls::endpoint(url, opts.tls.as_ref(), "inference-tls")
+            .map_err(|e| format!("inference: {e:#}"))?
+            .connect_timeout(opts.connect_timeout)
+            .http2_keep_alive_interval(opts.keep_alive_interval)
+            .keep_alive_timeout(opts.keep_alive_timeout)
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(Some(16 << 20))
+            .initial_connection_window_size(Some(64 << 20))
+            // Responses of several MB arrive in 1 MiB DATA frames, not 16 KiB ones.
+            .max_frame_size(1u32 << 20)
+            .tcp_nodelay(true);
+        let (channel, label) = match addr {
+            Some(a) => (
+                endpoint.connect_with_connector_lazy(Dial(a)),
+                format!("{url} ({a})"),
+            ),
+            None => (endpoint.connect_lazy(), url.to_string()),
+        };
+        let client = GrpcInferenceServiceClient::new(channel)
+            .max_decoding_message_size(opts.max_message_bytes)
+            .max_encoding_message_size(opts.max_message_bytes);
+        let shm = opts.shared_memory.then(|| {
+            let token = opts.token.clone();
+            Arc::new(ShmPool::new(client.clone(), token, &label, id))
+        });
+        Ok(Arc::new(Replica {
+            url: url.to_string(),
+            addr,
+            label,
+            client,
+            stream: tokio::sync::Mutex::new(None),
+            in_flight: AtomicUsize::new(0),
+            healthy: AtomicBool::new(true),
+            shm,
+            token: opts.token.clone(),
+        }))
+    }
+
     async fn connection(&self) -> Result<Arc<StreamConn>, Status> {
         let mut guard = self.stream.lock().await;
         if let Some(c) = guard.as_ref() {
@@ -175,7 +234,7 @@ impl Replica {
             pending: pending.clone(),
             alive: alive.clone(),
         });
-        let url = self.url.clone();
+        let url = self.label.clone();
         tokio::spawn(async move {
             let why = loop {
                 match inbound.message().await {
@@ -225,7 +284,7 @@ impl Replica {
             conn.alive.store(false, Ordering::Release);
             return Err(Status::unavailable(format!(
                 "inference stream to {} closed",
-                self.url
+                self.label
             )));
         }
         match tokio::time::timeout(timeout, rx).await {
@@ -235,13 +294,13 @@ impl Replica {
             }),
             Ok(Err(_)) => Err(Status::unavailable(format!(
                 "inference stream to {} lost",
-                self.url
+                self.label
             ))),
             Err(_) => {
                 conn.pending.lock().remove(&id);
                 Err(Status::deadline_exceeded(format!(
                     "no answer from {} within {timeout:?}",
-                    self.url
+                    self.label
                 )))
             }
         }
@@ -290,10 +349,14 @@ fn parse_stream_error(text: &str) -> Status {
     Status::new(code, message.to_string())
 }
 
+/// The replicas batches may go to now; replaced whole when discovery changes it, so a
+/// batch works on one consistent snapshot.
+type Replicas = Arc<Vec<Arc<Replica>>>;
+
 /// The pool of inference replicas.
 #[derive(Clone)]
 pub struct InferenceClient {
-    replicas: Arc<Vec<Arc<Replica>>>,
+    replicas: Arc<RwLock<Replicas>>,
     info: Arc<Mutex<HashMap<String, Arc<ModelInfo>>>>,
     next_id: Arc<AtomicU64>,
     shm_batches: Arc<AtomicU64>,
@@ -302,70 +365,45 @@ pub struct InferenceClient {
 
 impl InferenceClient {
     /// A pool over `urls` (e.g. `http://10.0.0.5:8001`); connects on first use, reconnects by
-    /// itself, and health-checks every replica in the background. Call inside a tokio runtime.
+    /// itself, health-checks every replica in the background, and looks host names up with
+    /// the system resolver. Call inside a tokio runtime.
     pub fn connect_lazy(urls: &[String], opts: &ClientOptions) -> Result<Self, String> {
+        Self::connect_lazy_with(urls, opts, Arc::new(SystemResolver))
+    }
+
+    /// [`Self::connect_lazy`] with the host names looked up by `resolver`.
+    pub fn connect_lazy_with(
+        urls: &[String],
+        opts: &ClientOptions,
+        resolver: Arc<dyn Resolve>,
+    ) -> Result<Self, String> {
         if urls.is_empty() {
             return Err("inference: at least one endpoint URL is required".into());
+        }
+        let mut names = Vec::new();
+        for url in urls {
+            if let Some(n) = discovery::named(url)? {
+                names.push(n);
+            }
         }
         let replicas = urls
             .iter()
             .enumerate()
-            .map(|(i, url)| {
-                let endpoint = tls::endpoint(url, opts.tls.as_ref(), "inference-tls")
-                    .map_err(|e| format!("inference: {e:#}"))?
-                    .connect_timeout(opts.connect_timeout)
-                    .http2_keep_alive_interval(opts.keep_alive_interval)
-                    .keep_alive_timeout(opts.keep_alive_timeout)
-                    .keep_alive_while_idle(true)
-                    .initial_stream_window_size(Some(16 << 20))
-                    .initial_connection_window_size(Some(64 << 20))
-                    // Responses of several MB arrive in 1 MiB DATA frames, not 16 KiB ones.
-                    .max_frame_size(1u32 << 20)
-                    .tcp_nodelay(true);
-                let client = GrpcInferenceServiceClient::new(endpoint.connect_lazy())
-                    .max_decoding_message_size(opts.max_message_bytes)
-                    .max_encoding_message_size(opts.max_message_bytes);
-                let shm = opts.shared_memory.then(|| {
-                    let token = opts.token.clone();
-                    Arc::new(ShmPool::new(client.clone(), token, url, i))
-                });
-                Ok(Arc::new(Replica {
-                    url: url.clone(),
-                    client,
-                    stream: tokio::sync::Mutex::new(None),
-                    in_flight: AtomicUsize::new(0),
-                    healthy: AtomicBool::new(true),
-                    shm,
-                    token: opts.token.clone(),
-                }))
-            })
+            .map(|(i, url)| Replica::open(i as u64, url, None, opts))
             .collect::<Result<Vec<_>, String>>()?;
-        let replicas = Arc::new(replicas);
-        let watched = Arc::downgrade(&replicas);
-        let interval = opts.health_interval;
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(interval).await;
-                let Some(replicas) = watched.upgrade() else {
-                    return;
-                };
-                for r in replicas.iter() {
-                    let mut client = r.client.clone();
-                    let probe = async {
-                        let req =
-                            authorize(Request::new(ServerReadyRequest {}), r.token.as_deref())?;
-                        client.server_ready(req).await
-                    };
-                    let ok = matches!(
-                        tokio::time::timeout(interval, probe).await,
-                        Ok(Ok(resp)) if resp.get_ref().ready
-                    );
-                    if ok != r.healthy.swap(ok, Ordering::AcqRel) {
-                        tracing::info!(replica = %r.url, healthy = ok, "inference replica health changed");
-                    }
-                }
-            }
-        });
+        let replicas = Arc::new(RwLock::new(Arc::new(replicas)));
+        spawn_health_checks(Arc::downgrade(&replicas), opts.health_interval);
+        if !opts.resolve_interval.is_zero() && !names.is_empty() {
+            let discover = Discovery {
+                replicas: Arc::downgrade(&replicas),
+                names,
+                resolver,
+                opts: opts.clone(),
+                next_replica: urls.len() as u64,
+                failing: HashSet::new(),
+            };
+            tokio::spawn(discover.run());
+        }
         Ok(InferenceClient {
             replicas,
             info: Arc::default(),
@@ -375,32 +413,39 @@ impl InferenceClient {
         })
     }
 
+    fn snapshot(&self) -> Replicas {
+        self.replicas.read().clone()
+    }
+
     /// Replicas and whether each is healthy.
     pub fn health(&self) -> Vec<(String, bool)> {
-        self.replicas
+        self.snapshot()
             .iter()
-            .map(|r| (r.url.clone(), r.healthy.load(Ordering::Acquire)))
+            .map(|r| (r.label.clone(), r.healthy.load(Ordering::Acquire)))
             .collect()
     }
 
     /// Power of two choices among healthy replicas (all of them if none is healthy, so a
     /// recovered fleet is found without waiting for the health check), skipping `avoid`.
-    fn pick(&self, avoid: Option<usize>) -> Option<usize> {
-        let candidates: Vec<usize> = {
-            let healthy: Vec<usize> = (0..self.replicas.len())
-                .filter(|&i| Some(i) != avoid && self.replicas[i].healthy.load(Ordering::Acquire))
-                .collect();
-            if healthy.is_empty() {
-                (0..self.replicas.len())
-                    .filter(|&i| Some(i) != avoid)
-                    .collect()
-            } else {
-                healthy
-            }
+    fn pick(
+        &self,
+        replicas: &[Arc<Replica>],
+        avoid: Option<&Arc<Replica>>,
+    ) -> Option<Arc<Replica>> {
+        let allowed = |r: &&Arc<Replica>| avoid.is_none_or(|a| !Arc::ptr_eq(a, r));
+        let healthy: Vec<&Arc<Replica>> = replicas
+            .iter()
+            .filter(allowed)
+            .filter(|r| r.healthy.load(Ordering::Acquire))
+            .collect();
+        let candidates = if healthy.is_empty() {
+            replicas.iter().filter(allowed).collect()
+        } else {
+            healthy
         };
         match candidates.len() {
             0 => None,
-            1 => Some(candidates[0]),
+            1 => Some(candidates[0].clone()),
             n => {
                 let r = self
                     .next_id
@@ -408,12 +453,8 @@ impl InferenceClient {
                     .wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 let a = (r % n as u64) as usize;
                 let b = (a + 1 + ((r >> 32) % (n as u64 - 1)) as usize) % n;
-                let load = |i: usize| {
-                    self.replicas[candidates[i]]
-                        .in_flight
-                        .load(Ordering::Acquire)
-                };
-                Some(candidates[if load(b) < load(a) { b } else { a }])
+                let load = |i: usize| candidates[i].in_flight.load(Ordering::Acquire);
+                Some(candidates[if load(b) < load(a) { b } else { a }].clone())
             }
         }
     }
@@ -434,17 +475,18 @@ impl InferenceClient {
         deadline: Option<Instant>,
     ) -> Result<ModelInferResponse, Status> {
         let first = self
-            .pick(None)
+            .pick(&self.snapshot(), None)
             .ok_or_else(|| Status::unavailable("no inference replica configured"))?;
-        let result = self.infer_on(first, req.clone(), expected, deadline).await;
+        let result = self.infer_on(&first, req.clone(), expected, deadline).await;
         match result {
-            Err(s) if s.code() == Code::Unavailable && self.replicas.len() > 1 => {
-                self.replicas[first].healthy.store(false, Ordering::Release);
-                let Some(second) = self.pick(Some(first)) else {
+            Err(s) if s.code() == Code::Unavailable => {
+                // Another replica, from the pool as it is now (discovery may have changed it).
+                let Some(second) = self.pick(&self.snapshot(), Some(&first)) else {
                     return Err(s);
                 };
-                tracing::warn!(from = %self.replicas[first].url, to = %self.replicas[second].url, "retrying batch on another replica");
-                self.infer_on(second, req, expected, deadline).await
+                first.healthy.store(false, Ordering::Release);
+                tracing::warn!(from = %first.label, to = %second.label, "retrying batch on another replica");
+                self.infer_on(&second, req, expected, deadline).await
             }
             other => other,
         }
@@ -452,7 +494,7 @@ impl InferenceClient {
 
     async fn infer_on(
         &self,
-        i: usize,
+        replica: &Replica,
         mut req: ModelInferRequest,
         expected: &Expected,
         deadline: Option<Instant>,
@@ -469,7 +511,6 @@ impl InferenceClient {
             req.parameters
                 .insert(PARAM_TIMEOUT.to_string(), timeout_parameter(left));
         }
-        let replica = &self.replicas[i];
         replica.in_flight.fetch_add(1, Ordering::AcqRel);
         let _guard = InFlight(replica);
         if let Some(pool) = &replica.shm {
@@ -490,7 +531,7 @@ impl InferenceClient {
                                 if s.code() == Code::NotFound
                                     && s.message().contains("shared-memory") =>
                             {
-                                tracing::warn!(replica = %replica.url, "shared-memory regions lost; registering again");
+                                tracing::warn!(replica = %replica.label, "shared-memory regions lost; registering again");
                                 pool.reset();
                             }
                             Err(s) => return Err(s),
@@ -510,19 +551,17 @@ impl InferenceClient {
             return Ok(i.clone());
         }
         let mut last = Status::unavailable("no inference replica configured");
-        for _ in 0..self.replicas.len() {
-            let Some(i) = self.pick(None) else { break };
+        let replicas = self.snapshot();
+        for _ in 0..replicas.len() {
+            let Some(replica) = self.pick(&replicas, None) else {
+                break;
+            };
             let request = ModelMetadataRequest {
                 name: model.to_string(),
                 version: String::new(),
             };
-            let request = authorize(Request::new(request), self.replicas[i].token.as_deref())?;
-            match self.replicas[i]
-                .client
-                .clone()
-                .model_metadata(request)
-                .await
-            {
+            let request = authorize(Request::new(request), replica.token.as_deref())?;
+            match replica.client.clone().model_metadata(request).await {
                 Ok(meta) => {
                     let meta = meta.into_inner();
                     let info = Arc::new(
@@ -537,5 +576,116 @@ impl InferenceClient {
             }
         }
         Err(last)
+    }
+}
+
+/// Probes every replica's `ServerReady` each `interval`, for as long as the pool exists.
+fn spawn_health_checks(replicas: Weak<RwLock<Replicas>>, interval: Duration) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            let Some(replicas) = replicas.upgrade().map(|r| r.read().clone()) else {
+                return;
+            };
+            for r in replicas.iter() {
+                let mut client = r.client.clone();
+                let probe = async {
+                    let req = authorize(Request::new(ServerReadyRequest {}), r.token.as_deref())?;
+                    client.server_ready(req).await
+                };
+                let ok = matches!(
+                    tokio::time::timeout(interval, probe).await,
+                    Ok(Ok(resp)) if resp.get_ref().ready
+                );
+                if ok != r.healthy.swap(ok, Ordering::AcqRel) {
+                    tracing::info!(replica = %r.label, healthy = ok, "inference replica health changed");
+                }
+            }
+        }
+    });
+}
+
+/// The task that looks the URLs' host names up and reshapes the pool to their answers.
+struct Discovery {
+    replicas: Weak<RwLock<Replicas>>,
+    names: Vec<Named>,
+    resolver: Arc<dyn Resolve>,
+    opts: ClientOptions,
+    next_replica: u64,
+    /// URLs whose last lookup failed, so a lasting failure is logged once.
+    failing: HashSet<String>,
+}
+
+impl Discovery {
+    async fn run(mut self) {
+        loop {
+            let resolved = self.lookup_all().await;
+            let Some(replicas) = self.replicas.upgrade() else {
+                return;
+            };
+            self.apply(&replicas, &resolved);
+            drop(replicas);
+            tokio::time::sleep(self.opts.resolve_interval).await;
+        }
+    }
+
+    /// The addresses of every name that answered with at least one.
+    async fn lookup_all(&mut self) -> Vec<(String, Vec<SocketAddr>)> {
+        let mut resolved = Vec::new();
+        for n in &self.names {
+            let wait = self.opts.connect_timeout;
+            let why = match tokio::time::timeout(wait, self.resolver.lookup(&n.host, n.port)).await
+            {
+                Ok(Ok(mut addrs)) if !addrs.is_empty() => {
+                    addrs.sort();
+                    addrs.dedup();
+                    if self.failing.remove(&n.url) {
+                        tracing::info!(url = %n.url, "inference host name resolves again");
+                    }
+                    resolved.push((n.url.clone(), addrs));
+                    continue;
+                }
+                Ok(Ok(_)) => "it has no address".to_string(),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {wait:?}"),
+            };
+            if self.failing.insert(n.url.clone()) {
+                tracing::warn!(url = %n.url, reason = %why, "inference host name not resolved; keeping the replicas known");
+            }
+        }
+        resolved
+    }
+
+    /// Only this task changes the pool, so reading it and then replacing it is not a race.
+    fn apply(&mut self, replicas: &RwLock<Replicas>, resolved: &[(String, Vec<SocketAddr>)]) {
+        let current = replicas.read().clone();
+        let keys: Vec<(&str, Option<SocketAddr>)> =
+            current.iter().map(|r| (r.url.as_str(), r.addr)).collect();
+        let plan = discovery::plan(&keys, resolved);
+        if !plan.changes(current.len()) {
+            return;
+        }
+        let mut next: Vec<Arc<Replica>> = plan.keep.iter().map(|&i| current[i].clone()).collect();
+        for (url, addr) in &plan.add {
+            match Replica::open(self.next_replica, url, Some(*addr), &self.opts) {
+                Ok(r) => {
+                    self.next_replica += 1;
+                    tracing::info!(replica = %r.label, "inference replica joined");
+                    next.push(r);
+                }
+                Err(e) => {
+                    tracing::warn!(url = %url, addr = %addr, error = %e, "inference replica not added")
+                }
+            }
+        }
+        for (i, r) in current.iter().enumerate() {
+            if !plan.keep.contains(&i) {
+                tracing::info!(replica = %r.label, "inference replica left");
+                if let Some(pool) = &r.shm {
+                    pool.retire();
+                }
+            }
+        }
+        *replicas.write() = Arc::new(next);
     }
 }

@@ -1,14 +1,15 @@
 //! framecast-compositor: the CPU half of framecast.
 //!
 //! It keeps each avatar's background frames in RAM (`avatar_store`, `avatar`), sends the
-//! model's face inputs to the inference service (`inference`), pastes the generated crops
-//! back with a feathered mask (`blend`, `mask`), encodes JPEG in parallel (`encode`) and
-//! streams frames in order (`render`, `service`).
+//! model's face inputs to the inference service (`inference`, whose replicas `discovery`
+//! finds), pastes the generated crops back with a feathered mask (`blend`, `mask`), encodes
+//! JPEG in parallel (`encode`) and streams frames in order (`render`, `service`).
 
 pub mod avatar;
 pub mod avatar_store;
 pub mod blend;
 pub mod demo;
+pub mod discovery;
 pub mod encode;
 #[doc(hidden)]
 pub mod fuzzing;

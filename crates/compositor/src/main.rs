@@ -77,7 +77,8 @@ struct ServeArgs {
         default_value = "0.0.0.0:8011"
     )]
     listen: SocketAddr,
-    /// Inference service URLs, comma-separated; batches are balanced across them.
+    /// Inference service URLs, comma-separated; batches are balanced across them. A host
+    /// name stands for every address it resolves to (see --inference-resolve-s).
     #[arg(
         long,
         env = "FRAMECAST_INFERENCE_URL",
@@ -85,6 +86,11 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     inference: Vec<String>,
+    /// Seconds between DNS lookups of the --inference host names: each address found is a
+    /// replica (a Kubernetes headless Service lists every ready pod), added and removed as the
+    /// answer changes. 0: no lookups, each URL is one replica reached by name.
+    #[arg(long, env = "FRAMECAST_INFERENCE_RESOLVE_S", default_value_t = 10)]
+    inference_resolve_s: u64,
     /// Pass batches to inference replicas on this host through shared memory (/dev/shm)
     /// instead of the gRPC stream; replicas that cannot map it get them over gRPC.
     #[arg(long, env = "FRAMECAST_INFERENCE_SHARED_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
@@ -253,6 +259,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         keep_alive_timeout: Duration::from_secs(args.keepalive_timeout_s),
         max_message_bytes: args.max_message_bytes,
         request_timeout: Duration::from_secs(args.inference_timeout_s),
+        resolve_interval: Duration::from_secs(args.inference_resolve_s),
         shared_memory: args.inference_shared_memory,
         token: args.inference_token.clone(),
         tls: inference_tls,

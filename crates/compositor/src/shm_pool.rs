@@ -136,7 +136,7 @@ impl ShmPool {
         client: GrpcInferenceServiceClient<Channel>,
         token: Option<String>,
         url: &str,
-        replica: usize,
+        replica: u64,
     ) -> Self {
         ShmPool {
             client,
@@ -218,9 +218,24 @@ impl ShmPool {
 
     /// The server forgot our regions (it restarted): drop every slot; new ones register anew.
     pub fn reset(&self) {
+        drop(self.retire_slots());
+    }
+
+    /// The replica left the pool: unregister the idle slots from it. Slots still lent to
+    /// batches are dropped when they come back.
+    pub fn retire(&self) {
+        for slot in self.retire_slots() {
+            self.forget(slot);
+        }
+    }
+
+    /// Starts a new generation (slots of older ones are not reused) and hands over the idle
+    /// slots of the old one.
+    fn retire_slots(&self) -> Vec<Slot> {
         self.generation.fetch_add(1, Ordering::AcqRel);
         let stale: Vec<Slot> = std::mem::take(&mut *self.free.lock());
         self.live.fetch_sub(stale.len(), Ordering::AcqRel);
+        stale
     }
 
     fn lend(self: &Arc<Self>, slot: Slot) -> Lease {

@@ -5,6 +5,7 @@
 use framecast_compositor::avatar::{ping_pong, Avatar};
 use framecast_compositor::avatar_store::AvatarStore;
 use framecast_compositor::demo::{self, DemoOptions};
+use framecast_compositor::discovery::Resolve;
 use framecast_compositor::encode::{self, Subsampling};
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
 use framecast_compositor::render::RenderOptions;
@@ -794,6 +795,141 @@ async fn a_replica_that_stops_under_load_loses_no_frames_and_is_used_when_back()
         "no shared memory registered with the restarted replica"
     );
     drop(b);
+}
+
+/// The answer a test's resolver gives for every name, changed by the test as it goes.
+struct Dns(std::sync::Mutex<std::io::Result<Vec<std::net::SocketAddr>>>);
+
+impl Dns {
+    fn answer(&self, a: std::io::Result<Vec<std::net::SocketAddr>>) {
+        *self.0.lock().unwrap() = a;
+    }
+}
+
+impl Resolve for Dns {
+    fn lookup(
+        &self,
+        _host: &str,
+        _port: u16,
+    ) -> futures::future::BoxFuture<'static, std::io::Result<Vec<std::net::SocketAddr>>> {
+        let a = match &*self.0.lock().unwrap() {
+            Ok(addrs) => Ok(addrs.clone()),
+            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+        };
+        Box::pin(async move { a })
+    }
+}
+
+/// Waits up to 5 s for the pool to list exactly `want` (labels), in any order.
+async fn wait_for_replicas(inference: &InferenceClient, want: &[String]) {
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        seen = inference.health().into_iter().map(|(l, _)| l).collect();
+        seen.sort();
+        let mut want = want.to_vec();
+        want.sort();
+        if seen == want {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("replicas {seen:?}, expected {want:?}");
+}
+
+/// Replicas behind one host name: each address it resolves to joins the pool and gets
+/// batches; a failed lookup keeps the pool; an address that leaves the answer gets no more
+/// batches, its shared-memory regions are unregistered, and no frame is lost on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_behind_a_host_name_join_and_leave_as_its_addresses_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (models, avatars) = write_fixtures(tmp.path(), 1000);
+    let spawn = |metrics: Arc<framecast_inference::metrics::Metrics>| {
+        let repo = Repository::open(&models).unwrap();
+        let manager = ModelManager::new(repo, ExecOptions::default(), true, metrics);
+        inf_server::spawn_on_loopback(Arc::new(manager), ServerOptions::default())
+    };
+    let (a_metrics, b_metrics) = (Arc::default(), Arc::default());
+    let a = spawn(Arc::clone(&a_metrics)).await.unwrap();
+    let b = spawn(Arc::clone(&b_metrics)).await.unwrap();
+    // Batches each replica served.
+    let served = |m: &framecast_inference::metrics::Metrics| {
+        m.requests.with_label_values(&["passthrough", "ok"]).get()
+    };
+    let name = "http://inference.test:8001".to_string();
+    let label = |addr| format!("{name} ({addr})");
+    let dns = Arc::new(Dns(std::sync::Mutex::new(Ok(vec![a.addr]))));
+    let client_opts = ClientOptions {
+        resolve_interval: std::time::Duration::from_millis(50),
+        health_interval: std::time::Duration::from_millis(100),
+        ..Default::default()
+    };
+    let inference =
+        InferenceClient::connect_lazy_with(std::slice::from_ref(&name), &client_opts, dns.clone())
+            .unwrap();
+    wait_for_replicas(&inference, &[label(a.addr)]).await;
+    let compositor = spawn_compositor(&avatars, inference.clone(), 2, Default::default()).await;
+    let client = CompositorClient::connect(compositor.url()).await.unwrap();
+    let render_in_order = |n: u32| {
+        let client = client.clone();
+        async move {
+            let mut frames = client
+                .clone()
+                .render(tokio_stream::iter(vec![request("small", 0, n)]))
+                .await
+                .unwrap()
+                .into_inner();
+            count_in_order(&mut frames, 0).await
+        }
+    };
+
+    assert_eq!(render_in_order(20).await, 20);
+    assert!(
+        served(&a_metrics) > 0,
+        "the one address resolved got no batch"
+    );
+    assert_eq!(served(&b_metrics), 0);
+
+    // The name now resolves to both: the new address joins and shares the batches.
+    dns.answer(Ok(vec![a.addr, b.addr]));
+    wait_for_replicas(&inference, &[label(a.addr), label(b.addr)]).await;
+    assert_eq!(render_in_order(200).await, 200);
+    assert!(
+        served(&b_metrics) > 0,
+        "the address that joined got no batch"
+    );
+
+    // A failed lookup changes nothing.
+    dns.answer(Err(std::io::Error::other("SERVFAIL")));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    wait_for_replicas(&inference, &[label(a.addr), label(b.addr)]).await;
+
+    // `a` leaves the answer: it gets no more batches, and forgets our shared memory.
+    dns.answer(Ok(vec![b.addr]));
+    wait_for_replicas(&inference, &[label(b.addr)]).await;
+    let a_left = served(&a_metrics);
+    assert_eq!(render_in_order(40).await, 40);
+    assert_eq!(
+        served(&a_metrics),
+        a_left,
+        "a replica that left got a batch"
+    );
+    let mut regions = usize::MAX;
+    for _ in 0..100 {
+        regions = framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient::connect(a.url())
+            .await
+            .unwrap()
+            .system_shared_memory_status(framecast_proto::kserve::SystemSharedMemoryStatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .regions
+            .len();
+        if regions == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(regions, 0, "the replica that left still holds our regions");
 }
 
 /// A deadline on the Render call reaches the inference queue: the batch still waiting there
