@@ -22,6 +22,7 @@ use framecast_proto::kserve::{
     ModelMetadataRequest, ServerReadyRequest,
 };
 use framecast_proto::tensor::DataType;
+use framecast_telemetry::prometheus::IntGaugeVec;
 use framecast_telemetry::tls::{self, ClientTls};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{HashMap, HashSet};
@@ -53,6 +54,8 @@ pub struct ClientOptions {
     pub token: Option<String>,
     /// TLS to the replicas (their URLs are then https://).
     pub tls: Option<ClientTls>,
+    /// Set after every health check to the replicas by health (`healthy`, `unhealthy`).
+    pub replicas_gauge: Option<IntGaugeVec>,
 }
 
 impl Default for ClientOptions {
@@ -68,6 +71,7 @@ impl Default for ClientOptions {
             shared_memory: true,
             token: None,
             tls: None,
+            replicas_gauge: None,
         }
     }
 }
@@ -392,7 +396,11 @@ impl InferenceClient {
             .map(|(i, url)| Replica::open(i as u64, url, None, opts))
             .collect::<Result<Vec<_>, String>>()?;
         let replicas = Arc::new(RwLock::new(Arc::new(replicas)));
-        spawn_health_checks(Arc::downgrade(&replicas), opts.health_interval);
+        spawn_health_checks(
+            Arc::downgrade(&replicas),
+            opts.health_interval,
+            opts.replicas_gauge.clone(),
+        );
         if !opts.resolve_interval.is_zero() && !names.is_empty() {
             let discover = Discovery {
                 replicas: Arc::downgrade(&replicas),
@@ -580,7 +588,11 @@ impl InferenceClient {
 }
 
 /// Probes every replica's `ServerReady` each `interval`, for as long as the pool exists.
-fn spawn_health_checks(replicas: Weak<RwLock<Replicas>>, interval: Duration) {
+fn spawn_health_checks(
+    replicas: Weak<RwLock<Replicas>>,
+    interval: Duration,
+    gauge: Option<IntGaugeVec>,
+) {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(interval).await;
@@ -600,6 +612,16 @@ fn spawn_health_checks(replicas: Weak<RwLock<Replicas>>, interval: Duration) {
                 if ok != r.healthy.swap(ok, Ordering::AcqRel) {
                     tracing::info!(replica = %r.label, healthy = ok, "inference replica health changed");
                 }
+            }
+            if let Some(gauge) = &gauge {
+                let healthy = replicas
+                    .iter()
+                    .filter(|r| r.healthy.load(Ordering::Acquire))
+                    .count();
+                gauge.with_label_values(&["healthy"]).set(healthy as i64);
+                gauge
+                    .with_label_values(&["unhealthy"])
+                    .set((replicas.len() - healthy) as i64);
             }
         }
     });

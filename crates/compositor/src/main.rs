@@ -263,6 +263,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         shared_memory: args.inference_shared_memory,
         token: args.inference_token.clone(),
         tls: inference_tls,
+        replicas_gauge: Some(metrics.inference_replicas.clone()),
         ..Default::default()
     };
     let opts = RenderOptions {

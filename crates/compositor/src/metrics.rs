@@ -1,7 +1,7 @@
 //! Prometheus metrics of the compositor.
 
 use framecast_telemetry::prometheus::{
-    histogram_opts, opts, Histogram, IntCounter, IntCounterVec, IntGauge, Registry,
+    histogram_opts, opts, Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
 };
 
 pub struct Metrics {
@@ -22,6 +22,9 @@ pub struct Metrics {
     pub avatar_bytes: IntGauge,
     pub avatar_budget_bytes: IntGauge,
     pub avatar_load_seconds: Histogram,
+    /// Inference replicas in the pool by `health` (`healthy`, `unhealthy`), as of the last
+    /// health check.
+    pub inference_replicas: IntGaugeVec,
 }
 
 fn histogram(name: &str, help: &str) -> Histogram {
@@ -86,6 +89,14 @@ impl Metrics {
                 "avatar_load_seconds",
                 "Avatar decode and preparation time",
             ),
+            inference_replicas: IntGaugeVec::new(
+                opts!(
+                    "inference_replicas",
+                    "Inference replicas in the pool, by health at the last check"
+                ),
+                &["health"],
+            )
+            .expect("valid metric"),
             registry,
         };
         let collectors: Vec<Box<dyn framecast_telemetry::prometheus::core::Collector>> = vec![
@@ -104,6 +115,7 @@ impl Metrics {
             Box::new(m.avatar_bytes.clone()),
             Box::new(m.avatar_budget_bytes.clone()),
             Box::new(m.avatar_load_seconds.clone()),
+            Box::new(m.inference_replicas.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

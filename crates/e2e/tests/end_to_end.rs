@@ -858,10 +858,30 @@ async fn replicas_behind_a_host_name_join_and_leave_as_its_addresses_change() {
     let name = "http://inference.test:8001".to_string();
     let label = |addr| format!("{name} ({addr})");
     let dns = Arc::new(Dns(std::sync::Mutex::new(Ok(vec![a.addr]))));
+    let gauge = framecast_compositor::metrics::Metrics::new().inference_replicas;
     let client_opts = ClientOptions {
         resolve_interval: std::time::Duration::from_millis(50),
         health_interval: std::time::Duration::from_millis(100),
+        replicas_gauge: Some(gauge.clone()),
         ..Default::default()
+    };
+    // Waits up to 5 s for the exported gauge to count `n` healthy replicas and no other.
+    let gauge_reads = |n: i64| {
+        let gauge = gauge.clone();
+        async move {
+            let read = |h| gauge.with_label_values(&[h]).get();
+            for _ in 0..100 {
+                if (read("healthy"), read("unhealthy")) == (n, 0) {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            panic!(
+                "gauge: {} healthy, {} unhealthy; expected {n} healthy",
+                read("healthy"),
+                read("unhealthy")
+            );
+        }
     };
     let inference =
         InferenceClient::connect_lazy_with(std::slice::from_ref(&name), &client_opts, dns.clone())
@@ -892,6 +912,7 @@ async fn replicas_behind_a_host_name_join_and_leave_as_its_addresses_change() {
     // The name now resolves to both: the new address joins and shares the batches.
     dns.answer(Ok(vec![a.addr, b.addr]));
     wait_for_replicas(&inference, &[label(a.addr), label(b.addr)]).await;
+    gauge_reads(2).await;
     assert_eq!(render_in_order(200).await, 200);
     assert!(
         served(&b_metrics) > 0,
@@ -906,6 +927,7 @@ async fn replicas_behind_a_host_name_join_and_leave_as_its_addresses_change() {
     // `a` leaves the answer: it gets no more batches, and forgets our shared memory.
     dns.answer(Ok(vec![b.addr]));
     wait_for_replicas(&inference, &[label(b.addr)]).await;
+    gauge_reads(1).await;
     let a_left = served(&a_metrics);
     assert_eq!(render_in_order(40).await, 40);
     assert_eq!(
