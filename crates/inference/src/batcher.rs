@@ -102,6 +102,7 @@ pub fn run_worker(
         }
         // Waiting for batch-mates may have outlived some deadlines: drop those unexecuted.
         let jobs: Vec<Job> = jobs.into_iter().filter_map(|j| live(j, &stats)).collect();
+        stats.record_queue_depth(rx.len() + usize::from(carried.is_some()));
         let size = jobs.iter().map(|j| j.batch).sum();
         if size > 0 {
             execute(&model, &config, &stats, size, jobs);

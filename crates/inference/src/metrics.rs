@@ -1,7 +1,7 @@
 //! Prometheus metrics of the inference service.
 
 use framecast_telemetry::prometheus::{
-    histogram_opts, opts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry,
+    histogram_opts, opts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
 };
 
 pub struct Metrics {
@@ -19,6 +19,8 @@ pub struct Metrics {
     pub memory_used_bytes: IntGauge,
     pub memory_budget_bytes: IntGauge,
     pub queue_capacity: IntGauge,
+    /// Requests waiting in each model's queue, sampled at every enqueue and every batch taken.
+    pub queue_depth: IntGaugeVec,
 }
 
 impl Metrics {
@@ -88,6 +90,11 @@ impl Metrics {
                 "Admission limit: requests one model's queue holds before RESOURCE_EXHAUSTED",
             )
             .expect("valid metric"),
+            queue_depth: IntGaugeVec::new(
+                opts!("queue_depth", "Requests waiting in a model's queue"),
+                &["model"],
+            )
+            .expect("valid metric"),
             registry,
         };
         for c in [
@@ -103,6 +110,7 @@ impl Metrics {
             Box::new(m.memory_used_bytes.clone()),
             Box::new(m.memory_budget_bytes.clone()),
             Box::new(m.queue_capacity.clone()),
+            Box::new(m.queue_depth.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }

@@ -88,6 +88,7 @@ impl LoadedModel {
             },
             TrySendError::Disconnected(_) => JobError::Failed("model workers have stopped".into()),
         })?;
+        self.stats.record_queue_depth(self.queue.len());
         rx.await
             .map_err(|_| JobError::Failed("model worker dropped the request".into()))?
     }
@@ -95,6 +96,13 @@ impl LoadedModel {
     /// Requests currently holding a lease on this model.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for LoadedModel {
+    fn drop(&mut self) {
+        // Unloaded or evicted: nothing waits for it any more.
+        self.stats.record_queue_depth(0);
     }
 }
 

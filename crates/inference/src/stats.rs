@@ -2,7 +2,7 @@
 
 use crate::metrics::Metrics;
 use framecast_proto::kserve;
-use framecast_telemetry::prometheus::Histogram;
+use framecast_telemetry::prometheus::{Histogram, IntGauge};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,6 +30,7 @@ impl Counter {
 #[derive(Default)]
 pub struct ModelStats {
     histograms: Option<(Histogram, Histogram, Histogram)>,
+    queue_depth: Option<IntGauge>,
     inference_count: AtomicU64,
     execution_count: AtomicU64,
     last_inference_ms: AtomicU64,
@@ -50,7 +51,15 @@ impl ModelStats {
                 metrics.compute_seconds.with_label_values(&[model]),
                 metrics.batch_size.with_label_values(&[model]),
             )),
+            queue_depth: Some(metrics.queue_depth.with_label_values(&[model])),
             ..Default::default()
+        }
+    }
+
+    /// Requests now waiting in the model's queue.
+    pub fn record_queue_depth(&self, waiting: usize) {
+        if let Some(g) = &self.queue_depth {
+            g.set(waiting as i64);
         }
     }
 

@@ -273,8 +273,11 @@ async fn a_full_queue_refuses_at_once() {
     let e = client.clone().model_infer(lipsync()).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("queue full"), "{}", e.message());
+    let depth = metrics.queue_depth.with_label_values(&["lipsync-ref"]);
+    assert_eq!(depth.get(), 1, "one request waits behind the running one");
     running.await.unwrap().unwrap();
     waiting.await.unwrap().unwrap();
+    assert_eq!(depth.get(), 0, "nothing waits once both ran");
     assert_eq!(metrics.queue_capacity.get(), 1);
     assert_eq!(
         metrics
