@@ -19,7 +19,7 @@ use framecast_inference::config::ModelConfig;
 use framecast_inference::models::{ExecOptions, ModelManager};
 use framecast_inference::repository::Repository;
 use framecast_inference::server::{self, ServerOptions};
-use framecast_inference::service::PARAM_COMPUTE_NS;
+use framecast_inference::service::{PARAM_COMPUTE_NS, PARAM_QUEUE_NS};
 use framecast_inference::torch_model::TorchModel;
 use framecast_inference::zoo::{self, Builtin, ZooOptions};
 use framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -32,15 +32,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
-/// Sequential requests for about `seconds`: medians of (round trip − server compute) and of
-/// the round trip, in ms. `before` and `after` run inside the timed span.
+/// Medians of one sequential series, in ms.
+struct Trip {
+    /// Round trip minus server compute.
+    transport: f64,
+    rtt: f64,
+    /// The part of `transport` spent in the server's batch queue (hand-off to a worker).
+    queue: f64,
+}
+
+/// Sequential requests for about `seconds`. `before` and `after` run inside the timed span.
 async fn transport(
     client: &GrpcInferenceServiceClient<Channel>,
     seconds: f64,
     mut before: impl FnMut() -> anyhow::Result<ModelInferRequest>,
     mut after: impl FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<(f64, f64)> {
-    let (mut transport, mut rtts) = (Vec::new(), Vec::new());
+) -> anyhow::Result<Trip> {
+    let (mut transport, mut rtts, mut queue) = (Vec::new(), Vec::new(), Vec::new());
     let start = Instant::now();
     while start.elapsed().as_secs_f64() < seconds || transport.len() < 3 {
         let t = Instant::now();
@@ -48,19 +56,25 @@ async fn transport(
         let resp = client.clone().model_infer(request).await?.into_inner();
         after()?;
         let rtt = t.elapsed();
-        let compute = match resp
+        let param = |name: &str| match resp
             .parameters
-            .get(PARAM_COMPUTE_NS)
+            .get(name)
             .and_then(|p| p.parameter_choice.clone())
         {
-            Some(ParameterChoice::Int64Param(ns)) => Duration::from_nanos(ns as u64),
-            _ => anyhow::bail!("response lacks {PARAM_COMPUTE_NS}"),
+            Some(ParameterChoice::Int64Param(ns)) => Ok(Duration::from_nanos(ns as u64)),
+            _ => anyhow::bail!("response lacks {name}"),
         };
+        let compute = param(PARAM_COMPUTE_NS)?;
+        queue.push(param(PARAM_QUEUE_NS)?.as_secs_f64() * 1e3);
 
         transport.push((rtt.saturating_sub(compute)).as_secs_f64() * 1e3);
         rtts.push(rtt.as_secs_f64() * 1e3);
     }
-    Ok((median(&mut transport), median(&mut rtts)))
+    Ok(Trip {
+        transport: median(&mut transport),
+        rtt: median(&mut rtts),
+        queue: median(&mut queue),
+    })
 }
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -137,112 +151,124 @@ fn main() -> anyhow::Result<()> {
 
     let rt = tokio::runtime::Runtime::new()?;
     let out_bytes = batch * config.outputs[0].element_bytes();
-    let (served_fps, (transport_ms, rtt_ms), (shm_ms, shm_rtt_ms), (place_ms, place_rtt_ms)) =
-        rt.block_on(async {
-            let models = Arc::new(ModelManager::new(
-                Repository::open(tmp.path())?,
-                ExecOptions::default(),
-                true,
-                Default::default(),
-            ));
-            let running = server::spawn_on_loopback(models, ServerOptions::default()).await?;
-            let channel = tonic::transport::Endpoint::from_shared(running.url())?
-                .initial_stream_window_size(Some(16 << 20))
-                .initial_connection_window_size(Some(64 << 20))
-                .max_frame_size(1u32 << 20)
-                .tcp_nodelay(true)
-                .connect()
-                .await?;
-            let client = GrpcInferenceServiceClient::new(channel)
-                .max_decoding_message_size(framecast_proto::DEFAULT_MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(framecast_proto::DEFAULT_MAX_MESSAGE_BYTES);
-            let request = ModelInferRequest {
-                model_name: model.name().into(),
-                inputs: vec![
-                    InferInputTensor::new("face", DataType::U8, vec![b, 6, crop, crop]),
-                    InferInputTensor::new("audio", DataType::F32, vec![b, 32, 16, 16]),
-                ],
-                raw_input_contents: vec![face.clone(), audio.clone()],
-                ..Default::default()
-            };
-            client.clone().model_infer(request.clone()).await?;
-
-            // 2. Saturation: C clients back to back.
-            let start = Instant::now();
-            let mut tasks = Vec::new();
-            for _ in 0..clients {
-                let (mut c, r) = (client.clone(), request.clone());
-                tasks.push(tokio::spawn(async move {
-                    let mut frames = 0usize;
-                    while start.elapsed().as_secs_f64() < seconds || frames == 0 {
-                        c.model_infer(r.clone()).await?;
-                        frames += batch;
-                    }
-                    anyhow::Ok(frames)
-                }));
-            }
-            let mut frames = 0;
-            for t in tasks {
-                frames += t.await??;
-            }
-            let served = frames as f64 / start.elapsed().as_secs_f64();
-
-            // 3. Transport: sequential requests, round trip minus server compute.
-            let grpc = transport(&client, seconds / 2.0, || Ok(request.clone()), || Ok(())).await?;
-
-            // 4. The same through a registered shared-memory object.
-            let in_bytes = face.len() + audio.len();
-            let key = format!("/framecast_bench_{}", std::process::id());
-            let object = OwnedObject::create(&key, (in_bytes + out_bytes) as u64)?;
-            client
-                .clone()
-                .system_shared_memory_register(SystemSharedMemoryRegisterRequest {
-                    name: "bench".into(),
-                    key: key.clone(),
-                    offset: 0,
-                    byte_size: (in_bytes + out_bytes) as u64,
-                })
-                .await?;
-            let mut shm_request = request.clone();
-            shm_request.raw_input_contents.clear();
-            shm_request.inputs[0].parameters = tensor_params("bench", face.len(), 0);
-            shm_request.inputs[1].parameters = tensor_params("bench", audio.len(), face.len());
-            shm_request.outputs = vec![InferRequestedOutputTensor {
-                name: config.outputs[0].name.clone(),
-                parameters: tensor_params("bench", out_bytes, in_bytes),
-            }];
-            let mut result = vec![0u8; out_bytes];
-            let map = object.mapping();
-            map.write(0, &face)?;
-            map.write(face.len(), &audio)?;
-            // A producer that builds crops straight into the region and a consumer that blends
-            // straight out of it copy nothing: only the server's output write remains.
-            let in_place = transport(
-                &client,
-                seconds / 2.0,
-                || Ok(shm_request.clone()),
-                || Ok(()),
-            )
+    let (served_fps, grpc, shm, place) = rt.block_on(async {
+        let models = Arc::new(ModelManager::new(
+            Repository::open(tmp.path())?,
+            ExecOptions::default(),
+            true,
+            Default::default(),
+        ));
+        let running = server::spawn_on_loopback(models, ServerOptions::default()).await?;
+        let channel = tonic::transport::Endpoint::from_shared(running.url())?
+            .initial_stream_window_size(Some(16 << 20))
+            .initial_connection_window_size(Some(64 << 20))
+            .max_frame_size(1u32 << 20)
+            .tcp_nodelay(true)
+            .connect()
             .await?;
-            let shm = transport(
-                &client,
-                seconds / 2.0,
-                || {
-                    map.write(0, &face)?;
-                    map.write(face.len(), &audio)?;
-                    Ok(shm_request.clone())
-                },
-                || Ok(map.read(in_bytes, &mut result)?),
-            )
+        let client = GrpcInferenceServiceClient::new(channel)
+            .max_decoding_message_size(framecast_proto::DEFAULT_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(framecast_proto::DEFAULT_MAX_MESSAGE_BYTES);
+        let request = ModelInferRequest {
+            model_name: model.name().into(),
+            inputs: vec![
+                InferInputTensor::new("face", DataType::U8, vec![b, 6, crop, crop]),
+                InferInputTensor::new("audio", DataType::F32, vec![b, 32, 16, 16]),
+            ],
+            raw_input_contents: vec![face.clone(), audio.clone()],
+            ..Default::default()
+        };
+        client.clone().model_infer(request.clone()).await?;
+
+        // 2. Saturation: C clients back to back.
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (mut c, r) = (client.clone(), request.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut frames = 0usize;
+                while start.elapsed().as_secs_f64() < seconds || frames == 0 {
+                    c.model_infer(r.clone()).await?;
+                    frames += batch;
+                }
+                anyhow::Ok(frames)
+            }));
+        }
+        let mut frames = 0;
+        for t in tasks {
+            frames += t.await??;
+        }
+        let served = frames as f64 / start.elapsed().as_secs_f64();
+
+        // 3. Transport: sequential requests, round trip minus server compute.
+        let grpc = transport(&client, seconds / 2.0, || Ok(request.clone()), || Ok(())).await?;
+
+        // 4. The same through a registered shared-memory object.
+        let in_bytes = face.len() + audio.len();
+        let key = format!("/framecast_bench_{}", std::process::id());
+        let object = OwnedObject::create(&key, (in_bytes + out_bytes) as u64)?;
+        client
+            .clone()
+            .system_shared_memory_register(SystemSharedMemoryRegisterRequest {
+                name: "bench".into(),
+                key: key.clone(),
+                offset: 0,
+                byte_size: (in_bytes + out_bytes) as u64,
+            })
             .await?;
-            anyhow::Ok((served, grpc, shm, in_place))
-        })?;
+        let mut shm_request = request.clone();
+        shm_request.raw_input_contents.clear();
+        shm_request.inputs[0].parameters = tensor_params("bench", face.len(), 0);
+        shm_request.inputs[1].parameters = tensor_params("bench", audio.len(), face.len());
+        shm_request.outputs = vec![InferRequestedOutputTensor {
+            name: config.outputs[0].name.clone(),
+            parameters: tensor_params("bench", out_bytes, in_bytes),
+        }];
+        let mut result = vec![0u8; out_bytes];
+        let map = object.mapping();
+        map.write(0, &face)?;
+        map.write(face.len(), &audio)?;
+        // A producer that builds crops straight into the region and a consumer that blends
+        // straight out of it copy nothing: only the server's output write remains.
+        let in_place = transport(
+            &client,
+            seconds / 2.0,
+            || Ok(shm_request.clone()),
+            || Ok(()),
+        )
+        .await?;
+        let shm = transport(
+            &client,
+            seconds / 2.0,
+            || {
+                map.write(0, &face)?;
+                map.write(face.len(), &audio)?;
+                Ok(shm_request.clone())
+            },
+            || Ok(map.read(in_bytes, &mut result)?),
+        )
+        .await?;
+        anyhow::Ok((served, grpc, shm, in_place))
+    })?;
     let ratio = served_fps / in_process_fps;
     println!("served       {served_fps:>9.2} frames/s ({clients} clients)");
     println!("ratio        {ratio:>9.3} served / in-process (target >= 0.95)");
-    println!("transport    {transport_ms:>9.2} ms per {batch}-frame batch over gRPC, median (round trip {rtt_ms:.1} ms minus server compute; target <= 5 ms)");
-    println!("transport    {shm_ms:>9.2} ms per {batch}-frame batch over shared memory, median (round trip {shm_rtt_ms:.1} ms, client copies in and out included)");
-    println!("transport    {place_ms:>9.2} ms per {batch}-frame batch over shared memory, median (round trip {place_rtt_ms:.1} ms, tensors produced and consumed in place)");
+    let line = |t: &Trip, how: &str| {
+        println!(
+            "transport    {:>9.2} ms per {batch}-frame batch {how}, median (round trip {:.1} ms minus server compute; {:.2} ms of it in the batch queue)",
+            t.transport, t.rtt, t.queue
+        )
+    };
+    line(&grpc, "over gRPC");
+    line(
+        &shm,
+        "over shared memory, client copies in and out included",
+    );
+    line(
+        &place,
+        "over shared memory, tensors produced and consumed in place",
+    );
+    println!("target       transport <= 5 ms");
     let bytes_each_way = (face.len() + audio.len(), out_bytes);
     println!(
         "payload      {:.1} MB in, {:.1} MB out",
@@ -251,8 +277,15 @@ fn main() -> anyhow::Result<()> {
     );
     if let Ok(path) = std::env::var("BENCH_OUT") {
         let json = format!(
-            "{{\"model\":\"{}\",\"batch\":{batch},\"clients\":{clients},\"seconds\":{seconds},\"in_process_fps\":{in_process_fps:.3},\"served_fps\":{served_fps:.3},\"ratio\":{ratio:.4},\"transport_ms_median\":{transport_ms:.3},\"rtt_ms_median\":{rtt_ms:.3},\"shm_transport_ms_median\":{shm_ms:.3},\"shm_rtt_ms_median\":{shm_rtt_ms:.3},\"shm_in_place_transport_ms_median\":{place_ms:.3},\"shm_in_place_rtt_ms_median\":{place_rtt_ms:.3}}}\n",
-            model.name()
+            "{{\"model\":\"{}\",\"batch\":{batch},\"clients\":{clients},\"seconds\":{seconds},\"in_process_fps\":{in_process_fps:.3},\"served_fps\":{served_fps:.3},\"ratio\":{ratio:.4},\"transport_ms_median\":{:.3},\"rtt_ms_median\":{:.3},\"queue_ms_median\":{:.3},\"shm_transport_ms_median\":{:.3},\"shm_rtt_ms_median\":{:.3},\"shm_in_place_transport_ms_median\":{:.3},\"shm_in_place_rtt_ms_median\":{:.3}}}\n",
+            model.name(),
+            grpc.transport,
+            grpc.rtt,
+            grpc.queue,
+            shm.transport,
+            shm.rtt,
+            place.transport,
+            place.rtt
         );
         std::fs::write(&path, json)?;
         println!("wrote {path}");

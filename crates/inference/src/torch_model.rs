@@ -34,6 +34,18 @@ pub struct ExecTimings {
     pub output: Duration,
 }
 
+/// One executed batch.
+pub struct Executed {
+    /// One host tensor per config output.
+    pub outputs: Vec<HostOutput>,
+    pub timings: ExecTimings,
+    /// The batch's model inputs, freed when this is dropped. They are large (a 24-frame
+    /// `lipsync-ref` face input is 59 MB of floats), and freeing them hands their pages back
+    /// to the kernel, which takes milliseconds: the worker frees them after the replies are
+    /// sent, off its own thread (`batcher::free_later`), so nobody waits for it.
+    _inputs: Vec<Tensor>,
+}
+
 /// A loaded module, owned by one worker thread.
 pub struct TorchModel {
     module: CModule,
@@ -83,11 +95,7 @@ impl TorchModel {
     /// payloads of the requests in the batch, in order; their lengths sum to the batch's bytes.
     /// Returns one host tensor per config output, for the caller to copy each request's share
     /// straight to where it goes.
-    pub fn execute(
-        &self,
-        batch: usize,
-        inputs: &[Vec<Bytes>],
-    ) -> Result<(Vec<HostOutput>, ExecTimings), String> {
+    pub fn execute(&self, batch: usize, inputs: &[Vec<Bytes>]) -> Result<Executed, String> {
         let t0 = Instant::now();
         let tensors = self
             .config
@@ -97,7 +105,11 @@ impl TorchModel {
             .map(|(spec, parts)| self.input_tensor(spec, batch, parts))
             .collect::<Result<Vec<_>, _>>()?;
         let t1 = Instant::now();
-        let ivalues: Vec<IValue> = tensors.into_iter().map(IValue::Tensor).collect();
+        // The IValues share the tensors' storage; the tensors outlive them, to be freed later.
+        let ivalues: Vec<IValue> = tensors
+            .iter()
+            .map(|t| IValue::Tensor(t.shallow_clone()))
+            .collect();
         let out = self
             .module
             .forward_is(&ivalues)
@@ -122,14 +134,15 @@ impl TorchModel {
             tch::Cuda::synchronize(device_index(self.device));
         }
         let t3 = Instant::now();
-        Ok((
-            host,
-            ExecTimings {
+        Ok(Executed {
+            outputs: host,
+            timings: ExecTimings {
                 input: t1 - t0,
                 infer: t2 - t1,
                 output: t3 - t2,
             },
-        ))
+            _inputs: tensors,
+        })
     }
 
     fn input_tensor(
