@@ -708,6 +708,37 @@ async fn both_services_require_their_bearer_token() {
     );
 }
 
+/// An inference replica's model manager over the fixture models in `models`, counting into
+/// `metrics`.
+fn replica(
+    models: &Path,
+    metrics: Arc<framecast_inference::metrics::Metrics>,
+) -> Arc<ModelManager> {
+    let repo = Repository::open(models).unwrap();
+    Arc::new(ModelManager::new(
+        repo,
+        ExecOptions::default(),
+        true,
+        metrics,
+    ))
+}
+
+/// Shared-memory regions the inference server at `url` holds registered.
+async fn shm_regions(url: String) -> usize {
+    use framecast_proto::kserve::{
+        grpc_inference_service_client::GrpcInferenceServiceClient, SystemSharedMemoryStatusRequest,
+    };
+    GrpcInferenceServiceClient::connect(url)
+        .await
+        .unwrap()
+        .system_shared_memory_status(SystemSharedMemoryStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .regions
+        .len()
+}
+
 /// A replica that stops under load: the render loses no frame and keeps its order (batches
 /// bound for the stopped replica go to the other), and the replica is used again once it is
 /// back on the same address.
@@ -715,16 +746,9 @@ async fn both_services_require_their_bearer_token() {
 async fn a_replica_that_stops_under_load_loses_no_frames_and_is_used_when_back() {
     let tmp = tempfile::tempdir().unwrap();
     let (models, avatars) = write_fixtures(tmp.path(), 1000);
-    let replica = |metrics: Arc<framecast_inference::metrics::Metrics>| {
-        let repo = Repository::open(&models).unwrap();
-        Arc::new(ModelManager::new(
-            repo,
-            ExecOptions::default(),
-            true,
-            metrics,
-        ))
+    let spawn = |addr, metrics| {
+        inf_server::spawn(addr, replica(&models, metrics), ServerOptions::default())
     };
-    let spawn = |addr, metrics| inf_server::spawn(addr, replica(metrics), ServerOptions::default());
     let mut a = Some(
         spawn(([127, 0, 0, 1], 0).into(), Default::default())
             .await
@@ -782,16 +806,8 @@ async fn a_replica_that_stops_under_load_loses_no_frames_and_is_used_when_back()
         .get();
     assert!(served > 0, "the restarted replica got no batch");
     // It forgot the old shared-memory regions; the compositor noticed and registered anew.
-    let regions = framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient::connect(format!("http://{a_addr}"))
-        .await
-        .unwrap()
-        .system_shared_memory_status(framecast_proto::kserve::SystemSharedMemoryStatusRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .regions;
     assert!(
-        !regions.is_empty(),
+        shm_regions(format!("http://{a_addr}")).await > 0,
         "no shared memory registered with the restarted replica"
     );
     drop(b);
@@ -843,10 +859,8 @@ async fn wait_for_replicas(inference: &InferenceClient, want: &[String]) {
 async fn replicas_behind_a_host_name_join_and_leave_as_its_addresses_change() {
     let tmp = tempfile::tempdir().unwrap();
     let (models, avatars) = write_fixtures(tmp.path(), 1000);
-    let spawn = |metrics: Arc<framecast_inference::metrics::Metrics>| {
-        let repo = Repository::open(&models).unwrap();
-        let manager = ModelManager::new(repo, ExecOptions::default(), true, metrics);
-        inf_server::spawn_on_loopback(Arc::new(manager), ServerOptions::default())
+    let spawn = |metrics| {
+        inf_server::spawn_on_loopback(replica(&models, metrics), ServerOptions::default())
     };
     let (a_metrics, b_metrics) = (Arc::default(), Arc::default());
     let a = spawn(Arc::clone(&a_metrics)).await.unwrap();
@@ -937,15 +951,7 @@ async fn replicas_behind_a_host_name_join_and_leave_as_its_addresses_change() {
     );
     let mut regions = usize::MAX;
     for _ in 0..100 {
-        regions = framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient::connect(a.url())
-            .await
-            .unwrap()
-            .system_shared_memory_status(framecast_proto::kserve::SystemSharedMemoryStatusRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .regions
-            .len();
+        regions = shm_regions(a.url()).await;
         if regions == 0 {
             break;
         }
