@@ -708,6 +708,23 @@ async fn both_services_require_their_bearer_token() {
     );
 }
 
+/// Reads `read` every 50 ms until `done` holds of what it read or `within` has passed, and
+/// returns the last value read for the caller to assert on.
+async fn poll_until<T, F: std::future::Future<Output = T>>(
+    within: std::time::Duration,
+    mut read: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let until = std::time::Instant::now() + within;
+    loop {
+        let value = read().await;
+        if done(&value) || std::time::Instant::now() >= until {
+            return value;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// An inference replica's model manager over the fixture models in `models`, counting into
 /// `metrics`.
 fn replica(
@@ -787,15 +804,17 @@ async fn a_replica_that_stops_under_load_loses_no_frames_and_is_used_when_back()
     // Back on the same address, with fresh state: health checks find it, batches reach it.
     let back_metrics = Arc::new(framecast_inference::metrics::Metrics::new());
     let _a = spawn(a_addr, back_metrics.clone()).await.unwrap();
-    let mut healthy = false;
-    for _ in 0..100 {
-        if inference.health().iter().all(|(_, ok)| *ok) {
-            healthy = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(healthy, "restarted replica never reported healthy");
+    let all_healthy = |h: &Vec<(String, bool)>| h.iter().all(|(_, ok)| *ok);
+    let health = poll_until(
+        std::time::Duration::from_secs(5),
+        || async { inference.health() },
+        all_healthy,
+    )
+    .await;
+    assert!(
+        all_healthy(&health),
+        "restarted replica never reported healthy: {health:?}"
+    );
     let frames = render(&client, vec![request("small", 0, 40)])
         .await
         .unwrap();
@@ -838,18 +857,19 @@ impl Resolve for Dns {
 
 /// Waits up to 5 s for the pool to list exactly `want` (labels), in any order.
 async fn wait_for_replicas(inference: &InferenceClient, want: &[String]) {
-    let mut seen = Vec::new();
-    for _ in 0..100 {
-        seen = inference.health().into_iter().map(|(l, _)| l).collect();
-        seen.sort();
-        let mut want = want.to_vec();
-        want.sort();
-        if seen == want {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!("replicas {seen:?}, expected {want:?}");
+    let mut want = want.to_vec();
+    want.sort();
+    let seen = poll_until(
+        std::time::Duration::from_secs(5),
+        || async {
+            let mut seen: Vec<String> = inference.health().into_iter().map(|(l, _)| l).collect();
+            seen.sort();
+            seen
+        },
+        |seen| seen == &want,
+    )
+    .await;
+    assert_eq!(seen, want, "replicas in the pool");
 }
 
 /// Replicas behind one host name: each address it resolves to joins the pool and gets
@@ -884,17 +904,13 @@ async fn replicas_behind_a_host_name_join_and_leave_as_its_addresses_change() {
         let gauge = gauge.clone();
         async move {
             let read = |h| gauge.with_label_values(&[h]).get();
-            for _ in 0..100 {
-                if (read("healthy"), read("unhealthy")) == (n, 0) {
-                    return;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            panic!(
-                "gauge: {} healthy, {} unhealthy; expected {n} healthy",
-                read("healthy"),
-                read("unhealthy")
-            );
+            let counts = poll_until(
+                std::time::Duration::from_secs(5),
+                || async { (read("healthy"), read("unhealthy")) },
+                |c| *c == (n, 0),
+            )
+            .await;
+            assert_eq!(counts, (n, 0), "gauge (healthy, unhealthy)");
         }
     };
     let inference =
@@ -949,14 +965,12 @@ async fn replicas_behind_a_host_name_join_and_leave_as_its_addresses_change() {
         a_left,
         "a replica that left got a batch"
     );
-    let mut regions = usize::MAX;
-    for _ in 0..100 {
-        regions = shm_regions(a.url()).await;
-        if regions == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let regions = poll_until(
+        std::time::Duration::from_secs(5),
+        || shm_regions(a.url()),
+        |r| *r == 0,
+    )
+    .await;
     assert_eq!(regions, 0, "the replica that left still holds our regions");
 }
 
@@ -1011,14 +1025,12 @@ async fn a_render_deadline_drops_queued_work_before_the_model() {
     );
     // Once the batch window has closed the inference server has judged the request: failed
     // as expired, and the model never ran it.
-    let mut stats = passthrough_stats(url.clone()).await;
-    for _ in 0..100 {
-        if stats.1 > 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        stats = passthrough_stats(url.clone()).await;
-    }
+    let stats = poll_until(
+        std::time::Duration::from_secs(10),
+        || passthrough_stats(url.clone()),
+        |s| s.1 > 0,
+    )
+    .await;
     assert_eq!(stats, (executions_before, 1), "(executions, failures)");
 }
 
