@@ -89,7 +89,8 @@ impl AvatarStore {
     }
 
     fn dir(&self, id: &str) -> Result<PathBuf, AvatarError> {
-        crate::check_name(id).map_err(|_| AvatarError::InvalidName(id.to_string()))?;
+        crate::check_name(id)
+            .map_err(|_| AvatarError::InvalidName(framecast_proto::echo(id).into_owned()))?;
         let dir = self.root.join(id);
         if dir.join(MANIFEST_FILE).is_file() {
             Ok(dir)
@@ -154,7 +155,8 @@ impl AvatarStore {
 
     /// Drops `id` from memory; renders holding it finish first.
     pub fn unload(&self, id: &str) -> Result<(), AvatarError> {
-        crate::check_name(id).map_err(|_| AvatarError::InvalidName(id.to_string()))?;
+        crate::check_name(id)
+            .map_err(|_| AvatarError::InvalidName(framecast_proto::echo(id).into_owned()))?;
         let mut state = self.state.lock();
         state
             .slots

@@ -99,6 +99,10 @@ struct ServeArgs {
     /// avatar call; unset: no authentication. Health checks stay open.
     #[arg(long, env = "FRAMECAST_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
+    /// Require the bearer token on /metrics too (Prometheus: `authorization.credentials`).
+    /// Off: /metrics is open to whoever reaches --metrics-listen.
+    #[arg(long, env = "FRAMECAST_METRICS_REQUIRE_TOKEN", default_value_t = false, action = clap::ArgAction::Set)]
+    metrics_require_token: bool,
     /// Bearer token to send to the inference replicas, if they require one.
     #[arg(long, env = "FRAMECAST_INFERENCE_TOKEN", hide_env_values = true)]
     inference_token: Option<String>,
@@ -121,6 +125,10 @@ struct ServeArgs {
     /// Admission limit: open Render streams; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "FRAMECAST_MAX_STREAMS", default_value_t = framecast_compositor::service::DEFAULT_MAX_STREAMS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_streams: usize,
+    /// A Render stream with no request and no frame in flight for this many seconds is ended
+    /// (DEADLINE_EXCEEDED saying so), so idle clients cannot hold --max-streams slots forever.
+    #[arg(long, env = "FRAMECAST_STREAM_IDLE_TIMEOUT_S", default_value_t = framecast_compositor::render::DEFAULT_STREAM_IDLE_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    stream_idle_timeout_s: u64,
     /// On SIGTERM: stop accepting, let each stream finish the request it is rendering for at
     /// most this many seconds, then exit.
     #[arg(long, env = "FRAMECAST_SHUTDOWN_GRACE_S", default_value_t = 30)]
@@ -271,18 +279,20 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_frames_per_request: args.max_frames_per_request,
         pipeline_depth: args.pipeline_depth,
         subsampling: args.subsampling,
+        idle_timeout: Duration::from_secs(args.stream_idle_timeout_s),
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         // The channel's connection task needs the runtime, so the client is made inside it.
         let inference = InferenceClient::connect_lazy(&args.inference, &client_opts)
             .map_err(anyhow::Error::msg)?;
-        framecast_telemetry::serve_metrics(
-            args.metrics_listen,
-            metrics.registry.clone(),
+        let access = framecast_telemetry::MetricsAccess::new(
             tls.as_ref(),
-        )
-        .await?;
+            args.auth_token.as_deref(),
+            args.metrics_require_token,
+        );
+        framecast_telemetry::serve_metrics(args.metrics_listen, metrics.registry.clone(), access)
+            .await?;
         for id in &args.preload {
             store
                 .load(id)

@@ -14,6 +14,7 @@ use bytes::{Bytes, BytesMut};
 use framecast_proto::compositor::v1::{
     ImageFormat, RenderRequest, RenderedFrame, StageTimings, Tensor,
 };
+use framecast_proto::echo;
 use framecast_proto::kserve::{
     model_infer_request::InferInputTensor, ModelInferRequest, ModelInferResponse,
 };
@@ -24,6 +25,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::SendTimeoutError;
 use tonic::Status;
 
 /// Render settings shared by every request.
@@ -36,6 +38,9 @@ pub struct RenderOptions {
     /// Batches at the inference service at once per request.
     pub pipeline_depth: usize,
     pub subsampling: Subsampling,
+    /// A stream waiting this long for its client (to send the next request, or to take a
+    /// frame) is ended.
+    pub idle_timeout: Duration,
 }
 
 impl Default for RenderOptions {
@@ -45,9 +50,14 @@ impl Default for RenderOptions {
             max_frames_per_request: 3000,
             pipeline_depth: 2,
             subsampling: Subsampling::S420,
+            idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
         }
     }
 }
+
+/// How long a Render stream may wait for its client, with nothing in flight, before it is
+/// ended and its admission slot freed.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where frames go; a closed receiver means the client went away.
 pub type FrameSink = mpsc::Sender<Result<RenderedFrame, Status>>;
@@ -61,6 +71,7 @@ struct Job {
     count: usize,
     quality: u8,
     subsampling: Subsampling,
+    idle_timeout: Duration,
     /// Conditioning payloads in model input order, each `count` frames long.
     conditioning: Vec<(Arc<str>, DataType, Vec<i64>, Bytes)>,
     arrived: Instant,
@@ -124,11 +135,17 @@ fn validate(
         )));
     }
     let count = req.frame_count as usize;
-    for t in &req.conditioning {
+    for (i, t) in req.conditioning.iter().enumerate() {
+        if req.conditioning[..i].iter().any(|u| u.name == t.name) {
+            return Err(Status::invalid_argument(format!(
+                "conditioning[{i}]: '{}' is given twice",
+                echo(&t.name)
+            )));
+        }
         if !model.conditioning.iter().any(|m| m.name == t.name) {
             return Err(Status::invalid_argument(format!(
                 "conditioning: '{}' is not an input of model '{}' (expects {})",
-                t.name,
+                echo(&t.name),
                 model.name,
                 model
                     .conditioning
@@ -156,7 +173,10 @@ fn validate(
             data,
         } = t.clone();
         let dt = DataType::parse(&datatype).map_err(|e| {
-            Status::invalid_argument(format!("conditioning '{name}': datatype: {e}"))
+            Status::invalid_argument(format!(
+                "conditioning '{name}': datatype: {}",
+                echo(&e.to_string())
+            ))
         })?;
         if dt.as_str() != m.datatype {
             return Err(Status::invalid_argument(format!(
@@ -166,7 +186,8 @@ fn validate(
         }
         if got != shape {
             return Err(Status::invalid_argument(format!(
-                "conditioning '{name}': shape {got:?} should be {shape:?} (frame_count first)"
+                "conditioning '{name}': shape {} should be {shape:?} (frame_count first)",
+                echo(&format!("{got:?}"))
             )));
         }
         tensor::check_byte_len(dt, &shape, data.len())
@@ -186,6 +207,7 @@ fn validate(
         count,
         quality,
         subsampling: opts.subsampling,
+        idle_timeout: opts.idle_timeout,
         conditioning,
         arrived,
         deadline,
@@ -510,8 +532,15 @@ async fn finish_batch(
                 }),
                 last_in_request: lo + emitted + 1 == job.count,
             };
-            if sink.send(Ok(frame)).await.is_err() {
-                return Ok(false);
+            match sink.send_timeout(Ok(frame), job.idle_timeout).await {
+                Ok(()) => {}
+                Err(SendTimeoutError::Closed(_)) => return Ok(false),
+                Err(SendTimeoutError::Timeout(_)) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "stream idle: the client took no frame for {} s (--stream-idle-timeout-s)",
+                        job.idle_timeout.as_secs_f64()
+                    )))
+                }
             }
             metrics.frames.inc();
             metrics.blend_seconds.observe(c.blend.as_secs_f64());

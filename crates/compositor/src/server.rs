@@ -74,6 +74,7 @@ async fn serve_draining(
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)));
     tls::server(server, opts.tls.as_ref())?
+        .layer(framecast_telemetry::OversizeLayer)
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(compositor)

@@ -30,6 +30,8 @@ pub struct CompositorService {
 /// Open Render streams a compositor accepts unless told otherwise.
 pub const DEFAULT_MAX_STREAMS: usize = 64;
 
+pub use crate::render::DEFAULT_STREAM_IDLE_TIMEOUT;
+
 impl CompositorService {
     pub fn new(
         store: Arc<AvatarStore>,
@@ -186,11 +188,29 @@ impl Compositor for CompositorService {
                         let _ = tx.send(Err(late)).await;
                         break;
                     }
+                    // Every frame of the last request has been handed over: the stream is
+                    // idle until the next request.
+                    _ = tokio::time::sleep(this.opts.idle_timeout) => {
+                        this.metrics.requests.with_label_values(&["idle_timeout"]).inc();
+                        let idle = Status::deadline_exceeded(format!(
+                            "stream idle: no request for {} s (--stream-idle-timeout-s); open a new stream when there is more to render",
+                            this.opts.idle_timeout.as_secs_f64()
+                        ));
+                        let _ = tx.send(Err(idle)).await;
+                        break;
+                    }
                     msg = inbound.next() => msg,
                 };
                 let req = match msg {
                     Some(Ok(r)) => r,
-                    _ => break,
+                    Some(Err(status)) => {
+                        // A request the stream could not decode (too large, corrupt) ends it.
+                        let _ = tx
+                            .send(Err(framecast_telemetry::oversize_as_exhausted(status)))
+                            .await;
+                        break;
+                    }
+                    None => break,
                 };
                 let result = this.render_one(req, &tx, deadline).await;
                 let outcome = match &result {
@@ -201,7 +221,8 @@ impl Compositor for CompositorService {
                 this.metrics.requests.with_label_values(&[outcome]).inc();
                 if let Err(status) = result {
                     tracing::debug!(code = ?status.code(), message = status.message(), "render failed");
-                    let _ = tx.send(Err(status)).await;
+                    // Bounded: a client that stopped reading must not hold the stream open.
+                    let _ = tx.send_timeout(Err(status), this.opts.idle_timeout).await;
                     break;
                 }
                 if tx.is_closed() {

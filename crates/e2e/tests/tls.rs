@@ -174,10 +174,10 @@ async fn metrics_are_served_over_mutual_tls() {
     probe.inc();
     registry.register(Box::new(probe)).unwrap();
     let tls = server_tls(&pki, true);
-    let addr =
-        framecast_telemetry::serve_metrics("127.0.0.1:0".parse().unwrap(), registry, Some(&tls))
-            .await
-            .unwrap();
+    let access = framecast_telemetry::MetricsAccess::new(Some(&tls), None, false);
+    let addr = framecast_telemetry::serve_metrics("127.0.0.1:0".parse().unwrap(), registry, access)
+        .await
+        .unwrap();
     let body = get_metrics(addr, &pki, Some((&pki.client_cert, &pki.client_key)))
         .await
         .unwrap();

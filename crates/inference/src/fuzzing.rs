@@ -4,7 +4,7 @@
 //! and what they accept must be consistent.
 
 use crate::config::{ModelConfig, TensorSpec};
-use crate::shared_memory::SharedMemory;
+use crate::shared_memory::{Owner, SharedMemory};
 use crate::validate;
 use framecast_proto::kserve::ModelInferRequest;
 use framecast_proto::tensor::DataType;
@@ -44,7 +44,13 @@ pub fn infer_request(data: &[u8]) {
         ],
         vec![spec("out", DataType::U8, &[3, 8, 8])],
     );
-    match validate::prepare("fuzz", &config, &SharedMemory::default(), &mut req) {
+    match validate::prepare(
+        "fuzz",
+        &config,
+        &SharedMemory::default(),
+        &Owner::anonymous(),
+        &mut req,
+    ) {
         Ok(p) => {
             assert!((1..=8).contains(&p.batch), "batch {}", p.batch);
             assert_eq!(p.inputs.len(), config.inputs.len());

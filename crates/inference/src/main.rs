@@ -82,15 +82,24 @@ struct ServeArgs {
     )]
     metrics_listen: SocketAddr,
     /// Bearer token clients must send (`authorization: Bearer <token>`) on every KServe call;
-    /// unset: no authentication. Health checks stay open.
+    /// several, comma-separated, give each client its own (its shared-memory regions are
+    /// then its own). Unset: no authentication. Health checks stay open.
     #[arg(long, env = "FRAMECAST_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
+    /// Require the bearer token on /metrics too (Prometheus: `authorization.credentials`).
+    /// Off: /metrics is open to whoever reaches --metrics-listen.
+    #[arg(long, env = "FRAMECAST_METRICS_REQUIRE_TOKEN", default_value_t = false, action = clap::ArgAction::Set)]
+    metrics_require_token: bool,
     #[command(flatten)]
     tls: framecast_telemetry::tls::ServerTlsArgs,
     /// Accept the system shared-memory extension: clients on this host may have the server
     /// map their /dev/shm objects for tensors. Off: every tensor travels over gRPC.
     #[arg(long, env = "FRAMECAST_SHARED_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
     shared_memory: bool,
+    /// Shared-memory regions registered at once, all clients together; past it registration
+    /// gets RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FRAMECAST_MAX_SHM_REGIONS", default_value_t = framecast_inference::shared_memory::DEFAULT_MAX_REGIONS as u64, value_parser = clap::value_parser!(u64).range(1..=framecast_proto::fault_guard::CAPACITY as u64 / 2))]
+    max_shm_regions: u64,
     /// On SIGTERM: stop accepting, finish in-flight requests for at most this many seconds,
     /// then exit.
     #[arg(long, env = "FRAMECAST_SHUTDOWN_GRACE_S", default_value_t = 30)]
@@ -182,12 +191,13 @@ fn serve(args: ServeArgs) -> Result<()> {
     ));
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        framecast_telemetry::serve_metrics(
-            args.metrics_listen,
-            metrics.registry.clone(),
+        let access = framecast_telemetry::MetricsAccess::new(
             tls.as_ref(),
-        )
-        .await?;
+            args.auth_token.as_deref(),
+            args.metrics_require_token,
+        );
+        framecast_telemetry::serve_metrics(args.metrics_listen, metrics.registry.clone(), access)
+            .await?;
         for name in &args.load {
             models
                 .load(name)
@@ -204,6 +214,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             grace: Duration::from_secs(args.shutdown_grace_s),
             auth_token: args.auth_token,
             shared_memory: args.shared_memory,
+            max_shm_regions: args.max_shm_regions as usize,
             tls,
         };
         server::serve(

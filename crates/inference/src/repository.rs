@@ -67,7 +67,7 @@ impl Repository {
 pub fn check_name(name: &str) -> Result<(), RepoError> {
     let bad = |reason| {
         Err(RepoError::InvalidName {
-            name: name.to_string(),
+            name: framecast_proto::echo(name).into_owned(),
             reason,
         })
     };

@@ -3,6 +3,7 @@
 
 use crate::models::ModelManager;
 use crate::service::InferenceService;
+use crate::shared_memory::SharedMemory;
 use framecast_proto::auth::BearerCheck;
 use framecast_proto::kserve::grpc_inference_service_server::GrpcInferenceServiceServer;
 pub use framecast_telemetry::running::Running;
@@ -27,7 +28,12 @@ pub struct ServerOptions {
     pub auth_token: Option<String>,
     /// Accept the system shared-memory extension from clients on this host.
     pub shared_memory: bool,
+    /// Regions registered at once, all clients together.
+    pub max_shm_regions: usize,
 }
+
+/// How often regions whose object was removed or shrank are forgotten.
+const SHM_SWEEP: Duration = Duration::from_secs(10);
 
 impl Default for ServerOptions {
     fn default() -> Self {
@@ -38,6 +44,7 @@ impl Default for ServerOptions {
             auth_token: None,
             tls: None,
             shared_memory: true,
+            max_shm_regions: crate::shared_memory::DEFAULT_MAX_REGIONS,
         }
     }
 }
@@ -64,9 +71,16 @@ async fn serve_draining(
     opts: ServerOptions,
     drain: Drain,
 ) -> anyhow::Result<()> {
-    let mut svc = InferenceService::new(models, opts.slow_request, drain.clone());
+    let shm = Arc::new(SharedMemory::new(opts.max_shm_regions));
+    shm.sweep_every(SHM_SWEEP);
+    let auth = BearerCheck::new(opts.auth_token.as_deref());
+    let mut svc =
+        InferenceService::new(models, opts.slow_request, drain.clone()).with_shared_memory(shm);
     if !opts.shared_memory {
         svc = svc.without_shared_memory();
+    }
+    if auth.is_on() {
+        svc = svc.scoped_by_token();
     }
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
@@ -78,7 +92,7 @@ async fn serve_draining(
     let kserve = GrpcInferenceServiceServer::new(svc)
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);
-    let kserve = InterceptedService::new(kserve, BearerCheck::new(opts.auth_token.as_deref()));
+    let kserve = InterceptedService::new(kserve, auth);
     let server = tonic::transport::Server::builder()
         // A 24-frame batch is ~15 MB each way: wide windows keep it from stalling on acks.
         .initial_stream_window_size(Some(16 << 20))
@@ -88,6 +102,7 @@ async fn serve_draining(
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)));
     tls::server(server, opts.tls.as_ref())?
+        .layer(framecast_telemetry::OversizeLayer)
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(kserve)

@@ -3,8 +3,9 @@
 use crate::batcher::JobError;
 use crate::models::{LoadedModel, ModelError, ModelManager};
 use crate::repository::RepoError;
-use crate::shared_memory::SharedMemory;
+use crate::shared_memory::{Owner, SharedMemory};
 use crate::validate::{self, Requested};
+use framecast_proto::echo;
 use framecast_proto::kserve::{
     self, grpc_inference_service_server::GrpcInferenceService,
     model_infer_response::InferOutputTensor, InferParameter, ModelInferRequest, ModelInferResponse,
@@ -34,6 +35,8 @@ pub struct InferenceService {
     slow_request: Duration,
     drain: Drain,
     shm_allowed: bool,
+    /// Authentication is on: a caller's bearer token names the owner of its regions.
+    scoped_by_token: bool,
 }
 
 impl InferenceService {
@@ -44,7 +47,38 @@ impl InferenceService {
             slow_request,
             drain,
             shm_allowed: true,
+            scoped_by_token: false,
         }
+    }
+
+    /// The same service keeping its regions in `shm`.
+    pub fn with_shared_memory(mut self, shm: Arc<SharedMemory>) -> Self {
+        self.shm = shm;
+        self
+    }
+
+    /// The same service scoping shared-memory regions to the caller's bearer token (set when
+    /// the server requires one). A client certificate always scopes them.
+    pub fn scoped_by_token(mut self) -> Self {
+        self.scoped_by_token = true;
+        self
+    }
+
+    /// Who owns the regions this call may see: its verified credentials, or the anonymous
+    /// owner on a server without authentication (Triton's global table).
+    fn owner<T>(&self, req: &Request<T>) -> Owner {
+        let cert = req.peer_certs();
+        let leaf = cert.as_ref().and_then(|c| c.first()).map(|c| c.as_ref());
+        let token = self
+            .scoped_by_token
+            .then(|| req.metadata().get("authorization"))
+            .flatten()
+            .map(|v| v.as_bytes());
+        Owner::from_credentials(
+            [("cert", leaf), ("token", token)]
+                .into_iter()
+                .filter_map(|(k, v)| v.map(|v| (k, v))),
+        )
     }
 
     /// The same service refusing shared-memory registration: clients on this host then
@@ -57,9 +91,11 @@ impl InferenceService {
     async fn infer(
         &self,
         mut req: ModelInferRequest,
+        owner: &Owner,
         grpc_deadline: Option<Instant>,
     ) -> Result<ModelInferResponse, Status> {
         let started = Instant::now();
+        check_version(&req.model_name, &req.model_version)?;
         let metrics = self.models.metrics().clone();
         let model = match self.models.get(&req.model_name).await {
             Ok(m) => m,
@@ -76,7 +112,9 @@ impl InferenceService {
                 return Err(status);
             }
         };
-        let result = self.run(&model, &mut req, grpc_deadline, started).await;
+        let result = self
+            .run(&model, &mut req, owner, grpc_deadline, started)
+            .await;
         let label = match &result {
             Ok(_) => "ok",
             Err(s) => outcome(s),
@@ -92,10 +130,11 @@ impl InferenceService {
         &self,
         model: &LoadedModel,
         req: &mut ModelInferRequest,
+        owner: &Owner,
         grpc_deadline: Option<Instant>,
         started: Instant,
     ) -> Result<ModelInferResponse, Status> {
-        let prepared = validate::prepare(&model.name, &model.config, &self.shm, req)?;
+        let prepared = validate::prepare(&model.name, &model.config, &self.shm, owner, req)?;
         let deadline = [
             grpc_deadline,
             request_timeout(req)?.map(|t| started + t),
@@ -123,7 +162,11 @@ impl InferenceService {
                     model.name
                 )),
                 JobError::Failed(e) => Status::internal(format!("model '{}': {e}", model.name)),
-            })?;
+            });
+        // A region shrunk while the batch read or wrote it was replaced with zeros: whatever
+        // came of it is void, whichever way the request went.
+        self.shm.check_used(&prepared.regions)?;
+        let out = out?;
         let compute = out.compute.input + out.compute.infer + out.compute.output;
         let elapsed = started.elapsed();
         if elapsed > self.slow_request {
@@ -186,9 +229,26 @@ fn request_timeout(req: &ModelInferRequest) -> Result<Option<Duration>, Status> 
         }
         Some(ParameterChoice::Uint64Param(us)) if *us > 0 => Ok(Some(Duration::from_micros(*us))),
         Some(other) => Err(Status::invalid_argument(format!(
-            "parameters.timeout must be a positive int64 of microseconds, not {other:?}"
+            "parameters.timeout must be a positive int64 of microseconds, not {}",
+            echo(&format!("{other:?}"))
         ))),
     }
+}
+
+/// The one version each model is served at.
+const SERVED_VERSION: &str = "1";
+
+/// A request's model version: empty (the served one) or the served one; any other is a
+/// version this server does not have (NOT_FOUND, as Triton answers).
+fn check_version(model: &str, version: &str) -> Result<(), Status> {
+    if version.is_empty() || version == SERVED_VERSION {
+        return Ok(());
+    }
+    Err(Status::not_found(format!(
+        "model_version: model '{}' has no version '{}' (this server serves version {SERVED_VERSION} only)",
+        echo(model),
+        echo(version)
+    )))
 }
 
 /// Builds the response; outputs asked into shared memory (the worker has written them there)
@@ -225,7 +285,7 @@ fn response(
     }
     Ok(ModelInferResponse {
         model_name: model.name.clone(),
-        model_version: "1".to_string(),
+        model_version: SERVED_VERSION.to_string(),
         id,
         parameters,
         outputs: tensors,
@@ -269,8 +329,10 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<kserve::ModelReadyRequest>,
     ) -> Reply<kserve::ModelReadyResponse> {
-        let name = req.into_inner().name;
+        let req = req.into_inner();
+        let name = req.name;
         crate::repository::check_name(&name).map_err(|e| status_of(e.into()))?;
+        check_version(&name, &req.version)?;
         Ok(Response::new(kserve::ModelReadyResponse {
             ready: self.models.ready(&name).is_some(),
         }))
@@ -296,7 +358,9 @@ impl GrpcInferenceService for InferenceService {
         req: Request<kserve::ModelMetadataRequest>,
     ) -> Reply<kserve::ModelMetadataResponse> {
         use kserve::model_metadata_response::TensorMetadata;
-        let name = req.into_inner().name;
+        let req = req.into_inner();
+        let name = req.name;
+        check_version(&name, &req.version)?;
         let dir = self
             .models
             .repository()
@@ -321,7 +385,7 @@ impl GrpcInferenceService for InferenceService {
         };
         Ok(Response::new(kserve::ModelMetadataResponse {
             name,
-            versions: vec!["1".to_string()],
+            versions: vec![SERVED_VERSION.to_string()],
             platform: config.platform.clone(),
             inputs: meta(&config.inputs),
             outputs: meta(&config.outputs),
@@ -330,7 +394,8 @@ impl GrpcInferenceService for InferenceService {
 
     async fn model_infer(&self, req: Request<ModelInferRequest>) -> Reply<ModelInferResponse> {
         let deadline = framecast_proto::deadline::from_metadata(req.metadata());
-        self.infer(req.into_inner(), deadline)
+        let owner = self.owner(&req);
+        self.infer(req.into_inner(), &owner, deadline)
             .await
             .map(Response::new)
     }
@@ -342,6 +407,7 @@ impl GrpcInferenceService for InferenceService {
         req: Request<Streaming<ModelInferRequest>>,
     ) -> Reply<Self::ModelStreamInferStream> {
         let deadline = framecast_proto::deadline::from_metadata(req.metadata());
+        let owner = self.owner(&req);
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(256);
         let this = self.clone();
@@ -354,13 +420,23 @@ impl GrpcInferenceService for InferenceService {
                     _ = this.drain.started() => break,
                     msg = inbound.next() => msg,
                 };
-                let Some(Ok(msg)) = msg else { break };
-                let (tx, this) = (tx.clone(), this.clone());
+                let msg = match msg {
+                    Some(Ok(msg)) => msg,
+                    Some(Err(status)) => {
+                        // A message the stream could not decode (too large, corrupt) ends it.
+                        let _ = tx
+                            .send(Err(framecast_telemetry::oversize_as_exhausted(status)))
+                            .await;
+                        break;
+                    }
+                    None => break,
+                };
+                let (tx, this, owner) = (tx.clone(), this.clone(), owner.clone());
                 // Each request runs on its own task so many are in flight and batch together;
                 // responses go back as they complete, matched by id.
                 tokio::spawn(async move {
                     let (id, model_name) = (msg.id.clone(), msg.model_name.clone());
-                    let reply = match this.infer(msg, deadline).await {
+                    let reply = match this.infer(msg, &owner, deadline).await {
                         Ok(r) => kserve::ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(r),
@@ -385,7 +461,9 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<kserve::ModelStatisticsRequest>,
     ) -> Reply<kserve::ModelStatisticsResponse> {
-        let name = req.into_inner().name;
+        let req = req.into_inner();
+        let name = req.name;
+        check_version(&name, &req.version)?;
         let models = if name.is_empty() {
             self.models.loaded()
         } else {
@@ -444,7 +522,11 @@ impl GrpcInferenceService for InferenceService {
         req: Request<kserve::RepositoryModelUnloadRequest>,
     ) -> Reply<kserve::RepositoryModelUnloadResponse> {
         let name = req.into_inner().model_name;
-        self.models.unload(&name).map_err(status_of)?;
+        self.models.unload(&name).map_err(|e| match e {
+            // Nothing to unload: asking again will not change that, so not UNAVAILABLE.
+            ModelError::NotLoaded(_) => Status::failed_precondition(e.to_string()),
+            e => status_of(e),
+        })?;
         Ok(Response::new(kserve::RepositoryModelUnloadResponse {}))
     }
 
@@ -453,7 +535,8 @@ impl GrpcInferenceService for InferenceService {
         req: Request<kserve::SystemSharedMemoryStatusRequest>,
     ) -> Reply<kserve::SystemSharedMemoryStatusResponse> {
         use kserve::system_shared_memory_status_response::RegionStatus;
-        let regions = self.shm.status(&req.into_inner().name)?;
+        let owner = self.owner(&req);
+        let regions = self.shm.status(&owner, &req.into_inner().name)?;
         Ok(Response::new(kserve::SystemSharedMemoryStatusResponse {
             regions: regions
                 .into_iter()
@@ -479,12 +562,15 @@ impl GrpcInferenceService for InferenceService {
                 "shared memory is disabled on this server (--shared-memory false); send tensors in raw_input_contents",
             ));
         }
+        let owner = self.owner(&req);
         let r = req.into_inner();
         let shm = self.shm.clone();
         // Opening and mapping touch the file system: keep them off the async workers.
-        tokio::task::spawn_blocking(move || shm.register(&r.name, &r.key, r.offset, r.byte_size))
-            .await
-            .map_err(|e| Status::internal(format!("registering shared memory: {e}")))??;
+        tokio::task::spawn_blocking(move || {
+            shm.register(&owner, &r.name, &r.key, r.offset, r.byte_size)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("registering shared memory: {e}")))??;
         Ok(Response::new(kserve::SystemSharedMemoryRegisterResponse {}))
     }
 
@@ -492,7 +578,8 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<kserve::SystemSharedMemoryUnregisterRequest>,
     ) -> Reply<kserve::SystemSharedMemoryUnregisterResponse> {
-        self.shm.unregister(&req.into_inner().name);
+        let owner = self.owner(&req);
+        self.shm.unregister(&owner, &req.into_inner().name);
         Ok(Response::new(
             kserve::SystemSharedMemoryUnregisterResponse {},
         ))

@@ -2,6 +2,11 @@
 //!
 //! A region stays mapped while any request still holds it, so unregistering one under load is
 //! safe: in-flight requests finish with the mapping they started with.
+//!
+//! Regions belong to an [`Owner`]: the credential that registered them. Without authentication
+//! every caller is the same anonymous owner and the table is global, as in Triton. With a
+//! bearer token or a client certificate, a caller sees, uses and unregisters only its own
+//! regions; another owner's names answer NOT_FOUND as if they did not exist.
 
 use bytes::Bytes;
 use framecast_proto::shm::{Mapping, ShmError};
@@ -10,16 +15,66 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use tonic::Status;
 
+/// Regions a server keeps registered unless told otherwise (`--max-shm-regions`).
+pub const DEFAULT_MAX_REGIONS: usize = 1024;
+
+/// Who registered a region: the caller's credential bytes (bearer token and/or client
+/// certificate), empty for an anonymous caller on a server without authentication.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Owner(Arc<[u8]>);
+
+impl Owner {
+    /// The owner of every region on a server without authentication.
+    pub fn anonymous() -> Owner {
+        Owner::default()
+    }
+
+    /// An owner named by its credential parts (token, certificate); empty parts are skipped.
+    pub fn from_credentials<'a>(parts: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Owner {
+        let mut key = Vec::new();
+        for (kind, bytes) in parts {
+            if !bytes.is_empty() {
+                key.extend_from_slice(kind.as_bytes());
+                key.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+                key.extend_from_slice(bytes);
+            }
+        }
+        Owner(key.into())
+    }
+}
+
+impl std::fmt::Debug for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the credential itself.
+        f.write_str(if self.0.is_empty() {
+            "Owner(anonymous)"
+        } else {
+            "Owner(credential)"
+        })
+    }
+}
+
 /// One registered region.
 pub struct Region {
     pub name: String,
     pub key: String,
     pub offset: u64,
     pub mapping: Mapping,
+    owner: Owner,
+}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region")
+            .field("name", &self.name)
+            .field("key", &self.key)
+            .field("bytes", &self.mapping.len())
+            .finish()
+    }
 }
 
 /// A tensor's place inside a region: `[offset, offset + len)`.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Slot {
     pub region: Arc<Region>,
     pub offset: usize,
@@ -51,47 +106,93 @@ impl AsRef<[u8]> for Slot {
     }
 }
 
-/// The server's table of regions, by name.
-#[derive(Default)]
+/// The server's table of regions, by owner and name.
 pub struct SharedMemory {
-    regions: RwLock<HashMap<String, Arc<Region>>>,
+    regions: RwLock<Table>,
+    max_regions: usize,
+}
+
+#[derive(Default)]
+struct Table {
+    by_owner: HashMap<Owner, HashMap<String, Arc<Region>>>,
+    count: usize,
+}
+
+impl Default for SharedMemory {
+    fn default() -> Self {
+        SharedMemory::new(DEFAULT_MAX_REGIONS)
+    }
 }
 
 impl SharedMemory {
-    pub fn register(&self, name: &str, key: &str, offset: u64, len: u64) -> Result<(), Status> {
+    /// A table holding at most `max_regions` regions, all owners together.
+    pub fn new(max_regions: usize) -> Self {
+        SharedMemory {
+            regions: RwLock::default(),
+            max_regions,
+        }
+    }
+
+    /// Registers `name` for `owner`; O(1) in the number of regions already registered.
+    pub fn register(
+        &self,
+        owner: &Owner,
+        name: &str,
+        key: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), Status> {
         if name.is_empty() {
             return Err(Status::invalid_argument("name: a region needs a name"));
         }
-        if self.regions.read().contains_key(name) {
-            return Err(Status::already_exists(format!(
-                "shared-memory region '{name}' is already registered"
-            )));
+        let full = |count| {
+            Status::resource_exhausted(format!(
+                "name: {count} shared-memory regions are registered, the server's limit (--max-shm-regions {}); unregister regions you no longer use",
+                self.max_regions
+            ))
+        };
+        {
+            let table = self.regions.read();
+            if table.get(owner, name).is_some() {
+                return Err(already(name));
+            }
+            if table.count >= self.max_regions {
+                return Err(full(table.count));
+            }
         }
         let mapping = Mapping::open(key, offset, len).map_err(|e| match e {
             ShmError::Open { ref source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-                Status::not_found(format!("key: {e}"))
+                Status::not_found(format!("key: {}", framecast_proto::echo(&e.to_string())))
             }
-            _ => Status::invalid_argument(format!("key: {e}")),
+            ShmError::TooManyMappings { .. } => Status::resource_exhausted(format!("key: {e}")),
+            _ => {
+                Status::invalid_argument(format!("key: {}", framecast_proto::echo(&e.to_string())))
+            }
         })?;
         let region = Arc::new(Region {
             name: name.to_string(),
             key: key.to_string(),
             offset,
             mapping,
+            owner: owner.clone(),
         });
-        let mut regions = self.regions.write();
-        // A region whose object is gone from /dev/shm belongs to a client that cleaned up (or
-        // died) without unregistering: forget it rather than keep its memory mapped forever.
-        regions.retain(|_, r| framecast_proto::shm::key_path(&r.key).is_ok_and(|p| p.exists()));
-        if regions.contains_key(name) {
-            return Err(Status::already_exists(format!(
-                "shared-memory region '{name}' is already registered"
-            )));
+        let mut table = self.regions.write();
+        // Checked again under the write lock: another registration may have come between.
+        if table.get(owner, name).is_some() {
+            return Err(already(name));
         }
-        regions.insert(name.to_string(), region);
+        if table.count >= self.max_regions {
+            return Err(full(table.count));
+        }
+        table
+            .by_owner
+            .entry(owner.clone())
+            .or_default()
+            .insert(name.to_string(), region);
+        table.count += 1;
         tracing::info!(
-            region = name,
-            key,
+            region = framecast_proto::echo(name).as_ref(),
+            key = framecast_proto::echo(key).as_ref(),
             offset,
             bytes = len,
             "shared memory registered"
@@ -99,42 +200,71 @@ impl SharedMemory {
         Ok(())
     }
 
-    /// Forgets `name`, or every region when `name` is empty; unknown names are not an error.
-    pub fn unregister(&self, name: &str) {
-        let mut regions = self.regions.write();
-        if name.is_empty() {
-            regions.clear();
+    /// Forgets `owner`'s region `name`, or all of `owner`'s regions when `name` is empty;
+    /// unknown names are not an error.
+    pub fn unregister(&self, owner: &Owner, name: &str) {
+        let mut table = self.regions.write();
+        let Some(mine) = table.by_owner.get_mut(owner) else {
+            return;
+        };
+        let removed = if name.is_empty() {
+            std::mem::take(mine).len()
         } else {
-            regions.remove(name);
+            usize::from(mine.remove(name).is_some())
+        };
+        if mine.is_empty() {
+            table.by_owner.remove(owner);
         }
+        table.count -= removed;
     }
 
-    /// Regions named `name`, or all of them when it is empty.
-    pub fn status(&self, name: &str) -> Result<Vec<Arc<Region>>, Status> {
-        let regions = self.regions.read();
+    /// `owner`'s regions named `name`, or all of them when it is empty.
+    pub fn status(&self, owner: &Owner, name: &str) -> Result<Vec<Arc<Region>>, Status> {
+        let table = self.regions.read();
         if name.is_empty() {
-            return Ok(regions.values().cloned().collect());
+            return Ok(table
+                .by_owner
+                .get(owner)
+                .map(|m| m.values().cloned().collect())
+                .unwrap_or_default());
         }
-        regions
-            .get(name)
+        table
+            .get(owner, name)
             .map(|r| vec![r.clone()])
             .ok_or_else(|| not_registered(name))
     }
 
-    /// The slot `[offset, offset + len)` of region `name`; `field` names the request field in
-    /// errors.
-    pub fn slot(&self, field: &str, name: &str, offset: u64, len: u64) -> Result<Slot, Status> {
+    /// The slot `[offset, offset + len)` of `owner`'s region `name`; `field` names the request
+    /// field in errors. The region's object is checked to still cover the registered window
+    /// (a client may have shrunk it since): if not, the region is unregistered and the request
+    /// refused.
+    pub fn slot(
+        &self,
+        owner: &Owner,
+        field: &str,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Slot, Status> {
         let region = self
             .regions
             .read()
-            .get(name)
+            .get(owner, name)
             .cloned()
             .ok_or_else(|| not_registered(name))
             .map_err(|s| Status::new(s.code(), format!("{field}: {}", s.message())))?;
+        if let Err(e) = region.mapping.check() {
+            self.forget(&region);
+            return Err(Status::invalid_argument(format!(
+                "{field}: {e}; region '{}' was unregistered",
+                framecast_proto::echo(name)
+            )));
+        }
         let size = region.mapping.len() as u64;
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(Status::invalid_argument(format!(
-                "{field}: offset {offset} + byte_size {len} exceeds region '{name}' ({size} bytes)"
+                "{field}: offset {offset} + byte_size {len} exceeds region '{}' ({size} bytes)",
+                framecast_proto::echo(name)
             )));
         }
         Ok(Slot {
@@ -143,8 +273,231 @@ impl SharedMemory {
             len: len as usize,
         })
     }
+
+    /// After a request used `regions`: an error naming the first whose object shrank during
+    /// the use (its pages were replaced with zeros, so what was read or written is void), which
+    /// is then unregistered.
+    pub fn check_used<'a>(
+        &self,
+        regions: impl IntoIterator<Item = &'a Arc<Region>>,
+    ) -> Result<(), Status> {
+        for r in regions {
+            if r.mapping.is_broken() {
+                self.forget(r);
+                return Err(Status::invalid_argument(format!(
+                    "shared-memory region '{}': its object shrank while this request used it (key '{}'); the region was unregistered",
+                    framecast_proto::echo(&r.name),
+                    framecast_proto::echo(&r.key)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Unregisters this very region (not a newer one registered under its name since).
+    fn forget(&self, region: &Arc<Region>) {
+        let mut table = self.regions.write();
+        let Some(mine) = table.by_owner.get_mut(&region.owner) else {
+            return;
+        };
+        if mine
+            .get(&region.name)
+            .is_some_and(|r| Arc::ptr_eq(r, region))
+        {
+            mine.remove(&region.name);
+            if mine.is_empty() {
+                table.by_owner.remove(&region.owner);
+            }
+            table.count -= 1;
+            tracing::warn!(
+                region = framecast_proto::echo(&region.name).as_ref(),
+                "shared memory unregistered: its object shrank"
+            );
+        }
+    }
+
+    /// Forgets regions whose object is gone from `/dev/shm` (a client that cleaned up or died
+    /// without unregistering) or shrank below its window; returns how many. Runs off the
+    /// request path, on [`SharedMemory::sweep_every`]'s task.
+    pub fn sweep(&self) -> usize {
+        let stale: Vec<Arc<Region>> = {
+            let table = self.regions.read();
+            table
+                .by_owner
+                .values()
+                .flat_map(HashMap::values)
+                .filter(|r| r.mapping.is_unlinked() || r.mapping.check().is_err())
+                .cloned()
+                .collect()
+        };
+        let mut table = self.regions.write();
+        let mut removed = 0;
+        for r in &stale {
+            if let Some(mine) = table.by_owner.get_mut(&r.owner) {
+                if mine.get(&r.name).is_some_and(|x| Arc::ptr_eq(x, r)) {
+                    mine.remove(&r.name);
+                    removed += 1;
+                }
+                if mine.is_empty() {
+                    table.by_owner.remove(&r.owner);
+                }
+            }
+        }
+        table.count -= removed;
+        if removed > 0 {
+            tracing::info!(removed, "stale shared-memory regions swept");
+        }
+        removed
+    }
+
+    /// Sweeps every `period` on a task of its own, for as long as the table exists.
+    pub fn sweep_every(self: &Arc<Self>, period: std::time::Duration) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(shm) = weak.upgrade() else { return };
+                // Each region costs an fstat: keep it off the async workers.
+                if tokio::task::spawn_blocking(move || shm.sweep())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Regions registered, all owners together.
+    pub fn len(&self) -> usize {
+        self.regions.read().count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Table {
+    fn get(&self, owner: &Owner, name: &str) -> Option<&Arc<Region>> {
+        self.by_owner.get(owner).and_then(|m| m.get(name))
+    }
+}
+
+fn already(name: &str) -> Status {
+    Status::already_exists(format!(
+        "shared-memory region '{}' is already registered",
+        framecast_proto::echo(name)
+    ))
 }
 
 fn not_registered(name: &str) -> Status {
-    Status::not_found(format!("shared-memory region '{name}' is not registered"))
+    Status::not_found(format!(
+        "shared-memory region '{}' is not registered",
+        framecast_proto::echo(name)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use framecast_proto::shm::OwnedObject;
+
+    fn object(tag: &str) -> OwnedObject {
+        let key = format!("/framecast_sm_{tag}_{}", std::process::id());
+        OwnedObject::create(&key, 8192).unwrap()
+    }
+
+    #[test]
+    fn registrations_past_the_limit_are_refused_and_unregistering_frees_room() {
+        let shm = SharedMemory::new(2);
+        let o = object("limit");
+        let me = Owner::anonymous();
+        shm.register(&me, "a", o.key(), 0, 4096).unwrap();
+        shm.register(&me, "b", o.key(), 4096, 4096).unwrap();
+        let e = shm.register(&me, "c", o.key(), 0, 1).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            e.message().contains("--max-shm-regions 2"),
+            "{}",
+            e.message()
+        );
+        shm.unregister(&me, "a");
+        shm.register(&me, "c", o.key(), 0, 1).unwrap();
+        assert_eq!(shm.len(), 2);
+        shm.unregister(&me, "");
+        assert!(shm.is_empty());
+    }
+
+    #[test]
+    fn owners_see_and_touch_only_their_own_regions() {
+        let shm = SharedMemory::default();
+        let o = object("owners");
+        let alice = Owner::from_credentials([("token", b"alice".as_slice())]);
+        let bob = Owner::from_credentials([("token", b"bob".as_slice())]);
+        shm.register(&alice, "r", o.key(), 0, 4096).unwrap();
+        assert!(shm.status(&bob, "").unwrap().is_empty());
+        assert_eq!(
+            shm.status(&bob, "r").unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+        let e = shm.slot(&bob, "inputs[0]", "r", 0, 16).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        // Bob's "unregister everything" is his everything.
+        shm.unregister(&bob, "");
+        shm.unregister(&bob, "r");
+        assert_eq!(shm.status(&alice, "").unwrap().len(), 1);
+        // Names are per owner: Bob may use the same one.
+        shm.register(&bob, "r", o.key(), 4096, 4096).unwrap();
+        assert_eq!(shm.slot(&alice, "x", "r", 0, 16).unwrap().region.offset, 0);
+        assert_eq!(shm.slot(&bob, "x", "r", 0, 16).unwrap().region.offset, 4096);
+    }
+
+    #[test]
+    fn the_sweep_forgets_regions_whose_object_was_removed_or_shrank() {
+        let shm = SharedMemory::default();
+        let me = Owner::anonymous();
+        let gone = object("gone");
+        let shrunk = object("shrunk");
+        let kept = object("kept");
+        shm.register(&me, "gone", gone.key(), 0, 4096).unwrap();
+        shm.register(&me, "shrunk", shrunk.key(), 0, 8192).unwrap();
+        shm.register(&me, "kept", kept.key(), 0, 4096).unwrap();
+        assert_eq!(shm.sweep(), 0);
+        drop(gone);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(framecast_proto::shm::key_path(shrunk.key()).unwrap())
+            .unwrap()
+            .set_len(100)
+            .unwrap();
+        assert_eq!(shm.sweep(), 2);
+        let left: Vec<String> = shm
+            .status(&me, "")
+            .unwrap()
+            .iter()
+            .map(|r| r.name.clone())
+            .collect();
+        assert_eq!(left, ["kept"]);
+    }
+
+    #[test]
+    fn a_shrunk_object_is_refused_at_use_and_unregistered() {
+        let shm = SharedMemory::default();
+        let me = Owner::anonymous();
+        let o = object("use");
+        shm.register(&me, "r", o.key(), 0, 8192).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(framecast_proto::shm::key_path(o.key()).unwrap())
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let e = shm.slot(&me, "inputs[0] 'x'", "r", 0, 16).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("inputs[0] 'x'"), "{}", e.message());
+        assert!(shm.is_empty());
+    }
 }

@@ -2,13 +2,15 @@
 //! mistake comes back as INVALID_ARGUMENT naming the offending field.
 
 use crate::config::ModelConfig;
-use crate::shared_memory::{SharedMemory, Slot};
+use crate::shared_memory::{Owner, Region, SharedMemory, Slot};
 use bytes::Bytes;
+use framecast_proto::echo;
 use framecast_proto::kserve::infer_parameter::ParameterChoice;
 use framecast_proto::kserve::{InferParameter, InferTensorContents, ModelInferRequest};
 use framecast_proto::shm::{PARAM_BYTE_SIZE, PARAM_OFFSET, PARAM_REGION};
 use framecast_proto::tensor::{self, DataType, Element};
 use std::collections::HashMap;
+use std::sync::Arc;
 use tonic::Status;
 
 /// A request ready for the batcher.
@@ -19,6 +21,9 @@ pub struct Prepared {
     pub inputs: Vec<Bytes>,
     /// The outputs to return, in the order asked.
     pub outputs: Vec<Requested>,
+    /// Shared-memory regions the request reads or writes: checked once it is answered, since
+    /// a client may shrink an object while the request uses it.
+    pub regions: Vec<Arc<Region>>,
 }
 
 /// One output to return: which config output, and the shared-memory slot to write it into
@@ -43,6 +48,7 @@ pub fn prepare(
     model: &str,
     config: &ModelConfig,
     shm: &SharedMemory,
+    owner: &Owner,
     req: &mut ModelInferRequest,
 ) -> Result<Prepared, Status> {
     let raw = std::mem::take(&mut req.raw_input_contents);
@@ -50,8 +56,26 @@ pub fn prepare(
         .inputs
         .iter()
         .enumerate()
-        .map(|(i, t)| shm_slot(shm, &format!("inputs[{i}] '{}'", t.name), &t.parameters))
+        .map(|(i, t)| {
+            let field = format!("inputs[{i}] '{}'", echo(&t.name));
+            shm_slot(shm, owner, &field, &t.parameters)
+        })
         .collect::<Result<_, _>>()?;
+    let mut regions: Vec<Arc<Region>> = in_shm.iter().flatten().map(|s| s.region.clone()).collect();
+    // Like Triton and KServe: raw_input_contents and typed contents are exclusive.
+    if !raw.is_empty() {
+        if let Some((i, t)) = req
+            .inputs
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.contents.is_some())
+        {
+            return Err(Status::invalid_argument(format!(
+                "inputs[{i}] '{}': has contents while the request has raw_input_contents; send every input one way",
+                echo(&t.name)
+            )));
+        }
+    }
     // Like Triton: one raw entry per input that does not come from shared memory, in order.
     let wire_inputs = in_shm.iter().filter(|s| s.is_none()).count();
     if !raw.is_empty() && raw.len() != wire_inputs {
@@ -64,8 +88,8 @@ pub fn prepare(
     let mut slots: Vec<Option<Bytes>> = vec![None; config.inputs.len()];
     let mut batch: Option<usize> = None;
     for (i, (input, slot)) in req.inputs.iter_mut().zip(in_shm).enumerate() {
-        let name = &input.name;
-        let Some(idx) = config.inputs.iter().position(|s| &s.name == name) else {
+        let name = &echo(&input.name).into_owned();
+        let Some(idx) = config.inputs.iter().position(|s| s.name == input.name) else {
             return Err(Status::invalid_argument(format!(
                 "inputs[{i}]: '{name}' is not an input of model '{model}' (inputs: {})",
                 names(config.inputs.iter().map(|s| s.name.as_str()))
@@ -77,8 +101,12 @@ pub fn prepare(
             )));
         }
         let spec = &config.inputs[idx];
-        let datatype = DataType::parse(&input.datatype)
-            .map_err(|e| Status::invalid_argument(format!("input '{name}': datatype: {e}")))?;
+        let datatype = DataType::parse(&input.datatype).map_err(|e| {
+            Status::invalid_argument(format!(
+                "input '{name}': datatype: {}",
+                echo(&e.to_string())
+            ))
+        })?;
         if datatype != spec.datatype {
             return Err(Status::invalid_argument(format!(
                 "input '{name}': datatype is {datatype}; model '{model}' expects {}",
@@ -88,8 +116,8 @@ pub fn prepare(
         let expected_shape = spec.batched_shape(0);
         if input.shape.len() != expected_shape.len() || input.shape[1..] != expected_shape[1..] {
             return Err(Status::invalid_argument(format!(
-                "input '{name}': shape {:?} does not match [-1{}] (batch first)",
-                input.shape,
+                "input '{name}': shape {} does not match [-1{}] (batch first)",
+                echo(&format!("{:?}", input.shape)),
                 spec.dims
                     .iter()
                     .map(|d| format!(", {d}"))
@@ -142,7 +170,8 @@ pub fn prepare(
         }
     }
     let batch = batch.unwrap_or(0);
-    let outputs = if req.outputs.is_empty() {
+    let mut seen = vec![false; config.outputs.len()];
+    let outputs: Vec<Requested> = if req.outputs.is_empty() {
         (0..config.outputs.len())
             .map(|index| Requested { index, shm: None })
             .collect()
@@ -158,12 +187,17 @@ pub fn prepare(
                     .ok_or_else(|| {
                         Status::invalid_argument(format!(
                             "outputs[{i}]: '{}' is not an output of model '{model}' (outputs: {})",
-                            o.name,
+                            echo(&o.name),
                             names(config.outputs.iter().map(|s| s.name.as_str()))
                         ))
                     })?;
-                let field = format!("outputs[{i}] '{}'", o.name);
-                let slot = shm_slot(shm, &field, &o.parameters)?;
+                let field = format!("outputs[{i}] '{}'", echo(&o.name));
+                if std::mem::replace(&mut seen[index], true) {
+                    return Err(Status::invalid_argument(format!(
+                        "{field}: output requested twice"
+                    )));
+                }
+                let slot = shm_slot(shm, owner, &field, &o.parameters)?;
                 let needed = config.outputs[index].element_bytes() * batch;
                 if let Some(s) = &slot {
                     if s.len < needed {
@@ -177,16 +211,23 @@ pub fn prepare(
             })
             .collect::<Result<_, _>>()?
     };
+    regions.extend(
+        outputs
+            .iter()
+            .filter_map(|o| o.shm.as_ref().map(|s| s.region.clone())),
+    );
     Ok(Prepared {
         batch,
         inputs,
         outputs,
+        regions,
     })
 }
 
 /// The shared-memory slot a tensor's parameters name, if they name one.
 fn shm_slot(
     shm: &SharedMemory,
+    owner: &Owner,
     field: &str,
     params: &HashMap<String, InferParameter>,
 ) -> Result<Option<Slot>, Status> {
@@ -203,7 +244,8 @@ fn shm_slot(
         Some(ParameterChoice::Int64Param(v)) if *v >= 0 => Ok(Some(*v as u64)),
         Some(ParameterChoice::Uint64Param(v)) => Ok(Some(*v)),
         Some(other) => Err(Status::invalid_argument(format!(
-            "{field}: parameter {key} must be a non-negative integer, not {other:?}"
+            "{field}: parameter {key} must be a non-negative integer, not {}",
+            echo(&format!("{other:?}"))
         ))),
     };
     let len = int(PARAM_BYTE_SIZE)?.ok_or_else(|| {
@@ -212,7 +254,7 @@ fn shm_slot(
         ))
     })?;
     let offset = int(PARAM_OFFSET)?.unwrap_or(0);
-    shm.slot(field, region, offset, len).map(Some)
+    shm.slot(owner, field, region, offset, len).map(Some)
 }
 
 fn names<'a>(it: impl Iterator<Item = &'a str>) -> String {

@@ -151,7 +151,7 @@ async fn least_recently_used_is_evicted_and_pinned_survives() {
     let addr = framecast_telemetry::serve_metrics(
         "127.0.0.1:0".parse().unwrap(),
         metrics.registry.clone(),
-        None,
+        framecast_telemetry::MetricsAccess::new(None, None, false),
     )
     .await
     .unwrap();

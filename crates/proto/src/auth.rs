@@ -1,6 +1,9 @@
 //! Optional bearer-token authentication, the same on both services: a server given a token
 //! answers UNAUTHENTICATED to any call of its API that lacks `authorization: Bearer <token>`;
 //! health checks stay open so probes need no secret.
+//!
+//! A server may accept several tokens, given comma-separated (`--auth-token a,b`): one per
+//! client, so that what a client registers (shared-memory regions) is its own.
 
 use std::sync::Arc;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -8,33 +11,66 @@ use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
 /// Server side: checks each call's `authorization` header against the configured token.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct BearerCheck {
-    expected: Option<Arc<[u8]>>,
+    /// `authorization` values accepted; empty: authentication is off.
+    expected: Arc<[Vec<u8>]>,
+}
+
+/// Why an `authorization` header was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Missing,
+    Invalid,
 }
 
 impl BearerCheck {
-    /// `None` or an empty token: every call passes.
-    pub fn new(token: Option<&str>) -> Self {
+    /// `None` or an empty string: every call passes. Several tokens are comma-separated.
+    pub fn new(tokens: Option<&str>) -> Self {
         BearerCheck {
-            expected: token
+            expected: tokens
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
                 .filter(|t| !t.is_empty())
-                .map(|t| Arc::from(format!("Bearer {t}").into_bytes())),
+                .map(|t| format!("Bearer {t}").into_bytes())
+                .collect(),
+        }
+    }
+
+    /// Whether a token is required at all.
+    pub fn is_on(&self) -> bool {
+        !self.expected.is_empty()
+    }
+
+    /// Checks an `authorization` header value (any transport: gRPC metadata, HTTP).
+    pub fn check(&self, header: Option<&[u8]>) -> Result<(), Refusal> {
+        if !self.is_on() {
+            return Ok(());
+        }
+        let header = header.ok_or(Refusal::Missing)?;
+        // Every token is compared, so the time taken does not tell which one nearly matched.
+        let matched = self
+            .expected
+            .iter()
+            .fold(false, |ok, e| constant_time_eq(header, e) | ok);
+        if matched {
+            Ok(())
+        } else {
+            Err(Refusal::Invalid)
         }
     }
 }
 
 impl Interceptor for BearerCheck {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(expected) = &self.expected else {
-            return Ok(req);
-        };
-        match req.metadata().get("authorization") {
-            Some(v) if constant_time_eq(v.as_bytes(), expected) => Ok(req),
-            Some(_) => Err(Status::unauthenticated(
+        let header = req.metadata().get("authorization").map(|v| v.as_bytes());
+        match self.check(header) {
+            Ok(()) => Ok(req),
+            Err(Refusal::Invalid) => Err(Status::unauthenticated(
                 "authorization: invalid bearer token",
             )),
-            None => Err(Status::unauthenticated(
+            Err(Refusal::Missing) => Err(Status::unauthenticated(
                 "authorization: missing; send 'authorization: Bearer <token>'",
             )),
         }
@@ -93,5 +129,11 @@ mod tests {
         }
         assert!(BearerCheck::new(None).call(call(None)).is_ok());
         assert!(BearerCheck::new(Some("")).call(call(None)).is_ok());
+        let mut two = BearerCheck::new(Some("alice, bob"));
+        assert!(two.call(call(Some("alice"))).is_ok());
+        assert!(two.call(call(Some("bob"))).is_ok());
+        for bad in [None, Some("alice,bob"), Some("carol"), Some("")] {
+            assert!(two.call(call(bad)).is_err(), "{bad:?}");
+        }
     }
 }

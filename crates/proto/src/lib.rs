@@ -22,6 +22,7 @@ pub mod compositor {
 
 pub mod auth;
 pub mod deadline;
+pub mod fault_guard;
 pub mod shm;
 pub mod tensor;
 
@@ -41,5 +42,37 @@ impl kserve::model_infer_request::InferInputTensor {
             shape,
             ..Default::default()
         }
+    }
+}
+
+/// Longest piece of a client's string (a name, an id, a key) an error message repeats.
+pub const ECHO_MAX_BYTES: usize = 128;
+
+/// `s` as an error message may repeat it: whole when short, else its first
+/// [`ECHO_MAX_BYTES`] bytes (on a character boundary) and its length. A status message must
+/// stay small: standard clients drop responses whose metadata passes 16 KiB, so an echoed
+/// 100 KB name would turn INVALID_ARGUMENT into a transport error.
+pub fn echo(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= ECHO_MAX_BYTES {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut end = ECHO_MAX_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}... ({} bytes)", &s[..end], s.len()))
+}
+
+#[cfg(test)]
+mod echo_tests {
+    use super::*;
+
+    #[test]
+    fn long_strings_are_cut_on_a_character_boundary_and_say_their_length() {
+        assert_eq!(echo("lipsync-ref"), "lipsync-ref");
+        let long = "é".repeat(50_000);
+        let e = echo(&long);
+        assert!(e.len() < ECHO_MAX_BYTES + 32, "{}", e.len());
+        assert!(e.ends_with("... (100000 bytes)"), "{e}");
     }
 }

@@ -49,6 +49,9 @@ pub fn tensor_params(
 /// Where Linux keeps POSIX shared-memory objects (`shm_open` names).
 const SHM_DIR: &str = "/dev/shm";
 
+/// `statfs.f_type` of tmpfs, the file system behind `/dev/shm`.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
 /// Why a shared-memory object cannot be opened or accessed.
 #[derive(Debug, thiserror::Error)]
 pub enum ShmError {
@@ -56,6 +59,8 @@ pub enum ShmError {
     BadKey(String),
     #[error("shared-memory key '{key}': {source}")]
     Open { key: String, source: io::Error },
+    #[error("shared-memory key '{key}' refused: {reason}")]
+    NotAnObject { key: String, reason: &'static str },
     #[error("shared-memory key '{key}' holds {size} bytes; offset {offset} + byte_size {len} does not fit")]
     TooSmall {
         key: String,
@@ -65,6 +70,10 @@ pub enum ShmError {
     },
     #[error("bytes {offset}..{end} lie outside the {len}-byte region")]
     OutOfRange { offset: u64, end: u64, len: u64 },
+    #[error("shared-memory key '{key}': the object shrank under the mapping while it was in use (its pages were replaced with zeros)")]
+    Shrunk { key: String },
+    #[error("shared-memory key '{key}': {guarded} objects are mapped already, the most this process guards")]
+    TooManyMappings { key: String, guarded: usize },
 }
 
 /// The file behind an `shm_open` name: one path component, never a path into the file system.
@@ -82,25 +91,80 @@ pub fn key_path(key: &str) -> Result<PathBuf, ShmError> {
     }
 }
 
+/// Opens `path` as a client's shared-memory object, refusing anything else a local user could
+/// plant under that name: a symbolic link (`O_NOFOLLOW`), a FIFO or device (`O_NONBLOCK`, then
+/// only regular files), or a file outside tmpfs.
+fn open_object(key: &str, path: &std::path::Path) -> Result<File, ShmError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let refuse = |reason| ShmError::NotAnObject {
+        key: key.to_string(),
+        reason,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::ELOOP) => refuse("it is a symbolic link"),
+            _ => ShmError::Open {
+                key: key.to_string(),
+                source,
+            },
+        })?;
+    let kind = file
+        .metadata()
+        .map_err(|source| ShmError::Open {
+            key: key.to_string(),
+            source,
+        })?
+        .file_type();
+    if !kind.is_file() {
+        return Err(refuse(if kind.is_dir() {
+            "it is a directory"
+        } else if kind.is_fifo() || kind.is_socket() {
+            "it is a FIFO or socket, not a regular file"
+        } else {
+            "it is not a regular file"
+        }));
+    }
+    if !on_tmpfs(&file) {
+        return Err(refuse("it is not on the shared-memory file system (tmpfs)"));
+    }
+    Ok(file)
+}
+
+/// Whether `file` lives on tmpfs (`fstatfs`).
+fn on_tmpfs(file: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fstatfs writes into the zeroed struct we own, on a descriptor we own.
+    unsafe {
+        let mut fs: libc::statfs = std::mem::zeroed();
+        libc::fstatfs(file.as_raw_fd(), &mut fs) == 0 && fs.f_type as i64 == TMPFS_MAGIC
+    }
+}
+
 /// A mapped window `[offset, offset + len)` of a shared-memory object.
+///
+/// The object belongs to another process, which may shrink it at any time: [`Mapping::check`]
+/// compares its size now with the window before a use, and a fault during a use is caught by
+/// the [`fault_guard`](crate::fault_guard) (the copy completes with zeros and
+/// [`Mapping::is_broken`] turns true).
 pub struct Mapping {
+    key: String,
+    offset: u64,
+    // Declared before `map`: the guard is released before the pages are unmapped.
+    guard: crate::fault_guard::Guard,
     map: memmap2::MmapRaw,
+    file: File,
 }
 
 impl Mapping {
     /// Maps part of an existing object, read-write.
     pub fn open(key: &str, offset: u64, len: u64) -> Result<Self, ShmError> {
         let path = key_path(key)?;
-        let open_err = |source| ShmError::Open {
-            key: key.to_string(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(open_err)?;
-        let size = file.metadata().map_err(open_err)?.len();
+        let file = open_object(key, &path)?;
+        let size = object_size(key, &file)?;
         if len == 0 || offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(ShmError::TooSmall {
                 key: key.to_string(),
@@ -109,16 +173,34 @@ impl Mapping {
                 len,
             });
         }
-        Self::map(&file, offset, len).map_err(open_err)
+        Self::map(key, file, offset, len)
     }
 
-    fn map(file: &File, offset: u64, len: u64) -> io::Result<Self> {
-        let len = usize::try_from(len).map_err(|_| io::Error::other("region too large"))?;
+    fn map(key: &str, file: File, offset: u64, len: u64) -> Result<Self, ShmError> {
+        let open_err = |source| ShmError::Open {
+            key: key.to_string(),
+            source,
+        };
+        let len =
+            usize::try_from(len).map_err(|_| open_err(io::Error::other("region too large")))?;
         let map = memmap2::MmapOptions::new()
             .offset(offset)
             .len(len)
-            .map_raw(file)?;
-        Ok(Mapping { map })
+            .map_raw(&file)
+            .map_err(open_err)?;
+        let guard = crate::fault_guard::Guard::new(map.as_ptr(), map.len()).ok_or_else(|| {
+            ShmError::TooManyMappings {
+                key: key.to_string(),
+                guarded: crate::fault_guard::CAPACITY,
+            }
+        })?;
+        Ok(Mapping {
+            key: key.to_string(),
+            offset,
+            guard,
+            map,
+            file,
+        })
     }
 
     /// Bytes mapped.
@@ -130,7 +212,36 @@ impl Mapping {
         self.map.len() == 0
     }
 
-    fn check(&self, offset: usize, len: usize) -> Result<(), ShmError> {
+    /// Whether the object shrank under a use of this mapping; see [`Mapping`].
+    pub fn is_broken(&self) -> bool {
+        self.guard.is_broken()
+    }
+
+    /// Whether the whole window is still backed by the object (it may have been truncated
+    /// since it was mapped) and no use has faulted. One `fstat`.
+    pub fn check(&self) -> Result<(), ShmError> {
+        let size = object_size(&self.key, &self.file)?;
+        let needed = self.offset + self.map.len() as u64;
+        if self.is_broken() || size < needed {
+            return Err(ShmError::TooSmall {
+                key: self.key.clone(),
+                size,
+                offset: self.offset,
+                len: self.map.len() as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the object has been removed from `/dev/shm` (every name of it unlinked): its
+    /// owner is gone or cleaned up.
+    pub fn is_unlinked(&self) -> bool {
+        self.file
+            .metadata()
+            .map_or(true, |m| std::os::unix::fs::MetadataExt::nlink(&m) == 0)
+    }
+
+    fn in_range(&self, offset: usize, len: usize) -> Result<(), ShmError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len() => Ok(()),
             _ => Err(ShmError::OutOfRange {
@@ -141,11 +252,21 @@ impl Mapping {
         }
     }
 
+    fn unbroken(&self) -> Result<(), ShmError> {
+        if self.is_broken() {
+            return Err(ShmError::Shrunk {
+                key: self.key.clone(),
+            });
+        }
+        Ok(())
+    }
+
     /// Copies `data` into the mapping at `offset`.
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), ShmError> {
-        self.check(offset, data.len())?;
+        self.in_range(offset, data.len())?;
         // SAFETY: the range was checked against the mapping; raw copies (no references into
-        // memory another process may write) keep this sound whatever that process does.
+        // memory another process may write) keep this sound whatever that process does, and
+        // the fault guard turns a truncated object's SIGBUS into `Shrunk`.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 data.as_ptr(),
@@ -153,12 +274,12 @@ impl Mapping {
                 data.len(),
             )
         };
-        Ok(())
+        self.unbroken()
     }
 
     /// Copies `out.len()` bytes at `offset` out of the mapping.
     pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<(), ShmError> {
-        self.check(offset, out.len())?;
+        self.in_range(offset, out.len())?;
         // SAFETY: as in `write`.
         unsafe {
             std::ptr::copy_nonoverlapping(
@@ -167,15 +288,25 @@ impl Mapping {
                 out.len(),
             )
         };
-        Ok(())
+        self.unbroken()
     }
 
     /// The mapping as a slice. Sound while no process writes the range, which the protocol
-    /// requires of clients for regions named by in-flight requests.
+    /// requires of clients for regions named by in-flight requests; a reader checks
+    /// [`Mapping::is_broken`] after use, since a truncated object reads as zeros.
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: the mapping lives as long as `self`; see the method's contract.
         unsafe { std::slice::from_raw_parts(self.map.as_ptr(), self.map.len()) }
     }
+}
+
+fn object_size(key: &str, file: &File) -> Result<u64, ShmError> {
+    file.metadata()
+        .map(|m| m.len())
+        .map_err(|source| ShmError::Open {
+            key: key.to_string(),
+            source,
+        })
 }
 
 /// A shared-memory object this process created; removed from `/dev/shm` on drop.
@@ -186,8 +317,12 @@ pub struct OwnedObject {
 }
 
 impl OwnedObject {
-    /// Creates (or truncates) the object `key` with `size` zero bytes and maps all of it.
+    /// Creates the object `key` with `size` zero bytes, replacing any object of that name,
+    /// and maps all of it. The old name is unlinked and the new object created exclusively
+    /// (`O_EXCL | O_NOFOLLOW`, mode 0600), so a link planted under the name by another local
+    /// user is removed, never followed.
     pub fn create(key: &str, size: u64) -> Result<Self, ShmError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = key_path(key)?;
         let open_err = |source| ShmError::Open {
             key: key.to_string(),
@@ -198,11 +333,16 @@ impl OwnedObject {
                 "an object needs at least one byte",
             )));
         }
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(open_err(e)),
+            _ => {}
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(open_err)?;
         file.set_len(size).map_err(open_err)?;
@@ -217,7 +357,9 @@ impl OwnedObject {
             let _ = std::fs::remove_file(&path);
             return Err(open_err(io::Error::from_raw_os_error(rc)));
         }
-        let mapping = Mapping::map(&file, 0, size).map_err(open_err)?;
+        let mapping = Mapping::map(key, file, 0, size).inspect_err(|_| {
+            let _ = std::fs::remove_file(&path);
+        })?;
         Ok(OwnedObject {
             key: key.to_string(),
             path,
@@ -274,5 +416,115 @@ mod tests {
             Mapping::open(&key, 0, 1),
             Err(ShmError::Open { .. })
         ));
+    }
+
+    fn unique_key(what: &str) -> String {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        format!("/framecast_test_{what}_{}_{n}", std::process::id())
+    }
+
+    fn refusal(r: Result<Mapping, ShmError>) -> &'static str {
+        match r {
+            Err(ShmError::NotAnObject { reason, .. }) => reason,
+            Err(e) => panic!("expected a refusal, got {e}"),
+            Ok(_) => panic!("expected a refusal, got a mapping"),
+        }
+    }
+
+    #[test]
+    fn a_symbolic_link_in_dev_shm_is_refused_not_followed() {
+        let target = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(target.path(), vec![7u8; 4096]).unwrap();
+        let key = unique_key("link");
+        let link = key_path(&key).unwrap();
+        std::os::unix::fs::symlink(target.path(), &link).unwrap();
+        let reason = refusal(Mapping::open(&key, 0, 4096));
+        std::fs::remove_file(&link).unwrap();
+        assert!(reason.contains("symbolic link"), "{reason}");
+    }
+
+    #[test]
+    fn fifos_directories_and_files_off_tmpfs_are_refused() {
+        let key = unique_key("fifo");
+        let path = key_path(&key).unwrap();
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo on a path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let reason = refusal(Mapping::open(&key, 0, 1));
+        std::fs::remove_file(&path).unwrap();
+        assert!(reason.contains("FIFO"), "{reason}");
+
+        let key = unique_key("dir");
+        let path = key_path(&key).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let r = Mapping::open(&key, 0, 1);
+        std::fs::remove_dir(&path).unwrap();
+        assert!(r.is_err());
+
+        // The crate's own source file sits on a disk file system, not tmpfs.
+        let on_disk = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let e = open_object("/x", std::path::Path::new(on_disk)).unwrap_err();
+        assert!(
+            matches!(e, ShmError::NotAnObject { reason, .. } if reason.contains("tmpfs")),
+            "{on_disk}"
+        );
+    }
+
+    #[test]
+    fn creating_an_object_replaces_a_planted_link_instead_of_truncating_its_target() {
+        let target = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(target.path(), b"precious").unwrap();
+        let key = unique_key("plant");
+        std::os::unix::fs::symlink(target.path(), key_path(&key).unwrap()).unwrap();
+        let owned = OwnedObject::create(&key, 4096).unwrap();
+        assert_eq!(std::fs::read(target.path()).unwrap(), b"precious");
+        assert!(!std::fs::symlink_metadata(key_path(&key).unwrap())
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        drop(owned);
+    }
+
+    #[test]
+    fn an_object_truncated_under_a_mapping_breaks_the_mapping_instead_of_killing_the_process() {
+        let key = unique_key("shrink");
+        let owner = OwnedObject::create(&key, 3 * 4096).unwrap();
+        owner.mapping().write(0, &[9u8; 3 * 4096]).unwrap();
+        let view = Mapping::open(&key, 0, 3 * 4096).unwrap();
+        view.check().unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(key_path(&key).unwrap())
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        // Caught before a use: the size is checked against the object as it is now.
+        assert!(matches!(
+            view.check(),
+            Err(ShmError::TooSmall { size: 4096, .. })
+        ));
+        // Used anyway (the race the check cannot close): the fault is survived, the copy
+        // completes with zeros, and the mapping says it is broken.
+        let mut out = vec![1u8; 3 * 4096];
+        assert!(matches!(
+            view.read(0, &mut out),
+            Err(ShmError::Shrunk { .. })
+        ));
+        assert!(view.is_broken());
+        // Pages the object lost can only have been read after the repair: zeros.
+        assert!(
+            out[4096..].iter().all(|&b| b == 0),
+            "a broken mapping reads zeros"
+        );
+        assert!(view.write(8192, b"gone").is_err());
+        // Other mappings are untouched by the repair.
+        let other_key = unique_key("other");
+        let other = OwnedObject::create(&other_key, 4096).unwrap();
+        other.mapping().write(0, b"fine").unwrap();
+        assert!(!other.mapping().is_broken());
+        drop(view);
+        drop(owner);
     }
 }
