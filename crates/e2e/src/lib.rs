@@ -125,6 +125,23 @@ impl Default for TestPki {
     }
 }
 
+/// An inference server on a loopback port serving the repository `models` on CPU.
+pub async fn spawn_inference(
+    models: &Path,
+    opts: framecast_inference::server::ServerOptions,
+) -> framecast_inference::server::Running {
+    let repo = framecast_inference::repository::Repository::open(models).expect("repository");
+    let manager = Arc::new(framecast_inference::models::ModelManager::new(
+        repo,
+        Default::default(),
+        true,
+        Default::default(),
+    ));
+    framecast_inference::server::spawn_on_loopback(manager, opts)
+        .await
+        .expect("inference start")
+}
+
 /// A compositor on a loopback port over `inference`, with the avatars under `avatars`,
 /// batches of `max_batch` frames and `serve` options.
 pub async fn spawn_compositor(
@@ -133,13 +150,28 @@ pub async fn spawn_compositor(
     max_batch: usize,
     serve: ServeOptions,
 ) -> comp_server::Running {
-    let metrics = Arc::new(framecast_compositor::metrics::Metrics::new());
-    let store = AvatarStore::new(avatars, true, None, metrics.clone()).expect("avatar store");
     let opts = RenderOptions {
         max_batch,
         ..Default::default()
     };
-    let svc = CompositorService::new(Arc::new(store), inference, opts, metrics);
+    spawn_compositor_with(avatars, inference, opts, None, serve).await
+}
+
+/// [`spawn_compositor`] with every render option and an admission limit (`None`: the
+/// default).
+pub async fn spawn_compositor_with(
+    avatars: &Path,
+    inference: InferenceClient,
+    opts: RenderOptions,
+    max_streams: Option<usize>,
+    serve: ServeOptions,
+) -> comp_server::Running {
+    let metrics = Arc::new(framecast_compositor::metrics::Metrics::new());
+    let store = AvatarStore::new(avatars, true, None, metrics.clone()).expect("avatar store");
+    let mut svc = CompositorService::new(Arc::new(store), inference, opts, metrics);
+    if let Some(n) = max_streams {
+        svc = svc.with_max_streams(n);
+    }
     comp_server::spawn_on_loopback(svc, serve)
         .await
         .expect("compositor start")
