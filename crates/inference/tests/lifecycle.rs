@@ -10,12 +10,12 @@ use framecast_inference::zoo::{self, Builtin, ZooOptions};
 use framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
 use framecast_proto::kserve::model_infer_request::InferInputTensor;
 use framecast_proto::kserve::{
-    ModelInferRequest, RepositoryIndexRequest, RepositoryModelLoadRequest,
+    ModelInferRequest, ModelStatisticsRequest, RepositoryIndexRequest, RepositoryModelLoadRequest,
 };
 use framecast_proto::tensor::DataType;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -264,16 +264,41 @@ async fn a_full_queue_refuses_at_once() {
         })
         .await
         .unwrap();
+    // Each step waits for the server to reach the state the next one needs, rather than
+    // sleeping: a fixed sleep raced the model (~0.3 s a frame) on a busy machine.
+    let started_batches = || {
+        let mut c = client.clone();
+        async move {
+            let req = ModelStatisticsRequest {
+                name: "lipsync-ref".into(),
+                version: String::new(),
+            };
+            let stats = c.model_statistics(req).await.unwrap().into_inner();
+            let queue = stats.model_stats[0]
+                .inference_stats
+                .as_ref()
+                .unwrap()
+                .queue
+                .as_ref();
+            queue.map_or(0, |q| q.count)
+        }
+    };
+    let before = started_batches().await;
     let (mut a, mut b) = (client.clone(), client.clone());
     let (ra, rb) = (lipsync(), lipsync());
     let running = tokio::spawn(async move { a.model_infer(ra).await });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    let until = Instant::now() + Duration::from_secs(10);
+    while started_batches().await == before && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let waiting = tokio::spawn(async move { b.model_infer(rb).await });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let depth = metrics.queue_depth.with_label_values(&["lipsync-ref"]);
+    while depth.get() != 1 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let e = client.clone().model_infer(lipsync()).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("queue full"), "{}", e.message());
-    let depth = metrics.queue_depth.with_label_values(&["lipsync-ref"]);
     assert_eq!(depth.get(), 1, "one request waits behind the running one");
     running.await.unwrap().unwrap();
     waiting.await.unwrap().unwrap();
