@@ -187,19 +187,49 @@ fn execute(
 /// kernel takes milliseconds (4-5 ms for a 24-frame batch on the development machine), which
 /// neither the batch's callers nor the next batch in the queue should wait for. At most two
 /// batches wait to be freed; past that the worker frees its own, so memory stays bounded.
+///
+/// The same thread gives freed heap back to the system once batches stop for
+/// [`TRIM_AFTER_IDLE`]: glibc keeps what a burst of requests freed in its arenas (its mmap
+/// threshold rises with the sizes it sees, so later tensor-sized blocks come from the heap),
+/// and without a trim the process stays at its peak after the burst is over.
 fn free_later(spent: Executed) {
     static FREER: OnceLock<Option<Sender<Executed>>> = OnceLock::new();
     let freer = FREER.get_or_init(|| {
         let (tx, rx) = crossbeam_channel::bounded::<Executed>(2);
         std::thread::Builder::new()
             .name("batch-free".into())
-            .spawn(move || rx.iter().for_each(drop))
+            .spawn(move || free_and_trim(rx))
             .ok()
             .map(|_| tx)
     });
     if let Some(tx) = freer {
         // Full (or the thread gone): free it here, as without the thread.
         let _ = tx.try_send(spent);
+    }
+}
+
+/// How long without a batch before freed heap is returned to the system.
+pub const TRIM_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+fn free_and_trim(rx: Receiver<Executed>) {
+    // FRAMECAST_MALLOC_TRIM=0 turns the trim off (for measuring what it saves).
+    let trim = std::env::var("FRAMECAST_MALLOC_TRIM").map_or(true, |v| v != "0");
+    let mut freed_since_trim = false;
+    loop {
+        match rx.recv_timeout(TRIM_AFTER_IDLE) {
+            Ok(spent) => {
+                drop(spent);
+                freed_since_trim = true;
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if trim && freed_since_trim {
+                    // SAFETY: malloc_trim only returns free memory; it is thread-safe.
+                    unsafe { libc::malloc_trim(0) };
+                    freed_since_trim = false;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
     }
 }
 

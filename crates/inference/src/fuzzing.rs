@@ -24,8 +24,8 @@ pub fn model_config(data: &[u8]) {
 }
 
 /// An encoded `ModelInferRequest` checked against a two-input model (u8 faces, f32 audio):
-/// either it is refused with INVALID_ARGUMENT or NOT_FOUND and a message, or every input
-/// holds exactly `batch` frames of its declared shape.
+/// either it is refused with INVALID_ARGUMENT or NOT_FOUND and a short message, or every
+/// input holds exactly `batch` frames of its declared shape.
 pub fn infer_request(data: &[u8]) {
     let Ok(mut req) = ModelInferRequest::decode(data) else {
         return;
@@ -65,6 +65,9 @@ pub fn infer_request(data: &[u8]) {
                 "{s:?}"
             );
             assert!(!s.message().is_empty());
+            // Client strings are echoed bounded: a status must stay far below the 16 KiB
+            // of metadata standard clients accept.
+            assert!(s.message().len() <= 1024, "{} bytes", s.message().len());
         }
     }
 }
