@@ -67,7 +67,10 @@ async fn an_idle_stream_is_ended_and_frees_its_admission_slot() {
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
 
     // ...until the idle timeout ends its stream with a status that says why.
-    let e = idle.message().await.unwrap_err();
+    let e = tokio::time::timeout(Duration::from_secs(20), idle.message())
+        .await
+        .expect("an idle stream was held open")
+        .unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
     assert!(
         e.message().contains("idle") && e.message().contains("--stream-idle-timeout-s"),
