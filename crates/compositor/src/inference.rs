@@ -486,6 +486,13 @@ impl InferenceClient {
             .pick(&self.snapshot(), None)
             .ok_or_else(|| Status::unavailable("no inference replica configured"))?;
         let result = self.infer_on(&first, req.clone(), expected, deadline).await;
+        if let Err(s) = &result {
+            // The model refused the batch's shapes: it may have been reloaded with another
+            // contract since its metadata was cached. Ask again next time.
+            if matches!(s.code(), Code::InvalidArgument | Code::FailedPrecondition) {
+                self.info.lock().remove(&req.model_name);
+            }
+        }
         match result {
             Err(s) if s.code() == Code::Unavailable => {
                 // Another replica, from the pool as it is now (discovery may have changed it).
@@ -553,7 +560,8 @@ impl InferenceClient {
         replica.infer(req, id, timeout).await
     }
 
-    /// Metadata of `model`, cached after the first answer.
+    /// Metadata of `model`, cached after the first answer until a batch of it is refused
+    /// as malformed (the model may have been reloaded with other shapes).
     pub async fn model_info(&self, model: &str) -> Result<Arc<ModelInfo>, Status> {
         if let Some(i) = self.info.lock().get(model) {
             return Ok(i.clone());

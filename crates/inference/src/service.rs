@@ -366,8 +366,15 @@ impl GrpcInferenceService for InferenceService {
             .repository()
             .model_dir(&name)
             .map_err(|e| status_of(e.into()))?;
-        let config = crate::config::ModelConfig::load(&dir)
-            .map_err(|e| Status::failed_precondition(format!("model '{name}': {e}")))?;
+        // A loaded model answers with the config it runs with (the file may have changed
+        // since); one not loaded yet with its config on disk, which it would load with.
+        let config = match self.models.ready(&name) {
+            Some(m) => m.config.clone(),
+            None => Arc::new(
+                crate::config::ModelConfig::load(&dir)
+                    .map_err(|e| Status::failed_precondition(format!("model '{name}': {e}")))?,
+            ),
+        };
         let meta = |specs: &[crate::config::TensorSpec]| {
             specs
                 .iter()
