@@ -15,6 +15,7 @@
 //! JSON report). Under `cargo test` it runs a seconds-long smoke pass on a tiny model.
 
 use bytes::Bytes;
+use framecast_inference::backend::Backend;
 use framecast_inference::config::ModelConfig;
 use framecast_inference::models::{ExecOptions, ModelManager};
 use framecast_inference::repository::Repository;

@@ -3,12 +3,13 @@
 //! runs the model once, and splits the outputs back to the callers in order.
 //!
 //! Workers are OS threads (libtorch calls block), one per instance; they share one MPMC queue,
-//! so a free instance always takes the next batch.
+//! so a free instance always takes the next batch. What runs a batch is a
+//! [`Backend`](crate::backend::Backend): the batcher is tested with plain Rust ones.
 
+use crate::backend::{Backend, ExecTimings, Executed, HostBytes};
 use crate::config::ModelConfig;
 use crate::shared_memory::Slot;
 use crate::stats::ModelStats;
-use crate::torch_model::{ExecTimings, Executed, HostOutput, TorchModel};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, OnceLock};
@@ -62,14 +63,39 @@ pub fn queue(capacity: usize) -> (Sender<Job>, Receiver<Job>) {
     crossbeam_channel::bounded(capacity.max(1))
 }
 
-/// Forward loop of one instance; returns when every sender is dropped.
-pub fn run_worker(
-    model: TorchModel,
+/// Starts one worker thread named `name`. `start` runs on that thread and builds its backend
+/// (loading and warming a model); its outcome, with how long the warm-up took, comes back on
+/// the returned channel before the worker takes its first request. The worker returns when
+/// every sender of `rx` is dropped.
+pub fn spawn_worker<B, S>(
+    name: String,
+    start: S,
     config: Arc<ModelConfig>,
     stats: Arc<ModelStats>,
     rx: Receiver<Job>,
-) {
-    let _no_grad = tch::no_grad_guard();
+) -> Result<std::sync::mpsc::Receiver<Result<Duration, String>>, String>
+where
+    B: Backend,
+    S: FnOnce() -> Result<(B, Duration), String> + Send + 'static,
+{
+    let (ready, started) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || match start() {
+            Ok((backend, warm_up)) => {
+                let _ = ready.send(Ok(warm_up));
+                run_worker(backend, &config, &stats, rx);
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+            }
+        })
+        .map_err(|e| format!("cannot start worker thread: {e}"))?;
+    Ok(started)
+}
+
+/// Forward loop of one instance; returns when every sender is dropped.
+fn run_worker<B: Backend>(model: B, config: &ModelConfig, stats: &ModelStats, rx: Receiver<Job>) {
     let delay = Duration::from_micros(config.max_queue_delay_us);
     let mut carried: Option<Job> = None;
     loop {
@@ -80,7 +106,7 @@ pub fn run_worker(
                 Err(_) => return,
             },
         };
-        let Some(first) = live(first, &stats) else {
+        let Some(first) = live(first, stats) else {
             continue;
         };
         let deadline = first.enqueued + delay;
@@ -89,7 +115,7 @@ pub fn run_worker(
         while size < config.max_batch_size {
             match rx.recv_deadline(deadline) {
                 Ok(j) => {
-                    let Some(j) = live(j, &stats) else { continue };
+                    let Some(j) = live(j, stats) else { continue };
                     if size + j.batch > config.max_batch_size {
                         carried = Some(j);
                         break;
@@ -101,17 +127,25 @@ pub fn run_worker(
             }
         }
         // Waiting for batch-mates may have outlived some deadlines: drop those unexecuted.
-        let jobs: Vec<Job> = jobs.into_iter().filter_map(|j| live(j, &stats)).collect();
+        let jobs: Vec<Job> = jobs.into_iter().filter_map(|j| live(j, stats)).collect();
         stats.record_queue_depth(rx.len() + usize::from(carried.is_some()));
         let size = jobs.iter().map(|j| j.batch).sum();
         if size > 0 {
-            execute(&model, &config, &stats, size, jobs);
+            execute(&model, config, stats, size, jobs);
         }
     }
 }
 
-/// Answers an expired job instead of running it; its client has stopped waiting.
+/// The job, unless it should not run: its caller has gone (nobody would read the result), or
+/// its deadline has passed (answered DEADLINE_EXCEEDED instead).
 fn live(job: Job, stats: &ModelStats) -> Option<Job> {
+    if job.reply.is_closed() {
+        tracing::debug!(
+            batch = job.batch,
+            "request dropped unexecuted: its caller has gone"
+        );
+        return None;
+    }
     match job.deadline {
         Some(d) if Instant::now() >= d => {
             let waited = job.enqueued.elapsed();
@@ -123,8 +157,8 @@ fn live(job: Job, stats: &ModelStats) -> Option<Job> {
     }
 }
 
-fn execute(
-    model: &TorchModel,
+fn execute<B: Backend>(
+    model: &B,
     config: &ModelConfig,
     stats: &ModelStats,
     size: usize,
@@ -238,7 +272,7 @@ fn free_and_trim(rx: Receiver<Executed>) {
 /// slices, no copy per request).
 fn deliver(
     config: &ModelConfig,
-    outputs: &[HostOutput],
+    outputs: &[Box<dyn HostBytes>],
     size: usize,
     jobs: &[Job],
 ) -> Vec<Result<Vec<Bytes>, String>> {
@@ -273,4 +307,148 @@ fn deliver(
         }
     }
     shares
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TensorSpec;
+    use crate::metrics::Metrics;
+    use framecast_proto::tensor::DataType;
+    use parking_lot::Mutex;
+
+    /// Copies its one input to its one output and remembers each batch's size.
+    struct Echo {
+        batches: Arc<Mutex<Vec<usize>>>,
+        fail: bool,
+    }
+
+    impl Backend for Echo {
+        fn execute(&self, batch: usize, inputs: &[Vec<Bytes>]) -> Result<Executed, String> {
+            self.batches.lock().push(batch);
+            if self.fail {
+                return Err("echo refused the batch".into());
+            }
+            let out: Vec<u8> = inputs[0].iter().flat_map(|b| b.iter().copied()).collect();
+            Ok(Executed {
+                outputs: vec![Box::new(out)],
+                timings: ExecTimings::default(),
+                spent: None,
+            })
+        }
+    }
+
+    const ELEMENT: usize = 4;
+
+    struct Worker {
+        tx: Sender<Job>,
+        batches: Arc<Mutex<Vec<usize>>>,
+    }
+
+    /// A worker over `Echo` (max batch 4, waiting up to `delay_ms` for batch-mates), with
+    /// `queued` jobs already in its queue when it starts.
+    fn worker(delay_ms: u64, fail: bool, queued: Vec<Job>) -> Worker {
+        let spec = |name: &str| TensorSpec {
+            name: name.into(),
+            datatype: DataType::U8,
+            dims: vec![ELEMENT as i64],
+            normalize: false,
+        };
+        let mut config = ModelConfig::new(4, vec![spec("x")], vec![spec("y")]);
+        config.max_queue_delay_us = delay_ms * 1000;
+        let stats = Arc::new(ModelStats::new(&Metrics::new(), "echo"));
+        let (tx, rx) = queue(16);
+        for j in queued {
+            tx.send(j).unwrap();
+        }
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let backend = Echo {
+            batches: batches.clone(),
+            fail,
+        };
+        let ready = spawn_worker(
+            "echo".into(),
+            move || Ok((backend, Duration::ZERO)),
+            Arc::new(config),
+            stats,
+            rx,
+        )
+        .unwrap();
+        ready.recv().unwrap().unwrap();
+        Worker { tx, batches }
+    }
+
+    type Reply = oneshot::Receiver<Result<JobOutput, JobError>>;
+
+    /// A job of `batch` elements whose bytes are all `fill`.
+    fn job(batch: usize, fill: u8, deadline: Option<Instant>) -> (Job, Reply) {
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            batch,
+            inputs: vec![Bytes::from(vec![fill; batch * ELEMENT])],
+            deliver: vec![None],
+            enqueued: Instant::now(),
+            deadline,
+            reply,
+        };
+        (job, rx)
+    }
+
+    fn wait(rx: Reply) -> Result<JobOutput, JobError> {
+        rx.blocking_recv().expect("the worker dropped a reply")
+    }
+
+    #[test]
+    fn concurrent_requests_share_a_batch_and_each_gets_its_own_share() {
+        let w = worker(200, false, Vec::new());
+        let replies: Vec<(u8, Reply)> = (1..=3u8)
+            .map(|fill| {
+                let (j, rx) = job(1, fill, None);
+                w.tx.send(j).unwrap();
+                (fill, rx)
+            })
+            .collect();
+        for (fill, rx) in replies {
+            let out = wait(rx).unwrap();
+            assert_eq!(out.outputs[0].as_ref(), &[fill; ELEMENT]);
+            assert_eq!(out.batch_size, 3);
+        }
+        assert_eq!(*w.batches.lock(), [3]);
+    }
+
+    #[test]
+    fn a_request_that_does_not_fit_is_carried_to_the_next_batch() {
+        let (a, ra) = job(3, 1, None);
+        let (b, rb) = job(2, 2, None);
+        let w = worker(50, false, vec![a, b]);
+        assert_eq!(wait(ra).unwrap().outputs[0].len(), 3 * ELEMENT);
+        assert_eq!(wait(rb).unwrap().outputs[0].as_ref(), &[2; 2 * ELEMENT]);
+        assert_eq!(*w.batches.lock(), [3, 2]);
+    }
+
+    #[test]
+    fn expired_requests_and_requests_whose_caller_left_are_not_computed() {
+        let (late, r_late) = job(1, 1, Some(Instant::now()));
+        let (gone, r_gone) = job(1, 2, None);
+        drop(r_gone);
+        let (live, r_live) = job(1, 3, None);
+        let w = worker(0, false, vec![late, gone, live]);
+        assert!(matches!(wait(r_late), Err(JobError::Expired { .. })));
+        assert_eq!(wait(r_live).unwrap().outputs[0].as_ref(), &[3; ELEMENT]);
+        // Neither the expired request nor the abandoned one reached the backend.
+        assert_eq!(*w.batches.lock(), [1]);
+    }
+
+    #[test]
+    fn a_failed_batch_fails_every_request_in_it() {
+        let (a, ra) = job(1, 1, None);
+        let (b, rb) = job(2, 2, None);
+        let _w = worker(50, true, vec![a, b]);
+        for rx in [ra, rb] {
+            match wait(rx) {
+                Err(JobError::Failed(e)) => assert!(e.contains("echo refused"), "{e}"),
+                other => panic!("expected a failure, got {:?}", other.map(|o| o.batch_size)),
+            }
+        }
+    }
 }

@@ -2,9 +2,11 @@
 //!
 //! A request flows `service` (validate, look up the model) → `models` (load on demand,
 //! one load for concurrent callers) → `batcher` (a queue per model, drained by one OS thread
-//! per instance that merges requests into batches) → `torch_model` (bytes to tensors, forward,
-//! tensors to bytes) and back through a oneshot channel.
+//! per instance that merges requests into batches) → a `backend::Backend`, here
+//! `torch_model` (bytes to tensors, forward, tensors to bytes), and back through a oneshot
+//! channel.
 
+pub mod backend;
 pub mod batcher;
 pub mod config;
 #[doc(hidden)]

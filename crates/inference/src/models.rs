@@ -485,33 +485,23 @@ fn load_blocking(
     let mut ready = Vec::new();
     for &device in &exec.devices {
         for instance in 0..exec.instances.max(1) {
-            let (rtx, rrx) = std::sync::mpsc::channel::<Result<Duration, String>>();
-            let (config, stats, rx, dir) =
-                (config.clone(), stats.clone(), rx.clone(), dir.to_path_buf());
-            std::thread::Builder::new()
-                .name(format!("{name}-{device:?}-{instance}"))
-                .spawn(move || {
-                    let _no_grad = tch::no_grad_guard();
-                    let model = match TorchModel::load(&dir, (*config).clone(), device) {
-                        Ok(m) => m,
-                        Err(e) => {
-                            let _ = rtx.send(Err(e));
-                            return;
-                        }
-                    };
-                    let t = Instant::now();
-                    if let Err(e) = model.warm_up(config.max_batch_size) {
-                        let _ = rtx.send(Err(format!(
-                            "warm-up at batch {} failed; does config.toml match model.pt? {e}",
-                            config.max_batch_size
-                        )));
-                        return;
-                    }
-                    let _ = rtx.send(Ok(t.elapsed()));
-                    batcher::run_worker(model, config, stats, rx);
-                })
-                .map_err(|e| format!("cannot start worker thread: {e}"))?;
-            ready.push(rrx);
+            let (model_config, dir) = ((*config).clone(), dir.to_path_buf());
+            let start = move || {
+                let model = TorchModel::load(&dir, model_config, device)?;
+                let t = Instant::now();
+                let batch = model.config().max_batch_size;
+                model.warm_up(batch).map_err(|e| {
+                    format!("warm-up at batch {batch} failed; does config.toml match model.pt? {e}")
+                })?;
+                Ok((model, t.elapsed()))
+            };
+            ready.push(batcher::spawn_worker(
+                format!("{name}-{device:?}-{instance}"),
+                start,
+                config.clone(),
+                stats.clone(),
+                rx.clone(),
+            )?);
         }
     }
     drop(rx);

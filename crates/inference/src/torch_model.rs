@@ -2,11 +2,12 @@
 //! forward, and turns the outputs back into wire bytes, with u8 <-> float conversion done on
 //! the device so the wire carries u8 rather than float32.
 
+use crate::backend::{Backend, ExecTimings, Executed, HostBytes};
 use crate::config::{ModelConfig, Precision, TensorSpec, MODEL_FILE};
 use bytes::Bytes;
 use framecast_proto::tensor::DataType;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
 /// Maps a wire datatype to the libtorch element kind, where libtorch has one.
@@ -24,26 +25,6 @@ pub fn kind_of(datatype: DataType) -> Option<Kind> {
         DataType::F64 => Kind::Double,
         DataType::U16 | DataType::U32 | DataType::U64 => return None,
     })
-}
-
-/// Time spent in each phase of one execution.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct ExecTimings {
-    pub input: Duration,
-    pub infer: Duration,
-    pub output: Duration,
-}
-
-/// One executed batch.
-pub struct Executed {
-    /// One host tensor per config output.
-    pub outputs: Vec<HostOutput>,
-    pub timings: ExecTimings,
-    /// The batch's model inputs, freed when this is dropped. They are large (a 24-frame
-    /// `lipsync-ref` face input is 59 MB of floats), and freeing them hands their pages back
-    /// to the kernel, which takes milliseconds: the worker frees them after the replies are
-    /// sent, off its own thread (`batcher::free_later`), so nobody waits for it.
-    _inputs: Vec<Tensor>,
 }
 
 /// A loaded module, owned by one worker thread.
@@ -80,6 +61,11 @@ impl TorchModel {
         })
     }
 
+    /// The config the module was loaded with.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
     /// Runs one forward at `batch` with zero inputs and checks the outputs against the config.
     pub fn warm_up(&self, batch: usize) -> Result<(), String> {
         let parts: Vec<Vec<Bytes>> = self
@@ -89,60 +75,6 @@ impl TorchModel {
             .map(|t| vec![Bytes::from(vec![0u8; t.element_bytes() * batch])])
             .collect();
         self.execute(batch, &parts).map(|_| ())
-    }
-
-    /// Executes one batch of `batch` elements. `inputs[i]` holds, for config input `i`, the
-    /// payloads of the requests in the batch, in order; their lengths sum to the batch's bytes.
-    /// Returns one host tensor per config output, for the caller to copy each request's share
-    /// straight to where it goes.
-    pub fn execute(&self, batch: usize, inputs: &[Vec<Bytes>]) -> Result<Executed, String> {
-        let t0 = Instant::now();
-        let tensors = self
-            .config
-            .inputs
-            .iter()
-            .zip(inputs)
-            .map(|(spec, parts)| self.input_tensor(spec, batch, parts))
-            .collect::<Result<Vec<_>, _>>()?;
-        let t1 = Instant::now();
-        // The IValues share the tensors' storage; the tensors outlive them, to be freed later.
-        let ivalues: Vec<IValue> = tensors
-            .iter()
-            .map(|t| IValue::Tensor(t.shallow_clone()))
-            .collect();
-        let out = self
-            .module
-            .forward_is(&ivalues)
-            .map_err(|e| format!("forward failed: {}", first_line(&e.to_string())))?;
-        let outs = flatten_outputs(out)?;
-        if outs.len() != self.config.outputs.len() {
-            return Err(format!(
-                "model returned {} output tensors; config declares {}",
-                outs.len(),
-                self.config.outputs.len()
-            ));
-        }
-        let t2 = Instant::now();
-        let host = self
-            .config
-            .outputs
-            .iter()
-            .zip(outs)
-            .map(|(spec, t)| host_output(spec, batch, t))
-            .collect::<Result<Vec<_>, _>>()?;
-        if self.device != Device::Cpu {
-            tch::Cuda::synchronize(device_index(self.device));
-        }
-        let t3 = Instant::now();
-        Ok(Executed {
-            outputs: host,
-            timings: ExecTimings {
-                input: t1 - t0,
-                infer: t2 - t1,
-                output: t3 - t2,
-            },
-            _inputs: tensors,
-        })
     }
 
     fn input_tensor(
@@ -199,6 +131,65 @@ impl TorchModel {
     }
 }
 
+impl Backend for TorchModel {
+    fn execute(&self, batch: usize, inputs: &[Vec<Bytes>]) -> Result<Executed, String> {
+        // Inference only: no autograd graph (a thread-local switch, cheap per batch).
+        let _no_grad = tch::no_grad_guard();
+        let t0 = Instant::now();
+        let tensors = self
+            .config
+            .inputs
+            .iter()
+            .zip(inputs)
+            .map(|(spec, parts)| self.input_tensor(spec, batch, parts))
+            .collect::<Result<Vec<_>, _>>()?;
+        let t1 = Instant::now();
+        // The IValues share the tensors' storage; the tensors outlive them, to be freed later.
+        let ivalues: Vec<IValue> = tensors
+            .iter()
+            .map(|t| IValue::Tensor(t.shallow_clone()))
+            .collect();
+        let out = self
+            .module
+            .forward_is(&ivalues)
+            .map_err(|e| format!("forward failed: {}", first_line(&e.to_string())))?;
+        let outs = flatten_outputs(out)?;
+        if outs.len() != self.config.outputs.len() {
+            return Err(format!(
+                "model returned {} output tensors; config declares {}",
+                outs.len(),
+                self.config.outputs.len()
+            ));
+        }
+        let t2 = Instant::now();
+        let host = self
+            .config
+            .outputs
+            .iter()
+            .zip(outs)
+            .map(|(spec, t)| host_output(spec, batch, t))
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.device != Device::Cpu {
+            tch::Cuda::synchronize(device_index(self.device));
+        }
+        let t3 = Instant::now();
+        Ok(Executed {
+            outputs: host
+                .into_iter()
+                .map(|h| Box::new(h) as Box<dyn HostBytes>)
+                .collect(),
+            timings: ExecTimings {
+                input: t1 - t0,
+                infer: t2 - t1,
+                output: t3 - t2,
+            },
+            // The batch's model inputs are large (a 24-frame `lipsync-ref` face input is
+            // 59 MB of floats): freed with the outputs, off this thread.
+            spent: Some(Box::new(tensors)),
+        })
+    }
+}
+
 fn is_float(kind: Kind) -> bool {
     matches!(
         kind,
@@ -234,9 +225,9 @@ pub struct HostOutput {
     len: usize,
 }
 
-impl HostOutput {
+impl HostBytes for HostOutput {
     /// The batch's output bytes, without a copy.
-    pub fn as_bytes(&self) -> &[u8] {
+    fn as_bytes(&self) -> &[u8] {
         if self.len == 0 {
             return &[];
         }
