@@ -280,6 +280,14 @@ impl Replica {
         timeout: Duration,
     ) -> Result<ModelInferResponse, Status> {
         let conn = self.connection().await?;
+        // On the wire: the caller's id (its Render request and first frame) and a counter that
+        // makes it unique on this stream, so one id can be searched in both services' logs.
+        let id = if req.id.is_empty() {
+            id
+        } else {
+            format!("{}#{id}", req.id)
+        };
+        tracing::debug!(replica = %self.label, id = %id, "batch sent");
         let caller_id = std::mem::replace(&mut req.id, id.clone());
         let (reply, rx) = oneshot::channel();
         conn.pending.lock().insert(id.clone(), reply);

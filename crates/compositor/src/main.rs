@@ -67,6 +67,9 @@ struct ServeArgs {
     /// variables override it.
     #[arg(long, env = "FRAMECAST_CONFIG")]
     config: Option<PathBuf>,
+    /// Log lines as text or as one JSON object per line (stderr; level from RUST_LOG).
+    #[arg(long, env = "FRAMECAST_LOG_FORMAT", value_enum, default_value_t = framecast_telemetry::LogFormat::Text)]
+    log_format: framecast_telemetry::LogFormat,
     /// Directory holding one bundle directory per avatar.
     #[arg(long, env = "FRAMECAST_AVATARS", default_value = "avatars")]
     avatars: PathBuf,
@@ -180,9 +183,13 @@ struct ServeArgs {
 }
 
 fn main() -> Result<()> {
-    framecast_telemetry::init_logs();
     framecast_telemetry::config_file::apply_for::<Cli>("serve")?;
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    framecast_telemetry::init_logs(match &cli.command {
+        Command::Serve(args) => args.log_format,
+        _ => Default::default(),
+    });
+    match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Avatar(AvatarCommand::Check { dir }) => match Avatar::load(&dir) {
             Ok(a) => {

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::SendTimeoutError;
 use tonic::Status;
+use tracing::Instrument;
 
 /// Render settings shared by every request.
 #[derive(Debug, Clone)]
@@ -247,7 +248,10 @@ pub async fn render(
                 next,
                 end,
                 sent,
-                tokio::spawn(async move { client.infer(request, &expected, deadline).await }),
+                tokio::spawn(
+                    async move { client.infer(request, &expected, deadline).await }
+                        .in_current_span(),
+                ),
             ));
             next = end;
         }
@@ -313,7 +317,7 @@ fn infer_request(job: &Job, lo: usize, hi: usize) -> ModelInferRequest {
     }
     ModelInferRequest {
         model_name: job.model.name.clone(),
-        id: format!("{}:{lo}", job.request_id),
+        id: format!("{}:{lo}", echo(&job.request_id)),
         inputs,
         raw_input_contents: raw,
         ..Default::default()

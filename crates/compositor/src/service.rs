@@ -9,6 +9,7 @@ use framecast_proto::compositor::v1::{
     LoadAvatarRequest, LoadAvatarResponse, RenderRequest, RenderedFrame, UnloadAvatarRequest,
     UnloadAvatarResponse,
 };
+use framecast_proto::echo;
 use framecast_telemetry::Drain;
 use futures::StreamExt;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 #[derive(Clone)]
 pub struct CompositorService {
@@ -25,6 +27,8 @@ pub struct CompositorService {
     metrics: Arc<Metrics>,
     drain: Drain,
     streams: Arc<Semaphore>,
+    /// Numbers Render streams in logs (the `stream` field of the `render` span).
+    next_stream: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Open Render streams a compositor accepts unless told otherwise.
@@ -47,6 +51,7 @@ impl CompositorService {
             metrics,
             drain: Drain::never(),
             streams: Arc::new(Semaphore::new(DEFAULT_MAX_STREAMS)),
+            next_stream: Arc::default(),
         }
     }
 
@@ -168,6 +173,9 @@ impl Compositor for CompositorService {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
+        let stream = self
+            .next_stream
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
             let _permit = permit;
             this.metrics.streams_active.inc();
@@ -212,7 +220,15 @@ impl Compositor for CompositorService {
                     }
                     None => break,
                 };
-                let result = this.render_one(req, &tx, deadline).await;
+                let span = tracing::info_span!(
+                    "render",
+                    stream,
+                    request = %echo(&req.request_id),
+                    avatar = %echo(&req.avatar_id),
+                    start = req.start_frame,
+                    frames = req.frame_count,
+                );
+                let result = this.render_one(req, &tx, deadline).instrument(span).await;
                 let outcome = match &result {
                     Ok(()) if tx.is_closed() => "cancelled",
                     Ok(()) => "ok",

@@ -42,10 +42,22 @@ impl Drop for Proc {
 
 impl Proc {
     fn start(name: &'static str, bin: &str, args: &[String]) -> Proc {
+        Proc::start_logging(name, bin, args, "warn", Stdio::inherit())
+    }
+
+    /// A process logging at `level` to `stderr`.
+    fn start_logging(
+        name: &'static str,
+        bin: &str,
+        args: &[String],
+        level: &str,
+        stderr: Stdio,
+    ) -> Proc {
         let child = Command::new(bin)
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", level)
             .stdout(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("{name}: cannot start {bin}: {e}"));
         Proc { name, child }
@@ -59,18 +71,7 @@ impl Proc {
     }
 
     fn inference(models: &Path, addr: SocketAddr) -> Proc {
-        let args = [
-            "serve",
-            "--repository",
-            &models.display().to_string(),
-            "--listen",
-            &addr.to_string(),
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--torch-threads",
-            "1",
-        ];
-        Proc::start("inference", INFERENCE, &args.map(String::from))
+        Proc::start("inference", INFERENCE, &inference_args(models, addr))
     }
 
     /// Waits until the process's gRPC health service answers SERVING.
@@ -119,6 +120,21 @@ impl Proc {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+fn inference_args(models: &Path, addr: SocketAddr) -> Vec<String> {
+    let args = [
+        "serve",
+        "--repository",
+        &models.display().to_string(),
+        "--listen",
+        &addr.to_string(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--torch-threads",
+        "1",
+    ];
+    args.map(String::from).to_vec()
 }
 
 /// A Render stream asking for frames `0..n` of the `small` avatar.
@@ -312,4 +328,61 @@ async fn sigterm_finishes_in_flight_work_then_both_processes_exit_0() {
     assert!(status.success(), "compositor: {status}");
     let status = inference.exit_within(limit).await;
     assert!(status.success(), "inference: {status}");
+}
+
+/// `--log-format json` writes one JSON object per line, and the id of a Render request
+/// reaches the inference service's log: one search follows a chunk across both services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_render_request_id_into_the_inference_service() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (models, avatars) = write_fixtures(tmp.path(), 500);
+    let addr = free_addr();
+    let log_path = tmp.path().join("inference.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut args = inference_args(&models, addr);
+    args.extend(["--log-format", "json"].map(String::from));
+    let mut inference = Proc::start_logging(
+        "inference",
+        INFERENCE,
+        &args,
+        "framecast_inference=debug,warn",
+        Stdio::from(log),
+    );
+    inference.wait_serving(addr).await;
+    let pool =
+        InferenceClient::connect_lazy(&[format!("http://{addr}")], &ClientOptions::default())
+            .unwrap();
+    let compositor = spawn_compositor(&avatars, pool, 4, Default::default()).await;
+    let client = CompositorClient::connect(compositor.url()).await.unwrap();
+    let mut req = request("small", 0, 4);
+    req.request_id = "greppable-chunk-17".into();
+    let mut stream = client
+        .clone()
+        .render(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(count_in_order(&mut stream, 0).await, 4);
+    inference.signal(libc::SIGTERM);
+    inference.exit_within(Duration::from_secs(30)).await;
+
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(!lines.is_empty(), "no log lines");
+    let spans_with_id = lines
+        .iter()
+        .filter_map(|l| l["spans"].as_array())
+        .flatten()
+        .filter(|span| {
+            span["name"] == "infer"
+                && span["model"] == "passthrough"
+                && span["id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("greppable-chunk-17:0#"))
+        })
+        .count();
+    assert!(spans_with_id > 0, "no line names the request id:\n{text}");
 }

@@ -32,6 +32,9 @@ struct ServeArgs {
     /// variables override it.
     #[arg(long, env = "FRAMECAST_CONFIG")]
     config: Option<PathBuf>,
+    /// Log lines as text or as one JSON object per line (stderr; level from RUST_LOG).
+    #[arg(long, env = "FRAMECAST_LOG_FORMAT", value_enum, default_value_t = framecast_telemetry::LogFormat::Text)]
+    log_format: framecast_telemetry::LogFormat,
     /// Model repository: one directory per model holding model.pt and config.toml.
     #[arg(long, env = "FRAMECAST_REPOSITORY", default_value = "models")]
     repository: PathBuf,
@@ -129,9 +132,13 @@ struct ModelsArgs {
 }
 
 fn main() -> Result<()> {
-    framecast_telemetry::init_logs();
     framecast_telemetry::config_file::apply_for::<Cli>("serve")?;
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    framecast_telemetry::init_logs(match &cli.command {
+        Command::Serve(args) => args.log_format,
+        _ => Default::default(),
+    });
+    match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Models(args) => {
             let opts = ZooOptions {

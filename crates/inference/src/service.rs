@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 /// Response parameter: nanoseconds the request waited in the batch queue.
 pub const PARAM_QUEUE_NS: &str = "framecast_queue_ns";
@@ -169,6 +170,13 @@ impl InferenceService {
         let out = out?;
         let compute = out.compute.input + out.compute.infer + out.compute.output;
         let elapsed = started.elapsed();
+        tracing::debug!(
+            batch = prepared.batch,
+            batch_size = out.batch_size,
+            queue_ms = out.queue.as_secs_f64() * 1e3,
+            compute_ms = compute.as_secs_f64() * 1e3,
+            "answered"
+        );
         if elapsed > self.slow_request {
             tracing::warn!(
                 model = %model.name, id = %req.id, batch = prepared.batch,
@@ -233,6 +241,12 @@ fn request_timeout(req: &ModelInferRequest) -> Result<Option<Duration>, Status> 
             echo(&format!("{other:?}"))
         ))),
     }
+}
+
+/// The span of one request: its model and the caller's id (a compositor's id names its
+/// Render request and first frame), so one grep follows a chunk across both services.
+fn infer_span(req: &ModelInferRequest) -> tracing::Span {
+    tracing::info_span!("infer", model = %echo(&req.model_name), id = %echo(&req.id))
 }
 
 /// The one version each model is served at.
@@ -402,7 +416,10 @@ impl GrpcInferenceService for InferenceService {
     async fn model_infer(&self, req: Request<ModelInferRequest>) -> Reply<ModelInferResponse> {
         let deadline = framecast_proto::deadline::from_metadata(req.metadata());
         let owner = self.owner(&req);
-        self.infer(req.into_inner(), &owner, deadline)
+        let req = req.into_inner();
+        let span = infer_span(&req);
+        self.infer(req, &owner, deadline)
+            .instrument(span)
             .await
             .map(Response::new)
     }
@@ -439,26 +456,30 @@ impl GrpcInferenceService for InferenceService {
                     None => break,
                 };
                 let (tx, this, owner) = (tx.clone(), this.clone(), owner.clone());
+                let span = infer_span(&msg);
                 // Each request runs on its own task so many are in flight and batch together;
                 // responses go back as they complete, matched by id.
-                tokio::spawn(async move {
-                    let (id, model_name) = (msg.id.clone(), msg.model_name.clone());
-                    let reply = match this.infer(msg, &owner, deadline).await {
-                        Ok(r) => kserve::ModelStreamInferResponse {
-                            error_message: String::new(),
-                            infer_response: Some(r),
-                        },
-                        Err(s) => kserve::ModelStreamInferResponse {
-                            error_message: format!("{:?}: {}", s.code(), s.message()),
-                            infer_response: Some(ModelInferResponse {
-                                id,
-                                model_name,
-                                ..Default::default()
-                            }),
-                        },
-                    };
-                    let _ = tx.send(Ok(reply)).await;
-                });
+                tokio::spawn(
+                    async move {
+                        let (id, model_name) = (msg.id.clone(), msg.model_name.clone());
+                        let reply = match this.infer(msg, &owner, deadline).await {
+                            Ok(r) => kserve::ModelStreamInferResponse {
+                                error_message: String::new(),
+                                infer_response: Some(r),
+                            },
+                            Err(s) => kserve::ModelStreamInferResponse {
+                                error_message: format!("{:?}: {}", s.code(), s.message()),
+                                infer_response: Some(ModelInferResponse {
+                                    id,
+                                    model_name,
+                                    ..Default::default()
+                                }),
+                            },
+                        };
+                        let _ = tx.send(Ok(reply)).await;
+                    }
+                    .instrument(span),
+                );
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
