@@ -6,12 +6,9 @@
 use crate::avatar::Avatar;
 use crate::manifest::{self, Manifest, MANIFEST_FILE};
 use crate::metrics::Metrics;
-use parking_lot::Mutex;
-use std::collections::HashMap;
+use framecast_cache::{BudgetCache, CacheError, Events, Lease, State};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::sync::OnceCell;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AvatarError {
@@ -36,23 +33,13 @@ pub enum AvatarError {
 
 type LoadResult = Result<Arc<Avatar>, AvatarError>;
 
-#[derive(Default)]
-struct Slot {
-    cell: OnceCell<LoadResult>,
-    last_used: AtomicU64,
-}
-
-struct State {
-    slots: HashMap<String, Arc<Slot>>,
-    reserved: HashMap<String, u64>,
-}
+/// An avatar in use by a render: while it lives the avatar is never evicted.
+pub type AvatarLease = Lease<Avatar, AvatarError>;
 
 pub struct AvatarStore {
     root: PathBuf,
     load_on_demand: bool,
-    budget: Option<u64>,
-    state: Mutex<State>,
-    clock: AtomicU64,
+    cache: BudgetCache<Avatar, AvatarError>,
     metrics: Arc<Metrics>,
 }
 
@@ -65,6 +52,20 @@ pub struct AvatarStatus {
     pub avatar: Option<Arc<Avatar>>,
 }
 
+/// Evictions and totals, to the logs and metrics.
+struct CacheEvents(Arc<Metrics>);
+
+impl Events for CacheEvents {
+    fn evicted(&self, key: &str, _freed: u64, for_key: &str) {
+        self.0.avatar_evictions.inc();
+        tracing::info!(avatar = %key, for_avatar = for_key, "evicted (least recently used)");
+    }
+
+    fn changed(&self, reserved: u64, _ready: usize) {
+        self.0.avatar_bytes.set(reserved as i64);
+    }
+}
+
 impl AvatarStore {
     /// `budget`: bytes of RAM for decoded avatars; `None` is unlimited.
     pub fn new(
@@ -75,15 +76,15 @@ impl AvatarStore {
     ) -> std::io::Result<Self> {
         let root = root.canonicalize()?;
         metrics.avatar_budget_bytes.set(budget.unwrap_or(0) as i64);
+        let cache = BudgetCache::new(
+            budget,
+            |_: &str, _: &Avatar| false,
+            Arc::new(CacheEvents(metrics.clone())),
+        );
         Ok(AvatarStore {
             root,
             load_on_demand,
-            budget,
-            state: Mutex::new(State {
-                slots: HashMap::new(),
-                reserved: HashMap::new(),
-            }),
-            clock: AtomicU64::new(1),
+            cache,
             metrics,
         })
     }
@@ -99,77 +100,43 @@ impl AvatarStore {
         }
     }
 
-    fn touch(&self, slot: &Slot) {
-        slot.last_used.store(
-            self.clock.fetch_add(1, Ordering::Relaxed),
-            Ordering::Relaxed,
-        );
-    }
-
-    /// The avatar, loading it first if on-demand loading is on.
-    pub async fn get(&self, id: &str) -> LoadResult {
-        let known = self.state.lock().slots.get(id).cloned();
-        let slot = match known {
-            Some(s) => {
-                if let Some(Ok(a)) = s.cell.get() {
-                    self.touch(&s);
-                    self.metrics.avatar_hits.inc();
-                    return Ok(a.clone());
-                }
-                s
+    /// A lease on the avatar, loading it first if on-demand loading is on.
+    pub async fn get(&self, id: &str) -> Result<AvatarLease, AvatarError> {
+        if let Some(lease) = self.cache.lease_ready(id) {
+            self.metrics.avatar_hits.inc();
+            return Ok(lease);
+        }
+        if self.cache.state(id).is_none() {
+            self.dir(id)?;
+            if !self.load_on_demand {
+                return Err(AvatarError::NotLoaded(id.to_string()));
             }
-            None => {
-                self.dir(id)?;
-                if !self.load_on_demand {
-                    return Err(AvatarError::NotLoaded(id.to_string()));
-                }
-                self.state
-                    .lock()
-                    .slots
-                    .entry(id.to_string())
-                    .or_default()
-                    .clone()
-            }
-        };
+        }
         self.metrics.avatar_misses.inc();
-        self.resolve(id, &slot).await
+        self.resolve(id).await
     }
 
     /// Loads `id` now; a previous failure is retried.
     pub async fn load(&self, id: &str) -> LoadResult {
         self.dir(id)?;
-        let slot = {
-            let mut state = self.state.lock();
-            if state
-                .slots
-                .get(id)
-                .and_then(|s| s.cell.get())
-                .is_some_and(|r| r.is_err())
-            {
-                state.slots.remove(id);
-            }
-            state.slots.entry(id.to_string()).or_default().clone()
-        };
-        self.resolve(id, &slot).await
+        self.cache.forget_failure(id);
+        Ok(self.resolve(id).await?.value().clone())
     }
 
     /// Drops `id` from memory; renders holding it finish first.
     pub fn unload(&self, id: &str) -> Result<(), AvatarError> {
         crate::check_name(id)
             .map_err(|_| AvatarError::InvalidName(framecast_proto::echo(id).into_owned()))?;
-        let mut state = self.state.lock();
-        state
-            .slots
-            .remove(id)
-            .ok_or_else(|| AvatarError::NotLoaded(id.to_string()))?;
-        state.reserved.remove(id);
-        self.publish(&state);
-        Ok(())
+        if self.cache.remove(id) {
+            Ok(())
+        } else {
+            Err(AvatarError::NotLoaded(id.to_string()))
+        }
     }
 
     /// Bytes held by loaded and loading avatars.
     pub fn bytes_in_use(&self) -> u64 {
-        self.state.lock().reserved.values().sum()
+        self.cache.reserved()
     }
 
     /// Every avatar on disk or in memory with its state.
@@ -181,15 +148,14 @@ impl AvatarStore {
             .filter(|id| crate::check_name(id).is_ok())
             .collect();
         ids.sort();
-        let state = self.state.lock();
         Ok(ids
             .into_iter()
             .map(|id| {
-                let (s, reason, avatar) = match state.slots.get(&id).map(|s| s.cell.get()) {
+                let (s, reason, avatar) = match self.cache.state(&id) {
                     None => ("available", String::new(), None),
-                    Some(None) => ("loading", String::new(), None),
-                    Some(Some(Ok(a))) => ("ready", String::new(), Some(a.clone())),
-                    Some(Some(Err(e))) => ("failed", e.to_string(), None),
+                    Some(State::Loading) => ("loading", String::new(), None),
+                    Some(State::Ready(a)) => ("ready", String::new(), Some(a)),
+                    Some(State::Failed(e)) => ("failed", e.to_string(), None),
                 };
                 AvatarStatus {
                     id,
@@ -201,116 +167,62 @@ impl AvatarStore {
             .collect())
     }
 
-    fn publish(&self, state: &State) {
-        self.metrics
-            .avatar_bytes
-            .set(state.reserved.values().sum::<u64>() as i64);
-    }
-
-    /// Reserves `need` bytes, evicting idle avatars least recently used first.
-    fn reserve(&self, id: &str, need: u64) -> Result<(), AvatarError> {
-        let mut state = self.state.lock();
-        if let Some(budget) = self.budget {
-            if need > budget {
-                return Err(AvatarError::TooLarge {
+    /// A lease on `id`, loaded by this call or by the one already under way.
+    async fn resolve(&self, id: &str) -> Result<AvatarLease, AvatarError> {
+        let dir = self.dir(id)?;
+        let estimate = || {
+            footprint(&dir).map_err(|problems| AvatarError::LoadFailed {
+                id: id.to_string(),
+                problems,
+            })
+        };
+        let load = |_need| async {
+            let owned = id.to_string();
+            let dir = dir.clone();
+            let result = tokio::task::spawn_blocking(move || Avatar::load(&dir))
+                .await
+                .unwrap_or_else(|e| Err(vec![format!("loader panicked: {e}")]));
+            match result {
+                Ok(a) => {
+                    self.metrics
+                        .avatar_load_seconds
+                        .observe(a.load_time.as_secs_f64());
+                    tracing::info!(
+                        avatar = %owned,
+                        frames = a.frames.len(),
+                        mib = a.resident_bytes() as f64 / (1 << 20) as f64,
+                        load_ms = a.load_time.as_millis() as u64,
+                        "avatar ready"
+                    );
+                    let bytes = a.resident_bytes();
+                    Ok((a, bytes))
+                }
+                Err(problems) => {
+                    tracing::warn!(avatar = %owned, ?problems, "avatar failed to load");
+                    Err(AvatarError::LoadFailed {
+                        id: owned,
+                        problems,
+                    })
+                }
+            }
+        };
+        self.cache
+            .get_or_load(id, estimate, load)
+            .await
+            .map_err(|e| match e {
+                CacheError::Load(e) => e,
+                CacheError::TooLarge { need, budget } => AvatarError::TooLarge {
                     id: id.to_string(),
                     need,
                     budget,
-                });
-            }
-            loop {
-                let used: u64 = state.reserved.values().sum();
-                if used + need <= budget {
-                    break;
-                }
-                // In use = some render holds a reference besides the store's own.
-                let victim = state
-                    .slots
-                    .iter()
-                    .filter(|(n, _)| n.as_str() != id)
-                    .filter_map(|(n, s)| match s.cell.get() {
-                        Some(Ok(a)) if Arc::strong_count(a) == 1 => {
-                            Some((s.last_used.load(Ordering::Relaxed), n.clone()))
-                        }
-                        _ => None,
-                    })
-                    .min();
-                let Some((_, victim)) = victim else {
-                    return Err(AvatarError::NoRoom {
-                        id: id.to_string(),
-                        need,
-                        free: budget.saturating_sub(used),
-                        budget,
-                    });
-                };
-                state.slots.remove(&victim);
-                state.reserved.remove(&victim);
-                self.metrics.avatar_evictions.inc();
-                tracing::info!(avatar = %victim, for_avatar = id, "evicted (least recently used)");
-            }
-        }
-        state.reserved.insert(id.to_string(), need);
-        self.publish(&state);
-        Ok(())
-    }
-
-    async fn resolve(&self, id: &str, slot: &Arc<Slot>) -> LoadResult {
-        self.touch(slot);
-        let result = slot
-            .cell
-            .get_or_init(|| async {
-                let dir = self.dir(id)?;
-                let need = footprint(&dir).map_err(|problems| AvatarError::LoadFailed {
+                },
+                CacheError::NoRoom { need, free, budget } => AvatarError::NoRoom {
                     id: id.to_string(),
-                    problems,
-                })?;
-                self.reserve(id, need)?;
-                let owned = id.to_string();
-                let result = tokio::task::spawn_blocking(move || Avatar::load(&dir))
-                    .await
-                    .unwrap_or_else(|e| Err(vec![format!("loader panicked: {e}")]));
-                match result {
-                    Ok(a) => {
-                        self.metrics
-                            .avatar_load_seconds
-                            .observe(a.load_time.as_secs_f64());
-                        tracing::info!(
-                            avatar = %owned,
-                            frames = a.frames.len(),
-                            mib = a.resident_bytes() as f64 / (1 << 20) as f64,
-                            load_ms = a.load_time.as_millis() as u64,
-                            "avatar ready"
-                        );
-                        let mut state = self.state.lock();
-                        state.reserved.insert(owned, a.resident_bytes());
-                        self.publish(&state);
-                        Ok(Arc::new(a))
-                    }
-                    Err(problems) => {
-                        tracing::warn!(avatar = %owned, ?problems, "avatar failed to load");
-                        let mut state = self.state.lock();
-                        state.reserved.remove(&owned);
-                        self.publish(&state);
-                        Err(AvatarError::LoadFailed {
-                            id: owned,
-                            problems,
-                        })
-                    }
-                }
+                    need,
+                    free,
+                    budget,
+                },
             })
-            .await
-            .clone();
-        if matches!(
-            result,
-            Err(AvatarError::NoRoom { .. } | AvatarError::TooLarge { .. })
-        ) {
-            // Lack of room is transient: forget the attempt so a later request tries again.
-            let mut state = self.state.lock();
-            if state.slots.get(id).is_some_and(|s| Arc::ptr_eq(s, slot)) {
-                state.slots.remove(id);
-            }
-        }
-        result
     }
 }
 

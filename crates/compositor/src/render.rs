@@ -491,11 +491,6 @@ async fn finish_batch(
             };
             let _ = tx.send((i, bg, r));
         });
-        // Release the job (and with it the avatar and the crops) before the channel closes:
-        // once the caller sees it closed, this batch holds nothing, so an avatar whose
-        // stream has ended is never still "in use" and can be evicted.
-        drop((work, crops, watch));
-        drop(tx);
     });
     let mut pending = BTreeMap::new();
     let mut emitted = 0usize;

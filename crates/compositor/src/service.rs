@@ -119,7 +119,9 @@ impl CompositorService {
         sink: &render::FrameSink,
         deadline: Option<Instant>,
     ) -> Result<(), Status> {
-        let avatar = self.store.get(&req.avatar_id).await.map_err(status_of)?;
+        // Held until the render ends: the avatar cannot be evicted under it.
+        let lease = self.store.get(&req.avatar_id).await.map_err(status_of)?;
+        let avatar = lease.value().clone();
         let model = self
             .inference
             .model_info(&avatar.manifest.model)

@@ -17,13 +17,12 @@ use crate::torch_model::TorchModel;
 use bytes::Bytes;
 use crossbeam_channel::Sender;
 use crossbeam_channel::TrySendError;
-use parking_lot::Mutex;
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use framecast_cache::{BudgetCache, CacheError, Events, Lease, State};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::Device;
-use tokio::sync::{oneshot, OnceCell};
+use tokio::sync::oneshot;
 
 /// Why a model cannot serve.
 #[derive(Debug, thiserror::Error, Clone)]
@@ -58,8 +57,6 @@ pub struct LoadedModel {
     pub warmup_time: Duration,
     /// Bytes accounted against the budget on each device.
     pub bytes: u64,
-    in_flight: AtomicUsize,
-    last_used: AtomicU64,
     queue: Sender<Job>,
 }
 
@@ -92,11 +89,6 @@ impl LoadedModel {
         rx.await
             .map_err(|_| JobError::Failed("model worker dropped the request".into()))?
     }
-
-    /// Requests currently holding a lease on this model.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
-    }
 }
 
 impl Drop for LoadedModel {
@@ -107,7 +99,7 @@ impl Drop for LoadedModel {
 }
 
 /// A model in use by one request: while it lives the model is never evicted.
-pub struct ModelLease(Arc<LoadedModel>);
+pub struct ModelLease(Lease<LoadedModel, ModelError>);
 
 impl std::ops::Deref for ModelLease {
     type Target = LoadedModel;
@@ -116,18 +108,7 @@ impl std::ops::Deref for ModelLease {
     }
 }
 
-impl Drop for ModelLease {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 type LoadResult = Result<Arc<LoadedModel>, ModelError>;
-
-#[derive(Default)]
-struct Slot {
-    cell: OnceCell<LoadResult>,
-}
 
 /// Where and how models run.
 #[derive(Debug, Clone)]
@@ -157,20 +138,33 @@ impl Default for ExecOptions {
     }
 }
 
-struct State {
-    slots: HashMap<String, Arc<Slot>>,
-    /// Bytes reserved by loaded and loading models.
-    reserved: HashMap<String, u64>,
-}
-
 /// All models this server knows of, loaded or not.
 pub struct ModelManager {
     repo: Repository,
     exec: ExecOptions,
     load_on_demand: bool,
-    state: Mutex<State>,
-    clock: AtomicU64,
+    cache: BudgetCache<LoadedModel, ModelError>,
     metrics: Arc<Metrics>,
+}
+
+/// Evictions and totals, to the logs and metrics.
+struct CacheEvents(Arc<Metrics>);
+
+impl Events for CacheEvents {
+    fn evicted(&self, key: &str, freed: u64, for_key: &str) {
+        self.0.evictions.inc();
+        tracing::info!(
+            model = key,
+            freed,
+            for_model = for_key,
+            "evicted (least recently used)"
+        );
+    }
+
+    fn changed(&self, reserved: u64, ready: usize) {
+        self.0.models_loaded.set(ready as i64);
+        self.0.memory_used_bytes.set(reserved as i64);
+    }
 }
 
 impl ModelManager {
@@ -184,15 +178,17 @@ impl ModelManager {
             .memory_budget_bytes
             .set(exec.memory_budget.unwrap_or(0) as i64);
         metrics.queue_capacity.set(exec.max_queue as i64);
+        let pinned = exec.pinned.clone();
+        let cache = BudgetCache::new(
+            exec.memory_budget,
+            move |name: &str, m: &LoadedModel| m.config.pinned || pinned.contains(name),
+            Arc::new(CacheEvents(metrics.clone())),
+        );
         ModelManager {
             repo,
             exec,
             load_on_demand,
-            state: Mutex::new(State {
-                slots: HashMap::new(),
-                reserved: HashMap::new(),
-            }),
-            clock: AtomicU64::new(0),
+            cache,
             metrics,
         }
     }
@@ -207,177 +203,57 @@ impl ModelManager {
 
     /// Leases the model for one request, loading it first if on-demand loading is on.
     pub async fn get(&self, name: &str) -> Result<ModelLease, ModelError> {
-        // A known, ready model is one map lookup; the lease is taken under the same lock that
-        // eviction holds, so a leased model is never chosen for eviction.
-        let slot = {
-            let state = self.state.lock();
-            match state.slots.get(name) {
-                Some(slot) => match slot.cell.get() {
-                    Some(Ok(m)) => return Ok(self.lease(m)),
-                    _ => Some(slot.clone()),
-                },
-                None => None,
+        if let Some(lease) = self.cache.lease_ready(name) {
+            return Ok(ModelLease(lease));
+        }
+        if self.cache.state(name).is_none() {
+            self.repo.model_dir(name)?;
+            if !self.load_on_demand {
+                return Err(ModelError::NotLoaded(name.to_string()));
             }
-        };
-        let slot = match slot {
-            Some(s) => s,
-            None => {
-                self.repo.model_dir(name)?;
-                if !self.load_on_demand {
-                    return Err(ModelError::NotLoaded(name.to_string()));
-                }
-                self.state
-                    .lock()
-                    .slots
-                    .entry(name.to_string())
-                    .or_default()
-                    .clone()
-            }
-        };
-        let model = self.resolve(name, &slot).await?;
-        let _state = self.state.lock();
-        Ok(self.lease(&model))
-    }
-
-    fn lease(&self, model: &Arc<LoadedModel>) -> ModelLease {
-        model.in_flight.fetch_add(1, Ordering::AcqRel);
-        model.last_used.store(
-            self.clock.fetch_add(1, Ordering::Relaxed),
-            Ordering::Relaxed,
-        );
-        ModelLease(model.clone())
+        }
+        self.resolve(name).await.map(ModelLease)
     }
 
     /// Loads `name` now (or returns it if loaded); a previous failure is retried.
     pub async fn load(&self, name: &str) -> LoadResult {
         self.repo.model_dir(name)?;
-        let slot = {
-            let mut state = self.state.lock();
-            let failed = state
-                .slots
-                .get(name)
-                .and_then(|s| s.cell.get())
-                .is_some_and(|r| r.is_err());
-            if failed {
-                state.slots.remove(name);
-            }
-            state.slots.entry(name.to_string()).or_default().clone()
-        };
-        self.resolve(name, &slot).await
+        self.cache.forget_failure(name);
+        Ok(self.resolve(name).await?.value().clone())
     }
 
     /// Forgets `name`; its workers stop once requests already queued are answered.
     pub fn unload(&self, name: &str) -> Result<(), ModelError> {
         crate::repository::check_name(name)?;
-        let mut state = self.state.lock();
-        match state.slots.remove(name) {
-            Some(_) => {
-                state.reserved.remove(name);
-                self.publish(&state);
-                Ok(())
-            }
-            None => Err(ModelError::NotLoaded(name.to_string())),
+        if self.cache.remove(name) {
+            Ok(())
+        } else {
+            Err(ModelError::NotLoaded(name.to_string()))
         }
     }
 
     /// The model if it is loaded and ready, without loading it.
     pub fn ready(&self, name: &str) -> Option<Arc<LoadedModel>> {
-        let state = self.state.lock();
-        match state.slots.get(name)?.cell.get()? {
-            Ok(m) => Some(m.clone()),
-            Err(_) => None,
-        }
+        self.cache.peek(name)
     }
 
     /// State of a model known to the manager: "READY", "LOADING", "UNAVAILABLE" with reason.
     pub fn state(&self, name: &str) -> Option<(&'static str, String)> {
-        let state = self.state.lock();
-        let slot = state.slots.get(name)?;
-        Some(match slot.cell.get() {
-            None => ("LOADING", String::new()),
-            Some(Ok(_)) => ("READY", String::new()),
-            Some(Err(e)) => ("UNAVAILABLE", e.to_string()),
+        Some(match self.cache.state(name)? {
+            State::Loading => ("LOADING", String::new()),
+            State::Ready(_) => ("READY", String::new()),
+            State::Failed(e) => ("UNAVAILABLE", e.to_string()),
         })
     }
 
     /// Every ready model.
     pub fn loaded(&self) -> Vec<Arc<LoadedModel>> {
-        let state = self.state.lock();
-        let mut v: Vec<_> = state
-            .slots
-            .values()
-            .filter_map(|s| s.cell.get().and_then(|r| r.as_ref().ok()).cloned())
-            .collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        v
+        self.cache.ready().into_iter().map(|(_, m)| m).collect()
     }
 
     /// Bytes reserved per device by loaded and loading models.
     pub fn memory_used(&self) -> u64 {
-        self.state.lock().reserved.values().sum()
-    }
-
-    fn publish(&self, state: &State) {
-        let ready = state
-            .slots
-            .values()
-            .filter(|s| matches!(s.cell.get(), Some(Ok(_))))
-            .count();
-        self.metrics.models_loaded.set(ready as i64);
-        self.metrics
-            .memory_used_bytes
-            .set(state.reserved.values().sum::<u64>() as i64);
-    }
-
-    /// Reserves `need` bytes for `name`, evicting idle unpinned models, least recently used
-    /// first, until it fits.
-    fn reserve(&self, name: &str, need: u64) -> Result<(), ModelError> {
-        let mut state = self.state.lock();
-        if let Some(budget) = self.exec.memory_budget {
-            if need > budget {
-                return Err(ModelError::TooLarge {
-                    name: name.to_string(),
-                    need,
-                    budget,
-                });
-            }
-            loop {
-                let used: u64 = state.reserved.values().sum();
-                if used + need <= budget {
-                    break;
-                }
-                let victim = state
-                    .slots
-                    .iter()
-                    .filter(|(n, _)| n.as_str() != name)
-                    .filter_map(|(n, s)| match s.cell.get() {
-                        Some(Ok(m)) if !self.is_pinned(m) && m.in_flight() == 0 => {
-                            Some((m.last_used.load(Ordering::Relaxed), n.clone()))
-                        }
-                        _ => None,
-                    })
-                    .min();
-                let Some((_, victim)) = victim else {
-                    return Err(ModelError::NoRoom {
-                        name: name.to_string(),
-                        need,
-                        free: budget.saturating_sub(used),
-                        budget,
-                    });
-                };
-                state.slots.remove(&victim);
-                let freed = state.reserved.remove(&victim).unwrap_or(0);
-                self.metrics.evictions.inc();
-                tracing::info!(model = %victim, freed, for_model = name, "evicted (least recently used)");
-            }
-        }
-        state.reserved.insert(name.to_string(), need);
-        self.publish(&state);
-        Ok(())
-    }
-
-    fn is_pinned(&self, m: &LoadedModel) -> bool {
-        m.config.pinned || self.exec.pinned.contains(&m.name)
+        self.cache.reserved()
     }
 
     /// Bytes `name` will occupy per device, from its files.
@@ -403,70 +279,68 @@ impl ModelManager {
         Ok(weights + self.exec.model_overhead)
     }
 
-    async fn resolve(&self, name: &str, slot: &Slot) -> LoadResult {
-        let result = slot
-            .cell
-            .get_or_init(|| async {
-                let dir = self.repo.model_dir(name)?;
-                let need = self.footprint(&dir)?;
-                if let Err(e) = self.reserve(name, need) {
-                    self.metrics.loads.with_label_values(&["refused"]).inc();
-                    tracing::warn!(model = name, error = %e, "model refused");
-                    return Err(e);
-                }
-                let exec = self.exec.clone();
-                let owned = name.to_string();
-                let stats = Arc::new(ModelStats::new(&self.metrics, name));
-                let result = tokio::task::spawn_blocking(move || {
-                    load_blocking(&owned, &dir, &exec, need, stats)
-                })
-                .await
-                .unwrap_or_else(|e| Err(format!("loader panicked: {e}")));
-                match result {
-                    Ok(m) => {
-                        tracing::info!(
-                            model = name,
-                            mib = m.bytes as f64 / (1 << 20) as f64,
-                            load_ms = m.load_time.as_millis() as u64,
-                            warmup_ms = m.warmup_time.as_millis() as u64,
-                            "model ready"
-                        );
-                        self.metrics.loads.with_label_values(&["ok"]).inc();
-                        self.metrics
-                            .load_seconds
-                            .with_label_values(&[name])
-                            .observe(m.load_time.as_secs_f64());
-                        Ok(Arc::new(m))
-                    }
-                    Err(reason) => {
-                        tracing::warn!(model = name, %reason, "model failed to load");
-                        self.metrics.loads.with_label_values(&["failed"]).inc();
-                        self.state.lock().reserved.remove(name);
-                        Err(ModelError::LoadFailed {
-                            name: name.to_string(),
-                            reason,
-                        })
-                    }
-                }
+    /// A lease on `name`, loaded by this call or by the one already under way.
+    async fn resolve(&self, name: &str) -> Result<Lease<LoadedModel, ModelError>, ModelError> {
+        let dir = self.repo.model_dir(name)?;
+        let dir = dir.as_path();
+        let estimate = || self.footprint(dir);
+        let load = |need| async move {
+            let (exec, owned, dir) = (self.exec.clone(), name.to_string(), dir.to_path_buf());
+            let stats = Arc::new(ModelStats::new(&self.metrics, name));
+            let loaded = tokio::task::spawn_blocking(move || {
+                load_blocking(&owned, &dir, &exec, need, stats)
             })
             .await
-            .clone();
-        let mut state = self.state.lock();
-        if matches!(
-            result,
-            Err(ModelError::NoRoom { .. } | ModelError::TooLarge { .. })
-        ) {
-            // Lack of room is transient: forget the attempt so a later request tries again.
-            if state
-                .slots
-                .get(name)
-                .is_some_and(|s| std::ptr::eq(Arc::as_ptr(s), slot))
-            {
-                state.slots.remove(name);
+            .unwrap_or_else(|e| Err(format!("loader panicked: {e}")));
+            match loaded {
+                Ok(m) => {
+                    tracing::info!(
+                        model = name,
+                        mib = m.bytes as f64 / (1 << 20) as f64,
+                        load_ms = m.load_time.as_millis() as u64,
+                        warmup_ms = m.warmup_time.as_millis() as u64,
+                        "model ready"
+                    );
+                    self.metrics.loads.with_label_values(&["ok"]).inc();
+                    self.metrics
+                        .load_seconds
+                        .with_label_values(&[name])
+                        .observe(m.load_time.as_secs_f64());
+                    let bytes = m.bytes;
+                    Ok((m, bytes))
+                }
+                Err(reason) => {
+                    tracing::warn!(model = name, %reason, "model failed to load");
+                    self.metrics.loads.with_label_values(&["failed"]).inc();
+                    Err(ModelError::LoadFailed {
+                        name: name.to_string(),
+                        reason,
+                    })
+                }
             }
-        }
-        self.publish(&state);
-        result
+        };
+        self.cache
+            .get_or_load(name, estimate, load)
+            .await
+            .map_err(|e| {
+                let e = match e {
+                    CacheError::Load(e) => return e,
+                    CacheError::TooLarge { need, budget } => ModelError::TooLarge {
+                        name: name.to_string(),
+                        need,
+                        budget,
+                    },
+                    CacheError::NoRoom { need, free, budget } => ModelError::NoRoom {
+                        name: name.to_string(),
+                        need,
+                        free,
+                        budget,
+                    },
+                };
+                self.metrics.loads.with_label_values(&["refused"]).inc();
+                tracing::warn!(model = name, error = %e, "model refused");
+                e
+            })
     }
 }
 
@@ -519,8 +393,6 @@ fn load_blocking(
         load_time: started.elapsed(),
         warmup_time,
         bytes,
-        in_flight: AtomicUsize::new(0),
-        last_used: AtomicU64::new(0),
         queue: tx,
     })
 }
