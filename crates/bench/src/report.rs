@@ -373,7 +373,7 @@ mod tests {
         }
         for _ in 0..10 {
             r.record(&Outcome {
-                error: Some("Unavailable".into()),
+                error: Some("unavailable".into()),
                 ..Default::default()
             });
         }
@@ -386,7 +386,7 @@ mod tests {
         assert!(close(l.latency_ms.max, 1000.0), "{:?}", l.latency_ms);
         assert_eq!(l.requests_sent, 1010);
         assert_eq!(l.requests_succeeded + l.requests_failed, l.requests_sent);
-        assert_eq!(l.errors.get("Unavailable"), Some(&10));
+        assert_eq!(l.errors.get("unavailable"), Some(&10));
         assert_eq!(l.frames, 2000);
         assert!((l.frames_per_s - 200.0).abs() < 1e-9);
     }

@@ -21,7 +21,7 @@ pub trait Target: Send + Sync + 'static {
 }
 
 fn code_name(s: &tonic::Status) -> String {
-    format!("{:?}", s.code())
+    framecast_proto::status::label(s.code()).to_string()
 }
 
 /// Per-frame `audio` features [n, 32, 16, 16] (the shape the built-in models take).
@@ -230,8 +230,10 @@ impl Target for Kserve {
                         .await?
                         .into_inner();
                     match s.next().await {
-                        Some(Ok(r)) if r.error_message.is_empty() => Ok(()),
-                        Some(Ok(r)) => Err(tonic::Status::unknown(r.error_message)),
+                        Some(Ok(r)) => match framecast_proto::status::from_stream_reply(&r) {
+                            None => Ok(()),
+                            Some(status) => Err(status),
+                        },
                         Some(Err(e)) => Err(e),
                         None => Err(tonic::Status::unavailable(
                             "stream ended without a response",

@@ -243,14 +243,13 @@ impl Replica {
             let why = loop {
                 match inbound.message().await {
                     Ok(Some(msg)) => {
-                        let resp = msg.infer_response.unwrap_or_default();
-                        let Some(reply) = pending.lock().remove(&resp.id) else {
+                        let id = msg.infer_response.as_ref().map(|r| r.id.as_str());
+                        let Some(reply) = pending.lock().remove(id.unwrap_or_default()) else {
                             continue;
                         };
-                        let result = if msg.error_message.is_empty() {
-                            Ok(resp)
-                        } else {
-                            Err(parse_stream_error(&msg.error_message))
+                        let result = match framecast_proto::status::from_stream_reply(&msg) {
+                            None => Ok(msg.infer_response.unwrap_or_default()),
+                            Some(status) => Err(status),
                         };
                         let _ = reply.send(result);
                     }
@@ -344,21 +343,6 @@ fn with_result(
     }
     resp.raw_output_contents[idx] = data;
     Ok(resp)
-}
-
-/// The server's stream errors read "Code: message"; recover the code.
-fn parse_stream_error(text: &str) -> Status {
-    let (code, message) = text.split_once(": ").unwrap_or(("", text));
-    let code = match code {
-        "InvalidArgument" => Code::InvalidArgument,
-        "NotFound" => Code::NotFound,
-        "FailedPrecondition" => Code::FailedPrecondition,
-        "ResourceExhausted" => Code::ResourceExhausted,
-        "DeadlineExceeded" => Code::DeadlineExceeded,
-        "Unavailable" => Code::Unavailable,
-        _ => return Status::internal(text.to_string()),
-    };
-    Status::new(code, message.to_string())
 }
 
 /// The replicas batches may go to now; replaced whole when discovery changes it, so a
@@ -551,8 +535,8 @@ impl InferenceClient {
                             // A restarted server forgot our regions: register anew next time,
                             // send this batch over gRPC.
                             Err(s)
-                                if s.code() == Code::NotFound
-                                    && s.message().contains("shared-memory") =>
+                                if framecast_proto::status::reason(&s)
+                                    == Some(framecast_proto::status::REASON_SHM_REGION_UNKNOWN) =>
                             {
                                 tracing::warn!(replica = %replica.label, "shared-memory regions lost; registering again");
                                 pool.reset();

@@ -81,18 +81,6 @@ pub fn status_of(e: AvatarError) -> Status {
     }
 }
 
-fn code_label(code: tonic::Code) -> &'static str {
-    match code {
-        tonic::Code::InvalidArgument => "invalid_argument",
-        tonic::Code::NotFound => "not_found",
-        tonic::Code::FailedPrecondition => "failed_precondition",
-        tonic::Code::ResourceExhausted => "resource_exhausted",
-        tonic::Code::DeadlineExceeded => "deadline_exceeded",
-        tonic::Code::Unavailable => "unavailable",
-        _ => "internal",
-    }
-}
-
 fn info(s: &AvatarStatus) -> AvatarInfo {
     let mut i = AvatarInfo {
         avatar_id: s.id.clone(),
@@ -234,7 +222,7 @@ impl Compositor for CompositorService {
                 let outcome = match &result {
                     Ok(()) if tx.is_closed() => "cancelled",
                     Ok(()) => "ok",
-                    Err(s) => code_label(s.code()),
+                    Err(s) => framecast_proto::status::label(s.code()),
                 };
                 this.metrics.requests.with_label_values(&[outcome]).inc();
                 if let Err(status) = result {

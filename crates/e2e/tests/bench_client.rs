@@ -101,7 +101,7 @@ async fn compositor_load_counts_add_up() {
     assert!(level.requests_failed > 0);
     assert_eq!(level.requests_succeeded, 0);
     assert_eq!(
-        level.errors.get("NotFound"),
+        level.errors.get("not_found"),
         Some(&level.requests_failed),
         "{:?}",
         level.errors

@@ -107,7 +107,10 @@ impl InferenceService {
                 {
                     metrics
                         .requests
-                        .with_label_values(&[req.model_name.as_str(), outcome(&status)])
+                        .with_label_values(&[
+                            req.model_name.as_str(),
+                            framecast_proto::status::label(status.code()),
+                        ])
                         .inc();
                 }
                 return Err(status);
@@ -118,7 +121,7 @@ impl InferenceService {
             .await;
         let label = match &result {
             Ok(_) => "ok",
-            Err(s) => outcome(s),
+            Err(s) => framecast_proto::status::label(s.code()),
         };
         metrics
             .requests
@@ -207,19 +210,6 @@ impl InferenceService {
             out.outputs,
             params,
         )
-    }
-}
-
-/// Metric label for a failed request.
-fn outcome(s: &Status) -> &'static str {
-    match s.code() {
-        tonic::Code::InvalidArgument => "invalid_argument",
-        tonic::Code::NotFound => "not_found",
-        tonic::Code::DeadlineExceeded => "deadline_exceeded",
-        tonic::Code::ResourceExhausted => "resource_exhausted",
-        tonic::Code::Unavailable => "unavailable",
-        tonic::Code::FailedPrecondition => "failed_precondition",
-        _ => "internal",
     }
 }
 
@@ -467,14 +457,7 @@ impl GrpcInferenceService for InferenceService {
                                 error_message: String::new(),
                                 infer_response: Some(r),
                             },
-                            Err(s) => kserve::ModelStreamInferResponse {
-                                error_message: format!("{:?}: {}", s.code(), s.message()),
-                                infer_response: Some(ModelInferResponse {
-                                    id,
-                                    model_name,
-                                    ..Default::default()
-                                }),
-                            },
+                            Err(s) => framecast_proto::status::stream_error(&s, id, model_name),
                         };
                         let _ = tx.send(Ok(reply)).await;
                     }

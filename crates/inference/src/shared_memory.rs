@@ -252,7 +252,11 @@ impl SharedMemory {
             .get(owner, name)
             .cloned()
             .ok_or_else(|| not_registered(name))
-            .map_err(|s| Status::new(s.code(), format!("{field}: {}", s.message())))?;
+            .map_err(|s| {
+                let mut named = Status::new(s.code(), format!("{field}: {}", s.message()));
+                *named.metadata_mut() = s.metadata().clone();
+                named
+            })?;
         if let Err(e) = region.mapping.check() {
             self.forget(&region);
             return Err(Status::invalid_argument(format!(
@@ -394,10 +398,11 @@ fn already(name: &str) -> Status {
 }
 
 fn not_registered(name: &str) -> Status {
-    Status::not_found(format!(
+    let status = Status::not_found(format!(
         "shared-memory region '{}' is not registered",
         framecast_proto::echo(name)
-    ))
+    ));
+    framecast_proto::status::with_reason(status, framecast_proto::status::REASON_SHM_REGION_UNKNOWN)
 }
 
 #[cfg(test)]

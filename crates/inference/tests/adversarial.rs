@@ -445,6 +445,24 @@ async fn the_protocol_is_held_strictly_as_triton_holds_it() {
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
 
+    // A failure on the stream: error_message is the plain message any KServe client can
+    // show; the status code travels as a response parameter.
+    let mut unknown = plain(1);
+    unknown.model_name = "no-such-model".into();
+    let mut stream = client
+        .model_stream_infer(tokio_stream::iter(vec![unknown]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = stream.message().await.unwrap().unwrap();
+    assert!(
+        reply.error_message.starts_with("model 'no-such-model'"),
+        "{}",
+        reply.error_message
+    );
+    let status = framecast_proto::status::from_stream_reply(&reply).unwrap();
+    assert_eq!(status.code(), Code::NotFound);
+
     // Over the message limit: RESOURCE_EXHAUSTED as from gRPC core, unary and streaming.
     let big = plain(8);
     assert!(audio_len(8) + face_len(8) > 256 << 10);

@@ -24,6 +24,7 @@ pub mod auth;
 pub mod deadline;
 pub mod fault_guard;
 pub mod shm;
+pub mod status;
 pub mod tensor;
 
 /// Encoded `FileDescriptorSet` of every proto file, for gRPC server reflection.
