@@ -1,6 +1,8 @@
 //! Fixtures the end-to-end tests share (see tests/), and, as binaries, the two services' own
 //! `main`s so those tests can run them as processes.
 
+pub mod stack;
+
 use framecast_compositor::avatar_store::AvatarStore;
 use framecast_compositor::demo::{self, DemoOptions};
 use framecast_compositor::inference::InferenceClient;

@@ -1,0 +1,140 @@
+//! Avatars on disk and in memory: `avatar check`, eviction under a RAM budget, leases that
+//! keep an avatar in use, and avatars that fail to load.
+
+use framecast_compositor::avatar::Avatar;
+use framecast_compositor::avatar_store::AvatarStore;
+use framecast_compositor::demo::{self, DemoOptions};
+use framecast_e2e::request;
+use framecast_e2e::stack::{render, stack, stack_with_budget};
+use tonic::Code;
+
+#[tokio::test]
+async fn avatar_check_names_the_file_and_the_cause() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = DemoOptions {
+        id: "x".into(),
+        width: 96,
+        height: 64,
+        frames: 3,
+        crop_size: 32,
+        ..Default::default()
+    };
+    let dir = demo::write_demo(tmp.path(), &opts).unwrap();
+    assert!(Avatar::load(&dir).is_ok());
+    std::fs::write(dir.join("frames/000001.jpg"), b"garbage").unwrap();
+    std::fs::write(
+        dir.join("boxes.json"),
+        "[[0,0,10,10],[90,0,10,10],[0,0,10,10]]",
+    )
+    .unwrap();
+    let problems = Avatar::load(&dir).err().unwrap();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("boxes.json") && p.contains("box 1")),
+        "{problems:?}"
+    );
+    std::fs::write(
+        dir.join("boxes.json"),
+        "[[0,0,10,10],[0,0,10,10],[0,0,10,10]]",
+    )
+    .unwrap();
+    let problems = Avatar::load(&dir).err().unwrap();
+    assert!(
+        problems.iter().any(|p| p.contains("000001.jpg")),
+        "{problems:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn avatars_are_evicted_under_a_small_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Written by the first stack; sized here so exactly one avatar fits.
+    let probe = stack(tmp.path(), 4).await;
+    drop(probe);
+    let fp = |id: &str| {
+        framecast_compositor::avatar_store::footprint(&tmp.path().join("avatars").join(id)).unwrap()
+    };
+    let budget = fp("small").max(fp("tall")) + 1;
+    assert!(budget < fp("small") + fp("tall"));
+    let s = stack_with_budget(tmp.path(), 4, Some(budget)).await;
+    render(&s.client, vec![request("small", 0, 2)])
+        .await
+        .unwrap();
+    render(&s.client, vec![request("tall", 0, 2)])
+        .await
+        .unwrap();
+    render(&s.client, vec![request("small", 0, 2)])
+        .await
+        .unwrap();
+    assert_eq!(s.metrics.avatar_evictions.get(), 2);
+    let list = s
+        .client
+        .clone()
+        .list_avatars(framecast_proto::compositor::v1::ListAvatarsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let state = |id: &str| {
+        list.avatars
+            .iter()
+            .find(|a| a.avatar_id == id)
+            .unwrap()
+            .state
+            .clone()
+    };
+    assert_eq!(state("small"), "ready");
+    assert_eq!(state("tall"), "available");
+    assert!(s.metrics.avatar_bytes.get() as u64 <= budget);
+}
+
+#[tokio::test]
+async fn an_avatar_in_use_is_not_evicted() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (id, w) in [("a", 96), ("b", 112)] {
+        let opts = DemoOptions {
+            id: id.into(),
+            width: w,
+            height: 64,
+            frames: 2,
+            crop_size: 32,
+            ..Default::default()
+        };
+        demo::write_demo(tmp.path(), &opts).unwrap();
+    }
+    let fp =
+        |id: &str| framecast_compositor::avatar_store::footprint(&tmp.path().join(id)).unwrap();
+    let store = AvatarStore::new(tmp.path(), true, Some(fp("b") + 1), Default::default()).unwrap();
+    let held = store.get("a").await.unwrap();
+    assert_eq!(held.resident_bytes(), fp("a"), "footprint must be exact");
+    let e = store.get("b").await.err().unwrap();
+    assert!(
+        matches!(
+            e,
+            framecast_compositor::avatar_store::AvatarError::NoRoom { .. }
+        ),
+        "{e}"
+    );
+    drop(held);
+    store.get("b").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_avatar_that_fails_to_load_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 4).await;
+    std::fs::write(
+        tmp.path().join("avatars/tall/frames/000002.jpg"),
+        b"not a jpeg",
+    )
+    .unwrap();
+    let e = render(&s.client, vec![request("tall", 0, 2)])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("000002.jpg"), "{}", e.message());
+    // The other avatar is unaffected.
+    render(&s.client, vec![request("small", 0, 2)])
+        .await
+        .unwrap();
+}

@@ -1,0 +1,294 @@
+//! Frames through both real servers on loopback, checked pixel by pixel: the composite
+//! against a reference computed here (over shared memory and over gRPC), faces on the edges
+//! of odd-sized frames, sessions in parallel, and bad requests.
+
+use framecast_compositor::avatar::{ping_pong, Avatar};
+use framecast_compositor::encode::{self, Subsampling};
+use framecast_compositor::mask;
+use framecast_e2e::stack::{render, stack, stack_with, Opts, Stack};
+use framecast_e2e::{request, CROP, FRAMES, H, W};
+use framecast_proto::compositor::v1::RenderRequest;
+use framecast_proto::tensor::DataType;
+use std::path::Path;
+use tonic::Code;
+
+fn face_region(img: &[u8], width: u32, b: &framecast_compositor::manifest::FaceBox) -> Vec<u8> {
+    (b.y..b.y + b.h)
+        .flat_map(|y| {
+            let i = ((y * width + b.x) * 3) as usize;
+            img[i..i + (b.w * 3) as usize].to_vec()
+        })
+        .collect()
+}
+
+fn psnr(a: &[u8], b: &[u8]) -> f64 {
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    10.0 * (255.0f64 * 255.0 / mse.max(1e-9)).log10()
+}
+
+/// The composite computed independently of the compositor's blend path: crop → S x S →
+/// back to the box (the `image` crate's triangle filter), blended with the mask as floats.
+fn reference_composite(
+    bg: &[u8],
+    width: u32,
+    b: &framecast_compositor::manifest::FaceBox,
+    masked: bool,
+) -> Vec<u8> {
+    use image::imageops::{resize, FilterType};
+    let height = (bg.len() / (width as usize * 3)) as u32;
+    let frame = image::RgbImage::from_raw(width, height, bg.to_vec()).unwrap();
+    let face = image::imageops::crop_imm(&frame, b.x, b.y, b.w, b.h).to_image();
+    let mut small = resize(&face, CROP, CROP, FilterType::Triangle);
+    if masked {
+        // The masked copy: lower half black.
+        for y in CROP / 2..CROP {
+            for x in 0..CROP {
+                small.put_pixel(x, y, image::Rgb([0, 0, 0]));
+            }
+        }
+    }
+    let back = resize(&small, b.w, b.h, FilterType::Triangle);
+    let m = image::GrayImage::from_raw(CROP, CROP, mask::lower_face(CROP, 0.25)).unwrap();
+    let alpha = resize(&m, b.w, b.h, FilterType::Triangle);
+    let mut out = bg.to_vec();
+    for y in 0..b.h {
+        for x in 0..b.w {
+            let a = alpha.get_pixel(x, y).0[0] as f64 / 255.0;
+            let i = (((b.y + y) * width + b.x + x) * 3) as usize;
+            for c in 0..3 {
+                let v = back.get_pixel(x, y).0[c] as f64 * a + bg[i + c] as f64 * (1.0 - a);
+                out[i + c] = v.round() as u8;
+            }
+        }
+    }
+    out
+}
+
+/// Same host: batches travel through shared memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn passthrough_frames_match_the_reference_composite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 4).await;
+    check_reference_composite(tmp.path(), &s).await;
+    assert_eq!(
+        s.inference.shared_memory_batches(),
+        3,
+        "11 frames in batches of 4"
+    );
+}
+
+/// Shared memory off: the same frames over the gRPC stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn passthrough_frames_match_the_reference_composite_over_grpc() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = Opts {
+        shared_memory: false,
+        ..Default::default()
+    };
+    let s = stack_with(tmp.path(), 4, opts).await;
+    check_reference_composite(tmp.path(), &s).await;
+    assert_eq!(s.inference.shared_memory_batches(), 0);
+}
+
+async fn check_reference_composite(root: &Path, s: &Stack) {
+    let avatar = Avatar::load(&root.join("avatars/small")).unwrap();
+    // 11 frames over 6 backgrounds: ping-pong wraps, and 4-frame batches leave a remainder.
+    let frames = render(&s.client, vec![request("small", 3, 11)])
+        .await
+        .unwrap();
+    assert_eq!(frames.len(), 11);
+    for (k, f) in frames.iter().enumerate() {
+        assert_eq!(f.frame_index, 3 + k as u64, "frames out of order");
+        let bg_index = ping_pong(f.frame_index, FRAMES as usize);
+        assert_eq!(f.background_index as usize, bg_index);
+        assert_eq!(f.last_in_request, k == 10);
+        assert_eq!((f.width, f.height), (W, H));
+        let t = f.timings.as_ref().unwrap();
+        assert!(t.total_us >= t.inference_us);
+        let (pixels, w, h) = encode::decode_rgb(&f.image).unwrap();
+        assert_eq!((w, h), (W, H), "decoded JPEG size");
+
+        let bg = avatar.frames[bg_index].to_vec();
+        let b = avatar.boxes[bg_index];
+        let want = reference_composite(&bg, W, &b, false);
+        let p = psnr(&face_region(&pixels, W, &b), &face_region(&want, W, &b));
+        assert!(
+            p > 28.0,
+            "frame {}: face region PSNR {p:.1} dB",
+            f.frame_index
+        );
+
+        // Away from the box (two MCUs of margin for chroma upsampling), the frame must be
+        // exactly the background's own JPEG round trip at the same settings.
+        let jpeg = encode::encode_rgb(&bg, W, H, 75, Subsampling::S420).unwrap();
+        let (round_trip, ..) = encode::decode_rgb(&jpeg).unwrap();
+        let margin = 32i64;
+        let mut compared = 0;
+        for y in 0..H as i64 {
+            for x in 0..W as i64 {
+                let near = x >= b.x as i64 - margin
+                    && x < (b.x + b.w) as i64 + margin
+                    && y >= b.y as i64 - margin
+                    && y < (b.y + b.h) as i64 + margin;
+                if !near {
+                    let i = ((y * W as i64 + x) * 3) as usize;
+                    assert_eq!(
+                        &pixels[i..i + 3],
+                        &round_trip[i..i + 3],
+                        "frame {} pixel ({x},{y})",
+                        f.frame_index
+                    );
+                    compared += 1;
+                }
+            }
+        }
+        assert!(
+            compared > (W * H / 4) as usize,
+            "too few pixels outside the box to compare"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_on_two_avatars_run_in_parallel_and_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 3).await;
+    let a = render(
+        &s.client,
+        vec![request("small", 0, 5), request("small", 5, 4)],
+    );
+    let b = render(&s.client, vec![request("tall", 100, 7)]);
+    let (a, b) = tokio::join!(a, b);
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(
+        a.iter().map(|f| f.frame_index).collect::<Vec<_>>(),
+        (0..9).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        b.iter().map(|f| f.frame_index).collect::<Vec<_>>(),
+        (100..107).collect::<Vec<_>>()
+    );
+    assert!(b.iter().all(|f| (f.width, f.height) == (144, 256)));
+    assert_eq!(a.iter().filter(|f| f.last_in_request).count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_render_requests_get_precise_statuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 4).await;
+    let err = |r: RenderRequest| {
+        let c = s.client.clone();
+        async move { render(&c, vec![r]).await.unwrap_err() }
+    };
+    let e = err(request("nobody", 0, 2)).await;
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    let e = err(request("../small", 0, 2)).await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("avatar_id"));
+
+    let e = err(request("small", 0, 0)).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("frame_count"), "{}", e.message());
+
+    let mut r = request("small", 0, 2);
+    r.conditioning[0].shape[0] = 3;
+    let e = err(r).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("'audio'") && e.message().contains("shape"),
+        "{}",
+        e.message()
+    );
+
+    let mut r = request("small", 0, 2);
+    r.conditioning.clear();
+    let e = err(r).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("'audio'") && e.message().contains("missing"),
+        "{}",
+        e.message()
+    );
+
+    let mut r = request("small", 0, 2);
+    r.conditioning[0].datatype = DataType::F64.as_str().into();
+    let e = err(r).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("datatype"), "{}", e.message());
+}
+
+/// A hand-made bundle: odd frame size, boxes touching every edge, a non-square box.
+fn write_edge_bundle(root: &Path) -> Vec<framecast_compositor::manifest::FaceBox> {
+    let (w, h) = (161u32, 97u32);
+    let dir = root.join("avatars/edges");
+    std::fs::create_dir_all(dir.join("frames")).unwrap();
+    let boxes = [
+        [0u32, 0, 40, 40],
+        [121, 57, 40, 40],
+        [0, 50, 33, 47],
+        [128, 0, 33, 97],
+    ];
+    for (i, _) in boxes.iter().enumerate() {
+        // Texture in luma, slow gradients in chroma: what 4:2:0 is designed for.
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            let t = 40.0 * (x as f64 / 6.0).sin() * (y as f64 / 8.0).cos();
+            let base = [
+                90.0 + x as f64 * 0.6 + i as f64 * 8.0,
+                80.0 + y as f64 * 0.8,
+                120.0,
+            ];
+            image::Rgb(base.map(|c| (c + t).clamp(0.0, 255.0) as u8))
+        });
+        img.save(dir.join(format!("frames/{i:03}.png"))).unwrap();
+    }
+    std::fs::write(dir.join("boxes.json"), serde_json_like(&boxes)).unwrap();
+    std::fs::write(
+        dir.join("avatar.toml"),
+        // Masked copy first: passthrough then returns a crop with a black lower half, so the
+        // composite differs visibly from the background where the mask pastes it.
+        format!("id = \"edges\"\nfps = 25.0\nwidth = {w}\nheight = {h}\ncrop_size = {CROP}\nmodel = \"passthrough\"\nchannel_order = [\"masked\", \"reference\"]\n"),
+    )
+    .unwrap();
+    boxes.iter().map(|&b| b.into()).collect()
+}
+
+fn serde_json_like(boxes: &[[u32; 4]]) -> String {
+    let items: Vec<String> = boxes
+        .iter()
+        .map(|b| format!("[{},{},{},{}]", b[0], b[1], b[2], b[3]))
+        .collect();
+    format!("[{}]", items.join(","))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn boxes_on_the_edges_of_odd_sized_frames_composite_correctly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let boxes = write_edge_bundle(tmp.path());
+    let s = stack(tmp.path(), 4).await;
+    let avatar = Avatar::load(&tmp.path().join("avatars/edges")).unwrap();
+    let frames = render(&s.client, vec![request("edges", 0, 4)])
+        .await
+        .unwrap();
+    assert_eq!(frames.len(), 4);
+    for f in &frames {
+        let (pixels, w, h) = encode::decode_rgb(&f.image).unwrap();
+        assert_eq!((w, h), (161, 97));
+        let i = f.background_index as usize;
+        let b = boxes[i];
+        let bg = avatar.frames[i].to_vec();
+        let want = reference_composite(&bg, 161, &b, true);
+        let p = psnr(&face_region(&pixels, 161, &b), &face_region(&want, 161, &b));
+        assert!(p > 28.0, "frame {i} box {b:?}: PSNR {p:.1} dB");
+        let unchanged = psnr(&face_region(&pixels, 161, &b), &face_region(&bg, 161, &b));
+        assert!(
+            unchanged < 20.0,
+            "frame {i}: the darkened crop must show ({unchanged:.1} dB vs background)"
+        );
+    }
+}
