@@ -199,16 +199,8 @@ impl Compositor for CompositorService {
                     }
                     msg = inbound.next() => msg,
                 };
-                let req = match msg {
-                    Some(Ok(r)) => r,
-                    Some(Err(status)) => {
-                        // A request the stream could not decode (too large, corrupt) ends it.
-                        let _ = tx
-                            .send(Err(framecast_telemetry::oversize_as_exhausted(status)))
-                            .await;
-                        break;
-                    }
-                    None => break,
+                let Some(req) = framecast_telemetry::next_request(msg, &tx).await else {
+                    break;
                 };
                 let span = tracing::info_span!(
                     "render",

@@ -434,16 +434,8 @@ impl GrpcInferenceService for InferenceService {
                     _ = this.drain.started() => break,
                     msg = inbound.next() => msg,
                 };
-                let msg = match msg {
-                    Some(Ok(msg)) => msg,
-                    Some(Err(status)) => {
-                        // A message the stream could not decode (too large, corrupt) ends it.
-                        let _ = tx
-                            .send(Err(framecast_telemetry::oversize_as_exhausted(status)))
-                            .await;
-                        break;
-                    }
-                    None => break,
+                let Some(msg) = framecast_telemetry::next_request(msg, &tx).await else {
+                    break;
                 };
                 let (tx, this, owner) = (tx.clone(), this.clone(), owner.clone());
                 let span = infer_span(&msg);

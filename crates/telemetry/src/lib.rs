@@ -9,7 +9,7 @@ pub mod running;
 pub mod tls;
 pub use drain::{serve_with_grace, Drain};
 pub use metrics_http::{serve_metrics, MetricsAccess};
-pub use oversize::{oversize_as_exhausted, OversizeLayer};
+pub use oversize::{next_request, oversize_as_exhausted, OversizeLayer};
 pub use prometheus;
 
 /// How log lines are written.

@@ -21,6 +21,22 @@ pub fn oversize_as_exhausted(s: tonic::Status) -> tonic::Status {
     }
 }
 
+/// A client stream's next message, as a handler loop takes it: `None` once the stream is
+/// over. A message that could not be decoded (too large, corrupt) also ends it, and the
+/// client is told why on `replies`, the stream's reply channel.
+pub async fn next_request<T, R>(
+    message: Option<Result<T, tonic::Status>>,
+    replies: &tokio::sync::mpsc::Sender<Result<R, tonic::Status>>,
+) -> Option<T> {
+    match message? {
+        Ok(m) => Some(m),
+        Err(status) => {
+            let _ = replies.send(Err(oversize_as_exhausted(status))).await;
+            None
+        }
+    }
+}
+
 /// Server layer applying [`oversize_as_exhausted`] to trailers-only responses.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct OversizeLayer;
