@@ -67,14 +67,12 @@ async fn serve_draining(
         .max_encoding_message_size(opts.max_message_bytes);
     let compositor =
         InterceptedService::new(compositor, BearerCheck::new(opts.auth_token.as_deref()));
-    let server = tonic::transport::Server::builder()
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(32 << 20))
-        .max_frame_size(Some(1 << 20))
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
-    tls::server(server, opts.tls.as_ref())?
-        .layer(framecast_telemetry::OversizeLayer)
+    // Render requests carry a chunk's conditioning: 32 KB of audio features per frame.
+    let windows = running::Windows {
+        stream: 8 << 20,
+        connection: 32 << 20,
+    };
+    running::grpc_server(windows, opts.tls.as_ref())?
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(compositor)

@@ -93,16 +93,12 @@ async fn serve_draining(
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);
     let kserve = InterceptedService::new(kserve, auth);
-    let server = tonic::transport::Server::builder()
-        // A 24-frame batch is ~15 MB each way: wide windows keep it from stalling on acks.
-        .initial_stream_window_size(Some(16 << 20))
-        .initial_connection_window_size(Some(64 << 20))
-        // Large DATA frames: a 15 MB batch in 1 MiB frames instead of ~1000 16 KiB ones.
-        .max_frame_size(Some(1 << 20))
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
-    tls::server(server, opts.tls.as_ref())?
-        .layer(framecast_telemetry::OversizeLayer)
+    // A 24-frame batch is ~15 MB each way: wide windows keep it from stalling on acks.
+    let windows = running::Windows {
+        stream: 16 << 20,
+        connection: 64 << 20,
+    };
+    running::grpc_server(windows, opts.tls.as_ref())?
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(kserve)
