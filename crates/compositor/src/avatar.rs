@@ -239,7 +239,7 @@ pub fn face_input(
         .map_err(|e| e.to_string())?;
     let rgb = dst.buffer();
     let n = (s * s) as usize;
-    let mut out = vec![0u8; 6 * n];
+    let mut out = vec![0u8; crate::face_contract::input_bytes(s as usize)];
     for (group, channel) in order.iter().enumerate() {
         let planes = &mut out[group * 3 * n..(group + 1) * 3 * n];
         let rows = match channel {

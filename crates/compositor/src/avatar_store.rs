@@ -239,5 +239,6 @@ pub fn footprint(dir: &Path) -> Result<u64, Vec<String>> {
     let s = m.crop_size as u64;
     let frame = m.width as u64 * m.height as u64 * 3;
     let box_size = std::mem::size_of::<manifest::FaceBox>() as u64;
-    Ok(frames * (frame + 6 * s * s + box_size) + s * s + box_masks)
+    let face_input = crate::face_contract::input_bytes(s as usize) as u64;
+    Ok(frames * (frame + face_input + box_size) + s * s + box_masks)
 }

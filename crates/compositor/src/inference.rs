@@ -13,6 +13,7 @@
 //! (see [`crate::shm_pool`]); one that cannot map them gets them over gRPC.
 
 use crate::discovery::{self, Dial, Named, Resolve, SystemResolver};
+use crate::face_contract::{INPUT_CHANNELS, OUTPUT_CHANNELS};
 use crate::shm_pool::{Lease, ShmPool};
 use framecast_proto::auth::authorize;
 use framecast_proto::deadline::{timeout_parameter, PARAM_TIMEOUT};
@@ -108,15 +109,18 @@ impl ModelInfo {
                 && t.shape[1] == c
                 && t.shape[2] == t.shape[3]
         };
+        let (inputs_c, outputs_c) = (INPUT_CHANNELS as i64, OUTPUT_CHANNELS as i64);
         let face = inputs
             .iter()
-            .find(|t| image(t, 6))
-            .ok_or_else(|| format!("model '{name}' has no UINT8 [-1, 6, S, S] face input"))?
+            .find(|t| image(t, inputs_c))
+            .ok_or_else(|| {
+                format!("model '{name}' has no UINT8 [-1, {inputs_c}, S, S] face input")
+            })?
             .clone();
         let output = outputs
             .iter()
-            .find(|t| image(t, 3))
-            .ok_or_else(|| format!("model '{name}' has no UINT8 [-1, 3, S, S] output"))?;
+            .find(|t| image(t, outputs_c))
+            .ok_or_else(|| format!("model '{name}' has no UINT8 [-1, {outputs_c}, S, S] output"))?;
         if output.shape[2] != face.shape[2] {
             return Err(format!(
                 "model '{name}': output crop {} differs from input crop {}",

@@ -11,6 +11,7 @@ pub mod blend;
 pub mod demo;
 pub mod discovery;
 pub mod encode;
+pub mod face_contract;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod inference;

@@ -8,6 +8,7 @@
 use crate::avatar::Avatar;
 use crate::blend::{self, BlendScratch};
 use crate::encode::{self, Subsampling};
+use crate::face_contract;
 use crate::inference::{Expected, InferenceClient, ModelInfo};
 use crate::metrics::Metrics;
 use bytes::{Bytes, BytesMut};
@@ -240,7 +241,7 @@ pub async fn render(
             let request = infer_request(&job, next, end);
             let expected = Expected {
                 output: job.model.output.clone(),
-                bytes: (end - next) * 3 * (job.model.crop_size as usize).pow(2),
+                bytes: (end - next) * face_contract::output_bytes(job.model.crop_size as usize),
             };
             let client = client.clone();
             let sent = Instant::now();
@@ -305,7 +306,7 @@ fn infer_request(job: &Job, lo: usize, hi: usize) -> ModelInferRequest {
     let mut inputs = vec![InferInputTensor::new(
         &job.model.face_input,
         DataType::U8,
-        vec![n as i64, 6, s, s],
+        face_contract::input_shape(n, s as usize),
     )];
     let mut raw = vec![face.freeze()];
     for (name, dt, shape, data) in &job.conditioning {
@@ -461,7 +462,7 @@ async fn finish_batch(
         .get(idx)
         .cloned()
         .ok_or_else(|| Status::internal("inference response has no raw_output_contents"))?;
-    let per = 3 * s * s;
+    let per = face_contract::output_bytes(s);
     if crops.len() != n * per {
         return Err(Status::internal(format!(
             "inference output '{}' is {} bytes; {n} frames of 3x{s}x{s} need {}",
