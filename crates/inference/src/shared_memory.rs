@@ -300,19 +300,7 @@ impl SharedMemory {
 
     /// Unregisters this very region (not a newer one registered under its name since).
     fn forget(&self, region: &Arc<Region>) {
-        let mut table = self.regions.write();
-        let Some(mine) = table.by_owner.get_mut(&region.owner) else {
-            return;
-        };
-        if mine
-            .get(&region.name)
-            .is_some_and(|r| Arc::ptr_eq(r, region))
-        {
-            mine.remove(&region.name);
-            if mine.is_empty() {
-                table.by_owner.remove(&region.owner);
-            }
-            table.count -= 1;
+        if self.regions.write().remove_exact(region) {
             tracing::warn!(
                 region = framecast_proto::echo(&region.name).as_ref(),
                 "shared memory unregistered: its object shrank"
@@ -335,19 +323,7 @@ impl SharedMemory {
                 .collect()
         };
         let mut table = self.regions.write();
-        let mut removed = 0;
-        for r in &stale {
-            if let Some(mine) = table.by_owner.get_mut(&r.owner) {
-                if mine.get(&r.name).is_some_and(|x| Arc::ptr_eq(x, r)) {
-                    mine.remove(&r.name);
-                    removed += 1;
-                }
-                if mine.is_empty() {
-                    table.by_owner.remove(&r.owner);
-                }
-            }
-        }
-        table.count -= removed;
+        let removed = stale.iter().filter(|r| table.remove_exact(r)).count();
         if removed > 0 {
             tracing::info!(removed, "stale shared-memory regions swept");
         }
@@ -387,6 +363,26 @@ impl SharedMemory {
 impl Table {
     fn get(&self, owner: &Owner, name: &str) -> Option<&Arc<Region>> {
         self.by_owner.get(owner).and_then(|m| m.get(name))
+    }
+
+    /// Removes this very region (not a newer one registered under its name since); false if
+    /// it is no longer in the table.
+    fn remove_exact(&mut self, region: &Arc<Region>) -> bool {
+        let Some(mine) = self.by_owner.get_mut(&region.owner) else {
+            return false;
+        };
+        if !mine
+            .get(&region.name)
+            .is_some_and(|r| Arc::ptr_eq(r, region))
+        {
+            return false;
+        }
+        mine.remove(&region.name);
+        if mine.is_empty() {
+            self.by_owner.remove(&region.owner);
+        }
+        self.count -= 1;
+        true
     }
 }
 
