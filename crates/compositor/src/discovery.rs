@@ -17,10 +17,14 @@
 //! A connection to a resolved address keeps the name in its URI, so the `:authority` header
 //! and the TLS server name are still the name; only the TCP dial goes to the address.
 
+use crate::inference::{ClientOptions, Replica, Replicas};
 use futures::future::BoxFuture;
 use hyper_util::rt::TokioIo;
+use parking_lot::RwLock;
+use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use tokio::net::TcpStream;
 use tonic::codegen::Service;
@@ -140,6 +144,112 @@ impl Service<Uri> for Dial {
             stream.set_nodelay(true)?;
             Ok(TokioIo::new(stream))
         })
+    }
+}
+
+/// Starts the task that looks `names` up every `opts.resolve_interval` and reshapes the pool
+/// to the answers, for as long as the pool exists; new replicas are numbered from
+/// `next_replica`.
+pub(crate) fn spawn(
+    replicas: Weak<RwLock<Replicas>>,
+    names: Vec<Named>,
+    resolver: Arc<dyn Resolve>,
+    opts: ClientOptions,
+    next_replica: u64,
+) {
+    let task = Discovery {
+        replicas,
+        names,
+        resolver,
+        opts,
+        next_replica,
+        failing: HashSet::new(),
+    };
+    tokio::spawn(task.run());
+}
+
+/// The task that looks the URLs' host names up and reshapes the pool to their answers.
+struct Discovery {
+    replicas: Weak<RwLock<Replicas>>,
+    names: Vec<Named>,
+    resolver: Arc<dyn Resolve>,
+    opts: ClientOptions,
+    next_replica: u64,
+    /// URLs whose last lookup failed, so a lasting failure is logged once.
+    failing: HashSet<String>,
+}
+
+impl Discovery {
+    async fn run(mut self) {
+        loop {
+            let resolved = self.lookup_all().await;
+            let Some(replicas) = self.replicas.upgrade() else {
+                return;
+            };
+            self.apply(&replicas, &resolved);
+            drop(replicas);
+            tokio::time::sleep(self.opts.resolve_interval).await;
+        }
+    }
+
+    /// The addresses of every name that answered with at least one.
+    async fn lookup_all(&mut self) -> Vec<(String, Vec<SocketAddr>)> {
+        let mut resolved = Vec::new();
+        for n in &self.names {
+            let wait = self.opts.connect_timeout;
+            let why = match tokio::time::timeout(wait, self.resolver.lookup(&n.host, n.port)).await
+            {
+                Ok(Ok(mut addrs)) if !addrs.is_empty() => {
+                    addrs.sort();
+                    addrs.dedup();
+                    if self.failing.remove(&n.url) {
+                        tracing::info!(url = %n.url, "inference host name resolves again");
+                    }
+                    resolved.push((n.url.clone(), addrs));
+                    continue;
+                }
+                Ok(Ok(_)) => "it has no address".to_string(),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {wait:?}"),
+            };
+            if self.failing.insert(n.url.clone()) {
+                tracing::warn!(url = %n.url, reason = %why, "inference host name not resolved; keeping the replicas known");
+            }
+        }
+        resolved
+    }
+
+    /// Only this task changes the pool, so reading it and then replacing it is not a race.
+    fn apply(&mut self, replicas: &RwLock<Replicas>, resolved: &[(String, Vec<SocketAddr>)]) {
+        let current = replicas.read().clone();
+        let keys: Vec<(&str, Option<SocketAddr>)> =
+            current.iter().map(|r| (r.url.as_str(), r.addr)).collect();
+        let plan = plan(&keys, resolved);
+        if !plan.changes(current.len()) {
+            return;
+        }
+        let mut next: Vec<Arc<Replica>> = plan.keep.iter().map(|&i| current[i].clone()).collect();
+        for (url, addr) in &plan.add {
+            match Replica::open(self.next_replica, url, Some(*addr), &self.opts) {
+                Ok(r) => {
+                    self.next_replica += 1;
+                    tracing::info!(replica = %r.label, "inference replica joined");
+                    next.push(r);
+                }
+                Err(e) => {
+                    tracing::warn!(url = %url, addr = %addr, error = %e, "inference replica not added")
+                }
+            }
+        }
+        for (i, r) in current.iter().enumerate() {
+            if !plan.keep.contains(&i) {
+                tracing::info!(replica = %r.label, "inference replica left");
+                if let Some(pool) = &r.shm {
+                    pool.retire();
+                }
+            }
+        }
+        *replicas.write() = Arc::new(next);
     }
 }
 

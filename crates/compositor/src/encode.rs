@@ -28,6 +28,17 @@ impl std::str::FromStr for Subsampling {
     }
 }
 
+impl std::fmt::Display for Subsampling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Subsampling::S444 => "4:4:4",
+            Subsampling::S422 => "4:2:2",
+            Subsampling::S420 => "4:2:0",
+            Subsampling::Gray => "gray",
+        })
+    }
+}
+
 impl Subsampling {
     fn turbo(self) -> Subsamp {
         match self {

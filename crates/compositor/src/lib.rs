@@ -3,7 +3,8 @@
 //! It keeps each avatar's background frames in RAM (`avatar_store`, `avatar`), sends the
 //! model's face inputs to the inference service (`inference`, whose replicas `discovery`
 //! finds), pastes the generated crops back with a feathered mask (`blend`, `mask`), encodes
-//! JPEG in parallel (`encode`) and streams frames in order (`render`, `service`).
+//! JPEG in parallel (`encode`) and streams frames in order (`render`). `rpc` is the gRPC
+//! edge, where the crate's one [`error::Error`] becomes a status; `server` is the transport.
 
 pub mod avatar;
 pub mod avatar_store;
@@ -11,6 +12,7 @@ pub mod blend;
 pub mod demo;
 pub mod discovery;
 pub mod encode;
+pub mod error;
 pub mod face_contract;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -19,8 +21,8 @@ pub mod manifest;
 pub mod mask;
 pub mod metrics;
 pub mod render;
+pub mod rpc;
 pub mod server;
-pub mod service;
 pub mod shm_pool;
 
 /// Accepts only names that are one safe path component: `[A-Za-z0-9._-]`, not starting

@@ -7,8 +7,8 @@ use framecast_compositor::encode::Subsampling;
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
 use framecast_compositor::metrics::Metrics;
 use framecast_compositor::render::RenderOptions;
+use framecast_compositor::rpc::CompositorService;
 use framecast_compositor::server::ServeOptions;
-use framecast_compositor::service::CompositorService;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -92,11 +92,11 @@ struct ServeArgs {
     /// Seconds between DNS lookups of the --inference host names: each address found is a
     /// replica (a Kubernetes headless Service lists every ready pod), added and removed as the
     /// answer changes. 0: no lookups, each URL is one replica reached by name.
-    #[arg(long, env = "FRAMECAST_INFERENCE_RESOLVE_S", default_value_t = 10)]
+    #[arg(long, env = "FRAMECAST_INFERENCE_RESOLVE_S", default_value_t = ClientOptions::default().resolve_interval.as_secs())]
     inference_resolve_s: u64,
     /// Pass batches to inference replicas on this host through shared memory (/dev/shm)
     /// instead of the gRPC stream; replicas that cannot map it get them over gRPC.
-    #[arg(long, env = "FRAMECAST_INFERENCE_SHARED_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "FRAMECAST_INFERENCE_SHARED_MEMORY", default_value_t = ClientOptions::default().shared_memory, action = clap::ArgAction::Set)]
     inference_shared_memory: bool,
     /// Bearer token clients must send (`authorization: Bearer <token>`) on every Render and
     /// avatar call; unset: no authentication. Health checks stay open.
@@ -126,18 +126,18 @@ struct ServeArgs {
     #[arg(long, env = "FRAMECAST_INFERENCE_TLS_DOMAIN")]
     inference_tls_domain: Option<String>,
     /// Admission limit: open Render streams; more are refused with RESOURCE_EXHAUSTED.
-    #[arg(long, env = "FRAMECAST_MAX_STREAMS", default_value_t = framecast_compositor::service::DEFAULT_MAX_STREAMS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, env = "FRAMECAST_MAX_STREAMS", default_value_t = framecast_compositor::rpc::DEFAULT_MAX_STREAMS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_streams: usize,
     /// A Render stream with no request and no frame in flight for this many seconds is ended
     /// (DEADLINE_EXCEEDED saying so), so idle clients cannot hold --max-streams slots forever.
-    #[arg(long, env = "FRAMECAST_STREAM_IDLE_TIMEOUT_S", default_value_t = framecast_compositor::render::DEFAULT_STREAM_IDLE_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "FRAMECAST_STREAM_IDLE_TIMEOUT_S", default_value_t = RenderOptions::default().idle_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     stream_idle_timeout_s: u64,
     /// On SIGTERM: stop accepting, let each stream finish the request it is rendering for at
     /// most this many seconds, then exit.
-    #[arg(long, env = "FRAMECAST_SHUTDOWN_GRACE_S", default_value_t = 30)]
+    #[arg(long, env = "FRAMECAST_SHUTDOWN_GRACE_S", default_value_t = ServeOptions::default().grace.as_secs())]
     shutdown_grace_s: u64,
     /// Longest wait for one inference batch, seconds.
-    #[arg(long, env = "FRAMECAST_INFERENCE_TIMEOUT_S", default_value_t = 30)]
+    #[arg(long, env = "FRAMECAST_INFERENCE_TIMEOUT_S", default_value_t = ClientOptions::default().request_timeout.as_secs())]
     inference_timeout_s: u64,
     /// Avatars to load at start-up, comma-separated.
     #[arg(long, env = "FRAMECAST_PRELOAD", value_delimiter = ',')]
@@ -157,28 +157,28 @@ struct ServeArgs {
     #[arg(long, env = "FRAMECAST_AVATAR_ON_DEMAND", default_value_t = true, action = clap::ArgAction::Set)]
     load_on_demand: bool,
     /// Frames per inference call (at most the model's max_batch_size).
-    #[arg(long, env = "FRAMECAST_BATCH", default_value_t = 24)]
+    #[arg(long, env = "FRAMECAST_BATCH", default_value_t = RenderOptions::default().max_batch)]
     batch: usize,
     /// Inference calls in flight per render request (2 overlaps compositing with inference).
-    #[arg(long, env = "FRAMECAST_PIPELINE_DEPTH", default_value_t = 2)]
+    #[arg(long, env = "FRAMECAST_PIPELINE_DEPTH", default_value_t = RenderOptions::default().pipeline_depth)]
     pipeline_depth: usize,
     /// Largest frame_count one render request may ask for.
-    #[arg(long, env = "FRAMECAST_MAX_FRAMES_PER_REQUEST", default_value_t = 3000)]
+    #[arg(long, env = "FRAMECAST_MAX_FRAMES_PER_REQUEST", default_value_t = RenderOptions::default().max_frames_per_request)]
     max_frames_per_request: u32,
     /// JPEG chroma subsampling: 4:4:4, 4:2:2, 4:2:0 or gray.
-    #[arg(long, env = "FRAMECAST_SUBSAMPLING", default_value = "4:2:0")]
+    #[arg(long, env = "FRAMECAST_SUBSAMPLING", default_value_t = RenderOptions::default().subsampling)]
     subsampling: Subsampling,
     /// Threads for blending and encoding (0: one per core).
     #[arg(long, env = "FRAMECAST_WORKERS", default_value_t = 0)]
     workers: usize,
     /// HTTP/2 keep-alive ping interval to the inference service, seconds.
-    #[arg(long, env = "FRAMECAST_KEEPALIVE_S", default_value_t = 10)]
+    #[arg(long, env = "FRAMECAST_KEEPALIVE_S", default_value_t = ClientOptions::default().keep_alive_interval.as_secs())]
     keepalive_s: u64,
     /// Keep-alive ping timeout, seconds.
-    #[arg(long, env = "FRAMECAST_KEEPALIVE_TIMEOUT_S", default_value_t = 20)]
+    #[arg(long, env = "FRAMECAST_KEEPALIVE_TIMEOUT_S", default_value_t = ClientOptions::default().keep_alive_timeout.as_secs())]
     keepalive_timeout_s: u64,
     /// Largest gRPC message, bytes.
-    #[arg(long, env = "FRAMECAST_MAX_MESSAGE_BYTES", default_value_t = framecast_proto::DEFAULT_MAX_MESSAGE_BYTES)]
+    #[arg(long, env = "FRAMECAST_MAX_MESSAGE_BYTES", default_value_t = ServeOptions::default().max_message_bytes)]
     max_message_bytes: usize,
 }
 

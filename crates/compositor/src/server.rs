@@ -1,6 +1,6 @@
 //! The compositor's gRPC server: Render and avatar management, health and reflection.
 
-use crate::service::CompositorService;
+use crate::rpc::CompositorService;
 use framecast_proto::auth::BearerCheck;
 use framecast_proto::compositor::v1::compositor_server::CompositorServer;
 pub use framecast_telemetry::running::Running;

@@ -7,8 +7,8 @@ use framecast_compositor::avatar_store::AvatarStore;
 use framecast_compositor::demo::{self, DemoOptions};
 use framecast_compositor::inference::InferenceClient;
 use framecast_compositor::render::RenderOptions;
+use framecast_compositor::rpc::CompositorService;
 use framecast_compositor::server::{self as comp_server, ServeOptions};
-use framecast_compositor::service::CompositorService;
 use framecast_inference::zoo::{self, Builtin, ZooOptions};
 use framecast_proto::compositor::v1::{RenderRequest, RenderedFrame, Tensor};
 use framecast_proto::kserve::{
@@ -130,18 +130,43 @@ impl Default for TestPki {
 /// An inference server on a loopback port serving the repository `models` on CPU.
 pub async fn spawn_inference(
     models: &Path,
-    opts: framecast_inference::server::ServerOptions,
+    opts: framecast_inference::server::ServeOptions,
 ) -> framecast_inference::server::Running {
-    let repo = framecast_inference::repository::Repository::open(models).expect("repository");
-    let manager = Arc::new(framecast_inference::models::ModelManager::new(
-        repo,
-        Default::default(),
-        true,
-        Default::default(),
-    ));
-    framecast_inference::server::spawn_on_loopback(manager, opts)
+    spawn_inference_with(models, Default::default(), Default::default(), opts).await
+}
+
+/// [`spawn_inference`] with execution options (devices, budget, pins, queue) and the metrics
+/// the server records into.
+pub async fn spawn_inference_with(
+    models: &Path,
+    exec: framecast_inference::models::ExecOptions,
+    metrics: Arc<framecast_inference::metrics::Metrics>,
+    opts: framecast_inference::server::ServeOptions,
+) -> framecast_inference::server::Running {
+    framecast_inference::server::spawn_on_loopback(model_manager(models, exec, metrics), opts)
         .await
         .expect("inference start")
+}
+
+/// The model manager of an inference server over the repository `models` (models load on
+/// demand), for tests that serve it themselves (on a chosen address, say).
+pub fn model_manager(
+    models: &Path,
+    exec: framecast_inference::models::ExecOptions,
+    metrics: Arc<framecast_inference::metrics::Metrics>,
+) -> Arc<framecast_inference::models::ModelManager> {
+    let repo = framecast_inference::repository::Repository::open(models).expect("repository");
+    Arc::new(framecast_inference::models::ModelManager::new(
+        repo, exec, true, metrics,
+    ))
+}
+
+/// A KServe client of the server at `url`, taking messages of up to 64 MiB.
+pub async fn kserve_client(url: String) -> GrpcInferenceServiceClient<tonic::transport::Channel> {
+    GrpcInferenceServiceClient::connect(url)
+        .await
+        .expect("connect to the inference server")
+        .max_decoding_message_size(64 << 20)
 }
 
 /// A compositor on a loopback port over `inference`, with the avatars under `avatars`,

@@ -6,11 +6,9 @@ use crate::write_fixtures;
 use framecast_compositor::avatar_store::AvatarStore;
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
 use framecast_compositor::render::RenderOptions;
+use framecast_compositor::rpc::{CompositorService, DEFAULT_MAX_STREAMS};
 use framecast_compositor::server as comp_server;
-use framecast_compositor::service::{CompositorService, DEFAULT_MAX_STREAMS};
-use framecast_inference::models::{ExecOptions, ModelManager};
-use framecast_inference::repository::Repository;
-use framecast_inference::server::{self as inf_server, ServerOptions};
+use framecast_inference::server::{self as inf_server, ServeOptions};
 use framecast_proto::compositor::v1::{
     compositor_client::CompositorClient, RenderRequest, RenderedFrame,
 };
@@ -67,16 +65,11 @@ pub async fn stack_with_budget(root: &Path, batch: usize, budget: Option<u64>) -
 
 pub async fn stack_with(root: &Path, batch: usize, o: Opts) -> Stack {
     let (models, avatars) = write_fixtures(root, o.queue_delay_us);
-    let repo = Repository::open(&models).unwrap();
-    let exec = ExecOptions::default();
-    let manager = Arc::new(ModelManager::new(repo, exec, true, Default::default()));
-    let server_opts = ServerOptions {
+    let server_opts = ServeOptions {
         auth_token: o.tokens.0.map(String::from),
         ..Default::default()
     };
-    let inference = inf_server::spawn_on_loopback(manager, server_opts)
-        .await
-        .unwrap();
+    let inference = crate::spawn_inference(&models, server_opts).await;
     let client_opts = ClientOptions {
         shared_memory: o.shared_memory,
         token: o.tokens.0.map(String::from),

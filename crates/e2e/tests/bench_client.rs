@@ -6,10 +6,8 @@ use framecast_compositor::avatar_store::AvatarStore;
 use framecast_compositor::demo::{self, DemoOptions};
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
 use framecast_compositor::render::RenderOptions;
-use framecast_compositor::service::{CompositorService, DEFAULT_MAX_STREAMS};
-use framecast_inference::models::{ExecOptions, ModelManager};
-use framecast_inference::repository::Repository;
-use framecast_inference::server::{self as inf_server, ServerOptions};
+use framecast_compositor::rpc::{CompositorService, DEFAULT_MAX_STREAMS};
+use framecast_inference::server::{self as inf_server, ServeOptions};
 use framecast_inference::zoo::{self, Builtin, ZooOptions};
 use std::path::Path;
 use std::sync::Arc;
@@ -40,15 +38,7 @@ async fn stack(
         ..Default::default()
     };
     demo::write_demo(&avatars, &demo_opts).unwrap();
-    let manager = Arc::new(ModelManager::new(
-        Repository::open(&models).unwrap(),
-        ExecOptions::default(),
-        true,
-        Default::default(),
-    ));
-    let inference = inf_server::spawn_on_loopback(manager, ServerOptions::default())
-        .await
-        .unwrap();
+    let inference = framecast_e2e::spawn_inference(&models, ServeOptions::default()).await;
     let client =
         InferenceClient::connect_lazy(&[inference.url()], &ClientOptions::default()).unwrap();
     let metrics = Arc::new(framecast_compositor::metrics::Metrics::new());

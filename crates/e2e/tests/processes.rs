@@ -4,15 +4,11 @@
 
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
 use framecast_e2e::{count_in_order, passthrough_stats, request, spawn_compositor, write_fixtures};
-use framecast_inference::models::{ExecOptions, ModelManager};
-use framecast_inference::repository::Repository;
-use framecast_inference::server as inf_server;
 use framecast_proto::compositor::v1::compositor_client::CompositorClient;
 use framecast_proto::compositor::v1::RenderedFrame;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
@@ -164,11 +160,7 @@ async fn an_inference_process_killed_under_load_loses_no_frames() {
     let (models, avatars) = write_fixtures(tmp.path(), 1000);
     let a_addr = free_addr();
     let mut a = Proc::serving_inference(&models, a_addr).await;
-    let repo = Repository::open(&models).unwrap();
-    let manager = ModelManager::new(repo, ExecOptions::default(), true, Default::default());
-    let b = inf_server::spawn_on_loopback(Arc::new(manager), Default::default())
-        .await
-        .unwrap();
+    let b = framecast_e2e::spawn_inference(&models, Default::default()).await;
     let client_opts = ClientOptions {
         health_interval: Duration::from_millis(100),
         ..Default::default()

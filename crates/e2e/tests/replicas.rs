@@ -4,28 +4,10 @@
 use framecast_compositor::discovery::Resolve;
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
 use framecast_e2e::stack::{poll_until, render};
-use framecast_e2e::{count_in_order, request, spawn_compositor, write_fixtures};
-use framecast_inference::models::{ExecOptions, ModelManager};
-use framecast_inference::repository::Repository;
-use framecast_inference::server::{self as inf_server, ServerOptions};
+use framecast_e2e::{count_in_order, model_manager, request, spawn_compositor, write_fixtures};
+use framecast_inference::server::{self as inf_server, ServeOptions};
 use framecast_proto::compositor::v1::compositor_client::CompositorClient;
-use std::path::Path;
 use std::sync::Arc;
-
-/// An inference replica's model manager over the fixture models in `models`, counting into
-/// `metrics`.
-fn replica(
-    models: &Path,
-    metrics: Arc<framecast_inference::metrics::Metrics>,
-) -> Arc<ModelManager> {
-    let repo = Repository::open(models).unwrap();
-    Arc::new(ModelManager::new(
-        repo,
-        ExecOptions::default(),
-        true,
-        metrics,
-    ))
-}
 
 /// Shared-memory regions the inference server at `url` holds registered.
 async fn shm_regions(url: String) -> usize {
@@ -51,7 +33,11 @@ async fn a_replica_that_stops_under_load_loses_no_frames_and_is_used_when_back()
     let tmp = tempfile::tempdir().unwrap();
     let (models, avatars) = write_fixtures(tmp.path(), 1000);
     let spawn = |addr, metrics| {
-        inf_server::spawn(addr, replica(&models, metrics), ServerOptions::default())
+        inf_server::spawn(
+            addr,
+            model_manager(&models, Default::default(), metrics),
+            ServeOptions::default(),
+        )
     };
     let mut a = Some(
         spawn(([127, 0, 0, 1], 0).into(), Default::default())
@@ -167,7 +153,10 @@ async fn replicas_behind_a_host_name_join_and_leave_as_its_addresses_change() {
     let tmp = tempfile::tempdir().unwrap();
     let (models, avatars) = write_fixtures(tmp.path(), 1000);
     let spawn = |metrics| {
-        inf_server::spawn_on_loopback(replica(&models, metrics), ServerOptions::default())
+        inf_server::spawn_on_loopback(
+            model_manager(&models, Default::default(), metrics),
+            ServeOptions::default(),
+        )
     };
     let (a_metrics, b_metrics) = (Arc::default(), Arc::default());
     let a = spawn(Arc::clone(&a_metrics)).await.unwrap();

@@ -3,11 +3,11 @@
 
 use framecast_bench::client::{self, Access};
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
-use framecast_compositor::server::ServeOptions;
-use framecast_e2e::{count_in_order, request, spawn_compositor, write_fixtures, TestPki};
-use framecast_inference::models::{ExecOptions, ModelManager};
-use framecast_inference::repository::Repository;
-use framecast_inference::server::{self as inf_server, ServerOptions};
+use framecast_compositor::server as comp_server;
+use framecast_e2e::{
+    count_in_order, request, spawn_compositor, spawn_inference, write_fixtures, TestPki,
+};
+use framecast_inference::server::ServeOptions;
 use framecast_proto::kserve::ServerReadyRequest;
 use framecast_telemetry::tls::{ClientTls, ServerTls};
 use std::path::Path;
@@ -54,15 +54,11 @@ async fn mutual_tls_between_the_services_and_tls_to_the_compositor() {
     let tmp = tempfile::tempdir().unwrap();
     let pki = TestPki::new();
     let (models, avatars) = write_fixtures(tmp.path(), 1000);
-    let repo = Repository::open(&models).unwrap();
-    let manager = ModelManager::new(repo, ExecOptions::default(), true, Default::default());
-    let inference_opts = ServerOptions {
+    let inference_opts = ServeOptions {
         tls: Some(server_tls(&pki, true)),
         ..Default::default()
     };
-    let inference = inf_server::spawn_on_loopback(Arc::new(manager), inference_opts)
-        .await
-        .unwrap();
+    let inference = spawn_inference(&models, inference_opts).await;
     let inference_url = format!("https://127.0.0.1:{}", inference.addr.port());
 
     // Who gets into the inference service: only holders of a certificate from its CA.
@@ -97,7 +93,7 @@ async fn mutual_tls_between_the_services_and_tls_to_the_compositor() {
         ..Default::default()
     };
     let pool = InferenceClient::connect_lazy(&[inference_url], &client_opts).unwrap();
-    let serve_opts = ServeOptions {
+    let serve_opts = comp_server::ServeOptions {
         tls: Some(server_tls(&pki, false)),
         ..Default::default()
     };

@@ -19,8 +19,8 @@ use framecast_inference::backend::Backend;
 use framecast_inference::config::ModelConfig;
 use framecast_inference::models::{ExecOptions, ModelManager};
 use framecast_inference::repository::Repository;
-use framecast_inference::server::{self, ServerOptions};
-use framecast_inference::service::{PARAM_COMPUTE_NS, PARAM_QUEUE_NS};
+use framecast_inference::rpc::{PARAM_COMPUTE_NS, PARAM_QUEUE_NS};
+use framecast_inference::server::{self, ServeOptions};
 use framecast_inference::torch_model::TorchModel;
 use framecast_inference::zoo::{self, Builtin, ZooOptions};
 use framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -159,7 +159,7 @@ fn main() -> anyhow::Result<()> {
             true,
             Default::default(),
         ));
-        let running = server::spawn_on_loopback(models, ServerOptions::default()).await?;
+        let running = server::spawn_on_loopback(models, ServeOptions::default()).await?;
         let channel = tonic::transport::Endpoint::from_shared(running.url())?
             .initial_stream_window_size(Some(16 << 20))
             .initial_connection_window_size(Some(64 << 20))

@@ -3,6 +3,7 @@
 //! is one implementation, and the batcher's tests use plain Rust ones.
 
 use bytes::Bytes;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Runs batches of one model on one device. Lives on its worker thread (libtorch modules
@@ -12,7 +13,7 @@ pub trait Backend {
     /// payloads of the requests in the batch, in order; their lengths sum to the batch's bytes.
     /// Returns one host buffer per config output holding the whole batch, for the batcher to
     /// hand each request its share.
-    fn execute(&self, batch: usize, inputs: &[Vec<Bytes>]) -> Result<Executed, String>;
+    fn execute(&self, batch: usize, inputs: &[Vec<Bytes>]) -> Result<Executed, BackendError>;
 }
 
 /// Time spent in each phase of one execution.
@@ -43,4 +44,41 @@ pub struct Executed {
     /// after the replies are sent and off the worker thread (freeing tens of MB of tensors
     /// takes milliseconds nobody should wait for).
     pub spent: Option<Box<dyn Send>>,
+}
+
+/// Why a batch failed. Every request of the batch gets a copy, so it is cheap to clone; the
+/// backend's own error (libtorch's, with its C++ backtrace) stays reachable as the `source`
+/// for logs while the message stays short enough for a client.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct BackendError {
+    message: String,
+    #[source]
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl BackendError {
+    pub fn new(message: impl Into<String>) -> Self {
+        BackendError {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// `message` for the client, caused by `source`.
+    pub fn caused(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        BackendError {
+            message: message.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+}
+
+impl From<String> for BackendError {
+    fn from(message: String) -> Self {
+        BackendError::new(message)
+    }
 }

@@ -6,9 +6,9 @@
 //! so a free instance always takes the next batch. What runs a batch is a
 //! [`Backend`](crate::backend::Backend): the batcher is tested with plain Rust ones.
 
-use crate::backend::{Backend, ExecTimings, Executed, HostBytes};
+use crate::backend::{Backend, BackendError, ExecTimings, Executed, HostBytes};
 use crate::config::ModelConfig;
-use crate::shared_memory::Slot;
+use crate::shared_memory::Window;
 use crate::stats::ModelStats;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -20,10 +20,10 @@ use tokio::sync::oneshot;
 pub struct Job {
     pub batch: usize,
     pub inputs: Vec<Bytes>,
-    /// Per config output: the shared-memory slot the worker writes this request's share
+    /// Per config output: the shared-memory window the worker writes this request's share
     /// into (straight from the batch's output tensor, no copy in between), or `None` to get
     /// it back in [`JobOutput::outputs`].
-    pub deliver: Vec<Option<Slot>>,
+    pub deliver: Vec<Option<Window>>,
     pub enqueued: Instant,
     /// Dropped unexecuted if still queued at this instant.
     pub deadline: Option<Instant>,
@@ -31,21 +31,32 @@ pub struct Job {
 }
 
 impl Job {
-    /// The shared-memory slot config output `output` goes to, if any.
-    fn slot(&self, output: usize) -> Option<&Slot> {
+    /// The shared-memory window config output `output` goes to, if any.
+    fn window(&self, output: usize) -> Option<&Window> {
         self.deliver.get(output).and_then(Option::as_ref)
     }
 }
 
 /// Why a queued request produced no output.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum JobError {
-    #[error("request waited {waited:?} in the queue, past its deadline")]
+    #[error("request waited {:.1} ms in the queue, past its deadline", waited.as_secs_f64() * 1e3)]
     Expired { waited: Duration },
-    #[error("queue full ({capacity} requests waiting)")]
+    #[error("queue full ({capacity} requests waiting); retry later or add replicas")]
     QueueFull { capacity: usize },
+    /// The model's workers are gone (it is being unloaded).
     #[error("{0}")]
-    Failed(String),
+    Stopped(&'static str),
+    /// The backend failed the batch the request rode in.
+    #[error(transparent)]
+    Failed(#[from] BackendError),
+    /// The output was computed but could not be written into the request's shared memory.
+    #[error("output '{output}': shared memory: {source}")]
+    Delivery {
+        output: String,
+        #[source]
+        source: framecast_proto::shm::ShmError,
+    },
 }
 
 /// A request's share of a batch's outputs, one buffer per config output (empty for those
@@ -200,7 +211,7 @@ fn execute<B: Backend>(
                     }
                     Err(e) => {
                         stats.record_failure(job.enqueued.elapsed());
-                        Err(JobError::Failed(e))
+                        Err(e)
                     }
                 };
                 let _ = job.reply.send(reply);
@@ -208,7 +219,7 @@ fn execute<B: Backend>(
             free_later(executed);
         }
         Err(e) => {
-            tracing::error!(error = %e, batch = size, "model execution failed");
+            tracing::error!(error = %e, cause = ?std::error::Error::source(&e), batch = size, "model execution failed");
             for job in jobs {
                 stats.record_failure(job.enqueued.elapsed());
                 let _ = job.reply.send(Err(JobError::Failed(e.clone())));
@@ -268,22 +279,22 @@ fn free_and_trim(rx: Receiver<Executed>) {
 }
 
 /// Splits a batch's outputs among its jobs, in order: each job's share is written into its
-/// shared-memory slot, or returned as a slice of one buffer shared by the batch (`Bytes`
+/// shared-memory window, or returned as a slice of one buffer shared by the batch (`Bytes`
 /// slices, no copy per request).
 fn deliver(
     config: &ModelConfig,
     outputs: &[Box<dyn HostBytes>],
     size: usize,
     jobs: &[Job],
-) -> Vec<Result<Vec<Bytes>, String>> {
-    let mut shares: Vec<Result<Vec<Bytes>, String>> = jobs
+) -> Vec<Result<Vec<Bytes>, JobError>> {
+    let mut shares: Vec<Result<Vec<Bytes>, JobError>> = jobs
         .iter()
         .map(|_| Ok(Vec::with_capacity(outputs.len())))
         .collect();
     for (o, out) in outputs.iter().enumerate() {
         let all = out.as_bytes();
         let per = all.len() / size;
-        let wants_bytes = jobs.iter().any(|j| j.slot(o).is_none());
+        let wants_bytes = jobs.iter().any(|j| j.window(o).is_none());
         let buffer = if wants_bytes {
             Bytes::copy_from_slice(all)
         } else {
@@ -294,12 +305,14 @@ fn deliver(
             let range = offset * per..(offset + job.batch) * per;
             offset += job.batch;
             let Ok(parts) = share else { continue };
-            match job.slot(o) {
-                Some(slot) => match slot.write(&all[range]) {
+            match job.window(o) {
+                Some(window) => match window.write(&all[range]) {
                     Ok(()) => parts.push(Bytes::new()),
-                    Err(e) => {
-                        let name = &config.outputs[o].name;
-                        *share = Err(format!("output '{name}': shared memory: {e}"));
+                    Err(source) => {
+                        *share = Err(JobError::Delivery {
+                            output: config.outputs[o].name.clone(),
+                            source,
+                        });
                     }
                 },
                 None => parts.push(buffer.slice(range)),
@@ -324,10 +337,10 @@ mod tests {
     }
 
     impl Backend for Echo {
-        fn execute(&self, batch: usize, inputs: &[Vec<Bytes>]) -> Result<Executed, String> {
+        fn execute(&self, batch: usize, inputs: &[Vec<Bytes>]) -> Result<Executed, BackendError> {
             self.batches.lock().push(batch);
             if self.fail {
-                return Err("echo refused the batch".into());
+                return Err(BackendError::new("echo refused the batch"));
             }
             let out: Vec<u8> = inputs[0].iter().flat_map(|b| b.iter().copied()).collect();
             Ok(Executed {
@@ -446,7 +459,7 @@ mod tests {
         let _w = worker(50, true, vec![a, b]);
         for rx in [ra, rb] {
             match wait(rx) {
-                Err(JobError::Failed(e)) => assert!(e.contains("echo refused"), "{e}"),
+                Err(JobError::Failed(e)) => assert!(e.to_string().contains("echo refused"), "{e}"),
                 other => panic!("expected a failure, got {:?}", other.map(|o| o.batch_size)),
             }
         }

@@ -59,7 +59,8 @@ pub fn infer_request(data: &[u8]) {
                 assert_eq!(bytes.len(), want, "input '{}'", s.name);
             }
         }
-        Err(s) => {
+        Err(e) => {
+            let s = tonic::Status::from(e);
             assert!(
                 matches!(s.code(), Code::InvalidArgument | Code::NotFound),
                 "{s:?}"

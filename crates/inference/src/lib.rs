@@ -1,21 +1,23 @@
 //! framecast-inference: batched TorchScript models behind the KServe v2 gRPC protocol.
 //!
-//! A request flows `service` (validate, look up the model) → `models` (load on demand,
-//! one load for concurrent callers) → `batcher` (a queue per model, drained by one OS thread
-//! per instance that merges requests into batches) → a `backend::Backend`, here
-//! `torch_model` (bytes to tensors, forward, tensors to bytes), and back through a oneshot
-//! channel.
+//! A request flows `rpc` (the gRPC edge: look up the model, `validate` the request, turn any
+//! [`error::Error`] into a status) → `models` (load on demand, one load for concurrent
+//! callers) → `batcher` (a queue per model, drained by one OS thread per instance that merges
+//! requests into batches) → a `backend::Backend`, here `torch_model` (bytes to tensors,
+//! forward, tensors to bytes), and back through a oneshot channel. `server` is the transport
+//! (listener, TLS, health, reflection) the RPCs are served on.
 
 pub mod backend;
 pub mod batcher;
 pub mod config;
+pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;
 pub mod models;
 pub mod repository;
+pub mod rpc;
 pub mod server;
-pub mod service;
 pub mod shared_memory;
 pub mod stats;
 pub mod torch_model;

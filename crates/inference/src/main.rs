@@ -3,7 +3,7 @@ use clap::{Parser, Subcommand};
 use framecast_inference::metrics::Metrics;
 use framecast_inference::models::{ExecOptions, ModelManager};
 use framecast_inference::repository::Repository;
-use framecast_inference::server::{self, ServerOptions};
+use framecast_inference::server::{self, ServeOptions};
 use framecast_inference::zoo::{self, Builtin, ZooOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,7 +49,7 @@ struct ServeArgs {
     #[arg(long, env = "FRAMECAST_DEVICES", default_value = "cpu")]
     devices: String,
     /// Worker threads (model instances) per device and model.
-    #[arg(long, env = "FRAMECAST_INSTANCES", default_value_t = 1)]
+    #[arg(long, env = "FRAMECAST_INSTANCES", default_value_t = ExecOptions::default().instances)]
     instances: usize,
     /// Models to load at start-up, comma-separated.
     #[arg(long, env = "FRAMECAST_LOAD", value_delimiter = ',')]
@@ -58,21 +58,21 @@ struct ServeArgs {
     #[arg(long, env = "FRAMECAST_LOAD_ON_DEMAND", default_value_t = true, action = clap::ArgAction::Set)]
     load_on_demand: bool,
     /// Largest gRPC message accepted or sent, in bytes.
-    #[arg(long, env = "FRAMECAST_MAX_MESSAGE_BYTES", default_value_t = framecast_proto::DEFAULT_MAX_MESSAGE_BYTES)]
+    #[arg(long, env = "FRAMECAST_MAX_MESSAGE_BYTES", default_value_t = ServeOptions::default().max_message_bytes)]
     max_message_bytes: usize,
     /// Requests slower than this (milliseconds, end to end) are logged at WARN.
-    #[arg(long, env = "FRAMECAST_SLOW_REQUEST_MS", default_value_t = 500)]
+    #[arg(long, env = "FRAMECAST_SLOW_REQUEST_MS", default_value_t = ServeOptions::default().slow_request.as_millis() as u64)]
     slow_request_ms: u64,
     /// Device-memory budget per device for loaded models, MiB (0: unlimited). Least recently
     /// used idle models are evicted to make room.
     #[arg(long, env = "FRAMECAST_MEMORY_BUDGET_MIB", default_value_t = 0)]
     memory_budget_mib: u64,
     /// Working memory accounted per model on top of its weights, MiB.
-    #[arg(long, env = "FRAMECAST_MODEL_OVERHEAD_MIB", default_value_t = 64)]
+    #[arg(long, env = "FRAMECAST_MODEL_OVERHEAD_MIB", default_value_t = ExecOptions::default().model_overhead >> 20)]
     model_overhead_mib: u64,
     /// Admission limit: requests one model's queue holds; past it requests get
     /// RESOURCE_EXHAUSTED at once instead of waiting without bound.
-    #[arg(long, env = "FRAMECAST_MAX_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "FRAMECAST_MAX_QUEUE", default_value_t = ExecOptions::default().max_queue as u64, value_parser = clap::value_parser!(u64).range(1..))]
     max_queue: u64,
     /// Models never evicted, comma-separated (a config may also say `pinned = true`).
     #[arg(long, env = "FRAMECAST_PIN", value_delimiter = ',')]
@@ -97,15 +97,15 @@ struct ServeArgs {
     tls: framecast_telemetry::tls::ServerTlsArgs,
     /// Accept the system shared-memory extension: clients on this host may have the server
     /// map their /dev/shm objects for tensors. Off: every tensor travels over gRPC.
-    #[arg(long, env = "FRAMECAST_SHARED_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "FRAMECAST_SHARED_MEMORY", default_value_t = ServeOptions::default().shared_memory, action = clap::ArgAction::Set)]
     shared_memory: bool,
     /// Shared-memory regions registered at once, all clients together; past it registration
     /// gets RESOURCE_EXHAUSTED.
-    #[arg(long, env = "FRAMECAST_MAX_SHM_REGIONS", default_value_t = framecast_inference::shared_memory::DEFAULT_MAX_REGIONS as u64, value_parser = clap::value_parser!(u64).range(1..=framecast_proto::fault_guard::CAPACITY as u64 / 2))]
+    #[arg(long, env = "FRAMECAST_MAX_SHM_REGIONS", default_value_t = ServeOptions::default().max_shm_regions as u64, value_parser = clap::value_parser!(u64).range(1..=framecast_proto::fault_guard::CAPACITY as u64 / 2))]
     max_shm_regions: u64,
     /// On SIGTERM: stop accepting, finish in-flight requests for at most this many seconds,
     /// then exit.
-    #[arg(long, env = "FRAMECAST_SHUTDOWN_GRACE_S", default_value_t = 30)]
+    #[arg(long, env = "FRAMECAST_SHUTDOWN_GRACE_S", default_value_t = ServeOptions::default().grace.as_secs())]
     shutdown_grace_s: u64,
     /// libtorch intra-op threads per process (0: libtorch's default).
     #[arg(long, env = "FRAMECAST_TORCH_THREADS", default_value_t = 0)]
@@ -215,7 +215,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("listen: cannot bind {}", args.listen))?;
         tracing::info!(addr = %listener.local_addr()?, "framecast-inference serving");
-        let opts = ServerOptions {
+        let opts = ServeOptions {
             max_message_bytes: args.max_message_bytes,
             slow_request: Duration::from_millis(args.slow_request_ms),
             grace: Duration::from_secs(args.shutdown_grace_s),

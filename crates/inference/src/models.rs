@@ -67,7 +67,7 @@ impl LoadedModel {
         &self,
         batch: usize,
         inputs: Vec<Bytes>,
-        deliver: Vec<Option<shared_memory::Slot>>,
+        deliver: Vec<Option<shared_memory::Window>>,
         deadline: Option<Instant>,
     ) -> Result<JobOutput, JobError> {
         let (reply, rx) = oneshot::channel();
@@ -83,11 +83,11 @@ impl LoadedModel {
             TrySendError::Full(_) => JobError::QueueFull {
                 capacity: self.queue.capacity().unwrap_or(0),
             },
-            TrySendError::Disconnected(_) => JobError::Failed("model workers have stopped".into()),
+            TrySendError::Disconnected(_) => JobError::Stopped("model workers have stopped"),
         })?;
         self.stats.record_queue_depth(self.queue.len());
         rx.await
-            .map_err(|_| JobError::Failed("model worker dropped the request".into()))?
+            .map_err(|_| JobError::Stopped("model worker dropped the request"))?
     }
 }
 

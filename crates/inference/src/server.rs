@@ -2,7 +2,7 @@
 //! tensor messages.
 
 use crate::models::ModelManager;
-use crate::service::InferenceService;
+use crate::rpc::InferenceService;
 use crate::shared_memory::SharedMemory;
 use framecast_proto::auth::BearerCheck;
 use framecast_proto::kserve::grpc_inference_service_server::GrpcInferenceServiceServer;
@@ -17,7 +17,7 @@ use tonic::service::interceptor::InterceptedService;
 
 /// Transport settings.
 #[derive(Debug, Clone)]
-pub struct ServerOptions {
+pub struct ServeOptions {
     pub max_message_bytes: usize,
     pub slow_request: Duration,
     /// After the shutdown signal, how long in-flight work may take before connections close.
@@ -35,9 +35,9 @@ pub struct ServerOptions {
 /// How often regions whose object was removed or shrank are forgotten.
 const SHM_SWEEP: Duration = Duration::from_secs(10);
 
-impl Default for ServerOptions {
+impl Default for ServeOptions {
     fn default() -> Self {
-        ServerOptions {
+        ServeOptions {
             max_message_bytes: framecast_proto::DEFAULT_MAX_MESSAGE_BYTES,
             slow_request: Duration::from_millis(500),
             grace: Duration::from_secs(30),
@@ -55,7 +55,7 @@ impl Default for ServerOptions {
 pub async fn serve(
     listener: TcpListener,
     models: Arc<ModelManager>,
-    opts: ServerOptions,
+    opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let grace = opts.grace;
@@ -68,7 +68,7 @@ pub async fn serve(
 async fn serve_draining(
     listener: TcpListener,
     models: Arc<ModelManager>,
-    opts: ServerOptions,
+    opts: ServeOptions,
     drain: Drain,
 ) -> anyhow::Result<()> {
     let shm = Arc::new(SharedMemory::new(opts.max_shm_regions));
@@ -113,7 +113,7 @@ async fn serve_draining(
 /// Starts a server on an ephemeral loopback port (tests, benchmarks, embedding).
 pub async fn spawn_on_loopback(
     models: Arc<ModelManager>,
-    opts: ServerOptions,
+    opts: ServeOptions,
 ) -> anyhow::Result<Running> {
     spawn(([127, 0, 0, 1], 0).into(), models, opts).await
 }
@@ -122,7 +122,7 @@ pub async fn spawn_on_loopback(
 pub async fn spawn(
     addr: std::net::SocketAddr,
     models: Arc<ModelManager>,
-    opts: ServerOptions,
+    opts: ServeOptions,
 ) -> anyhow::Result<Running> {
     running::spawn(addr, "inference", |listener, stop| {
         serve(listener, models, opts, stop)

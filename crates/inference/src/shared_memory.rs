@@ -8,12 +8,12 @@
 //! bearer token or a client certificate, a caller sees, uses and unregisters only its own
 //! regions; another owner's names answer NOT_FOUND as if they did not exist.
 
+use crate::error::{invalid, Error};
 use bytes::Bytes;
 use framecast_proto::shm::{Mapping, ShmError};
 use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::Arc;
-use tonic::Status;
 
 /// Regions a server keeps registered unless told otherwise (`--max-shm-regions`).
 pub const DEFAULT_MAX_REGIONS: usize = 1024;
@@ -75,19 +75,19 @@ impl std::fmt::Debug for Region {
 
 /// A tensor's place inside a region: `[offset, offset + len)`.
 #[derive(Clone, Debug)]
-pub struct Slot {
+pub struct Window {
     pub region: Arc<Region>,
     pub offset: usize,
     pub len: usize,
 }
 
-impl Slot {
-    /// The slot's bytes without a copy; the mapping lives as long as the returned `Bytes`.
+impl Window {
+    /// The window's bytes without a copy; the mapping lives as long as the returned `Bytes`.
     pub fn bytes(&self) -> Bytes {
         Bytes::from_owner(self.clone())
     }
 
-    /// Writes a result into the slot; `data` may be shorter than the slot.
+    /// Writes a result into the window; `data` may be shorter than the window.
     pub fn write(&self, data: &[u8]) -> Result<(), ShmError> {
         if data.len() > self.len {
             return Err(ShmError::OutOfRange {
@@ -100,7 +100,7 @@ impl Slot {
     }
 }
 
-impl AsRef<[u8]> for Slot {
+impl AsRef<[u8]> for Window {
     fn as_ref(&self) -> &[u8] {
         &self.region.mapping.as_slice()[self.offset..self.offset + self.len]
     }
@@ -141,12 +141,12 @@ impl SharedMemory {
         key: &str,
         offset: u64,
         len: u64,
-    ) -> Result<(), Status> {
+    ) -> Result<(), Error> {
         if name.is_empty() {
-            return Err(Status::invalid_argument("name: a region needs a name"));
+            return Err(invalid("name: a region needs a name"));
         }
         let full = |count| {
-            Status::resource_exhausted(format!(
+            Error::Exhausted(format!(
                 "name: {count} shared-memory regions are registered, the server's limit (--max-shm-regions {}); unregister regions you no longer use",
                 self.max_regions
             ))
@@ -162,12 +162,10 @@ impl SharedMemory {
         }
         let mapping = Mapping::open(key, offset, len).map_err(|e| match e {
             ShmError::Open { ref source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-                Status::not_found(format!("key: {}", framecast_proto::echo(&e.to_string())))
+                Error::NotFound(format!("key: {}", framecast_proto::echo(&e.to_string())))
             }
-            ShmError::TooManyMappings { .. } => Status::resource_exhausted(format!("key: {e}")),
-            _ => {
-                Status::invalid_argument(format!("key: {}", framecast_proto::echo(&e.to_string())))
-            }
+            ShmError::TooManyMappings { .. } => Error::Exhausted(format!("key: {e}")),
+            _ => invalid(format!("key: {}", framecast_proto::echo(&e.to_string()))),
         })?;
         let region = Arc::new(Region {
             name: name.to_string(),
@@ -219,7 +217,7 @@ impl SharedMemory {
     }
 
     /// `owner`'s regions named `name`, or all of them when it is empty.
-    pub fn status(&self, owner: &Owner, name: &str) -> Result<Vec<Arc<Region>>, Status> {
+    pub fn status(&self, owner: &Owner, name: &str) -> Result<Vec<Arc<Region>>, Error> {
         let table = self.regions.read();
         if name.is_empty() {
             return Ok(table
@@ -231,47 +229,42 @@ impl SharedMemory {
         table
             .get(owner, name)
             .map(|r| vec![r.clone()])
-            .ok_or_else(|| not_registered(name))
+            .ok_or_else(|| Error::RegionUnknown(not_registered(name)))
     }
 
-    /// The slot `[offset, offset + len)` of `owner`'s region `name`; `field` names the request
+    /// The window `[offset, offset + len)` of `owner`'s region `name`; `field` names the request
     /// field in errors. The region's object is checked to still cover the registered window
     /// (a client may have shrunk it since): if not, the region is unregistered and the request
     /// refused.
-    pub fn slot(
+    pub fn window(
         &self,
         owner: &Owner,
         field: &str,
         name: &str,
         offset: u64,
         len: u64,
-    ) -> Result<Slot, Status> {
+    ) -> Result<Window, Error> {
         let region = self
             .regions
             .read()
             .get(owner, name)
             .cloned()
-            .ok_or_else(|| not_registered(name))
-            .map_err(|s| {
-                let mut named = Status::new(s.code(), format!("{field}: {}", s.message()));
-                *named.metadata_mut() = s.metadata().clone();
-                named
-            })?;
+            .ok_or_else(|| Error::RegionUnknown(format!("{field}: {}", not_registered(name))))?;
         if let Err(e) = region.mapping.check() {
             self.forget(&region);
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "{field}: {e}; region '{}' was unregistered",
                 framecast_proto::echo(name)
             )));
         }
         let size = region.mapping.len() as u64;
         if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "{field}: offset {offset} + byte_size {len} exceeds region '{}' ({size} bytes)",
                 framecast_proto::echo(name)
             )));
         }
-        Ok(Slot {
+        Ok(Window {
             region,
             offset: offset as usize,
             len: len as usize,
@@ -284,11 +277,11 @@ impl SharedMemory {
     pub fn check_used<'a>(
         &self,
         regions: impl IntoIterator<Item = &'a Arc<Region>>,
-    ) -> Result<(), Status> {
+    ) -> Result<(), Error> {
         for r in regions {
             if r.mapping.is_broken() {
                 self.forget(r);
-                return Err(Status::invalid_argument(format!(
+                return Err(invalid(format!(
                     "shared-memory region '{}': its object shrank while this request used it (key '{}'); the region was unregistered",
                     framecast_proto::echo(&r.name),
                     framecast_proto::echo(&r.key)
@@ -386,19 +379,18 @@ impl Table {
     }
 }
 
-fn already(name: &str) -> Status {
-    Status::already_exists(format!(
+fn already(name: &str) -> Error {
+    Error::RegionExists(format!(
         "shared-memory region '{}' is already registered",
         framecast_proto::echo(name)
     ))
 }
 
-fn not_registered(name: &str) -> Status {
-    let status = Status::not_found(format!(
+fn not_registered(name: &str) -> String {
+    format!(
         "shared-memory region '{}' is not registered",
         framecast_proto::echo(name)
-    ));
-    framecast_proto::status::with_reason(status, framecast_proto::status::REASON_SHM_REGION_UNKNOWN)
+    )
 }
 
 #[cfg(test)]
@@ -419,12 +411,8 @@ mod tests {
         shm.register(&me, "a", o.key(), 0, 4096).unwrap();
         shm.register(&me, "b", o.key(), 4096, 4096).unwrap();
         let e = shm.register(&me, "c", o.key(), 0, 1).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
-        assert!(
-            e.message().contains("--max-shm-regions 2"),
-            "{}",
-            e.message()
-        );
+        assert!(matches!(e, Error::Exhausted(_)), "{e:?}");
+        assert!(e.to_string().contains("--max-shm-regions 2"), "{e}");
         shm.unregister(&me, "a");
         shm.register(&me, "c", o.key(), 0, 1).unwrap();
         assert_eq!(shm.len(), 2);
@@ -441,19 +429,25 @@ mod tests {
         shm.register(&alice, "r", o.key(), 0, 4096).unwrap();
         assert!(shm.status(&bob, "").unwrap().is_empty());
         assert_eq!(
-            shm.status(&bob, "r").unwrap_err().code(),
-            tonic::Code::NotFound
+            shm.status(&bob, "r").unwrap_err().to_string(),
+            "shared-memory region 'r' is not registered"
         );
-        let e = shm.slot(&bob, "inputs[0]", "r", 0, 16).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::NotFound);
+        let e = shm.window(&bob, "inputs[0]", "r", 0, 16).unwrap_err();
+        assert!(matches!(e, Error::RegionUnknown(_)), "{e:?}");
         // Bob's "unregister everything" is his everything.
         shm.unregister(&bob, "");
         shm.unregister(&bob, "r");
         assert_eq!(shm.status(&alice, "").unwrap().len(), 1);
         // Names are per owner: Bob may use the same one.
         shm.register(&bob, "r", o.key(), 4096, 4096).unwrap();
-        assert_eq!(shm.slot(&alice, "x", "r", 0, 16).unwrap().region.offset, 0);
-        assert_eq!(shm.slot(&bob, "x", "r", 0, 16).unwrap().region.offset, 4096);
+        assert_eq!(
+            shm.window(&alice, "x", "r", 0, 16).unwrap().region.offset,
+            0
+        );
+        assert_eq!(
+            shm.window(&bob, "x", "r", 0, 16).unwrap().region.offset,
+            4096
+        );
     }
 
     #[test]
@@ -496,9 +490,9 @@ mod tests {
             .unwrap()
             .set_len(0)
             .unwrap();
-        let e = shm.slot(&me, "inputs[0] 'x'", "r", 0, 16).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::InvalidArgument);
-        assert!(e.message().starts_with("inputs[0] 'x'"), "{}", e.message());
+        let e = shm.window(&me, "inputs[0] 'x'", "r", 0, 16).unwrap_err();
+        assert!(matches!(e, Error::Invalid(_)), "{e:?}");
+        assert!(e.to_string().starts_with("inputs[0] 'x'"), "{e}");
         assert!(shm.is_empty());
     }
 }

@@ -2,7 +2,7 @@
 //! forward, and turns the outputs back into wire bytes, with u8 <-> float conversion done on
 //! the device so the wire carries u8 rather than float32.
 
-use crate::backend::{Backend, ExecTimings, Executed, HostBytes};
+use crate::backend::{Backend, BackendError, ExecTimings, Executed, HostBytes};
 use crate::config::{ModelConfig, Precision, TensorSpec, MODEL_FILE};
 use bytes::Bytes;
 use framecast_proto::tensor::DataType;
@@ -74,7 +74,9 @@ impl TorchModel {
             .iter()
             .map(|t| vec![Bytes::from(vec![0u8; t.element_bytes() * batch])])
             .collect();
-        self.execute(batch, &parts).map(|_| ())
+        self.execute(batch, &parts)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     fn input_tensor(
@@ -132,7 +134,7 @@ impl TorchModel {
 }
 
 impl Backend for TorchModel {
-    fn execute(&self, batch: usize, inputs: &[Vec<Bytes>]) -> Result<Executed, String> {
+    fn execute(&self, batch: usize, inputs: &[Vec<Bytes>]) -> Result<Executed, BackendError> {
         // Inference only: no autograd graph (a thread-local switch, cheap per batch).
         let _no_grad = tch::no_grad_guard();
         let t0 = Instant::now();
@@ -149,17 +151,18 @@ impl Backend for TorchModel {
             .iter()
             .map(|t| IValue::Tensor(t.shallow_clone()))
             .collect();
-        let out = self
-            .module
-            .forward_is(&ivalues)
-            .map_err(|e| format!("forward failed: {}", first_line(&e.to_string())))?;
+        let out = self.module.forward_is(&ivalues).map_err(|e| {
+            let summary = format!("forward failed: {}", first_line(&e.to_string()));
+            BackendError::caused(summary, e)
+        })?;
         let outs = flatten_outputs(out)?;
         if outs.len() != self.config.outputs.len() {
             return Err(format!(
                 "model returned {} output tensors; config declares {}",
                 outs.len(),
                 self.config.outputs.len()
-            ));
+            )
+            .into());
         }
         let t2 = Instant::now();
         let host = self

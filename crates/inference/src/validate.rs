@@ -2,7 +2,8 @@
 //! mistake comes back as INVALID_ARGUMENT naming the offending field.
 
 use crate::config::ModelConfig;
-use crate::shared_memory::{Owner, Region, SharedMemory, Slot};
+use crate::error::{invalid, Error};
+use crate::shared_memory::{Owner, Region, SharedMemory, Window};
 use bytes::Bytes;
 use framecast_proto::echo;
 use framecast_proto::kserve::infer_parameter::ParameterChoice;
@@ -11,7 +12,6 @@ use framecast_proto::shm::{PARAM_BYTE_SIZE, PARAM_OFFSET, PARAM_REGION};
 use framecast_proto::tensor::{self, DataType, Element};
 use std::collections::HashMap;
 use std::sync::Arc;
-use tonic::Status;
 
 /// A request ready for the batcher.
 #[derive(Debug)]
@@ -26,12 +26,12 @@ pub struct Prepared {
     pub regions: Vec<Arc<Region>>,
 }
 
-/// One output to return: which config output, and the shared-memory slot to write it into
+/// One output to return: which config output, and the shared-memory window to write it into
 /// instead of `raw_output_contents`.
 #[derive(Clone)]
 pub struct Requested {
     pub index: usize,
-    pub shm: Option<Slot>,
+    pub shm: Option<Window>,
 }
 
 impl std::fmt::Debug for Requested {
@@ -50,15 +50,15 @@ pub fn prepare(
     shm: &SharedMemory,
     owner: &Owner,
     req: &mut ModelInferRequest,
-) -> Result<Prepared, Status> {
+) -> Result<Prepared, Error> {
     let raw = std::mem::take(&mut req.raw_input_contents);
-    let in_shm: Vec<Option<Slot>> = req
+    let in_shm: Vec<Option<Window>> = req
         .inputs
         .iter()
         .enumerate()
         .map(|(i, t)| {
             let field = format!("inputs[{i}] '{}'", echo(&t.name));
-            shm_slot(shm, owner, &field, &t.parameters)
+            shm_window(shm, owner, &field, &t.parameters)
         })
         .collect::<Result<_, _>>()?;
     let mut regions: Vec<Arc<Region>> = in_shm.iter().flatten().map(|s| s.region.clone()).collect();
@@ -70,7 +70,7 @@ pub fn prepare(
             .enumerate()
             .find(|(_, t)| t.contents.is_some())
         {
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "inputs[{i}] '{}': has contents while the request has raw_input_contents; send every input one way",
                 echo(&t.name)
             )));
@@ -79,7 +79,7 @@ pub fn prepare(
     // Like Triton: one raw entry per input that does not come from shared memory, in order.
     let wire_inputs = in_shm.iter().filter(|s| s.is_none()).count();
     if !raw.is_empty() && raw.len() != wire_inputs {
-        return Err(Status::invalid_argument(format!(
+        return Err(invalid(format!(
             "raw_input_contents has {} entries for {wire_inputs} inputs not in shared memory; send one per input",
             raw.len(),
         )));
@@ -90,32 +90,30 @@ pub fn prepare(
     for (i, (input, slot)) in req.inputs.iter_mut().zip(in_shm).enumerate() {
         let name = &echo(&input.name).into_owned();
         let Some(idx) = config.inputs.iter().position(|s| s.name == input.name) else {
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "inputs[{i}]: '{name}' is not an input of model '{model}' (inputs: {})",
                 names(config.inputs.iter().map(|s| s.name.as_str()))
             )));
         };
         if slots[idx].is_some() {
-            return Err(Status::invalid_argument(format!(
-                "input '{name}' is given twice"
-            )));
+            return Err(invalid(format!("input '{name}' is given twice")));
         }
         let spec = &config.inputs[idx];
         let datatype = DataType::parse(&input.datatype).map_err(|e| {
-            Status::invalid_argument(format!(
+            invalid(format!(
                 "input '{name}': datatype: {}",
                 echo(&e.to_string())
             ))
         })?;
         if datatype != spec.datatype {
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "input '{name}': datatype is {datatype}; model '{model}' expects {}",
                 spec.datatype
             )));
         }
         let expected_shape = spec.batched_shape(0);
         if input.shape.len() != expected_shape.len() || input.shape[1..] != expected_shape[1..] {
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "input '{name}': shape {} does not match [-1{}] (batch first)",
                 echo(&format!("{:?}", input.shape)),
                 spec.dims
@@ -126,7 +124,7 @@ pub fn prepare(
         }
         let n = input.shape[0];
         if n < 1 || n as u64 > config.max_batch_size as u64 {
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "input '{name}': batch dimension {n} is out of range 1..={}",
                 config.max_batch_size
             )));
@@ -134,7 +132,7 @@ pub fn prepare(
         let n = n as usize;
         if let Some(b) = batch {
             if b != n {
-                return Err(Status::invalid_argument(format!(
+                return Err(invalid(format!(
                     "input '{name}': batch dimension {n} differs from the other inputs' {b}"
                 )));
             }
@@ -143,18 +141,17 @@ pub fn prepare(
         let payload = match slot.map(|s| s.bytes()).or_else(|| raw.next()) {
             Some(bytes) => bytes,
             None => match input.contents.take() {
-                Some(c) => contents_bytes(datatype, &c).map_err(|e| {
-                    Status::invalid_argument(format!("input '{name}': contents: {e}"))
-                })?,
+                Some(c) => contents_bytes(datatype, &c)
+                    .map_err(|e| invalid(format!("input '{name}': contents: {e}")))?,
                 None => {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(invalid(format!(
                         "input '{name}' has no data (raw_input_contents or contents)"
                     )))
                 }
             },
         };
         tensor::check_byte_len(datatype, &input.shape, payload.len())
-            .map_err(|e| Status::invalid_argument(format!("input '{name}': {e}")))?;
+            .map_err(|e| invalid(format!("input '{name}': {e}")))?;
         slots[idx] = Some(payload);
     }
     let mut inputs = Vec::with_capacity(slots.len());
@@ -162,7 +159,7 @@ pub fn prepare(
         match slot {
             Some(b) => inputs.push(b),
             None => {
-                return Err(Status::invalid_argument(format!(
+                return Err(invalid(format!(
                     "input '{}' of model '{model}' is missing",
                     spec.name
                 )))
@@ -185,7 +182,7 @@ pub fn prepare(
                     .iter()
                     .position(|s| s.name == o.name)
                     .ok_or_else(|| {
-                        Status::invalid_argument(format!(
+                        invalid(format!(
                             "outputs[{i}]: '{}' is not an output of model '{model}' (outputs: {})",
                             echo(&o.name),
                             names(config.outputs.iter().map(|s| s.name.as_str()))
@@ -193,15 +190,13 @@ pub fn prepare(
                     })?;
                 let field = format!("outputs[{i}] '{}'", echo(&o.name));
                 if std::mem::replace(&mut seen[index], true) {
-                    return Err(Status::invalid_argument(format!(
-                        "{field}: output requested twice"
-                    )));
+                    return Err(invalid(format!("{field}: output requested twice")));
                 }
-                let slot = shm_slot(shm, owner, &field, &o.parameters)?;
+                let slot = shm_window(shm, owner, &field, &o.parameters)?;
                 let needed = config.outputs[index].element_bytes() * batch;
                 if let Some(s) = &slot {
                     if s.len < needed {
-                        return Err(Status::invalid_argument(format!(
+                        return Err(invalid(format!(
                             "{field}: {PARAM_BYTE_SIZE} is {} bytes; the output needs {needed}",
                             s.len
                         )));
@@ -224,18 +219,18 @@ pub fn prepare(
     })
 }
 
-/// The shared-memory slot a tensor's parameters name, if they name one.
-fn shm_slot(
+/// The shared-memory window a tensor's parameters name, if they name one.
+fn shm_window(
     shm: &SharedMemory,
     owner: &Owner,
     field: &str,
     params: &HashMap<String, InferParameter>,
-) -> Result<Option<Slot>, Status> {
+) -> Result<Option<Window>, Error> {
     let Some(region) = params.get(PARAM_REGION) else {
         return Ok(None);
     };
     let Some(ParameterChoice::StringParam(region)) = &region.parameter_choice else {
-        return Err(Status::invalid_argument(format!(
+        return Err(invalid(format!(
             "{field}: parameter {PARAM_REGION} must be a string"
         )));
     };
@@ -243,18 +238,18 @@ fn shm_slot(
         None => Ok(None),
         Some(ParameterChoice::Int64Param(v)) if *v >= 0 => Ok(Some(*v as u64)),
         Some(ParameterChoice::Uint64Param(v)) => Ok(Some(*v)),
-        Some(other) => Err(Status::invalid_argument(format!(
+        Some(other) => Err(invalid(format!(
             "{field}: parameter {key} must be a non-negative integer, not {}",
             echo(&format!("{other:?}"))
         ))),
     };
     let len = int(PARAM_BYTE_SIZE)?.ok_or_else(|| {
-        Status::invalid_argument(format!(
+        invalid(format!(
             "{field}: parameter {PARAM_BYTE_SIZE} is required with {PARAM_REGION}"
         ))
     })?;
     let offset = int(PARAM_OFFSET)?.unwrap_or(0);
-    shm.slot(owner, field, region, offset, len).map(Some)
+    shm.window(owner, field, region, offset, len).map(Some)
 }
 
 fn names<'a>(it: impl Iterator<Item = &'a str>) -> String {

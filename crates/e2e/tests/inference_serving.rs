@@ -1,10 +1,9 @@
 //! The inference server on loopback with real TorchScript models on CPU.
 
 use bytes::Bytes;
+use framecast_e2e::{kserve_client, spawn_inference};
 use framecast_inference::config::{ModelConfig, TensorSpec};
-use framecast_inference::models::{ExecOptions, ModelManager};
-use framecast_inference::repository::Repository;
-use framecast_inference::server::{self, Running, ServerOptions};
+use framecast_inference::server::Running;
 use framecast_inference::torch_model::kind_of;
 use framecast_inference::zoo::{self, Builtin, ZooOptions};
 use framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -12,7 +11,6 @@ use framecast_proto::kserve::model_infer_request::InferInputTensor;
 use framecast_proto::kserve::{ModelInferRequest, ModelStatisticsRequest, RepositoryIndexRequest};
 use framecast_proto::tensor::DataType;
 use std::path::Path;
-use std::sync::Arc;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -30,16 +28,8 @@ fn write_zoo(root: &Path, max_batch: usize) {
 }
 
 async fn start(root: &Path) -> (Running, GrpcInferenceServiceClient<Channel>) {
-    let repo = Repository::open(root).unwrap();
-    let exec = ExecOptions::default();
-    let models = Arc::new(ModelManager::new(repo, exec, true, Default::default()));
-    let running = server::spawn_on_loopback(models, ServerOptions::default())
-        .await
-        .unwrap();
-    let client = GrpcInferenceServiceClient::connect(running.url())
-        .await
-        .unwrap()
-        .max_decoding_message_size(64 << 20);
+    let running = spawn_inference(root, Default::default()).await;
+    let client = kserve_client(running.url()).await;
     (running, client)
 }
 
@@ -553,21 +543,12 @@ async fn shared_memory_can_be_turned_off() {
     use framecast_proto::shm::OwnedObject;
     let tmp = tempfile::tempdir().unwrap();
     write_zoo(tmp.path(), 4);
-    let repo = Repository::open(tmp.path()).unwrap();
-    let models = Arc::new(ModelManager::new(
-        repo,
-        ExecOptions::default(),
-        true,
-        Default::default(),
-    ));
-    let opts = ServerOptions {
+    let opts = framecast_inference::server::ServeOptions {
         shared_memory: false,
         ..Default::default()
     };
-    let running = server::spawn_on_loopback(models, opts).await.unwrap();
-    let mut client = GrpcInferenceServiceClient::connect(running.url())
-        .await
-        .unwrap();
+    let running = spawn_inference(tmp.path(), opts).await;
+    let mut client = kserve_client(running.url()).await;
     let key = format!("/framecast_off_test_{}", std::process::id());
     let _object = OwnedObject::create(&key, 4096).unwrap();
     let e = client

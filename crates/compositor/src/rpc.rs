@@ -1,6 +1,8 @@
-//! The `framecast.compositor.v1.Compositor` gRPC service.
+//! The `framecast.compositor.v1.Compositor` RPCs: the gRPC edge, where [`Error`]s become
+//! statuses. The transport that serves them is [`crate::server`].
 
-use crate::avatar_store::{AvatarError, AvatarStatus, AvatarStore};
+use crate::avatar_store::{AvatarStatus, AvatarStore};
+use crate::error::Error;
 use crate::inference::InferenceClient;
 use crate::metrics::Metrics;
 use crate::render::{self, RenderOptions};
@@ -33,8 +35,6 @@ pub struct CompositorService {
 
 /// Open Render streams a compositor accepts unless told otherwise.
 pub const DEFAULT_MAX_STREAMS: usize = 64;
-
-pub use crate::render::DEFAULT_STREAM_IDLE_TIMEOUT;
 
 impl CompositorService {
     pub fn new(
@@ -70,17 +70,6 @@ impl CompositorService {
     }
 }
 
-pub fn status_of(e: AvatarError) -> Status {
-    match e {
-        AvatarError::InvalidName(_) => Status::invalid_argument(e.to_string()),
-        AvatarError::NotFound(_) => Status::not_found(e.to_string()),
-        AvatarError::NotLoaded(_) => Status::failed_precondition(e.to_string()),
-        AvatarError::LoadFailed { .. } => Status::failed_precondition(e.to_string()),
-        AvatarError::TooLarge { .. } => Status::failed_precondition(e.to_string()),
-        AvatarError::NoRoom { .. } => Status::resource_exhausted(e.to_string()),
-    }
-}
-
 fn info(s: &AvatarStatus) -> AvatarInfo {
     let mut i = AvatarInfo {
         avatar_id: s.id.clone(),
@@ -106,24 +95,20 @@ impl CompositorService {
         req: RenderRequest,
         sink: &render::FrameSink,
         deadline: Option<Instant>,
-    ) -> Result<(), Status> {
+    ) -> Result<(), Error> {
         // Held until the render ends: the avatar cannot be evicted under it.
-        let lease = self.store.get(&req.avatar_id).await.map_err(status_of)?;
+        let lease = self.store.get(&req.avatar_id).await?;
         let avatar = lease.value().clone();
         let model = self
             .inference
             .model_info(&avatar.manifest.model)
             .await
             .map_err(|s| {
-                Status::new(
-                    s.code(),
-                    format!(
-                        "model '{}' of avatar '{}': {}",
-                        avatar.manifest.model,
-                        avatar.manifest.id,
-                        s.message()
-                    ),
-                )
+                let context = format!(
+                    "model '{}' of avatar '{}'",
+                    avatar.manifest.model, avatar.manifest.id
+                );
+                Error::inference(context, s)
             })?;
         render::render(
             req,
@@ -210,7 +195,11 @@ impl Compositor for CompositorService {
                     start = req.start_frame,
                     frames = req.frame_count,
                 );
-                let result = this.render_one(req, &tx, deadline).instrument(span).await;
+                let result = this
+                    .render_one(req, &tx, deadline)
+                    .instrument(span)
+                    .await
+                    .map_err(Status::from);
                 let outcome = match &result {
                     Ok(()) if tx.is_closed() => "cancelled",
                     Ok(()) => "ok",
@@ -237,7 +226,7 @@ impl Compositor for CompositorService {
         req: Request<LoadAvatarRequest>,
     ) -> Result<Response<LoadAvatarResponse>, Status> {
         let id = req.into_inner().avatar_id;
-        let avatar = self.store.load(&id).await.map_err(status_of)?;
+        let avatar = self.store.load(&id).await.map_err(Error::from)?;
         Ok(Response::new(LoadAvatarResponse {
             avatar: Some(info(&AvatarStatus {
                 id,
@@ -254,7 +243,7 @@ impl Compositor for CompositorService {
     ) -> Result<Response<UnloadAvatarResponse>, Status> {
         self.store
             .unload(&req.into_inner().avatar_id)
-            .map_err(status_of)?;
+            .map_err(Error::from)?;
         Ok(Response::new(UnloadAvatarResponse {}))
     }
 
@@ -265,7 +254,7 @@ impl Compositor for CompositorService {
         let list = self
             .store
             .list()
-            .map_err(|e| Status::internal(format!("reading the avatar root: {e}")))?;
+            .map_err(|e| Error::Internal(format!("reading the avatar root: {e}")))?;
         Ok(Response::new(ListAvatarsResponse {
             avatars: list.iter().map(info).collect(),
         }))

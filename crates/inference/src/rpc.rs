@@ -1,8 +1,8 @@
-//! The KServe v2 `GRPCInferenceService` over the [`ModelManager`].
+//! The KServe v2 `GRPCInferenceService` RPCs over the [`ModelManager`]: the gRPC edge, where
+//! [`Error`]s become statuses. The transport that serves them is [`crate::server`].
 
-use crate::batcher::JobError;
+use crate::error::{invalid, Error};
 use crate::models::{LoadedModel, ModelError, ModelManager};
-use crate::repository::RepoError;
 use crate::shared_memory::{Owner, SharedMemory};
 use crate::validate::{self, Requested};
 use framecast_proto::echo;
@@ -101,7 +101,7 @@ impl InferenceService {
         let model = match self.models.get(&req.model_name).await {
             Ok(m) => m,
             Err(e) => {
-                let status = status_of(e);
+                let status = Status::from(Error::from(e));
                 if status.code() != tonic::Code::NotFound
                     && status.code() != tonic::Code::InvalidArgument
                 {
@@ -118,7 +118,8 @@ impl InferenceService {
         };
         let result = self
             .run(&model, &mut req, owner, grpc_deadline, started)
-            .await;
+            .await
+            .map_err(Status::from);
         let label = match &result {
             Ok(_) => "ok",
             Err(s) => framecast_proto::status::label(s.code()),
@@ -137,7 +138,7 @@ impl InferenceService {
         owner: &Owner,
         grpc_deadline: Option<Instant>,
         started: Instant,
-    ) -> Result<ModelInferResponse, Status> {
+    ) -> Result<ModelInferResponse, Error> {
         let prepared = validate::prepare(&model.name, &model.config, &self.shm, owner, req)?;
         let deadline = [
             grpc_deadline,
@@ -155,17 +156,9 @@ impl InferenceService {
         let out = model
             .infer(prepared.batch, prepared.inputs, deliver, deadline)
             .await
-            .map_err(|e| match e {
-                JobError::Expired { waited } => Status::deadline_exceeded(format!(
-                    "model '{}': request waited {:.1} ms in the queue, past its deadline",
-                    model.name,
-                    waited.as_secs_f64() * 1e3
-                )),
-                JobError::QueueFull { capacity } => Status::resource_exhausted(format!(
-                    "model '{}': queue full ({capacity} requests waiting); retry later or add replicas",
-                    model.name
-                )),
-                JobError::Failed(e) => Status::internal(format!("model '{}': {e}", model.name)),
+            .map_err(|source| Error::Job {
+                model: model.name.clone(),
+                source,
             });
         // A region shrunk while the batch read or wrote it was replaced with zeros: whatever
         // came of it is void, whichever way the request went.
@@ -202,19 +195,19 @@ impl InferenceService {
             (k.to_string(), p)
         })
         .collect();
-        response(
+        Ok(response(
             model,
             std::mem::take(&mut req.id),
             prepared.batch,
             &prepared.outputs,
             out.outputs,
             params,
-        )
+        ))
     }
 }
 
 /// The request's `timeout` parameter (microseconds, as Triton's clients send it).
-fn request_timeout(req: &ModelInferRequest) -> Result<Option<Duration>, Status> {
+fn request_timeout(req: &ModelInferRequest) -> Result<Option<Duration>, Error> {
     use kserve::infer_parameter::ParameterChoice;
     match req
         .parameters
@@ -226,7 +219,7 @@ fn request_timeout(req: &ModelInferRequest) -> Result<Option<Duration>, Status> 
             Ok(Some(Duration::from_micros(*us as u64)))
         }
         Some(ParameterChoice::Uint64Param(us)) if *us > 0 => Ok(Some(Duration::from_micros(*us))),
-        Some(other) => Err(Status::invalid_argument(format!(
+        Some(other) => Err(invalid(format!(
             "parameters.timeout must be a positive int64 of microseconds, not {}",
             echo(&format!("{other:?}"))
         ))),
@@ -244,11 +237,11 @@ const SERVED_VERSION: &str = "1";
 
 /// A request's model version: empty (the served one) or the served one; any other is a
 /// version this server does not have (NOT_FOUND, as Triton answers).
-fn check_version(model: &str, version: &str) -> Result<(), Status> {
+fn check_version(model: &str, version: &str) -> Result<(), Error> {
     if version.is_empty() || version == SERVED_VERSION {
         return Ok(());
     }
-    Err(Status::not_found(format!(
+    Err(Error::NotFound(format!(
         "model_version: model '{}' has no version '{}' (this server serves version {SERVED_VERSION} only)",
         echo(model),
         echo(version)
@@ -264,7 +257,7 @@ fn response(
     wanted: &[Requested],
     mut outputs: Vec<bytes::Bytes>,
     parameters: HashMap<String, InferParameter>,
-) -> Result<ModelInferResponse, Status> {
+) -> ModelInferResponse {
     let specs = &model.config.outputs;
     let mut tensors = Vec::with_capacity(wanted.len());
     let mut raw = Vec::with_capacity(wanted.len());
@@ -287,27 +280,13 @@ fn response(
         }
         tensors.push(tensor);
     }
-    Ok(ModelInferResponse {
+    ModelInferResponse {
         model_name: model.name.clone(),
         model_version: SERVED_VERSION.to_string(),
         id,
         parameters,
         outputs: tensors,
         raw_output_contents: raw,
-    })
-}
-
-/// Maps lifecycle errors to gRPC codes.
-pub fn status_of(e: ModelError) -> Status {
-    match &e {
-        ModelError::Repo(RepoError::InvalidName { .. }) => {
-            Status::invalid_argument(format!("model_name: {e}"))
-        }
-        ModelError::Repo(RepoError::NotFound(_)) => Status::not_found(e.to_string()),
-        ModelError::NotLoaded(_) => Status::unavailable(e.to_string()),
-        ModelError::LoadFailed { .. } => Status::failed_precondition(e.to_string()),
-        ModelError::TooLarge { .. } => Status::failed_precondition(e.to_string()),
-        ModelError::NoRoom { .. } => Status::resource_exhausted(e.to_string()),
     }
 }
 
@@ -335,7 +314,7 @@ impl GrpcInferenceService for InferenceService {
     ) -> Reply<kserve::ModelReadyResponse> {
         let req = req.into_inner();
         let name = req.name;
-        crate::repository::check_name(&name).map_err(|e| status_of(e.into()))?;
+        crate::repository::check_name(&name).map_err(|e| Error::Model(e.into()))?;
         check_version(&name, &req.version)?;
         Ok(Response::new(kserve::ModelReadyResponse {
             ready: self.models.ready(&name).is_some(),
@@ -369,14 +348,14 @@ impl GrpcInferenceService for InferenceService {
             .models
             .repository()
             .model_dir(&name)
-            .map_err(|e| status_of(e.into()))?;
+            .map_err(|e| Error::Model(e.into()))?;
         // A loaded model answers with the config it runs with (the file may have changed
         // since); one not loaded yet with its config on disk, which it would load with.
         let config = match self.models.ready(&name) {
             Some(m) => m.config.clone(),
             None => Arc::new(
                 crate::config::ModelConfig::load(&dir)
-                    .map_err(|e| Status::failed_precondition(format!("model '{name}': {e}")))?,
+                    .map_err(|e| Error::Precondition(format!("model '{name}': {e}")))?,
             ),
         };
         let meta = |specs: &[crate::config::TensorSpec]| {
@@ -471,11 +450,11 @@ impl GrpcInferenceService for InferenceService {
             self.models.loaded()
         } else {
             let dir = self.models.repository().model_dir(&name);
-            dir.map_err(|e| status_of(e.into()))?;
+            dir.map_err(|e| Error::Model(e.into()))?;
             vec![self
                 .models
                 .ready(&name)
-                .ok_or_else(|| status_of(ModelError::NotLoaded(name.clone())))?]
+                .ok_or_else(|| Error::Model(ModelError::NotLoaded(name.clone())))?]
         };
         Ok(Response::new(kserve::ModelStatisticsResponse {
             model_stats: models.iter().map(|m| m.stats.snapshot(&m.name)).collect(),
@@ -492,7 +471,7 @@ impl GrpcInferenceService for InferenceService {
             .models
             .repository()
             .list()
-            .map_err(|e| Status::internal(format!("reading the repository: {e}")))?;
+            .map_err(|e| Error::Internal(format!("reading the repository: {e}")))?;
         let models = names
             .into_iter()
             .filter_map(|name| {
@@ -516,7 +495,7 @@ impl GrpcInferenceService for InferenceService {
         req: Request<kserve::RepositoryModelLoadRequest>,
     ) -> Reply<kserve::RepositoryModelLoadResponse> {
         let name = req.into_inner().model_name;
-        self.models.load(&name).await.map_err(status_of)?;
+        self.models.load(&name).await.map_err(Error::Model)?;
         Ok(Response::new(kserve::RepositoryModelLoadResponse {}))
     }
 
@@ -527,8 +506,8 @@ impl GrpcInferenceService for InferenceService {
         let name = req.into_inner().model_name;
         self.models.unload(&name).map_err(|e| match e {
             // Nothing to unload: asking again will not change that, so not UNAVAILABLE.
-            ModelError::NotLoaded(_) => Status::failed_precondition(e.to_string()),
-            e => status_of(e),
+            ModelError::NotLoaded(_) => Error::Precondition(e.to_string()),
+            e => Error::Model(e),
         })?;
         Ok(Response::new(kserve::RepositoryModelUnloadResponse {}))
     }
@@ -561,9 +540,10 @@ impl GrpcInferenceService for InferenceService {
         req: Request<kserve::SystemSharedMemoryRegisterRequest>,
     ) -> Reply<kserve::SystemSharedMemoryRegisterResponse> {
         if !self.shm_allowed {
-            return Err(Status::failed_precondition(
-                "shared memory is disabled on this server (--shared-memory false); send tensors in raw_input_contents",
-            ));
+            return Err(Status::from(Error::Precondition(
+                "shared memory is disabled on this server (--shared-memory false); send tensors in raw_input_contents"
+                    .into(),
+            )));
         }
         let owner = self.owner(&req);
         let r = req.into_inner();
@@ -573,7 +553,7 @@ impl GrpcInferenceService for InferenceService {
             shm.register(&owner, &r.name, &r.key, r.offset, r.byte_size)
         })
         .await
-        .map_err(|e| Status::internal(format!("registering shared memory: {e}")))??;
+        .map_err(|e| Error::Internal(format!("registering shared memory: {e}")))??;
         Ok(Response::new(kserve::SystemSharedMemoryRegisterResponse {}))
     }
 

@@ -3,9 +3,8 @@
 //! oversized names and messages, and protocol corner cases (issue 13).
 
 use bytes::Bytes;
-use framecast_inference::models::{ExecOptions, ModelManager};
-use framecast_inference::repository::Repository;
-use framecast_inference::server::{self, Running, ServerOptions};
+use framecast_e2e::{kserve_client, spawn_inference};
+use framecast_inference::server::{Running, ServeOptions};
 use framecast_inference::zoo::{self, Builtin, ZooOptions};
 use framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
 use framecast_proto::kserve::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
@@ -24,24 +23,15 @@ use tonic::Code;
 const CROP: i64 = 16;
 type Client = GrpcInferenceServiceClient<Channel>;
 
-async fn start(root: &Path, opts: ServerOptions) -> (Running, Client) {
+async fn start(root: &Path, opts: ServeOptions) -> (Running, Client) {
     let zoo_opts = ZooOptions {
         crop: CROP,
         max_batch_size: 8,
         max_queue_delay_us: 500,
     };
     zoo::write(root, Builtin::Passthrough, &zoo_opts).unwrap();
-    let repo = Repository::open(root).unwrap();
-    let models = Arc::new(ModelManager::new(
-        repo,
-        ExecOptions::default(),
-        true,
-        Default::default(),
-    ));
-    let running = server::spawn_on_loopback(models, opts).await.unwrap();
-    let client = GrpcInferenceServiceClient::connect(running.url())
-        .await
-        .unwrap();
+    let running = spawn_inference(root, opts).await;
+    let client = kserve_client(running.url()).await;
     (running, client)
 }
 
@@ -101,7 +91,7 @@ fn unique_key(tag: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_planted_in_dev_shm_is_refused_and_its_target_untouched() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_server, mut client) = start(tmp.path(), ServerOptions::default()).await;
+    let (_server, mut client) = start(tmp.path(), ServeOptions::default()).await;
     let secret = tmp.path().join("secret");
     std::fs::write(&secret, vec![b's'; 8192]).unwrap();
     let key = unique_key("link");
@@ -131,7 +121,7 @@ async fn a_link_planted_in_dev_shm_is_refused_and_its_target_untouched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shrinking_an_object_under_load_fails_its_requests_and_the_server_keeps_serving() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_server, mut client) = start(tmp.path(), ServerOptions::default()).await;
+    let (_server, mut client) = start(tmp.path(), ServeOptions::default()).await;
     let key = unique_key("shrink");
     let size = (face_len(1) + audio_len(1)) as u64;
     let object = OwnedObject::create(&key, size).unwrap();
@@ -199,7 +189,7 @@ async fn shrinking_an_object_under_load_fails_its_requests_and_the_server_keeps_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_several_tokens_each_client_sees_and_uses_only_its_own_regions() {
     let tmp = tempfile::tempdir().unwrap();
-    let opts = ServerOptions {
+    let opts = ServeOptions {
         auth_token: Some("alice-token,bob-token".into()),
         ..Default::default()
     };
@@ -267,7 +257,7 @@ async fn with_several_tokens_each_client_sees_and_uses_only_its_own_regions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registrations_past_max_shm_regions_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let opts = ServerOptions {
+    let opts = ServeOptions {
         max_shm_regions: 3,
         ..Default::default()
     };
@@ -304,7 +294,7 @@ async fn registrations_past_max_shm_regions_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_messages_never_echo_a_client_string_unbounded() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_server, mut client) = start(tmp.path(), ServerOptions::default()).await;
+    let (_server, mut client) = start(tmp.path(), ServeOptions::default()).await;
     let huge = "n".repeat(100_000);
     let small = |e: tonic::Status, code: Code| {
         assert_eq!(
@@ -360,7 +350,7 @@ async fn error_messages_never_echo_a_client_string_unbounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_protocol_is_held_strictly_as_triton_holds_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let opts = ServerOptions {
+    let opts = ServeOptions {
         max_message_bytes: 256 << 10,
         ..Default::default()
     };

@@ -2,10 +2,10 @@
 //! models too large to ever fit. Real TorchScript models, real gRPC on loopback.
 
 use bytes::Bytes;
+use framecast_e2e::{kserve_client, spawn_inference_with};
 use framecast_inference::metrics::Metrics;
-use framecast_inference::models::{ExecOptions, ModelManager};
-use framecast_inference::repository::Repository;
-use framecast_inference::server::{self, Running, ServerOptions};
+use framecast_inference::models::ExecOptions;
+use framecast_inference::server::Running;
 use framecast_inference::zoo::{self, Builtin, ZooOptions};
 use framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
 use framecast_proto::kserve::model_infer_request::InferInputTensor;
@@ -70,18 +70,9 @@ async fn start_with(
     exec: ExecOptions,
 ) -> (Running, GrpcInferenceServiceClient<Channel>, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
-    let models = Arc::new(ModelManager::new(
-        Repository::open(&root.join("repo")).unwrap(),
-        exec,
-        true,
-        metrics.clone(),
-    ));
-    let running = server::spawn_on_loopback(models, ServerOptions::default())
-        .await
-        .unwrap();
-    let client = GrpcInferenceServiceClient::connect(running.url())
-        .await
-        .unwrap();
+    let repo = root.join("repo");
+    let running = spawn_inference_with(&repo, exec, metrics.clone(), Default::default()).await;
+    let client = kserve_client(running.url()).await;
     (running, client, metrics)
 }
 

@@ -1,0 +1,359 @@
+//! Client of the inference service: a pool of replicas, each reached over one kept-alive
+//! HTTP/2 connection carrying a long-lived `ModelStreamInfer` stream on which many batches
+//! are in flight at once (responses are matched by request id).
+//!
+//! Each batch goes to the less loaded of two healthy replicas picked at random
+//! (power of two choices). A replica whose stream breaks is marked unhealthy, its in-flight
+//! batches are retried once on another replica, and a background health check brings it back
+//! when it answers again. A URL whose host is a DNS name stands for every address it resolves
+//! to, looked up again and again, so operators add GPU workers without touching the
+//! compositor (see [`crate::discovery`]).
+//!
+//! A replica on the same host gets the tensors through shared memory instead of the stream
+//! (see [`crate::shm_pool`]); one that cannot map them gets them over gRPC.
+//!
+//! One file each: [`replica`] (one endpoint and the requests multiplexed on its stream),
+//! [`health`] (the background readiness probe), [`model_info`] (what the compositor needs
+//! of a model's metadata); discovery's half that reshapes the pool is in
+//! [`crate::discovery`]. This file is the pool: picking a replica, retrying, shared memory.
+//!
+//! The client speaks in the `tonic::Status`es it receives; the ones it makes itself (no
+//! replica, a stream lost, no answer in time) are those gRPC would have given for the same
+//! failure, so callers handle both alike.
+
+mod health;
+mod model_info;
+mod replica;
+
+pub use model_info::ModelInfo;
+use replica::InFlight;
+pub(crate) use replica::Replica;
+
+use crate::discovery::{self, Resolve, SystemResolver};
+use crate::shm_pool::Lease;
+use framecast_proto::auth::authorize;
+use framecast_proto::deadline::{timeout_parameter, PARAM_TIMEOUT};
+use framecast_proto::kserve::{ModelInferRequest, ModelInferResponse, ModelMetadataRequest};
+use framecast_telemetry::prometheus::IntGaugeVec;
+use framecast_telemetry::tls::ClientTls;
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::{Code, Request, Status};
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub keep_alive_interval: Duration,
+    pub keep_alive_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Longest wait for one batch's response.
+    pub request_timeout: Duration,
+    pub health_interval: Duration,
+    /// Time between DNS lookups of the URLs' host names; zero: no lookups, each URL is one
+    /// replica reached by name.
+    pub resolve_interval: Duration,
+    pub max_message_bytes: usize,
+    /// Try shared memory with each replica (used only where the replica can map it).
+    pub shared_memory: bool,
+    /// Bearer token the inference replicas require, if any.
+    pub token: Option<String>,
+    /// TLS to the replicas (their URLs are then https://).
+    pub tls: Option<ClientTls>,
+    /// Set after every health check to the replicas by health (`healthy`, `unhealthy`).
+    pub replicas_gauge: Option<IntGaugeVec>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            keep_alive_interval: Duration::from_secs(10),
+            keep_alive_timeout: Duration::from_secs(20),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            health_interval: Duration::from_secs(2),
+            resolve_interval: Duration::from_secs(10),
+            max_message_bytes: framecast_proto::DEFAULT_MAX_MESSAGE_BYTES,
+            shared_memory: true,
+            token: None,
+            tls: None,
+            replicas_gauge: None,
+        }
+    }
+}
+
+/// The output a batch wants back: its name and size, so it can be placed in shared memory.
+#[derive(Debug, Clone)]
+pub struct Expected {
+    pub output: String,
+    pub bytes: usize,
+}
+
+/// Puts the result the server wrote into the slot where a gRPC response would carry it.
+fn with_result(
+    mut resp: ModelInferResponse,
+    lease: Lease,
+    offset: usize,
+    expected: &Expected,
+) -> Result<ModelInferResponse, Status> {
+    let idx = resp
+        .outputs
+        .iter()
+        .position(|o| o.name == expected.output)
+        .ok_or_else(|| {
+            Status::internal(format!(
+                "inference response lacks output '{}'",
+                expected.output
+            ))
+        })?;
+    let data = lease
+        .result(offset, expected.bytes)
+        .map_err(|e| Status::internal(format!("shared-memory result: {e}")))?;
+    if resp.raw_output_contents.len() <= idx {
+        resp.raw_output_contents.resize(idx + 1, Default::default());
+    }
+    resp.raw_output_contents[idx] = data;
+    Ok(resp)
+}
+
+/// The replicas batches may go to now; replaced whole when discovery changes it, so a
+/// batch works on one consistent snapshot.
+pub(crate) type Replicas = Arc<Vec<Arc<Replica>>>;
+
+/// The pool of inference replicas.
+#[derive(Clone)]
+pub struct InferenceClient {
+    replicas: Arc<RwLock<Replicas>>,
+    info: Arc<Mutex<HashMap<String, Arc<ModelInfo>>>>,
+    next_id: Arc<AtomicU64>,
+    shm_batches: Arc<AtomicU64>,
+    opts: ClientOptions,
+}
+
+impl InferenceClient {
+    /// A pool over `urls` (e.g. `http://10.0.0.5:8001`); connects on first use, reconnects by
+    /// itself, health-checks every replica in the background, and looks host names up with
+    /// the system resolver. Call inside a tokio runtime.
+    pub fn connect_lazy(urls: &[String], opts: &ClientOptions) -> Result<Self, String> {
+        Self::connect_lazy_with(urls, opts, Arc::new(SystemResolver))
+    }
+
+    /// [`Self::connect_lazy`] with the host names looked up by `resolver`.
+    pub fn connect_lazy_with(
+        urls: &[String],
+        opts: &ClientOptions,
+        resolver: Arc<dyn Resolve>,
+    ) -> Result<Self, String> {
+        if urls.is_empty() {
+            return Err("inference: at least one endpoint URL is required".into());
+        }
+        let mut names = Vec::new();
+        for url in urls {
+            if let Some(n) = discovery::named(url)? {
+                names.push(n);
+            }
+        }
+        let replicas = urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| Replica::open(i as u64, url, None, opts))
+            .collect::<Result<Vec<_>, String>>()?;
+        let replicas = Arc::new(RwLock::new(Arc::new(replicas)));
+        health::spawn_checks(
+            Arc::downgrade(&replicas),
+            opts.health_interval,
+            opts.replicas_gauge.clone(),
+        );
+        if !opts.resolve_interval.is_zero() && !names.is_empty() {
+            discovery::spawn(
+                Arc::downgrade(&replicas),
+                names,
+                resolver,
+                opts.clone(),
+                urls.len() as u64,
+            );
+        }
+        Ok(InferenceClient {
+            replicas,
+            info: Arc::default(),
+            next_id: Arc::new(AtomicU64::new(1)),
+            shm_batches: Arc::default(),
+            opts: opts.clone(),
+        })
+    }
+
+    fn snapshot(&self) -> Replicas {
+        self.replicas.read().clone()
+    }
+
+    /// Replicas and whether each is healthy.
+    pub fn health(&self) -> Vec<(String, bool)> {
+        self.snapshot()
+            .iter()
+            .map(|r| (r.label.clone(), r.healthy.load(Ordering::Acquire)))
+            .collect()
+    }
+
+    /// Power of two choices among healthy replicas (all of them if none is healthy, so a
+    /// recovered fleet is found without waiting for the health check), skipping `avoid`.
+    fn pick(
+        &self,
+        replicas: &[Arc<Replica>],
+        avoid: Option<&Arc<Replica>>,
+    ) -> Option<Arc<Replica>> {
+        let allowed = |r: &&Arc<Replica>| avoid.is_none_or(|a| !Arc::ptr_eq(a, r));
+        let healthy: Vec<&Arc<Replica>> = replicas
+            .iter()
+            .filter(allowed)
+            .filter(|r| r.healthy.load(Ordering::Acquire))
+            .collect();
+        let candidates = if healthy.is_empty() {
+            replicas.iter().filter(allowed).collect()
+        } else {
+            healthy
+        };
+        match candidates.len() {
+            0 => None,
+            1 => Some(candidates[0].clone()),
+            n => {
+                let r = self
+                    .next_id
+                    .fetch_add(1, Ordering::Relaxed)
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let a = (r % n as u64) as usize;
+                let b = (a + 1 + ((r >> 32) % (n as u64 - 1)) as usize) % n;
+                let load = |i: usize| candidates[i].in_flight.load(Ordering::Acquire);
+                Some(candidates[if load(b) < load(a) { b } else { a }].clone())
+            }
+        }
+    }
+
+    /// Batches whose tensors went through shared memory so far.
+    pub fn shared_memory_batches(&self) -> u64 {
+        self.shm_batches.load(Ordering::Relaxed)
+    }
+
+    /// Runs one batch on the pool; a batch lost to a failing replica is retried once on
+    /// another. The response carries `expected.output` in `raw_output_contents` however it
+    /// travelled. A `deadline` travels with the request (its `timeout` parameter), so the
+    /// server drops it unexecuted once it has passed, and bounds the wait here.
+    pub async fn infer(
+        &self,
+        req: ModelInferRequest,
+        expected: &Expected,
+        deadline: Option<Instant>,
+    ) -> Result<ModelInferResponse, Status> {
+        let first = self
+            .pick(&self.snapshot(), None)
+            .ok_or_else(|| Status::unavailable("no inference replica configured"))?;
+        let result = self.infer_on(&first, req.clone(), expected, deadline).await;
+        if let Err(s) = &result {
+            // The model refused the batch's shapes: it may have been reloaded with another
+            // contract since its metadata was cached. Ask again next time.
+            if matches!(s.code(), Code::InvalidArgument | Code::FailedPrecondition) {
+                self.info.lock().remove(&req.model_name);
+            }
+        }
+        match result {
+            Err(s) if s.code() == Code::Unavailable => {
+                // Another replica, from the pool as it is now (discovery may have changed it).
+                let Some(second) = self.pick(&self.snapshot(), Some(&first)) else {
+                    return Err(s);
+                };
+                first.healthy.store(false, Ordering::Release);
+                tracing::warn!(from = %first.label, to = %second.label, "retrying batch on another replica");
+                self.infer_on(&second, req, expected, deadline).await
+            }
+            other => other,
+        }
+    }
+
+    async fn infer_on(
+        &self,
+        replica: &Replica,
+        mut req: ModelInferRequest,
+        expected: &Expected,
+        deadline: Option<Instant>,
+    ) -> Result<ModelInferResponse, Status> {
+        let mut timeout = self.opts.request_timeout;
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Status::deadline_exceeded(
+                    "the caller's deadline passed before the batch was sent",
+                ));
+            }
+            timeout = timeout.min(left);
+            req.parameters
+                .insert(PARAM_TIMEOUT.to_string(), timeout_parameter(left));
+        }
+        replica.in_flight.fetch_add(1, Ordering::AcqRel);
+        let _guard = InFlight(replica);
+        if let Some(pool) = &replica.shm {
+            let in_bytes: usize = req.raw_input_contents.iter().map(|b| b.len()).sum();
+            if let Some(lease) = pool.lease(in_bytes + expected.bytes).await {
+                let mut shm_req = req.clone();
+                match lease.attach(&mut shm_req, &expected.output, expected.bytes) {
+                    Ok(()) => {
+                        let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
+                        match replica.infer(shm_req, id, timeout).await {
+                            Ok(resp) => {
+                                self.shm_batches.fetch_add(1, Ordering::Relaxed);
+                                return with_result(resp, lease, in_bytes, expected);
+                            }
+                            // A restarted server forgot our regions: register anew next time,
+                            // send this batch over gRPC.
+                            Err(s)
+                                if framecast_proto::status::reason(&s)
+                                    == Some(framecast_proto::status::REASON_SHM_REGION_UNKNOWN) =>
+                            {
+                                tracing::warn!(replica = %replica.label, "shared-memory regions lost; registering again");
+                                pool.reset();
+                            }
+                            Err(s) => return Err(s),
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "batch not placed in shared memory"),
+                }
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
+        replica.infer(req, id, timeout).await
+    }
+
+    /// Metadata of `model`, cached after the first answer until a batch of it is refused
+    /// as malformed (the model may have been reloaded with other shapes).
+    pub async fn model_info(&self, model: &str) -> Result<Arc<ModelInfo>, Status> {
+        if let Some(i) = self.info.lock().get(model) {
+            return Ok(i.clone());
+        }
+        let mut last = Status::unavailable("no inference replica configured");
+        let replicas = self.snapshot();
+        for _ in 0..replicas.len() {
+            let Some(replica) = self.pick(&replicas, None) else {
+                break;
+            };
+            let request = ModelMetadataRequest {
+                name: model.to_string(),
+                version: String::new(),
+            };
+            let request = authorize(Request::new(request), replica.token.as_deref())?;
+            match replica.client.clone().model_metadata(request).await {
+                Ok(meta) => {
+                    let meta = meta.into_inner();
+                    let info = Arc::new(
+                        ModelInfo::from_metadata(model, meta.inputs, &meta.outputs)
+                            .map_err(Status::failed_precondition)?,
+                    );
+                    self.info.lock().insert(model.to_string(), info.clone());
+                    return Ok(info);
+                }
+                Err(s) if s.code() == Code::Unavailable => last = s,
+                Err(s) => return Err(s),
+            }
+        }
+        Err(last)
+    }
+}

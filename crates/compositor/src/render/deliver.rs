@@ -1,0 +1,125 @@
+//! A batch's frames composited in parallel on the rayon pool and sent in order, each as soon
+//! as it and every frame before it are done.
+
+use super::plan::Plan;
+use super::{BatchTiming, FrameSink};
+use crate::error::Error;
+use crate::metrics::Metrics;
+use bytes::Bytes;
+use framecast_proto::compositor::v1::{ImageFormat, RenderedFrame, StageTimings};
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::SendTimeoutError;
+
+struct Composed {
+    jpeg: Vec<u8>,
+    blend: Duration,
+    encode: Duration,
+}
+
+/// Why a frame of a batch has no JPEG.
+enum FrameError {
+    /// Not composited: the client went away or its deadline passed.
+    Skipped,
+    Failed(String),
+}
+
+/// Composites frames `lo..hi` of `plan` from their `crops` and sends them on `sink` in
+/// order. Returns false when the client has gone away.
+pub(super) async fn batch(
+    plan: &Arc<Plan>,
+    lo: usize,
+    hi: usize,
+    crops: Bytes,
+    timing: BatchTiming,
+    metrics: &Metrics,
+    sink: &FrameSink,
+) -> Result<bool, Error> {
+    let n = hi - lo;
+    let per = crops.len() / n.max(1);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let work = plan.clone();
+    let watch = sink.clone();
+    rayon::spawn(move || {
+        (0..n).into_par_iter().for_each_with(tx.clone(), |tx, i| {
+            let bg = work.avatar.background_index(work.start + (lo + i) as u64);
+            // A client gone or out of time stops the rest of the batch here, not after it.
+            let r = if watch.is_closed() || work.past_deadline() {
+                Err(FrameError::Skipped)
+            } else {
+                let crop = &crops[i * per..(i + 1) * per];
+                super::compose(&work.avatar, bg, crop, work.quality, work.subsampling)
+                    .map(|(jpeg, blend, encode)| Composed {
+                        jpeg,
+                        blend,
+                        encode,
+                    })
+                    .map_err(FrameError::Failed)
+            };
+            let _ = tx.send((i, bg, r));
+        });
+    });
+    let mut pending = BTreeMap::new();
+    let mut emitted = 0usize;
+    while emitted < n {
+        let (i, bg, r) = rx
+            .recv()
+            .await
+            .ok_or_else(|| Error::Internal("compositing worker stopped".into()))?;
+        pending.insert(i, (bg, r));
+        while let Some((bg, r)) = pending.remove(&emitted) {
+            let frame_index = plan.start + (lo + emitted) as u64;
+            let c = match r {
+                Ok(c) => c,
+                Err(FrameError::Skipped) if sink.is_closed() => return Ok(false),
+                Err(FrameError::Skipped) => {
+                    plan.check_deadline(lo + emitted, hi)?;
+                    return Err(Error::Internal(format!("frame {frame_index} was skipped")));
+                }
+                Err(FrameError::Failed(e)) => {
+                    return Err(Error::Internal(format!("frame {frame_index}: {e}")))
+                }
+            };
+            let m = &plan.avatar.manifest;
+            let frame = RenderedFrame {
+                request_id: plan.request_id.clone(),
+                frame_index,
+                background_index: bg as u32,
+                image: Bytes::from(c.jpeg),
+                format: ImageFormat::Jpeg as i32,
+                width: m.width,
+                height: m.height,
+                timings: Some(StageTimings {
+                    queue_us: timing.queue.as_micros() as u64,
+                    inference_us: timing.inference.as_micros() as u64,
+                    blend_us: c.blend.as_micros() as u64,
+                    encode_us: c.encode.as_micros() as u64,
+                    total_us: plan.arrived.elapsed().as_micros() as u64,
+                }),
+                last_in_request: lo + emitted + 1 == plan.count,
+            };
+            match sink.send_timeout(Ok(frame), plan.idle_timeout).await {
+                Ok(()) => {}
+                Err(SendTimeoutError::Closed(_)) => return Ok(false),
+                Err(SendTimeoutError::Timeout(_)) => {
+                    return Err(Error::DeadlineExceeded(format!(
+                        "stream idle: the client took no frame for {} s (--stream-idle-timeout-s)",
+                        plan.idle_timeout.as_secs_f64()
+                    )))
+                }
+            }
+            metrics.frames.inc();
+            metrics.blend_seconds.observe(c.blend.as_secs_f64());
+            metrics.encode_seconds.observe(c.encode.as_secs_f64());
+            metrics
+                .end_to_end_seconds
+                .observe(plan.arrived.elapsed().as_secs_f64());
+            emitted += 1;
+        }
+    }
+    while rx.recv().await.is_some() {}
+    Ok(true)
+}

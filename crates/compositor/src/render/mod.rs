@@ -1,0 +1,149 @@
+//! One `RenderRequest` from validation to frames on the stream.
+//!
+//! The requested frames are cut into batches of at most `max_batch`. Up to `pipeline_depth`
+//! batches are at the inference service at once, so the GPU works on batch k+1 while this
+//! process blends and encodes batch k. Within a batch, frames are blended and encoded in
+//! parallel on the rayon pool and sent in order as soon as each and its predecessors are done.
+//!
+//! The steps, one file each: [`plan`] checks the request against its avatar and model;
+//! [`wire`] builds each batch's KServe request and reads the face crops out of the answer;
+//! [`composite`] pastes one crop into its background and encodes the frame; [`deliver`] runs a
+//! batch's frames on the rayon pool and sends them in order. This file schedules the batches.
+
+mod composite;
+mod deliver;
+mod plan;
+mod wire;
+
+pub use composite::compose;
+
+use crate::avatar::Avatar;
+use crate::encode::Subsampling;
+use crate::error::Error;
+use crate::inference::{InferenceClient, ModelInfo};
+use crate::metrics::Metrics;
+use framecast_proto::compositor::v1::{RenderRequest, RenderedFrame};
+use framecast_proto::kserve::ModelInferResponse;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::Status;
+use tracing::Instrument;
+
+/// Render settings shared by every request.
+#[derive(Debug, Clone)]
+pub struct RenderOptions {
+    /// Frames per inference call.
+    pub max_batch: usize,
+    /// Largest `frame_count` a request may ask for.
+    pub max_frames_per_request: u32,
+    /// Batches at the inference service at once per request.
+    pub pipeline_depth: usize,
+    pub subsampling: Subsampling,
+    /// A stream waiting this long for its client (to send the next request, or to take a
+    /// frame) is ended.
+    pub idle_timeout: Duration,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        RenderOptions {
+            max_batch: 24,
+            max_frames_per_request: 3000,
+            pipeline_depth: 2,
+            subsampling: Subsampling::S420,
+            idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// How long a Render stream may wait for its client, with nothing in flight, before it is
+/// ended and its admission slot freed.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where frames go; a closed receiver means the client went away.
+pub type FrameSink = mpsc::Sender<Result<RenderedFrame, Status>>;
+
+/// Renders one request onto `sink`. Returns an error for the stream, or Ok when done (also
+/// when the client went away: there is no one left to tell). Past `deadline` no batch is
+/// sent for inference or composited, and the error is DEADLINE_EXCEEDED.
+#[allow(clippy::too_many_arguments)]
+pub async fn render(
+    req: RenderRequest,
+    avatar: Arc<Avatar>,
+    model: Arc<ModelInfo>,
+    client: &InferenceClient,
+    opts: &RenderOptions,
+    metrics: &Metrics,
+    sink: &FrameSink,
+    deadline: Option<Instant>,
+) -> Result<(), Error> {
+    let arrived = Instant::now();
+    let plan = Arc::new(plan::validate(req, avatar, model, opts, arrived, deadline)?);
+    let batch = opts.max_batch.max(1);
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    let mut next = 0usize;
+    while next < plan.count || !in_flight.is_empty() {
+        while next < plan.count && in_flight.len() < opts.pipeline_depth.max(1) {
+            let end = (next + batch).min(plan.count);
+            let (request, expected) = wire::infer_request(&plan, next, end);
+            let client = client.clone();
+            let sent = Instant::now();
+            in_flight.push_back((
+                next,
+                end,
+                sent,
+                tokio::spawn(
+                    async move { client.infer(request, &expected, deadline).await }
+                        .in_current_span(),
+                ),
+            ));
+            next = end;
+        }
+        let Some((lo, hi, sent, handle)) = in_flight.pop_front() else {
+            break;
+        };
+        let response = handle
+            .await
+            .map_err(|e| Error::Internal(format!("inference task failed: {e}")))?
+            .map_err(|s| Error::inference(format!("inference for frames {lo}..{hi}"), s))?;
+        if let Err(e) = plan.check_deadline(lo, hi) {
+            for (.., h) in in_flight {
+                h.abort();
+            }
+            return Err(e);
+        }
+        let timing = BatchTiming {
+            queue: sent - plan.arrived,
+            inference: sent.elapsed(),
+        };
+        metrics.queue_seconds.observe(timing.queue.as_secs_f64());
+        metrics
+            .inference_seconds
+            .observe(timing.inference.as_secs_f64());
+        let crops = wire::face_crops(&plan, response, hi - lo)?;
+        if !deliver::batch(&plan, lo, hi, crops, timing, metrics, sink).await? {
+            // Client gone: drop the batches still in flight.
+            for (.., h) in in_flight {
+                h.abort();
+            }
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// A batch at the inference service: its frame range, when it was sent, and the call.
+type InFlight = (
+    usize,
+    usize,
+    Instant,
+    tokio::task::JoinHandle<Result<ModelInferResponse, Status>>,
+);
+
+#[derive(Clone, Copy)]
+struct BatchTiming {
+    queue: Duration,
+    inference: Duration,
+}
