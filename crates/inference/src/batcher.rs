@@ -229,8 +229,7 @@ fn execute<B: Backend>(
 }
 
 /// Frees a batch's tensors on a thread of their own. Handing tens of MB of pages back to the
-/// kernel takes milliseconds (4-5 ms for a 24-frame batch on the development machine), which
-/// neither the batch's callers nor the next batch in the queue should wait for. At most two
+/// kernel takes milliseconds (measured in docs/performance.md), which neither the batch's callers nor the next batch in the queue should wait for. At most two
 /// batches wait to be freed; past that the worker frees its own, so memory stays bounded.
 ///
 /// The same thread gives freed heap back to the system once batches stop for

@@ -7,8 +7,8 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 /// Accepted connections of `listener`, with TCP_NODELAY: tonic's builder option only reaches
-/// listeners tonic binds itself, and without it Nagle and delayed ACKs hold small replies for
-/// ~40 ms.
+/// listeners tonic binds itself, and without it Nagle and delayed ACKs hold small replies
+/// back (docs/performance.md has the measurement).
 pub fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
