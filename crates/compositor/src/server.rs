@@ -55,13 +55,6 @@ async fn serve_draining(
     opts: ServeOptions,
     drain: Drain,
 ) -> anyhow::Result<()> {
-    let (health, health_svc) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<CompositorServer<CompositorService>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(framecast_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
     let compositor = CompositorServer::new(svc)
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);
@@ -72,16 +65,7 @@ async fn serve_draining(
         stream: 8 << 20,
         connection: 32 << 20,
     };
-    running::grpc_server(windows, opts.tls.as_ref())?
-        .add_service(health_svc)
-        .add_service(reflection)
-        .add_service(compositor)
-        .serve_with_incoming_shutdown(
-            running::incoming(listener),
-            async move { drain.started().await },
-        )
-        .await?;
-    Ok(())
+    running::serve_grpc(listener, windows, opts.tls.as_ref(), compositor, drain).await
 }
 
 /// Starts a server on an ephemeral loopback port (tests, benchmarks, embedding).

@@ -82,13 +82,6 @@ async fn serve_draining(
     if auth.is_on() {
         svc = svc.scoped_by_token();
     }
-    let (health, health_svc) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<GrpcInferenceServiceServer<InferenceService>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(framecast_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
     let kserve = GrpcInferenceServiceServer::new(svc)
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);
@@ -98,16 +91,7 @@ async fn serve_draining(
         stream: 16 << 20,
         connection: 64 << 20,
     };
-    running::grpc_server(windows, opts.tls.as_ref())?
-        .add_service(health_svc)
-        .add_service(reflection)
-        .add_service(kserve)
-        .serve_with_incoming_shutdown(
-            running::incoming(listener),
-            async move { drain.started().await },
-        )
-        .await?;
-    Ok(())
+    running::serve_grpc(listener, windows, opts.tls.as_ref(), kserve, drain).await
 }
 
 /// Starts a server on an ephemeral loopback port (tests, benchmarks, embedding).

@@ -4,6 +4,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use tokio::net::TcpListener;
+use tonic::codegen::http;
 use tonic::transport::server::TcpIncoming;
 
 /// Accepted connections of `listener`, with TCP_NODELAY: tonic's builder option only reaches
@@ -41,6 +42,39 @@ pub fn grpc_server(
         .http2_keepalive_interval(Some(keepalive))
         .http2_keepalive_timeout(Some(keepalive));
     Ok(crate::tls::server(server, tls)?.layer(crate::OversizeLayer))
+}
+
+/// Serves `service` on `listener` over [`grpc_server`], beside the standard gRPC health
+/// service (reporting it SERVING) and reflection, until `drain` starts.
+pub async fn serve_grpc<S>(
+    listener: TcpListener,
+    windows: Windows,
+    tls: Option<&crate::tls::ServerTls>,
+    service: S,
+    drain: crate::Drain,
+) -> anyhow::Result<()>
+where
+    S: tower::Service<http::Request<tonic::body::Body>, Error = std::convert::Infallible>
+        + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Response: axum::response::IntoResponse,
+    S::Future: Send + 'static,
+{
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<S>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(framecast_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    grpc_server(windows, tls)?
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming(listener), async move { drain.started().await })
+        .await?;
+    Ok(())
 }
 
 /// The future a spawned server is told to stop with.
