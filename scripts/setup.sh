@@ -4,7 +4,7 @@
 #   - libtorch 2.11.0 (the pair of tch 0.24) unpacked from the PyPI torch wheel into a cache dir
 # Prints the environment to use as `export` lines on stdout (everything else goes to stderr), so
 #   eval "$(scripts/setup.sh)"
-# leaves LIBTORCH, LIBTORCH_CXX11_ABI and LD_LIBRARY_PATH set.
+# leaves LIBTORCH, LIBTORCH_CXX11_ABI, LD_LIBRARY_PATH and FRAMECAST_SPEECH_PYTHON set.
 #
 # FRAMECAST_CACHE   cache root (default ~/.cache/framecast)
 # FRAMECAST_TORCH   cpu (default) or cuda: which libtorch variant to prepare
@@ -23,6 +23,7 @@ need_apt=()
 command -v cmake >/dev/null || need_apt+=(cmake)
 command -v nasm >/dev/null || need_apt+=(nasm)
 command -v unzip >/dev/null || need_apt+=(unzip)
+command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} with apt-get"
   sudo=""
@@ -69,6 +70,16 @@ PY
   log "libtorch ready"
 fi
 
+speech="$cache/speech-venv"
+if [ ! -f "$speech/.complete" ]; then
+  log "preparing the librosa reference in $speech (one-time, ~150 MB)"
+  rm -rf "$speech"
+  python3 -m venv "$speech" >&2
+  "$speech/bin/python" -m pip install -q 'librosa==0.11.0' >&2
+  touch "$speech/.complete"
+fi
+
 echo "export LIBTORCH='$libtorch'"
+echo "export FRAMECAST_SPEECH_PYTHON='$speech/bin/python'"
 echo "export LIBTORCH_CXX11_ABI=1"
 echo "export LD_LIBRARY_PATH='$libtorch/lib'\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
