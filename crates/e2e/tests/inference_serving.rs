@@ -143,6 +143,62 @@ async fn builtin_models_have_the_right_output_shapes() {
     }
 }
 
+/// `audio-encoder` maps mel windows [B,1,80,16] to embeddings [B,512]: deterministic, one
+/// window's embedding the same alone or in a batch, and different windows apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audio_encoder_embeds_mel_windows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = ZooOptions {
+        max_batch_size: 4,
+        ..Default::default()
+    };
+    zoo::write(tmp.path(), Builtin::AudioEncoder, &opts).unwrap();
+    let (_server, client) = start(tmp.path()).await;
+    let window = |seed: f32| -> Vec<f32> {
+        (0..80 * 16)
+            .map(|i| ((i as f32 * 0.37 + seed).sin() * 4.0).clamp(-4.0, 4.0))
+            .collect()
+    };
+    let embed = |windows: Vec<Vec<f32>>| {
+        let n = windows.len() as i64;
+        let data: Vec<f32> = windows.concat();
+        let request = ModelInferRequest {
+            model_name: "audio-encoder".into(),
+            inputs: vec![InferInputTensor::new(
+                "mel",
+                DataType::F32,
+                vec![n, 1, 80, 16],
+            )],
+            raw_input_contents: vec![framecast_proto::tensor::encode(&data)],
+            ..Default::default()
+        };
+        let mut client = client.clone();
+        async move {
+            let resp = client.model_infer(request).await.unwrap().into_inner();
+            assert_eq!(resp.outputs[0].name, "embedding");
+            assert_eq!(resp.outputs[0].shape, vec![n, 512]);
+            framecast_proto::tensor::decode::<f32>(DataType::F32, &resp.raw_output_contents[0])
+                .unwrap()
+        }
+    };
+    let a = embed(vec![window(0.0)]).await;
+    let b = embed(vec![window(1.0)]).await;
+    let both = embed(vec![window(0.0), window(1.0)]).await;
+    assert_eq!(a.len(), 512);
+    assert!(a.iter().all(|v| v.is_finite()));
+    let close = |x: &[f32], y: &[f32]| {
+        x.iter()
+            .zip(y)
+            .all(|(p, q)| (p - q).abs() <= 1e-4 * (1.0 + q.abs()))
+    };
+    assert!(
+        close(&both[..512], &a) && close(&both[512..], &b),
+        "batching changed an embedding"
+    );
+    assert!(!close(&a, &b), "two different windows embed alike");
+    assert_eq!(embed(vec![window(0.0)]).await, a, "not deterministic");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn talking_demo_darkens_the_mouth_with_audio_energy() {
     let tmp = tempfile::tempdir().unwrap();

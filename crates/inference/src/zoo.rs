@@ -8,9 +8,12 @@
 //!   the bottleneck); deterministic weights. The reference workload for benchmarks.
 //! - `talking-demo`: opens a dark mouth in the reference crop in proportion to the audio
 //!   energy, so a person watching the demo sees the mouth move with the sound.
+//! - `audio-encoder`: the audio encoder of Wav2Lip (13 conv blocks with batch norm, ReLU and
+//!   residuals), one mel window `mel` [B,1,80,16] f32 to one `embedding` [B,512] f32; seeded
+//!   weights. Lip-sync models of the SyncTalk_2D kind take 16 such embeddings per frame.
 //!
-//! All take `face` [B,6,S,S] u8 (reference crop and its masked copy) and `audio`
-//! [B,32,16,16] f32, and return [B,3,S,S] u8.
+//! The three face models take `face` [B,6,S,S] u8 (reference crop and its masked copy) and
+//! `audio` [B,32,16,16] f32, and return [B,3,S,S] u8.
 
 use crate::config::{ModelConfig, TensorSpec, MODEL_FILE};
 use anyhow::{Context, Result};
@@ -21,8 +24,12 @@ use tch::{CModule, Device, Kind, Tensor};
 
 /// Crop size of `lipsync-ref`, fixed by its architecture.
 pub const LIPSYNC_CROP: i64 = 320;
-/// Audio feature shape every built-in model takes per frame.
+/// Audio feature shape every built-in face model takes per frame.
 pub const AUDIO_DIMS: [i64; 3] = [32, 16, 16];
+/// One mel window, the input of `audio-encoder`: 80 bands by 16 mel frames.
+pub const MEL_DIMS: [i64; 3] = [1, 80, 16];
+/// Width of one `audio-encoder` embedding.
+pub const EMBEDDING: i64 = 512;
 
 /// Which built-in model to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -30,13 +37,15 @@ pub enum Builtin {
     Passthrough,
     LipsyncRef,
     TalkingDemo,
+    AudioEncoder,
 }
 
 impl Builtin {
-    pub const ALL: [Builtin; 3] = [
+    pub const ALL: [Builtin; 4] = [
         Builtin::Passthrough,
         Builtin::LipsyncRef,
         Builtin::TalkingDemo,
+        Builtin::AudioEncoder,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,6 +53,7 @@ impl Builtin {
             Builtin::Passthrough => "passthrough",
             Builtin::LipsyncRef => "lipsync-ref",
             Builtin::TalkingDemo => "talking-demo",
+            Builtin::AudioEncoder => "audio-encoder",
         }
     }
 }
@@ -98,6 +108,19 @@ pub fn write(root: &Path, model: Builtin, opts: &ZooOptions) -> Result<PathBuf> 
             vs.freeze();
             trace(model, &[face, audio], |x| vec![net.forward(&x[0], &x[1])])?
         }
+        Builtin::AudioEncoder => {
+            tch::manual_seed(80);
+            let mut vs = nn::VarStore::new(Device::Cpu);
+            let net = audio_encoder(&vs.root());
+            vs.freeze();
+            let mel = Tensor::zeros(
+                [1, MEL_DIMS[0], MEL_DIMS[1], MEL_DIMS[2]],
+                (Kind::Float, Device::Cpu),
+            );
+            trace(model, &[mel], |x| {
+                vec![net.forward_t(&x[0], false).flatten(1, -1)]
+            })?
+        }
     };
     let path = dir.join(MODEL_FILE);
     // Write beside and rename, so a reader never sees a half-written model.
@@ -106,7 +129,11 @@ pub fn write(root: &Path, model: Builtin, opts: &ZooOptions) -> Result<PathBuf> 
         .save(&tmp)
         .with_context(|| format!("saving {}", tmp.display()))?;
     std::fs::rename(&tmp, &path)?;
-    let config = config(crop, opts);
+    let config = if model == Builtin::AudioEncoder {
+        encoder_config(opts)
+    } else {
+        config(crop, opts)
+    };
     std::fs::write(dir.join(crate::config::CONFIG_FILE), config.to_toml())?;
     Ok(dir)
 }
@@ -142,6 +169,82 @@ fn config(crop: i64, opts: &ZooOptions) -> ModelConfig {
     );
     config.max_queue_delay_us = opts.max_queue_delay_us;
     config
+}
+
+fn encoder_config(opts: &ZooOptions) -> ModelConfig {
+    let spec = |name: &str, dims: Vec<i64>| TensorSpec {
+        name: name.to_string(),
+        datatype: DataType::F32,
+        dims,
+        normalize: false,
+    };
+    let mut config = ModelConfig::new(
+        opts.max_batch_size,
+        vec![spec("mel", MEL_DIMS.to_vec())],
+        vec![spec("embedding", vec![EMBEDDING])],
+    );
+    config.max_queue_delay_us = opts.max_queue_delay_us;
+    config
+}
+
+/// One block of Wav2Lip's encoders: conv, batch norm, then ReLU, the input added before the
+/// ReLU in residual blocks.
+fn wav2lip_conv(
+    p: nn::Path,
+    cin: i64,
+    cout: i64,
+    kernel: i64,
+    stride: [i64; 2],
+    padding: i64,
+    residual: bool,
+) -> nn::FuncT<'static> {
+    let config = nn::ConvConfigND::<[i64; 2]> {
+        stride,
+        padding: [padding, padding],
+        ..Default::default()
+    };
+    let conv = nn::conv(&p / "conv", cin, cout, [kernel, kernel], config);
+    let bn = nn::batch_norm2d(&p / "bn", cout, Default::default());
+    nn::func_t(move |x, train| {
+        let y = x.apply(&conv).apply_t(&bn, train);
+        if residual {
+            (y + x).relu()
+        } else {
+            y.relu()
+        }
+    })
+}
+
+/// Wav2Lip's audio encoder: [B,1,80,16] mel windows to [B,512,1,1].
+fn audio_encoder(p: &nn::Path) -> nn::SequentialT {
+    let layers: [(i64, i64, i64, [i64; 2], i64, bool); 13] = [
+        (1, 32, 3, [1, 1], 1, false),
+        (32, 32, 3, [1, 1], 1, true),
+        (32, 32, 3, [1, 1], 1, true),
+        (32, 64, 3, [3, 1], 1, false),
+        (64, 64, 3, [1, 1], 1, true),
+        (64, 64, 3, [1, 1], 1, true),
+        (64, 128, 3, [3, 3], 1, false),
+        (128, 128, 3, [1, 1], 1, true),
+        (128, 128, 3, [1, 1], 1, true),
+        (128, 256, 3, [3, 2], 1, false),
+        (256, 256, 3, [1, 1], 1, true),
+        (256, 512, 3, [1, 1], 0, false),
+        (512, 512, 1, [1, 1], 0, false),
+    ];
+    let mut seq = nn::seq_t();
+    for (i, (cin, cout, k, stride, pad, residual)) in layers.into_iter().enumerate() {
+        seq = seq.add(wav2lip_conv(
+            p / format!("a{i}"),
+            cin,
+            cout,
+            k,
+            stride,
+            pad,
+            residual,
+        ));
+    }
+    seq
 }
 
 /// A dark, soft-edged mouth whose opening follows the mean absolute audio feature.
