@@ -88,6 +88,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             frame_count: n,
             conditioning: vec![audio_features(start as u64, n, args.fps)],
             jpeg_quality: 0,
+            audio: None,
         });
         start += n;
     }

@@ -64,6 +64,7 @@ impl Compositor {
             frame_count: self.chunk,
             conditioning: vec![self.audio.clone()],
             jpeg_quality: 0,
+            audio: None,
         }
     }
 }

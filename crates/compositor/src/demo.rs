@@ -215,8 +215,16 @@ pub fn write_demo(root: &Path, opts: &DemoOptions) -> Result<PathBuf> {
         })
         .collect::<Result<_>>()?;
     std::fs::write(tmp.join(BOXES_FILE), serde_json::to_string(&boxes)?)?;
+    // Built-in face models take `audio` [32, 16, 16]: lipsync-ref hears 16 stacked
+    // audio-encoder embeddings; the others (talking-demo opens its mouth with loudness) the
+    // window's energy.
+    let audio = if opts.model == "lipsync-ref" {
+        "[audio]\ninput = \"audio\"\nfeatures = \"encoder\"\nencoder = \"audio-encoder\"\nstack = 16\n"
+    } else {
+        "[audio]\ninput = \"audio\"\nfeatures = \"energy\"\n"
+    };
     let manifest = format!(
-        "id = \"{}\"\nfps = {:?}\nwidth = {}\nheight = {}\ncrop_size = {}\nmodel = \"{}\"\nchannel_order = [\"reference\", \"masked\"]\njpeg_quality = 75\n\n[mask]\nfeather = 0.25\n",
+        "id = \"{}\"\nfps = {:?}\nwidth = {}\nheight = {}\ncrop_size = {}\nmodel = \"{}\"\nchannel_order = [\"reference\", \"masked\"]\njpeg_quality = 75\n\n[mask]\nfeather = 0.25\n\n{audio}",
         opts.id, opts.fps, opts.width, opts.height, opts.crop_size, opts.model
     );
     std::fs::write(tmp.join(MANIFEST_FILE), manifest)?;

@@ -17,6 +17,10 @@ pub enum Error {
     /// FAILED_PRECONDITION.
     #[error("{0}")]
     Mismatch(String),
+    /// The client sent more than a bounded buffer holds (audio too far ahead of its frames).
+    /// RESOURCE_EXHAUSTED.
+    #[error("{0}")]
+    Exhausted(String),
     /// The stream's deadline passed, or its client stopped taking frames. DEADLINE_EXCEEDED.
     #[error("{0}")]
     DeadlineExceeded(String),
@@ -49,6 +53,7 @@ impl From<Error> for Status {
         match e {
             Error::Invalid(_) => Status::invalid_argument(message),
             Error::Mismatch(_) => Status::failed_precondition(message),
+            Error::Exhausted(_) => Status::resource_exhausted(message),
             Error::DeadlineExceeded(_) => Status::deadline_exceeded(message),
             Error::Avatar(a) => match a {
                 AvatarError::InvalidName(_) => Status::invalid_argument(message),
@@ -84,6 +89,10 @@ mod tests {
         let cases = [
             (invalid("frame_count 0"), Code::InvalidArgument),
             (Error::Mismatch("crop".into()), Code::FailedPrecondition),
+            (
+                Error::Exhausted("audio.pcm".into()),
+                Code::ResourceExhausted,
+            ),
             (
                 Error::DeadlineExceeded("late".into()),
                 Code::DeadlineExceeded,

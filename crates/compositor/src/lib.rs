@@ -24,6 +24,7 @@ pub mod render;
 pub mod rpc;
 pub mod server;
 pub mod shm_pool;
+pub mod speech;
 
 /// Accepts only names that are one safe path component: `[A-Za-z0-9._-]`, not starting
 /// with '.', so a request can never reach outside the avatar root.

@@ -132,6 +132,11 @@ struct ServeArgs {
     /// (DEADLINE_EXCEEDED saying so), so idle clients cannot hold --max-streams slots forever.
     #[arg(long, env = "FRAMECAST_STREAM_IDLE_TIMEOUT_S", default_value_t = RenderOptions::default().idle_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     stream_idle_timeout_s: u64,
+    /// Seconds of audio an audio session may send ahead of the frames it has received; more
+    /// is refused with RESOURCE_EXHAUSTED (audio beyond real time is held back by HTTP/2 flow
+    /// control until then).
+    #[arg(long, env = "FRAMECAST_MAX_AUDIO_AHEAD_S", default_value_t = RenderOptions::default().max_audio_ahead.as_secs(), value_parser = clap::value_parser!(u64).range(1..=600))]
+    max_audio_ahead_s: u64,
     /// On SIGTERM: stop accepting, let each stream finish the request it is rendering for at
     /// most this many seconds, then exit.
     #[arg(long, env = "FRAMECAST_SHUTDOWN_GRACE_S", default_value_t = ServeOptions::default().grace.as_secs())]
@@ -287,6 +292,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         pipeline_depth: args.pipeline_depth,
         subsampling: args.subsampling,
         idle_timeout: Duration::from_secs(args.stream_idle_timeout_s),
+        max_audio_ahead: Duration::from_secs(args.max_audio_ahead_s),
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

@@ -20,6 +20,14 @@
 //! [mask]
 //! feather = 0.25        # soft edge, as a fraction of the mask radius (0..1]
 //! image = "mask.png"    # optional; replaces the built-in lower-face ellipse
+//! [audio]               # optional: how the model hears speech sent on Render
+//! input = "audio"       # the model input speech drives
+//! features = "encoder"  # "mel": the 1x80x16 mel window itself (Wav2Lip);
+//!                       # "encoder": `stack` embeddings of `encoder`, centred on the frame
+//!                       #   (SyncTalk_2D: 16 x 512 viewed as the input's shape);
+//!                       # "energy": the window's loudness in [0, 1], every element
+//! encoder = "audio-encoder"
+//! stack = 16
 //! ```
 
 use serde::Deserialize;
@@ -69,6 +77,34 @@ fn default_order() -> Vec<Channel> {
     vec![Channel::Reference, Channel::Masked]
 }
 
+/// What a model's audio input receives per frame, computed from speech sent on `Render`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AudioFeatures {
+    /// The frame's mel window, [1, 80, 16].
+    Mel,
+    /// `stack` embeddings of the frame's neighbourhood by the encoder model.
+    Encoder,
+    /// The window's loudness in [0, 1] in every element.
+    Energy,
+}
+
+/// The `[audio]` table: how the avatar's model gets its audio.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AudioSettings {
+    pub input: String,
+    pub features: AudioFeatures,
+    #[serde(default)]
+    pub encoder: Option<String>,
+    #[serde(default = "default_stack")]
+    pub stack: usize,
+}
+
+fn default_stack() -> usize {
+    16
+}
+
 /// The parsed `avatar.toml`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,6 +121,8 @@ pub struct Manifest {
     pub jpeg_quality: u8,
     #[serde(default)]
     pub mask: MaskSettings,
+    #[serde(default)]
+    pub audio: Option<AudioSettings>,
 }
 
 /// A face box in frame pixels.
@@ -196,6 +234,26 @@ impl Manifest {
                 p.push(format!(
                     "mask.image {img:?} must be a file name inside the bundle"
                 ));
+            }
+        }
+        if let Some(a) = &self.audio {
+            if a.input.is_empty() {
+                p.push("audio.input is empty".to_string());
+            }
+            match (a.features, &a.encoder) {
+                (AudioFeatures::Encoder, None) => {
+                    p.push("audio.encoder is required with features = \"encoder\"".to_string())
+                }
+                (AudioFeatures::Encoder, Some(e)) if crate::check_name(e).is_err() => {
+                    p.push(format!("audio.encoder {e:?} must be a model name"))
+                }
+                (AudioFeatures::Mel | AudioFeatures::Energy, Some(_)) => {
+                    p.push("audio.encoder is only read with features = \"encoder\"".to_string())
+                }
+                _ => {}
+            }
+            if !(1..=64).contains(&a.stack) {
+                p.push(format!("audio.stack {} is out of range 1..=64", a.stack));
             }
         }
         p

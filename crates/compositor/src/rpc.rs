@@ -1,11 +1,14 @@
 //! The `framecast.compositor.v1.Compositor` RPCs: the gRPC edge, where [`Error`]s become
 //! statuses. The transport that serves them is [`crate::server`].
 
+use crate::avatar::Avatar;
 use crate::avatar_store::{AvatarStatus, AvatarStore};
-use crate::error::Error;
+use crate::error::{invalid, Error};
 use crate::inference::InferenceClient;
+use crate::inference::ModelInfo;
 use crate::metrics::Metrics;
 use crate::render::{self, RenderOptions};
+use crate::speech::Session;
 use framecast_proto::compositor::v1::{
     compositor_server::Compositor, AvatarInfo, ListAvatarsRequest, ListAvatarsResponse,
     LoadAvatarRequest, LoadAvatarResponse, RenderRequest, RenderedFrame, UnloadAvatarRequest,
@@ -99,28 +102,67 @@ impl CompositorService {
         // Held until the render ends: the avatar cannot be evicted under it.
         let lease = self.store.get(&req.avatar_id).await?;
         let avatar = lease.value().clone();
-        let model = self
-            .inference
-            .model_info(&avatar.manifest.model)
+        let model = self.model_of(&avatar).await?;
+        render::render(req, avatar, model, &self.target(sink, deadline), true).await
+    }
+
+    /// One message of an audio session: opens the session (its first), takes its audio and
+    /// renders the frames it completes; the session ends with the frames of its last audio.
+    async fn speak(
+        &self,
+        session: &mut Option<Session>,
+        req: RenderRequest,
+        sink: &render::FrameSink,
+        deadline: Option<Instant>,
+    ) -> Result<(), Error> {
+        let Some(chunk) = &req.audio else {
+            let open = session.as_ref().map(|s| s.request_id()).unwrap_or_default();
+            return Err(invalid(format!(
+                "audio: a request without audio arrived while audio session '{}' is open; end the session with audio.end_of_speech first",
+                echo(open)
+            )));
+        };
+        let s = match session {
+            Some(s) => {
+                s.check_continuation(&req, chunk)?;
+                s
+            }
+            None => {
+                let lease = self.store.get(&req.avatar_id).await?;
+                let model = self.model_of(lease.value()).await?;
+                let opened = Session::open(&req, chunk, lease, model, &self.inference).await?;
+                session.insert(opened)
+            }
+        };
+        s.push(chunk, &self.opts)?;
+        s.render_ready(&self.target(sink, deadline)).await?;
+        if s.done() {
+            *session = None;
+        }
+        Ok(())
+    }
+
+    /// The face model of `avatar`.
+    async fn model_of(&self, avatar: &Avatar) -> Result<Arc<ModelInfo>, Error> {
+        let m = &avatar.manifest;
+        self.inference
+            .model_info(&m.model)
             .await
-            .map_err(|s| {
-                let context = format!(
-                    "model '{}' of avatar '{}'",
-                    avatar.manifest.model, avatar.manifest.id
-                );
-                Error::inference(context, s)
-            })?;
-        render::render(
-            req,
-            avatar,
-            model,
-            &self.inference,
-            &self.opts,
-            &self.metrics,
+            .map_err(|s| Error::inference(format!("model '{}' of avatar '{}'", m.model, m.id), s))
+    }
+
+    fn target<'a>(
+        &'a self,
+        sink: &'a render::FrameSink,
+        deadline: Option<Instant>,
+    ) -> render::Target<'a> {
+        render::Target {
+            client: &self.inference,
+            opts: &self.opts,
+            metrics: &self.metrics,
             sink,
             deadline,
-        )
-        .await
+        }
     }
 }
 
@@ -154,6 +196,7 @@ impl Compositor for CompositorService {
         tokio::spawn(async move {
             let _permit = permit;
             this.metrics.streams_active.inc();
+            let mut session: Option<Session> = None;
             // Requests on one stream render one after another, so frames leave in the order
             // they were asked for.
             loop {
@@ -195,17 +238,23 @@ impl Compositor for CompositorService {
                     start = req.start_frame,
                     frames = req.frame_count,
                 );
-                let result = this
-                    .render_one(req, &tx, deadline)
-                    .instrument(span)
-                    .await
-                    .map_err(Status::from);
+                let result = if req.audio.is_some() || session.is_some() {
+                    this.speak(&mut session, req, &tx, deadline)
+                        .instrument(span)
+                        .await
+                } else {
+                    this.render_one(req, &tx, deadline).instrument(span).await
+                };
+                let result = result.map_err(Status::from);
                 let outcome = match &result {
                     Ok(()) if tx.is_closed() => "cancelled",
                     Ok(()) => "ok",
                     Err(s) => framecast_proto::status::label(s.code()),
                 };
-                this.metrics.requests.with_label_values(&[outcome]).inc();
+                // An audio session counts once, when it ends (a packet is not a request).
+                if result.is_err() || session.is_none() {
+                    this.metrics.requests.with_label_values(&[outcome]).inc();
+                }
                 if let Err(status) = result {
                     tracing::debug!(code = ?status.code(), message = status.message(), "render failed");
                     // Bounded: a client that stopped reading must not hold the stream open.

@@ -72,6 +72,7 @@ pub fn request(avatar: &str, start: u64, n: u32) -> RenderRequest {
         frame_count: n,
         conditioning: vec![zero_audio(n)],
         jpeg_quality: 0,
+        audio: None,
     }
 }
 

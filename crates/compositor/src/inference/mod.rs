@@ -25,7 +25,7 @@ mod health;
 mod model_info;
 mod replica;
 
-pub use model_info::ModelInfo;
+pub use model_info::{EncoderInfo, ModelInfo};
 use replica::InFlight;
 pub(crate) use replica::Replica;
 
@@ -33,7 +33,9 @@ use crate::discovery::{self, Resolve, SystemResolver};
 use crate::shm_pool::Lease;
 use framecast_proto::auth::authorize;
 use framecast_proto::deadline::{timeout_parameter, PARAM_TIMEOUT};
-use framecast_proto::kserve::{ModelInferRequest, ModelInferResponse, ModelMetadataRequest};
+use framecast_proto::kserve::{
+    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
+};
 use framecast_telemetry::prometheus::IntGaugeVec;
 use framecast_telemetry::tls::ClientTls;
 use parking_lot::{Mutex, RwLock};
@@ -127,6 +129,7 @@ pub(crate) type Replicas = Arc<Vec<Arc<Replica>>>;
 pub struct InferenceClient {
     replicas: Arc<RwLock<Replicas>>,
     info: Arc<Mutex<HashMap<String, Arc<ModelInfo>>>>,
+    encoders: Arc<Mutex<HashMap<String, Arc<EncoderInfo>>>>,
     next_id: Arc<AtomicU64>,
     shm_batches: Arc<AtomicU64>,
     opts: ClientOptions,
@@ -178,6 +181,7 @@ impl InferenceClient {
         Ok(InferenceClient {
             replicas,
             info: Arc::default(),
+            encoders: Arc::default(),
             next_id: Arc::new(AtomicU64::new(1)),
             shm_batches: Arc::default(),
             opts: opts.clone(),
@@ -254,6 +258,7 @@ impl InferenceClient {
             // contract since its metadata was cached. Ask again next time.
             if matches!(s.code(), Code::InvalidArgument | Code::FailedPrecondition) {
                 self.info.lock().remove(&req.model_name);
+                self.encoders.lock().remove(&req.model_name);
             }
         }
         match result {
@@ -329,6 +334,29 @@ impl InferenceClient {
         if let Some(i) = self.info.lock().get(model) {
             return Ok(i.clone());
         }
+        let meta = self.metadata(model).await?;
+        let info = ModelInfo::from_metadata(model, meta.inputs, &meta.outputs)
+            .map_err(Status::failed_precondition)?;
+        let info = Arc::new(info);
+        self.info.lock().insert(model.to_string(), info.clone());
+        Ok(info)
+    }
+
+    /// [`Self::model_info`] for an audio-encoder model.
+    pub async fn encoder_info(&self, model: &str) -> Result<Arc<EncoderInfo>, Status> {
+        if let Some(i) = self.encoders.lock().get(model) {
+            return Ok(i.clone());
+        }
+        let meta = self.metadata(model).await?;
+        let info = EncoderInfo::from_metadata(model, &meta.inputs, &meta.outputs)
+            .map_err(Status::failed_precondition)?;
+        let info = Arc::new(info);
+        self.encoders.lock().insert(model.to_string(), info.clone());
+        Ok(info)
+    }
+
+    /// `ModelMetadata` of `model` from the first replica that answers.
+    async fn metadata(&self, model: &str) -> Result<ModelMetadataResponse, Status> {
         let mut last = Status::unavailable("no inference replica configured");
         let replicas = self.snapshot();
         for _ in 0..replicas.len() {
@@ -341,15 +369,7 @@ impl InferenceClient {
             };
             let request = authorize(Request::new(request), replica.token.as_deref())?;
             match replica.client.clone().model_metadata(request).await {
-                Ok(meta) => {
-                    let meta = meta.into_inner();
-                    let info = Arc::new(
-                        ModelInfo::from_metadata(model, meta.inputs, &meta.outputs)
-                            .map_err(Status::failed_precondition)?,
-                    );
-                    self.info.lock().insert(model.to_string(), info.clone());
-                    return Ok(info);
-                }
+                Ok(meta) => return Ok(meta.into_inner()),
                 Err(s) if s.code() == Code::Unavailable => last = s,
                 Err(s) => return Err(s),
             }

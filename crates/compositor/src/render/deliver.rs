@@ -99,7 +99,7 @@ pub(super) async fn batch(
                     encode_us: c.encode.as_micros() as u64,
                     total_us: plan.arrived.elapsed().as_micros() as u64,
                 }),
-                last_in_request: lo + emitted + 1 == plan.count,
+                last_in_request: plan.closes && lo + emitted + 1 == plan.count,
             };
             match sink.send_timeout(Ok(frame), plan.idle_timeout).await {
                 Ok(()) => {}

@@ -44,6 +44,9 @@ pub struct RenderOptions {
     /// A stream waiting this long for its client (to send the next request, or to take a
     /// frame) is ended.
     pub idle_timeout: Duration,
+    /// Audio an audio session may hold ahead of its rendered frames; more is refused with
+    /// RESOURCE_EXHAUSTED.
+    pub max_audio_ahead: Duration,
 }
 
 impl Default for RenderOptions {
@@ -54,6 +57,7 @@ impl Default for RenderOptions {
             pipeline_depth: 2,
             subsampling: Subsampling::S420,
             idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
+            max_audio_ahead: Duration::from_secs(10),
         }
     }
 }
@@ -65,22 +69,38 @@ pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Where frames go; a closed receiver means the client went away.
 pub type FrameSink = mpsc::Sender<Result<RenderedFrame, Status>>;
 
-/// Renders one request onto `sink`. Returns an error for the stream, or Ok when done (also
-/// when the client went away: there is no one left to tell). Past `deadline` no batch is
-/// sent for inference or composited, and the error is DEADLINE_EXCEEDED.
-#[allow(clippy::too_many_arguments)]
+/// Where a request's frames go and what renders them: shared by every request of a stream.
+pub struct Target<'a> {
+    pub client: &'a InferenceClient,
+    pub opts: &'a RenderOptions,
+    pub metrics: &'a Metrics,
+    pub sink: &'a FrameSink,
+    /// The client's deadline for the stream (`grpc-timeout`), if it set one.
+    pub deadline: Option<Instant>,
+}
+
+/// Renders one request onto `target.sink`. Returns an error for the stream, or Ok when done
+/// (also when the client went away: there is no one left to tell). Past the deadline no
+/// batch is sent for inference or composited, and the error is DEADLINE_EXCEEDED. The last
+/// frame is marked `last_in_request` when `closes` (an audio session's slices do not close
+/// it, except the last).
 pub async fn render(
     req: RenderRequest,
     avatar: Arc<Avatar>,
     model: Arc<ModelInfo>,
-    client: &InferenceClient,
-    opts: &RenderOptions,
-    metrics: &Metrics,
-    sink: &FrameSink,
-    deadline: Option<Instant>,
+    target: &Target<'_>,
+    closes: bool,
 ) -> Result<(), Error> {
+    let Target {
+        client,
+        opts,
+        metrics,
+        sink,
+        deadline,
+    } = *target;
     let arrived = Instant::now();
-    let plan = Arc::new(plan::validate(req, avatar, model, opts, arrived, deadline)?);
+    let plan = plan::validate(req, avatar, model, opts, arrived, deadline)?;
+    let plan = Arc::new(plan::Plan { closes, ..plan });
     let batch = opts.max_batch.max(1);
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let mut next = 0usize;

@@ -28,6 +28,8 @@ pub(super) struct Plan {
     pub(super) arrived: Instant,
     /// The client's deadline for the stream (`grpc-timeout`), if it set one.
     pub(super) deadline: Option<Instant>,
+    /// Whether the request's last frame is marked `last_in_request`.
+    pub(super) closes: bool,
 }
 
 impl Plan {
@@ -160,5 +162,6 @@ pub(super) fn validate(
         conditioning,
         arrived,
         deadline,
+        closes: true,
     })
 }

@@ -1,0 +1,335 @@
+//! Audio sessions on Render: PCM in, frames out as the audio arrives, both servers real.
+
+use bytes::Bytes;
+use framecast_e2e::stack::{open_render, stack};
+use framecast_e2e::{kserve_client, FRAMES};
+use framecast_inference::zoo::{self, Builtin, ZooOptions};
+use framecast_proto::compositor::v1::{
+    AudioChunk, AudioFormat, RenderRequest, RenderedFrame, SampleFormat,
+};
+use framecast_proto::kserve::ModelStatisticsRequest;
+use std::path::Path;
+use std::time::Duration;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+const RATE: u32 = 22_050;
+
+/// Speech-like audio: a voiced buzz at 120 Hz, four syllables a second.
+fn speechlike(seconds: f64) -> Vec<f32> {
+    let n = (RATE as f64 * seconds) as usize;
+    (0..n)
+        .map(|i| {
+            let t = i as f64 / RATE as f64;
+            let env = (std::f64::consts::PI * 4.0 * t).sin().abs();
+            let voiced: f64 = (1..10)
+                .map(|h| (2.0 * std::f64::consts::PI * 120.0 * h as f64 * t).sin() / h as f64)
+                .sum();
+            (0.3 * env * voiced) as f32
+        })
+        .collect()
+}
+
+fn s16(samples: &[f32]) -> Bytes {
+    samples
+        .iter()
+        .flat_map(|s| ((s * 32767.0) as i16).to_le_bytes())
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+fn format(sample_format: SampleFormat, sample_rate: u32) -> Option<AudioFormat> {
+    Some(AudioFormat {
+        sample_format: sample_format as i32,
+        sample_rate,
+    })
+}
+
+/// The first message of a session on `avatar`, carrying `pcm`.
+fn opening(avatar: &str, start: u64, pcm: Bytes) -> RenderRequest {
+    RenderRequest {
+        request_id: format!("talk-{avatar}"),
+        avatar_id: avatar.into(),
+        start_frame: start,
+        audio: Some(AudioChunk {
+            format: format(SampleFormat::S16le, RATE),
+            pcm,
+            end_of_speech: false,
+        }),
+        ..Default::default()
+    }
+}
+
+fn more(pcm: Bytes, end_of_speech: bool) -> RenderRequest {
+    RenderRequest {
+        audio: Some(AudioChunk {
+            format: None,
+            pcm,
+            end_of_speech,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Reads frames until the stream ends; panics on an error.
+async fn drain(stream: &mut tonic::Streaming<RenderedFrame>, frames: &mut Vec<RenderedFrame>) {
+    while let Some(f) = stream.next().await {
+        frames.push(f.expect("render stream"));
+    }
+}
+
+fn check_session(frames: &[RenderedFrame], start: u64, want: u64) {
+    assert_eq!(frames.len() as u64, want, "frames for the audio");
+    for (i, f) in frames.iter().enumerate() {
+        assert_eq!(f.frame_index, start + i as u64, "out of order or lost");
+        assert_eq!(f.request_id, "talk-small");
+        assert_eq!(
+            f.background_index as u64,
+            ping_pong(f.frame_index),
+            "background"
+        );
+        assert_eq!(
+            f.last_in_request,
+            i + 1 == frames.len(),
+            "last_in_request on frame {i}"
+        );
+        assert!(!f.image.is_empty());
+    }
+}
+
+/// The background a frame index plays: the fixture avatars loop their frames ping-pong.
+fn ping_pong(i: u64) -> u64 {
+    let n = FRAMES as u64;
+    let period = 2 * (n - 1);
+    let p = i % period;
+    if p < n {
+        p
+    } else {
+        period - p
+    }
+}
+
+/// Frames stream while the speech is still coming (each once its window's audio is in), and
+/// end_of_speech brings the frames of the tail: exactly ceil(seconds * fps), in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_follow_the_audio_as_it_arrives_and_the_tail_comes_at_the_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 8).await;
+    let audio = speechlike(3.0);
+    let packets: Vec<Bytes> = audio.chunks(441).map(s16).collect();
+    let start = 5;
+    let (tx, mut stream) =
+        open_render(&s.client, opening("small", start, packets[0].clone())).await;
+    // 1.5 s of audio: frames whose 200 ms window lies inside it can come now.
+    let half = packets.len() / 2;
+    for p in &packets[1..half] {
+        tx.send(more(p.clone(), false)).await.unwrap();
+    }
+    let mut frames = Vec::new();
+    let early = tokio::time::timeout(Duration::from_secs(60), async {
+        while frames.len() < 25 {
+            let f = stream
+                .next()
+                .await
+                .expect("stream ended early")
+                .expect("frame");
+            frames.push(f);
+        }
+    })
+    .await;
+    assert!(
+        early.is_ok(),
+        "only {} frames before the speech ended",
+        frames.len()
+    );
+    assert!(frames.iter().all(|f| !f.last_in_request));
+    for (i, p) in packets[half..].iter().enumerate() {
+        tx.send(more(p.clone(), half + i + 1 == packets.len()))
+            .await
+            .unwrap();
+    }
+    drop(tx);
+    drain(&mut stream, &mut frames).await;
+    check_session(&frames, start, 75);
+}
+
+/// With features = "encoder", each frame hears 16 embeddings around it, and each window is
+/// embedded once however many frames read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encoder_avatar_embeds_each_window_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 8).await;
+    let models = tmp.path().join("models");
+    let opts = ZooOptions {
+        max_batch_size: 8,
+        max_queue_delay_us: 1000,
+        ..Default::default()
+    };
+    zoo::write(&models, Builtin::AudioEncoder, &opts).unwrap();
+    let avatars = tmp.path().join("avatars");
+    copy_avatar(
+        &avatars,
+        "small",
+        "small-enc",
+        Some("[audio]\ninput = \"audio\"\nfeatures = \"encoder\"\nencoder = \"audio-encoder\"\nstack = 16\n"),
+    );
+    let audio = speechlike(2.0);
+    let mut msgs = vec![opening("small-enc", 0, s16(&audio[..4410]))];
+    let rest: Vec<Bytes> = audio[4410..].chunks(2205).map(s16).collect();
+    for (i, p) in rest.iter().enumerate() {
+        msgs.push(more(p.clone(), i + 1 == rest.len()));
+    }
+    let mut stream = s
+        .client
+        .clone()
+        .render(tokio_stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut frames = Vec::new();
+    drain(&mut stream, &mut frames).await;
+    assert_eq!(frames.len(), 50);
+    assert!(frames.last().unwrap().last_in_request);
+    let stats = kserve_client(s.inference_server.url())
+        .await
+        .model_statistics(ModelStatisticsRequest {
+            name: "audio-encoder".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        stats.model_stats[0].inference_count, 50,
+        "windows embedded (one per frame)"
+    );
+}
+
+/// `root/from` copied as `root/to`, its `[audio]` table replaced by `audio` (removed with
+/// None).
+fn copy_avatar(root: &Path, from: &str, to: &str, audio: Option<&str>) {
+    let (src, dst) = (root.join(from), root.join(to));
+    std::fs::create_dir_all(dst.join("frames")).unwrap();
+    for e in std::fs::read_dir(src.join("frames")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join("frames").join(e.file_name())).unwrap();
+    }
+    std::fs::copy(src.join("boxes.json"), dst.join("boxes.json")).unwrap();
+    let manifest = std::fs::read_to_string(src.join("avatar.toml")).unwrap();
+    let head = manifest.split("[audio]").next().unwrap();
+    let manifest = head.replace(&format!("id = \"{from}\""), &format!("id = \"{to}\""))
+        + audio.unwrap_or_default();
+    std::fs::write(dst.join("avatar.toml"), manifest).unwrap();
+}
+
+/// Each kind of bad audio ends the stream with a status naming the field; the server goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_audio_gets_precise_statuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 8).await;
+    copy_avatar(&tmp.path().join("avatars"), "small", "mute", None);
+    let ok = s16(&speechlike(0.1));
+    let with = |f: Option<AudioFormat>, pcm: Bytes| {
+        let mut r = opening("small", 0, pcm);
+        r.audio.as_mut().unwrap().format = f;
+        r
+    };
+    let nan: Bytes = [0.1f32, f32::NAN]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect::<Vec<u8>>()
+        .into();
+    let cases: Vec<(&str, Vec<RenderRequest>, Code, &str)> = vec![
+        (
+            "no format",
+            vec![with(None, ok.clone())],
+            Code::InvalidArgument,
+            "audio.format: required",
+        ),
+        (
+            "unknown format",
+            vec![with(format(SampleFormat::Unspecified, RATE), ok.clone())],
+            Code::InvalidArgument,
+            "audio.format.sample_format",
+        ),
+        (
+            "rate",
+            vec![with(format(SampleFormat::S16le, 96_000), ok.clone())],
+            Code::InvalidArgument,
+            "audio.format.sample_rate",
+        ),
+        (
+            "odd bytes",
+            vec![with(format(SampleFormat::S16le, RATE), ok.slice(..3))],
+            Code::InvalidArgument,
+            "audio.pcm: 3 bytes",
+        ),
+        (
+            "nan",
+            vec![with(format(SampleFormat::F32le, RATE), nan)],
+            Code::InvalidArgument,
+            "audio.pcm: sample 1 is NaN",
+        ),
+        (
+            "too far ahead",
+            vec![opening("small", 0, s16(&speechlike(12.0)))],
+            Code::ResourceExhausted,
+            "--max-audio-ahead-s",
+        ),
+        (
+            "no [audio]",
+            vec![opening("mute", 0, ok.clone())],
+            Code::FailedPrecondition,
+            "has no [audio] table",
+        ),
+        (
+            "conditioning mid-session",
+            vec![
+                opening("small", 0, ok.clone()),
+                framecast_e2e::request("small", 0, 2),
+            ],
+            Code::InvalidArgument,
+            "audio: a request without audio",
+        ),
+        (
+            "frame_count with audio",
+            vec![RenderRequest {
+                frame_count: 3,
+                ..opening("small", 0, ok.clone())
+            }],
+            Code::InvalidArgument,
+            "frame_count, conditioning",
+        ),
+    ];
+    for (what, msgs, code, text) in cases {
+        let mut stream = s
+            .client
+            .clone()
+            .render(tokio_stream::iter(msgs))
+            .await
+            .unwrap()
+            .into_inner();
+        let e = loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => break e,
+                None => panic!("{what}: the stream ended without an error"),
+            }
+        };
+        assert_eq!(e.code(), code, "{what}: {e:?}");
+        assert!(e.message().contains(text), "{what}: {}", e.message());
+    }
+    // Still serving.
+    let mut stream = s
+        .client
+        .clone()
+        .render(tokio_stream::iter(vec![framecast_e2e::request(
+            "small", 0, 2,
+        )]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut frames = Vec::new();
+    drain(&mut stream, &mut frames).await;
+    assert_eq!(frames.len(), 2);
+}
