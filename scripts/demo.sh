@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# make demo: build, generate models and the demo avatar, start both servers, render the demo
-# with talking-demo, write frames + AVI + contact sheet under out/demo, stop the servers.
+# make demo: build, generate models and the demo avatar, start both servers, have the demo
+# avatar (talking-demo) speak a sentence from espeak-ng over an audio session, write frames,
+# an AVI with the speech as its sound track, and a contact sheet under out/demo, stop the servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/setup.sh)"
@@ -11,7 +12,8 @@ out=out/demo
 mkdir -p "$out"
 
 [ -f "$out/models/talking-demo/model.pt" ] || "$bin/framecast-inference" models --out "$out/models"
-[ -f "$out/avatars/demo/avatar.toml" ] || "$bin/framecast-compositor" avatar make-demo --root "$out/avatars"
+# An avatar made before speech (no [audio] table) is made again.
+grep -qs '^\[audio\]' "$out/avatars/demo/avatar.toml" || "$bin/framecast-compositor" avatar make-demo --root "$out/avatars"
 "$bin/framecast-compositor" avatar check "$out/avatars/demo"
 
 inf_port=${FRAMECAST_DEMO_INFERENCE_PORT:-18001}

@@ -1,13 +1,15 @@
-//! `framecast-bench demo`: renders the demo avatar driven by a generated audio envelope and
-//! writes what a person can watch: the frames, an MJPEG AVI, and a contact sheet.
+//! `framecast-bench demo`: the demo avatar speaks a sentence (espeak-ng, or a WAV file) over
+//! an audio session, and what a person can watch is written: the frames, an MJPEG AVI with
+//! the speech as its sound track, and a contact sheet.
 
 use crate::avi;
 use crate::client;
 use crate::stats::Summary;
 use anyhow::{bail, Context, Result};
-use framecast_proto::compositor::v1::{RenderRequest, Tensor};
-use framecast_proto::tensor::{self, DataType};
-use std::path::PathBuf;
+use framecast_proto::compositor::v1::{
+    AudioChunk, AudioFormat, LoadAvatarRequest, RenderRequest, SampleFormat,
+};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tokio_stream::StreamExt;
 
@@ -18,91 +20,141 @@ pub struct DemoArgs {
     pub compositor: String,
     #[command(flatten)]
     pub access: client::Access,
+    /// Avatar to render; it must declare an [audio] table.
     #[arg(long, default_value = "demo")]
     pub avatar: String,
-    /// Seconds of video to render.
-    #[arg(long, default_value_t = 8.0)]
-    pub seconds: f64,
-    /// Frames per second of the avatar.
-    #[arg(long, default_value_t = 25.0)]
-    pub fps: f64,
-    /// Frames per render request (a front end asks in chunks).
-    #[arg(long, default_value_t = 25)]
-    pub chunk: u32,
-    /// Output directory: frames/, demo.avi, contact-sheet.png.
+    /// What the avatar says, spoken by espeak-ng.
+    #[arg(long, default_value = DEFAULT_TEXT)]
+    pub text: String,
+    /// A WAV file (mono, 16-bit PCM, 8-48 kHz) to speak instead of --text.
+    #[arg(long)]
+    pub wav: Option<PathBuf>,
+    /// Milliseconds of audio per Render message (a front end streams small packets).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub packet_ms: u32,
+    /// Output directory: frames/, demo.avi (with sound), speech.wav, contact-sheet.png.
     #[arg(long, default_value = "out/demo")]
     pub out: PathBuf,
 }
 
-/// Audio energy in [0, 1] at time `t`: syllables at ~4 Hz inside phrases with pauses.
-pub fn envelope(t: f64) -> f32 {
-    let syllable = (2.0 * std::f64::consts::PI * 3.7 * t)
-        .sin()
-        .max(0.0)
-        .powf(0.6);
-    let phrase = (2.0 * std::f64::consts::PI * 0.23 * t).sin() * 0.5 + 0.5;
-    let pause = if (t % 4.0) > 3.3 { 0.0 } else { 1.0 };
-    (syllable * (0.35 + 0.65 * phrase) * pause) as f32
-}
+pub const DEFAULT_TEXT: &str =
+    "Hello! I am a framecast avatar. My lips move with the words I say, \
+    frame by frame, while the speech is still arriving. Pauses close my mouth.";
 
-/// Per-frame `audio` features [n, 32, 16, 16] whose mean magnitude follows the envelope.
-pub fn audio_features(start: u64, n: u32, fps: f64) -> Tensor {
-    let per = 32 * 16 * 16;
-    let mut v = Vec::with_capacity(n as usize * per);
-    for f in 0..n as u64 {
-        let e = envelope((start + f) as f64 / fps);
-        for k in 0..per {
-            let sign = if (k * 7919 + f as usize).is_multiple_of(3) {
-                -1.0
-            } else {
-                1.0
-            };
-            v.push(sign * e * (0.8 + 0.4 * ((k * 31) % 17) as f32 / 17.0));
+/// Speech as mono 16-bit samples at its rate: `wav`, or `text` spoken by espeak-ng (written
+/// as `out/speech.wav` either way).
+pub fn speech(text: &str, wav: Option<&Path>, out: &Path) -> Result<(u32, Vec<i16>)> {
+    let path = out.join("speech.wav");
+    match wav {
+        Some(w) => {
+            std::fs::copy(w, &path).with_context(|| format!("copying {}", w.display()))?;
+        }
+        None => {
+            let status = std::process::Command::new("espeak-ng")
+                .arg("-w")
+                .arg(&path)
+                .arg(text)
+                .status()
+                .context("running espeak-ng (scripts/setup.sh installs it; or pass --wav)")?;
+            if !status.success() {
+                bail!("espeak-ng failed ({status})");
+            }
         }
     }
-    Tensor {
-        name: "audio".to_string(),
-        datatype: DataType::F32.as_str().to_string(),
-        shape: vec![n as i64, 32, 16, 16],
-        data: tensor::encode(&v),
+    let mut reader =
+        hound::WavReader::open(&path).with_context(|| format!("reading {}", path.display()))?;
+    let spec = reader.spec();
+    if spec.channels != 1
+        || spec.bits_per_sample != 16
+        || spec.sample_format != hound::SampleFormat::Int
+    {
+        bail!(
+            "{}: {} channel(s), {}-bit {:?}; the demo speaks mono 16-bit PCM",
+            path.display(),
+            spec.channels,
+            spec.bits_per_sample,
+            spec.sample_format
+        );
     }
+    let samples = reader.samples::<i16>().collect::<Result<Vec<_>, _>>()?;
+    Ok((spec.sample_rate, samples))
+}
+
+/// The Render messages of one audio session speaking `samples`: `packet` samples each, the
+/// first opening the session, the last ending the speech.
+pub fn session(
+    request_id: &str,
+    avatar: &str,
+    rate: u32,
+    samples: &[i16],
+    packet: usize,
+) -> Vec<RenderRequest> {
+    let chunks: Vec<&[i16]> = samples.chunks(packet.max(1)).collect();
+    let n = chunks.len().max(1);
+    (0..n)
+        .map(|i| {
+            let pcm: Vec<u8> = chunks
+                .get(i)
+                .map(|c| c.iter().flat_map(|s| s.to_le_bytes()).collect())
+                .unwrap_or_default();
+            let first = i == 0;
+            RenderRequest {
+                request_id: if first {
+                    request_id.to_string()
+                } else {
+                    String::new()
+                },
+                avatar_id: if first {
+                    avatar.to_string()
+                } else {
+                    String::new()
+                },
+                audio: Some(AudioChunk {
+                    format: first.then_some(AudioFormat {
+                        sample_format: SampleFormat::S16le as i32,
+                        sample_rate: rate,
+                    }),
+                    pcm: pcm.into(),
+                    end_of_speech: i + 1 == n,
+                }),
+                ..Default::default()
+            }
+        })
+        .collect()
 }
 
 pub async fn run(args: DemoArgs) -> Result<()> {
-    let total = (args.seconds * args.fps).round() as u32;
-    if total == 0 || args.chunk == 0 {
-        bail!("--seconds and --chunk must give at least one frame");
-    }
     let frames_dir = args.out.join("frames");
     std::fs::create_dir_all(&frames_dir)
         .with_context(|| format!("creating {}", frames_dir.display()))?;
+    let (rate, samples) = speech(&args.text, args.wav.as_deref(), &args.out)?;
+    let seconds = samples.len() as f64 / rate as f64;
     let mut client = client::compositor(&args.compositor, &args.access)?;
-    let mut requests = Vec::new();
-    let mut start = 0u32;
-    while start < total {
-        let n = args.chunk.min(total - start);
-        requests.push(RenderRequest {
-            request_id: format!("demo-{start}"),
+    let info = client
+        .load_avatar(LoadAvatarRequest {
             avatar_id: args.avatar.clone(),
-            start_frame: start as u64,
-            frame_count: n,
-            conditioning: vec![audio_features(start as u64, n, args.fps)],
-            jpeg_quality: 0,
-            audio: None,
-        });
-        start += n;
-    }
+        })
+        .await
+        .context("LoadAvatar failed")?
+        .into_inner()
+        .avatar
+        .context("LoadAvatar answered without the avatar")?;
+    let fps = info.fps;
+    let total = (seconds * fps - 1e-9).ceil() as usize;
+    let packet = (rate as usize * args.packet_ms as usize / 1000).max(1);
+    let messages = session("demo", &args.avatar, rate, &samples, packet);
     eprintln!(
-        "rendering {total} frames of '{}' ({:.1} s at {} fps)",
-        args.avatar, args.seconds, args.fps
+        "speaking {seconds:.1} s of audio ({rate} Hz) to '{}' in {} messages: {total} frames at {fps} fps",
+        args.avatar,
+        messages.len()
     );
     let began = Instant::now();
     let mut stream = client
-        .render(tokio_stream::iter(requests))
+        .render(tokio_stream::iter(messages))
         .await
         .context("Render call failed")?
         .into_inner();
-    let mut jpegs = Vec::with_capacity(total as usize);
+    let mut jpegs = Vec::with_capacity(total);
     let mut summary = Summary::default();
     let mut first = None;
     let (mut width, mut height) = (0, 0);
@@ -130,11 +182,18 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
     }
     let wall = began.elapsed();
-    if jpegs.len() != total as usize {
+    if jpegs.len() != total {
         bail!("stream ended after {} of {total} frames", jpegs.len());
     }
     let avi_path = args.out.join("demo.avi");
-    std::fs::write(&avi_path, avi::mjpeg_avi(&jpegs, width, height, args.fps))?;
+    let audio = avi::Audio {
+        rate,
+        samples: &samples,
+    };
+    std::fs::write(
+        &avi_path,
+        avi::mjpeg_avi(&jpegs, width, height, fps, Some(audio)),
+    )?;
     let sheet_path = args.out.join("contact-sheet.png");
     contact_sheet(&jpegs, 4, 3)?.save(&sheet_path)?;
     println!(
@@ -144,10 +203,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         height,
         frames_dir.display()
     );
-    println!("video         {}", avi_path.display());
+    println!("video         {} (MJPEG, PCM sound)", avi_path.display());
+    println!("speech        {}", args.out.join("speech.wav").display());
     println!("contact sheet {}", sheet_path.display());
     println!(
-        "throughput    {:.1} frames/s ({:.2} s wall); first frame after {:.0} ms",
+        "throughput    {:.1} frames/s ({:.2} s wall for {seconds:.1} s of speech); first frame after {:.0} ms",
         jpegs.len() as f64 / wall.as_secs_f64(),
         wall.as_secs_f64(),
         first.unwrap_or_default().as_secs_f64() * 1e3
