@@ -6,6 +6,8 @@
 //! No libtorch and no async here: the compositor runs it on its stream tasks, the bench and
 //! the tests call it directly.
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod mel;
 pub mod pcm;
 pub mod resample;

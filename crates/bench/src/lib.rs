@@ -8,5 +8,6 @@ pub mod client;
 pub mod demo;
 pub mod load;
 pub mod report;
+pub mod speech;
 pub mod stats;
 pub mod target;

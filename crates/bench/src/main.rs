@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use framecast_bench::load::{self, Phase};
 use framecast_bench::report::{self, Report};
 use framecast_bench::target::{self, Fill, Target};
-use framecast_bench::{charts, client, demo};
+use framecast_bench::{charts, client, demo, speech};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,8 +77,10 @@ enum Command {
         #[command(flatten)]
         access: client::Access,
     },
-    /// Render the demo avatar and write frames, an MJPEG AVI and a contact sheet.
+    /// The demo avatar speaks a sentence: frames, an MJPEG AVI with sound, a contact sheet.
     Demo(demo::DemoArgs),
+    /// Sessions speaking at real-time pace: audio sessions vs chunk requests, side by side.
+    Speech(speech::SpeechArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -268,6 +270,7 @@ async fn run(cli: Cli) -> Result<()> {
             access,
         } => client::wait_healthy(&urls, &access, Duration::from_secs(timeout_s)).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Speech(args) => speech::run(args).await,
         Command::Compositor {
             url,
             avatar,

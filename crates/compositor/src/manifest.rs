@@ -306,3 +306,49 @@ pub fn load_boxes(dir: &Path) -> Result<Vec<FaceBox>, String> {
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str =
+        "id = \"a\"\nfps = 25.0\nwidth = 64\nheight = 64\ncrop_size = 32\nmodel = \"m\"\n";
+
+    #[test]
+    fn the_audio_table_is_optional_and_checked_field_by_field() {
+        assert_eq!(Manifest::parse(BASE).unwrap().audio, None);
+        let ok = Manifest::parse(&format!(
+            "{BASE}[audio]\ninput = \"audio\"\nfeatures = \"encoder\"\nencoder = \"audio-encoder\"\n"
+        ))
+        .unwrap();
+        let a = ok.audio.unwrap();
+        assert_eq!((a.features, a.stack), (AudioFeatures::Encoder, 16));
+        for (table, problem) in [
+            ("input = \"\"\nfeatures = \"mel\"\n", "audio.input is empty"),
+            (
+                "input = \"a\"\nfeatures = \"encoder\"\n",
+                "audio.encoder is required",
+            ),
+            (
+                "input = \"a\"\nfeatures = \"mel\"\nencoder = \"e\"\n",
+                "audio.encoder is only read",
+            ),
+            (
+                "input = \"a\"\nfeatures = \"encoder\"\nencoder = \"../x\"\n",
+                "must be a model name",
+            ),
+            (
+                "input = \"a\"\nfeatures = \"energy\"\nstack = 0\n",
+                "audio.stack 0",
+            ),
+        ] {
+            let e = Manifest::parse(&format!("{BASE}[audio]\n{table}")).unwrap_err();
+            assert!(e.iter().any(|p| p.contains(problem)), "{table}: {e:?}");
+        }
+        let e = Manifest::parse(&format!(
+            "{BASE}[audio]\ninput = \"a\"\nfeatures = \"loud\"\n"
+        ))
+        .unwrap_err();
+        assert!(e[0].contains("line"), "{e:?}");
+    }
+}

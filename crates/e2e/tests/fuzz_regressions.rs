@@ -35,3 +35,8 @@ fn avatar_manifest_regressions() {
         framecast_compositor::fuzzing::avatar_manifest,
     );
 }
+
+#[test]
+fn audio_chunks_regressions() {
+    replay("audio_chunks", framecast_audio::fuzzing::audio_chunks);
+}

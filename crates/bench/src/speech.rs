@@ -1,0 +1,325 @@
+//! `framecast-bench speech`: sessions that speak at real-time pace, two ways side by side at
+//! each number of sessions:
+//!
+//! - `stream`: an audio session per client, PCM in `--packet-ms` messages sent as the audio
+//!   "happens" (real time), frames back as their audio arrives;
+//! - `chunk`: the path before audio sessions: the client waits for `--chunk` frames' worth of
+//!   audio, computes their features itself (the avatar's `[audio] features = "energy"`) and
+//!   sends one request per chunk.
+//!
+//! A frame's latency runs from the moment the audio completing its window was available to
+//! the client (sent, on the stream path) to the frame's arrival; a frame later than
+//! `--deadline-ms` is late. With `--inference`, the face model's statistics give the mean
+//! number of requests (one per session at a time) merged into each GPU batch.
+
+use crate::client::{self, Access};
+use crate::demo;
+use crate::stats::percentile;
+use anyhow::{bail, Context, Result};
+use framecast_audio::window::{self, WINDOW};
+use framecast_audio::{mel, Resampler};
+use framecast_proto::compositor::v1::compositor_client::CompositorClient;
+use framecast_proto::compositor::v1::{LoadAvatarRequest, RenderRequest, Tensor};
+use framecast_proto::kserve::ModelStatisticsRequest;
+use framecast_proto::tensor::{self, DataType};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_stream::StreamExt;
+
+#[derive(clap::Args)]
+pub struct SpeechArgs {
+    /// Compositor URL.
+    #[arg(long, default_value = "http://127.0.0.1:8011")]
+    pub compositor: String,
+    /// Inference URL: report requests merged per batch from its statistics.
+    #[arg(long)]
+    pub inference: Option<String>,
+    #[command(flatten)]
+    pub access: Access,
+    #[arg(long, default_value = "demo")]
+    pub avatar: String,
+    /// What each session says (espeak-ng), looped to --seconds.
+    #[arg(long, default_value = demo::DEFAULT_TEXT)]
+    pub text: String,
+    /// A WAV file (mono 16-bit) to speak instead of --text.
+    #[arg(long)]
+    pub wav: Option<PathBuf>,
+    /// Numbers of concurrent sessions to run, in turn.
+    #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
+    pub sessions: Vec<usize>,
+    /// Seconds each session speaks.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Milliseconds of audio per message on the stream path.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub packet_ms: u32,
+    /// Frames per request on the chunk path.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..=3000))]
+    pub chunk: u32,
+    /// A frame arriving later than this after its audio is late, ms.
+    #[arg(long, default_value_t = 250.0)]
+    pub deadline_ms: f64,
+    /// Where speech.wav goes.
+    #[arg(long, default_value = "out/bench-speech")]
+    pub out: PathBuf,
+}
+
+/// One path at one number of sessions.
+struct Level {
+    path: &'static str,
+    sessions: usize,
+    frames: usize,
+    late: usize,
+    /// Client-side latency, µs, sorted.
+    latency: Vec<u64>,
+    /// Requests per executed batch of the face model, when known.
+    per_batch: Option<f64>,
+}
+
+/// Input seconds after which frame `k`'s window is complete (16 kHz sample
+/// `200 (start + 15) + 399`).
+fn window_done(k: u64, fps: f64) -> f64 {
+    let last = window::start(k, fps) + WINDOW - 1;
+    (last * mel::HOP + mel::N_FFT / 2) as f64 / 16_000.0
+}
+
+pub async fn run(args: SpeechArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.out)?;
+    let (rate, speech) = demo::speech(&args.text, args.wav.as_deref(), &args.out)?;
+    if speech.is_empty() {
+        bail!("the speech is empty");
+    }
+    let n = (args.seconds * rate as f64) as usize;
+    let samples: Arc<Vec<i16>> = Arc::new(speech.iter().copied().cycle().take(n).collect());
+    let mut client = client::compositor(&args.compositor, &args.access)?;
+    let info = client
+        .load_avatar(LoadAvatarRequest {
+            avatar_id: args.avatar.clone(),
+        })
+        .await
+        .context("LoadAvatar failed")?
+        .into_inner()
+        .avatar
+        .context("LoadAvatar answered without the avatar")?;
+    let fps = info.fps;
+    let energies = Arc::new(frame_energies(&samples, rate, fps));
+    let mut levels = Vec::new();
+    for &sessions in &args.sessions {
+        for path in ["stream", "chunk"] {
+            let before = batch_stats(&args, &info.model).await?;
+            let mut tasks = Vec::new();
+            for s in 0..sessions {
+                let client = client.clone();
+                let (samples, energies) = (samples.clone(), energies.clone());
+                let a = (args.avatar.clone(), args.packet_ms, args.chunk);
+                tasks.push(tokio::spawn(async move {
+                    let id = format!("{path}-{sessions}-{s}");
+                    if path == "stream" {
+                        stream_session(client, id, a.0, rate, &samples, a.1, fps).await
+                    } else {
+                        chunk_session(client, id, a.0, rate, &samples, &energies, a.2, fps).await
+                    }
+                }));
+            }
+            let mut latency = Vec::new();
+            for t in tasks {
+                latency.extend(t.await??);
+            }
+            let after = batch_stats(&args, &info.model).await?;
+            latency.sort_unstable();
+            let late = latency
+                .iter()
+                .filter(|&&l| l as f64 > args.deadline_ms * 1e3)
+                .count();
+            let per_batch = match (before, after) {
+                (Some((r0, e0)), Some((r1, e1))) if e1 > e0 => {
+                    Some((r1 - r0) as f64 / (e1 - e0) as f64)
+                }
+                _ => None,
+            };
+            let level = Level {
+                path,
+                sessions,
+                frames: latency.len(),
+                late,
+                latency,
+                per_batch,
+            };
+            print_level(&level);
+            levels.push(level);
+        }
+    }
+    Ok(())
+}
+
+fn print_level(l: &Level) {
+    let ms = |q| percentile(&l.latency, q).unwrap_or(0) as f64 / 1e3;
+    println!(
+        "{:<6} sessions {:>3}  frames {:>6}  late {:>5}  latency p50 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms  requests/batch {}",
+        l.path,
+        l.sessions,
+        l.frames,
+        l.late,
+        ms(0.5),
+        ms(0.99),
+        ms(1.0),
+        l.per_batch.map_or("-".to_string(), |v| format!("{v:.2}"))
+    );
+}
+
+/// (successful requests, executions) of `model`, when --inference is given.
+async fn batch_stats(args: &SpeechArgs, model: &str) -> Result<Option<(u64, u64)>> {
+    let Some(url) = &args.inference else {
+        return Ok(None);
+    };
+    let stats = client::kserve(url, &args.access)?
+        .model_statistics(ModelStatisticsRequest {
+            name: model.to_string(),
+            version: String::new(),
+        })
+        .await
+        .context("ModelStatistics failed")?
+        .into_inner();
+    Ok(stats.model_stats.first().map(|s| {
+        let ok = s
+            .inference_stats
+            .as_ref()
+            .and_then(|i| i.success.as_ref())
+            .map_or(0, |c| c.count);
+        (ok, s.execution_count)
+    }))
+}
+
+/// Each frame's loudness, as the compositor computes it for `features = "energy"`.
+fn frame_energies(samples: &[i16], rate: u32, fps: f64) -> Vec<f32> {
+    let input: Vec<f32> = samples.iter().map(|&s| s as f32 / 32768.0).collect();
+    let mut r = Resampler::new(rate).expect("a WAV rate checked by the reader");
+    let mut s16k = Vec::new();
+    r.push(&input, &mut s16k);
+    r.finish(&mut s16k);
+    let mels = mel::spectrogram(&s16k);
+    (0..window::frames_for(s16k.len(), fps))
+        .map(|k| window::energy(&window::window(&mels, k, fps, true).unwrap_or_default()))
+        .collect()
+}
+
+/// One audio session at real-time pace; the latency of each frame, µs.
+async fn stream_session(
+    mut client: CompositorClient<client::Authed>,
+    id: String,
+    avatar: String,
+    rate: u32,
+    samples: &[i16],
+    packet_ms: u32,
+    fps: f64,
+) -> Result<Vec<u64>> {
+    let packet = (rate as usize * packet_ms as usize / 1000).max(1);
+    let messages = demo::session(&id, &avatar, rate, samples, packet);
+    let count = messages.len();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let t0 = Instant::now();
+    let sent = Arc::new(std::sync::Mutex::new(vec![t0; count]));
+    let sent_by_sender = sent.clone();
+    let sender = tokio::spawn(async move {
+        for (i, m) in messages.into_iter().enumerate() {
+            // Packet i holds audio up to (i + 1) * packet samples: send it once that has
+            // "happened".
+            let due = t0 + Duration::from_secs_f64(((i + 1) * packet) as f64 / rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+            if let Ok(mut s) = sent_by_sender.lock() {
+                s[i] = Instant::now();
+            }
+            if tx.send(m).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut stream = client
+        .render(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut arrivals = Vec::new();
+    while let Some(f) = stream.next().await {
+        let f = f.context("render stream")?;
+        arrivals.push((f.frame_index, Instant::now()));
+    }
+    sender.await?;
+    let sent = sent
+        .lock()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))?;
+    Ok(arrivals
+        .into_iter()
+        .map(|(k, at)| {
+            let needed = (window_done(k, fps) * rate as f64).ceil() as usize;
+            let p = (needed.div_ceil(packet)).clamp(1, count) - 1;
+            at.saturating_duration_since(sent[p]).as_micros() as u64
+        })
+        .collect())
+}
+
+/// The chunk path at real-time pace: each `chunk` frames are asked for once the audio of the
+/// chunk's last window is available; the latency of each frame, µs.
+#[allow(clippy::too_many_arguments)]
+async fn chunk_session(
+    mut client: CompositorClient<client::Authed>,
+    id: String,
+    avatar: String,
+    rate: u32,
+    samples: &[i16],
+    energies: &[f32],
+    chunk: u32,
+    fps: f64,
+) -> Result<Vec<u64>> {
+    let total = energies.len() as u64;
+    let duration = samples.len() as f64 / rate as f64;
+    let per = 32 * 16 * 16;
+    let mut requests = Vec::new();
+    let mut start = 0u64;
+    while start < total {
+        let n = (chunk as u64).min(total - start);
+        let data: Vec<f32> = (start..start + n)
+            .flat_map(|k| std::iter::repeat_n(energies[k as usize], per))
+            .collect();
+        let due = window_done(start + n - 1, fps).min(duration);
+        requests.push((
+            due,
+            RenderRequest {
+                request_id: format!("{id}-{start}"),
+                avatar_id: avatar.clone(),
+                start_frame: start,
+                frame_count: n as u32,
+                conditioning: vec![Tensor {
+                    name: "audio".into(),
+                    datatype: DataType::F32.as_str().into(),
+                    shape: vec![n as i64, 32, 16, 16],
+                    data: tensor::encode(&data),
+                }],
+                ..Default::default()
+            },
+        ));
+        start += n;
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let t0 = Instant::now();
+    let sender = tokio::spawn(async move {
+        for (due, r) in requests {
+            tokio::time::sleep_until((t0 + Duration::from_secs_f64(due)).into()).await;
+            if tx.send(r).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut stream = client
+        .render(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut latency = Vec::new();
+    while let Some(f) = stream.next().await {
+        let f = f.context("render stream")?;
+        let ready = t0 + Duration::from_secs_f64(window_done(f.frame_index, fps).min(duration));
+        latency.push(Instant::now().saturating_duration_since(ready).as_micros() as u64);
+    }
+    sender.await?;
+    Ok(latency)
+}
