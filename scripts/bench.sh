@@ -21,7 +21,8 @@ cargo bench -p framecast-compositor --bench stages -- --warm-up-time 1 --measure
 bin=target/release
 work=$out/work
 [ -f "$work/models/talking-demo/model.pt" ] || "$bin/framecast-inference" models --out "$work/models"
-[ -f "$work/avatars/demo/avatar.toml" ] || "$bin/framecast-compositor" avatar make-demo --root "$work/avatars"
+# An avatar made before speech (no [audio] table) is made again.
+grep -qs '^\[audio\]' "$work/avatars/demo/avatar.toml" || "$bin/framecast-compositor" avatar make-demo --root "$work/avatars"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
@@ -54,6 +55,9 @@ echo "== end to end: Render streams, talking-demo, 1280x720, chunks of 24"
 echo "== real-time capacity: sessions at 25 fps asking for 1 s chunks"
 "$bin/framecast-bench" compositor --url http://127.0.0.1:18111 --mode realtime --chunk 25 --fps 25 \
   --duration-s 8 --max-sessions 16 --json "$out/realtime.json" | tee "$out/realtime.txt"
+echo "== speech: sessions at real-time pace, audio sessions vs 24-frame chunk requests"
+"$bin/framecast-bench" speech --compositor http://127.0.0.1:18111 --inference http://127.0.0.1:18101 \
+  --sessions 1,2,4,8 --seconds 8 --out "$out/speech" | tee "$out/speech.txt"
 echo "== KServe load: passthrough at batch 24 over ModelInfer"
 "$bin/framecast-bench" kserve --url http://127.0.0.1:18101 --model passthrough --batch 24 \
   --mode full --concurrency 2 --duration-s 10 --warmup-s 2 --json "$out/kserve-passthrough.json" \

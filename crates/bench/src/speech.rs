@@ -10,7 +10,8 @@
 //! A frame's latency runs from the moment the audio completing its window was available to
 //! the client (sent, on the stream path) to the frame's arrival; a frame later than
 //! `--deadline-ms` is late. With `--inference`, the face model's statistics give the mean
-//! number of requests (one per session at a time) merged into each GPU batch.
+//! number of requests (one per session at a time) merged into each GPU batch. Sessions start
+//! spread evenly over one frame period, as independent clients would.
 
 use crate::client::{self, Access};
 use crate::demo;
@@ -110,10 +111,14 @@ pub async fn run(args: SpeechArgs) -> Result<()> {
             let before = batch_stats(&args, &info.model).await?;
             let mut tasks = Vec::new();
             for s in 0..sessions {
+                // Sessions start spread evenly over one frame period, as independent clients
+                // would, not in lockstep (lockstep would let every frame share a batch).
+                let offset = Duration::from_secs_f64(s as f64 / sessions as f64 / fps);
                 let client = client.clone();
                 let (samples, energies) = (samples.clone(), energies.clone());
                 let a = (args.avatar.clone(), args.packet_ms, args.chunk);
                 tasks.push(tokio::spawn(async move {
+                    tokio::time::sleep(offset).await;
                     let id = format!("{path}-{sessions}-{s}");
                     if path == "stream" {
                         stream_session(client, id, a.0, rate, &samples, a.1, fps).await
