@@ -40,8 +40,12 @@ pub fn window(mel: &[MelFrame], frame: u64, fps: f64, ended: bool) -> Option<Vec
 /// Speech energy of a window in [0, 1]: the mean of its bands mapped from [-4, 2] (silence
 /// to loud speech). Drives models that only open a mouth with loudness (`talking-demo`).
 pub fn energy(window: &[MelFrame]) -> f32 {
-    let n = (window.len() * crate::N_MELS).max(1) as f32;
-    let mean = window.iter().flatten().sum::<f32>() / n;
+    loudness(window.as_flattened())
+}
+
+/// [`energy`] of a window's values in any layout.
+pub fn loudness(values: &[f32]) -> f32 {
+    let mean = values.iter().sum::<f32>() / values.len().max(1) as f32;
     ((mean + 4.0) / 6.0).clamp(0.0, 1.0)
 }
 

@@ -61,15 +61,20 @@ pub fn speech(text: &str, wav: Option<&Path>, out: &Path) -> Result<(u32, Vec<i1
             }
         }
     }
+    read_wav(&path)
+}
+
+/// A mono 16-bit PCM WAV file: its rate and samples.
+pub fn read_wav(path: &Path) -> Result<(u32, Vec<i16>)> {
     let mut reader =
-        hound::WavReader::open(&path).with_context(|| format!("reading {}", path.display()))?;
+        hound::WavReader::open(path).with_context(|| format!("reading {}", path.display()))?;
     let spec = reader.spec();
     if spec.channels != 1
         || spec.bits_per_sample != 16
         || spec.sample_format != hound::SampleFormat::Int
     {
         bail!(
-            "{}: {} channel(s), {}-bit {:?}; the demo speaks mono 16-bit PCM",
+            "{}: {} channel(s), {}-bit {:?}; speech must be mono 16-bit PCM",
             path.display(),
             spec.channels,
             spec.bits_per_sample,

@@ -46,6 +46,10 @@ pub struct SpeechArgs {
     /// A WAV file (mono 16-bit) to speak instead of --text.
     #[arg(long)]
     pub wav: Option<PathBuf>,
+    /// A directory of WAV files (mono 16-bit): session i speaks file i modulo their number
+    /// (in name order), each looped to --seconds.
+    #[arg(long, conflicts_with_all = ["wav", "text"])]
+    pub wav_dir: Option<PathBuf>,
     /// Numbers of concurrent sessions to run, in turn.
     #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
     pub sessions: Vec<usize>,
@@ -87,12 +91,24 @@ fn window_done(k: u64, fps: f64) -> f64 {
 
 pub async fn run(args: SpeechArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out)?;
-    let (rate, speech) = demo::speech(&args.text, args.wav.as_deref(), &args.out)?;
-    if speech.is_empty() {
-        bail!("the speech is empty");
-    }
-    let n = (args.seconds * rate as f64) as usize;
-    let samples: Arc<Vec<i16>> = Arc::new(speech.iter().copied().cycle().take(n).collect());
+    let speeches = match &args.wav_dir {
+        Some(dir) => {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                .with_context(|| format!("reading {}", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("wav")))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                bail!("{}: no .wav files", dir.display());
+            }
+            files
+                .iter()
+                .map(|f| demo::read_wav(f))
+                .collect::<Result<Vec<_>>>()?
+        }
+        None => vec![demo::speech(&args.text, args.wav.as_deref(), &args.out)?],
+    };
     let mut client = client::compositor(&args.compositor, &args.access)?;
     let info = client
         .load_avatar(LoadAvatarRequest {
@@ -104,7 +120,18 @@ pub async fn run(args: SpeechArgs) -> Result<()> {
         .avatar
         .context("LoadAvatar answered without the avatar")?;
     let fps = info.fps;
-    let energies = Arc::new(frame_energies(&samples, rate, fps));
+    // Per voice: its rate, its samples looped to --seconds, and its frames' loudness.
+    let mut voices = Vec::new();
+    for (rate, speech) in speeches {
+        if speech.is_empty() {
+            bail!("a speech file is empty");
+        }
+        framecast_audio::pcm::check_rate(rate).map_err(anyhow::Error::msg)?;
+        let n = (args.seconds * rate as f64) as usize;
+        let samples: Arc<Vec<i16>> = Arc::new(speech.iter().copied().cycle().take(n).collect());
+        let energies = Arc::new(frame_energies(&samples, rate, fps));
+        voices.push((rate, samples, energies));
+    }
     let mut levels = Vec::new();
     for &sessions in &args.sessions {
         for path in ["stream", "chunk"] {
@@ -115,7 +142,7 @@ pub async fn run(args: SpeechArgs) -> Result<()> {
                 // would, not in lockstep (lockstep would let every frame share a batch).
                 let offset = Duration::from_secs_f64(s as f64 / sessions as f64 / fps);
                 let client = client.clone();
-                let (samples, energies) = (samples.clone(), energies.clone());
+                let (rate, samples, energies) = voices[s % voices.len()].clone();
                 let a = (args.avatar.clone(), args.packet_ms, args.chunk);
                 tasks.push(tokio::spawn(async move {
                     tokio::time::sleep(offset).await;

@@ -137,6 +137,10 @@ struct ServeArgs {
     /// control until then).
     #[arg(long, env = "FRAMECAST_MAX_AUDIO_AHEAD_S", default_value_t = RenderOptions::default().max_audio_ahead.as_secs(), value_parser = clap::value_parser!(u64).range(1..=600))]
     max_audio_ahead_s: u64,
+    /// Milliseconds the audio-encoder batcher waits to put mel windows of several audio
+    /// sessions into one request (each embedding waits at most this long for company).
+    #[arg(long, env = "FRAMECAST_ENCODER_BATCH_WAIT_MS", default_value_t = RenderOptions::default().encoder_batch_wait.as_millis() as u64, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    encoder_batch_wait_ms: u64,
     /// On SIGTERM: stop accepting, let each stream finish the request it is rendering for at
     /// most this many seconds, then exit.
     #[arg(long, env = "FRAMECAST_SHUTDOWN_GRACE_S", default_value_t = ServeOptions::default().grace.as_secs())]
@@ -293,6 +297,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         subsampling: args.subsampling,
         idle_timeout: Duration::from_secs(args.stream_idle_timeout_s),
         max_audio_ahead: Duration::from_secs(args.max_audio_ahead_s),
+        encoder_batch_wait: Duration::from_millis(args.encoder_batch_wait_ms),
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

@@ -25,6 +25,10 @@ pub struct Metrics {
     /// Inference replicas in the pool by `health` (`healthy`, `unhealthy`), as of the last
     /// health check.
     pub inference_replicas: IntGaugeVec,
+    /// Audio sessions whose mel windows shared one audio-encoder request.
+    pub encoder_batch_sessions: Histogram,
+    /// Mel frames held by the open audio sessions (80 a second of audio).
+    pub audio_mel_frames_held: IntGauge,
 }
 
 fn histogram(name: &str, help: &str) -> Histogram {
@@ -97,6 +101,17 @@ impl Metrics {
                 &["health"],
             )
             .expect("valid metric"),
+            encoder_batch_sessions: Histogram::with_opts(histogram_opts!(
+                "encoder_batch_sessions",
+                "Audio sessions whose mel windows shared one audio-encoder request",
+                vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0]
+            ))
+            .expect("valid metric"),
+            audio_mel_frames_held: IntGauge::new(
+                "audio_mel_frames_held",
+                "Mel frames held by the open audio sessions (80 a second of audio)",
+            )
+            .expect("valid metric"),
             registry,
         };
         let collectors: Vec<Box<dyn framecast_telemetry::prometheus::core::Collector>> = vec![
@@ -116,6 +131,8 @@ impl Metrics {
             Box::new(m.avatar_budget_bytes.clone()),
             Box::new(m.avatar_load_seconds.clone()),
             Box::new(m.inference_replicas.clone()),
+            Box::new(m.encoder_batch_sessions.clone()),
+            Box::new(m.audio_mel_frames_held.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

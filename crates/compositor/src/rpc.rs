@@ -8,7 +8,7 @@ use crate::inference::InferenceClient;
 use crate::inference::ModelInfo;
 use crate::metrics::Metrics;
 use crate::render::{self, RenderOptions};
-use crate::speech::Session;
+use crate::speech::{Encoders, Session};
 use framecast_proto::compositor::v1::{
     compositor_server::Compositor, AvatarInfo, ListAvatarsRequest, ListAvatarsResponse,
     LoadAvatarRequest, LoadAvatarResponse, RenderRequest, RenderedFrame, UnloadAvatarRequest,
@@ -34,6 +34,8 @@ pub struct CompositorService {
     streams: Arc<Semaphore>,
     /// Numbers Render streams in logs (the `stream` field of the `render` span).
     next_stream: Arc<std::sync::atomic::AtomicU64>,
+    /// Audio-encoder batches shared by every audio session.
+    encoders: Encoders,
 }
 
 /// Open Render streams a compositor accepts unless told otherwise.
@@ -47,7 +49,14 @@ impl CompositorService {
         metrics: Arc<Metrics>,
     ) -> Self {
         metrics.streams_limit.set(DEFAULT_MAX_STREAMS as i64);
+        let encoders = Encoders::new(
+            inference.clone(),
+            metrics.clone(),
+            opts.max_batch,
+            opts.encoder_batch_wait,
+        );
         CompositorService {
+            encoders,
             store,
             inference,
             opts: Arc::new(opts),
@@ -130,12 +139,15 @@ impl CompositorService {
             None => {
                 let lease = self.store.get(&req.avatar_id).await?;
                 let model = self.model_of(lease.value()).await?;
-                let opened = Session::open(&req, chunk, lease, model, &self.inference).await?;
+                let held = self.metrics.audio_mel_frames_held.clone();
+                let opened =
+                    Session::open(&req, chunk, lease, model, &self.inference, held).await?;
                 session.insert(opened)
             }
         };
         s.push(chunk, &self.opts)?;
-        s.render_ready(&self.target(sink, deadline)).await?;
+        s.render_ready(&self.target(sink, deadline), &self.encoders)
+            .await?;
         if s.done() {
             *session = None;
         }

@@ -205,6 +205,99 @@ async fn an_encoder_avatar_embeds_each_window_once() {
     );
 }
 
+/// Sessions speaking at once share audio-encoder requests: the compositor's batcher puts the
+/// windows of several sessions into one request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_of_concurrent_sessions_share_encoder_requests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 8).await;
+    let opts = ZooOptions {
+        max_batch_size: 8,
+        max_queue_delay_us: 1000,
+        ..Default::default()
+    };
+    zoo::write(&tmp.path().join("models"), Builtin::AudioEncoder, &opts).unwrap();
+    let avatars = tmp.path().join("avatars");
+    let table = "[audio]\ninput = \"audio\"\nfeatures = \"encoder\"\nencoder = \"audio-encoder\"\n";
+    copy_avatar(&avatars, "small", "enc", Some(table));
+    let audio = speechlike(1.0);
+    let sessions = (0..4).map(|i| {
+        let mut client = s.client.clone();
+        // One frame's audio (40 ms) per message, as a live client sends it.
+        let packets: Vec<Bytes> = audio.chunks(882).map(s16).collect();
+        let mut msgs = vec![RenderRequest {
+            request_id: format!("enc-{i}"),
+            ..opening("enc", 0, packets[0].clone())
+        }];
+        for (k, p) in packets[1..].iter().enumerate() {
+            msgs.push(more(p.clone(), k + 2 == packets.len()));
+        }
+        async move {
+            let mut stream = client
+                .render(tokio_stream::iter(msgs))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut frames = Vec::new();
+            drain(&mut stream, &mut frames).await;
+            frames.len()
+        }
+    });
+    let counts = futures::future::join_all(sessions).await;
+    assert_eq!(counts, [25; 4]);
+    let h = &s.metrics.encoder_batch_sessions;
+    eprintln!(
+        "{} encoder requests, {:.2} sessions each on average",
+        h.get_sample_count(),
+        h.get_sample_sum() / h.get_sample_count() as f64
+    );
+    assert!(
+        h.get_sample_sum() > h.get_sample_count() as f64,
+        "no encoder request held windows of two sessions ({} requests)",
+        h.get_sample_count()
+    );
+}
+
+/// A long session (a minute of silence, sent as fast as it is rendered) holds a bounded
+/// number of mel frames however long it runs, and none once it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_session_holds_bounded_audio() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 8).await;
+    let silence = s16(&vec![0.0; RATE as usize / 2]);
+    let mut msgs = vec![opening("small", 0, silence.clone())];
+    for i in 0..119 {
+        msgs.push(more(silence.clone(), i == 118));
+    }
+    let gauge = s.metrics.audio_mel_frames_held.clone();
+    let most = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let (seen, watch) = (most.clone(), gauge.clone());
+    let sampler = tokio::spawn(async move {
+        loop {
+            seen.fetch_max(watch.get(), std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    let mut stream = s
+        .client
+        .clone()
+        .render(tokio_stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut frames = Vec::new();
+    drain(&mut stream, &mut frames).await;
+    sampler.abort();
+    assert_eq!(frames.len(), 1500);
+    let held_at_end = gauge.get();
+    let most = most.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(most > 0, "the gauge never moved");
+    eprintln!("a 60 s session held at most {most} mel frames");
+    assert_eq!(held_at_end, 0, "an ended session still holds mel frames");
+    // A half-second packet is 40 mel frames; the window of the next frame adds 16.
+    assert!(most <= 80, "a session held {most} mel frames at once");
+}
+
 /// `root/from` copied as `root/to`, its `[audio]` table replaced by `audio` (removed with
 /// None).
 fn copy_avatar(root: &Path, from: &str, to: &str, audio: Option<&str>) {

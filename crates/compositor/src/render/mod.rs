@@ -47,6 +47,9 @@ pub struct RenderOptions {
     /// Audio an audio session may hold ahead of its rendered frames; more is refused with
     /// RESOURCE_EXHAUSTED.
     pub max_audio_ahead: Duration,
+    /// How long the audio-encoder batcher collects windows of different sessions into one
+    /// request.
+    pub encoder_batch_wait: Duration,
 }
 
 impl Default for RenderOptions {
@@ -58,6 +61,7 @@ impl Default for RenderOptions {
             subsampling: Subsampling::S420,
             idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
             max_audio_ahead: Duration::from_secs(10),
+            encoder_batch_wait: Duration::from_millis(5),
         }
     }
 }

@@ -5,15 +5,20 @@
 //! is driven by the 16 mel frames from `floor(80 k / fps)` on; as soon as they exist the
 //! frame's audio feature is built, as the avatar's `[audio]` table says (the mel window
 //! itself, its loudness, or `stack` encoder embeddings centred on the frame, each window
-//! embedded once), and the frames ready are rendered as one request through [`render`].
+//! embedded once, in batches shared with the other sessions: [`Encoders`]), and the frames
+//! ready are rendered as one request through [`render`].
 //! After `end_of_speech` the frames covering the rest of the audio follow, the last marked
 //! `last_in_request`. Mel frames and embeddings no later frame needs are dropped, so a long
 //! session holds a bounded amount of memory.
 
+mod encoder;
+
+pub use encoder::Encoders;
+
 use crate::avatar::Avatar;
 use crate::avatar_store::AvatarLease;
 use crate::error::{invalid, Error};
-use crate::inference::{EncoderInfo, Expected, InferenceClient, ModelInfo};
+use crate::inference::{EncoderInfo, InferenceClient, ModelInfo};
 use crate::manifest::AudioFeatures;
 use crate::render::{self, RenderOptions, Target};
 use framecast_audio::mel::{MelFrame, MelStream, FLOOR};
@@ -21,8 +26,8 @@ use framecast_audio::window::{self, WINDOW};
 use framecast_audio::{pcm, Resampler, SampleFormat, N_MELS, SAMPLE_RATE};
 use framecast_proto::compositor::v1::{self as v1, AudioChunk, RenderRequest, Tensor};
 use framecast_proto::echo;
-use framecast_proto::kserve::{model_infer_request::InferInputTensor, ModelInferRequest};
 use framecast_proto::tensor::{self, DataType};
+use framecast_telemetry::prometheus::IntGauge;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -66,6 +71,14 @@ pub struct Session {
     emb_base: u64,
     decoded: Vec<f32>,
     resampled: Vec<f32>,
+    /// Counts the mel frames this session holds, with every other session's.
+    held: IntGauge,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.held.sub(self.mels.len() as i64);
+    }
 }
 
 fn format_of(f: &v1::AudioFormat) -> Result<(SampleFormat, u32), Error> {
@@ -92,6 +105,7 @@ impl Session {
         lease: AvatarLease,
         model: Arc<ModelInfo>,
         client: &InferenceClient,
+        held: IntGauge,
     ) -> Result<Session, Error> {
         if req.frame_count != 0 || !req.conditioning.is_empty() {
             return Err(invalid(
@@ -179,6 +193,7 @@ impl Session {
             emb_base: 0,
             decoded: Vec::new(),
             resampled: Vec::new(),
+            held,
         })
     }
 
@@ -238,11 +253,13 @@ impl Session {
         if chunk.end_of_speech {
             self.resampler.finish(&mut self.resampled);
         }
+        let before = self.mels.len();
         self.mel.push(&self.resampled, &mut self.mels);
         if chunk.end_of_speech {
             self.mel.finish(&mut self.mels);
             self.total = Some(window::frames_for(self.mel.samples(), self.fps));
         }
+        self.held.add((self.mels.len() - before) as i64);
         Ok(())
     }
 
@@ -301,21 +318,27 @@ impl Session {
 
     /// Renders every frame whose audio has arrived, as one request (several past
     /// `max_frames_per_request`).
-    pub async fn render_ready(&mut self, target: &Target<'_>) -> Result<(), Error> {
+    pub async fn render_ready(
+        &mut self,
+        target: &Target<'_>,
+        encoders: &Encoders,
+    ) -> Result<(), Error> {
         let mut end = self.next;
         while self.frame_ready(end) {
             end += 1;
         }
         while self.next < end {
             let hi = end.min(self.next + target.opts.max_frames_per_request.max(1) as u64);
-            let data = self.features(self.next, hi, target).await?;
+            let data = self.features(self.next, hi, target, encoders).await?;
             let n = hi - self.next;
             let mut shape = vec![n as i64];
             shape.extend(&self.dims);
             let req = RenderRequest {
                 request_id: self.request_id.clone(),
                 avatar_id: self.avatar_id.clone(),
-                start_frame: self.start_frame + self.next,
+                start_frame: self.start_frame.checked_add(self.next).ok_or_else(|| {
+                    invalid("start_frame: the session's frame indices overflow u64")
+                })?,
                 frame_count: n as u32,
                 conditioning: vec![Tensor {
                     name: self.input.clone(),
@@ -335,16 +358,20 @@ impl Session {
     }
 
     /// The audio features of frames `lo..hi`, end to end.
-    async fn features(&mut self, lo: u64, hi: u64, target: &Target<'_>) -> Result<Vec<f32>, Error> {
+    async fn features(
+        &mut self,
+        lo: u64,
+        hi: u64,
+        target: &Target<'_>,
+        encoders: &Encoders,
+    ) -> Result<Vec<f32>, Error> {
         let per: usize = self.dims.iter().product::<i64>() as usize;
         let mut out = Vec::with_capacity((hi - lo) as usize * per);
         match &self.features {
             Features::Mel => (lo..hi).for_each(|k| out.extend(self.window(k))),
             Features::Energy => {
                 for k in lo..hi {
-                    let w = self.window(k);
-                    let mean = w.iter().sum::<f32>() / w.len() as f32;
-                    let e = ((mean + 4.0) / 6.0).clamp(0.0, 1.0);
+                    let e = window::loudness(&self.window(k));
                     out.extend(std::iter::repeat_n(e, per));
                 }
             }
@@ -355,8 +382,8 @@ impl Session {
                     Some(t) => t.saturating_sub(1),
                     None => hi - 1 + stack.div_ceil(2) - 1,
                 };
-                self.embed_through((hi - 1 + stack.div_ceil(2) - 1).min(last), &info, target)
-                    .await?;
+                let through = (hi - 1 + stack.div_ceil(2) - 1).min(last);
+                self.embed_through(through, &info, target, encoders).await?;
                 for k in lo..hi {
                     for j in 0..stack {
                         let f = (k + j).saturating_sub(half).min(last);
@@ -368,13 +395,14 @@ impl Session {
         Ok(out)
     }
 
-    /// Embeds the windows of frames up to `through` not embedded yet, in batches of at most
-    /// `max_batch` windows per inference call.
+    /// Embeds the windows of frames up to `through` not embedded yet, at most `max_batch`
+    /// windows per ask.
     async fn embed_through(
         &mut self,
         through: u64,
-        info: &EncoderInfo,
+        info: &Arc<EncoderInfo>,
         target: &Target<'_>,
+        encoders: &Encoders,
     ) -> Result<(), Error> {
         let batch = target.opts.max_batch.max(1) as u64;
         loop {
@@ -384,50 +412,18 @@ impl Session {
             }
             let last = through.min(first + batch - 1);
             let n = (last - first + 1) as usize;
-            let mut data = Vec::with_capacity(n * N_MELS * WINDOW);
+            let mut windows = Vec::with_capacity(n * N_MELS * WINDOW);
             for k in first..=last {
-                data.extend(self.window(k));
+                windows.extend(self.window(k));
             }
-            let mut shape = info.input_shape.clone();
-            shape[0] = n as i64;
-            let request = ModelInferRequest {
-                model_name: info.name.clone(),
-                id: format!("{}:audio{first}", echo(&self.request_id)),
-                inputs: vec![InferInputTensor::new(&info.input, DataType::F32, shape)],
-                raw_input_contents: vec![tensor::encode(&data)],
-                ..Default::default()
-            };
-            let expected = Expected {
-                output: info.output.clone(),
-                bytes: n * info.width * 4,
-            };
-            let context = || format!("audio encoder '{}' for frames {first}..={last}", info.name);
-            let response = target
-                .client
-                .infer(request, &expected, target.deadline)
+            let values = encoders
+                .embed(info, windows, n, target.deadline)
                 .await
-                .map_err(|s| Error::inference(context(), s))?;
-            let idx = response
-                .outputs
-                .iter()
-                .position(|o| o.name == info.output)
-                .ok_or_else(|| {
-                    Error::Internal(format!("{}: no output '{}'", context(), info.output))
+                .map_err(|s| {
+                    let context =
+                        format!("audio encoder '{}' for frames {first}..={last}", info.name);
+                    Error::inference(context, s)
                 })?;
-            let raw = response
-                .raw_output_contents
-                .get(idx)
-                .ok_or_else(|| Error::Internal(format!("{}: no raw output", context())))?;
-            let values = tensor::decode::<f32>(DataType::F32, raw)
-                .map_err(|e| Error::Internal(format!("{}: {e}", context())))?;
-            if values.len() != n * info.width {
-                return Err(Error::Internal(format!(
-                    "{}: {} values for {n} embeddings of {}",
-                    context(),
-                    values.len(),
-                    info.width
-                )));
-            }
             self.embeddings
                 .extend(values.chunks_exact(info.width).map(<[f32]>::to_vec));
         }
@@ -450,6 +446,7 @@ impl Session {
             let drop = (keep - self.mel_base).min(self.mels.len());
             self.mels.drain(..drop);
             self.mel_base += drop;
+            self.held.sub(drop as i64);
         }
     }
 }
