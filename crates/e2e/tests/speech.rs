@@ -258,6 +258,68 @@ async fn windows_of_concurrent_sessions_share_encoder_requests() {
     );
 }
 
+/// With features = "mel", a Wav2Lip-style model gets each frame's mel window [1, 80, 16]
+/// itself; a model whose audio input has another size is refused when the session opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mel_avatar_gets_the_windows_themselves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 8).await;
+    let opts = ZooOptions {
+        crop: framecast_e2e::CROP as i64,
+        max_batch_size: 8,
+        max_queue_delay_us: 1000,
+    };
+    let models = tmp.path().join("models");
+    zoo::write_with_audio(&models, Builtin::TalkingDemo, &opts, [1, 80, 16]).unwrap();
+    let avatars = tmp.path().join("avatars");
+    copy_avatar(
+        &avatars,
+        "small",
+        "w2l",
+        Some("[audio]\ninput = \"audio\"\nfeatures = \"mel\"\n"),
+    );
+    let manifest = std::fs::read_to_string(avatars.join("w2l/avatar.toml")).unwrap();
+    let manifest = manifest.replace("model = \"passthrough\"", "model = \"talking-demo\"");
+    std::fs::write(avatars.join("w2l/avatar.toml"), manifest).unwrap();
+    let audio = speechlike(1.0);
+    let msgs = vec![
+        opening("w2l", 0, s16(&audio[..11_025])),
+        more(s16(&audio[11_025..]), true),
+    ];
+    let mut stream = s
+        .client
+        .clone()
+        .render(tokio_stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut frames = Vec::new();
+    drain(&mut stream, &mut frames).await;
+    assert_eq!(frames.len(), 25);
+    // The passthrough's audio input is [32, 16, 16]: 8192 values, not a mel window's 1280.
+    copy_avatar(
+        &avatars,
+        "small",
+        "w2l-wrong",
+        Some("[audio]\ninput = \"audio\"\nfeatures = \"mel\"\n"),
+    );
+    let msgs = vec![opening("w2l-wrong", 0, s16(&audio))];
+    let mut stream = s
+        .client
+        .clone()
+        .render(tokio_stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner();
+    let e = stream.next().await.unwrap().unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("holds 8192 values per frame"),
+        "{}",
+        e.message()
+    );
+}
+
 /// A long session (a minute of silence, sent as fast as it is rendered) holds a bounded
 /// number of mel frames however long it runs, and none once it ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,6 +79,26 @@ impl Default for ZooOptions {
 
 /// Writes `model` into `root/<name>/` and returns that directory.
 pub fn write(root: &Path, model: Builtin, opts: &ZooOptions) -> Result<PathBuf> {
+    write_with_audio(root, model, opts, AUDIO_DIMS)
+}
+
+/// [`write`] with another per-frame shape for the `audio` input of `passthrough` and
+/// `talking-demo` (a Wav2Lip-style model takes the mel window itself, [1, 80, 16]).
+/// `lipsync-ref`'s architecture fixes its shape at [`AUDIO_DIMS`].
+pub fn write_with_audio(
+    root: &Path,
+    model: Builtin,
+    opts: &ZooOptions,
+    audio_dims: [i64; 3],
+) -> Result<PathBuf> {
+    anyhow::ensure!(
+        model != Builtin::LipsyncRef || audio_dims == AUDIO_DIMS,
+        "lipsync-ref takes audio {AUDIO_DIMS:?}, not {audio_dims:?}"
+    );
+    anyhow::ensure!(
+        audio_dims.iter().all(|&d| (1..=4096).contains(&d)),
+        "audio dims {audio_dims:?} must each be in 1..=4096"
+    );
     let crop = if model == Builtin::LipsyncRef {
         LIPSYNC_CROP
     } else {
@@ -93,7 +113,7 @@ pub fn write(root: &Path, model: Builtin, opts: &ZooOptions) -> Result<PathBuf> 
     let _no_grad = tch::no_grad_guard();
     let face = Tensor::zeros([1, 6, crop, crop], (Kind::Float, Device::Cpu));
     let audio = Tensor::zeros(
-        [1, AUDIO_DIMS[0], AUDIO_DIMS[1], AUDIO_DIMS[2]],
+        [1, audio_dims[0], audio_dims[1], audio_dims[2]],
         (Kind::Float, Device::Cpu),
     );
     let module = match model {
@@ -132,7 +152,7 @@ pub fn write(root: &Path, model: Builtin, opts: &ZooOptions) -> Result<PathBuf> 
     let config = if model == Builtin::AudioEncoder {
         encoder_config(opts)
     } else {
-        config(crop, opts)
+        config(crop, opts, audio_dims)
     };
     std::fs::write(dir.join(crate::config::CONFIG_FILE), config.to_toml())?;
     Ok(dir)
@@ -149,7 +169,7 @@ fn trace(
         .with_context(|| format!("tracing {}", model.name()))
 }
 
-fn config(crop: i64, opts: &ZooOptions) -> ModelConfig {
+fn config(crop: i64, opts: &ZooOptions, audio_dims: [i64; 3]) -> ModelConfig {
     let u8_image = |name: &str, channels| TensorSpec {
         name: name.to_string(),
         datatype: DataType::U8,
@@ -159,7 +179,7 @@ fn config(crop: i64, opts: &ZooOptions) -> ModelConfig {
     let audio = TensorSpec {
         name: "audio".to_string(),
         datatype: DataType::F32,
-        dims: AUDIO_DIMS.to_vec(),
+        dims: audio_dims.to_vec(),
         normalize: false,
     };
     let mut config = ModelConfig::new(
