@@ -54,6 +54,10 @@ impl TorchModel {
             )
         })?;
         module.set_eval();
+        if config.cudnn_benchmark && device.is_cuda() {
+            // cuDNN has one switch per process: a model that asks for it turns it on for all.
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
         Ok(TorchModel {
             module,
             device,

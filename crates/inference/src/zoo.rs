@@ -268,6 +268,10 @@ fn audio_encoder(p: &nn::Path) -> nn::SequentialT {
 }
 
 /// A dark, soft-edged mouth whose opening follows the mean absolute audio feature.
+///
+/// Every constant is derived from the input (coordinates as cumulative sums of ones shaped
+/// like the input), never created on a device: the tracer records a device given to a factory
+/// function, and the module would then only run there.
 fn talking(face: &Tensor, audio: &Tensor, crop: i64) -> Tensor {
     let reference = face.narrow(1, 0, 3);
     let energy = audio
@@ -275,16 +279,24 @@ fn talking(face: &Tensor, audio: &Tensor, crop: i64) -> Tensor {
         .mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float)
         .clamp(0.0, 1.0)
         .view([-1, 1, 1, 1]);
-    let opts = (Kind::Float, Device::Cpu);
     let s = crop as f64;
-    let ys = (Tensor::arange(crop, opts) / s).view([1, 1, crop, 1]);
-    let xs = (Tensor::arange(crop, opts) / s).view([1, 1, 1, crop]);
+    let plane = face.narrow(0, 0, 1).narrow(1, 0, 1).ones_like();
+    let ys = (plane.cumsum(2, None::<Kind>) - 1.0) / s;
+    let xs = (plane.cumsum(3, None::<Kind>) - 1.0) / s;
     let ry = energy * 0.085 + 0.006;
     let dx = (xs - 0.5) / 0.15;
     let dy = (ys - 0.74) / ry;
     let d = &dx * &dx + &dy * &dy;
     let mask = (d.neg() + 1.0).g_mul_scalar(6.0).sigmoid();
-    let mouth = Tensor::from_slice(&[0.22f32, 0.04, 0.06]).view([1, 3, 1, 1]);
+    // The mouth colour (0.22, 0.04, 0.06) as a function of the channel index c = 0, 1, 2.
+    let c = reference
+        .narrow(0, 0, 1)
+        .narrow(2, 0, 1)
+        .narrow(3, 0, 1)
+        .ones_like()
+        .cumsum(1, None::<Kind>)
+        - 1.0;
+    let mouth = &c * &c * 0.1 - &c * 0.28 + 0.22;
     &reference * (1.0 - &mask) + mouth * &mask
 }
 
@@ -398,5 +410,51 @@ impl UNet {
             x = u.forward_t(&Tensor::cat(&[upsampled, skip.shallow_clone()], 1), false);
         }
         x.apply(&self.out).sigmoid()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// No built-in model's traced code pins a device, and the weightless ones carry no captured
+    /// tensor constant: each runs on whatever device it is loaded on. (The weights of
+    /// `lipsync-ref` and `audio-encoder` are captured as constants too; `load_on_device` maps
+    /// every tensor of the archive, constants included, to the device it loads on.)
+    #[test]
+    fn no_built_in_model_is_pinned_to_a_device() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = ZooOptions {
+            crop: 32,
+            max_batch_size: 2,
+            max_queue_delay_us: 0,
+        };
+        for model in Builtin::ALL {
+            let dir = write(tmp.path(), model, &opts).unwrap();
+            let file = std::fs::File::open(dir.join(MODEL_FILE)).unwrap();
+            let mut zip = zip::ZipArchive::new(file).unwrap();
+            let mut code = String::new();
+            for i in 0..zip.len() {
+                let mut entry = zip.by_index(i).unwrap();
+                if entry.name().contains("/code/") && entry.name().ends_with(".py") {
+                    entry.read_to_string(&mut code).unwrap();
+                }
+            }
+            assert!(!code.is_empty(), "{}: no TorchScript code found", model.name());
+            let weightless = matches!(model, Builtin::Passthrough | Builtin::TalkingDemo);
+            let pins: &[&str] = if weightless {
+                &["torch.device(\"cpu\")", "CONSTANTS.c"]
+            } else {
+                &["torch.device(\"cpu\")"]
+            };
+            for pinned in pins {
+                assert!(
+                    !code.contains(pinned),
+                    "{} pins {pinned}:\n{code}",
+                    model.name()
+                );
+            }
+        }
     }
 }
