@@ -199,6 +199,50 @@ async fn the_audio_encoder_embeds_mel_windows() {
     assert_eq!(embed(vec![window(0.0)]).await, a, "not deterministic");
 }
 
+/// `precision = "fp16"` runs the model in half (its parameters converted, float inputs cast)
+/// and answers in the declared datatypes: the same request gives the fp32 model's pixels to
+/// within half precision's rounding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fp16_model_answers_like_its_fp32_original() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_zoo(tmp.path(), 2);
+    let half = tmp.path().join("talking-half");
+    std::fs::create_dir_all(&half).unwrap();
+    let src = tmp.path().join("talking-demo");
+    std::fs::copy(src.join("model.pt"), half.join("model.pt")).unwrap();
+    let config = std::fs::read_to_string(src.join("config.toml")).unwrap();
+    assert!(config.contains("precision = \"fp32\""), "{config}");
+    let config = config.replace("precision = \"fp32\"", "precision = \"fp16\"");
+    std::fs::write(half.join("config.toml"), config).unwrap();
+    let (_server, client) = start(tmp.path()).await;
+    let answer = |model: &str| {
+        let (inputs, mut raw) = face_audio(2, CROP, 3);
+        // Loud audio: the mouth opens, so the comparison covers the drawn pixels too.
+        raw[1] = framecast_proto::tensor::encode(&vec![0.8f32; 2 * 32 * 16 * 16]);
+        let request = ModelInferRequest {
+            model_name: model.into(),
+            inputs,
+            raw_input_contents: raw,
+            ..Default::default()
+        };
+        let mut client = client.clone();
+        async move {
+            let resp = client.model_infer(request).await.unwrap().into_inner();
+            assert_eq!(resp.outputs[0].datatype, "UINT8");
+            resp.raw_output_contents[0].to_vec()
+        }
+    };
+    let full = answer("talking-demo").await;
+    let half = answer("talking-half").await;
+    let worst = full
+        .iter()
+        .zip(&half)
+        .map(|(a, b)| (*a as i32 - *b as i32).abs())
+        .max()
+        .unwrap();
+    assert!(worst <= 2, "fp16 differs from fp32 by {worst} levels");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn talking_demo_darkens_the_mouth_with_audio_energy() {
     let tmp = tempfile::tempdir().unwrap();

@@ -54,6 +54,12 @@ impl TorchModel {
             )
         })?;
         module.set_eval();
+        if config.precision == Precision::Fp16 {
+            // Parameters and buffers to half, so inputs cast to half meet weights of the same
+            // type. (Weights a traced closure captured are constants, which `to` leaves alone:
+            // such a module must be traced in half to run in fp16.)
+            module.to(device, Kind::Half, false);
+        }
         if config.cudnn_benchmark && device.is_cuda() {
             // cuDNN has one switch per process: a model that asks for it turns it on for all.
             tch::Cuda::cudnn_set_benchmark(true);

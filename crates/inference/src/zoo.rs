@@ -441,7 +441,11 @@ mod tests {
                     entry.read_to_string(&mut code).unwrap();
                 }
             }
-            assert!(!code.is_empty(), "{}: no TorchScript code found", model.name());
+            assert!(
+                !code.is_empty(),
+                "{}: no TorchScript code found",
+                model.name()
+            );
             let weightless = matches!(model, Builtin::Passthrough | Builtin::TalkingDemo);
             let pins: &[&str] = if weightless {
                 &["torch.device(\"cpu\")", "CONSTANTS.c"]
