@@ -166,6 +166,42 @@ async fn least_recently_used_is_evicted_and_pinned_survives() {
     );
 }
 
+/// Two devices with two instances each: a model loads four workers on one queue and serves
+/// concurrent requests (the batcher's unit tests show workers sharing a queue), and the budget
+/// is per device (a model counts once against each device's budget, not four times).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_devices_and_instances_serve_one_queue_under_a_per_device_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    repo_with(tmp.path(), &[("a", 0), ("b", 0), ("c", 0)]);
+    let exec = ExecOptions {
+        devices: vec![tch::Device::Cpu, tch::Device::Cpu],
+        instances: 2,
+        memory_budget: Some(2 * MIB + MIB / 2),
+        model_overhead: MIB,
+        ..Default::default()
+    };
+    let (_s, mut client, metrics) = start_with(tmp.path(), exec).await;
+    let calls = (0..16).map(|_| {
+        let mut c = client.clone();
+        async move { c.model_infer(request("a")).await.map(|_| ()) }
+    });
+    for r in futures::future::join_all(calls).await {
+        r.unwrap();
+    }
+    // Two models of ~1 MiB fit a 2.5 MiB budget per device; the third evicts the first.
+    client.model_infer(request("b")).await.unwrap();
+    let s = states(&mut client).await;
+    assert_eq!(
+        (state_of(&s, "a"), state_of(&s, "b")),
+        ("READY".into(), "READY".into()),
+        "{s:?}"
+    );
+    client.model_infer(request("c")).await.unwrap();
+    let s = states(&mut client).await;
+    assert_eq!(state_of(&s, "a"), "UNLOADED", "{s:?}");
+    assert_eq!(metrics.evictions.get(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_with_requests_in_flight_is_not_evicted() {
     let tmp = tempfile::tempdir().unwrap();

@@ -410,6 +410,77 @@ mod tests {
         rx.blocking_recv().expect("the worker dropped a reply")
     }
 
+    /// Takes `pause` per batch and records which instance ran it.
+    struct Slow {
+        id: usize,
+        ran: Arc<Mutex<Vec<usize>>>,
+        pause: Duration,
+    }
+
+    impl Backend for Slow {
+        fn execute(&self, _: usize, inputs: &[Vec<Bytes>]) -> Result<Executed, BackendError> {
+            std::thread::sleep(self.pause);
+            self.ran.lock().push(self.id);
+            let out: Vec<u8> = inputs[0].iter().flat_map(|b| b.iter().copied()).collect();
+            Ok(Executed {
+                outputs: vec![Box::new(out)],
+                timings: ExecTimings::default(),
+                spent: None,
+            })
+        }
+    }
+
+    /// Two instances on one queue (`--instances 2`, or two devices): while one runs a batch
+    /// the other takes the next, and every request is answered once.
+    #[test]
+    fn instances_share_one_queue_and_a_batch_goes_to_whichever_is_free() {
+        let spec = |name: &str| TensorSpec {
+            name: name.into(),
+            datatype: DataType::U8,
+            dims: vec![ELEMENT as i64],
+            normalize: false,
+        };
+        let mut config = ModelConfig::new(4, vec![spec("x")], vec![spec("y")]);
+        config.max_queue_delay_us = 0;
+        let config = Arc::new(config);
+        let stats = Arc::new(ModelStats::new(&Metrics::new(), "slow"));
+        let (tx, rx) = queue(16);
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        for id in 0..2 {
+            let backend = Slow {
+                id,
+                ran: ran.clone(),
+                pause: Duration::from_millis(50),
+            };
+            let ready = spawn_worker(
+                format!("slow-{id}"),
+                move || Ok((backend, Duration::ZERO)),
+                config.clone(),
+                stats.clone(),
+                rx.clone(),
+            )
+            .unwrap();
+            ready.recv().unwrap().unwrap();
+        }
+        let replies: Vec<(u8, Reply)> = (1..=6u8)
+            .map(|fill| {
+                let (j, r) = job(4, fill, None);
+                tx.send(j).unwrap();
+                (fill, r)
+            })
+            .collect();
+        for (fill, r) in replies {
+            let out = wait(r).unwrap();
+            assert_eq!(out.outputs[0], vec![fill; 4 * ELEMENT]);
+        }
+        let ran = ran.lock().clone();
+        assert_eq!(ran.len(), 6, "each full request is one batch");
+        assert!(
+            ran.contains(&0) && ran.contains(&1),
+            "one instance did all: {ran:?}"
+        );
+    }
+
     #[test]
     fn concurrent_requests_share_a_batch_and_each_gets_its_own_share() {
         let w = worker(200, false, Vec::new());
