@@ -7,7 +7,7 @@
                               IN resampled to RATE with librosa (soxr_hq), written s16le
     load16 IN.wav OUT.f32     IN as librosa.load(sr=16000) gives it (soxr_hq), f32le
 
-Run with the Python of the venv scripts/setup.sh prepares (FRAMECAST_SPEECH_PYTHON).
+Run with the Python of the venv scripts/setup.sh prepares (FRAMECAST_REFERENCE_PYTHON).
 """
 import sys
 

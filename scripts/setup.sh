@@ -4,7 +4,7 @@
 #   - libtorch 2.11.0 (the pair of tch 0.24) unpacked from the PyPI torch wheel into a cache dir
 # Prints the environment to use as `export` lines on stdout (everything else goes to stderr), so
 #   eval "$(scripts/setup.sh)"
-# leaves LIBTORCH, LIBTORCH_CXX11_ABI, LD_LIBRARY_PATH and FRAMECAST_SPEECH_PYTHON set.
+# leaves LIBTORCH, LIBTORCH_CXX11_ABI, LD_LIBRARY_PATH and FRAMECAST_REFERENCE_PYTHON set.
 #
 # FRAMECAST_CACHE   cache root (default ~/.cache/framecast)
 # FRAMECAST_TORCH   cpu (default) or cuda: which libtorch variant to prepare
@@ -70,16 +70,19 @@ PY
   log "libtorch ready"
 fi
 
-speech="$cache/speech-venv"
-if [ ! -f "$speech/.complete" ]; then
-  log "preparing the librosa reference in $speech (one-time, ~150 MB)"
-  rm -rf "$speech"
-  python3 -m venv "$speech" >&2
-  "$speech/bin/python" -m pip install -q 'librosa==0.11.0' >&2
-  touch "$speech/.complete"
+reference="$cache/reference-venv"
+reference_pkgs=('librosa==0.11.0' 'tritonclient[grpc]==2.73.0')
+# The marker names what is installed, so a changed list installs again.
+marker="$reference/.complete-$(echo "${reference_pkgs[*]}" | md5sum | cut -c1-12)"
+if [ ! -f "$marker" ]; then
+  log "preparing the reference venv in $reference: ${reference_pkgs[*]} (one-time, ~200 MB)"
+  rm -rf "$reference"
+  python3 -m venv "$reference" >&2
+  "$reference/bin/python" -m pip install -q "${reference_pkgs[@]}" >&2
+  touch "$marker"
 fi
 
 echo "export LIBTORCH='$libtorch'"
-echo "export FRAMECAST_SPEECH_PYTHON='$speech/bin/python'"
+echo "export FRAMECAST_REFERENCE_PYTHON='$reference/bin/python'"
 echo "export LIBTORCH_CXX11_ABI=1"
 echo "export LD_LIBRARY_PATH='$libtorch/lib'\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"

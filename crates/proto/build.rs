@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         root.join("kserve/grpc_service.proto"),
         root.join("framecast/compositor/v1/compositor.proto"),
     ];
+    // Imported files too (kserve/model_config.proto): the whole tree.
+    println!("cargo:rerun-if-changed={}", root.display());
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

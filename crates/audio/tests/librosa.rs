@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn python() -> String {
-    std::env::var("FRAMECAST_SPEECH_PYTHON").expect(
-        "FRAMECAST_SPEECH_PYTHON is not set: run through `make test`, or eval \"$(scripts/setup.sh)\" first (it installs librosa and espeak-ng)",
+    std::env::var("FRAMECAST_REFERENCE_PYTHON").expect(
+        "FRAMECAST_REFERENCE_PYTHON is not set: run through `make test`, or eval \"$(scripts/setup.sh)\" first (it installs librosa and espeak-ng)",
     )
 }
 

@@ -143,6 +143,72 @@ async fn builtin_models_have_the_right_output_shapes() {
     }
 }
 
+/// `ModelConfig` (Triton's extension) describes a model as Triton's model_config.proto does:
+/// platform, TYPE_* datatypes, dims without the batch dimension, the dynamic batcher's delay,
+/// the instance group; a model or version that does not exist is NOT_FOUND.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_config_speaks_tritons_model_config() {
+    use framecast_proto::kserve::{
+        model_config::SchedulingChoice, model_instance_group::Kind, DataType as TritonType,
+        ModelConfigRequest,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    write_zoo(tmp.path(), 4);
+    let (_server, mut client) = start(tmp.path()).await;
+    let ask = |name: &str, version: &str| ModelConfigRequest {
+        name: name.into(),
+        version: version.into(),
+    };
+    let config = client
+        .model_config(ask("passthrough", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .config
+        .unwrap();
+    assert_eq!(config.name, "passthrough");
+    assert_eq!(
+        (config.platform.as_str(), config.backend.as_str()),
+        ("pytorch_libtorch", "pytorch")
+    );
+    assert_eq!(config.max_batch_size, 4);
+    let inputs: Vec<(String, i32, Vec<i64>)> = config
+        .input
+        .iter()
+        .map(|i| (i.name.clone(), i.data_type, i.dims.clone()))
+        .collect();
+    assert_eq!(
+        inputs,
+        [
+            (
+                "face".into(),
+                TritonType::TypeUint8 as i32,
+                vec![6, CROP, CROP]
+            ),
+            (
+                "audio".into(),
+                TritonType::TypeFp32 as i32,
+                vec![32, 16, 16]
+            ),
+        ]
+    );
+    assert_eq!(config.output[0].data_type, TritonType::TypeUint8 as i32);
+    assert_eq!(config.output[0].dims, vec![3, CROP, CROP]);
+    match config.scheduling_choice {
+        Some(SchedulingChoice::DynamicBatching(b)) => {
+            assert_eq!(b.max_queue_delay_microseconds, 20_000)
+        }
+        other => panic!("no dynamic batching: {other:?}"),
+    }
+    assert_eq!(config.instance_group.len(), 1);
+    assert_eq!(config.instance_group[0].kind, Kind::Cpu as i32);
+    assert_eq!(config.instance_group[0].count, 1);
+    for (name, version) in [("nope", ""), ("passthrough", "2")] {
+        let e = client.model_config(ask(name, version)).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{name} v{version}: {e:?}");
+    }
+}
+
 /// `audio-encoder` maps mel windows [B,1,80,16] to embeddings [B,512]: deterministic, one
 /// window's embedding the same alone or in a batch, and different windows apart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -197,6 +197,11 @@ impl ModelManager {
         &self.repo
     }
 
+    /// Where and how many times each model runs.
+    pub fn exec(&self) -> &ExecOptions {
+        &self.exec
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }

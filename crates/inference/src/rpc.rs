@@ -89,6 +89,22 @@ impl InferenceService {
         self
     }
 
+    /// The config `name` runs with: a loaded model's (the file may have changed since), or
+    /// the one on disk it would load with.
+    fn config_of(&self, name: &str) -> Result<Arc<crate::config::ModelConfig>, Error> {
+        let dir = self
+            .models
+            .repository()
+            .model_dir(name)
+            .map_err(|e| Error::Model(e.into()))?;
+        match self.models.ready(name) {
+            Some(m) => Ok(m.config.clone()),
+            None => crate::config::ModelConfig::load(&dir)
+                .map(Arc::new)
+                .map_err(|e| Error::Precondition(format!("model '{name}': {e}"))),
+        }
+    }
+
     async fn infer(
         &self,
         mut req: ModelInferRequest,
@@ -290,6 +306,83 @@ fn response(
     }
 }
 
+/// `config` as Triton's `ModelConfig`: platform `pytorch_libtorch`, `TYPE_*` datatypes,
+/// dims without the batch dimension, the dynamic batcher's delay, and one instance group per
+/// kind of device the server runs on.
+fn triton_config(
+    name: &str,
+    config: &crate::config::ModelConfig,
+    exec: &crate::models::ExecOptions,
+) -> kserve::ModelConfig {
+    use kserve::model_instance_group::Kind;
+    let data_type = |dt: framecast_proto::tensor::DataType| {
+        kserve::DataType::from_str_name(&format!("TYPE_{}", dt.as_str()))
+            .unwrap_or(kserve::DataType::TypeInvalid) as i32
+    };
+    let count = exec.instances.max(1) as i32;
+    let gpus: Vec<i32> = exec
+        .devices
+        .iter()
+        .filter_map(|d| match d {
+            tch::Device::Cuda(i) => Some(*i as i32),
+            _ => None,
+        })
+        .collect();
+    let mut instance_group = Vec::new();
+    if exec.devices.iter().any(|d| *d == tch::Device::Cpu) {
+        let cpus = exec
+            .devices
+            .iter()
+            .filter(|d| **d == tch::Device::Cpu)
+            .count() as i32;
+        instance_group.push(kserve::ModelInstanceGroup {
+            name: format!("{name}_cpu"),
+            count: count * cpus,
+            gpus: Vec::new(),
+            kind: Kind::Cpu as i32,
+        });
+    }
+    if !gpus.is_empty() {
+        instance_group.push(kserve::ModelInstanceGroup {
+            name: format!("{name}_gpu"),
+            count,
+            gpus,
+            kind: Kind::Gpu as i32,
+        });
+    }
+    kserve::ModelConfig {
+        name: name.to_string(),
+        platform: "pytorch_libtorch".to_string(),
+        backend: "pytorch".to_string(),
+        max_batch_size: config.max_batch_size as i32,
+        input: config
+            .inputs
+            .iter()
+            .map(|t| kserve::ModelInput {
+                name: t.name.clone(),
+                data_type: data_type(t.datatype),
+                dims: t.dims.clone(),
+            })
+            .collect(),
+        output: config
+            .outputs
+            .iter()
+            .map(|t| kserve::ModelOutput {
+                name: t.name.clone(),
+                data_type: data_type(t.datatype),
+                dims: t.dims.clone(),
+            })
+            .collect(),
+        instance_group,
+        scheduling_choice: Some(kserve::model_config::SchedulingChoice::DynamicBatching(
+            kserve::ModelDynamicBatching {
+                preferred_batch_size: Vec::new(),
+                max_queue_delay_microseconds: config.max_queue_delay_us,
+            },
+        )),
+    }
+}
+
 type Reply<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
@@ -328,11 +421,16 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(kserve::ServerMetadataResponse {
             name: "framecast-inference".to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            extensions: ["model_repository", "statistics", "streaming"]
-                .into_iter()
-                .chain(self.shm_allowed.then_some("system_shared_memory"))
-                .map(String::from)
-                .collect(),
+            extensions: [
+                "model_configuration",
+                "model_repository",
+                "statistics",
+                "streaming",
+            ]
+            .into_iter()
+            .chain(self.shm_allowed.then_some("system_shared_memory"))
+            .map(String::from)
+            .collect(),
         }))
     }
 
@@ -344,20 +442,7 @@ impl GrpcInferenceService for InferenceService {
         let req = req.into_inner();
         let name = req.name;
         check_version(&name, &req.version)?;
-        let dir = self
-            .models
-            .repository()
-            .model_dir(&name)
-            .map_err(|e| Error::Model(e.into()))?;
-        // A loaded model answers with the config it runs with (the file may have changed
-        // since); one not loaded yet with its config on disk, which it would load with.
-        let config = match self.models.ready(&name) {
-            Some(m) => m.config.clone(),
-            None => Arc::new(
-                crate::config::ModelConfig::load(&dir)
-                    .map_err(|e| Error::Precondition(format!("model '{name}': {e}")))?,
-            ),
-        };
+        let config = self.config_of(&name)?;
         let meta = |specs: &[crate::config::TensorSpec]| {
             specs
                 .iter()
@@ -379,6 +464,18 @@ impl GrpcInferenceService for InferenceService {
             platform: config.platform.clone(),
             inputs: meta(&config.inputs),
             outputs: meta(&config.outputs),
+        }))
+    }
+
+    async fn model_config(
+        &self,
+        req: Request<kserve::ModelConfigRequest>,
+    ) -> Reply<kserve::ModelConfigResponse> {
+        let req = req.into_inner();
+        check_version(&req.name, &req.version)?;
+        let config = self.config_of(&req.name)?;
+        Ok(Response::new(kserve::ModelConfigResponse {
+            config: Some(triton_config(&req.name, &config, self.models.exec())),
         }))
     }
 
