@@ -329,12 +329,12 @@ fn triton_config(
         })
         .collect();
     let mut instance_group = Vec::new();
-    if exec.devices.iter().any(|d| *d == tch::Device::Cpu) {
-        let cpus = exec
-            .devices
-            .iter()
-            .filter(|d| **d == tch::Device::Cpu)
-            .count() as i32;
+    let cpus = exec
+        .devices
+        .iter()
+        .filter(|d| **d == tch::Device::Cpu)
+        .count() as i32;
+    if cpus > 0 {
         instance_group.push(kserve::ModelInstanceGroup {
             name: format!("{name}_cpu"),
             count: count * cpus,
