@@ -50,6 +50,97 @@ async fn shutdown_finishes_the_request_in_flight_then_ends_streams() {
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
 }
 
+/// A health watcher sees the server go NOT_SERVING as soon as the shutdown begins, while the
+/// request in flight is still being rendered (load balancers stop sending before the port
+/// closes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_turns_not_serving_when_the_drain_begins() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 2).await;
+    let channel = tonic::transport::Endpoint::from_shared(s.compositor_server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    let (req_tx, mut stream) = open_render(&s.client, request("small", 0, 30)).await;
+    stream.message().await.unwrap().unwrap();
+    let stopping = tokio::spawn(s.compositor_server.shutdown());
+    let next = tokio::time::timeout(std::time::Duration::from_secs(10), watch.message())
+        .await
+        .expect("no health update after the shutdown began");
+    match next {
+        Ok(Some(update)) => assert_eq!(update.status, ServingStatus::NotServing as i32),
+        other => panic!("the watch ended without NOT_SERVING: {other:?}"),
+    }
+    // An open watch would hold the server for its whole grace period.
+    drop((watch, health));
+    while let Ok(Some(_)) = stream.message().await {}
+    drop(req_tx);
+    stopping.await.unwrap();
+}
+
+/// Reflection on each port lists exactly what that port serves: its own API, health and
+/// reflection, not the other service's protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_only_what_each_port_serves() {
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 2).await;
+    for (url, api) in [
+        (s.inference_server.url(), "inference.GRPCInferenceService"),
+        (
+            s.compositor_server.url(),
+            "framecast.compositor.v1.Compositor",
+        ),
+    ] {
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = ServerReflectionClient::new(channel);
+        let ask = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers = client
+            .server_reflection_info(tokio_stream::iter([ask]))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            answers.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("{api}: no service list");
+        };
+        let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        names.sort();
+        let mut want = vec![
+            api.to_string(),
+            "grpc.health.v1.Health".to_string(),
+            "grpc.reflection.v1.ServerReflection".to_string(),
+        ];
+        want.sort();
+        assert_eq!(names, want);
+    }
+}
+
 /// Admission: past `--max-streams` open Render streams, a new one is refused at once with
 /// RESOURCE_EXHAUSTED; when one closes, the next is admitted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -398,7 +398,10 @@ impl GrpcInferenceService for InferenceService {
         &self,
         _: Request<kserve::ServerReadyRequest>,
     ) -> Reply<kserve::ServerReadyResponse> {
-        Ok(Response::new(kserve::ServerReadyResponse { ready: true }))
+        // Draining: the in-flight work finishes, but new work belongs elsewhere.
+        Ok(Response::new(kserve::ServerReadyResponse {
+            ready: !self.drain.is_draining(),
+        }))
     }
 
     async fn model_ready(
@@ -410,7 +413,7 @@ impl GrpcInferenceService for InferenceService {
         crate::repository::check_name(&name).map_err(|e| Error::Model(e.into()))?;
         check_version(&name, &req.version)?;
         Ok(Response::new(kserve::ModelReadyResponse {
-            ready: self.models.ready(&name).is_some(),
+            ready: self.models.ready(&name).is_some() && !self.drain.is_draining(),
         }))
     }
 

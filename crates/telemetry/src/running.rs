@@ -45,7 +45,12 @@ pub fn grpc_server(
 }
 
 /// Serves `service` on `listener` over [`grpc_server`], beside the standard gRPC health
-/// service (reporting it SERVING) and reflection, until `drain` starts.
+/// service and reflection, until `drain` starts.
+///
+/// Health reports the service (and the server, the empty name) SERVING, and NOT_SERVING as
+/// soon as the drain starts, so load balancers stop sending before the port closes.
+/// Reflection lists exactly what this port serves: `service`, `grpc.health.v1.Health` and
+/// reflection itself.
 pub async fn serve_grpc<S>(
     listener: TcpListener,
     windows: Windows,
@@ -65,9 +70,24 @@ where
 {
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<S>().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(framecast_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(S::NAME)
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
         .build_v1()?;
+    let draining = drain.clone();
+    tokio::spawn(async move {
+        draining.started().await;
+        health.set_not_serving::<S>().await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    });
     grpc_server(windows, tls)?
         .add_service(health_svc)
         .add_service(reflection)
