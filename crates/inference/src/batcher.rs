@@ -1,6 +1,7 @@
 //! Dynamic batching: requests of 1..N elements queue per model; each worker thread takes the
-//! oldest, adds more until the batch is full or the oldest has waited `max_queue_delay_us`,
-//! runs the model once, and splits the outputs back to the callers in order.
+//! oldest, adds more until the batch is full, reaches one of the model's preferred sizes, or
+//! the oldest has waited `max_queue_delay_us`, runs the model once, and splits the outputs
+//! back to the callers in order.
 //!
 //! Workers are OS threads (libtorch calls block), one per instance; they share one MPMC queue,
 //! so a free instance always takes the next batch. What runs a batch is a
@@ -123,7 +124,10 @@ fn run_worker<B: Backend>(model: B, config: &ModelConfig, stats: &ModelStats, rx
         let deadline = first.enqueued + delay;
         let mut size = first.batch;
         let mut jobs = vec![first];
-        while size < config.max_batch_size {
+        // A preferred size gathered is executed at once; short of one, keep waiting.
+        while size < config.max_batch_size
+            && config.preferred_batch_sizes.binary_search(&size).is_err()
+        {
             match rx.recv_deadline(deadline) {
                 Ok(j) => {
                     let Some(j) = live(j, stats) else { continue };
@@ -479,6 +483,47 @@ mod tests {
             ran.contains(&0) && ran.contains(&1),
             "one instance did all: {ran:?}"
         );
+    }
+
+    /// With a preferred size of 2, two requests run as soon as both are queued, long before a
+    /// 10 s batching delay; a third waits for company.
+    #[test]
+    fn a_preferred_batch_size_runs_without_waiting_out_the_delay() {
+        let spec = |name: &str| TensorSpec {
+            name: name.into(),
+            datatype: DataType::U8,
+            dims: vec![ELEMENT as i64],
+            normalize: false,
+        };
+        let mut config = ModelConfig::new(8, vec![spec("x")], vec![spec("y")]);
+        config.max_queue_delay_us = 10_000_000;
+        config.preferred_batch_sizes = vec![2];
+        let stats = Arc::new(ModelStats::new(&Metrics::new(), "preferred"));
+        let (tx, rx) = queue(16);
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let backend = Echo {
+            batches: batches.clone(),
+            fail: false,
+        };
+        let ready = spawn_worker(
+            "preferred".into(),
+            move || Ok((backend, Duration::ZERO)),
+            Arc::new(config),
+            stats,
+            rx,
+        )
+        .unwrap();
+        ready.recv().unwrap().unwrap();
+        let (a, ra) = job(1, 1, None);
+        let (b, rb) = job(1, 2, None);
+        tx.send(a).unwrap();
+        tx.send(b).unwrap();
+        let started = Instant::now();
+        assert_eq!(wait(ra).unwrap().batch_size, 2);
+        assert_eq!(wait(rb).unwrap().batch_size, 2);
+        // The 10 s delay was not waited out (a bound, not a speed claim).
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(*batches.lock(), [2]);
     }
 
     #[test]

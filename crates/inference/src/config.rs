@@ -18,7 +18,7 @@
 //! ```
 //!
 //! Optional keys: `queue_timeout_us` (0: none), `pinned` (never evicted), `precision`
-//! (`"fp32"` or `"fp16"`), `channels_last`, `cudnn_benchmark`.
+//! (`"fp32"` or `"fp16"`), `channels_last`, `cudnn_benchmark`, `preferred_batch_sizes`.
 //!
 //! Float inputs under `"fp32"`: FP16 and BF16 widen to FP32 (lossless), FP32 and FP64 reach the
 //! model as declared. Under `"fp16"` every float input is cast to FP16. Float outputs are cast
@@ -51,6 +51,8 @@ struct RawConfig {
     channels_last: bool,
     #[serde(default)]
     cudnn_benchmark: bool,
+    #[serde(default)]
+    preferred_batch_sizes: Vec<usize>,
     #[serde(default)]
     input: Vec<RawTensor>,
     #[serde(default)]
@@ -134,6 +136,9 @@ pub struct ModelConfig {
     pub channels_last: bool,
     /// Let cuDNN pick the fastest convolution algorithms for the shapes it sees.
     pub cudnn_benchmark: bool,
+    /// Batch sizes the batcher executes at once when it has gathered one, without waiting
+    /// out `max_queue_delay_us` for more (Triton's `preferred_batch_size`); ascending.
+    pub preferred_batch_sizes: Vec<usize>,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
 }
@@ -158,6 +163,7 @@ impl ModelConfig {
             precision: Precision::Fp32,
             channels_last: false,
             cudnn_benchmark: false,
+            preferred_batch_sizes: Vec::new(),
             inputs,
             outputs,
         }
@@ -195,6 +201,19 @@ impl ModelConfig {
                 raw.max_queue_delay_us
             ));
         }
+        if let Some(p) = raw
+            .preferred_batch_sizes
+            .iter()
+            .find(|&&p| p == 0 || p > raw.max_batch_size)
+        {
+            return Err(format!(
+                "preferred_batch_sizes: {p} is out of range 1..=max_batch_size ({})",
+                raw.max_batch_size
+            ));
+        }
+        let mut preferred_batch_sizes = raw.preferred_batch_sizes;
+        preferred_batch_sizes.sort_unstable();
+        preferred_batch_sizes.dedup();
         let inputs = tensors("input", raw.input)?;
         let outputs = tensors("output", raw.output)?;
         Ok(ModelConfig {
@@ -206,6 +225,7 @@ impl ModelConfig {
             precision: raw.precision,
             channels_last: raw.channels_last,
             cudnn_benchmark: raw.cudnn_benchmark,
+            preferred_batch_sizes,
             inputs,
             outputs,
         })
@@ -214,7 +234,7 @@ impl ModelConfig {
     /// Serializes back to the TOML form `parse` reads.
     pub fn to_toml(&self) -> String {
         let mut s = format!(
-            "platform = \"{}\"\nmax_batch_size = {}\nmax_queue_delay_us = {}\nqueue_timeout_us = {}\npinned = {}\nprecision = \"{}\"\nchannels_last = {}\ncudnn_benchmark = {}\n",
+            "platform = \"{}\"\nmax_batch_size = {}\nmax_queue_delay_us = {}\nqueue_timeout_us = {}\npinned = {}\nprecision = \"{}\"\nchannels_last = {}\ncudnn_benchmark = {}\npreferred_batch_sizes = {:?}\n",
             self.platform,
             self.max_batch_size,
             self.max_queue_delay_us,
@@ -222,7 +242,8 @@ impl ModelConfig {
             self.pinned,
             self.precision.as_str(),
             self.channels_last,
-            self.cudnn_benchmark
+            self.cudnn_benchmark,
+            self.preferred_batch_sizes
         );
         for (kind, list) in [("input", &self.inputs), ("output", &self.outputs)] {
             for t in list {
@@ -317,6 +338,13 @@ dims = [2]
                 "output[0].name",
             ),
             (GOOD.replace("max_batch_size", "max_batch"), "max_batch"),
+            (
+                GOOD.replace(
+                    "max_batch_size = 4",
+                    "max_batch_size = 4\npreferred_batch_sizes = [2, 8]",
+                ),
+                "preferred_batch_sizes: 8",
+            ),
             (
                 GOOD.replace(
                     "max_batch_size = 4",

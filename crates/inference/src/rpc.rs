@@ -376,7 +376,11 @@ fn triton_config(
         instance_group,
         scheduling_choice: Some(kserve::model_config::SchedulingChoice::DynamicBatching(
             kserve::ModelDynamicBatching {
-                preferred_batch_size: Vec::new(),
+                preferred_batch_size: config
+                    .preferred_batch_sizes
+                    .iter()
+                    .map(|&b| b as i32)
+                    .collect(),
                 max_queue_delay_microseconds: config.max_queue_delay_us,
             },
         )),
