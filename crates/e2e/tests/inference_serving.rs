@@ -143,6 +143,45 @@ async fn builtin_models_have_the_right_output_shapes() {
     }
 }
 
+/// `ModelStatistics` breaks executions down by batch size (Triton's `batch_stats`) and says
+/// what the model holds per device (`memory_usage`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_have_batch_stats_and_memory_usage() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_zoo(tmp.path(), 4);
+    let (_server, mut client) = start(tmp.path()).await;
+    for batch in [1, 2, 2, 3] {
+        client
+            .model_infer(request("passthrough", batch, 1))
+            .await
+            .unwrap();
+    }
+    let stats = client
+        .model_statistics(ModelStatisticsRequest {
+            name: "passthrough".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .model_stats
+        .remove(0);
+    let by_size: Vec<(u64, u64)> = stats
+        .batch_stats
+        .iter()
+        .map(|b| (b.batch_size, b.compute_infer.as_ref().unwrap().count))
+        .collect();
+    // One request at a time, so each ran alone (the warm-up is not counted).
+    assert_eq!(by_size, [(1, 1), (2, 2), (3, 1)], "{:?}", stats.batch_stats);
+    assert_eq!(
+        by_size.iter().map(|b| b.1).sum::<u64>(),
+        stats.execution_count
+    );
+    assert_eq!(stats.memory_usage.len(), 1);
+    assert_eq!(stats.memory_usage[0].r#type, "CPU");
+    assert!(stats.memory_usage[0].byte_size > 0);
+}
+
 /// `ModelConfig` (Triton's extension) describes a model as Triton's model_config.proto does:
 /// platform, TYPE_* datatypes, dims without the batch dimension, the dynamic batcher's delay,
 /// the instance group; a model or version that does not exist is NOT_FOUND.

@@ -306,6 +306,28 @@ fn response(
     }
 }
 
+/// What `model` holds on each device it runs on: the bytes accounted against that device's
+/// budget (an estimate from the model file and `--model-overhead-mib`, not a measurement).
+fn memory_usage(
+    model: &LoadedModel,
+    exec: &crate::models::ExecOptions,
+) -> Vec<kserve::MemoryUsage> {
+    exec.devices
+        .iter()
+        .map(|d| {
+            let (kind, id) = match d {
+                tch::Device::Cuda(i) => ("GPU", *i as i64),
+                _ => ("CPU", 0),
+            };
+            kserve::MemoryUsage {
+                r#type: kind.to_string(),
+                id,
+                byte_size: model.bytes,
+            }
+        })
+        .collect()
+}
+
 /// `config` as Triton's `ModelConfig`: platform `pytorch_libtorch`, `TYPE_*` datatypes,
 /// dims without the batch dimension, the dynamic batcher's delay, and one instance group per
 /// kind of device the server runs on.
@@ -561,7 +583,13 @@ impl GrpcInferenceService for InferenceService {
                 .ok_or_else(|| Error::Model(ModelError::NotLoaded(name.clone())))?]
         };
         Ok(Response::new(kserve::ModelStatisticsResponse {
-            model_stats: models.iter().map(|m| m.stats.snapshot(&m.name)).collect(),
+            model_stats: models
+                .iter()
+                .map(|m| {
+                    m.stats
+                        .snapshot(&m.name, memory_usage(m, self.models.exec()))
+                })
+                .collect(),
         }))
     }
 

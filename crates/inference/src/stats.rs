@@ -1,8 +1,11 @@
-//! Per-model counters behind `ModelStatistics`: lock-free, updated by the worker threads.
+//! Per-model counters behind `ModelStatistics`, updated by the worker threads: atomics, and
+//! one short lock per executed batch for the per-batch-size table.
 
 use crate::metrics::Metrics;
 use framecast_proto::kserve;
 use framecast_telemetry::prometheus::{Histogram, IntGauge};
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -40,6 +43,9 @@ pub struct ModelStats {
     compute_input: Counter,
     compute_infer: Counter,
     compute_output: Counter,
+    /// Per batch size: executions and their (input, infer, output) times, as Triton's
+    /// `batch_stats` counts them (once per execution, not per request).
+    by_batch_size: Mutex<BTreeMap<usize, [(u64, u64); 3]>>,
 }
 
 impl ModelStats {
@@ -83,6 +89,14 @@ impl ModelStats {
         self.compute_input.add(n, input * requests as u32);
         self.compute_infer.add(n, infer * requests as u32);
         self.compute_output.add(n, output * requests as u32);
+        {
+            let mut table = self.by_batch_size.lock();
+            let row = table.entry(frames).or_default();
+            for (slot, d) in row.iter_mut().zip([input, infer, output]) {
+                slot.0 += 1;
+                slot.1 += d.as_nanos() as u64;
+            }
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -109,7 +123,13 @@ impl ModelStats {
         self.execution_count.load(Relaxed)
     }
 
-    pub fn snapshot(&self, name: &str) -> kserve::ModelStatistics {
+    /// The statistics as `ModelStatistics` reports them; `memory` is what the model holds per
+    /// device.
+    pub fn snapshot(
+        &self,
+        name: &str,
+        memory: Vec<kserve::MemoryUsage>,
+    ) -> kserve::ModelStatistics {
         kserve::ModelStatistics {
             name: name.to_string(),
             version: "1".to_string(),
@@ -126,7 +146,21 @@ impl ModelStats {
                 cache_hit: None,
                 cache_miss: None,
             }),
-            batch_stats: Vec::new(),
+            batch_stats: self
+                .by_batch_size
+                .lock()
+                .iter()
+                .map(|(&size, row)| {
+                    let d = |(count, ns): (u64, u64)| Some(kserve::StatisticDuration { count, ns });
+                    kserve::InferBatchStatistics {
+                        batch_size: size as u64,
+                        compute_input: d(row[0]),
+                        compute_infer: d(row[1]),
+                        compute_output: d(row[2]),
+                    }
+                })
+                .collect(),
+            memory_usage: memory,
         }
     }
 }
