@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 ENV = eval "$$(scripts/setup.sh)"
 
-.PHONY: demo test validate-deploy setup build build-cuda lint fmt bench soak fuzz clean
+.PHONY: demo test validate-deploy setup build build-cuda gpu-check lint fmt bench soak fuzz clean
 
 ## Render the demo avatar end to end; output in out/demo.
 demo:
@@ -40,6 +40,11 @@ build:
 ## CUDA-capable inference binary and a bundle for any GPU host with PyTorch 2.11.
 build-cuda:
 	scripts/build-cuda.sh
+
+## On a GPU host with PyTorch 2.11 and the bundle from build-cuda: one table of GPU figures
+## (fails, never skips, without CUDA; about six minutes).
+gpu-check:
+	scripts/gpu-check.sh
 
 lint:
 	$(ENV) && cargo fmt --all -- --check && cargo clippy --workspace --all-targets -- -D warnings

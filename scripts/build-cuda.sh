@@ -12,6 +12,10 @@ rm -rf "$bundle" && mkdir -p "$bundle"
   eval "$(scripts/setup.sh)"
   cargo build --release -p framecast-inference --bin framecast-inference
   target/release/framecast-inference models --out "$bundle/models"
+  # The compositor and the bench link no libtorch: the CPU builds run on the GPU host as they are
+  # (make gpu-check drives them there).
+  cargo build --release -p framecast-compositor -p framecast-bench --bins
+  cp target/release/framecast-compositor target/release/framecast-bench "$bundle/"
 )
 (
   eval "$(FRAMECAST_TORCH=cuda scripts/setup.sh)"

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# make gpu-check: the one-shot GPU check. Run it on a GPU host with PyTorch 2.11 installed,
+# from a checkout holding the bundle `make build-cuda` wrote (out/cuda-bundle: the CUDA
+# framecast-inference, its models, and the CPU-only framecast-compositor and framecast-bench).
+# It prints one table (also written to out/gpu-check/table.md) and fails loudly, never
+# skips, when CUDA is absent. Bounded at about six minutes.
+#
+#   TORCH_LIB   libtorch directory (default: the installed torch package's lib/)
+#   GPU_CHECK_SECONDS   measured seconds per throughput point (default 8)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bundle=out/cuda-bundle
+out=out/gpu-check
+mkdir -p "$out"
+die() { echo "gpu-check: $*" >&2; exit 1; }
+
+for f in framecast-inference framecast-compositor framecast-bench models/lipsync-ref/model.pt; do
+  [ -e "$bundle/$f" ] || die "$bundle/$f is missing: run 'make build-cuda' on the build machine and copy $bundle here"
+done
+command -v nvidia-smi >/dev/null || die "nvidia-smi not found: this host has no NVIDIA driver, so no CUDA device"
+nvidia-smi -L | grep -q GPU || die "nvidia-smi lists no GPU"
+torch_lib=${TORCH_LIB:-$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null)} \
+  || die "PyTorch is not importable: set TORCH_LIB to a libtorch 2.11 lib/ directory"
+[ -f "$torch_lib/libtorch_cuda.so" ] || die "$torch_lib has no libtorch_cuda.so: not a CUDA PyTorch"
+export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+seconds=${GPU_CHECK_SECONDS:-8}
+bin=$bundle
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+
+# A repository with lipsync-ref at max batch 48, in fp32 and fp16, beside the bundle's models.
+repo=$out/models
+rm -rf "$repo" && mkdir -p "$repo"
+cp -r "$bundle/models/talking-demo" "$repo/"
+for p in fp32 fp16; do
+  mkdir -p "$repo/lipsync-ref-$p"
+  cp "$bundle/models/lipsync-ref/model.pt" "$repo/lipsync-ref-$p/"
+  sed -e 's/^max_batch_size = .*/max_batch_size = 48/' -e "s/^precision = .*/precision = \"$p\"/" \
+    "$bundle/models/lipsync-ref/config.toml" >"$repo/lipsync-ref-$p/config.toml"
+done
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+mem_before=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+"$bin/framecast-inference" serve --log-format json --repository "$repo" --devices cuda:0 --instances 2 \
+  --listen 127.0.0.1:18401 --metrics-listen 127.0.0.1:18402 \
+  --load talking-demo,lipsync-ref-fp32 >"$out/inference.log" 2>&1 &
+pids+=($!)
+"$bin/framecast-bench" wait http://127.0.0.1:18401 --timeout-s 240 || { tail -20 "$out/inference.log" >&2; die "the inference server did not start on CUDA"; }
+grep -q "model ready" "$out/inference.log" || die "no model became ready; see $out/inference.log"
+mem_after=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+
+{
+  echo "## framecast gpu-check on $gpu ($(date -u +%F))"
+  echo
+  echo "| measure | value |"
+  echo "| --- | --- |"
+  python3 - "$out/inference.log" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    try:
+        f = json.loads(line).get("fields", {})
+    except ValueError:
+        continue
+    if f.get("message") == "model ready":
+        print(f"| load + warm-up, {f['model']} | {f['load_ms']} ms (warm-up {f['warmup_ms']} ms) |")
+PY
+  echo "| device memory, talking-demo + lipsync-ref-fp32 (nvidia-smi, 2 instances) | $((mem_after - mem_before)) MiB |"
+} | tee "$out/table.md"
+
+throughput() { # model batch -> frames/s or FAILED
+  "$bin/framecast-bench" kserve --url http://127.0.0.1:18401 --model "$1" --batch "$2" \
+    --mode full --concurrency 2 --duration-s "$seconds" --warmup-s 2 --json "$out/$1-$2.json" \
+    >"$out/$1-$2.txt" 2>&1 || { echo "FAILED (see $out/$1-$2.txt)"; return; }
+  python3 -c 'import json,sys; l=json.load(open(sys.argv[1]))["levels"][0]; print("%.0f frames/s, p99 %.1f ms, %d failed" % (l["frames_per_s"], l["latency_ms"]["p99"], l["requests_failed"]))' "$out/$1-$2.json"
+}
+for p in fp32 fp16; do
+  for b in 8 24 48; do
+    echo "| lipsync-ref $p served, batch $b | $(throughput lipsync-ref-$p $b) |"
+  done
+done | tee -a "$out/table.md"
+
+"$bin/framecast-compositor" avatar make-demo --root "$out/avatars" >/dev/null
+"$bin/framecast-compositor" serve --avatars "$out/avatars" --listen 127.0.0.1:18411 \
+  --metrics-listen 127.0.0.1:18412 --inference http://127.0.0.1:18401 --preload demo \
+  >"$out/compositor.log" 2>&1 &
+pids+=($!)
+"$bin/framecast-bench" wait http://127.0.0.1:18411 --timeout-s 120 || die "the compositor did not start"
+"$bin/framecast-bench" demo --compositor http://127.0.0.1:18411 --out "$out/demo" >"$out/demo.txt" 2>&1 \
+  || die "the talking-demo render failed; see $out/demo.txt"
+echo "| talking-demo end to end (1280x720) | $(grep -m1 '^throughput' "$out/demo.txt" | sed 's/^throughput *//') |" | tee -a "$out/table.md"
+"$bin/framecast-bench" compositor --url http://127.0.0.1:18411 --mode realtime --chunk 25 --fps 25 \
+  --duration-s 8 --max-sessions 64 >"$out/realtime.txt" 2>&1 || die "the real-time search failed; see $out/realtime.txt"
+echo "| 25-fps real-time sessions, no late frame (1 s chunks) | $(grep -m1 'real-time capacity' "$out/realtime.txt" | sed 's/.*capacity: *//') |" | tee -a "$out/table.md"
+"$bin/framecast-bench" speech --compositor http://127.0.0.1:18411 --sessions 1,8,32 --seconds 6 \
+  --out "$out/speech" >"$out/speech.txt" 2>&1 || die "the speech sessions failed; see $out/speech.txt"
+sed 's/^/    /' "$out/speech.txt" | tee -a "$out/table.md"
+echo "gpu-check: done; table in $out/table.md"
