@@ -164,6 +164,10 @@ async fn least_recently_used_is_evicted_and_pinned_survives() {
         body.contains("framecast_inference_requests_total{model=\"c\",outcome=\"ok\"} 1"),
         "{body}"
     );
+    assert!(
+        body.contains("framecast_inference_request_seconds_count{model=\"c\"} 1"),
+        "{body}"
+    );
 }
 
 /// Two devices with two instances each: a model loads four workers on one queue and serves

@@ -8,6 +8,8 @@ pub struct Metrics {
     pub registry: Registry,
     /// Requests by model and outcome (`ok`, or the failure reason).
     pub requests: IntCounterVec,
+    /// Request arrival to response, per model (validation, queue, compute, delivery).
+    pub request_seconds: HistogramVec,
     pub queue_seconds: HistogramVec,
     pub compute_seconds: HistogramVec,
     pub batch_size: HistogramVec,
@@ -32,6 +34,15 @@ impl Metrics {
             requests: IntCounterVec::new(
                 opts!("requests_total", "Inference requests by model and outcome"),
                 &["model", "outcome"],
+            )
+            .expect("valid metric"),
+            request_seconds: HistogramVec::new(
+                histogram_opts!(
+                    "request_seconds",
+                    "Request arrival to response, per model",
+                    latency.clone()
+                ),
+                &["model"],
             )
             .expect("valid metric"),
             queue_seconds: HistogramVec::new(
@@ -100,6 +111,7 @@ impl Metrics {
         for c in [
             Box::new(m.requests.clone())
                 as Box<dyn framecast_telemetry::prometheus::core::Collector>,
+            Box::new(m.request_seconds.clone()),
             Box::new(m.queue_seconds.clone()),
             Box::new(m.compute_seconds.clone()),
             Box::new(m.batch_size.clone()),

@@ -144,6 +144,10 @@ impl InferenceService {
             .requests
             .with_label_values(&[model.name.as_str(), label])
             .inc();
+        metrics
+            .request_seconds
+            .with_label_values(&[model.name.as_str()])
+            .observe(started.elapsed().as_secs_f64());
         result
     }
 
