@@ -106,6 +106,11 @@ struct ServeArgs {
     /// Off: /metrics is open to whoever reaches --metrics-listen.
     #[arg(long, env = "FRAMECAST_METRICS_REQUIRE_TOKEN", default_value_t = false, action = clap::ArgAction::Set)]
     metrics_require_token: bool,
+    /// Serve CPU profiles on the metrics port, under its TLS and token:
+    /// /debug/pprof/profile?seconds=N (pprof protobuf) and /debug/flamegraph.svg?seconds=N.
+    /// Off: those paths do not exist.
+    #[arg(long, env = "FRAMECAST_PROFILING", default_value_t = false, action = clap::ArgAction::Set)]
+    profiling: bool,
     /// Bearer token to send to the inference replicas, if they require one.
     #[arg(long, env = "FRAMECAST_INFERENCE_TOKEN", hide_env_values = true)]
     inference_token: Option<String>,
@@ -308,7 +313,8 @@ fn serve(args: ServeArgs) -> Result<()> {
             tls.as_ref(),
             args.auth_token.as_deref(),
             args.metrics_require_token,
-        );
+        )
+        .with_profiling(args.profiling);
         framecast_telemetry::serve_metrics(args.metrics_listen, metrics.registry.clone(), access)
             .await?;
         for id in &args.preload {

@@ -184,6 +184,72 @@ async fn http(addr: std::net::SocketAddr, head: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// CPU profiles on the metrics port: absent unless enabled; then under the same token, the
+/// duration checked, a flame graph and a pprof profile served, one profile at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_are_served_only_when_enabled_and_under_the_token() {
+    let get = |path: &str, auth: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n")
+    };
+    let registry = framecast_telemetry::prometheus::Registry::new();
+    let off = framecast_telemetry::MetricsAccess::new(None, Some("s3cret"), true);
+    let addr = framecast_telemetry::serve_metrics("127.0.0.1:0".parse().unwrap(), registry, off)
+        .await
+        .unwrap();
+    let token = "Authorization: Bearer s3cret\r\n";
+    let reply = http(addr, &get("/debug/flamegraph.svg?seconds=1", token)).await;
+    assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+
+    let registry = framecast_telemetry::prometheus::Registry::new();
+    let on =
+        framecast_telemetry::MetricsAccess::new(None, Some("s3cret"), true).with_profiling(true);
+    let addr = framecast_telemetry::serve_metrics("127.0.0.1:0".parse().unwrap(), registry, on)
+        .await
+        .unwrap();
+    let reply = http(addr, &get("/debug/flamegraph.svg?seconds=1", "")).await;
+    assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+    for bad in ["0", "61", "abc"] {
+        let reply = http(
+            addr,
+            &get(&format!("/debug/pprof/profile?seconds={bad}"), token),
+        )
+        .await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{bad}: {reply}");
+        assert!(reply.contains("seconds:"), "{reply}");
+    }
+    // Busy work to sample while the flame graph is taken, and a second profile meanwhile.
+    let spin = std::thread::spawn(|| {
+        let until = Instant::now() + Duration::from_millis(1500);
+        let mut x = 0u64;
+        while Instant::now() < until {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        x
+    });
+    let first =
+        tokio::spawn(
+            async move { http(addr, &get("/debug/flamegraph.svg?seconds=1", token)).await },
+        );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = http(addr, &get("/debug/pprof/profile?seconds=1", token)).await;
+    assert!(second.starts_with("HTTP/1.1 409"), "{second}");
+    let svg = first.await.unwrap();
+    spin.join().unwrap();
+    assert!(svg.starts_with("HTTP/1.1 200"), "{svg}");
+    assert!(
+        svg.contains("image/svg+xml") && svg.contains("<svg"),
+        "{}",
+        &svg[..svg.len().min(400)]
+    );
+    let pprof = http(addr, &get("/debug/pprof/profile?seconds=1", token)).await;
+    assert!(
+        pprof.starts_with("HTTP/1.1 200"),
+        "{}",
+        &pprof[..pprof.len().min(300)]
+    );
+    assert!(pprof.contains("application/octet-stream"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_can_require_the_token_and_drop_half_sent_requests() {
     let registry = framecast_telemetry::prometheus::Registry::new();

@@ -93,6 +93,11 @@ struct ServeArgs {
     /// Off: /metrics is open to whoever reaches --metrics-listen.
     #[arg(long, env = "FRAMECAST_METRICS_REQUIRE_TOKEN", default_value_t = false, action = clap::ArgAction::Set)]
     metrics_require_token: bool,
+    /// Serve CPU profiles on the metrics port, under its TLS and token:
+    /// /debug/pprof/profile?seconds=N (pprof protobuf) and /debug/flamegraph.svg?seconds=N.
+    /// Off: those paths do not exist.
+    #[arg(long, env = "FRAMECAST_PROFILING", default_value_t = false, action = clap::ArgAction::Set)]
+    profiling: bool,
     #[command(flatten)]
     tls: framecast_telemetry::tls::ServerTlsArgs,
     /// Accept the system shared-memory extension: clients on this host may have the server
@@ -202,7 +207,8 @@ fn serve(args: ServeArgs) -> Result<()> {
             tls.as_ref(),
             args.auth_token.as_deref(),
             args.metrics_require_token,
-        );
+        )
+        .with_profiling(args.profiling);
         framecast_telemetry::serve_metrics(args.metrics_listen, metrics.registry.clone(), access)
             .await?;
         for name in &args.load {

@@ -5,6 +5,12 @@
 //! (a half-sent request cannot hold a connection open), at most [`MAX_CONNECTIONS`] are served
 //! at once (more are closed on accept), and with `require_token` the bearer token of the gRPC
 //! port is required here too (Prometheus sends it with `authorization.credentials`).
+//!
+//! With profiling on (`--profiling`), the same port, under the same TLS and token, also serves
+//! `GET /debug/pprof/profile?seconds=N` (a CPU profile of the whole process in pprof's
+//! protobuf format, for `go tool pprof` or any pprof viewer) and
+//! `GET /debug/flamegraph.svg?seconds=N` (the same samples as a flame graph), N in 1..=60,
+//! default 10; one profile at a time.
 
 use framecast_proto::auth::{BearerCheck, Refusal};
 use std::net::SocketAddr;
@@ -24,6 +30,8 @@ pub struct MetricsAccess {
     /// Require this bearer check on `/metrics`; `None`: open to whoever reaches the port.
     pub auth: Option<BearerCheck>,
     pub header_timeout: Duration,
+    /// Serve the CPU-profile endpoints.
+    pub profiling: bool,
 }
 
 impl MetricsAccess {
@@ -38,7 +46,14 @@ impl MetricsAccess {
             tls: tls.cloned(),
             auth: (require_token && check.is_on()).then_some(check),
             header_timeout: HEADER_TIMEOUT,
+            profiling: false,
         }
+    }
+
+    /// The same access, serving the CPU-profile endpoints when `on`.
+    pub fn with_profiling(mut self, on: bool) -> Self {
+        self.profiling = on;
+        self
     }
 }
 
@@ -54,7 +69,7 @@ pub async fn serve_metrics(
         .with_context(|| format!("metrics-listen: cannot bind {addr}"))?;
     let local = listener.local_addr()?;
     let auth = access.auth.clone();
-    let app = axum::Router::new().route(
+    let mut app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move |headers: axum::http::HeaderMap| {
             let registry = registry.clone();
@@ -62,6 +77,23 @@ pub async fn serve_metrics(
             async move { metrics(&registry, auth.as_ref(), &headers) }
         }),
     );
+    if access.profiling {
+        for (path, kind) in [
+            ("/debug/pprof/profile", Profile::Pprof),
+            ("/debug/flamegraph.svg", Profile::Flamegraph),
+        ] {
+            let auth = access.auth.clone();
+            app = app.route(
+                path,
+                axum::routing::get(
+                    move |headers: axum::http::HeaderMap, query: axum::extract::RawQuery| {
+                        let auth = auth.clone();
+                        async move { profile(kind, auth.as_ref(), &headers, query.0).await }
+                    },
+                ),
+            );
+        }
+    }
     let scheme = if access.tls.is_some() {
         "https"
     } else {
@@ -72,34 +104,119 @@ pub async fn serve_metrics(
     Ok(local)
 }
 
+/// The refusal for a request without the required bearer token, if it lacks it.
+fn refused(
+    auth: Option<&BearerCheck>,
+    headers: &axum::http::HeaderMap,
+) -> Option<(axum::http::StatusCode, String)> {
+    use axum::http::StatusCode;
+    let check = auth?;
+    let header = headers.get("authorization").map(|v| v.as_bytes());
+    match check.check(header) {
+        Ok(()) => None,
+        Err(Refusal::Missing) => Some((
+            StatusCode::UNAUTHORIZED,
+            "authorization: missing; send 'authorization: Bearer <token>'\n".into(),
+        )),
+        Err(Refusal::Invalid) => Some((
+            StatusCode::UNAUTHORIZED,
+            "authorization: invalid bearer token\n".into(),
+        )),
+    }
+}
+
 fn metrics(
     registry: &prometheus::Registry,
     auth: Option<&BearerCheck>,
     headers: &axum::http::HeaderMap,
 ) -> (axum::http::StatusCode, String) {
     use axum::http::StatusCode;
-    if let Some(check) = auth {
-        let header = headers.get("authorization").map(|v| v.as_bytes());
-        match check.check(header) {
-            Ok(()) => {}
-            Err(Refusal::Missing) => {
-                return (
-                    StatusCode::UNAUTHORIZED,
-                    "authorization: missing; send 'authorization: Bearer <token>'\n".into(),
-                )
-            }
-            Err(Refusal::Invalid) => {
-                return (
-                    StatusCode::UNAUTHORIZED,
-                    "authorization: invalid bearer token\n".into(),
-                )
-            }
-        }
+    if let Some(refusal) = refused(auth, headers) {
+        return refusal;
     }
     let mut out = String::new();
     match prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut out) {
         Ok(()) => (StatusCode::OK, out),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Profile {
+    Pprof,
+    Flamegraph,
+}
+
+/// Samples the process's CPU for `seconds` (query `seconds=N`, 1..=60, default 10) on a
+/// blocking thread and answers the profile, or the reason there is none.
+async fn profile(
+    kind: Profile,
+    auth: Option<&BearerCheck>,
+    headers: &axum::http::HeaderMap,
+    query: Option<String>,
+) -> axum::response::Response {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    if let Some(refusal) = refused(auth, headers) {
+        return refusal.into_response();
+    }
+    let mut seconds = 10u64;
+    for pair in query.as_deref().unwrap_or_default().split('&') {
+        if let Some(v) = pair.strip_prefix("seconds=") {
+            match v.parse::<u64>() {
+                Ok(n) if (1..=60).contains(&n) => seconds = n,
+                _ => {
+                    let echo = framecast_proto::echo(v);
+                    let msg = format!("seconds: {echo:?} is not a whole number in 1..=60\n");
+                    return (StatusCode::BAD_REQUEST, msg).into_response();
+                }
+            }
+        }
+    }
+    let taken = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, (StatusCode, String)> {
+        let guard = pprof::ProfilerGuardBuilder::default()
+            .frequency(99)
+            .build()
+            .map_err(|e| {
+                (
+                    StatusCode::CONFLICT,
+                    format!("no profile: {e} (one at a time)\n"),
+                )
+            })?;
+        std::thread::sleep(Duration::from_secs(seconds));
+        let report = guard.report().build().map_err(|e| {
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("profile report: {e}\n"),
+            )
+        })?;
+        let mut out = Vec::new();
+        match kind {
+            Profile::Flamegraph => report.flamegraph(&mut out).map_err(|e| e.to_string()),
+            Profile::Pprof => {
+                use pprof::protos::Message;
+                report
+                    .pprof()
+                    .map_err(|e| e.to_string())
+                    .and_then(|p| p.encode(&mut out).map_err(|e| e.to_string()))
+            }
+        }
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("profile: {e}\n")))?;
+        Ok(out)
+    })
+    .await;
+    let content_type = match kind {
+        Profile::Pprof => "application/octet-stream",
+        Profile::Flamegraph => "image/svg+xml",
+    };
+    match taken {
+        Ok(Ok(body)) => ([(header::CONTENT_TYPE, content_type)], body).into_response(),
+        Ok(Err(refusal)) => refusal.into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("profiler: {e}\n"),
+        )
+            .into_response(),
     }
 }
 
