@@ -65,7 +65,16 @@ async fn serve_draining(
         stream: 8 << 20,
         connection: 32 << 20,
     };
-    running::serve_grpc(listener, windows, opts.tls.as_ref(), compositor, drain).await
+    let health = tonic_health::server::health_reporter();
+    running::serve_grpc(
+        listener,
+        windows,
+        opts.tls.as_ref(),
+        compositor,
+        health,
+        drain,
+    )
+    .await
 }
 
 /// Starts a server on an ephemeral loopback port (tests, benchmarks, embedding).

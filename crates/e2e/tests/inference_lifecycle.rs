@@ -206,6 +206,54 @@ async fn several_devices_and_instances_serve_one_queue_under_a_per_device_budget
     assert_eq!(metrics.evictions.get(), 1);
 }
 
+/// Each model has a health name: NOT_SERVING until it is loaded and warmed, SERVING then,
+/// NOT_SERVING again once unloaded; the server's own name stays SERVING throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_health_names_follow_the_models() {
+    use framecast_proto::kserve::RepositoryModelUnloadRequest;
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
+    let tmp = tempfile::tempdir().unwrap();
+    repo_with(tmp.path(), &[("a", 0)]);
+    let (server, mut client, _) = start(tmp.path(), 64 * MIB, &[]).await;
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = HealthClient::new(channel);
+    let status = |name: &'static str| {
+        let mut h = health.clone();
+        async move {
+            h.check(tonic_health::pb::HealthCheckRequest {
+                service: name.into(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+            .unwrap_or(-1)
+        }
+    };
+    let within = Duration::from_secs(10);
+    let serving = ServingStatus::Serving as i32;
+    let not_serving = ServingStatus::NotServing as i32;
+    let before =
+        framecast_e2e::stack::poll_until(within, || status("a"), |s| *s == not_serving).await;
+    assert_eq!(before, not_serving, "before loading");
+    client.model_infer(request("a")).await.unwrap();
+    let loaded = framecast_e2e::stack::poll_until(within, || status("a"), |s| *s == serving).await;
+    assert_eq!(loaded, serving, "once loaded");
+    client
+        .repository_model_unload(RepositoryModelUnloadRequest {
+            model_name: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let after =
+        framecast_e2e::stack::poll_until(within, || status("a"), |s| *s == not_serving).await;
+    assert_eq!(after, not_serving, "after unloading");
+    assert_eq!(status("").await, serving, "the server itself");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_with_requests_in_flight_is_not_evicted() {
     let tmp = tempfile::tempdir().unwrap();

@@ -9,11 +9,14 @@ use framecast_proto::kserve::grpc_inference_service_server::GrpcInferenceService
 pub use framecast_telemetry::running::Running;
 use framecast_telemetry::Drain;
 use framecast_telemetry::{running, tls};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 
 /// Transport settings.
 #[derive(Debug, Clone)]
@@ -74,6 +77,8 @@ async fn serve_draining(
     let shm = Arc::new(SharedMemory::new(opts.max_shm_regions));
     shm.sweep_every(SHM_SWEEP);
     let auth = BearerCheck::new(opts.auth_token.as_deref());
+    let health = tonic_health::server::health_reporter();
+    report_model_health(models.clone(), health.0.clone(), drain.clone());
     let mut svc =
         InferenceService::new(models, opts.slow_request, drain.clone()).with_shared_memory(shm);
     if !opts.shared_memory {
@@ -91,7 +96,43 @@ async fn serve_draining(
         stream: 16 << 20,
         connection: 64 << 20,
     };
-    running::serve_grpc(listener, windows, opts.tls.as_ref(), kserve, drain).await
+    running::serve_grpc(listener, windows, opts.tls.as_ref(), kserve, health, drain).await
+}
+
+/// How often model health names follow the models' states.
+const MODEL_HEALTH_EVERY: Duration = Duration::from_secs(1);
+
+/// Reports every model of the repository under its own name in the gRPC health service:
+/// SERVING once loaded and warmed, NOT_SERVING before, after an unload or eviction, and from
+/// the moment the drain begins. Follows the models every [`MODEL_HEALTH_EVERY`].
+fn report_model_health(models: Arc<ModelManager>, health: HealthReporter, drain: Drain) {
+    tokio::spawn(async move {
+        let mut reported: HashMap<String, bool> = HashMap::new();
+        loop {
+            let m = models.clone();
+            if let Ok(Ok(names)) = tokio::task::spawn_blocking(move || m.repository().list()).await
+            {
+                for name in names {
+                    let ready = models.ready(&name).is_some() && !drain.is_draining();
+                    if reported.insert(name.clone(), ready) != Some(ready) {
+                        let status = if ready {
+                            ServingStatus::Serving
+                        } else {
+                            ServingStatus::NotServing
+                        };
+                        health.set_service_status(&name, status).await;
+                    }
+                }
+            }
+            if drain.is_draining() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(MODEL_HEALTH_EVERY) => {}
+                _ = drain.started() => {}
+            }
+        }
+    });
 }
 
 /// Starts a server on an ephemeral loopback port (tests, benchmarks, embedding).

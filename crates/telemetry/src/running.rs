@@ -45,7 +45,8 @@ pub fn grpc_server(
 }
 
 /// Serves `service` on `listener` over [`grpc_server`], beside the standard gRPC health
-/// service and reflection, until `drain` starts.
+/// service (`health`, from `tonic_health::server::health_reporter`; the caller may report
+/// more names on its reporter) and reflection, until `drain` starts.
 ///
 /// Health reports the service (and the server, the empty name) SERVING, and NOT_SERVING as
 /// soon as the drain starts, so load balancers stop sending before the port closes.
@@ -56,6 +57,10 @@ pub async fn serve_grpc<S>(
     windows: Windows,
     tls: Option<&crate::tls::ServerTls>,
     service: S,
+    health: (
+        tonic_health::server::HealthReporter,
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    ),
     drain: crate::Drain,
 ) -> anyhow::Result<()>
 where
@@ -68,7 +73,7 @@ where
     S::Response: axum::response::IntoResponse,
     S::Future: Send + 'static,
 {
-    let (health, health_svc) = tonic_health::server::health_reporter();
+    let (health, health_svc) = health;
     health.set_serving::<S>().await;
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
