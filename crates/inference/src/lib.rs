@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod gpu;
 pub mod metrics;
 pub mod models;
 pub mod repository;

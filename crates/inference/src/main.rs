@@ -195,6 +195,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     let tls = args.tls.load()?;
     let metrics = Arc::new(Metrics::new());
+    framecast_inference::gpu::watch(metrics.clone(), &exec.devices);
     let models = Arc::new(ModelManager::new(
         repo,
         exec,

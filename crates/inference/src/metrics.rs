@@ -1,7 +1,8 @@
 //! Prometheus metrics of the inference service.
 
 use framecast_telemetry::prometheus::{
-    histogram_opts, opts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
+    histogram_opts, opts, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Registry,
 };
 
 pub struct Metrics {
@@ -23,6 +24,10 @@ pub struct Metrics {
     pub queue_capacity: IntGauge,
     /// Requests waiting in each model's queue, sampled at every enqueue and every batch taken.
     pub queue_depth: IntGaugeVec,
+    /// NVML, per CUDA device the server runs on (absent without an NVIDIA driver).
+    pub gpu_utilization: GaugeVec,
+    pub gpu_memory_used_bytes: IntGaugeVec,
+    pub gpu_memory_total_bytes: IntGaugeVec,
 }
 
 impl Metrics {
@@ -106,12 +111,36 @@ impl Metrics {
                 &["model"],
             )
             .expect("valid metric"),
+            gpu_utilization: GaugeVec::new(
+                opts!(
+                    "gpu_utilization_ratio",
+                    "Fraction of the last sample period the GPU was busy (NVML)"
+                ),
+                &["device"],
+            )
+            .expect("valid metric"),
+            gpu_memory_used_bytes: IntGaugeVec::new(
+                opts!(
+                    "gpu_memory_used_bytes",
+                    "Device memory in use on the GPU, all processes (NVML)"
+                ),
+                &["device"],
+            )
+            .expect("valid metric"),
+            gpu_memory_total_bytes: IntGaugeVec::new(
+                opts!("gpu_memory_total_bytes", "Device memory of the GPU (NVML)"),
+                &["device"],
+            )
+            .expect("valid metric"),
             registry,
         };
         for c in [
             Box::new(m.requests.clone())
                 as Box<dyn framecast_telemetry::prometheus::core::Collector>,
             Box::new(m.request_seconds.clone()),
+            Box::new(m.gpu_utilization.clone()),
+            Box::new(m.gpu_memory_used_bytes.clone()),
+            Box::new(m.gpu_memory_total_bytes.clone()),
             Box::new(m.queue_seconds.clone()),
             Box::new(m.compute_seconds.clone()),
             Box::new(m.batch_size.clone()),
