@@ -6,8 +6,9 @@ use crate::avi;
 use crate::client;
 use crate::stats::Summary;
 use anyhow::{bail, Context, Result};
+use framecast_proto::compositor::v1::compositor_client::CompositorClient;
 use framecast_proto::compositor::v1::{
-    AudioChunk, AudioFormat, LoadAvatarRequest, RenderRequest, SampleFormat,
+    AudioChunk, AudioFormat, AvatarInfo, LoadAvatarRequest, RenderRequest, SampleFormat,
 };
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -128,6 +129,22 @@ pub fn session(
         .collect()
 }
 
+/// The avatar `id` as the compositor describes it, loading it if needed.
+pub async fn avatar_info(
+    client: &mut CompositorClient<client::Authed>,
+    id: &str,
+) -> Result<AvatarInfo> {
+    client
+        .load_avatar(LoadAvatarRequest {
+            avatar_id: id.to_string(),
+        })
+        .await
+        .context("LoadAvatar failed")?
+        .into_inner()
+        .avatar
+        .context("LoadAvatar answered without the avatar")
+}
+
 pub async fn run(args: DemoArgs) -> Result<()> {
     let frames_dir = args.out.join("frames");
     std::fs::create_dir_all(&frames_dir)
@@ -135,15 +152,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let (rate, samples) = speech(&args.text, args.wav.as_deref(), &args.out)?;
     let seconds = samples.len() as f64 / rate as f64;
     let mut client = client::compositor(&args.compositor, &args.access)?;
-    let info = client
-        .load_avatar(LoadAvatarRequest {
-            avatar_id: args.avatar.clone(),
-        })
-        .await
-        .context("LoadAvatar failed")?
-        .into_inner()
-        .avatar
-        .context("LoadAvatar answered without the avatar")?;
+    let info = avatar_info(&mut client, &args.avatar).await?;
     let fps = info.fps;
     let total = (seconds * fps - 1e-9).ceil() as usize;
     let packet = (rate as usize * args.packet_ms as usize / 1000).max(1);

@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use framecast_audio::window::{self, WINDOW};
 use framecast_audio::{mel, Resampler};
 use framecast_proto::compositor::v1::compositor_client::CompositorClient;
-use framecast_proto::compositor::v1::{LoadAvatarRequest, RenderRequest, Tensor};
+use framecast_proto::compositor::v1::{RenderRequest, Tensor};
 use framecast_proto::kserve::ModelStatisticsRequest;
 use framecast_proto::tensor::{self, DataType};
 use std::path::PathBuf;
@@ -110,15 +110,7 @@ pub async fn run(args: SpeechArgs) -> Result<()> {
         None => vec![demo::speech(&args.text, args.wav.as_deref(), &args.out)?],
     };
     let mut client = client::compositor(&args.compositor, &args.access)?;
-    let info = client
-        .load_avatar(LoadAvatarRequest {
-            avatar_id: args.avatar.clone(),
-        })
-        .await
-        .context("LoadAvatar failed")?
-        .into_inner()
-        .avatar
-        .context("LoadAvatar answered without the avatar")?;
+    let info = demo::avatar_info(&mut client, &args.avatar).await?;
     let fps = info.fps;
     // Per voice: its rate, its samples looped to --seconds, and its frames' loudness.
     let mut voices = Vec::new();

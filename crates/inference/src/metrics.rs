@@ -1,8 +1,8 @@
 //! Prometheus metrics of the inference service.
 
 use framecast_telemetry::prometheus::{
-    histogram_opts, opts, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Registry,
+    histogram_opts, opts, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Registry,
 };
 
 pub struct Metrics {
