@@ -14,7 +14,7 @@ out=out/gpu-check
 mkdir -p "$out"
 die() { echo "gpu-check: $*" >&2; exit 1; }
 
-for f in framecast-inference framecast-compositor framecast-bench models/lipsync-ref/model.pt; do
+for f in framecast-inference framecast-compositor framecast-bench; do
   [ -e "$bundle/$f" ] || die "$bundle/$f is missing: run 'make build-cuda' on the build machine and copy $bundle here"
 done
 command -v nvidia-smi >/dev/null || die "nvidia-smi not found: this host has no NVIDIA driver, so no CUDA device"
@@ -27,16 +27,17 @@ seconds=${GPU_CHECK_SECONDS:-8}
 bin=$bundle
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 
-# A repository with lipsync-ref at max batch 48, in fp32 and fp16, beside the bundle's models.
+# A repository with lipsync-ref at max batch 48, traced in fp32 and in fp16 (a built-in
+# model's weights are graph constants: fp16 means traced in half), and talking-demo.
 repo=$out/models
-rm -rf "$repo" && mkdir -p "$repo"
-cp -r "$bundle/models/talking-demo" "$repo/"
-for p in fp32 fp16; do
-  mkdir -p "$repo/lipsync-ref-$p"
-  cp "$bundle/models/lipsync-ref/model.pt" "$repo/lipsync-ref-$p/"
-  sed -e 's/^max_batch_size = .*/max_batch_size = 48/' -e "s/^precision = .*/precision = \"$p\"/" \
-    "$bundle/models/lipsync-ref/config.toml" >"$repo/lipsync-ref-$p/config.toml"
-done
+rm -rf "$repo" "$out/gen-fp32" "$out/gen-fp16" && mkdir -p "$repo"
+"$bin/framecast-inference" models --out "$out/gen-fp32" --only lipsync-ref,talking-demo \
+  --max-batch-size 48 >/dev/null || die "writing the fp32 models failed"
+"$bin/framecast-inference" models --out "$out/gen-fp16" --only lipsync-ref \
+  --max-batch-size 48 --precision fp16 >/dev/null || die "writing the fp16 model failed"
+mv "$out/gen-fp32/lipsync-ref" "$repo/lipsync-ref-fp32"
+mv "$out/gen-fp16/lipsync-ref" "$repo/lipsync-ref-fp16"
+mv "$out/gen-fp32/talking-demo" "$repo/talking-demo"
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }

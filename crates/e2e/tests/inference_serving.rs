@@ -304,6 +304,64 @@ async fn the_audio_encoder_embeds_mel_windows() {
     assert_eq!(embed(vec![window(0.0)]).await, a, "not deterministic");
 }
 
+/// A built-in model with weights written in fp16 (traced in half: its weights are graph
+/// constants) serves embeddings that agree with the fp32 model's to half precision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fp16_audio_encoder_agrees_with_fp32() {
+    use framecast_inference::config::Precision;
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = ZooOptions {
+        max_batch_size: 2,
+        ..Default::default()
+    };
+    zoo::write(tmp.path(), Builtin::AudioEncoder, &opts).unwrap();
+    let half_root = tmp.path().join("half");
+    let half = zoo::write_with(
+        &half_root,
+        Builtin::AudioEncoder,
+        &opts,
+        zoo::AUDIO_DIMS,
+        Precision::Fp16,
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(half.join("config.toml")).unwrap();
+    assert!(config.contains("precision = \"fp16\""), "{config}");
+    std::fs::rename(&half, tmp.path().join("audio-encoder-fp16")).unwrap();
+    let (_server, client) = start(tmp.path()).await;
+    let mel: Vec<f32> = (0..80 * 16)
+        .map(|i| (i as f32 * 0.11).sin() * 3.0)
+        .collect();
+    let embed = |model: &'static str| {
+        let mut client = client.clone();
+        let request = ModelInferRequest {
+            model_name: model.into(),
+            inputs: vec![InferInputTensor::new(
+                "mel",
+                DataType::F32,
+                vec![1, 1, 80, 16],
+            )],
+            raw_input_contents: vec![framecast_proto::tensor::encode(&mel)],
+            ..Default::default()
+        };
+        async move {
+            let resp = client.model_infer(request).await.unwrap().into_inner();
+            assert_eq!(resp.outputs[0].datatype, "FP32", "{model}");
+            framecast_proto::tensor::decode::<f32>(DataType::F32, &resp.raw_output_contents[0])
+                .unwrap()
+        }
+    };
+    let (full, half) = (
+        embed("audio-encoder").await,
+        embed("audio-encoder-fp16").await,
+    );
+    let dot: f32 = full.iter().zip(&half).map(|(a, b)| a * b).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let cosine = dot / (norm(&full) * norm(&half));
+    assert!(norm(&full) > 0.0, "an all-zero embedding proves nothing");
+    assert!(cosine > 0.999, "fp16 embedding diverges: cosine {cosine}");
+    assert_ne!(full, half, "the fp16 model ran in fp32");
+}
+
 /// `precision = "fp16"` runs the model in half (its parameters converted, float inputs cast)
 /// and answers in the declared datatypes: the same request gives the fp32 model's pixels to
 /// within half precision's rounding.

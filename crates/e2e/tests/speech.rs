@@ -270,7 +270,14 @@ async fn a_mel_avatar_gets_the_windows_themselves() {
         max_queue_delay_us: 1000,
     };
     let models = tmp.path().join("models");
-    zoo::write_with_audio(&models, Builtin::TalkingDemo, &opts, [1, 80, 16]).unwrap();
+    zoo::write_with(
+        &models,
+        Builtin::TalkingDemo,
+        &opts,
+        [1, 80, 16],
+        framecast_inference::config::Precision::Fp32,
+    )
+    .unwrap();
     let avatars = tmp.path().join("avatars");
     copy_avatar(
         &avatars,

@@ -134,6 +134,10 @@ struct ModelsArgs {
     /// max_queue_delay_us written to each config.
     #[arg(long, default_value_t = 2000)]
     max_queue_delay_us: u64,
+    /// Precision the models are traced in and run at: fp16 traces the weights in half and
+    /// writes `precision = "fp16"` (for GPUs with tensor cores).
+    #[arg(long, default_value = "fp32", value_parser = ["fp32", "fp16"])]
+    precision: String,
 }
 
 fn main() -> Result<()> {
@@ -156,8 +160,13 @@ fn main() -> Result<()> {
             } else {
                 args.only
             };
+            let precision = if args.precision == "fp16" {
+                framecast_inference::config::Precision::Fp16
+            } else {
+                framecast_inference::config::Precision::Fp32
+            };
             for m in which {
-                let dir = zoo::write(&args.out, m, &opts)?;
+                let dir = zoo::write_with(&args.out, m, &opts, zoo::AUDIO_DIMS, precision)?;
                 println!("wrote {}", dir.display());
             }
             Ok(())

@@ -15,7 +15,7 @@
 //! The three face models take `face` [B,6,S,S] u8 (reference crop and its masked copy) and
 //! `audio` [B,32,16,16] f32, and return [B,3,S,S] u8.
 
-use crate::config::{ModelConfig, TensorSpec, MODEL_FILE};
+use crate::config::{ModelConfig, Precision, TensorSpec, MODEL_FILE};
 use anyhow::{Context, Result};
 use framecast_proto::tensor::DataType;
 use std::path::{Path, PathBuf};
@@ -79,17 +79,22 @@ impl Default for ZooOptions {
 
 /// Writes `model` into `root/<name>/` and returns that directory.
 pub fn write(root: &Path, model: Builtin, opts: &ZooOptions) -> Result<PathBuf> {
-    write_with_audio(root, model, opts, AUDIO_DIMS)
+    write_with(root, model, opts, AUDIO_DIMS, Precision::Fp32)
 }
 
 /// [`write`] with another per-frame shape for the `audio` input of `passthrough` and
-/// `talking-demo` (a Wav2Lip-style model takes the mel window itself, [1, 80, 16]).
-/// `lipsync-ref`'s architecture fixes its shape at [`AUDIO_DIMS`].
-pub fn write_with_audio(
+/// `talking-demo` (a Wav2Lip-style model takes the mel window itself, [1, 80, 16]; the
+/// architecture of `lipsync-ref` fixes its shape at [`AUDIO_DIMS`]), and in `precision`.
+///
+/// A built-in model is a traced closure: its weights are constants of the graph, which loading
+/// in fp16 cannot convert (`CModule::to` converts parameters only). So an fp16 model is traced
+/// in half, weights and all, and its config says `precision = "fp16"`.
+pub fn write_with(
     root: &Path,
     model: Builtin,
     opts: &ZooOptions,
     audio_dims: [i64; 3],
+    precision: Precision,
 ) -> Result<PathBuf> {
     anyhow::ensure!(
         model != Builtin::LipsyncRef || audio_dims == AUDIO_DIMS,
@@ -111,11 +116,21 @@ pub fn write_with_audio(
     let dir = root.join(model.name());
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let _no_grad = tch::no_grad_guard();
-    let face = Tensor::zeros([1, 6, crop, crop], (Kind::Float, Device::Cpu));
+    let float = match precision {
+        Precision::Fp32 => Kind::Float,
+        Precision::Fp16 => Kind::Half,
+    };
+    let face = Tensor::zeros([1, 6, crop, crop], (float, Device::Cpu));
     let audio = Tensor::zeros(
         [1, audio_dims[0], audio_dims[1], audio_dims[2]],
-        (Kind::Float, Device::Cpu),
+        (float, Device::Cpu),
     );
+    // Weights in the model's precision: they become constants of the traced graph.
+    let in_precision = |vs: &mut nn::VarStore| {
+        if precision == Precision::Fp16 {
+            vs.half();
+        }
+    };
     let module = match model {
         Builtin::Passthrough => trace(model, &[face, audio], |x| vec![x[0].narrow(1, 0, 3)])?,
         Builtin::TalkingDemo => {
@@ -126,6 +141,7 @@ pub fn write_with_audio(
             let mut vs = nn::VarStore::new(Device::Cpu);
             let net = UNet::new(&vs.root());
             vs.freeze();
+            in_precision(&mut vs);
             trace(model, &[face, audio], |x| vec![net.forward(&x[0], &x[1])])?
         }
         Builtin::AudioEncoder => {
@@ -133,9 +149,10 @@ pub fn write_with_audio(
             let mut vs = nn::VarStore::new(Device::Cpu);
             let net = audio_encoder(&vs.root());
             vs.freeze();
+            in_precision(&mut vs);
             let mel = Tensor::zeros(
                 [1, MEL_DIMS[0], MEL_DIMS[1], MEL_DIMS[2]],
-                (Kind::Float, Device::Cpu),
+                (float, Device::Cpu),
             );
             trace(model, &[mel], |x| {
                 vec![net.forward_t(&x[0], false).flatten(1, -1)]
@@ -149,11 +166,12 @@ pub fn write_with_audio(
         .save(&tmp)
         .with_context(|| format!("saving {}", tmp.display()))?;
     std::fs::rename(&tmp, &path)?;
-    let config = if model == Builtin::AudioEncoder {
+    let mut config = if model == Builtin::AudioEncoder {
         encoder_config(opts)
     } else {
         config(crop, opts, audio_dims)
     };
+    config.precision = precision;
     std::fs::write(dir.join(crate::config::CONFIG_FILE), config.to_toml())?;
     Ok(dir)
 }
