@@ -217,24 +217,24 @@ async fn profiles_are_served_only_when_enabled_and_under_the_token() {
         assert!(reply.starts_with("HTTP/1.1 400"), "{bad}: {reply}");
         assert!(reply.contains("seconds:"), "{reply}");
     }
-    // Busy work to sample while the flame graph is taken, and a second profile meanwhile.
+    // A profile already being taken (held here, in the same process): the next one is refused.
+    let held = pprof::ProfilerGuardBuilder::default()
+        .frequency(99)
+        .build()
+        .unwrap();
+    let busy = http(addr, &get("/debug/pprof/profile?seconds=1", token)).await;
+    assert!(busy.starts_with("HTTP/1.1 409"), "{busy}");
+    drop(held);
+    // Busy work, so the flame graph has samples to draw.
     let spin = std::thread::spawn(|| {
-        let until = Instant::now() + Duration::from_millis(1500);
+        let until = Instant::now() + Duration::from_millis(2500);
         let mut x = 0u64;
         while Instant::now() < until {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
         }
         x
     });
-    let first =
-        tokio::spawn(
-            async move { http(addr, &get("/debug/flamegraph.svg?seconds=1", token)).await },
-        );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let second = http(addr, &get("/debug/pprof/profile?seconds=1", token)).await;
-    assert!(second.starts_with("HTTP/1.1 409"), "{second}");
-    let svg = first.await.unwrap();
-    spin.join().unwrap();
+    let svg = http(addr, &get("/debug/flamegraph.svg?seconds=1", token)).await;
     assert!(svg.starts_with("HTTP/1.1 200"), "{svg}");
     assert!(
         svg.contains("image/svg+xml") && svg.contains("<svg"),
@@ -242,6 +242,7 @@ async fn profiles_are_served_only_when_enabled_and_under_the_token() {
         &svg[..svg.len().min(400)]
     );
     let pprof = http(addr, &get("/debug/pprof/profile?seconds=1", token)).await;
+    spin.join().unwrap();
     assert!(
         pprof.starts_with("HTTP/1.1 200"),
         "{}",

@@ -454,7 +454,7 @@ mod tests {
             let backend = Slow {
                 id,
                 ran: ran.clone(),
-                pause: Duration::from_millis(50),
+                pause: Duration::from_millis(100),
             };
             let ready = spawn_worker(
                 format!("slow-{id}"),
