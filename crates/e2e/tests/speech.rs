@@ -1,7 +1,7 @@
 //! Audio sessions on Render: PCM in, frames out as the audio arrives, both servers real.
 
 use bytes::Bytes;
-use framecast_e2e::stack::{open_render, stack};
+use framecast_e2e::stack::{open_render, render, stack};
 use framecast_e2e::{kserve_client, FRAMES};
 use framecast_inference::zoo::{self, Builtin, ZooOptions};
 use framecast_proto::compositor::v1::{
@@ -179,15 +179,7 @@ async fn an_encoder_avatar_embeds_each_window_once() {
     for (i, p) in rest.iter().enumerate() {
         msgs.push(more(p.clone(), i + 1 == rest.len()));
     }
-    let mut stream = s
-        .client
-        .clone()
-        .render(tokio_stream::iter(msgs))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut frames = Vec::new();
-    drain(&mut stream, &mut frames).await;
+    let frames = render(&s.client, msgs).await.unwrap();
     assert_eq!(frames.len(), 50);
     assert!(frames.last().unwrap().last_in_request);
     let stats = kserve_client(s.inference_server.url())
@@ -222,7 +214,7 @@ async fn windows_of_concurrent_sessions_share_encoder_requests() {
     copy_avatar(&avatars, "small", "enc", Some(table));
     let audio = speechlike(1.0);
     let sessions = (0..4).map(|i| {
-        let mut client = s.client.clone();
+        let client = s.client.clone();
         // One frame's audio (40 ms) per message, as a live client sends it.
         let packets: Vec<Bytes> = audio.chunks(882).map(s16).collect();
         let mut msgs = vec![RenderRequest {
@@ -233,13 +225,7 @@ async fn windows_of_concurrent_sessions_share_encoder_requests() {
             msgs.push(more(p.clone(), k + 2 == packets.len()));
         }
         async move {
-            let mut stream = client
-                .render(tokio_stream::iter(msgs))
-                .await
-                .unwrap()
-                .into_inner();
-            let mut frames = Vec::new();
-            drain(&mut stream, &mut frames).await;
+            let frames = render(&client, msgs).await.unwrap();
             frames.len()
         }
     });
@@ -293,15 +279,7 @@ async fn a_mel_avatar_gets_the_windows_themselves() {
         opening("w2l", 0, s16(&audio[..11_025])),
         more(s16(&audio[11_025..]), true),
     ];
-    let mut stream = s
-        .client
-        .clone()
-        .render(tokio_stream::iter(msgs))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut frames = Vec::new();
-    drain(&mut stream, &mut frames).await;
+    let frames = render(&s.client, msgs).await.unwrap();
     assert_eq!(frames.len(), 25);
     // The passthrough's audio input is [32, 16, 16]: 8192 values, not a mel window's 1280.
     copy_avatar(
@@ -311,14 +289,7 @@ async fn a_mel_avatar_gets_the_windows_themselves() {
         Some("[audio]\ninput = \"audio\"\nfeatures = \"mel\"\n"),
     );
     let msgs = vec![opening("w2l-wrong", 0, s16(&audio))];
-    let mut stream = s
-        .client
-        .clone()
-        .render(tokio_stream::iter(msgs))
-        .await
-        .unwrap()
-        .into_inner();
-    let e = stream.next().await.unwrap().unwrap_err();
+    let e = render(&s.client, msgs).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(
         e.message().contains("holds 8192 values per frame"),
@@ -347,15 +318,7 @@ async fn a_long_session_holds_bounded_audio() {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     });
-    let mut stream = s
-        .client
-        .clone()
-        .render(tokio_stream::iter(msgs))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut frames = Vec::new();
-    drain(&mut stream, &mut frames).await;
+    let frames = render(&s.client, msgs).await.unwrap();
     sampler.abort();
     assert_eq!(frames.len(), 1500);
     let held_at_end = gauge.get();
@@ -464,35 +427,17 @@ async fn bad_audio_gets_precise_statuses() {
         ),
     ];
     for (what, msgs, code, text) in cases {
-        let mut stream = s
-            .client
-            .clone()
-            .render(tokio_stream::iter(msgs))
+        let e = render(&s.client, msgs)
             .await
-            .unwrap()
-            .into_inner();
-        let e = loop {
-            match stream.next().await {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => break e,
-                None => panic!("{what}: the stream ended without an error"),
-            }
-        };
+            .err()
+            .unwrap_or_else(|| panic!("{what}: the stream ended without an error"));
         assert_eq!(e.code(), code, "{what}: {e:?}");
         assert!(e.message().contains(text), "{what}: {}", e.message());
     }
     // Still serving.
-    let mut stream = s
-        .client
-        .clone()
-        .render(tokio_stream::iter(vec![framecast_e2e::request(
-            "small", 0, 2,
-        )]))
+    let frames = render(&s.client, vec![framecast_e2e::request("small", 0, 2)])
         .await
-        .unwrap()
-        .into_inner();
-    let mut frames = Vec::new();
-    drain(&mut stream, &mut frames).await;
+        .unwrap();
     assert_eq!(frames.len(), 2);
 }
 
@@ -537,7 +482,7 @@ async fn the_demo_lips_follow_the_speech() {
     let pool =
         InferenceClient::connect_lazy(&[inference.url()], &ClientOptions::default()).unwrap();
     let compositor = framecast_e2e::spawn_compositor(&avatars, pool, 8, Default::default()).await;
-    let mut client = framecast_proto::compositor::v1::compositor_client::CompositorClient::connect(
+    let client = framecast_proto::compositor::v1::compositor_client::CompositorClient::connect(
         compositor.url(),
     )
     .await
@@ -548,13 +493,7 @@ async fn the_demo_lips_follow_the_speech() {
             .unwrap();
     let messages =
         framecast_bench::demo::session("lips", "talker", rate, &samples, rate as usize / 50);
-    let mut stream = client
-        .render(tokio_stream::iter(messages))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut frames = Vec::new();
-    drain(&mut stream, &mut frames).await;
+    let frames = render(&client, messages).await.unwrap();
     let seconds = samples.len() as f64 / rate as f64;
     assert_eq!(frames.len(), (seconds * 25.0).ceil() as usize);
 
