@@ -345,16 +345,34 @@ mod tests {
             if self.fail {
                 return Err(BackendError::new("echo refused the batch"));
             }
-            let out: Vec<u8> = inputs[0].iter().flat_map(|b| b.iter().copied()).collect();
-            Ok(Executed {
-                outputs: vec![Box::new(out)],
-                timings: ExecTimings::default(),
-                spent: None,
-            })
+            Ok(echoed(inputs))
         }
     }
 
     const ELEMENT: usize = 4;
+
+    /// One UINT8 input `x` and output `y` of [`ELEMENT`] bytes.
+    fn echo_config(max_batch: usize, delay_us: u64) -> ModelConfig {
+        let spec = |name: &str| TensorSpec {
+            name: name.into(),
+            datatype: DataType::U8,
+            dims: vec![ELEMENT as i64],
+            normalize: false,
+        };
+        let mut config = ModelConfig::new(max_batch, vec![spec("x")], vec![spec("y")]);
+        config.max_queue_delay_us = delay_us;
+        config
+    }
+
+    /// Its one input, as its one output.
+    fn echoed(inputs: &[Vec<Bytes>]) -> Executed {
+        let out: Vec<u8> = inputs[0].iter().flat_map(|b| b.iter().copied()).collect();
+        Executed {
+            outputs: vec![Box::new(out)],
+            timings: ExecTimings::default(),
+            spent: None,
+        }
+    }
 
     struct Worker {
         tx: Sender<Job>,
@@ -364,14 +382,7 @@ mod tests {
     /// A worker over `Echo` (max batch 4, waiting up to `delay_ms` for batch-mates), with
     /// `queued` jobs already in its queue when it starts.
     fn worker(delay_ms: u64, fail: bool, queued: Vec<Job>) -> Worker {
-        let spec = |name: &str| TensorSpec {
-            name: name.into(),
-            datatype: DataType::U8,
-            dims: vec![ELEMENT as i64],
-            normalize: false,
-        };
-        let mut config = ModelConfig::new(4, vec![spec("x")], vec![spec("y")]);
-        config.max_queue_delay_us = delay_ms * 1000;
+        let config = echo_config(4, delay_ms * 1000);
         let stats = Arc::new(ModelStats::new(&Metrics::new(), "echo"));
         let (tx, rx) = queue(16);
         for j in queued {
@@ -425,12 +436,7 @@ mod tests {
         fn execute(&self, _: usize, inputs: &[Vec<Bytes>]) -> Result<Executed, BackendError> {
             std::thread::sleep(self.pause);
             self.ran.lock().push(self.id);
-            let out: Vec<u8> = inputs[0].iter().flat_map(|b| b.iter().copied()).collect();
-            Ok(Executed {
-                outputs: vec![Box::new(out)],
-                timings: ExecTimings::default(),
-                spent: None,
-            })
+            Ok(echoed(inputs))
         }
     }
 
@@ -438,15 +444,7 @@ mod tests {
     /// the other takes the next, and every request is answered once.
     #[test]
     fn instances_share_one_queue_and_a_batch_goes_to_whichever_is_free() {
-        let spec = |name: &str| TensorSpec {
-            name: name.into(),
-            datatype: DataType::U8,
-            dims: vec![ELEMENT as i64],
-            normalize: false,
-        };
-        let mut config = ModelConfig::new(4, vec![spec("x")], vec![spec("y")]);
-        config.max_queue_delay_us = 0;
-        let config = Arc::new(config);
+        let config = Arc::new(echo_config(4, 0));
         let stats = Arc::new(ModelStats::new(&Metrics::new(), "slow"));
         let (tx, rx) = queue(16);
         let ran = Arc::new(Mutex::new(Vec::new()));
@@ -489,14 +487,7 @@ mod tests {
     /// 10 s batching delay; a third waits for company.
     #[test]
     fn a_preferred_batch_size_runs_without_waiting_out_the_delay() {
-        let spec = |name: &str| TensorSpec {
-            name: name.into(),
-            datatype: DataType::U8,
-            dims: vec![ELEMENT as i64],
-            normalize: false,
-        };
-        let mut config = ModelConfig::new(8, vec![spec("x")], vec![spec("y")]);
-        config.max_queue_delay_us = 10_000_000;
+        let mut config = echo_config(8, 10_000_000);
         config.preferred_batch_sizes = vec![2];
         let stats = Arc::new(ModelStats::new(&Metrics::new(), "preferred"));
         let (tx, rx) = queue(16);
