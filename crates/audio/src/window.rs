@@ -19,22 +19,38 @@ pub fn frames_for(samples: usize, fps: f64) -> u64 {
         .max(0.0) as u64
 }
 
-/// The window of video frame `frame` within `mel`, if `mel` already holds it. With
+/// The window of video frame `frame` within `mel`, whose first entry is mel frame `base` of
+/// the stream (a caller may have dropped the ones before), if `mel` already holds it. With
 /// `ended` (no more audio will come), a window running past the end is the last 16 frames,
-/// as Wav2Lip's inference takes it; a spectrogram shorter than a window is padded with
-/// silence.
-pub fn window(mel: &[MelFrame], frame: u64, fps: f64, ended: bool) -> Option<Vec<MelFrame>> {
+/// as Wav2Lip's inference takes it; frames missing (a spectrogram shorter than a window, or
+/// dropped) read as silence.
+pub fn window(
+    mel: &[MelFrame],
+    base: usize,
+    frame: u64,
+    fps: f64,
+    ended: bool,
+) -> Option<Vec<MelFrame>> {
+    let count = base + mel.len();
     let s = start(frame, fps);
-    if s + WINDOW <= mel.len() {
-        return Some(mel[s..s + WINDOW].to_vec());
-    }
-    if !ended {
+    let from = if s + WINDOW <= count {
+        s
+    } else if ended {
+        count.saturating_sub(WINDOW)
+    } else {
         return None;
-    }
-    let from = mel.len().saturating_sub(WINDOW);
-    let mut w = mel[from..].to_vec();
-    w.resize(WINDOW, [crate::mel::FLOOR; crate::N_MELS]);
-    Some(w)
+    };
+    let silence = [crate::mel::FLOOR; crate::N_MELS];
+    Some(
+        (from..from + WINDOW)
+            .map(|t| {
+                t.checked_sub(base)
+                    .and_then(|i| mel.get(i))
+                    .copied()
+                    .unwrap_or(silence)
+            })
+            .collect(),
+    )
 }
 
 /// Speech energy of a window in [0, 1]: the mean of its bands mapped from [-4, 2] (silence
@@ -63,9 +79,14 @@ mod tests {
         assert_eq!(frames_for(16_001, 25.0), 26);
         assert_eq!(frames_for(0, 25.0), 0);
         let mel = vec![[0.0; crate::N_MELS]; 20];
-        assert!(window(&mel, 1, 25.0, false).is_some()); // 3..19
-        assert!(window(&mel, 2, 25.0, false).is_none()); // 6..22: not yet
-        assert_eq!(window(&mel, 2, 25.0, true).unwrap().len(), WINDOW);
+        assert!(window(&mel, 0, 1, 25.0, false).is_some()); // 3..19
+        assert!(window(&mel, 0, 2, 25.0, false).is_none()); // 6..22: not yet
+        assert_eq!(window(&mel, 0, 2, 25.0, true).unwrap().len(), WINDOW);
+        // With the first 3 frames dropped, frame 1 (3..19) still reads them all.
+        assert_eq!(
+            window(&mel[3..], 3, 1, 25.0, false).unwrap(),
+            mel[3..19].to_vec()
+        );
         assert_eq!(energy(&[[crate::mel::FLOOR; crate::N_MELS]]), 0.0);
     }
 }

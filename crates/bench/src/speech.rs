@@ -224,7 +224,7 @@ fn frame_energies(samples: &[i16], rate: u32, fps: f64) -> Vec<f32> {
     r.finish(&mut s16k);
     let mels = mel::spectrogram(&s16k);
     (0..window::frames_for(s16k.len(), fps))
-        .map(|k| window::energy(&window::window(&mels, k, fps, true).unwrap_or_default()))
+        .map(|k| window::energy(&window::window(&mels, 0, k, fps, true).unwrap_or_default()))
         .collect()
 }
 

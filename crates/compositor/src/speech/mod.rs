@@ -292,23 +292,13 @@ impl Session {
         }
     }
 
-    /// Frame `k`'s mel window, band-major ([1, 80, 16] as the recipe lays it out).
+    /// Frame `k`'s mel window, band-major ([1, 80, 16] as the recipe lays it out). Only
+    /// ready frames are asked for, so the window is there (or, after the speech, the last).
     fn window(&self, k: u64) -> Vec<f32> {
-        let count = self.mel_count();
-        let s = window::start(k, self.fps);
-        let from = if s + WINDOW <= count {
-            s
-        } else {
-            count.saturating_sub(WINDOW)
-        };
+        let frames =
+            window::window(&self.mels, self.mel_base, k, self.fps, true).unwrap_or_default();
         let mut out = vec![FLOOR; N_MELS * WINDOW];
-        for t in 0..WINDOW {
-            let Some(frame) = (from + t)
-                .checked_sub(self.mel_base)
-                .and_then(|i| self.mels.get(i))
-            else {
-                continue;
-            };
+        for (t, frame) in frames.iter().enumerate() {
             for (b, v) in frame.iter().enumerate() {
                 out[b * WINDOW + t] = *v;
             }
