@@ -65,8 +65,11 @@ for line in open(sys.argv[1]):
         continue
     if f.get("message") == "model ready":
         print(f"| load + warm-up, {f['model']} | {f['load_ms']} ms (warm-up {f['warmup_ms']} ms) |")
+    if f.get("message") == "model device memory":
+        how = "measured (NVML, around the loads)" if f.get("measured") else "ESTIMATED: NVML measured nothing"
+        print(f"| device memory, {f['model']} on {f['device']}, 2 instances | {f['mib']:.0f} MiB, {how} |")
 PY
-  echo "| device memory, talking-demo + lipsync-ref-fp32 (nvidia-smi, 2 instances) | $((mem_after - mem_before)) MiB |"
+  echo "| device memory, both models and the CUDA context (nvidia-smi) | $((mem_after - mem_before)) MiB |"
 } | tee "$out/table.md"
 
 throughput() { # model batch -> frames/s or FAILED

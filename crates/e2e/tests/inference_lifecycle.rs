@@ -172,7 +172,8 @@ async fn least_recently_used_is_evicted_and_pinned_survives() {
 
 /// Two devices with two instances each: a model loads four workers on one queue and serves
 /// concurrent requests (the batcher's unit tests show workers sharing a queue), and the budget
-/// is per device (a model counts once against each device's budget, not four times).
+/// is per device and charges each copy of the module there: the two "devices" here are the
+/// same CPU, so a model is charged four copies, and its statistics say so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_devices_and_instances_serve_one_queue_under_a_per_device_budget() {
     let tmp = tempfile::tempdir().unwrap();
@@ -180,7 +181,7 @@ async fn several_devices_and_instances_serve_one_queue_under_a_per_device_budget
     let exec = ExecOptions {
         devices: vec![tch::Device::Cpu, tch::Device::Cpu],
         instances: 2,
-        memory_budget: Some(2 * MIB + MIB / 2),
+        memory_budget: Some(10 * MIB),
         model_overhead: MIB,
         ..Default::default()
     };
@@ -192,7 +193,22 @@ async fn several_devices_and_instances_serve_one_queue_under_a_per_device_budget
     for r in futures::future::join_all(calls).await {
         r.unwrap();
     }
-    // Two models of ~1 MiB fit a 2.5 MiB budget per device; the third evicts the first.
+    let stats = client
+        .model_statistics(framecast_proto::kserve::ModelStatisticsRequest {
+            name: "a".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let usage = &stats.model_stats[0].memory_usage;
+    assert_eq!(usage.len(), 1, "one device: {usage:?}");
+    assert!(
+        (4 * MIB..5 * MIB).contains(&(usage[0].byte_size as u64)),
+        "four copies of a ~1 MiB model: {usage:?}"
+    );
+    // Two models of four ~1 MiB copies fit a 10 MiB budget per device; the third evicts the
+    // first.
     client.model_infer(request("b")).await.unwrap();
     let s = states(&mut client).await;
     assert_eq!(

@@ -76,26 +76,28 @@ pub fn queue(capacity: usize) -> (Sender<Job>, Receiver<Job>) {
 }
 
 /// Starts one worker thread named `name`. `start` runs on that thread and builds its backend
-/// (loading and warming a model); its outcome, with how long the warm-up took, comes back on
-/// the returned channel before the worker takes its first request. The worker returns when
+/// (loading and warming a model); its outcome, with the report `start` makes (how long the
+/// warm-up took, what it cost), comes back on the returned channel before the worker takes its
+/// first request. The worker returns when
 /// every sender of `rx` is dropped.
-pub fn spawn_worker<B, S>(
+pub fn spawn_worker<B, R, S>(
     name: String,
     start: S,
     config: Arc<ModelConfig>,
     stats: Arc<ModelStats>,
     rx: Receiver<Job>,
-) -> Result<std::sync::mpsc::Receiver<Result<Duration, String>>, String>
+) -> Result<std::sync::mpsc::Receiver<Result<R, String>>, String>
 where
     B: Backend,
-    S: FnOnce() -> Result<(B, Duration), String> + Send + 'static,
+    R: Send + 'static,
+    S: FnOnce() -> Result<(B, R), String> + Send + 'static,
 {
     let (ready, started) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name(name)
         .spawn(move || match start() {
-            Ok((backend, warm_up)) => {
-                let _ = ready.send(Ok(warm_up));
+            Ok((backend, report)) => {
+                let _ = ready.send(Ok(report));
                 run_worker(backend, &config, &stats, rx);
             }
             Err(e) => {

@@ -9,6 +9,7 @@
 
 use crate::batcher::{self, Job, JobError, JobOutput};
 use crate::config::{ModelConfig, Precision, MODEL_FILE};
+use crate::gpu;
 use crate::metrics::Metrics;
 use crate::repository::{RepoError, Repository};
 use crate::shared_memory;
@@ -55,8 +56,13 @@ pub struct LoadedModel {
     pub stats: Arc<ModelStats>,
     pub load_time: Duration,
     pub warmup_time: Duration,
-    /// Bytes accounted against the budget on each device.
+    /// Bytes accounted against the per-device budget: the most the model holds on any one
+    /// device.
     pub bytes: u64,
+    /// What the model holds on each device it runs on, all its instances there together:
+    /// measured around the loads on CUDA devices (see [`gpu::measure_load`]), estimated
+    /// elsewhere.
+    pub memory: Vec<(Device, u64)>,
     queue: Sender<Job>,
 }
 
@@ -123,6 +129,25 @@ pub struct ExecOptions {
     pub pinned: HashSet<String>,
     /// Requests a model's queue holds; past it requests are refused at once.
     pub max_queue: usize,
+}
+
+impl ExecOptions {
+    /// Where each worker runs: every device, once per instance.
+    fn workers(&self) -> impl Iterator<Item = Device> + '_ {
+        self.devices
+            .iter()
+            .flat_map(|&d| std::iter::repeat_n(d, self.instances.max(1)))
+    }
+
+    /// Copies of a model's module on its busiest device (each instance loads its own).
+    fn copies_per_device(&self) -> u64 {
+        let workers: Vec<_> = self.workers().map(|d| (d, None)).collect();
+        gpu::per_device(&workers, 1)
+            .into_iter()
+            .map(|(_, n)| n)
+            .max()
+            .unwrap_or(1)
+    }
 }
 
 impl Default for ExecOptions {
@@ -281,7 +306,7 @@ impl ModelManager {
             Precision::Fp32 => file.len(),
             Precision::Fp16 => file.len() / 2,
         };
-        Ok(weights + self.exec.model_overhead)
+        Ok((weights + self.exec.model_overhead) * self.exec.copies_per_device())
     }
 
     /// A lease on `name`, loaded by this call or by the one already under way.
@@ -350,47 +375,64 @@ impl ModelManager {
 }
 
 /// Loads one model: config, then one worker thread per device and instance, each loading its
-/// own module and warming up at max batch before it reports ready.
+/// own module and warming up at max batch before it reports ready. `estimate` is what the
+/// budget reserved; what the model is charged once loaded is measured where it can be.
 fn load_blocking(
     name: &str,
     dir: &std::path::Path,
     exec: &ExecOptions,
-    bytes: u64,
+    estimate: u64,
     stats: Arc<ModelStats>,
 ) -> Result<LoadedModel, String> {
     let started = Instant::now();
     let config = Arc::new(ModelConfig::load(dir).map_err(|e| e.to_string())?);
     let (tx, rx) = batcher::queue(exec.max_queue);
     let mut ready = Vec::new();
-    for &device in &exec.devices {
-        for instance in 0..exec.instances.max(1) {
-            let (model_config, dir) = ((*config).clone(), dir.to_path_buf());
-            let start = move || {
+    for (worker, device) in exec.workers().enumerate() {
+        let (model_config, dir) = ((*config).clone(), dir.to_path_buf());
+        let start = move || {
+            let (model, grew) = gpu::measure_load(device, || {
                 let model = TorchModel::load(&dir, model_config, device)?;
                 let t = Instant::now();
                 let batch = model.config().max_batch_size;
                 model.warm_up(batch).map_err(|e| {
                     format!("warm-up at batch {batch} failed; does config.toml match model.pt? {e}")
                 })?;
-                Ok((model, t.elapsed()))
-            };
-            ready.push(batcher::spawn_worker(
-                format!("{name}-{device:?}-{instance}"),
-                start,
-                config.clone(),
-                stats.clone(),
-                rx.clone(),
-            )?);
-        }
+                Ok::<_, String>((model, t.elapsed()))
+            });
+            let (model, warm_up) = model?;
+            Ok((model, (device, warm_up, grew)))
+        };
+        ready.push(batcher::spawn_worker(
+            format!("{name}-{device:?}-{worker}"),
+            start,
+            config.clone(),
+            stats.clone(),
+            rx.clone(),
+        )?);
     }
     drop(rx);
     let mut warmup_time = Duration::ZERO;
+    let mut loads = Vec::new();
     for r in ready {
-        let warm = r
+        let (device, warm, grew) = r
             .recv()
             .map_err(|_| "worker thread died while loading".to_string())??;
         warmup_time = warmup_time.max(warm);
+        loads.push((device, grew));
     }
+    let memory = gpu::per_device(&loads, estimate / exec.copies_per_device());
+    for &(device, bytes) in &memory {
+        let measured = loads.iter().any(|&(d, grew)| d == device && grew.is_some());
+        tracing::info!(
+            model = name,
+            device = ?device,
+            mib = bytes as f64 / (1 << 20) as f64,
+            measured,
+            "model device memory"
+        );
+    }
+    let bytes = memory.iter().map(|&(_, b)| b).max().unwrap_or(estimate);
     Ok(LoadedModel {
         name: name.to_string(),
         config,
@@ -398,6 +440,7 @@ fn load_blocking(
         load_time: started.elapsed(),
         warmup_time,
         bytes,
+        memory,
         queue: tx,
     })
 }

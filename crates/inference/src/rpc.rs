@@ -310,23 +310,21 @@ fn response(
     }
 }
 
-/// What `model` holds on each device it runs on: the bytes accounted against that device's
-/// budget (an estimate from the model file and `--model-overhead-mib`, not a measurement).
-fn memory_usage(
-    model: &LoadedModel,
-    exec: &crate::models::ExecOptions,
-) -> Vec<kserve::MemoryUsage> {
-    exec.devices
+/// What `model` holds on each device it runs on: measured around its loads on CUDA devices,
+/// estimated from the model file and `--model-overhead-mib` elsewhere.
+fn memory_usage(model: &LoadedModel) -> Vec<kserve::MemoryUsage> {
+    model
+        .memory
         .iter()
-        .map(|d| {
+        .map(|&(d, byte_size)| {
             let (kind, id) = match d {
-                tch::Device::Cuda(i) => ("GPU", *i as i64),
+                tch::Device::Cuda(i) => ("GPU", i as i64),
                 _ => ("CPU", 0),
             };
             kserve::MemoryUsage {
                 r#type: kind.to_string(),
                 id,
-                byte_size: model.bytes,
+                byte_size,
             }
         })
         .collect()
@@ -589,10 +587,7 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(kserve::ModelStatisticsResponse {
             model_stats: models
                 .iter()
-                .map(|m| {
-                    m.stats
-                        .snapshot(&m.name, memory_usage(m, self.models.exec()))
-                })
+                .map(|m| m.stats.snapshot(&m.name, memory_usage(m)))
                 .collect(),
         }))
     }
