@@ -78,10 +78,16 @@ throughput() { # model batch -> frames/s or FAILED
     >"$out/$1-$2.txt" 2>&1 || { echo "FAILED (see $out/$1-$2.txt)"; return; }
   python3 -c 'import json,sys; l=json.load(open(sys.argv[1]))["levels"][0]; print("%.0f frames/s, p99 %.1f ms, %d failed" % (l["frames_per_s"], l["latency_ms"]["p99"], l["requests_failed"]))' "$out/$1-$2.json"
 }
+inprocess() { # model -> one table row per batch: frames/s with no server, on one worker
+  "$bin/framecast-inference" time --model "$repo/$1" --device cuda:0 --batch 8,24,48 \
+    --seconds "$seconds" >"$out/$1-inprocess.txt" 2>&1 || { echo "| $1 in-process | FAILED (see $out/$1-inprocess.txt) |"; return; }
+  awk -v m="$1" 'NR > 1 { printf "| %s in-process (one worker), batch %s | %s frames/s, forward %s ms |\n", m, $1, $3, $5 }' "$out/$1-inprocess.txt"
+}
 for p in fp32 fp16; do
   for b in 8 24 48; do
-    echo "| lipsync-ref $p served, batch $b | $(throughput lipsync-ref-$p $b) |"
+    echo "| lipsync-ref $p served (2 instances), batch $b | $(throughput lipsync-ref-$p $b) |"
   done
+  inprocess lipsync-ref-$p
 done | tee -a "$out/table.md"
 
 "$bin/framecast-compositor" avatar make-demo --root "$out/avatars" >/dev/null

@@ -14,6 +14,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gpu;
+pub mod inprocess;
 pub mod metrics;
 pub mod models;
 pub mod repository;
@@ -39,4 +40,19 @@ pub fn parse_devices(list: &str) -> Result<Vec<tch::Device>, String> {
                 .ok_or_else(|| format!("devices: {d:?} is not `cpu`, `cuda` or `cuda:N`")),
         })
         .collect()
+}
+
+/// Fails, naming the device, when a CUDA device of `devices` is not visible (a CPU-only
+/// libtorch sees none): libtorch would otherwise fail at the first tensor placed there.
+pub fn check_visible(devices: &[tch::Device]) -> Result<(), String> {
+    let visible = tch::Cuda::device_count();
+    match devices.iter().find_map(|d| match d {
+        tch::Device::Cuda(i) if *i as i64 >= visible => Some(i),
+        _ => None,
+    }) {
+        Some(i) => Err(format!(
+            "devices: cuda:{i} requested but {visible} CUDA device(s) are visible"
+        )),
+        None => Ok(()),
+    }
 }

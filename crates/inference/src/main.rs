@@ -24,6 +24,25 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Write the built-in models (passthrough, lipsync-ref, talking-demo) into a repository.
     Models(ModelsArgs),
+    /// Time one model in this process, with no server: frames/s and median input, forward
+    /// and output times per batch size, to set beside the same model served.
+    Time(TimeArgs),
+}
+
+#[derive(clap::Args)]
+struct TimeArgs {
+    /// Model directory (model.pt and config.toml).
+    #[arg(long)]
+    model: PathBuf,
+    /// Device: `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Batch sizes to time, each at most the model's max_batch_size.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    batch: Vec<usize>,
+    /// Seconds per batch size (after one untimed run).
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
 }
 
 #[derive(clap::Args)]
@@ -171,6 +190,36 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Time(args) => {
+            let device = match framecast_inference::parse_devices(&args.device)
+                .map_err(anyhow::Error::msg)?[..]
+            {
+                [d] => d,
+                _ => anyhow::bail!("device: give one device, not a list"),
+            };
+            framecast_inference::check_visible(&[device]).map_err(anyhow::Error::msg)?;
+            let timings = framecast_inference::inprocess::time(
+                &args.model,
+                device,
+                &args.batch,
+                args.seconds,
+            )
+            .map_err(anyhow::Error::msg)?;
+            println!("batch  runs  frames/s  input ms  forward ms  output ms");
+            for t in timings {
+                let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+                println!(
+                    "{:>5}  {:>4}  {:>8.1}  {:>8.2}  {:>10.2}  {:>9.2}",
+                    t.batch,
+                    t.runs,
+                    t.frames_per_s,
+                    ms(t.median.input),
+                    ms(t.median.infer),
+                    ms(t.median.output)
+                );
+            }
+            Ok(())
+        }
     }
 }
 
@@ -180,15 +229,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     let devices = framecast_inference::parse_devices(&args.devices).map_err(anyhow::Error::msg)?;
     anyhow::ensure!(args.instances >= 1, "instances: must be at least 1");
-    for d in &devices {
-        if let tch::Device::Cuda(i) = d {
-            anyhow::ensure!(
-                (*i as i64) < tch::Cuda::device_count(),
-                "devices: cuda:{i} requested but {} CUDA device(s) are visible",
-                tch::Cuda::device_count()
-            );
-        }
-    }
+    framecast_inference::check_visible(&devices).map_err(anyhow::Error::msg)?;
     if args.torch_threads > 0 {
         tch::set_num_threads(args.torch_threads);
     }
