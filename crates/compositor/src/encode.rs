@@ -1,8 +1,10 @@
 //! JPEG encoding with libjpeg-turbo, one compressor per thread (a compressor holds its
-//! Huffman and scratch state, so threads never share one).
+//! Huffman and scratch state, so threads never share one), with or without restart markers
+//! (see [`crate::segments`] for why they matter).
 
 use std::cell::RefCell;
-use turbojpeg::{Compressor, Image, PixelFormat, Subsamp};
+use std::ffi::{c_int, CStr};
+use turbojpeg::{raw, Image, PixelFormat};
 
 /// Chroma subsampling choices, named as video people say them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,21 +42,178 @@ impl std::fmt::Display for Subsampling {
 }
 
 impl Subsampling {
-    fn turbo(self) -> Subsamp {
+    fn turbo(self) -> raw::TJSAMP {
         match self {
-            Subsampling::S444 => Subsamp::None,
-            Subsampling::S422 => Subsamp::Sub2x1,
-            Subsampling::S420 => Subsamp::Sub2x2,
-            Subsampling::Gray => Subsamp::Gray,
+            Subsampling::S444 => raw::TJSAMP_TJSAMP_444,
+            Subsampling::S422 => raw::TJSAMP_TJSAMP_422,
+            Subsampling::S420 => raw::TJSAMP_TJSAMP_420,
+            Subsampling::Gray => raw::TJSAMP_TJSAMP_GRAY,
+        }
+    }
+
+    /// Width and height in pixels of one MCU, the unit a restart interval counts.
+    pub fn mcu(self) -> (u32, u32) {
+        match self {
+            Subsampling::S444 | Subsampling::Gray => (8, 8),
+            Subsampling::S422 => (16, 8),
+            Subsampling::S420 => (16, 16),
         }
     }
 }
 
-thread_local! {
-    static COMPRESSOR: RefCell<Option<Compressor>> = const { RefCell::new(None) };
+/// How a frame is encoded. Baseline, standard Huffman tables (never optimised: every restart
+/// segment of every encode must share the same tables for segments to be spliced).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Params {
+    pub quality: u8,
+    pub subsampling: Subsampling,
+    /// MCUs per restart interval; 0 for none.
+    pub restart_mcus: u16,
 }
 
-/// Encodes packed RGB pixels as JPEG on this thread's compressor.
+/// Packed RGB pixels to encode: `height` rows of `width` pixels, `pitch` bytes apart.
+#[derive(Clone, Copy)]
+pub struct Rgb<'a> {
+    pub pixels: &'a [u8],
+    pub width: u32,
+    pub height: u32,
+    pub pitch: usize,
+}
+
+impl<'a> Rgb<'a> {
+    /// Tightly packed pixels.
+    pub fn packed(pixels: &'a [u8], width: u32, height: u32) -> Rgb<'a> {
+        Rgb {
+            pixels,
+            width,
+            height,
+            pitch: width as usize * 3,
+        }
+    }
+}
+
+/// A TurboJPEG compressor owned by one thread. Used through the raw API because the
+/// `turbojpeg` crate's `Compressor` cannot set a restart interval.
+struct Handle(raw::tjhandle);
+
+impl Handle {
+    fn new() -> Result<Handle, String> {
+        // SAFETY: tj3Init has no preconditions; a null result is checked.
+        let h = unsafe { raw::tj3Init(raw::TJINIT_TJINIT_COMPRESS as c_int) };
+        if h.is_null() {
+            return Err("turbojpeg: cannot create a compressor".into());
+        }
+        Ok(Handle(h))
+    }
+
+    fn error(&self) -> String {
+        // SAFETY: the handle is live; TurboJPEG returns a NUL-terminated static or per-handle
+        // string.
+        let msg = unsafe { CStr::from_ptr(raw::tj3GetErrorStr(self.0)) };
+        format!("turbojpeg: {}", msg.to_string_lossy())
+    }
+
+    fn set(&self, param: raw::TJPARAM, value: c_int) -> Result<(), String> {
+        // SAFETY: the handle is live; unknown parameters are reported as errors.
+        match unsafe { raw::tj3Set(self.0, param as c_int, value) } {
+            0 => Ok(()),
+            _ => Err(self.error()),
+        }
+    }
+
+    /// Encodes `image` into `out` (cleared first).
+    fn compress(&self, image: Rgb<'_>, params: Params, out: &mut Vec<u8>) -> Result<(), String> {
+        let rows = image.height as usize;
+        let needed = match rows {
+            0 => 0,
+            _ => (rows - 1) * image.pitch + image.width as usize * 3,
+        };
+        if image.width == 0 || rows == 0 || image.pitch < image.width as usize * 3 {
+            return Err(format!(
+                "cannot encode a {}x{} image with pitch {}",
+                image.width, image.height, image.pitch
+            ));
+        }
+        if image.pixels.len() < needed {
+            return Err(format!(
+                "{} bytes of pixels for a {}x{} image with pitch {}",
+                image.pixels.len(),
+                image.width,
+                image.height,
+                image.pitch
+            ));
+        }
+        self.set(raw::TJPARAM_TJPARAM_QUALITY, params.quality as c_int)?;
+        self.set(raw::TJPARAM_TJPARAM_SUBSAMP, params.subsampling.turbo())?;
+        self.set(
+            raw::TJPARAM_TJPARAM_RESTARTBLOCKS,
+            params.restart_mcus as c_int,
+        )?;
+        // Write into `out` itself: no realloc, a buffer of the worst-case size.
+        self.set(raw::TJPARAM_TJPARAM_NOREALLOC, 1)?;
+        // SAFETY: pure arithmetic on valid dimensions.
+        let bound = unsafe {
+            raw::tj3JPEGBufSize(
+                image.width as c_int,
+                image.height as c_int,
+                params.subsampling.turbo(),
+            )
+        };
+        if bound == 0 {
+            return Err(self.error());
+        }
+        out.clear();
+        out.resize(bound as usize, 0);
+        let mut buf = out.as_mut_ptr();
+        let mut size = bound;
+        // SAFETY: `pixels` holds `height` rows of `pitch` bytes (checked above); `out` holds
+        // `bound` bytes, the most TurboJPEG writes for these dimensions, and NOREALLOC keeps
+        // it from replacing the buffer.
+        let rc = unsafe {
+            raw::tj3Compress8(
+                self.0,
+                image.pixels.as_ptr(),
+                image.width as c_int,
+                image.pitch as c_int,
+                image.height as c_int,
+                raw::TJPF_TJPF_RGB,
+                &mut buf,
+                &mut size,
+            )
+        };
+        if rc != 0 {
+            out.clear();
+            return Err(self.error());
+        }
+        out.truncate(size as usize);
+        Ok(())
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: the handle is live and dropped once.
+        unsafe { raw::tj3Destroy(self.0) }
+    }
+}
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<Handle>> = const { RefCell::new(None) };
+}
+
+/// Encodes `image` on this thread's compressor into `out` (cleared first).
+pub fn encode_into(image: Rgb<'_>, params: Params, out: &mut Vec<u8>) -> Result<(), String> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(Handle::new()?);
+        }
+        let handle = slot.as_ref().ok_or("turbojpeg compressor missing")?;
+        handle.compress(image, params, out)
+    })
+}
+
+/// Encodes packed RGB pixels as JPEG (no restart markers) on this thread's compressor.
 pub fn encode_rgb(
     pixels: &[u8],
     width: u32,
@@ -62,27 +221,14 @@ pub fn encode_rgb(
     quality: u8,
     subsampling: Subsampling,
 ) -> Result<Vec<u8>, String> {
-    COMPRESSOR.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(Compressor::new().map_err(|e| format!("turbojpeg: {e}"))?);
-        }
-        let c = slot.as_mut().ok_or("turbojpeg compressor missing")?;
-        // The crate defaults to quality 95 and 4:4:4; set both every call (cheap field writes).
-        c.set_quality(quality as i32)
-            .map_err(|e| format!("turbojpeg: {e}"))?;
-        c.set_subsamp(subsampling.turbo())
-            .map_err(|e| format!("turbojpeg: {e}"))?;
-        let image = Image {
-            pixels,
-            width: width as usize,
-            pitch: width as usize * 3,
-            height: height as usize,
-            format: PixelFormat::RGB,
-        };
-        c.compress_to_vec(image)
-            .map_err(|e| format!("turbojpeg: {e}"))
-    })
+    let mut out = Vec::new();
+    let params = Params {
+        quality,
+        subsampling,
+        restart_mcus: 0,
+    };
+    encode_into(Rgb::packed(pixels, width, height), params, &mut out)?;
+    Ok(out)
 }
 
 /// Decodes a JPEG to packed RGB.

@@ -22,6 +22,7 @@ pub mod mask;
 pub mod metrics;
 pub mod render;
 pub mod rpc;
+pub mod segments;
 pub mod server;
 pub mod shm_pool;
 pub mod speech;
