@@ -65,6 +65,7 @@ impl Compositor {
             conditioning: vec![self.audio.clone()],
             jpeg_quality: 0,
             audio: None,
+            idle: false,
         }
     }
 }

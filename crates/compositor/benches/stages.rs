@@ -1,41 +1,88 @@
-//! Per-stage cost of compositing one frame, at 1280x720 and 1920x1080, JPEG quality 75, 4:2:0.
+//! Per-stage cost of compositing one frame at 1280x720 and 1920x1080, 4:2:0, the avatar's
+//! quality (75), a 320 x 320 face box, and what a prepared avatar costs to hold and to load.
 //!
 //! `cargo bench -p framecast-compositor --bench stages`
 //!
-//! Criterion measures each stage alone: `paste` (crop + mask interleave, SIMD resize to the
-//! face box, alpha blend), `encode` (libjpeg-turbo on the composited frame) and `compose` (as
-//! the server runs it: lock the background, save the face rectangle, paste, encode, restore).
-//! Then a side-by-side pass interleaves `compose` and a bare turbojpeg encode of the same
-//! output frames, and prints the median overhead: the target is <= 15% of the encode.
+//! Criterion measures each stage alone: `face_input` (the model's input, computed from the
+//! face region at render time), `paste` (crop + mask interleave, SIMD resize to the face box,
+//! alpha blend into a copy of the region), `compose` (as the server runs it: paste, encode
+//! the region with restart markers, splice it into the prepared frame), `compose_whole` (a
+//! request at another quality: decode, paste, encode the whole frame), `idle` (the prepared
+//! frame itself) and `encode` (a bare full-frame turbojpeg encode of the composited frame,
+//! no restart markers: the cost every frame paid before).
+//!
+//! Then, side by side in one run and interleaved so machine noise hits both alike, over more
+//! frames than the L3 cache holds: `compose` against the bare encode of the same output
+//! frames (targets: <= 25% at 1280x720, <= 20% at 1920x1080), the RAM per prepared frame
+//! (target <= 0.6 MiB at 1280x720), and the load of the bundle from its prepared file
+//! against the load framecast did before (every frame decoded, its face input computed; the
+//! target is 5x faster). Medians.
 
 use criterion::Criterion;
-use framecast_compositor::avatar::Avatar;
+use framecast_compositor::avatar::{self, Avatar, Source};
 use framecast_compositor::blend::{self, BlendScratch};
 use framecast_compositor::demo::{self, DemoOptions};
 use framecast_compositor::encode::{self, Subsampling};
-use framecast_compositor::render;
+use framecast_compositor::manifest::{self, FaceBox};
+use framecast_compositor::{face_contract, render};
+use rayon::prelude::*;
 use std::hint::black_box;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-const QUALITY: u8 = 75;
+const FACE: u32 = 320;
 
-fn avatar(root: &std::path::Path, width: u32, height: u32) -> Avatar {
+/// A demo bundle whose boxes are `FACE` px squares centred on the demo's faces.
+fn bundle(root: &Path, width: u32, height: u32, frames: u32) -> PathBuf {
     let opts = DemoOptions {
         id: format!("a{width}"),
         width,
         height,
-        frames: 16,
+        frames,
         crop_size: 320,
         ..Default::default()
     };
     let dir = demo::write_demo(root, &opts).expect("demo avatar");
-    Avatar::load(&dir).expect("load avatar")
+    let boxes: Vec<FaceBox> = manifest::load_boxes(&dir)
+        .expect("boxes")
+        .iter()
+        .map(|b| {
+            let (cx, cy) = (b.x + b.w / 2, b.y + b.h / 2);
+            FaceBox {
+                x: cx.saturating_sub(FACE / 2).min(width - FACE),
+                y: cy.saturating_sub(FACE / 2).min(height - FACE),
+                w: FACE,
+                h: FACE,
+            }
+        })
+        .collect();
+    let json = serde_json::to_string(&boxes).expect("boxes json");
+    std::fs::write(dir.join(manifest::BOXES_FILE), json).expect("write boxes");
+    dir
 }
 
-/// The model's output for frame `i`: the reference face channels, as `passthrough` returns.
-fn crop(a: &Avatar, i: usize) -> Vec<u8> {
-    let n = (a.manifest.crop_size * a.manifest.crop_size) as usize;
-    a.face_inputs[i][..3 * n].to_vec()
+/// What framecast's load did before prepared avatars: every frame decoded and kept whole,
+/// and its face input computed.
+fn legacy_load(dir: &Path, a: &Avatar) -> usize {
+    let files = manifest::frame_files(dir).expect("frames");
+    let m = &a.manifest;
+    let per = face_contract::input_bytes(m.crop_size as usize);
+    files
+        .par_iter()
+        .zip(&a.boxes)
+        .map(|(f, b)| {
+            let rgb = avatar::decode_frame(f, m.width, m.height).expect("decode");
+            let mut input = vec![0u8; per];
+            avatar::face_input(&rgb, m.width, b, m.crop_size, &m.channel_order, &mut input)
+                .expect("face input");
+            black_box(rgb.len() + input.len())
+        })
+        .sum()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn main() {
@@ -44,87 +91,120 @@ fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
     let mut report = Vec::new();
     for (w, h) in [(1280u32, 720u32), (1920, 1080)] {
-        let a = avatar(tmp.path(), w, h);
-        let crops: Vec<Vec<u8>> = (0..a.frames.len()).map(|i| crop(&a, i)).collect();
-        let m = &a.manifest;
+        let dir = bundle(tmp.path(), w, h, if quick { 8 } else { 48 });
+        let a = Avatar::load(&dir).expect("load avatar");
+        let q = a.params.quality;
+        let s = a.manifest.crop_size;
+        let n = (s * s) as usize;
+        // The model's output for frame i: the reference face channels, as passthrough gives.
+        let crops: Vec<Vec<u8>> = (0..a.frames.len())
+            .map(|i| {
+                let mut input = vec![0u8; face_contract::input_bytes(s as usize)];
+                a.face_input(i, &mut input).expect("face input");
+                input[..3 * n].to_vec()
+            })
+            .collect();
+        // The output frames whole, for the bare encode: the source frame with the face pasted.
+        let files = manifest::frame_files(&dir).expect("frames");
         let mut scratch = BlendScratch::default();
-        let mut frame = a.frames[0].to_vec();
+        let outputs: Vec<Vec<u8>> = (0..a.frames.len())
+            .map(|i| {
+                let mut f = avatar::decode_frame(&files[i], w, h).expect("decode");
+                let (b, mask) = (&a.boxes[i], &a.box_masks[i]);
+                blend::paste(&mut f, w, b, &crops[i], s, mask, &mut scratch).expect("paste");
+                f
+            })
+            .collect();
         let mut g = c.benchmark_group(format!("{w}x{h}"));
+        let mut input = vec![0u8; face_contract::input_bytes(s as usize)];
+        g.bench_function("face_input", |b| {
+            b.iter(|| a.face_input(0, &mut input).expect("face input"))
+        });
+        let frame = &a.frames[0];
+        let mut region = frame.pixels.clone();
+        let local = frame.region.local(&a.boxes[0]);
         g.bench_function("paste", |b| {
             b.iter(|| {
+                region.copy_from_slice(&frame.pixels);
                 blend::paste(
-                    &mut frame,
-                    m.width,
-                    &a.boxes[0],
+                    &mut region,
+                    frame.region.w,
+                    &local,
                     &crops[0],
-                    m.crop_size,
+                    s,
                     &a.box_masks[0],
                     &mut scratch,
                 )
                 .expect("paste")
             })
         });
+        g.bench_function("compose", |b| {
+            b.iter(|| render::compose(&a, 1, &crops[1], q, Subsampling::S420).expect("compose"))
+        });
+        g.bench_function("compose_whole", |b| {
+            b.iter(|| render::compose(&a, 1, &crops[1], q + 1, Subsampling::S420).expect("compose"))
+        });
+        g.bench_function("idle", |b| {
+            b.iter(|| render::idle(&a, 1, q, Subsampling::S420).expect("idle"))
+        });
         g.bench_function("encode", |b| {
             b.iter(|| {
-                encode::encode_rgb(black_box(&frame), w, h, QUALITY, Subsampling::S420)
+                encode::encode_rgb(black_box(&outputs[0]), w, h, q, Subsampling::S420)
                     .expect("encode")
-            })
-        });
-        g.bench_function("compose", |b| {
-            b.iter(|| {
-                render::compose(&a, 1, &crops[1], QUALITY, Subsampling::S420).expect("compose")
             })
         });
         g.finish();
 
-        // Side by side, interleaved so machine noise hits both alike, over more frames than the
-        // L3 cache holds so both sides read cold memory as a server does: the full compose
-        // against a bare encode of the same output frames. The compositing overhead is their
-        // difference.
-        let outputs: Vec<Vec<u8>> = (0..a.frames.len())
-            .map(|i| {
-                let mut f = a.frames[i].to_vec();
-                blend::paste(
-                    &mut f,
-                    m.width,
-                    &a.boxes[i],
-                    &crops[i],
-                    m.crop_size,
-                    &a.box_masks[i],
-                    &mut scratch,
-                )
-                .expect("paste");
-                f
-            })
-            .collect();
         let rounds = if quick { 5 } else { 600 };
-        let n = a.frames.len();
+        let frames = a.frames.len();
         let (mut composed, mut bare) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
         for r in 0..rounds {
-            let i = r % n;
+            let i = r % frames;
             let t = Instant::now();
-            black_box(
-                render::compose(&a, i, &crops[i], QUALITY, Subsampling::S420).expect("compose"),
-            );
+            black_box(render::compose(&a, i, &crops[i], q, Subsampling::S420).expect("compose"));
             composed.push(t.elapsed().as_secs_f64());
-            let j = (i + n / 2) % n;
+            let j = (i + frames / 2) % frames;
             let t = Instant::now();
-            black_box(
-                encode::encode_rgb(&outputs[j], w, h, QUALITY, Subsampling::S420).expect("encode"),
-            );
+            black_box(encode::encode_rgb(&outputs[j], w, h, q, Subsampling::S420).expect("encode"));
             bare.push(t.elapsed().as_secs_f64());
         }
-        composed.sort_by(f64::total_cmp);
-        bare.sort_by(f64::total_cmp);
-        let (composed, bare) = (composed[rounds / 2], bare[rounds / 2]);
-        let overhead = composed - bare;
+        let (composed, bare) = (median(composed), median(bare));
+        let target = if w == 1280 { 25 } else { 20 };
+        let region = &a.frames[0].region;
         report.push(format!(
-            "{w}x{h}: compose {:.3} ms, bare encode {:.3} ms, compositing overhead {:.3} ms = {:.1}% of the encode (target <= 15%); {:.0} frames/s per core",
+            "{w}x{h}: compose (blend + region encode + splice) {:.3} ms, bare full-frame encode {:.3} ms: {:.1}% (target <= {target}%); {:.0} frames/s per core; region {}x{} for a {FACE}x{FACE} face, restart every {} MCUs",
             composed * 1e3,
             bare * 1e3,
-            overhead * 1e3,
-            overhead / bare * 100.0,
-            1.0 / composed
+            composed / bare * 100.0,
+            1.0 / composed,
+            region.w,
+            region.h,
+            a.params.restart_mcus,
+        ));
+        report.push(format!(
+            "{w}x{h}: RAM per prepared frame {:.3} MiB, all included (raw RGB alone was {:.2} MiB)",
+            a.resident_bytes() as f64 / frames as f64 / (1 << 20) as f64,
+            (w * h * 3) as f64 / (1 << 20) as f64
+        ));
+
+        Avatar::prepare(&dir, Subsampling::S420).expect("prepare");
+        let loads = if quick { 1 } else { 5 };
+        let (mut prepared, mut legacy) = (Vec::new(), Vec::new());
+        for _ in 0..loads {
+            let t = Instant::now();
+            let p = Avatar::load(&dir).expect("load prepared");
+            prepared.push(t.elapsed().as_secs_f64());
+            assert_eq!(p.source, Source::PreparedFile);
+            let t = Instant::now();
+            black_box(legacy_load(&dir, &a));
+            legacy.push(t.elapsed().as_secs_f64());
+        }
+        let (prepared, legacy) = (median(prepared), median(legacy));
+        report.push(format!(
+            "{w}x{h}: load of {frames} frames: prepared file {:.1} ms, decode-everything load {:.1} ms: {:.1}x faster (target >= 5x)",
+            prepared * 1e3,
+            legacy * 1e3,
+            legacy / prepared
         ));
     }
     c.final_summary();

@@ -1,84 +1,68 @@
-//! A loaded avatar: decoded background frames, face boxes, blend mask, and the model's face
-//! inputs for every frame, computed once at load rather than per rendered frame.
+//! A loaded avatar: its background frames in their prepared form (each encoded once with
+//! restart markers, plus the original pixels of its face region, see [`crate::prepared`]),
+//! face boxes and blend mask. Full raw frames are not kept: a 1280x720 frame costs about a
+//! sixth of its 2.7 MiB of RGB. The model's face input is computed from the region when a
+//! frame is rendered.
 
 use crate::blend::BoxMask;
+use crate::encode::{Params, Subsampling};
 use crate::manifest::{self, Channel, FaceBox, Manifest};
+use crate::prepared::{self, Expect, Frame};
+use crate::segments::Grid;
 use crate::{encode, mask};
-use bytes::Bytes;
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use rayon::prelude::*;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// One decoded background frame, packed RGB (`width * height * 3` bytes).
-///
-/// Compositing pastes the face into these very pixels, encodes them and puts the saved pixels
-/// back (`render::compose`), so no frame is ever copied whole: a full-frame copy out of DRAM
-/// cost as much as the paste itself. The lock keeps two sessions that render the same frame
-/// at once from seeing each other's face.
-pub struct Background {
-    pixels: Mutex<Vec<u8>>,
-    len: usize,
-}
-
-impl Background {
-    pub fn new(pixels: Vec<u8>) -> Background {
-        let len = pixels.len();
-        Background {
-            pixels: Mutex::new(pixels),
-            len,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The pixels, for exclusive use. Whoever changes them restores them before unlocking,
-    /// even when unwinding, so a poisoned lock still guards intact pixels.
-    pub fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
-        self.pixels.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A copy of the pixels.
-    pub fn to_vec(&self) -> Vec<u8> {
-        self.lock().clone()
-    }
-}
 
 pub struct Avatar {
     pub manifest: Manifest,
-    pub frames: Vec<Background>,
+    pub frames: Vec<Frame>,
     pub boxes: Vec<FaceBox>,
-    /// The model's face input per frame: 6 x S x S u8, groups in `channel_order`.
-    pub face_inputs: Vec<Bytes>,
     /// Blend alpha, S x S.
     pub mask: Vec<u8>,
     /// The mask resized to each frame's face box (shared between boxes of one size).
     pub box_masks: Vec<Arc<BoxMask>>,
+    /// The frames' MCU and restart-segment grid.
+    pub grid: Grid,
+    /// How the frames are encoded: a request at this quality and subsampling is spliced
+    /// (only the face region encoded); any other is decoded and encoded whole.
+    pub params: Params,
     pub load_time: Duration,
+    /// Where the frames came from.
+    pub source: Source,
 }
 
-impl Avatar {
-    /// Loads and decodes a bundle. On failure every problem found is returned, each naming
-    /// the file (and field) at fault.
-    pub fn load(dir: &Path) -> Result<Avatar, Vec<String>> {
-        let started = Instant::now();
+/// Where an avatar's prepared frames came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Read from the bundle's `prepared.fcp`.
+    PreparedFile,
+    /// Decoded and encoded at load: there was no usable prepared file (the reason, if one
+    /// was there).
+    Prepared { unused_file: Option<String> },
+}
+
+/// What a bundle's files say, checked, before any frame is decoded.
+struct Bundle {
+    manifest: Manifest,
+    files: Vec<PathBuf>,
+    boxes: Vec<FaceBox>,
+    mask: Vec<u8>,
+    grid: Grid,
+    params: Params,
+}
+
+impl Bundle {
+    fn open(dir: &Path, subsampling: Subsampling) -> Result<Bundle, Vec<String>> {
         let manifest = Manifest::load(dir)?;
         let mut problems = Vec::new();
         let files = manifest::frame_files(dir).map_err(|e| vec![e])?;
-        let boxes = match manifest::load_boxes(dir) {
-            Ok(b) => b,
-            Err(e) => return Err(vec![e]),
-        };
+        let boxes = manifest::load_boxes(dir).map_err(|e| vec![e])?;
         if boxes.len() != files.len() {
             problems.push(format!(
                 "{}: {} boxes for {} frames",
@@ -109,46 +93,77 @@ impl Avatar {
             }),
             None => mask::lower_face(s, manifest.mask.feather),
         };
+        let params = prepared::params(manifest.width, manifest.jpeg_quality, subsampling);
+        let grid = Grid::new(
+            manifest.width,
+            manifest.height,
+            subsampling,
+            params.restart_mcus,
+        )
+        .map_err(|e| vec![e])?;
         if !problems.is_empty() {
             return Err(problems);
         }
+        Ok(Bundle {
+            manifest,
+            files,
+            boxes,
+            mask,
+            grid,
+            params,
+        })
+    }
+
+    fn expect(&self, fingerprint: u64) -> Expect<'_> {
+        Expect {
+            params: self.params,
+            fingerprint,
+            grid: &self.grid,
+            boxes: &self.boxes,
+        }
+    }
+
+    /// Decodes every source frame and prepares it, in parallel.
+    fn prepare_frames(&self) -> Result<Vec<Frame>, Vec<String>> {
+        let m = &self.manifest;
         let done = AtomicUsize::new(0);
-        let total = files.len();
-        let decoded: Vec<Result<(Vec<u8>, Bytes), String>> = files
+        let total = self.files.len();
+        let prepared: Vec<Result<Frame, String>> = self
+            .files
             .par_iter()
-            .zip(boxes.par_iter())
+            .zip(self.boxes.par_iter())
             .map(|(path, face)| {
-                let frame = decode_frame(path, manifest.width, manifest.height)?;
-                let input = face_input(&frame, manifest.width, face, s, &manifest.channel_order)
+                let rgb = decode_frame(path, m.width, m.height)?;
+                let frame = Frame::prepare(&rgb, &self.grid, face, self.params)
                     .map_err(|e| format!("{}: {e}", path.display()))?;
                 let n = done.fetch_add(1, Ordering::Relaxed) + 1;
                 if total >= 100 && n.is_multiple_of(total / 4) {
-                    tracing::info!(avatar = %manifest.id, "decoded {n}/{total} frames");
+                    tracing::info!(avatar = %m.id, "prepared {n}/{total} frames");
                 }
-                Ok((frame, input))
+                Ok(frame)
             })
             .collect();
-        let mut frames = Vec::with_capacity(total);
-        let mut face_inputs = Vec::with_capacity(total);
-        for r in decoded {
-            match r {
-                Ok((f, i)) => {
-                    frames.push(Background::new(f));
-                    face_inputs.push(i);
-                }
-                Err(e) => problems.push(e),
-            }
-        }
+        let (frames, problems): (Vec<_>, Vec<_>) = prepared.into_iter().partition(Result::is_ok);
         if !problems.is_empty() {
-            return Err(problems);
+            return Err(problems.into_iter().filter_map(Result::err).collect());
         }
+        Ok(frames.into_iter().filter_map(Result::ok).collect())
+    }
+
+    fn into_avatar(
+        self,
+        frames: Vec<Frame>,
+        started: Instant,
+        source: Source,
+    ) -> Result<Avatar, Vec<String>> {
+        let s = self.manifest.crop_size;
         let mut by_size: HashMap<(u32, u32), Arc<BoxMask>> = HashMap::new();
-        let mut box_masks = Vec::with_capacity(boxes.len());
-        for b in &boxes {
+        let mut box_masks = Vec::with_capacity(self.boxes.len());
+        for b in &self.boxes {
             let m = match by_size.get(&(b.w, b.h)) {
                 Some(m) => m.clone(),
                 None => {
-                    let m = Arc::new(BoxMask::new(&mask, s, b.w, b.h).map_err(|e| vec![e])?);
+                    let m = Arc::new(BoxMask::new(&self.mask, s, b.w, b.h).map_err(|e| vec![e])?);
                     by_size.insert((b.w, b.h), m.clone());
                     m
                 }
@@ -156,14 +171,81 @@ impl Avatar {
             box_masks.push(m);
         }
         Ok(Avatar {
-            manifest,
+            manifest: self.manifest,
             frames,
-            boxes,
-            face_inputs,
-            mask,
+            boxes: self.boxes,
+            mask: self.mask,
             box_masks,
+            grid: self.grid,
+            params: self.params,
             load_time: started.elapsed(),
+            source,
         })
+    }
+}
+
+impl Avatar {
+    /// Loads a bundle with frames encoded at 4:2:0 (see [`Avatar::load_with`]).
+    pub fn load(dir: &Path) -> Result<Avatar, Vec<String>> {
+        Self::load_with(dir, Subsampling::S420)
+    }
+
+    /// Loads a bundle whose frames are to be encoded with `subsampling`: from its prepared
+    /// file when that matches the bundle, else by decoding and preparing every frame. On
+    /// failure every problem found is returned, each naming the file (and field) at fault.
+    pub fn load_with(dir: &Path, subsampling: Subsampling) -> Result<Avatar, Vec<String>> {
+        let started = Instant::now();
+        let bundle = Bundle::open(dir, subsampling)?;
+        let fingerprint = prepared::fingerprint(dir, &bundle.files).map_err(|e| vec![e])?;
+        let unused_file = match prepared::read(dir, &bundle.expect(fingerprint)) {
+            Ok(Some(frames)) => {
+                return bundle.into_avatar(frames, started, Source::PreparedFile);
+            }
+            Ok(None) => None,
+            Err(why) => {
+                tracing::warn!(avatar = %bundle.manifest.id, %why, "prepared file not used");
+                Some(why)
+            }
+        };
+        let frames = bundle.prepare_frames()?;
+        bundle.into_avatar(frames, started, Source::Prepared { unused_file })
+    }
+
+    /// Decodes and prepares every frame of a bundle (whatever prepared file it has) and
+    /// writes the prepared file; returns the avatar and the file's path.
+    pub fn prepare(dir: &Path, subsampling: Subsampling) -> Result<(Avatar, PathBuf), Vec<String>> {
+        let started = Instant::now();
+        let bundle = Bundle::open(dir, subsampling)?;
+        let fingerprint = prepared::fingerprint(dir, &bundle.files).map_err(|e| vec![e])?;
+        let frames = bundle.prepare_frames()?;
+        let path =
+            prepared::write(dir, &bundle.expect(fingerprint), &frames).map_err(|e| vec![e])?;
+        let avatar = bundle.into_avatar(frames, started, Source::Prepared { unused_file: None })?;
+        Ok((avatar, path))
+    }
+
+    /// Exact bytes the avatar will hold once loaded, from its files alone when it has a
+    /// usable prepared file; otherwise an upper bound (each frame's JPEG at TurboJPEG's
+    /// worst-case size).
+    pub fn footprint(dir: &Path, subsampling: Subsampling) -> Result<u64, Vec<String>> {
+        let bundle = Bundle::open(dir, subsampling)?;
+        let fingerprint = prepared::fingerprint(dir, &bundle.files).map_err(|e| vec![e])?;
+        let grid = &bundle.grid;
+        let jpegs: Vec<u64> = match prepared::jpeg_lengths(dir, &bundle.expect(fingerprint)) {
+            Ok(Some(lens)) => lens.into_iter().map(u64::from).collect(),
+            _ => {
+                let worst =
+                    encode::worst_case_bytes(grid.width, grid.height, bundle.params.subsampling);
+                vec![worst as u64; bundle.boxes.len()]
+            }
+        };
+        let layout = (grid.segments() * std::mem::size_of::<u32>()) as u64;
+        let frames: u64 = jpegs
+            .iter()
+            .zip(&bundle.boxes)
+            .map(|(jpeg, b)| jpeg + layout + grid.region(b).rgb_bytes() as u64)
+            .sum();
+        Ok(frames + fixed_bytes(&bundle.mask, &bundle.boxes) as u64)
     }
 
     /// Background frame used for output frame `index`: frames play forward then backward
@@ -172,20 +254,36 @@ impl Avatar {
         ping_pong(index, self.frames.len())
     }
 
+    /// Writes the model's face input for background frame `bg` into `out`
+    /// ([`crate::face_contract::input_bytes`] long), from its region's pixels.
+    pub fn face_input(&self, bg: usize, out: &mut [u8]) -> Result<(), String> {
+        let frame = &self.frames[bg];
+        let face = frame.region.local(&self.boxes[bg]);
+        face_input(
+            &frame.pixels,
+            frame.region.w,
+            &face,
+            self.manifest.crop_size,
+            &self.manifest.channel_order,
+            out,
+        )
+    }
+
     /// Bytes this avatar holds in memory.
     pub fn resident_bytes(&self) -> u64 {
-        let frames: usize = self.frames.iter().map(Background::len).sum();
-        let inputs: usize = self.face_inputs.iter().map(Bytes::len).sum();
-        let mut sizes: Vec<(u32, u32)> = self.boxes.iter().map(|b| (b.w, b.h)).collect();
-        sizes.sort_unstable();
-        sizes.dedup();
-        let box_masks: usize = sizes.iter().map(|&(w, h)| (w * h) as usize * 4).sum();
-        (frames
-            + inputs
-            + self.mask.len()
-            + box_masks
-            + self.boxes.len() * std::mem::size_of::<FaceBox>()) as u64
+        let frames: usize = self.frames.iter().map(Frame::resident_bytes).sum();
+        (frames + fixed_bytes(&self.mask, &self.boxes)) as u64
     }
+}
+
+/// Bytes of an avatar's mask, per-size box masks and boxes.
+fn fixed_bytes(mask: &[u8], boxes: &[FaceBox]) -> usize {
+    let mut sizes: Vec<(u32, u32)> = boxes.iter().map(|b| (b.w, b.h)).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    // Per distinct box size: alpha, and alpha repeated per colour channel.
+    let box_masks: usize = sizes.iter().map(|&(w, h)| (w * h) as usize * 4).sum();
+    mask.len() + box_masks + std::mem::size_of_val(boxes)
 }
 
 /// Ping-pong index into `n` frames.
@@ -198,7 +296,8 @@ pub fn ping_pong(index: u64, n: usize) -> usize {
     (if p < n as u64 { p } else { period - p }) as usize
 }
 
-fn decode_frame(path: &Path, width: u32, height: u32) -> Result<Vec<u8>, String> {
+/// Decodes a bundle's frame file (JPEG or PNG) to packed RGB, checking its size.
+pub fn decode_frame(path: &Path, width: u32, height: u32) -> Result<Vec<u8>, String> {
     let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let is_jpeg = data.starts_with(&[0xFF, 0xD8]);
     let (pixels, w, h) = if is_jpeg {
@@ -219,15 +318,16 @@ fn decode_frame(path: &Path, width: u32, height: u32) -> Result<Vec<u8>, String>
     Ok(pixels)
 }
 
-/// The model's face input for one frame: the box resized to S x S, as planar RGB, once as it
-/// is and once with its lower half blacked out, in `order`.
+/// Writes the model's face input for one frame into `out`: the box resized to S x S, as
+/// planar RGB, once as it is and once with its lower half blacked out, in `order`.
 pub fn face_input(
     frame: &[u8],
     width: u32,
     face: &FaceBox,
     s: u32,
     order: &[Channel],
-) -> Result<Bytes, String> {
+    out: &mut [u8],
+) -> Result<(), String> {
     let height = (frame.len() / (width as usize * 3)) as u32;
     let src = ImageRef::new(width, height, frame, PixelType::U8x3).map_err(|e| e.to_string())?;
     let mut dst = Image::new(s, s, PixelType::U8x3);
@@ -239,7 +339,12 @@ pub fn face_input(
         .map_err(|e| e.to_string())?;
     let rgb = dst.buffer();
     let n = (s * s) as usize;
-    let mut out = vec![0u8; crate::face_contract::input_bytes(s as usize)];
+    if out.len() != crate::face_contract::input_bytes(s as usize) {
+        return Err(format!(
+            "face input buffer of {} bytes for S = {s}",
+            out.len()
+        ));
+    }
     for (group, channel) in order.iter().enumerate() {
         let planes = &mut out[group * 3 * n..(group + 1) * 3 * n];
         let rows = match channel {
@@ -248,12 +353,14 @@ pub fn face_input(
         };
         for c in 0..3 {
             let plane = &mut planes[c * n..(c + 1) * n];
-            for (i, v) in plane[..rows * s as usize].iter_mut().enumerate() {
+            let (kept, blacked) = plane.split_at_mut(rows * s as usize);
+            for (i, v) in kept.iter_mut().enumerate() {
                 *v = rgb[i * 3 + c];
             }
+            blacked.fill(0);
         }
     }
-    Ok(Bytes::from(out))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -278,9 +385,17 @@ mod tests {
             w: 8,
             h: 8,
         };
-        let input =
-            face_input(&frame, w, &face, s, &[Channel::Masked, Channel::Reference]).unwrap();
         let n = (s * s) as usize;
+        let mut input = vec![7u8; 6 * n];
+        face_input(
+            &frame,
+            w,
+            &face,
+            s,
+            &[Channel::Masked, Channel::Reference],
+            &mut input,
+        )
+        .unwrap();
         assert_eq!(input.len(), 6 * n);
         // Group 0 is the masked copy: top half kept, bottom half black.
         assert_eq!(input[0], 200);

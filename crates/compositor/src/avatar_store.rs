@@ -4,7 +4,8 @@
 //! is never evicted.
 
 use crate::avatar::Avatar;
-use crate::manifest::{self, Manifest, MANIFEST_FILE};
+use crate::encode::Subsampling;
+use crate::manifest::MANIFEST_FILE;
 use crate::metrics::Metrics;
 use framecast_cache::{BudgetCache, CacheError, Events, Lease, State};
 use std::path::{Path, PathBuf};
@@ -39,6 +40,7 @@ pub type AvatarLease = Lease<Avatar, AvatarError>;
 pub struct AvatarStore {
     root: PathBuf,
     load_on_demand: bool,
+    subsampling: Subsampling,
     cache: BudgetCache<Avatar, AvatarError>,
     metrics: Arc<Metrics>,
 }
@@ -84,9 +86,17 @@ impl AvatarStore {
         Ok(AvatarStore {
             root,
             load_on_demand,
+            subsampling: Subsampling::S420,
             cache,
             metrics,
         })
+    }
+
+    /// Prepares avatars' frames for output at `subsampling` (4:2:0 unless set), so that
+    /// frames rendered at that subsampling and the avatar's quality are spliced.
+    pub fn with_subsampling(mut self, subsampling: Subsampling) -> Self {
+        self.subsampling = subsampling;
+        self
     }
 
     fn dir(&self, id: &str) -> Result<PathBuf, AvatarError> {
@@ -170,8 +180,9 @@ impl AvatarStore {
     /// A lease on `id`, loaded by this call or by the one already under way.
     async fn resolve(&self, id: &str) -> Result<AvatarLease, AvatarError> {
         let dir = self.dir(id)?;
+        let subsampling = self.subsampling;
         let estimate = || {
-            footprint(&dir).map_err(|problems| AvatarError::LoadFailed {
+            Avatar::footprint(&dir, subsampling).map_err(|problems| AvatarError::LoadFailed {
                 id: id.to_string(),
                 problems,
             })
@@ -179,7 +190,7 @@ impl AvatarStore {
         let load = |_need| async {
             let owned = id.to_string();
             let dir = dir.clone();
-            let result = tokio::task::spawn_blocking(move || Avatar::load(&dir))
+            let result = tokio::task::spawn_blocking(move || Avatar::load_with(&dir, subsampling))
                 .await
                 .unwrap_or_else(|e| Err(vec![format!("loader panicked: {e}")]));
             match result {
@@ -190,6 +201,7 @@ impl AvatarStore {
                     tracing::info!(
                         avatar = %owned,
                         frames = a.frames.len(),
+                        source = ?a.source,
                         mib = a.resident_bytes() as f64 / (1 << 20) as f64,
                         load_ms = a.load_time.as_millis() as u64,
                         "avatar ready"
@@ -224,21 +236,4 @@ impl AvatarStore {
                 },
             })
     }
-}
-
-/// Exact bytes an avatar will hold once decoded, from its manifest and frame count alone.
-pub fn footprint(dir: &Path) -> Result<u64, Vec<String>> {
-    let m = Manifest::load(dir)?;
-    let frames = manifest::frame_files(dir).map_err(|e| vec![e])?.len() as u64;
-    let boxes = manifest::load_boxes(dir).map_err(|e| vec![e])?;
-    let mut sizes: Vec<(u32, u32)> = boxes.iter().map(|b| (b.w, b.h)).collect();
-    sizes.sort_unstable();
-    sizes.dedup();
-    // Per distinct box size: alpha, and alpha repeated per colour channel.
-    let box_masks: u64 = sizes.iter().map(|&(w, h)| w as u64 * h as u64 * 4).sum();
-    let s = m.crop_size as u64;
-    let frame = m.width as u64 * m.height as u64 * 3;
-    let box_size = std::mem::size_of::<manifest::FaceBox>() as u64;
-    let face_input = crate::face_contract::input_bytes(s as usize) as u64;
-    Ok(frames * (frame + face_input + box_size) + s * s + box_masks)
 }

@@ -151,14 +151,7 @@ impl Handle {
         )?;
         // Write into `out` itself: no realloc, a buffer of the worst-case size.
         self.set(raw::TJPARAM_TJPARAM_NOREALLOC, 1)?;
-        // SAFETY: pure arithmetic on valid dimensions.
-        let bound = unsafe {
-            raw::tj3JPEGBufSize(
-                image.width as c_int,
-                image.height as c_int,
-                params.subsampling.turbo(),
-            )
-        };
+        let bound = worst_case_bytes(image.width, image.height, params.subsampling) as raw::size_t;
         if bound == 0 {
             return Err(self.error());
         }
@@ -195,6 +188,12 @@ impl Drop for Handle {
         // SAFETY: the handle is live and dropped once.
         unsafe { raw::tj3Destroy(self.0) }
     }
+}
+
+/// The most bytes TurboJPEG writes for a `width` x `height` frame.
+pub fn worst_case_bytes(width: u32, height: u32, subsampling: Subsampling) -> usize {
+    // SAFETY: pure arithmetic; 0 (an error) for impossible sizes.
+    unsafe { raw::tj3JPEGBufSize(width as c_int, height as c_int, subsampling.turbo()) as usize }
 }
 
 thread_local! {

@@ -20,6 +20,7 @@ pub mod inference;
 pub mod manifest;
 pub mod mask;
 pub mod metrics;
+pub mod prepared;
 pub mod render;
 pub mod rpc;
 pub mod segments;

@@ -1,6 +1,6 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use framecast_compositor::avatar::Avatar;
+use framecast_compositor::avatar::{Avatar, Source};
 use framecast_compositor::avatar_store::AvatarStore;
 use framecast_compositor::demo::{self, DemoOptions};
 use framecast_compositor::encode::Subsampling;
@@ -33,10 +33,25 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AvatarCommand {
-    /// Validate a bundle and report every problem found (exit 1 if any).
+    /// Validate a bundle and report every problem found (exit 1 if any), its prepared file
+    /// included: one that exists but cannot be used (stale, other settings, corrupt) is a
+    /// problem, since the server would then prepare the avatar at every load.
     Check {
         /// The bundle directory (holding avatar.toml).
         dir: PathBuf,
+        /// Chroma subsampling the server encodes with (its --subsampling).
+        #[arg(long, default_value_t = RenderOptions::default().subsampling)]
+        subsampling: Subsampling,
+    },
+    /// Encode every frame once with restart markers and write the bundle's prepared file
+    /// (DIR/prepared.fcp), so that the server's load is a read instead of a decode and
+    /// re-encode of every frame. Run it again after changing the frames, boxes or manifest.
+    Prepare {
+        /// The bundle directory (holding avatar.toml).
+        dir: PathBuf,
+        /// Chroma subsampling the server encodes with (its --subsampling).
+        #[arg(long, default_value_t = RenderOptions::default().subsampling)]
+        subsampling: Subsampling,
     },
     /// Generate the demo avatar bundle (no download).
     MakeDemo {
@@ -146,6 +161,11 @@ struct ServeArgs {
     /// sessions into one request (each embedding waits at most this long for company).
     #[arg(long, env = "FRAMECAST_ENCODER_BATCH_WAIT_MS", default_value_t = RenderOptions::default().encoder_batch_wait.as_millis() as u64, value_parser = clap::value_parser!(u64).range(0..=1000))]
     encoder_batch_wait_ms: u64,
+    /// An audio session's frame is idle, sent as its background's pre-encoded JPEG with no
+    /// inference and no encode, when its mel window's loudness (0 silence .. 1 loud speech)
+    /// is below this; 0 turns idle frames off.
+    #[arg(long, env = "FRAMECAST_IDLE_LOUDNESS", default_value_t = RenderOptions::default().idle_loudness, value_parser = parse_unit)]
+    idle_loudness: f32,
     /// On SIGTERM: stop accepting, let each stream finish the request it is rendering for at
     /// most this many seconds, then exit.
     #[arg(long, env = "FRAMECAST_SHUTDOWN_GRACE_S", default_value_t = ServeOptions::default().grace.as_secs())]
@@ -205,28 +225,65 @@ fn main() -> Result<()> {
     });
     match cli.command {
         Command::Serve(args) => serve(*args),
-        Command::Avatar(AvatarCommand::Check { dir }) => match Avatar::load(&dir) {
-            Ok(a) => {
-                println!(
-                    "{}: ok: {} frames {}x{}, crop {}, model {}, {:.1} MiB in memory",
-                    dir.display(),
-                    a.frames.len(),
-                    a.manifest.width,
-                    a.manifest.height,
-                    a.manifest.crop_size,
-                    a.manifest.model,
-                    a.resident_bytes() as f64 / (1 << 20) as f64
-                );
-                Ok(())
-            }
-            Err(problems) => {
-                for p in &problems {
-                    eprintln!("{p}");
+        Command::Avatar(AvatarCommand::Check { dir, subsampling }) => {
+            let problems = match Avatar::load_with(&dir, subsampling) {
+                Ok(a) => {
+                    println!(
+                        "{}: {} frames {}x{}, crop {}, model {}, {:.1} MiB in memory, {}",
+                        dir.display(),
+                        a.frames.len(),
+                        a.manifest.width,
+                        a.manifest.height,
+                        a.manifest.crop_size,
+                        a.manifest.model,
+                        a.resident_bytes() as f64 / (1 << 20) as f64,
+                        match &a.source {
+                            Source::PreparedFile => "prepared file used",
+                            Source::Prepared { .. } => "not prepared (no prepared file)",
+                        }
+                    );
+                    match a.source {
+                        Source::Prepared {
+                            unused_file: Some(why),
+                        } => vec![why],
+                        _ => Vec::new(),
+                    }
                 }
-                eprintln!("{}: {} problem(s)", dir.display(), problems.len());
-                std::process::exit(1);
+                Err(problems) => problems,
+            };
+            if problems.is_empty() {
+                println!("{}: ok", dir.display());
+                return Ok(());
             }
-        },
+            for p in &problems {
+                eprintln!("{p}");
+            }
+            eprintln!("{}: {} problem(s)", dir.display(), problems.len());
+            std::process::exit(1);
+        }
+        Command::Avatar(AvatarCommand::Prepare { dir, subsampling }) => {
+            match Avatar::prepare(&dir, subsampling) {
+                Ok((a, path)) => {
+                    let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                    println!(
+                        "wrote {} ({} frames, {:.1} MiB on disk, {:.2} MiB per frame in memory) in {:.1} s",
+                        path.display(),
+                        a.frames.len(),
+                        bytes as f64 / (1 << 20) as f64,
+                        a.resident_bytes() as f64 / a.frames.len().max(1) as f64 / (1 << 20) as f64,
+                        a.load_time.as_secs_f64()
+                    );
+                    Ok(())
+                }
+                Err(problems) => {
+                    for p in &problems {
+                        eprintln!("{p}");
+                    }
+                    eprintln!("{}: {} problem(s)", dir.display(), problems.len());
+                    std::process::exit(1);
+                }
+            }
+        }
         Command::Avatar(AvatarCommand::MakeDemo {
             root,
             id,
@@ -250,6 +307,13 @@ fn main() -> Result<()> {
             println!("wrote {}", dir.display());
             Ok(())
         }
+    }
+}
+
+fn parse_unit(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number in 0..=1")),
     }
 }
 
@@ -281,7 +345,8 @@ fn serve(args: ServeArgs) -> Result<()> {
     let budget = (args.avatar_budget_mib > 0).then_some(args.avatar_budget_mib << 20);
     let store = Arc::new(
         AvatarStore::new(&args.avatars, args.load_on_demand, budget, metrics.clone())
-            .with_context(|| format!("avatars: cannot open {}", args.avatars.display()))?,
+            .with_context(|| format!("avatars: cannot open {}", args.avatars.display()))?
+            .with_subsampling(args.subsampling),
     );
     let client_opts = ClientOptions {
         keep_alive_interval: Duration::from_secs(args.keepalive_s),
@@ -303,6 +368,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         idle_timeout: Duration::from_secs(args.stream_idle_timeout_s),
         max_audio_ahead: Duration::from_secs(args.max_audio_ahead_s),
         encoder_batch_wait: Duration::from_millis(args.encoder_batch_wait_ms),
+        idle_loudness: args.idle_loudness,
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

@@ -7,6 +7,8 @@ use framecast_telemetry::prometheus::{
 pub struct Metrics {
     pub registry: Registry,
     pub frames: IntCounter,
+    /// Of `frames`, the idle ones: the background as it is, no inference, no encode.
+    pub idle_frames: IntCounter,
     /// Render requests by outcome (`ok`, `cancelled`, or the failing status).
     pub requests: IntCounterVec,
     pub queue_seconds: Histogram,
@@ -47,6 +49,11 @@ impl Metrics {
         let m = Metrics {
             frames: IntCounter::new("frames_total", "Frames streamed to clients")
                 .expect("valid metric"),
+            idle_frames: IntCounter::new(
+                "idle_frames_total",
+                "Frames streamed as the background itself (no speech): no inference, no encode",
+            )
+            .expect("valid metric"),
             requests: IntCounterVec::new(
                 opts!("requests_total", "Render requests by outcome"),
                 &["outcome"],
@@ -58,7 +65,10 @@ impl Metrics {
             ),
             inference_seconds: histogram("inference_seconds", "Inference round trip per batch"),
             blend_seconds: histogram("blend_seconds", "Resize and alpha blend per frame"),
-            encode_seconds: histogram("encode_seconds", "JPEG encode per frame"),
+            encode_seconds: histogram(
+                "encode_seconds",
+                "JPEG encode per frame: the face region's encode and splice, or a whole frame",
+            ),
             end_to_end_seconds: histogram(
                 "end_to_end_seconds",
                 "Request arrival until the frame was sent",
@@ -116,6 +126,7 @@ impl Metrics {
         };
         let collectors: Vec<Box<dyn framecast_telemetry::prometheus::core::Collector>> = vec![
             Box::new(m.frames.clone()),
+            Box::new(m.idle_frames.clone()),
             Box::new(m.requests.clone()),
             Box::new(m.queue_seconds.clone()),
             Box::new(m.inference_seconds.clone()),

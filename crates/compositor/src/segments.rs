@@ -263,10 +263,12 @@ pub fn parse(jpeg: &[u8]) -> Result<Layout, String> {
                 starts.push(i as u32);
             }
             Some(0xD9) => {
+                // Held for the life of an avatar: no spare capacity.
+                starts.shrink_to_fit();
                 return Ok(Layout {
                     starts,
                     end: i as u32,
-                })
+                });
             }
             Some(m) => {
                 return Err(format!(

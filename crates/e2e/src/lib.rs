@@ -73,6 +73,7 @@ pub fn request(avatar: &str, start: u64, n: u32) -> RenderRequest {
         conditioning: vec![zero_audio(n)],
         jpeg_quality: 0,
         audio: None,
+        idle: false,
     }
 }
 

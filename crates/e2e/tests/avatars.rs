@@ -4,6 +4,7 @@
 use framecast_compositor::avatar::Avatar;
 use framecast_compositor::avatar_store::AvatarStore;
 use framecast_compositor::demo::{self, DemoOptions};
+use framecast_compositor::encode::Subsampling;
 use framecast_e2e::request;
 use framecast_e2e::stack::{render, stack, stack_with_budget};
 use tonic::Code;
@@ -49,15 +50,23 @@ async fn avatar_check_names_the_file_and_the_cause() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn avatars_are_evicted_under_a_small_budget() {
     let tmp = tempfile::tempdir().unwrap();
-    // Written by the first stack; sized here so exactly one avatar fits.
+    // Written by the first stack, prepared so their footprints are exact; sized here so
+    // exactly one avatar fits.
     let probe = stack(tmp.path(), 4).await;
     drop(probe);
-    let fp = |id: &str| {
-        framecast_compositor::avatar_store::footprint(&tmp.path().join("avatars").join(id)).unwrap()
-    };
+    let dir = |id: &str| tmp.path().join("avatars").join(id);
+    for id in ["small", "tall"] {
+        Avatar::prepare(&dir(id), Subsampling::S420).unwrap();
+    }
+    let fp = |id: &str| Avatar::footprint(&dir(id), Subsampling::S420).unwrap();
     let budget = fp("small").max(fp("tall")) + 1;
     assert!(budget < fp("small") + fp("tall"));
     let s = stack_with_budget(tmp.path(), 4, Some(budget)).await;
+    // The stack wrote the bundles again (the same frames): prepare them again before their
+    // first (on-demand) load.
+    for id in ["small", "tall"] {
+        Avatar::prepare(&dir(id), Subsampling::S420).unwrap();
+    }
     render(&s.client, vec![request("small", 0, 2)])
         .await
         .unwrap();
@@ -102,8 +111,12 @@ async fn an_avatar_in_use_is_not_evicted() {
         };
         demo::write_demo(tmp.path(), &opts).unwrap();
     }
-    let fp =
-        |id: &str| framecast_compositor::avatar_store::footprint(&tmp.path().join(id)).unwrap();
+    let fp = |id: &str| Avatar::footprint(&tmp.path().join(id), Subsampling::S420).unwrap();
+    // Unprepared, the footprint is an upper bound; prepared, exact.
+    let bound = fp("a");
+    let (prepared, _) = Avatar::prepare(&tmp.path().join("a"), Subsampling::S420).unwrap();
+    assert!(prepared.resident_bytes() < bound);
+    Avatar::prepare(&tmp.path().join("b"), Subsampling::S420).unwrap();
     let store = AvatarStore::new(tmp.path(), true, Some(fp("b") + 1), Default::default()).unwrap();
     let held = store.get("a").await.unwrap();
     assert_eq!(held.resident_bytes(), fp("a"), "footprint must be exact");

@@ -1,100 +1,149 @@
-//! One frame: a generated face crop pasted into its background in place, the frame encoded,
-//! the background restored.
+//! One frame: a generated face crop blended into a copy of its background's face region,
+//! and the frame's JPEG made from the prepared background's by encoding only that region and
+//! splicing its restart segments in ([`crate::segments`]). The background is read-only:
+//! sessions rendering the same frame at once never wait for each other.
+//!
+//! A request at another quality or subsampling than the avatar's prepared one takes the whole
+//! frame path: the prepared JPEG decoded, the region's original pixels put back, the face
+//! blended and the frame encoded. Outside the region that frame has been through one more
+//! JPEG generation at the prepared quality.
 
 use crate::avatar::Avatar;
 use crate::blend::{self, BlendScratch};
-use crate::encode::{self, Subsampling};
+use crate::encode::{self, Rgb, Subsampling};
+use crate::segments;
+use bytes::Bytes;
 use std::cell::RefCell;
-use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
+/// Per rayon thread: blend buffers, the region being composited and its encode, reused frame
+/// after frame so the hot path allocates only the output.
+#[derive(Default)]
+struct Scratch {
+    blend: BlendScratch,
+    region: Vec<u8>,
+    part: Vec<u8>,
+}
+
 thread_local! {
-    /// Per rayon thread: blend buffers and the background pixels a paste covers, reused frame
-    /// after frame so the hot path allocates nothing.
-    static SCRATCH: RefCell<(BlendScratch, Vec<u8>)> = RefCell::new((BlendScratch::default(), Vec::new()));
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// A background frame with a face pasted into it, locked; dropping it (also when unwinding)
-/// puts the saved pixels back and unlocks.
-struct Pasted<'a> {
-    pixels: MutexGuard<'a, Vec<u8>>,
-    saved: &'a mut Vec<u8>,
-    avatar: &'a Avatar,
-    background: usize,
+/// A composed frame and where its time went.
+pub struct Composed {
+    pub jpeg: Bytes,
+    pub blend: Duration,
+    pub encode: Duration,
 }
 
-impl<'a> Pasted<'a> {
-    /// Locks `avatar`'s frame `background` and saves the pixels a paste may write.
-    fn save(avatar: &'a Avatar, background: usize, saved: &'a mut Vec<u8>) -> Pasted<'a> {
-        let pixels = avatar.frames[background].lock();
-        saved.clear();
-        for r in Self::rows(avatar, background) {
-            saved.extend_from_slice(&pixels[r]);
-        }
-        Pasted {
-            pixels,
-            saved,
-            avatar,
-            background,
-        }
-    }
-
-    fn rows(avatar: &Avatar, background: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
-        blend::pasted_rows(
-            avatar.manifest.width,
-            &avatar.boxes[background],
-            &avatar.box_masks[background],
-        )
-    }
+/// Whether frames at `quality` and `subsampling` can be spliced from `avatar`'s prepared ones.
+pub fn splices(avatar: &Avatar, quality: u8, subsampling: Subsampling) -> bool {
+    avatar.params.quality == quality && avatar.params.subsampling == subsampling
 }
 
-impl Drop for Pasted<'_> {
-    fn drop(&mut self) {
-        let mut from = 0;
-        for r in Self::rows(self.avatar, self.background) {
-            let n = r.len();
-            self.pixels[r].copy_from_slice(&self.saved[from..from + n]);
-            from += n;
-        }
-    }
-}
-
-/// Blends and encodes one frame on the calling (rayon) thread; returns the JPEG and the
-/// blend and encode times. The face is pasted into the background in place, encoded, and
-/// the background restored (see [`crate::avatar::Background`]).
+/// Blends and encodes one frame on the calling (rayon) thread.
 pub fn compose(
     avatar: &Avatar,
     background: usize,
     crop_chw: &[u8],
     quality: u8,
     subsampling: Subsampling,
-) -> Result<(Vec<u8>, Duration, Duration), String> {
-    let m = &avatar.manifest;
+) -> Result<Composed, String> {
+    let frame = &avatar.frames[background];
+    let region = &frame.region;
     SCRATCH.with(|cell| {
-        let (scratch, saved) = &mut *cell.borrow_mut();
+        let scratch = &mut *cell.borrow_mut();
         let t0 = Instant::now();
-        let mut frame = Pasted::save(avatar, background, saved);
+        scratch.region.clear();
+        scratch.region.extend_from_slice(&frame.pixels);
         blend::paste(
-            &mut frame.pixels,
-            m.width,
-            &avatar.boxes[background],
+            &mut scratch.region,
+            region.w,
+            &region.local(&avatar.boxes[background]),
             crop_chw,
-            m.crop_size,
+            avatar.manifest.crop_size,
             &avatar.box_masks[background],
-            scratch,
+            &mut scratch.blend,
         )?;
         let t1 = Instant::now();
-        let jpeg = encode::encode_rgb(&frame.pixels, m.width, m.height, quality, subsampling)?;
-        let t2 = Instant::now();
-        drop(frame);
-        Ok((jpeg, (t1 - t0) + t2.elapsed(), t2 - t1))
+        let jpeg = if splices(avatar, quality, subsampling) {
+            let pixels = Rgb::packed(&scratch.region, region.w, region.h);
+            encode::encode_into(pixels, avatar.params, &mut scratch.part)?;
+            let part_layout = segments::parse(&scratch.part)?;
+            let mut out = Vec::new();
+            segments::splice(
+                &frame.jpeg,
+                &frame.layout,
+                region,
+                &scratch.part,
+                &part_layout,
+                &mut out,
+            )?;
+            out
+        } else {
+            whole(avatar, background, &scratch.region, quality, subsampling)?
+        };
+        Ok(Composed {
+            jpeg: Bytes::from(jpeg),
+            blend: t1 - t0,
+            encode: t1.elapsed(),
+        })
     })
+}
+
+/// An idle frame (no speech, so no face to paste): the prepared JPEG itself when the settings
+/// match, with no encode at all; otherwise the background encoded whole.
+pub fn idle(
+    avatar: &Avatar,
+    background: usize,
+    quality: u8,
+    subsampling: Subsampling,
+) -> Result<Composed, String> {
+    let t = Instant::now();
+    let frame = &avatar.frames[background];
+    let jpeg = if splices(avatar, quality, subsampling) {
+        frame.jpeg.clone()
+    } else {
+        Bytes::from(whole(
+            avatar,
+            background,
+            &frame.pixels,
+            quality,
+            subsampling,
+        )?)
+    };
+    Ok(Composed {
+        jpeg,
+        blend: Duration::ZERO,
+        encode: t.elapsed(),
+    })
+}
+
+/// The whole-frame path: the prepared JPEG decoded, `region` (the face region's pixels)
+/// written over it, the frame encoded at `quality` and `subsampling`.
+fn whole(
+    avatar: &Avatar,
+    background: usize,
+    region_pixels: &[u8],
+    quality: u8,
+    subsampling: Subsampling,
+) -> Result<Vec<u8>, String> {
+    let frame = &avatar.frames[background];
+    let r = &frame.region;
+    let (mut rgb, width, height) = encode::decode_rgb(&frame.jpeg)?;
+    let stride = width as usize * 3;
+    for (row, src) in region_pixels.chunks_exact(r.w as usize * 3).enumerate() {
+        let at = (r.y as usize + row) * stride + r.x as usize * 3;
+        rgb[at..at + src.len()].copy_from_slice(src);
+    }
+    encode::encode_rgb(&rgb, width, height, quality, subsampling)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::demo::{self, DemoOptions};
+    use crate::manifest;
     use rayon::prelude::*;
 
     fn avatar(root: &std::path::Path) -> Avatar {
@@ -109,10 +158,18 @@ mod tests {
         Avatar::load(&demo::write_demo(root, &opts).unwrap()).unwrap()
     }
 
-    /// What `compose` must produce: the crop pasted into a copy of the background, encoded.
-    fn expected(a: &Avatar, bg: usize, crop: &[u8]) -> Vec<u8> {
+    /// The bundle's own frame `bg`, decoded from its source file.
+    fn source(root: &std::path::Path, a: &Avatar, bg: usize) -> Vec<u8> {
+        let files = manifest::frame_files(&root.join("a")).unwrap();
+        crate::avatar::decode_frame(&files[bg], a.manifest.width, a.manifest.height).unwrap()
+    }
+
+    /// What `compose` must produce: the crop pasted into the source frame, encoded whole with
+    /// the avatar's parameters.
+    fn expected(root: &std::path::Path, a: &Avatar, bg: usize, crop: &[u8]) -> Vec<u8> {
         let m = &a.manifest;
-        let mut frame = a.frames[bg].to_vec();
+        let mut frame = source(root, a, bg);
+        let before = frame.clone();
         let mut scratch = BlendScratch::default();
         let (b, mask) = (&a.boxes[bg], &a.box_masks[bg]);
         blend::paste(
@@ -125,34 +182,75 @@ mod tests {
             &mut scratch,
         )
         .unwrap();
-        assert_ne!(frame, a.frames[bg].to_vec(), "the paste changed nothing");
-        encode::encode_rgb(&frame, m.width, m.height, 90, Subsampling::S444).unwrap()
+        assert_ne!(frame, before, "the paste changed nothing");
+        let mut out = Vec::new();
+        encode::encode_into(Rgb::packed(&frame, m.width, m.height), a.params, &mut out).unwrap();
+        out
     }
 
     #[test]
-    fn compose_pastes_in_place_then_restores_the_background() {
+    fn compose_equals_a_whole_frame_encode_of_the_composite() {
         let tmp = tempfile::tempdir().unwrap();
         let a = avatar(tmp.path());
-        let before = a.frames[1].to_vec();
         let crop = vec![250u8; 3 * 32 * 32];
-        let (jpeg, _, _) = compose(&a, 1, &crop, 90, Subsampling::S444).unwrap();
-        assert_eq!(jpeg, expected(&a, 1, &crop));
-        assert!(a.frames[1].to_vec() == before, "background not restored");
+        let q = a.params.quality;
+        let c = compose(&a, 1, &crop, q, Subsampling::S420).unwrap();
+        assert!(c.jpeg == expected(tmp.path(), &a, 1, &crop));
+        // The idle frame is the prepared background itself.
+        let idle = idle(&a, 1, q, Subsampling::S420).unwrap();
+        assert!(idle.jpeg == a.frames[1].jpeg);
+        let mut plain = Vec::new();
+        let src = source(tmp.path(), &a, 1);
+        let rgb = Rgb::packed(&src, a.manifest.width, a.manifest.height);
+        encode::encode_into(rgb, a.params, &mut plain).unwrap();
+        assert!(
+            idle.jpeg == plain,
+            "the prepared frame is not an encode of the source"
+        );
+    }
+
+    /// Another quality takes the whole-frame path: a valid frame of the right size whose face
+    /// region holds the face.
+    #[test]
+    fn another_quality_encodes_the_whole_frame() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = avatar(tmp.path());
+        let crop = vec![250u8; 3 * 32 * 32];
+        let c = compose(&a, 0, &crop, 97, Subsampling::S444).unwrap();
+        let (rgb, w, h) = encode::decode_rgb(&c.jpeg).unwrap();
+        assert_eq!((w, h), (a.manifest.width, a.manifest.height));
+        let want = expected(tmp.path(), &a, 0, &crop);
+        let (want, ..) = encode::decode_rgb(&want).unwrap();
+        let diff = rgb
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| a.abs_diff(*b) as u64)
+            .sum::<u64>();
+        assert!(
+            diff / (rgb.len() as u64) < 4,
+            "mean difference {}",
+            diff / rgb.len() as u64
+        );
     }
 
     /// Many workers compositing different faces into the same background at once each get
-    /// their own face: the lock keeps one paste from showing in another's frame.
+    /// their own face, with no lock.
     #[test]
     fn concurrent_composes_of_one_background_do_not_mix() {
         let tmp = tempfile::tempdir().unwrap();
         let a = avatar(tmp.path());
         let crops = [vec![250u8; 3 * 32 * 32], vec![5u8; 3 * 32 * 32]];
-        let want = [expected(&a, 2, &crops[0]), expected(&a, 2, &crops[1])];
-        let before = a.frames[2].to_vec();
+        let want = [
+            expected(tmp.path(), &a, 2, &crops[0]),
+            expected(tmp.path(), &a, 2, &crops[1]),
+        ];
+        let q = a.params.quality;
         (0..64usize).into_par_iter().for_each(|i| {
-            let (jpeg, _, _) = compose(&a, 2, &crops[i % 2], 90, Subsampling::S444).unwrap();
-            assert!(jpeg == want[i % 2], "compose {i} saw another worker's face");
+            let c = compose(&a, 2, &crops[i % 2], q, Subsampling::S420).unwrap();
+            assert!(
+                c.jpeg == want[i % 2],
+                "compose {i} saw another worker's face"
+            );
         });
-        assert!(a.frames[2].to_vec() == before, "background not restored");
     }
 }

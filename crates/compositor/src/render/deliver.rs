@@ -10,15 +10,8 @@ use framecast_proto::compositor::v1::{ImageFormat, RenderedFrame, StageTimings};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::SendTimeoutError;
-
-struct Composed {
-    jpeg: Vec<u8>,
-    blend: Duration,
-    encode: Duration,
-}
 
 /// Why a frame of a batch has no JPEG.
 enum FrameError {
@@ -27,19 +20,19 @@ enum FrameError {
     Failed(String),
 }
 
-/// Composites frames `lo..hi` of `plan` from their `crops` and sends them on `sink` in
-/// order. Returns false when the client has gone away.
+/// Composites frames `lo..hi` of `plan` from their `crops` (none: idle frames) and sends
+/// them on `sink` in order. Returns false when the client has gone away.
 pub(super) async fn batch(
     plan: &Arc<Plan>,
     lo: usize,
     hi: usize,
-    crops: Bytes,
+    crops: Option<Bytes>,
     timing: BatchTiming,
     metrics: &Metrics,
     sink: &FrameSink,
 ) -> Result<bool, Error> {
     let n = hi - lo;
-    let per = crops.len() / n.max(1);
+    let per = crops.as_ref().map_or(0, |c| c.len() / n.max(1));
     let (tx, mut rx) = mpsc::unbounded_channel();
     let work = plan.clone();
     let watch = sink.clone();
@@ -50,14 +43,14 @@ pub(super) async fn batch(
             let r = if watch.is_closed() || work.past_deadline() {
                 Err(FrameError::Skipped)
             } else {
-                let crop = &crops[i * per..(i + 1) * per];
-                super::compose(&work.avatar, bg, crop, work.quality, work.subsampling)
-                    .map(|(jpeg, blend, encode)| Composed {
-                        jpeg,
-                        blend,
-                        encode,
-                    })
-                    .map_err(FrameError::Failed)
+                match &crops {
+                    Some(crops) => {
+                        let crop = &crops[i * per..(i + 1) * per];
+                        super::compose(&work.avatar, bg, crop, work.quality, work.subsampling)
+                    }
+                    None => super::idle(&work.avatar, bg, work.quality, work.subsampling),
+                }
+                .map_err(FrameError::Failed)
             };
             let _ = tx.send((i, bg, r));
         });
@@ -88,7 +81,7 @@ pub(super) async fn batch(
                 request_id: plan.request_id.clone(),
                 frame_index,
                 background_index: bg as u32,
-                image: Bytes::from(c.jpeg),
+                image: c.jpeg,
                 format: ImageFormat::Jpeg as i32,
                 width: m.width,
                 height: m.height,
@@ -98,6 +91,7 @@ pub(super) async fn batch(
                     blend_us: c.blend.as_micros() as u64,
                     encode_us: c.encode.as_micros() as u64,
                     total_us: plan.arrived.elapsed().as_micros() as u64,
+                    idle: plan.idle,
                 }),
                 last_in_request: plan.closes && lo + emitted + 1 == plan.count,
             };
@@ -112,7 +106,11 @@ pub(super) async fn batch(
                 }
             }
             metrics.frames.inc();
-            metrics.blend_seconds.observe(c.blend.as_secs_f64());
+            if plan.idle {
+                metrics.idle_frames.inc();
+            } else {
+                metrics.blend_seconds.observe(c.blend.as_secs_f64());
+            }
             metrics.encode_seconds.observe(c.encode.as_secs_f64());
             metrics
                 .end_to_end_seconds

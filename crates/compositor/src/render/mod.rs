@@ -7,15 +7,17 @@
 //!
 //! The steps, one file each: [`plan`] checks the request against its avatar and model;
 //! [`wire`] builds each batch's KServe request and reads the face crops out of the answer;
-//! [`composite`] pastes one crop into its background and encodes the frame; [`deliver`] runs a
-//! batch's frames on the rayon pool and sends them in order. This file schedules the batches.
+//! [`composite`] pastes one crop into its background's face region and splices the region's
+//! encode into the prepared frame; [`deliver`] runs a batch's frames on the rayon pool and
+//! sends them in order. This file schedules the batches. Idle frames (`RenderRequest.idle`)
+//! skip inference: each is its prepared background.
 
 mod composite;
 mod deliver;
 mod plan;
 mod wire;
 
-pub use composite::compose;
+pub use composite::{compose, idle, splices, Composed};
 
 use crate::avatar::Avatar;
 use crate::encode::Subsampling;
@@ -50,6 +52,10 @@ pub struct RenderOptions {
     /// How long the audio-encoder batcher collects windows of different sessions into one
     /// request.
     pub encoder_batch_wait: Duration,
+    /// An audio session's frame is idle (the background as it is, no inference) when its
+    /// mel window's loudness ([`framecast_audio::window::loudness`], 0 silence .. 1 loud
+    /// speech) is below this; 0 never.
+    pub idle_loudness: f32,
 }
 
 impl Default for RenderOptions {
@@ -62,6 +68,7 @@ impl Default for RenderOptions {
             idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
             max_audio_ahead: Duration::from_secs(10),
             encoder_batch_wait: Duration::from_millis(5),
+            idle_loudness: 0.05,
         }
     }
 }
@@ -106,21 +113,47 @@ pub async fn render(
     let plan = plan::validate(req, avatar, model, opts, arrived, deadline)?;
     let plan = Arc::new(plan::Plan { closes, ..plan });
     let batch = opts.max_batch.max(1);
+    if plan.idle {
+        let timing = BatchTiming {
+            queue: Duration::ZERO,
+            inference: Duration::ZERO,
+        };
+        for lo in (0..plan.count).step_by(batch) {
+            let hi = (lo + batch).min(plan.count);
+            plan.check_deadline(lo, hi)?;
+            if !deliver::batch(&plan, lo, hi, None, timing, metrics, sink).await? {
+                break;
+            }
+        }
+        return Ok(());
+    }
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let mut next = 0usize;
     while next < plan.count || !in_flight.is_empty() {
         while next < plan.count && in_flight.len() < opts.pipeline_depth.max(1) {
             let end = (next + batch).min(plan.count);
-            let (request, expected) = wire::infer_request(&plan, next, end);
-            let client = client.clone();
+            let (client, work) = (client.clone(), plan.clone());
             let sent = Instant::now();
+            let lo = next;
             in_flight.push_back((
                 next,
                 end,
                 sent,
                 tokio::spawn(
-                    async move { client.infer(request, &expected, deadline).await }
-                        .in_current_span(),
+                    async move {
+                        let (request, expected) = tokio::task::spawn_blocking(move || {
+                            wire::infer_request(&work, lo, end)
+                        })
+                        .await
+                        .map_err(|e| Error::Internal(format!("face input task failed: {e}")))??;
+                        client
+                            .infer(request, &expected, deadline)
+                            .await
+                            .map_err(|s| {
+                                Error::inference(format!("inference for frames {lo}..{end}"), s)
+                            })
+                    }
+                    .in_current_span(),
                 ),
             ));
             next = end;
@@ -130,8 +163,7 @@ pub async fn render(
         };
         let response = handle
             .await
-            .map_err(|e| Error::Internal(format!("inference task failed: {e}")))?
-            .map_err(|s| Error::inference(format!("inference for frames {lo}..{hi}"), s))?;
+            .map_err(|e| Error::Internal(format!("inference task failed: {e}")))??;
         if let Err(e) = plan.check_deadline(lo, hi) {
             for (.., h) in in_flight {
                 h.abort();
@@ -147,7 +179,7 @@ pub async fn render(
             .inference_seconds
             .observe(timing.inference.as_secs_f64());
         let crops = wire::face_crops(&plan, response, hi - lo)?;
-        if !deliver::batch(&plan, lo, hi, crops, timing, metrics, sink).await? {
+        if !deliver::batch(&plan, lo, hi, Some(crops), timing, metrics, sink).await? {
             // Client gone: drop the batches still in flight.
             for (.., h) in in_flight {
                 h.abort();
@@ -163,7 +195,7 @@ type InFlight = (
     usize,
     usize,
     Instant,
-    tokio::task::JoinHandle<Result<ModelInferResponse, Status>>,
+    tokio::task::JoinHandle<Result<ModelInferResponse, Error>>,
 );
 
 #[derive(Clone, Copy)]

@@ -30,6 +30,8 @@ pub(super) struct Plan {
     pub(super) deadline: Option<Instant>,
     /// Whether the request's last frame is marked `last_in_request`.
     pub(super) closes: bool,
+    /// Idle frames: the background as it is, no inference.
+    pub(super) idle: bool,
 }
 
 impl Plan {
@@ -86,6 +88,11 @@ pub(super) fn validate(
         )));
     }
     let count = req.frame_count as usize;
+    if req.idle && !req.conditioning.is_empty() {
+        return Err(invalid(
+            "conditioning: must be empty when idle is set (idle frames run no model)",
+        ));
+    }
     for (i, t) in req.conditioning.iter().enumerate() {
         if req.conditioning[..i].iter().any(|u| u.name == t.name) {
             return Err(invalid(format!(
@@ -108,7 +115,12 @@ pub(super) fn validate(
         }
     }
     let mut conditioning = Vec::with_capacity(model.conditioning.len());
-    for m in &model.conditioning {
+    let needed = if req.idle {
+        &[][..]
+    } else {
+        &model.conditioning[..]
+    };
+    for m in needed {
         let mut shape = m.shape.clone();
         shape[0] = count as i64;
         let Some(t) = req.conditioning.iter().find(|t| t.name == m.name) else {
@@ -163,5 +175,6 @@ pub(super) fn validate(
         arrived,
         deadline,
         closes: true,
+        idle: req.idle,
     })
 }

@@ -11,19 +11,28 @@ use framecast_proto::kserve::{
     model_infer_request::InferInputTensor, ModelInferRequest, ModelInferResponse,
 };
 use framecast_proto::tensor::DataType;
+use rayon::prelude::*;
 
 /// The request for frames `lo..hi` of `plan`, and the output it expects back. Its id is the
-/// caller's request id and first frame, so the inference service's logs name the chunk.
-pub(super) fn infer_request(plan: &Plan, lo: usize, hi: usize) -> (ModelInferRequest, Expected) {
+/// caller's request id and first frame, so the inference service's logs name the chunk. The
+/// face inputs are computed from the frames' face regions in parallel on the rayon pool
+/// (blocking: call it off the async runtime).
+pub(super) fn infer_request(
+    plan: &Plan,
+    lo: usize,
+    hi: usize,
+) -> Result<(ModelInferRequest, Expected), Error> {
     let n = hi - lo;
     let s = plan.model.crop_size as i64;
-    let per_frame = plan.avatar.face_inputs[0].len();
-    let mut face = BytesMut::with_capacity(n * per_frame);
-    for i in lo..hi {
-        face.extend_from_slice(
-            &plan.avatar.face_inputs[plan.avatar.background_index(plan.start + i as u64)],
-        );
-    }
+    let per_frame = face_contract::input_bytes(s as usize);
+    let mut face = BytesMut::zeroed(n * per_frame);
+    face.par_chunks_mut(per_frame)
+        .enumerate()
+        .try_for_each(|(i, out)| {
+            let bg = plan.avatar.background_index(plan.start + (lo + i) as u64);
+            plan.avatar.face_input(bg, out)
+        })
+        .map_err(|e| Error::Internal(format!("face input: {e}")))?;
     let mut inputs = vec![InferInputTensor::new(
         &plan.model.face_input,
         DataType::U8,
@@ -48,7 +57,7 @@ pub(super) fn infer_request(plan: &Plan, lo: usize, hi: usize) -> (ModelInferReq
         output: plan.model.output.clone(),
         bytes: n * face_contract::output_bytes(s as usize),
     };
-    (request, expected)
+    Ok((request, expected))
 }
 
 /// The `n` face crops of a batch's answer, `3 x S x S` each, end to end.

@@ -306,8 +306,14 @@ impl Session {
         out
     }
 
-    /// Renders every frame whose audio has arrived, as one request (several past
-    /// `max_frames_per_request`).
+    /// Whether frame `k` is idle: its window's loudness is under `threshold` (0: never).
+    fn idle(&self, k: u64, threshold: f32) -> bool {
+        threshold > 0.0 && window::loudness(&self.window(k)) < threshold
+    }
+
+    /// Renders every frame whose audio has arrived: runs of speaking and of idle frames (see
+    /// [`RenderOptions::idle_loudness`]), one request each (several past
+    /// `max_frames_per_request`). Idle frames need no features and no inference.
     pub async fn render_ready(
         &mut self,
         target: &Target<'_>,
@@ -317,12 +323,28 @@ impl Session {
         while self.frame_ready(end) {
             end += 1;
         }
+        let threshold = target.opts.idle_loudness;
         while self.next < end {
-            let hi = end.min(self.next + target.opts.max_frames_per_request.max(1) as u64);
-            let data = self.features(self.next, hi, target, encoders).await?;
+            let cap = end.min(self.next + target.opts.max_frames_per_request.max(1) as u64);
+            let idle = self.idle(self.next, threshold);
+            let mut hi = self.next + 1;
+            while hi < cap && self.idle(hi, threshold) == idle {
+                hi += 1;
+            }
             let n = hi - self.next;
-            let mut shape = vec![n as i64];
-            shape.extend(&self.dims);
+            let conditioning = if idle {
+                Vec::new()
+            } else {
+                let data = self.features(self.next, hi, target, encoders).await?;
+                let mut shape = vec![n as i64];
+                shape.extend(&self.dims);
+                vec![Tensor {
+                    name: self.input.clone(),
+                    datatype: DataType::F32.as_str().to_string(),
+                    shape,
+                    data: tensor::encode(&data),
+                }]
+            };
             let req = RenderRequest {
                 request_id: self.request_id.clone(),
                 avatar_id: self.avatar_id.clone(),
@@ -330,14 +352,10 @@ impl Session {
                     invalid("start_frame: the session's frame indices overflow u64")
                 })?,
                 frame_count: n as u32,
-                conditioning: vec![Tensor {
-                    name: self.input.clone(),
-                    datatype: DataType::F32.as_str().to_string(),
-                    shape,
-                    data: tensor::encode(&data),
-                }],
+                conditioning,
                 jpeg_quality: self.jpeg_quality,
                 audio: None,
+                idle,
             };
             let closes = self.total == Some(hi);
             render::render(req, self.avatar.clone(), self.model.clone(), target, closes).await?;
@@ -429,6 +447,10 @@ impl Session {
         while self.emb_base < oldest && !self.embeddings.is_empty() {
             self.embeddings.pop_front();
             self.emb_base += 1;
+        }
+        if self.embeddings.is_empty() {
+            // Idle frames were not embedded: the next embedding starts where frames read.
+            self.emb_base = self.emb_base.max(oldest);
         }
         // The last window of an ended session reads the last 16 mel frames: keep those too.
         let keep = window::start(oldest, self.fps).min(self.mel_count().saturating_sub(WINDOW));

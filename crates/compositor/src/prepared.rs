@@ -1,0 +1,265 @@
+//! The prepared form of an avatar: each background frame encoded once with restart markers,
+//! plus the original pixels of its face region ([`Frame`]), and its file `prepared.fcp` in the
+//! bundle, written by `framecast-compositor avatar prepare DIR` so that a cold start is a read,
+//! not a decode and re-encode of every frame.
+//!
+//! The file (little endian): the magic `FCPREP01` (the version is its last two bytes), the
+//! encode parameters (quality u8, subsampling u8, restart MCUs u16), a fingerprint of the
+//! sources (u64), width, height and frame count (u32 each), each frame's JPEG length (u32
+//! each), then per frame its JPEG and its region's RGB pixels (the region follows from the box
+//! and the parameters, so it is not stored). A file whose version, parameters, fingerprint or
+//! any size disagrees with the bundle is not used: the avatar is prepared in memory instead,
+//! and the reason logged. It is written to a temporary file and renamed, never half-written.
+
+use crate::encode::{self, Params, Rgb, Subsampling};
+use crate::manifest::{FaceBox, BOXES_FILE, MANIFEST_FILE};
+use crate::segments::{self, Grid, Layout, Region};
+use bytes::Bytes;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The prepared file's name in a bundle.
+pub const FILE: &str = "prepared.fcp";
+const MAGIC: &[u8; 8] = b"FCPREP01";
+/// Bytes before the per-frame JPEG lengths.
+const FIXED: usize = 8 + 4 + 8 + 12;
+
+/// One background frame as the compositor keeps it: read-only, so any number of sessions
+/// compose from it at once.
+pub struct Frame {
+    /// The whole frame, encoded once with the avatar's [`Params`].
+    pub jpeg: Bytes,
+    pub layout: Layout,
+    /// The segment-aligned region holding the face box, and its original RGB pixels.
+    pub region: Region,
+    pub pixels: Vec<u8>,
+}
+
+impl Frame {
+    /// Encodes `rgb`, a whole `grid`-sized frame, and keeps the region around `face`.
+    pub fn prepare(
+        rgb: &[u8],
+        grid: &Grid,
+        face: &FaceBox,
+        params: Params,
+    ) -> Result<Frame, String> {
+        let mut jpeg = Vec::new();
+        encode::encode_into(Rgb::packed(rgb, grid.width, grid.height), params, &mut jpeg)?;
+        // The encoder's buffer has room for the worst case; the frame keeps only its bytes.
+        jpeg.shrink_to_fit();
+        let layout = segments::parse(&jpeg)?;
+        let region = grid.region(face);
+        let mut pixels = Vec::with_capacity(region.rgb_bytes());
+        let stride = grid.width as usize * 3;
+        for y in region.y..region.y + region.h {
+            let at = y as usize * stride + region.x as usize * 3;
+            pixels.extend_from_slice(&rgb[at..at + region.w as usize * 3]);
+        }
+        Ok(Frame {
+            jpeg: Bytes::from(jpeg),
+            layout,
+            region,
+            pixels,
+        })
+    }
+
+    /// Bytes this frame holds in memory.
+    pub fn resident_bytes(&self) -> usize {
+        self.jpeg.len() + self.layout.heap_bytes() + self.pixels.len()
+    }
+}
+
+/// The encode parameters of an avatar's prepared frames.
+pub fn params(width: u32, quality: u8, subsampling: Subsampling) -> Params {
+    Params {
+        quality,
+        subsampling,
+        restart_mcus: segments::restart_for(width, subsampling),
+    }
+}
+
+/// A fingerprint of what the prepared frames are made from: the manifest, the boxes and each
+/// frame file's name, size and modification time. FNV-1a, so it is the same in every build.
+pub fn fingerprint(dir: &Path, files: &[PathBuf]) -> Result<u64, String> {
+    let mut h = Fnv::default();
+    for name in [MANIFEST_FILE, BOXES_FILE] {
+        let path = dir.join(name);
+        h.write(&std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?);
+    }
+    for f in files {
+        let meta = std::fs::metadata(f).map_err(|e| format!("{}: {e}", f.display()))?;
+        let modified = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        h.write(f.file_name().map_or(&[][..], |n| n.as_encoded_bytes()));
+        h.write(&meta.len().to_le_bytes());
+        h.write(&modified.to_le_bytes());
+    }
+    Ok(h.0)
+}
+
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        // Length-delimit fields so that moving bytes between them changes the hash.
+        self.0 = (self.0 ^ bytes.len() as u64).wrapping_mul(0x100_0000_01b3);
+    }
+}
+
+/// What the file must match to be used.
+pub struct Expect<'a> {
+    pub params: Params,
+    pub fingerprint: u64,
+    pub grid: &'a Grid,
+    pub boxes: &'a [FaceBox],
+}
+
+fn subsampling_code(s: Subsampling) -> u8 {
+    match s {
+        Subsampling::S444 => 0,
+        Subsampling::S422 => 1,
+        Subsampling::S420 => 2,
+        Subsampling::Gray => 3,
+    }
+}
+
+fn header(expect: &Expect<'_>, jpeg_lens: impl Iterator<Item = u32>) -> Vec<u8> {
+    let p = expect.params;
+    let mut out = Vec::with_capacity(FIXED + 4 * expect.boxes.len());
+    out.extend_from_slice(MAGIC);
+    out.push(p.quality);
+    out.push(subsampling_code(p.subsampling));
+    out.extend_from_slice(&p.restart_mcus.to_le_bytes());
+    out.extend_from_slice(&expect.fingerprint.to_le_bytes());
+    for v in [
+        expect.grid.width,
+        expect.grid.height,
+        expect.boxes.len() as u32,
+    ] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    for len in jpeg_lens {
+        out.extend_from_slice(&len.to_le_bytes());
+    }
+    out
+}
+
+/// Writes `frames` to `dir/prepared.fcp` (through a temporary file and a rename).
+pub fn write(dir: &Path, expect: &Expect<'_>, frames: &[Frame]) -> Result<PathBuf, String> {
+    let path = dir.join(FILE);
+    let tmp = dir.join(format!(".{FILE}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        f.write_all(&header(expect, frames.iter().map(|f| f.jpeg.len() as u32)))?;
+        for frame in frames {
+            f.write_all(&frame.jpeg)?;
+            f.write_all(&frame.pixels)?;
+        }
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("{}: cannot write: {e}", path.display())
+    })?;
+    Ok(path)
+}
+
+/// The JPEG lengths `dir/prepared.fcp` lists, if it exists and matches `expect`: what
+/// [`read`] would load, from the header alone. `Ok(None)`: absent.
+pub fn jpeg_lengths(dir: &Path, expect: &Expect<'_>) -> Result<Option<Vec<u32>>, String> {
+    use std::io::Read;
+    let path = dir.join(FILE);
+    let mut f = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let want = header(expect, std::iter::empty());
+    let mut head = vec![0u8; want.len() + 4 * expect.boxes.len()];
+    f.read_exact(&mut head)
+        .map_err(|e| format!("{}: header: {e}", path.display()))?;
+    check_header(&path, &head[..want.len()], &want)?;
+    Ok(Some(
+        head[want.len()..]
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    ))
+}
+
+fn check_header(path: &Path, got: &[u8], want: &[u8]) -> Result<(), String> {
+    let what = if got[..8] != want[..8] {
+        "another format version"
+    } else if got[8..12] != want[8..12] {
+        "other encode parameters (quality, subsampling or restart interval)"
+    } else if got[12..20] != want[12..20] {
+        "other sources (the manifest, boxes or frame files changed since)"
+    } else if got != want {
+        "another frame size or count"
+    } else {
+        return Ok(());
+    };
+    Err(format!(
+        "{} was prepared with {what}: run `framecast-compositor avatar prepare` again",
+        path.display()
+    ))
+}
+
+/// The frames of `dir/prepared.fcp`, checked against `expect`; `Ok(None)` when there is no
+/// such file. Every JPEG is parsed (its segment count must match the grid) and every size
+/// checked, so a corrupt file is refused, never half-used.
+pub fn read(dir: &Path, expect: &Expect<'_>) -> Result<Option<Vec<Frame>>, String> {
+    let Some(lens) = jpeg_lengths(dir, expect)? else {
+        return Ok(None);
+    };
+    let path = dir.join(FILE);
+    let data = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut at = FIXED + 4 * lens.len();
+    let mut frames = Vec::with_capacity(lens.len());
+    for (i, (len, face)) in lens.iter().zip(expect.boxes).enumerate() {
+        let region = expect.grid.region(face);
+        let (jpeg_end, end) = (at + *len as usize, at + *len as usize + region.rgb_bytes());
+        let Some(bytes) = data.get(at..end) else {
+            return Err(format!("{}: frame {i} is cut short", path.display()));
+        };
+        let jpeg = Bytes::copy_from_slice(&bytes[..*len as usize]);
+        let layout =
+            segments::parse(&jpeg).map_err(|e| format!("{}: frame {i}: {e}", path.display()))?;
+        if layout.starts.len() != expect.grid.segments() {
+            return Err(format!(
+                "{}: frame {i} has {} restart segments; its size needs {}",
+                path.display(),
+                layout.starts.len(),
+                expect.grid.segments()
+            ));
+        }
+        frames.push(Frame {
+            jpeg,
+            layout,
+            region,
+            pixels: data[jpeg_end..end].to_vec(),
+        });
+        at = end;
+    }
+    if at != data.len() {
+        return Err(format!(
+            "{}: {} bytes after the last frame",
+            path.display(),
+            data.len() - at
+        ));
+    }
+    Ok(Some(frames))
+}
