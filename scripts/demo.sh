@@ -14,6 +14,10 @@ mkdir -p "$out"
 [ -f "$out/models/talking-demo/model.pt" ] || "$bin/framecast-inference" models --out "$out/models"
 # An avatar made before speech (no [audio] table) is made again.
 grep -qs '^\[audio\]' "$out/avatars/demo/avatar.toml" || "$bin/framecast-compositor" avatar make-demo --root "$out/avatars"
+# Prepared once (every frame encoded with restart markers, its face region kept), so the
+# server's load is a read; again whenever the bundle changed.
+"$bin/framecast-compositor" avatar check "$out/avatars/demo" 2>/dev/null | grep -q "prepared file used" \
+  || "$bin/framecast-compositor" avatar prepare "$out/avatars/demo"
 "$bin/framecast-compositor" avatar check "$out/avatars/demo"
 
 inf_port=${FRAMECAST_DEMO_INFERENCE_PORT:-18001}

@@ -7,6 +7,12 @@
 //!   audio, computes their features itself (the avatar's `[audio] features = "energy"`) and
 //!   sends one request per chunk.
 //!
+//! `--mixes` sets what the sessions say: `speech` (the speech throughout, both paths),
+//! `idle` (silence throughout: every frame idle, the prepared background itself) and
+//! `dialogue` (2 s of speech, 2 s of listening, in turn); the last two run the stream path,
+//! where the compositor marks silent frames idle by itself. With `--cpu NAME=PID` (processes
+//! on this host, read from /proc), each level reports the CPU each process spent per frame.
+//!
 //! A frame's latency runs from the moment the audio completing its window was available to
 //! the client (sent, on the stream path) to the frame's arrival; a frame later than
 //! `--deadline-ms` is late. With `--inference`, the face model's statistics give the mean
@@ -68,13 +74,89 @@ pub struct SpeechArgs {
     /// Where speech.wav goes.
     #[arg(long, default_value = "out/bench-speech")]
     pub out: PathBuf,
+    /// What the sessions say, in turn: speech throughout, silence throughout (idle), or
+    /// 2 s of speech and 2 s of silence in turn (dialogue).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "speech")]
+    pub mixes: Vec<Mix>,
+    /// A process on this host whose CPU time per frame to report, as NAME=PID (repeat for
+    /// several, e.g. the compositor and the inference server).
+    #[arg(long = "cpu", value_parser = parse_cpu)]
+    pub cpu: Vec<(String, u32)>,
+}
+
+/// What the sessions of a level say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mix {
+    Speech,
+    Idle,
+    Dialogue,
+}
+
+impl Mix {
+    fn name(self) -> &'static str {
+        match self {
+            Mix::Speech => "speech",
+            Mix::Idle => "idle",
+            Mix::Dialogue => "dialogue",
+        }
+    }
+
+    /// `samples` as this mix says them: silence over the listening parts.
+    fn apply(self, samples: &[i16], rate: u32) -> Vec<i16> {
+        let turn = 2 * rate as usize;
+        samples
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| match self {
+                Mix::Speech => s,
+                Mix::Idle => 0,
+                Mix::Dialogue if (i / turn) % 2 == 1 => 0,
+                Mix::Dialogue => s,
+            })
+            .collect()
+    }
+}
+
+fn parse_cpu(s: &str) -> Result<(String, u32), String> {
+    let (name, pid) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=PID"))?;
+    let pid = pid
+        .parse::<u32>()
+        .map_err(|_| format!("{s:?}: {pid:?} is not a process id"))?;
+    cpu_seconds(pid).map_err(|e| format!("{s:?}: {e}"))?;
+    Ok((name.to_string(), pid))
+}
+
+/// CPU seconds (user + system) process `pid` has used, from /proc.
+fn cpu_seconds(pid: u32) -> Result<f64, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or("unreadable stat line")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    // utime and stime are fields 14 and 15 of the line; 12 and 13 after the name and state.
+    let (Some(utime), Some(stime)) = (ticks(11), ticks(12)) else {
+        return Err("unreadable stat line".into());
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((utime + stime) / hz.max(1.0))
 }
 
 /// One path at one number of sessions.
 struct Level {
     path: &'static str,
+    mix: Mix,
     sessions: usize,
     frames: usize,
+    idle: usize,
+    /// CPU ms per frame of each `--cpu` process.
+    cpu: Vec<(String, f64)>,
     late: usize,
     /// Client-side latency, µs, sorted.
     latency: Vec<u64>,
@@ -125,65 +207,113 @@ pub async fn run(args: SpeechArgs) -> Result<()> {
         voices.push((rate, samples, energies));
     }
     let mut levels = Vec::new();
-    for &sessions in &args.sessions {
-        for path in ["stream", "chunk"] {
-            let before = batch_stats(&args, &info.model).await?;
-            let mut tasks = Vec::new();
-            for s in 0..sessions {
-                // Sessions start spread evenly over one frame period, as independent clients
-                // would, not in lockstep (lockstep would let every frame share a batch).
-                let offset = Duration::from_secs_f64(s as f64 / sessions as f64 / fps);
-                let client = client.clone();
-                let (rate, samples, energies) = voices[s % voices.len()].clone();
-                let a = (args.avatar.clone(), args.packet_ms, args.chunk);
-                tasks.push(tokio::spawn(async move {
-                    tokio::time::sleep(offset).await;
-                    let id = format!("{path}-{sessions}-{s}");
-                    if path == "stream" {
-                        stream_session(client, id, a.0, rate, &samples, a.1, fps).await
-                    } else {
-                        chunk_session(client, id, a.0, rate, &samples, &energies, a.2, fps).await
-                    }
-                }));
+    for &mix in &args.mixes {
+        let paths: &[&'static str] = match mix {
+            Mix::Speech => &["stream", "chunk"],
+            _ => &["stream"],
+        };
+        for &sessions in &args.sessions {
+            for &path in paths {
+                let level = run_level(&args, &client, &info, &voices, mix, sessions, path).await?;
+                print_level(&level);
+                levels.push(level);
             }
-            let mut latency = Vec::new();
-            for t in tasks {
-                latency.extend(t.await??);
-            }
-            let after = batch_stats(&args, &info.model).await?;
-            latency.sort_unstable();
-            let late = latency
-                .iter()
-                .filter(|&&l| l as f64 > args.deadline_ms * 1e3)
-                .count();
-            let per_batch = match (before, after) {
-                (Some((r0, e0)), Some((r1, e1))) if e1 > e0 => {
-                    Some((r1 - r0) as f64 / (e1 - e0) as f64)
-                }
-                _ => None,
-            };
-            let level = Level {
-                path,
-                sessions,
-                frames: latency.len(),
-                late,
-                latency,
-                per_batch,
-            };
-            print_level(&level);
-            levels.push(level);
         }
     }
     Ok(())
 }
 
+type Voice = (u32, Arc<Vec<i16>>, Arc<Vec<f32>>);
+
+#[allow(clippy::too_many_arguments)]
+async fn run_level(
+    args: &SpeechArgs,
+    client: &CompositorClient<client::Authed>,
+    info: &framecast_proto::compositor::v1::AvatarInfo,
+    voices: &[Voice],
+    mix: Mix,
+    sessions: usize,
+    path: &'static str,
+) -> Result<Level> {
+    let fps = info.fps;
+    let before = batch_stats(args, &info.model).await?;
+    let cpu_before: Vec<f64> = args
+        .cpu
+        .iter()
+        .map(|(_, pid)| cpu_seconds(*pid).map_err(anyhow::Error::msg))
+        .collect::<Result<_>>()?;
+    let mut tasks = Vec::new();
+    for s in 0..sessions {
+        // Sessions start spread evenly over one frame period, as independent clients
+        // would, not in lockstep (lockstep would let every frame share a batch).
+        let offset = Duration::from_secs_f64(s as f64 / sessions as f64 / fps);
+        let client = client.clone();
+        let (rate, samples, energies) = voices[s % voices.len()].clone();
+        let samples = mix.apply(&samples, rate);
+        let a = (args.avatar.clone(), args.packet_ms, args.chunk);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(offset).await;
+            let id = format!("{path}-{}-{sessions}-{s}", mix.name());
+            if path == "stream" {
+                stream_session(client, id, a.0, rate, &samples, a.1, fps).await
+            } else {
+                chunk_session(client, id, a.0, rate, &samples, &energies, a.2, fps).await
+            }
+        }));
+    }
+    let (mut latency, mut idle) = (Vec::new(), 0);
+    for t in tasks {
+        let (l, i) = t.await??;
+        latency.extend(l);
+        idle += i;
+    }
+    let after = batch_stats(args, &info.model).await?;
+    let frames = latency.len();
+    let cpu = args
+        .cpu
+        .iter()
+        .zip(cpu_before)
+        .map(|((name, pid), t0)| {
+            let spent = cpu_seconds(*pid).map_err(anyhow::Error::msg)? - t0;
+            Ok((name.clone(), spent * 1e3 / frames.max(1) as f64))
+        })
+        .collect::<Result<_>>()?;
+    latency.sort_unstable();
+    let late = latency
+        .iter()
+        .filter(|&&l| l as f64 > args.deadline_ms * 1e3)
+        .count();
+    let per_batch = match (before, after) {
+        (Some((r0, e0)), Some((r1, e1))) if e1 > e0 => Some((r1 - r0) as f64 / (e1 - e0) as f64),
+        _ => None,
+    };
+    Ok(Level {
+        path,
+        mix,
+        sessions,
+        frames,
+        idle,
+        cpu,
+        late,
+        latency,
+        per_batch,
+    })
+}
+
 fn print_level(l: &Level) {
     let ms = |q| percentile(&l.latency, q).unwrap_or(0) as f64 / 1e3;
+    let cpu: String = l
+        .cpu
+        .iter()
+        .map(|(name, ms)| format!("  cpu/frame {name} {ms:.2} ms"))
+        .collect();
     println!(
-        "{:<6} sessions {:>3}  frames {:>6}  late {:>5}  latency p50 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms  requests/batch {}",
+        "{:<6} {:<8} sessions {:>3}  frames {:>6}  idle {:>5}  late {:>5}  latency p50 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms  requests/batch {}{cpu}",
         l.path,
+        l.mix.name(),
         l.sessions,
         l.frames,
+        l.idle,
         l.late,
         ms(0.5),
         ms(0.99),
@@ -237,7 +367,7 @@ async fn stream_session(
     samples: &[i16],
     packet_ms: u32,
     fps: f64,
-) -> Result<Vec<u64>> {
+) -> Result<(Vec<u64>, usize)> {
     let packet = (rate as usize * packet_ms as usize / 1000).max(1);
     let messages = demo::session(&id, &avatar, rate, samples, packet);
     let count = messages.len();
@@ -263,23 +393,25 @@ async fn stream_session(
         .render(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
         .into_inner();
-    let mut arrivals = Vec::new();
+    let (mut arrivals, mut idle) = (Vec::new(), 0);
     while let Some(f) = stream.next().await {
         let f = f.context("render stream")?;
+        idle += usize::from(f.timings.is_some_and(|t| t.idle));
         arrivals.push((f.frame_index, Instant::now()));
     }
     sender.await?;
     let sent = sent
         .lock()
         .map_err(|_| anyhow::anyhow!("sender panicked"))?;
-    Ok(arrivals
+    let latency = arrivals
         .into_iter()
         .map(|(k, at)| {
             let needed = (window_done(k, fps) * rate as f64).ceil() as usize;
             let p = (needed.div_ceil(packet)).clamp(1, count) - 1;
             at.saturating_duration_since(sent[p]).as_micros() as u64
         })
-        .collect())
+        .collect();
+    Ok((latency, idle))
 }
 
 /// The chunk path at real-time pace: each `chunk` frames are asked for once the audio of the
@@ -294,7 +426,7 @@ async fn chunk_session(
     energies: &[f32],
     chunk: u32,
     fps: f64,
-) -> Result<Vec<u64>> {
+) -> Result<(Vec<u64>, usize)> {
     let total = energies.len() as u64;
     let duration = samples.len() as f64 / rate as f64;
     let per = 32 * 16 * 16;
@@ -345,5 +477,5 @@ async fn chunk_session(
         latency.push(Instant::now().saturating_duration_since(ready).as_micros() as u64);
     }
     sender.await?;
-    Ok(latency)
+    Ok((latency, 0))
 }

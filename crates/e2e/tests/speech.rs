@@ -536,3 +536,97 @@ async fn the_demo_lips_follow_the_speech() {
         "lips follow audio one second away: r = {shifted:.3}"
     );
 }
+
+/// Silence in a session makes idle frames: each is the avatar's prepared background JPEG
+/// itself (no inference call, no encode), marked idle in its timings and counted; the speech
+/// around it is rendered as usual, and no frame is lost at the seams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silence_in_a_session_streams_the_prepared_background() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 8).await;
+    let mut audio = speechlike(1.0);
+    audio.extend(std::iter::repeat_n(0.0, (RATE as f64 * 1.6) as usize));
+    audio.extend(speechlike(1.0));
+    let packets: Vec<Bytes> = audio.chunks(2205).map(s16).collect();
+    let mut msgs = vec![opening("small", 0, packets[0].clone())];
+    for (i, p) in packets[1..].iter().enumerate() {
+        msgs.push(more(p.clone(), i + 2 == packets.len()));
+    }
+    let frames = render(&s.client, msgs).await.unwrap();
+    check_session(&frames, 0, 90);
+    let avatar =
+        framecast_compositor::avatar::Avatar::load(&tmp.path().join("avatars/small")).unwrap();
+    let idle: Vec<&RenderedFrame> = frames
+        .iter()
+        .filter(|f| f.timings.as_ref().unwrap().idle)
+        .collect();
+    // 1.6 s of silence holds about 35 frames whose 200 ms window is all silent.
+    assert!(
+        (25..=42).contains(&idle.len()),
+        "{} idle frames in 1.6 s of silence",
+        idle.len()
+    );
+    for f in &idle {
+        let t = f.timings.as_ref().unwrap();
+        assert_eq!((t.inference_us, t.blend_us), (0, 0));
+        let bg = &avatar.frames[f.background_index as usize];
+        assert!(
+            f.image == bg.jpeg,
+            "idle frame {} is not the prepared background",
+            f.frame_index
+        );
+        assert!(
+            (25..=66).contains(&f.frame_index),
+            "frame {} is idle outside the silence",
+            f.frame_index
+        );
+    }
+    // The speech on both sides is rendered.
+    assert!(frames[..20]
+        .iter()
+        .all(|f| !f.timings.as_ref().unwrap().idle));
+    assert!(frames[72..]
+        .iter()
+        .all(|f| !f.timings.as_ref().unwrap().idle));
+    assert_eq!(s.metrics.idle_frames.get(), idle.len() as u64);
+}
+
+/// A request marked idle renders its frames without the model; conditioning with it is
+/// refused, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_marked_idle_skips_the_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 8).await;
+    let idle = RenderRequest {
+        idle: true,
+        conditioning: vec![],
+        ..framecast_e2e::request("small", 2, 5)
+    };
+    let frames = render(&s.client, vec![idle]).await.unwrap();
+    assert_eq!(frames.len(), 5);
+    let avatar =
+        framecast_compositor::avatar::Avatar::load(&tmp.path().join("avatars/small")).unwrap();
+    for f in &frames {
+        assert!(f.timings.as_ref().unwrap().idle);
+        assert!(f.image == avatar.frames[f.background_index as usize].jpeg);
+    }
+    assert!(frames.last().unwrap().last_in_request);
+    let stats = kserve_client(s.inference_server.url())
+        .await
+        .model_statistics(ModelStatisticsRequest {
+            name: String::new(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let inferred: u64 = stats.model_stats.iter().map(|m| m.inference_count).sum();
+    assert_eq!(inferred, 0, "idle frames must not reach the model");
+    let bad = RenderRequest {
+        idle: true,
+        ..framecast_e2e::request("small", 0, 5)
+    };
+    let e = render(&s.client, vec![bad]).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("conditioning"), "{}", e.message());
+}
