@@ -149,7 +149,8 @@ impl<V, E: Clone> BudgetCache<V, E> {
     }
 
     /// A lease on `key`, loading it first if it is not loaded: `estimate` gives the bytes to
-    /// reserve before loading, `load` (given them) the value and the bytes it really holds. Concurrent
+    /// reserve before loading, `load` (given them) the value and the bytes it really holds
+    /// (more than the estimate: room is made for the rest, or the value is refused). Concurrent
     /// callers for one key share one load. A failed load is returned as it was until
     /// [`BudgetCache::forget_failure`].
     pub async fn get_or_load<Est, Load, Fut>(
@@ -211,6 +212,15 @@ impl<V, E: Clone> BudgetCache<V, E> {
         self.reserve(key, entry, need)?;
         match load(need).await {
             Ok((value, bytes)) => {
+                if bytes > need {
+                    // It holds more than estimated: room for all of it, by eviction if need
+                    // be, or it is refused; the budget is never overrun.
+                    entry.reserved.store(0, Ordering::Release);
+                    if let Err(e) = self.reserve(key, entry, bytes) {
+                        self.publish();
+                        return Err(e);
+                    }
+                }
                 entry.reserved.store(bytes, Ordering::Release);
                 self.touch(entry);
                 Ok(Arc::new(value))
@@ -420,6 +430,33 @@ mod tests {
         get(&c, "e", 10).await.unwrap();
         assert_eq!(keys(&c), ["d", "e", "pin-a"]);
         assert_eq!(*leased_d, "d");
+    }
+
+    /// A value larger than its estimate gets room for the rest by eviction, or is refused:
+    /// the budget is never overrun.
+    #[tokio::test]
+    async fn a_value_larger_than_estimated_makes_room_or_is_refused() {
+        let c = cache(Some(30));
+        drop(get(&c, "a", 10).await.unwrap());
+        let held = get(&c, "b", 10).await.unwrap();
+        let value = "big".to_string();
+        let big = c
+            .get_or_load("big", || Ok(5), |_| async move { Ok((value, 20)) })
+            .await
+            .unwrap();
+        assert_eq!(keys(&c), ["b", "big"], "a was evicted for the rest");
+        assert_eq!(c.reserved(), 30);
+        drop(big);
+        let value = "bigger".to_string();
+        let e = c
+            .get_or_load("bigger", || Ok(5), |_| async move { Ok((value, 25)) })
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, CacheError::NoRoom { need: 25, .. }), "{e:?}");
+        assert!(c.reserved() <= 30);
+        assert!(c.state("bigger").is_none());
+        drop(held);
     }
 
     #[tokio::test]

@@ -181,6 +181,20 @@ fn main() {
             region.h,
             a.params.restart_mcus,
         ));
+        // What the restart markers cost: the prepared JPEGs against plain encodes.
+        let (mut with, mut without) = (0usize, 0usize);
+        for (i, f) in files.iter().enumerate() {
+            let rgb = avatar::decode_frame(f, w, h).expect("decode");
+            with += a.frames[i].jpeg.len();
+            without += encode::encode_rgb(&rgb, w, h, q, Subsampling::S420)
+                .expect("encode")
+                .len();
+        }
+        report.push(format!(
+            "{w}x{h}: prepared JPEG {:.0} KB a frame, {:+.2}% for the restart markers",
+            with as f64 / frames as f64 / 1e3,
+            (with as f64 / without as f64 - 1.0) * 100.0
+        ));
         report.push(format!(
             "{w}x{h}: RAM per prepared frame {:.3} MiB, all included (raw RGB alone was {:.2} MiB)",
             a.resident_bytes() as f64 / frames as f64 / (1 << 20) as f64,

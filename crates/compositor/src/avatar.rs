@@ -224,20 +224,21 @@ impl Avatar {
         Ok((avatar, path))
     }
 
-    /// Exact bytes the avatar will hold once loaded, from its files alone when it has a
-    /// usable prepared file; otherwise an upper bound (each frame's JPEG at TurboJPEG's
-    /// worst-case size).
+    /// Bytes the avatar will hold once loaded: exact, from its files alone, when it has a
+    /// usable prepared file; otherwise an estimate taking each source frame file's size for
+    /// its JPEG (the budget makes room for any excess once the avatar is loaded, or refuses
+    /// it).
     pub fn footprint(dir: &Path, subsampling: Subsampling) -> Result<u64, Vec<String>> {
         let bundle = Bundle::open(dir, subsampling)?;
         let fingerprint = prepared::fingerprint(dir, &bundle.files).map_err(|e| vec![e])?;
         let grid = &bundle.grid;
         let jpegs: Vec<u64> = match prepared::jpeg_lengths(dir, &bundle.expect(fingerprint)) {
             Ok(Some(lens)) => lens.into_iter().map(u64::from).collect(),
-            _ => {
-                let worst =
-                    encode::worst_case_bytes(grid.width, grid.height, bundle.params.subsampling);
-                vec![worst as u64; bundle.boxes.len()]
-            }
+            _ => bundle
+                .files
+                .iter()
+                .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+                .collect(),
         };
         let layout = (grid.segments() * std::mem::size_of::<u32>()) as u64;
         let frames: u64 = jpegs

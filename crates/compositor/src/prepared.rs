@@ -229,6 +229,7 @@ pub fn read(dir: &Path, expect: &Expect<'_>) -> Result<Option<Vec<Frame>>, Strin
     let data = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut at = FIXED + 4 * lens.len();
     let mut frames = Vec::with_capacity(lens.len());
+    let grid = expect.grid;
     for (i, (len, face)) in lens.iter().zip(expect.boxes).enumerate() {
         let region = expect.grid.region(face);
         let (jpeg_end, end) = (at + *len as usize, at + *len as usize + region.rgb_bytes());
@@ -236,6 +237,18 @@ pub fn read(dir: &Path, expect: &Expect<'_>) -> Result<Option<Vec<Frame>>, Strin
             return Err(format!("{}: frame {i} is cut short", path.display()));
         };
         let jpeg = Bytes::copy_from_slice(&bytes[..*len as usize]);
+        let header = turbojpeg::read_header(&jpeg)
+            .map_err(|e| format!("{}: frame {i}: {e}", path.display()))?;
+        if (header.width, header.height) != (grid.width as usize, grid.height as usize) {
+            return Err(format!(
+                "{}: frame {i} is {}x{}; the avatar is {}x{}",
+                path.display(),
+                header.width,
+                header.height,
+                grid.width,
+                grid.height
+            ));
+        }
         let layout =
             segments::parse(&jpeg).map_err(|e| format!("{}: frame {i}: {e}", path.display()))?;
         if layout.starts.len() != expect.grid.segments() {
@@ -262,4 +275,68 @@ pub fn read(dir: &Path, expect: &Expect<'_>) -> Result<Option<Vec<Frame>>, Strin
         ));
     }
     Ok(Some(frames))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::avatar::{Avatar, Source};
+    use crate::demo::{self, DemoOptions};
+    use crate::encode::Subsampling;
+
+    fn unused(a: &Avatar) -> String {
+        match &a.source {
+            Source::Prepared {
+                unused_file: Some(why),
+            } => why.clone(),
+            other => panic!("the prepared file was used: {other:?}"),
+        }
+    }
+
+    /// The prepared file is used only while it matches the bundle and the settings; any
+    /// mismatch or damage falls back to preparing at load, saying why, with the same frames.
+    #[test]
+    fn a_prepared_file_is_used_only_while_it_matches() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = DemoOptions {
+            id: "a".into(),
+            width: 100,
+            height: 70,
+            frames: 3,
+            crop_size: 32,
+            ..Default::default()
+        };
+        let dir = demo::write_demo(tmp.path(), &opts).unwrap();
+        let fresh = Avatar::load(&dir).unwrap();
+        assert_eq!(fresh.source, Source::Prepared { unused_file: None });
+        let (prepared, path) = Avatar::prepare(&dir, Subsampling::S420).unwrap();
+        let read = Avatar::load(&dir).unwrap();
+        assert_eq!(read.source, Source::PreparedFile);
+        assert_eq!(read.resident_bytes(), prepared.resident_bytes());
+        assert_eq!(
+            Avatar::footprint(&dir, Subsampling::S420).unwrap(),
+            read.resident_bytes()
+        );
+        for (a, b) in read.frames.iter().zip(&fresh.frames) {
+            assert!(a.jpeg == b.jpeg && a.pixels == b.pixels && a.region == b.region);
+        }
+        // Other settings.
+        let other = Avatar::load_with(&dir, Subsampling::S444).unwrap();
+        assert!(unused(&other).contains("other encode parameters"));
+        // Damage: cut short, then a byte of a JPEG's markers changed.
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+        assert!(unused(&Avatar::load(&dir).unwrap()).contains("cut short"));
+        let mut bad = bytes.clone();
+        let first_jpeg = super::FIXED + 4 * 3;
+        bad[first_jpeg + 1] = 0x00;
+        std::fs::write(&path, &bad).unwrap();
+        assert!(unused(&Avatar::load(&dir).unwrap()).contains("frame 0"));
+        // Sources changed since.
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(Avatar::load(&dir).unwrap().source, Source::PreparedFile);
+        let boxes = dir.join(crate::manifest::BOXES_FILE);
+        let text = std::fs::read_to_string(&boxes).unwrap();
+        std::fs::write(&boxes, format!("{text} ")).unwrap();
+        assert!(unused(&Avatar::load(&dir).unwrap()).contains("other sources"));
+    }
 }

@@ -131,6 +131,12 @@ fn whole(
     let frame = &avatar.frames[background];
     let r = &frame.region;
     let (mut rgb, width, height) = encode::decode_rgb(&frame.jpeg)?;
+    if (width, height) != (avatar.grid.width, avatar.grid.height) {
+        return Err(format!(
+            "prepared frame {background} is {width}x{height}; the avatar is {}x{}",
+            avatar.grid.width, avatar.grid.height
+        ));
+    }
     let stride = width as usize * 3;
     for (row, src) in region_pixels.chunks_exact(r.w as usize * 3).enumerate() {
         let at = (r.y as usize + row) * stride + r.x as usize * 3;
