@@ -121,7 +121,7 @@ fn main() {
             b.iter(|| a.face_input(0, &mut input).expect("face input"))
         });
         let frame = &a.frames[0];
-        let mut region = frame.pixels.clone();
+        let mut region = frame.pixels.to_vec();
         let local = frame.region.local(&a.boxes[0]);
         g.bench_function("paste", |b| {
             b.iter(|| {

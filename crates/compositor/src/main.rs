@@ -255,11 +255,7 @@ fn main() -> Result<()> {
                 println!("{}: ok", dir.display());
                 return Ok(());
             }
-            for p in &problems {
-                eprintln!("{p}");
-            }
-            eprintln!("{}: {} problem(s)", dir.display(), problems.len());
-            std::process::exit(1);
+            fail(&dir, &problems)
         }
         Command::Avatar(AvatarCommand::Prepare { dir, subsampling }) => {
             match Avatar::prepare(&dir, subsampling) {
@@ -275,13 +271,7 @@ fn main() -> Result<()> {
                     );
                     Ok(())
                 }
-                Err(problems) => {
-                    for p in &problems {
-                        eprintln!("{p}");
-                    }
-                    eprintln!("{}: {} problem(s)", dir.display(), problems.len());
-                    std::process::exit(1);
-                }
+                Err(problems) => fail(&dir, &problems),
             }
         }
         Command::Avatar(AvatarCommand::MakeDemo {
@@ -308,6 +298,15 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Prints a bundle's problems, one a line, and exits 1.
+fn fail(dir: &std::path::Path, problems: &[String]) -> ! {
+    for p in problems {
+        eprintln!("{p}");
+    }
+    eprintln!("{}: {} problem(s)", dir.display(), problems.len());
+    std::process::exit(1);
 }
 
 fn parse_unit(s: &str) -> Result<f32, String> {

@@ -32,7 +32,7 @@ pub struct Frame {
     pub layout: Layout,
     /// The segment-aligned region holding the face box, and its original RGB pixels.
     pub region: Region,
-    pub pixels: Vec<u8>,
+    pub pixels: Bytes,
 }
 
 impl Frame {
@@ -59,7 +59,7 @@ impl Frame {
             jpeg: Bytes::from(jpeg),
             layout,
             region,
-            pixels,
+            pixels: Bytes::from(pixels),
         })
     }
 
@@ -180,6 +180,12 @@ pub fn write(dir: &Path, expect: &Expect<'_>, frames: &[Frame]) -> Result<PathBu
 /// The JPEG lengths `dir/prepared.fcp` lists, if it exists and matches `expect`: what
 /// [`read`] would load, from the header alone. `Ok(None)`: absent.
 pub fn jpeg_lengths(dir: &Path, expect: &Expect<'_>) -> Result<Option<Vec<u32>>, String> {
+    Ok(open(dir, expect)?.map(|(_, lens)| lens))
+}
+
+/// The file, positioned after its header, and its JPEG lengths, if it exists and its header
+/// matches `expect`.
+fn open(dir: &Path, expect: &Expect<'_>) -> Result<Option<(std::fs::File, Vec<u32>)>, String> {
     use std::io::Read;
     let path = dir.join(FILE);
     let mut f = match std::fs::File::open(&path) {
@@ -192,12 +198,11 @@ pub fn jpeg_lengths(dir: &Path, expect: &Expect<'_>) -> Result<Option<Vec<u32>>,
     f.read_exact(&mut head)
         .map_err(|e| format!("{}: header: {e}", path.display()))?;
     check_header(&path, &head[..want.len()], &want)?;
-    Ok(Some(
-        head[want.len()..]
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-    ))
+    let lens = head[want.len()..]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok(Some((f, lens)))
 }
 
 fn check_header(path: &Path, got: &[u8], want: &[u8]) -> Result<(), String> {
@@ -222,57 +227,66 @@ fn check_header(path: &Path, got: &[u8], want: &[u8]) -> Result<(), String> {
 /// such file. Every JPEG is parsed (its segment count must match the grid) and every size
 /// checked, so a corrupt file is refused, never half-used.
 pub fn read(dir: &Path, expect: &Expect<'_>) -> Result<Option<Vec<Frame>>, String> {
-    let Some(lens) = jpeg_lengths(dir, expect)? else {
+    use std::io::Read;
+    let Some((mut file, lens)) = open(dir, expect)? else {
         return Ok(None);
     };
     let path = dir.join(FILE);
-    let data = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut at = FIXED + 4 * lens.len();
-    let mut frames = Vec::with_capacity(lens.len());
     let grid = expect.grid;
-    for (i, (len, face)) in lens.iter().zip(expect.boxes).enumerate() {
-        let region = expect.grid.region(face);
-        let (jpeg_end, end) = (at + *len as usize, at + *len as usize + region.rgb_bytes());
-        let Some(bytes) = data.get(at..end) else {
-            return Err(format!("{}: frame {i} is cut short", path.display()));
-        };
-        let jpeg = Bytes::copy_from_slice(&bytes[..*len as usize]);
-        let header = turbojpeg::read_header(&jpeg)
-            .map_err(|e| format!("{}: frame {i}: {e}", path.display()))?;
-        if (header.width, header.height) != (grid.width as usize, grid.height as usize) {
+    let regions: Vec<Region> = expect.boxes.iter().map(|b| grid.region(b)).collect();
+    let total: usize = lens
+        .iter()
+        .zip(&regions)
+        .map(|(&len, r)| len as usize + r.rgb_bytes())
+        .sum();
+    // One read of exactly the frames; every frame's JPEG and pixels are slices of it, so
+    // the avatar holds exactly the frames' bytes and nothing is copied twice.
+    let mut data = Vec::with_capacity(total);
+    Read::take(&mut file, total as u64 + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    match data.len().cmp(&total) {
+        std::cmp::Ordering::Less => {
+            return Err(format!("{}: the frames are cut short", path.display()))
+        }
+        std::cmp::Ordering::Greater => {
+            return Err(format!("{}: bytes after the last frame", path.display()))
+        }
+        std::cmp::Ordering::Equal => {}
+    }
+    let data = Bytes::from(data);
+    let mut at = 0;
+    let mut frames = Vec::with_capacity(lens.len());
+    for (i, (&len, region)) in lens.iter().zip(regions).enumerate() {
+        let (jpeg_end, end) = (at + len as usize, at + len as usize + region.rgb_bytes());
+        let jpeg = data.slice(at..jpeg_end);
+        let layout =
+            segments::parse(&jpeg).map_err(|e| format!("{}: frame {i}: {e}", path.display()))?;
+        if layout.size != (grid.width, grid.height) {
             return Err(format!(
                 "{}: frame {i} is {}x{}; the avatar is {}x{}",
                 path.display(),
-                header.width,
-                header.height,
+                layout.size.0,
+                layout.size.1,
                 grid.width,
                 grid.height
             ));
         }
-        let layout =
-            segments::parse(&jpeg).map_err(|e| format!("{}: frame {i}: {e}", path.display()))?;
-        if layout.starts.len() != expect.grid.segments() {
+        if layout.starts.len() != grid.segments() {
             return Err(format!(
                 "{}: frame {i} has {} restart segments; its size needs {}",
                 path.display(),
                 layout.starts.len(),
-                expect.grid.segments()
+                grid.segments()
             ));
         }
         frames.push(Frame {
             jpeg,
             layout,
             region,
-            pixels: data[jpeg_end..end].to_vec(),
+            pixels: data.slice(jpeg_end..end),
         });
         at = end;
-    }
-    if at != data.len() {
-        return Err(format!(
-            "{}: {} bytes after the last frame",
-            path.display(),
-            data.len() - at
-        ));
     }
     Ok(Some(frames))
 }

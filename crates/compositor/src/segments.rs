@@ -193,6 +193,8 @@ pub struct Layout {
     pub starts: Vec<u32>,
     /// Offset of the EOI marker.
     pub end: u32,
+    /// Width and height from the frame header.
+    pub size: (u32, u32),
 }
 
 impl Layout {
@@ -221,6 +223,7 @@ pub fn parse(jpeg: &[u8]) -> Result<Layout, String> {
         return Err("not a JPEG (no SOI marker)".into());
     }
     let mut i = 2;
+    let mut size = None;
     let data = loop {
         let (Some(&0xFF), Some(&marker)) = (jpeg.get(i), jpeg.get(i + 1)) else {
             return Err(format!("expected a marker at byte {i}"));
@@ -230,7 +233,12 @@ pub fn parse(jpeg: &[u8]) -> Result<Layout, String> {
             _ => return Err(format!("marker 0x{marker:02X} at byte {i} is cut short")),
         };
         match marker {
-            0xC0 | 0xC4 | 0xDB | 0xDD | 0xE0..=0xEF | 0xFE => i += 2 + len,
+            0xC0 => {
+                let field = |at: usize| jpeg.get(i + at).copied().unwrap_or(0) as u32;
+                size = Some((field(7) << 8 | field(8), field(5) << 8 | field(6)));
+                i += 2 + len;
+            }
+            0xC4 | 0xDB | 0xDD | 0xE0..=0xEF | 0xFE => i += 2 + len,
             0xDA => break i + 2 + len,
             0xC1..=0xCF => {
                 return Err(format!(
@@ -240,6 +248,10 @@ pub fn parse(jpeg: &[u8]) -> Result<Layout, String> {
             _ => return Err(format!("unexpected marker 0x{marker:02X} at byte {i}")),
         }
     };
+    let size = size.ok_or("no baseline frame header (SOF0) before the scan")?;
+    if data > jpeg.len() {
+        return Err("the scan header runs past the end".into());
+    }
     let mut starts = vec![data as u32];
     let mut i = data;
     loop {
@@ -268,6 +280,7 @@ pub fn parse(jpeg: &[u8]) -> Result<Layout, String> {
                 return Ok(Layout {
                     starts,
                     end: i as u32,
+                    size,
                 });
             }
             Some(m) => {
@@ -474,6 +487,38 @@ mod tests {
         for w in 1..2000 {
             let r = restart_for(w, Subsampling::S420) as u32;
             assert!(w.div_ceil(16).is_multiple_of(r));
+        }
+    }
+
+    /// A damaged file (prepared files are read from disk) gets an error or a layout whose
+    /// every segment lies inside the file, never a panic.
+    #[test]
+    fn parse_survives_damage() {
+        let frame = noise(64, 48, 3);
+        let params = Params {
+            quality: 80,
+            subsampling: Subsampling::S420,
+            restart_mcus: 1,
+        };
+        let jpeg = encode(Rgb::packed(&frame, 64, 48), params);
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        for _ in 0..3000 {
+            let mut bad = jpeg.clone();
+            for _ in 0..1 + (x % 4) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = (x % bad.len() as u64) as usize;
+                bad[at] = (x >> 32) as u8;
+            }
+            let cut = (x >> 40) as usize % (bad.len() + 1);
+            let bad = if x & 1 == 0 { &bad[..] } else { &bad[..cut] };
+            if let Ok(layout) = parse(bad) {
+                for k in 0..layout.starts.len() {
+                    let r = layout.segment(k);
+                    assert!(r.start <= r.end && r.end <= bad.len());
+                }
+            }
         }
     }
 
