@@ -336,14 +336,20 @@ mod tests {
     use super::*;
     use crate::encode::{encode_into, Params, Rgb};
 
+    /// The next of a seeded xorshift sequence: the tests' random cases reproduce.
+    fn next(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+
     fn noise(width: u32, height: u32, seed: u64) -> Vec<u8> {
         // Smooth gradients with noise: cheap, and exercises every coefficient.
         let mut x = seed | 1;
         (0..width * height)
             .flat_map(|i| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                next(&mut x);
                 let (px, py) = (i % width, i / width);
                 let n = (x & 31) as u32;
                 [
@@ -359,6 +365,17 @@ mod tests {
         let mut out = Vec::new();
         encode_into(image, params, &mut out).unwrap();
         out
+    }
+
+    /// A small noisy frame at quality 80, 4:2:0, restart every `restart` MCUs.
+    fn small(width: u32, height: u32, restart: u16) -> Vec<u8> {
+        let frame = noise(width, height, 3);
+        let params = Params {
+            quality: 80,
+            subsampling: Subsampling::S420,
+            restart_mcus: restart,
+        };
+        encode(Rgb::packed(&frame, width, height), params)
     }
 
     /// One case: the spliced frame equals, byte for byte, the full encode of the composite,
@@ -415,12 +432,7 @@ mod tests {
     #[test]
     fn splicing_equals_a_full_encode() {
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = |n: u32| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n as u64) as u32
-        };
+        let mut next = |n: u32| (next(&mut x) % n as u64) as u32;
         let all = [
             Subsampling::S420,
             Subsampling::S422,
@@ -494,20 +506,12 @@ mod tests {
     /// every segment lies inside the file, never a panic.
     #[test]
     fn parse_survives_damage() {
-        let frame = noise(64, 48, 3);
-        let params = Params {
-            quality: 80,
-            subsampling: Subsampling::S420,
-            restart_mcus: 1,
-        };
-        let jpeg = encode(Rgb::packed(&frame, 64, 48), params);
+        let jpeg = small(64, 48, 1);
         let mut x = 0x2545_F491_4F6C_DD1Du64;
         for _ in 0..3000 {
             let mut bad = jpeg.clone();
             for _ in 0..1 + (x % 4) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                next(&mut x);
                 let at = (x % bad.len() as u64) as usize;
                 bad[at] = (x >> 32) as u8;
             }
@@ -525,13 +529,7 @@ mod tests {
     #[test]
     fn parse_refuses_what_it_cannot_splice() {
         assert!(parse(b"GIF89a").unwrap_err().contains("no SOI"));
-        let frame = noise(64, 32, 1);
-        let params = Params {
-            quality: 80,
-            subsampling: Subsampling::S420,
-            restart_mcus: 2,
-        };
-        let jpeg = encode(Rgb::packed(&frame, 64, 32), params);
+        let jpeg = small(64, 32, 2);
         let layout = parse(&jpeg).unwrap();
         assert_eq!(layout.starts.len(), 4);
         let cut = &jpeg[..jpeg.len() - 2];
