@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         root.join("kserve/grpc_service.proto"),
         root.join("framecast/compositor/v1/compositor.proto"),
+        root.join("framecast/tensorcache/v1/tensor_cache.proto"),
     ];
     // Imported files too (kserve/model_config.proto): the whole tree.
     println!("cargo:rerun-if-changed={}", root.display());

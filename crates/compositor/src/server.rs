@@ -34,6 +34,9 @@ impl Default for ServeOptions {
     }
 }
 
+/// The compositor's API as served: behind the bearer-token check.
+type Served = InterceptedService<CompositorServer<CompositorService>, BearerCheck>;
+
 /// Serves on `listener` until `shutdown` resolves, then stops accepting, lets each stream finish
 /// the request it is rendering, and returns when all is done or after the grace period.
 pub async fn serve(
@@ -58,7 +61,7 @@ async fn serve_draining(
     let compositor = CompositorServer::new(svc)
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);
-    let compositor =
+    let compositor: Served =
         InterceptedService::new(compositor, BearerCheck::new(opts.auth_token.as_deref()));
     // Render requests carry a chunk's conditioning: 32 KB of audio features per frame.
     let windows = running::Windows {
@@ -71,6 +74,7 @@ async fn serve_draining(
         windows,
         opts.tls.as_ref(),
         compositor,
+        None::<Served>,
         health,
         drain,
     )

@@ -102,13 +102,20 @@ async fn reflection_lists_only_what_each_port_serves() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let s = stack(tmp.path(), 2).await;
-    for (url, api) in [
-        (s.inference_server.url(), "inference.GRPCInferenceService"),
+    for (url, apis) in [
+        (
+            s.inference_server.url(),
+            &[
+                "inference.GRPCInferenceService",
+                "framecast.tensorcache.v1.TensorCache",
+            ][..],
+        ),
         (
             s.compositor_server.url(),
-            "framecast.compositor.v1.Compositor",
+            &["framecast.compositor.v1.Compositor"][..],
         ),
     ] {
+        let api = apis[0];
         let channel = tonic::transport::Endpoint::from_shared(url)
             .unwrap()
             .connect()
@@ -131,11 +138,11 @@ async fn reflection_lists_only_what_each_port_serves() {
         };
         let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
         names.sort();
-        let mut want = vec![
-            api.to_string(),
-            "grpc.health.v1.Health".to_string(),
-            "grpc.reflection.v1.ServerReflection".to_string(),
-        ];
+        let mut want: Vec<String> = apis
+            .iter()
+            .chain(&["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"])
+            .map(|s| s.to_string())
+            .collect();
         want.sort();
         assert_eq!(names, want);
     }

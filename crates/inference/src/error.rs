@@ -8,7 +8,7 @@
 use crate::batcher::JobError;
 use crate::models::ModelError;
 use crate::repository::RepoError;
-use framecast_proto::status::{with_reason, REASON_SHM_REGION_UNKNOWN};
+use framecast_proto::status::{with_reason, REASON_SHM_REGION_UNKNOWN, REASON_TENSOR_UNKNOWN};
 use tonic::Status;
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +28,9 @@ pub enum Error {
     /// A region of that name is registered already. ALREADY_EXISTS.
     #[error("{0}")]
     RegionExists(String),
+    /// A tensor-cache name the server does not hold: the client registers it again.
+    #[error("{0}")]
+    TensorUnknown(String),
     /// The server is out of a bounded resource (regions, mappings): free some or retry later.
     /// RESOURCE_EXHAUSTED.
     #[error("{0}")]
@@ -61,6 +64,9 @@ impl From<Error> for Status {
                 with_reason(Status::not_found(message), REASON_SHM_REGION_UNKNOWN)
             }
             Error::RegionExists(_) => Status::already_exists(message),
+            Error::TensorUnknown(_) => {
+                with_reason(Status::not_found(message), REASON_TENSOR_UNKNOWN)
+            }
             Error::Exhausted(_) => Status::resource_exhausted(message),
             Error::Precondition(_) => Status::failed_precondition(message),
             Error::Model(m) => match m {
@@ -113,6 +119,7 @@ mod tests {
             (Error::NotFound("v".into()), Code::NotFound),
             (Error::RegionUnknown("r".into()), Code::NotFound),
             (Error::RegionExists("r".into()), Code::AlreadyExists),
+            (Error::TensorUnknown("t".into()), Code::NotFound),
             (Error::Exhausted("x".into()), Code::ResourceExhausted),
             (Error::Precondition("p".into()), Code::FailedPrecondition),
             (ModelError::NotLoaded("m".into()).into(), Code::Unavailable),

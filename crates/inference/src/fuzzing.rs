@@ -44,13 +44,11 @@ pub fn infer_request(data: &[u8]) {
         ],
         vec![spec("out", DataType::U8, &[3, 8, 8])],
     );
-    match validate::prepare(
-        "fuzz",
-        &config,
-        &SharedMemory::default(),
-        &Owner::anonymous(),
-        &mut req,
-    ) {
+    let sources = validate::Sources {
+        shm: &SharedMemory::default(),
+        tensors: &crate::tensor_cache::TensorCache::unmetered(None),
+    };
+    match validate::prepare("fuzz", &config, sources, &Owner::anonymous(), &mut req) {
         Ok(p) => {
             assert!((1..=8).contains(&p.batch), "batch {}", p.batch);
             assert_eq!(p.inputs.len(), config.inputs.len());

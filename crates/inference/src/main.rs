@@ -127,6 +127,10 @@ struct ServeArgs {
     /// gets RESOURCE_EXHAUSTED.
     #[arg(long, env = "FRAMECAST_MAX_SHM_REGIONS", default_value_t = ServeOptions::default().max_shm_regions as u64, value_parser = clap::value_parser!(u64).range(1..=framecast_proto::fault_guard::CAPACITY as u64 / 2))]
     max_shm_regions: u64,
+    /// Host memory the tensor cache extension may hold, all clients together, MiB (least
+    /// recently used tensors are evicted; a tensor larger than this is refused); 0 unlimited.
+    #[arg(long, env = "FRAMECAST_TENSOR_CACHE_MIB", default_value_t = ServeOptions::default().tensor_cache_budget.unwrap_or(0) >> 20)]
+    tensor_cache_mib: u64,
     /// On SIGTERM: stop accepting, finish in-flight requests for at most this many seconds,
     /// then exit.
     #[arg(long, env = "FRAMECAST_SHUTDOWN_GRACE_S", default_value_t = ServeOptions::default().grace.as_secs())]
@@ -279,6 +283,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             auth_token: args.auth_token,
             shared_memory: args.shared_memory,
             max_shm_regions: args.max_shm_regions as usize,
+            tensor_cache_budget: (args.tensor_cache_mib > 0).then_some(args.tensor_cache_mib << 20),
             tls,
         };
         server::serve(

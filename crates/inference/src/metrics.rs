@@ -21,6 +21,8 @@ pub struct Metrics {
     pub evictions: IntCounter,
     pub memory_used_bytes: IntGauge,
     pub memory_budget_bytes: IntGauge,
+    /// Bytes the tensor cache extension holds, all clients together.
+    pub tensor_cache_bytes: IntGauge,
     pub queue_capacity: IntGauge,
     /// Requests waiting in each model's queue, sampled at every enqueue and every batch taken.
     pub queue_depth: IntGaugeVec,
@@ -101,6 +103,11 @@ impl Metrics {
                 "Device memory budget per device (0: unlimited)",
             )
             .expect("valid metric"),
+            tensor_cache_bytes: IntGauge::new(
+                "tensor_cache_bytes",
+                "Host memory held by tensors registered with the tensor cache extension",
+            )
+            .expect("valid metric"),
             queue_capacity: IntGauge::new(
                 "queue_capacity",
                 "Admission limit: requests one model's queue holds before RESOURCE_EXHAUSTED",
@@ -150,6 +157,7 @@ impl Metrics {
             Box::new(m.evictions.clone()),
             Box::new(m.memory_used_bytes.clone()),
             Box::new(m.memory_budget_bytes.clone()),
+            Box::new(m.tensor_cache_bytes.clone()),
             Box::new(m.queue_capacity.clone()),
             Box::new(m.queue_depth.clone()),
         ] {

@@ -4,6 +4,7 @@
 use crate::error::{invalid, Error};
 use crate::models::{LoadedModel, ModelError, ModelManager};
 use crate::shared_memory::{Owner, SharedMemory};
+use crate::tensor_cache::TensorCache;
 use crate::validate::{self, Requested};
 use framecast_proto::echo;
 use framecast_proto::kserve::{
@@ -33,6 +34,7 @@ pub const PARAM_BATCH_SIZE: &str = "framecast_batch_size";
 pub struct InferenceService {
     models: Arc<ModelManager>,
     shm: Arc<SharedMemory>,
+    tensors: Arc<TensorCache>,
     slow_request: Duration,
     drain: Drain,
     shm_allowed: bool,
@@ -40,11 +42,29 @@ pub struct InferenceService {
     scoped_by_token: bool,
 }
 
+/// Who owns what a call registers (shared-memory regions, cached tensors): its verified
+/// credentials (client certificate; bearer token when `scoped_by_token`), or the anonymous
+/// owner on a server without authentication.
+pub fn owner_of<T>(req: &Request<T>, scoped_by_token: bool) -> Owner {
+    let cert = req.peer_certs();
+    let leaf = cert.as_ref().and_then(|c| c.first()).map(|c| c.as_ref());
+    let token = scoped_by_token
+        .then(|| req.metadata().get("authorization"))
+        .flatten()
+        .map(|v| v.as_bytes());
+    Owner::from_credentials(
+        [("cert", leaf), ("token", token)]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v))),
+    )
+}
+
 impl InferenceService {
     pub fn new(models: Arc<ModelManager>, slow_request: Duration, drain: Drain) -> Self {
         InferenceService {
             models,
             shm: Arc::default(),
+            tensors: Arc::new(TensorCache::unmetered(None)),
             slow_request,
             drain,
             shm_allowed: true,
@@ -68,18 +88,13 @@ impl InferenceService {
     /// Who owns the regions this call may see: its verified credentials, or the anonymous
     /// owner on a server without authentication (Triton's global table).
     fn owner<T>(&self, req: &Request<T>) -> Owner {
-        let cert = req.peer_certs();
-        let leaf = cert.as_ref().and_then(|c| c.first()).map(|c| c.as_ref());
-        let token = self
-            .scoped_by_token
-            .then(|| req.metadata().get("authorization"))
-            .flatten()
-            .map(|v| v.as_bytes());
-        Owner::from_credentials(
-            [("cert", leaf), ("token", token)]
-                .into_iter()
-                .filter_map(|(k, v)| v.map(|v| (k, v))),
-        )
+        owner_of(req, self.scoped_by_token)
+    }
+
+    /// The same service taking inputs' rows from `tensors` (the tensor cache extension).
+    pub fn with_tensor_cache(mut self, tensors: Arc<TensorCache>) -> Self {
+        self.tensors = tensors;
+        self
     }
 
     /// The same service refusing shared-memory registration: clients on this host then
@@ -159,7 +174,11 @@ impl InferenceService {
         grpc_deadline: Option<Instant>,
         started: Instant,
     ) -> Result<ModelInferResponse, Error> {
-        let prepared = validate::prepare(&model.name, &model.config, &self.shm, owner, req)?;
+        let sources = validate::Sources {
+            shm: &self.shm,
+            tensors: &self.tensors,
+        };
+        let prepared = validate::prepare(&model.name, &model.config, sources, owner, req)?;
         let deadline = [
             grpc_deadline,
             request_timeout(req)?.map(|t| started + t),
@@ -460,6 +479,7 @@ impl GrpcInferenceService for InferenceService {
             ]
             .into_iter()
             .chain(self.shm_allowed.then_some("system_shared_memory"))
+            .chain([framecast_proto::tensorcache::EXTENSION])
             .map(String::from)
             .collect(),
         }))

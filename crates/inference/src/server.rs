@@ -4,8 +4,10 @@
 use crate::models::ModelManager;
 use crate::rpc::InferenceService;
 use crate::shared_memory::SharedMemory;
+use crate::tensor_cache::{TensorCache, TensorCacheService};
 use framecast_proto::auth::BearerCheck;
 use framecast_proto::kserve::grpc_inference_service_server::GrpcInferenceServiceServer;
+use framecast_proto::tensorcache::v1::tensor_cache_server::TensorCacheServer;
 pub use framecast_telemetry::running::Running;
 use framecast_telemetry::Drain;
 use framecast_telemetry::{running, tls};
@@ -33,6 +35,9 @@ pub struct ServeOptions {
     pub shared_memory: bool,
     /// Regions registered at once, all clients together.
     pub max_shm_regions: usize,
+    /// Host memory the tensor cache extension may hold, all clients together; `None` is
+    /// unlimited.
+    pub tensor_cache_budget: Option<u64>,
 }
 
 /// How often regions whose object was removed or shrank are forgotten.
@@ -48,6 +53,7 @@ impl Default for ServeOptions {
             tls: None,
             shared_memory: true,
             max_shm_regions: crate::shared_memory::DEFAULT_MAX_REGIONS,
+            tensor_cache_budget: Some(4 << 30),
         }
     }
 }
@@ -79,8 +85,13 @@ async fn serve_draining(
     let auth = BearerCheck::new(opts.auth_token.as_deref());
     let health = tonic_health::server::health_reporter();
     report_model_health(models.clone(), health.0.clone(), drain.clone());
-    let mut svc =
-        InferenceService::new(models, opts.slow_request, drain.clone()).with_shared_memory(shm);
+    let tensors = Arc::new(TensorCache::new(
+        opts.tensor_cache_budget,
+        models.metrics().tensor_cache_bytes.clone(),
+    ));
+    let mut svc = InferenceService::new(models, opts.slow_request, drain.clone())
+        .with_shared_memory(shm)
+        .with_tensor_cache(tensors.clone());
     if !opts.shared_memory {
         svc = svc.without_shared_memory();
     }
@@ -90,13 +101,26 @@ async fn serve_draining(
     let kserve = GrpcInferenceServiceServer::new(svc)
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);
+    let cache = TensorCacheServer::new(TensorCacheService::new(tensors, auth.is_on()))
+        .max_decoding_message_size(opts.max_message_bytes)
+        .max_encoding_message_size(opts.max_message_bytes);
+    let cache = InterceptedService::new(cache, auth.clone());
     let kserve = InterceptedService::new(kserve, auth);
     // A 24-frame batch is ~15 MB each way: wide windows keep it from stalling on acks.
     let windows = running::Windows {
         stream: 16 << 20,
         connection: 64 << 20,
     };
-    running::serve_grpc(listener, windows, opts.tls.as_ref(), kserve, health, drain).await
+    running::serve_grpc(
+        listener,
+        windows,
+        opts.tls.as_ref(),
+        kserve,
+        Some(cache),
+        health,
+        drain,
+    )
+    .await
 }
 
 /// How often model health names follow the models' states.

@@ -41,6 +41,12 @@ impl Owner {
         }
         Owner(key.into())
     }
+
+    /// The owner as a string key (hex), for maps keyed by strings. It holds the credential:
+    /// never log it.
+    pub fn key(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 impl std::fmt::Debug for Owner {

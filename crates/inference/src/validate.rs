@@ -4,12 +4,14 @@
 use crate::config::ModelConfig;
 use crate::error::{invalid, Error};
 use crate::shared_memory::{Owner, Region, SharedMemory, Window};
+use crate::tensor_cache::TensorCache;
 use bytes::Bytes;
 use framecast_proto::echo;
 use framecast_proto::kserve::infer_parameter::ParameterChoice;
 use framecast_proto::kserve::{InferParameter, InferTensorContents, ModelInferRequest};
 use framecast_proto::shm::{PARAM_BYTE_SIZE, PARAM_OFFSET, PARAM_REGION};
 use framecast_proto::tensor::{self, DataType, Element};
+use framecast_proto::tensorcache::{PARAM_ROWS, PARAM_TENSOR};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -43,14 +45,43 @@ impl std::fmt::Debug for Requested {
     }
 }
 
+/// Where an input's payload may come from besides the request itself.
+#[derive(Clone, Copy)]
+pub struct Sources<'a> {
+    pub shm: &'a SharedMemory,
+    pub tensors: &'a TensorCache,
+}
+
+/// An input's tensor-cache reference, if its parameters make one: (name, rows).
+fn cached_rows(
+    field: &str,
+    params: &HashMap<String, InferParameter>,
+) -> Result<Option<(String, String)>, Error> {
+    let text = |key: &str| match params.get(key).and_then(|p| p.parameter_choice.as_ref()) {
+        None => Ok(None),
+        Some(ParameterChoice::StringParam(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(invalid(format!(
+            "{field}: parameter {key} must be a string"
+        ))),
+    };
+    match (text(PARAM_TENSOR)?, text(PARAM_ROWS)?) {
+        (None, None) => Ok(None),
+        (Some(t), Some(r)) => Ok(Some((t, r))),
+        _ => Err(invalid(format!(
+            "{field}: {PARAM_TENSOR} and {PARAM_ROWS} go together"
+        ))),
+    }
+}
+
 /// Validates `req` against `config` and takes its payloads.
 pub fn prepare(
     model: &str,
     config: &ModelConfig,
-    shm: &SharedMemory,
+    sources: Sources<'_>,
     owner: &Owner,
     req: &mut ModelInferRequest,
 ) -> Result<Prepared, Error> {
+    let Sources { shm, tensors } = sources;
     let raw = std::mem::take(&mut req.raw_input_contents);
     let in_shm: Vec<Option<Window>> = req
         .inputs
@@ -61,6 +92,17 @@ pub fn prepare(
             shm_window(shm, owner, &field, &t.parameters)
         })
         .collect::<Result<_, _>>()?;
+    let in_cache: Vec<Option<(String, String)>> = req
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| cached_rows(&format!("inputs[{i}] '{}'", echo(&t.name)), &t.parameters))
+        .collect::<Result<_, _>>()?;
+    if let Some(i) = (0..in_shm.len()).find(|&i| in_shm[i].is_some() && in_cache[i].is_some()) {
+        return Err(invalid(format!(
+            "inputs[{i}]: names both a shared-memory region and a tensor-cache tensor; one source per input"
+        )));
+    }
     let mut regions: Vec<Arc<Region>> = in_shm.iter().flatten().map(|s| s.region.clone()).collect();
     // Like Triton and KServe: raw_input_contents and typed contents are exclusive.
     if !raw.is_empty() {
@@ -77,17 +119,20 @@ pub fn prepare(
         }
     }
     // Like Triton: one raw entry per input that does not come from shared memory, in order.
-    let wire_inputs = in_shm.iter().filter(|s| s.is_none()).count();
+    let wire_inputs = (0..in_shm.len())
+        .filter(|&i| in_shm[i].is_none() && in_cache[i].is_none())
+        .count();
     if !raw.is_empty() && raw.len() != wire_inputs {
         return Err(invalid(format!(
-            "raw_input_contents has {} entries for {wire_inputs} inputs not in shared memory; send one per input",
+            "raw_input_contents has {} entries for {wire_inputs} inputs not in shared memory or the tensor cache; send one per input",
             raw.len(),
         )));
     }
     let mut raw = raw.into_iter();
     let mut slots: Vec<Option<Bytes>> = vec![None; config.inputs.len()];
     let mut batch: Option<usize> = None;
-    for (i, (input, slot)) in req.inputs.iter_mut().zip(in_shm).enumerate() {
+    for (i, ((input, slot), cached)) in req.inputs.iter_mut().zip(in_shm).zip(in_cache).enumerate()
+    {
         let name = &echo(&input.name).into_owned();
         let Some(idx) = config.inputs.iter().position(|s| s.name == input.name) else {
             return Err(invalid(format!(
@@ -138,7 +183,22 @@ pub fn prepare(
             }
         }
         batch = Some(n);
-        let payload = match slot.map(|s| s.bytes()).or_else(|| raw.next()) {
+        let from_cache = match cached {
+            Some((tensor, rows)) => Some(tensors.gather(
+                owner,
+                &format!("inputs[{i}] '{name}'"),
+                &tensor,
+                &rows,
+                datatype,
+                &input.shape,
+            )?),
+            None => None,
+        };
+        let payload = match slot
+            .map(|s| s.bytes())
+            .or(from_cache)
+            .or_else(|| raw.next())
+        {
             Some(bytes) => bytes,
             None => match input.contents.take() {
                 Some(c) => contents_bytes(datatype, &c)

@@ -2,6 +2,7 @@
 //!
 //! - [`kserve`]: the KServe v2 / Open Inference Protocol (`package inference`).
 //! - [`compositor::v1`]: the compositor's `Render` and avatar management API.
+//! - [`tensorcache::v1`]: the inference service's tensor cache extension.
 //! - [`tensor`]: datatype names, byte-length checks and typed little-endian encoding of
 //!   `raw_input_contents` / `raw_output_contents`.
 
@@ -18,6 +19,21 @@ pub mod compositor {
         #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
         tonic::include_proto!("framecast.compositor.v1");
     }
+}
+
+/// framecast's tensor cache extension of the inference protocol.
+pub mod tensorcache {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(clippy::doc_lazy_continuation)]
+        tonic::include_proto!("framecast.tensorcache.v1");
+    }
+    /// Input parameter: the registered tensor's name.
+    pub const PARAM_TENSOR: &str = "framecast_tensor";
+    /// Input parameter: the rows, comma-separated indices.
+    pub const PARAM_ROWS: &str = "framecast_rows";
+    /// The extension's name in `ServerMetadata.extensions`.
+    pub const EXTENSION: &str = "framecast_tensor_cache";
 }
 
 pub mod auth;

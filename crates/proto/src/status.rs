@@ -19,6 +19,9 @@ pub const REASON_HEADER: &str = "framecast-error-reason";
 /// Reason: the request named a shared-memory region the server does not have (a restarted
 /// server forgot it, or it was never registered): register it again.
 pub const REASON_SHM_REGION_UNKNOWN: &str = "shared_memory_region_unknown";
+/// Reason of a NOT_FOUND for a tensor-cache name the server does not hold (never registered,
+/// evicted, or the server restarted): register it again and retry.
+pub const REASON_TENSOR_UNKNOWN: &str = "tensor_cache_name_unknown";
 
 /// The metric label of a status code (`ok`, `invalid_argument`, ...).
 pub fn label(code: Code) -> &'static str {

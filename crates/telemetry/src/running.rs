@@ -50,13 +50,15 @@ pub fn grpc_server(
 ///
 /// Health reports the service (and the server, the empty name) SERVING, and NOT_SERVING as
 /// soon as the drain starts, so load balancers stop sending before the port closes.
-/// Reflection lists exactly what this port serves: `service`, `grpc.health.v1.Health` and
-/// reflection itself.
-pub async fn serve_grpc<S>(
+/// Reflection lists exactly what this port serves: `service`, the `extension` service when
+/// there is one (same auth as `service`: wrap both), `grpc.health.v1.Health` and reflection
+/// itself.
+pub async fn serve_grpc<S, E>(
     listener: TcpListener,
     windows: Windows,
     tls: Option<&crate::tls::ServerTls>,
     service: S,
+    extension: Option<E>,
     health: (
         tonic_health::server::HealthReporter,
         tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
@@ -72,19 +74,30 @@ where
         + 'static,
     S::Response: axum::response::IntoResponse,
     S::Future: Send + 'static,
+    E: tower::Service<http::Request<tonic::body::Body>, Error = std::convert::Infallible>
+        + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    E::Response: axum::response::IntoResponse,
+    E::Future: Send + 'static,
 {
     let (health, health_svc) = health;
     health.set_serving::<S>().await;
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
+    let mut reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(framecast_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .with_service_name(S::NAME)
         .with_service_name("grpc.health.v1.Health")
-        .with_service_name("grpc.reflection.v1.ServerReflection")
-        .build_v1()?;
+        .with_service_name("grpc.reflection.v1.ServerReflection");
+    if extension.is_some() {
+        reflection = reflection.with_service_name(E::NAME);
+    }
+    let reflection = reflection.build_v1()?;
     let draining = drain.clone();
     tokio::spawn(async move {
         draining.started().await;
@@ -97,6 +110,7 @@ where
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(service)
+        .add_optional_service(extension)
         .serve_with_incoming_shutdown(incoming(listener), async move { drain.started().await })
         .await?;
     Ok(())

@@ -1,0 +1,227 @@
+//! The tensor cache extension against the real inference server: register once, name rows
+//! in requests, the same answer as sending the rows; unknown names, bad rows, the budget and
+//! authentication get precise statuses.
+
+use bytes::Bytes;
+use framecast_e2e::{kserve_client, spawn_inference};
+use framecast_inference::server::ServeOptions;
+use framecast_inference::zoo::{self, Builtin, ZooOptions};
+use framecast_proto::kserve::infer_parameter::ParameterChoice;
+use framecast_proto::kserve::model_infer_request::InferInputTensor;
+use framecast_proto::kserve::{InferParameter, ModelInferRequest, ServerMetadataRequest};
+use framecast_proto::tensor::DataType;
+use framecast_proto::tensorcache::v1::tensor_cache_client::TensorCacheClient;
+use framecast_proto::tensorcache::v1::{RegisterRequest, StatusRequest, UnregisterRequest};
+use framecast_proto::tensorcache::{EXTENSION, PARAM_ROWS, PARAM_TENSOR};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const CROP: i64 = 16;
+const ROWS: usize = 5;
+const ROW: usize = 6 * (CROP * CROP) as usize;
+
+fn faces() -> Bytes {
+    (0..ROWS * ROW)
+        .map(|i| (i as u8).wrapping_mul(37) ^ (i / ROW) as u8)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+fn text(s: &str) -> InferParameter {
+    InferParameter {
+        parameter_choice: Some(ParameterChoice::StringParam(s.into())),
+    }
+}
+
+/// A passthrough request for `rows` of the registered faces, or (`by_value`) of the same rows
+/// sent as bytes.
+fn request(rows: &[usize], by_value: bool) -> ModelInferRequest {
+    let b = rows.len() as i64;
+    let mut face = InferInputTensor::new("face", DataType::U8, vec![b, 6, CROP, CROP]);
+    let audio = InferInputTensor::new("audio", DataType::F32, vec![b, 32, 16, 16]);
+    let mut raw = vec![Bytes::from(vec![0u8; rows.len() * 32 * 16 * 16 * 4])];
+    if by_value {
+        let all = faces();
+        let bytes: Vec<u8> = rows
+            .iter()
+            .flat_map(|&r| all[r * ROW..(r + 1) * ROW].to_vec())
+            .collect();
+        raw.insert(0, Bytes::from(bytes));
+    } else {
+        let list: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+        face.parameters.insert(PARAM_TENSOR.into(), text("faces"));
+        face.parameters
+            .insert(PARAM_ROWS.into(), text(&list.join(",")));
+    }
+    ModelInferRequest {
+        model_name: "passthrough".into(),
+        inputs: vec![face, audio],
+        raw_input_contents: raw,
+        ..Default::default()
+    }
+}
+
+fn register(name: &str, data: Bytes) -> RegisterRequest {
+    RegisterRequest {
+        name: name.into(),
+        datatype: "UINT8".into(),
+        shape: vec![(data.len() / ROW) as i64, 6, CROP, CROP],
+        data,
+    }
+}
+
+async fn start(opts: ServeOptions) -> (tempfile::TempDir, framecast_inference::server::Running) {
+    let tmp = tempfile::tempdir().unwrap();
+    let zoo = ZooOptions {
+        crop: CROP,
+        max_batch_size: 8,
+        max_queue_delay_us: 0,
+    };
+    zoo::write(tmp.path(), Builtin::Passthrough, &zoo).unwrap();
+    let server = spawn_inference(tmp.path(), opts).await;
+    (tmp, server)
+}
+
+async fn cache_client(url: String) -> TensorCacheClient<Channel> {
+    TensorCacheClient::connect(url).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_named_by_index_give_the_answer_rows_sent_by_value_give() {
+    let (_tmp, server) = start(Default::default()).await;
+    let mut kserve = kserve_client(server.url()).await;
+    let mut cache = cache_client(server.url()).await;
+    let meta = kserve
+        .server_metadata(ServerMetadataRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(meta.extensions.iter().any(|e| e == EXTENSION), "{meta:?}");
+    let size = cache
+        .register(register("faces", faces()))
+        .await
+        .unwrap()
+        .into_inner()
+        .byte_size;
+    assert_eq!(size as usize, ROWS * ROW);
+    let rows = [4, 0, 2, 2];
+    let by_index = kserve
+        .model_infer(request(&rows, false))
+        .await
+        .unwrap()
+        .into_inner();
+    let by_value = kserve
+        .model_infer(request(&rows, true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(by_index.raw_output_contents, by_value.raw_output_contents);
+    // The request carried indices: a few bytes instead of four rows.
+    let size = |r: &ModelInferRequest| prost::Message::encoded_len(r);
+    let saved = size(&request(&rows, true)) - size(&request(&rows, false));
+    assert!(saved > 4 * ROW - 64, "{saved} bytes saved");
+    let status = cache.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.tensors.len(), 1);
+    assert_eq!(status.tensors[0].shape, vec![ROWS as i64, 6, CROP, CROP]);
+    assert_eq!(status.bytes_used as usize, ROWS * ROW);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_names_bad_rows_and_the_budget_get_precise_statuses() {
+    let opts = ServeOptions {
+        tensor_cache_budget: Some((ROWS * ROW) as u64 + 10),
+        ..Default::default()
+    };
+    let (_tmp, server) = start(opts).await;
+    let mut kserve = kserve_client(server.url()).await;
+    let mut cache = cache_client(server.url()).await;
+    // Not registered: NOT_FOUND with the reason a client acts on.
+    let e = kserve.model_infer(request(&[0], false)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(
+        framecast_proto::status::reason(&e),
+        Some(framecast_proto::status::REASON_TENSOR_UNKNOWN)
+    );
+    assert!(e.message().contains("'faces'"), "{}", e.message());
+    cache.register(register("faces", faces())).await.unwrap();
+    let e = kserve
+        .model_infer(request(&[1, 5], false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("framecast_rows[1] = 5"),
+        "{}",
+        e.message()
+    );
+    // Past the budget the least recently used tensor is evicted: a request naming it is told
+    // to register again, and can.
+    cache.register(register("more", faces())).await.unwrap();
+    let e = kserve.model_infer(request(&[3], false)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    cache.register(register("faces", faces())).await.unwrap();
+    kserve.model_infer(request(&[3], false)).await.unwrap();
+    // Larger than the whole budget: refused with the numbers.
+    let big = Bytes::from(vec![0u8; 2 * ROWS * ROW]);
+    let e = cache.register(register("huge", big)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(
+        e.message().contains(&format!("{} bytes", 2 * ROWS * ROW)),
+        "{}",
+        e.message()
+    );
+    // Bad registrations name the field.
+    let mut bad = register("x", faces());
+    bad.shape = vec![ROWS as i64, 6, CROP];
+    let e = cache.register(bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("data:"), "{}", e.message());
+    let e = cache.register(register("../x", faces())).await.unwrap_err();
+    assert!(e.message().starts_with("name"), "{}", e.message());
+    // Unregistered: the next request is told to register again.
+    cache
+        .unregister(UnregisterRequest {
+            name: "faces".into(),
+        })
+        .await
+        .unwrap();
+    let e = kserve.model_infer(request(&[0], false)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+}
+
+/// With authentication on, registering needs a token, and each token's names are its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_token_has_its_own_names() {
+    let opts = ServeOptions {
+        auth_token: Some("alice,bob".into()),
+        ..Default::default()
+    };
+    let (_tmp, server) = start(opts).await;
+    let channel = Channel::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let with = |token: &'static str| {
+        move |mut r: tonic::Request<()>| {
+            if !token.is_empty() {
+                let v = format!("Bearer {token}").parse().unwrap();
+                r.metadata_mut().insert("authorization", v);
+            }
+            Ok(r)
+        }
+    };
+    let mut anon = TensorCacheClient::with_interceptor(channel.clone(), with(""));
+    let e = anon.register(register("faces", faces())).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let mut alice = TensorCacheClient::with_interceptor(channel.clone(), with("alice"));
+    alice.register(register("faces", faces())).await.unwrap();
+    let mut bob_infer = framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient::with_interceptor(channel.clone(), with("bob"));
+    let e = bob_infer
+        .model_infer(request(&[0], false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "bob must not see alice's tensor");
+    let mut alice_infer = framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient::with_interceptor(channel, with("alice"));
+    alice_infer.model_infer(request(&[0], false)).await.unwrap();
+}

@@ -1,0 +1,391 @@
+//! The tensor cache extension (`framecast.tensorcache.v1`): tensors a client registers once,
+//! whose rows its requests then name instead of sending (an avatar's face inputs: 600 KB a
+//! frame at S = 320 that never change). Names are per client ([`Owner`]).
+//!
+//! Tensors are held in host memory under their own budget (`--tensor-cache-mib`), least
+//! recently used evicted first; a request gathers its rows when it is validated, under a
+//! lease, so an eviction afterwards cannot touch it, and a name evicted before gets NOT_FOUND
+//! with a reason the client acts on (register again). Holding them on the model's device
+//! instead, so that referenced inputs skip the host-to-device copy, is not built yet.
+
+use crate::error::{invalid, Error};
+use crate::rpc::owner_of;
+use crate::shared_memory::Owner;
+use bytes::{Bytes, BytesMut};
+use framecast_cache::{BudgetCache, CacheError, Events};
+use framecast_proto::echo;
+use framecast_proto::tensor::{self, DataType};
+use framecast_proto::tensorcache::v1;
+use framecast_telemetry::prometheus::IntGauge;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+/// One registered tensor.
+pub struct Cached {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<i64>,
+    pub data: Bytes,
+}
+
+impl Cached {
+    fn row_bytes(&self) -> usize {
+        self.data.len() / (self.shape[0].max(1) as usize)
+    }
+}
+
+pub struct TensorCache {
+    /// Loads never fail (the value is the registration itself): the error type is unused.
+    cache: BudgetCache<Cached, String>,
+    budget: Option<u64>,
+}
+
+/// Keeps the bytes gauge current.
+struct Gauge(IntGauge);
+
+impl Events for Gauge {
+    fn evicted(&self, key: &str, freed: u64, for_key: &str) {
+        // Keys start with the owner's credential: log only the names.
+        let name = |k: &str| k.rsplit_once('/').map_or("", |(_, n)| n).to_string();
+        tracing::info!(tensor = %name(key), freed, for_tensor = %name(for_key), "tensor evicted (least recently used)");
+    }
+
+    fn changed(&self, reserved: u64, _ready: usize) {
+        self.0.set(reserved as i64);
+    }
+}
+
+/// The cache key: the owner's and the name's, so that one client's names never meet
+/// another's.
+fn key(owner: &Owner, name: &str) -> String {
+    format!("{}/{name}", owner.key())
+}
+
+impl TensorCache {
+    /// `budget`: bytes all clients' tensors may hold; `None` is unlimited. `bytes_gauge`
+    /// follows what they hold.
+    pub fn new(budget: Option<u64>, bytes_gauge: IntGauge) -> TensorCache {
+        TensorCache {
+            cache: BudgetCache::new(budget, |_, _| false, Arc::new(Gauge(bytes_gauge))),
+            budget,
+        }
+    }
+
+    /// A cache whose size no metric follows.
+    pub fn unmetered(budget: Option<u64>) -> TensorCache {
+        let gauge = IntGauge::new("tensor_cache_bytes", "unregistered").expect("valid metric");
+        Self::new(budget, gauge)
+    }
+
+    /// Registers (or replaces) `name` for `owner`; returns its size.
+    pub async fn register(
+        &self,
+        owner: &Owner,
+        name: &str,
+        datatype: &str,
+        shape: Vec<i64>,
+        data: Bytes,
+    ) -> Result<u64, Error> {
+        check_name(name)?;
+        let datatype = DataType::parse(datatype)
+            .map_err(|e| invalid(format!("datatype: {}", echo(&e.to_string()))))?;
+        if shape.is_empty() || shape.iter().any(|&d| d < 0) || shape[0] < 1 {
+            return Err(invalid(format!(
+                "shape {}: at least one dimension, none negative, at least one row",
+                echo(&format!("{shape:?}"))
+            )));
+        }
+        tensor::check_byte_len(datatype, &shape, data.len())
+            .map_err(|e| invalid(format!("data: {e}")))?;
+        let size = data.len() as u64;
+        let k = key(owner, name);
+        self.cache.remove(&k);
+        let value = Cached {
+            name: name.to_string(),
+            datatype,
+            shape,
+            data,
+        };
+        let lease = self
+            .cache
+            .get_or_load(&k, || Ok(size), |_| async move { Ok((value, size)) })
+            .await
+            .map_err(|e| match e {
+                CacheError::Load(e) => Error::Internal(e),
+                CacheError::TooLarge { need, budget } => Error::Exhausted(format!(
+                    "tensor '{name}' is {need} bytes; the tensor cache's budget is {budget} bytes (--tensor-cache-mib)"
+                )),
+                CacheError::NoRoom { need, free, budget } => Error::Exhausted(format!(
+                    "tensor '{name}' is {need} bytes; {free} of the tensor cache's {budget} bytes are free and the rest is in use"
+                )),
+            })?;
+        drop(lease);
+        Ok(size)
+    }
+
+    /// Forgets `name` of `owner`; false if it was not there.
+    pub fn unregister(&self, owner: &Owner, name: &str) -> bool {
+        self.cache.remove(&key(owner, name))
+    }
+
+    /// `owner`'s tensors, by name.
+    pub fn list(&self, owner: &Owner) -> Vec<Arc<Cached>> {
+        let prefix = key(owner, "");
+        self.cache
+            .ready()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    /// Bytes all tensors hold, and the budget.
+    pub fn usage(&self) -> (u64, Option<u64>) {
+        (self.cache.reserved(), self.budget)
+    }
+
+    /// The rows `rows` (comma-separated indices) of `owner`'s tensor `name`, end to end, for
+    /// an input of `datatype` and `shape` (`field` names it in errors).
+    pub fn gather(
+        &self,
+        owner: &Owner,
+        field: &str,
+        name: &str,
+        rows: &str,
+        datatype: DataType,
+        shape: &[i64],
+    ) -> Result<Bytes, Error> {
+        let lease = self
+            .cache
+            .lease_ready(&key(owner, name))
+            .ok_or_else(|| {
+                Error::TensorUnknown(format!(
+                    "{field}: tensor '{}' is not in the tensor cache (never registered, evicted, or the server restarted): register it again",
+                    echo(name)
+                ))
+            })?;
+        let t = lease.value();
+        if t.datatype != datatype || shape.get(1..) != t.shape.get(1..) {
+            return Err(invalid(format!(
+                "{field}: {datatype} {} does not match tensor '{}' ({} {:?}) past its first dimension",
+                echo(&format!("{shape:?}")),
+                t.name,
+                t.datatype,
+                t.shape
+            )));
+        }
+        let per = t.row_bytes();
+        let count = shape.first().copied().unwrap_or(0).max(0) as usize;
+        let mut out = BytesMut::with_capacity(count * per);
+        let mut seen = 0;
+        for (i, r) in rows.split(',').enumerate() {
+            let row = r
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&row| row < t.shape[0] as usize)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "{field}: framecast_rows[{i}] = {} is not a row of tensor '{}' (0..{})",
+                        echo(r),
+                        t.name,
+                        t.shape[0]
+                    ))
+                })?;
+            if i >= count {
+                return Err(invalid(format!(
+                    "{field}: framecast_rows names more than the input's {count} rows"
+                )));
+            }
+            out.extend_from_slice(&t.data[row * per..(row + 1) * per]);
+            seen = i + 1;
+        }
+        if seen != count {
+            return Err(invalid(format!(
+                "{field}: framecast_rows names {seen} rows; the input's shape has {count}"
+            )));
+        }
+        Ok(out.freeze())
+    }
+}
+
+/// Names are one safe token: letters, digits, `.`, `_`, `-`, at most 255.
+fn check_name(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "name {}: letters, digits, '.', '_' or '-', 1 to 255 of them",
+            echo(&format!("{name:?}"))
+        )))
+    }
+}
+
+/// The extension's RPCs.
+pub struct TensorCacheService {
+    cache: Arc<TensorCache>,
+    scoped_by_token: bool,
+}
+
+impl TensorCacheService {
+    /// `scoped_by_token`: authentication is on, so a caller's token names its tensors.
+    pub fn new(cache: Arc<TensorCache>, scoped_by_token: bool) -> Self {
+        TensorCacheService {
+            cache,
+            scoped_by_token,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::tensor_cache_server::TensorCache for TensorCacheService {
+    async fn register(
+        &self,
+        req: Request<v1::RegisterRequest>,
+    ) -> Result<Response<v1::RegisterResponse>, Status> {
+        let owner = owner_of(&req, self.scoped_by_token);
+        let r = req.into_inner();
+        let byte_size = self
+            .cache
+            .register(&owner, &r.name, &r.datatype, r.shape, r.data)
+            .await?;
+        Ok(Response::new(v1::RegisterResponse { byte_size }))
+    }
+
+    async fn unregister(
+        &self,
+        req: Request<v1::UnregisterRequest>,
+    ) -> Result<Response<v1::UnregisterResponse>, Status> {
+        let owner = owner_of(&req, self.scoped_by_token);
+        let name = req.into_inner().name;
+        if self.cache.unregister(&owner, &name) {
+            Ok(Response::new(v1::UnregisterResponse {}))
+        } else {
+            Err(
+                Error::TensorUnknown(format!("name: tensor '{}' is not registered", echo(&name)))
+                    .into(),
+            )
+        }
+    }
+
+    async fn status(
+        &self,
+        req: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        let owner = owner_of(&req, self.scoped_by_token);
+        let (used, budget) = self.cache.usage();
+        Ok(Response::new(v1::StatusResponse {
+            tensors: self
+                .cache
+                .list(&owner)
+                .iter()
+                .map(|t| v1::status_response::Tensor {
+                    name: t.name.clone(),
+                    datatype: t.datatype.as_str().to_string(),
+                    shape: t.shape.clone(),
+                    byte_size: t.data.len() as u64,
+                })
+                .collect(),
+            bytes_used: used,
+            bytes_budget: budget.unwrap_or(0),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(budget: Option<u64>) -> TensorCache {
+        TensorCache::unmetered(budget)
+    }
+
+    fn rows(n: u8) -> Bytes {
+        Bytes::from((0..n).flat_map(|r| [r; 4]).collect::<Vec<u8>>())
+    }
+
+    #[tokio::test]
+    async fn rows_are_gathered_in_the_order_named_and_names_are_per_owner() {
+        let c = cache(None);
+        let (a, b) = (
+            Owner::from_credentials([("token", &b"a"[..])]),
+            Owner::from_credentials([("token", &b"b"[..])]),
+        );
+        c.register(&a, "faces", "UINT8", vec![5, 2, 2], rows(5))
+            .await
+            .unwrap();
+        let got = c
+            .gather(&a, "in", "faces", "3,0,3", DataType::U8, &[3, 2, 2])
+            .unwrap();
+        assert_eq!(&got[..], &[3, 3, 3, 3, 0, 0, 0, 0, 3, 3, 3, 3]);
+        let e = c
+            .gather(&b, "in", "faces", "0", DataType::U8, &[1, 2, 2])
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::TensorUnknown(_)), "{e}");
+        assert_eq!(c.list(&a).len(), 1);
+        assert!(c.list(&b).is_empty());
+    }
+
+    #[tokio::test]
+    async fn bad_rows_shapes_and_names_are_refused_naming_the_field() {
+        let c = cache(None);
+        let o = Owner::anonymous();
+        c.register(&o, "faces", "UINT8", vec![5, 2, 2], rows(5))
+            .await
+            .unwrap();
+        let err = |rows: &str, shape: &[i64], dt| {
+            c.gather(&o, "inputs[0] 'face'", "faces", rows, dt, shape)
+                .err()
+                .unwrap()
+                .to_string()
+        };
+        assert!(err("1,5", &[2, 2, 2], DataType::U8).contains("framecast_rows[1] = 5"));
+        assert!(err("1,x", &[2, 2, 2], DataType::U8).contains("framecast_rows[1]"));
+        assert!(err("1", &[2, 2, 2], DataType::U8).contains("names 1 rows"));
+        assert!(err("1,2,3", &[2, 2, 2], DataType::U8).contains("more than"));
+        assert!(err("1", &[1, 4], DataType::U8).contains("does not match"));
+        assert!(err("1", &[1, 2, 2], DataType::F32).contains("does not match"));
+        for (name, shape, len) in [("../x", vec![1], 1), ("ok", vec![], 0), ("ok", vec![2], 3)] {
+            let e = c
+                .register(&o, name, "UINT8", shape, Bytes::from(vec![0; len]))
+                .await
+                .err()
+                .unwrap();
+            assert!(matches!(e, Error::Invalid(_)), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn past_the_budget_is_refused_with_the_numbers_and_old_tensors_are_evicted() {
+        let c = cache(Some(30));
+        let o = Owner::anonymous();
+        c.register(&o, "a", "UINT8", vec![5, 4], rows(5))
+            .await
+            .unwrap();
+        let e = c
+            .register(&o, "huge", "UINT8", vec![40], Bytes::from(vec![0; 40]))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::Exhausted(_)));
+        assert!(e.to_string().contains("40 bytes") && e.to_string().contains("30 bytes"));
+        c.register(&o, "b", "UINT8", vec![5, 4], rows(5))
+            .await
+            .unwrap();
+        // a is evicted for b: its rows are gone, and the request says so.
+        let e = c
+            .gather(&o, "in", "a", "0", DataType::U8, &[1, 4])
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::TensorUnknown(_)));
+        assert_eq!(c.usage(), (20, Some(30)));
+        assert!(c.unregister(&o, "b"));
+        assert_eq!(c.usage().0, 0);
+    }
+}
