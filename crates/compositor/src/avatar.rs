@@ -35,6 +35,9 @@ pub struct Avatar {
     pub load_time: Duration,
     /// Where the frames came from.
     pub source: Source,
+    /// A fingerprint of the bundle's sources ([`prepared::fingerprint`]): equal fingerprints,
+    /// equal frames and face inputs.
+    pub fingerprint: u64,
 }
 
 /// Where an avatar's prepared frames came from.
@@ -153,6 +156,7 @@ impl Bundle {
     fn into_avatar(
         self,
         frames: Vec<Frame>,
+        fingerprint: u64,
         started: Instant,
         source: Source,
     ) -> Result<Avatar, Vec<String>> {
@@ -180,6 +184,7 @@ impl Bundle {
             params: self.params,
             load_time: started.elapsed(),
             source,
+            fingerprint,
         })
     }
 }
@@ -199,7 +204,7 @@ impl Avatar {
         let fingerprint = prepared::fingerprint(dir, &bundle.files).map_err(|e| vec![e])?;
         let unused_file = match prepared::read(dir, &bundle.expect(fingerprint)) {
             Ok(Some(frames)) => {
-                return bundle.into_avatar(frames, started, Source::PreparedFile);
+                return bundle.into_avatar(frames, fingerprint, started, Source::PreparedFile);
             }
             Ok(None) => None,
             Err(why) => {
@@ -208,7 +213,12 @@ impl Avatar {
             }
         };
         let frames = bundle.prepare_frames()?;
-        bundle.into_avatar(frames, started, Source::Prepared { unused_file })
+        bundle.into_avatar(
+            frames,
+            fingerprint,
+            started,
+            Source::Prepared { unused_file },
+        )
     }
 
     /// Decodes and prepares every frame of a bundle (whatever prepared file it has) and
@@ -220,7 +230,12 @@ impl Avatar {
         let frames = bundle.prepare_frames()?;
         let path =
             prepared::write(dir, &bundle.expect(fingerprint), &frames).map_err(|e| vec![e])?;
-        let avatar = bundle.into_avatar(frames, started, Source::Prepared { unused_file: None })?;
+        let avatar = bundle.into_avatar(
+            frames,
+            fingerprint,
+            started,
+            Source::Prepared { unused_file: None },
+        )?;
         Ok((avatar, path))
     }
 

@@ -357,6 +357,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         token: args.inference_token.clone(),
         tls: inference_tls,
         replicas_gauge: Some(metrics.inference_replicas.clone()),
+        hop_bytes: Some(metrics.inference_bytes.clone()),
         ..Default::default()
     };
     let opts = RenderOptions {

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub encoder_batch_sessions: Histogram,
     /// Mel frames held by the open audio sessions (80 a second of audio).
     pub audio_mel_frames_held: IntGauge,
+    /// Bytes of the batches sent to the inference replicas over gRPC and of their answers,
+    /// by `direction` (`sent`, `received`), from the messages' encoded sizes.
+    pub inference_bytes: IntCounterVec,
 }
 
 fn histogram(name: &str, help: &str) -> Histogram {
@@ -52,6 +55,14 @@ impl Metrics {
             idle_frames: IntCounter::new(
                 "idle_frames_total",
                 "Frames streamed as the background itself (no speech): no inference, no encode",
+            )
+            .expect("valid metric"),
+            inference_bytes: IntCounterVec::new(
+                opts!(
+                    "inference_bytes_total",
+                    "Bytes of batches sent to the inference replicas over gRPC and of their answers"
+                ),
+                &["direction"],
             )
             .expect("valid metric"),
             requests: IntCounterVec::new(
@@ -127,6 +138,7 @@ impl Metrics {
         let collectors: Vec<Box<dyn framecast_telemetry::prometheus::core::Collector>> = vec![
             Box::new(m.frames.clone()),
             Box::new(m.idle_frames.clone()),
+            Box::new(m.inference_bytes.clone()),
             Box::new(m.requests.clone()),
             Box::new(m.queue_seconds.clone()),
             Box::new(m.inference_seconds.clone()),

@@ -164,6 +164,11 @@ impl ShmPool {
         self.state.load(Ordering::Acquire) == ON
     }
 
+    /// Whether batches may still go through shared memory (not known to be unavailable).
+    pub fn usable(&self) -> bool {
+        self.state.load(Ordering::Acquire) != OFF
+    }
+
     /// A registered slot of at least `bytes`, or None: pool off, full, or registration failed.
     pub async fn lease(self: &Arc<Self>, bytes: usize) -> Option<Lease> {
         if self.state.load(Ordering::Acquire) == OFF {

@@ -70,13 +70,14 @@ pub async fn stack_with(root: &Path, batch: usize, o: Opts) -> Stack {
         ..Default::default()
     };
     let inference = crate::spawn_inference(&models, server_opts).await;
+    let metrics = Arc::new(framecast_compositor::metrics::Metrics::new());
     let client_opts = ClientOptions {
         shared_memory: o.shared_memory,
         token: o.tokens.0.map(String::from),
+        hop_bytes: Some(metrics.inference_bytes.clone()),
         ..Default::default()
     };
     let client = InferenceClient::connect_lazy(&[inference.url()], &client_opts).unwrap();
-    let metrics = Arc::new(framecast_compositor::metrics::Metrics::new());
     let svc = CompositorService::new(
         Arc::new(AvatarStore::new(&avatars, true, o.budget, metrics.clone()).unwrap()),
         client.clone(),

@@ -298,3 +298,61 @@ async fn boxes_on_the_edges_of_odd_sized_frames_composite_correctly() {
         );
     }
 }
+
+/// Over gRPC, the compositor registers the avatar's face inputs with the replica's tensor
+/// cache once and sends row indices instead: the hop carries the conditioning and the
+/// answers, not the faces (counted from the real message sizes). A tensor the replica lost
+/// is registered again, with no frame lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn over_grpc_face_inputs_travel_as_indices_and_come_back_when_lost() {
+    use framecast_proto::tensorcache::v1::tensor_cache_client::TensorCacheClient;
+    use framecast_proto::tensorcache::v1::{StatusRequest, UnregisterRequest};
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = Opts {
+        shared_memory: false,
+        ..Default::default()
+    };
+    let s = stack_with(tmp.path(), 4, opts).await;
+    let frames = render(&s.client, vec![request("small", 0, 8)])
+        .await
+        .unwrap();
+    assert_eq!(frames.len(), 8);
+    let sent = s.metrics.inference_bytes.with_label_values(&["sent"]).get();
+    let received = s
+        .metrics
+        .inference_bytes
+        .with_label_values(&["received"])
+        .get();
+    let face = 6 * CROP as u64 * CROP as u64;
+    let audio = 32 * 16 * 16 * 4;
+    let output = 3 * CROP as u64 * CROP as u64;
+    assert!(
+        sent < 8 * (audio + 1024),
+        "{} bytes sent per frame: the face inputs ({face} B a frame) were sent",
+        sent / 8
+    );
+    assert!(
+        received >= 8 * output && received < 8 * (output + 1024),
+        "{received}"
+    );
+    let mut cache = TensorCacheClient::connect(s.inference_server.url())
+        .await
+        .unwrap();
+    let held = cache.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(held.tensors.len(), 1, "{held:?}");
+    let name = held.tensors[0].name.clone();
+    assert_eq!(held.tensors[0].shape[0], FRAMES as i64);
+    // The replica loses it (as after an eviction or a restart): the next batch registers it
+    // again and every frame comes.
+    cache
+        .unregister(UnregisterRequest { name: name.clone() })
+        .await
+        .unwrap();
+    let again = render(&s.client, vec![request("small", 8, 8)])
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 8);
+    let held = cache.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(held.tensors.len(), 1);
+    assert_eq!(held.tensors[0].name, name);
+}

@@ -140,7 +140,10 @@ async fn reflection_lists_only_what_each_port_serves() {
         names.sort();
         let mut want: Vec<String> = apis
             .iter()
-            .chain(&["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"])
+            .chain(&[
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+            ])
             .map(|s| s.to_string())
             .collect();
         want.sort();

@@ -99,10 +99,13 @@ pub fn from_stream_reply(reply: &ModelStreamInferResponse) -> Option<Status> {
         _ => Code::Unknown,
     };
     let status = Status::new(code, reply.error_message.clone());
+    // Only reasons this crate knows come back (metadata values must be static).
+    let known = [REASON_SHM_REGION_UNKNOWN, REASON_TENSOR_UNKNOWN];
     Some(match get(PARAM_ERROR_REASON) {
-        Some(ParameterChoice::StringParam(r)) if r == REASON_SHM_REGION_UNKNOWN => {
-            with_reason(status, REASON_SHM_REGION_UNKNOWN)
-        }
+        Some(ParameterChoice::StringParam(r)) => match known.iter().find(|k| *k == r) {
+            Some(k) => with_reason(status, k),
+            None => status,
+        },
         _ => status,
     })
 }
@@ -110,6 +113,25 @@ pub fn from_stream_reply(reply: &ModelStreamInferResponse) -> Option<Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_known_reason_survives_the_stream_and_others_are_dropped() {
+        for r in [REASON_SHM_REGION_UNKNOWN, REASON_TENSOR_UNKNOWN] {
+            let sent = with_reason(Status::not_found("gone"), r);
+            let back = from_stream_reply(&stream_error(&sent, "1".into(), "m".into())).unwrap();
+            assert_eq!(reason(&back), Some(r));
+        }
+        let mut reply = stream_error(&Status::not_found("x"), "1".into(), "m".into());
+        if let Some(resp) = reply.infer_response.as_mut() {
+            resp.parameters.insert(
+                PARAM_ERROR_REASON.into(),
+                InferParameter {
+                    parameter_choice: Some(ParameterChoice::StringParam("made-up".into())),
+                },
+            );
+        }
+        assert_eq!(reason(&from_stream_reply(&reply).unwrap()), None);
+    }
 
     #[test]
     fn a_status_survives_the_stream_whole_and_its_message_stays_plain() {

@@ -24,10 +24,12 @@
 mod health;
 mod model_info;
 mod replica;
+mod tensors;
 
 pub use model_info::{EncoderInfo, ModelInfo};
 use replica::InFlight;
 pub(crate) use replica::Replica;
+pub use tensors::{CachedInput, RowSource};
 
 use crate::discovery::{self, Resolve, SystemResolver};
 use crate::shm_pool::Lease;
@@ -36,7 +38,7 @@ use framecast_proto::deadline::{timeout_parameter, PARAM_TIMEOUT};
 use framecast_proto::kserve::{
     ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
 };
-use framecast_telemetry::prometheus::IntGaugeVec;
+use framecast_telemetry::prometheus::{IntCounterVec, IntGaugeVec};
 use framecast_telemetry::tls::ClientTls;
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
@@ -66,6 +68,9 @@ pub struct ClientOptions {
     pub tls: Option<ClientTls>,
     /// Set after every health check to the replicas by health (`healthy`, `unhealthy`).
     pub replicas_gauge: Option<IntGaugeVec>,
+    /// Counts the bytes of the batches sent over gRPC and their answers, by `direction`
+    /// (`sent`, `received`): the hop's traffic, from the messages' encoded sizes.
+    pub hop_bytes: Option<IntCounterVec>,
 }
 
 impl Default for ClientOptions {
@@ -82,6 +87,7 @@ impl Default for ClientOptions {
             token: None,
             tls: None,
             replicas_gauge: None,
+            hop_bytes: None,
         }
     }
 }
@@ -246,13 +252,16 @@ impl InferenceClient {
     pub async fn infer(
         &self,
         req: ModelInferRequest,
+        cached: Option<&CachedInput>,
         expected: &Expected,
         deadline: Option<Instant>,
     ) -> Result<ModelInferResponse, Status> {
         let first = self
             .pick(&self.snapshot(), None)
             .ok_or_else(|| Status::unavailable("no inference replica configured"))?;
-        let result = self.infer_on(&first, req.clone(), expected, deadline).await;
+        let result = self
+            .infer_on(&first, req.clone(), cached, expected, deadline)
+            .await;
         if let Err(s) = &result {
             // The model refused the batch's shapes: it may have been reloaded with another
             // contract since its metadata was cached. Ask again next time.
@@ -269,16 +278,20 @@ impl InferenceClient {
                 };
                 first.healthy.store(false, Ordering::Release);
                 tracing::warn!(from = %first.label, to = %second.label, "retrying batch on another replica");
-                self.infer_on(&second, req, expected, deadline).await
+                self.infer_on(&second, req, cached, expected, deadline)
+                    .await
             }
             other => other,
         }
     }
 
+    /// Sends one batch to `replica`: through shared memory where it can map it, else over
+    /// gRPC, with `cached` rows named (the replica's tensor cache holds them) or sent.
     async fn infer_on(
         &self,
         replica: &Replica,
         mut req: ModelInferRequest,
+        cached: Option<&CachedInput>,
         expected: &Expected,
         deadline: Option<Instant>,
     ) -> Result<ModelInferResponse, Status> {
@@ -297,35 +310,99 @@ impl InferenceClient {
         replica.in_flight.fetch_add(1, Ordering::AcqRel);
         let _guard = InFlight(replica);
         if let Some(pool) = &replica.shm {
-            let in_bytes: usize = req.raw_input_contents.iter().map(|b| b.len()).sum();
-            if let Some(lease) = pool.lease(in_bytes + expected.bytes).await {
-                let mut shm_req = req.clone();
-                match lease.attach(&mut shm_req, &expected.output, expected.bytes) {
-                    Ok(()) => {
-                        let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
-                        match replica.infer(shm_req, id, timeout).await {
-                            Ok(resp) => {
-                                self.shm_batches.fetch_add(1, Ordering::Relaxed);
-                                return with_result(resp, lease, in_bytes, expected);
-                            }
-                            // A restarted server forgot our regions: register anew next time,
-                            // send this batch over gRPC.
-                            Err(s)
-                                if framecast_proto::status::reason(&s)
-                                    == Some(framecast_proto::status::REASON_SHM_REGION_UNKNOWN) =>
-                            {
-                                tracing::warn!(replica = %replica.label, "shared-memory regions lost; registering again");
-                                pool.reset();
-                            }
-                            Err(s) => return Err(s),
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "batch not placed in shared memory"),
+            if pool.usable() {
+                let mut with_rows = req.clone();
+                if let Some(c) = cached {
+                    c.send_rows(&mut with_rows).await?;
+                }
+                if let Some(resp) = self
+                    .infer_shm(replica, pool, with_rows, expected, timeout)
+                    .await?
+                {
+                    return Ok(resp);
                 }
             }
         }
+        if let Some(c) = cached {
+            if replica.tensors.offered(&replica.client).await {
+                replica.tensors.ensure(&c.source).await?;
+                let mut named = req.clone();
+                c.name_rows(&mut named);
+                match self.send(replica, named, timeout).await {
+                    // Evicted, or the replica restarted: register again, once.
+                    Err(s)
+                        if framecast_proto::status::reason(&s)
+                            == Some(framecast_proto::status::REASON_TENSOR_UNKNOWN) =>
+                    {
+                        tracing::warn!(replica = %replica.label, tensor = %c.source.name(), "tensor gone from the replica's cache; registering again");
+                        replica.tensors.forget(c.source.name());
+                        replica.tensors.ensure(&c.source).await?;
+                        c.name_rows(&mut req);
+                        return self.send(replica, req, timeout).await;
+                    }
+                    other => return other,
+                }
+            }
+            c.send_rows(&mut req).await?;
+        }
+        self.send(replica, req, timeout).await
+    }
+
+    /// The batch through `pool`'s shared memory; `None` when it could not be placed there
+    /// (it goes over gRPC then).
+    async fn infer_shm(
+        &self,
+        replica: &Replica,
+        pool: &Arc<crate::shm_pool::ShmPool>,
+        req: ModelInferRequest,
+        expected: &Expected,
+        timeout: Duration,
+    ) -> Result<Option<ModelInferResponse>, Status> {
+        let in_bytes: usize = req.raw_input_contents.iter().map(|b| b.len()).sum();
+        let Some(lease) = pool.lease(in_bytes + expected.bytes).await else {
+            return Ok(None);
+        };
+        let mut shm_req = req;
+        if let Err(e) = lease.attach(&mut shm_req, &expected.output, expected.bytes) {
+            tracing::warn!(error = %e, "batch not placed in shared memory");
+            return Ok(None);
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
-        replica.infer(req, id, timeout).await
+        match replica.infer(shm_req, id, timeout).await {
+            Ok(resp) => {
+                self.shm_batches.fetch_add(1, Ordering::Relaxed);
+                with_result(resp, lease, in_bytes, expected).map(Some)
+            }
+            // A restarted server forgot our regions: register anew next time, send this
+            // batch over gRPC.
+            Err(s)
+                if framecast_proto::status::reason(&s)
+                    == Some(framecast_proto::status::REASON_SHM_REGION_UNKNOWN) =>
+            {
+                tracing::warn!(replica = %replica.label, "shared-memory regions lost; registering again");
+                pool.reset();
+                Ok(None)
+            }
+            Err(s) => Err(s),
+        }
+    }
+
+    /// The batch over gRPC, its bytes each way counted.
+    async fn send(
+        &self,
+        replica: &Replica,
+        req: ModelInferRequest,
+        timeout: Duration,
+    ) -> Result<ModelInferResponse, Status> {
+        let sent = prost::Message::encoded_len(&req);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
+        let resp = replica.infer(req, id, timeout).await?;
+        if let Some(c) = &self.opts.hop_bytes {
+            c.with_label_values(&["sent"]).inc_by(sent as u64);
+            c.with_label_values(&["received"])
+                .inc_by(prost::Message::encoded_len(&resp) as u64);
+        }
+        Ok(resp)
     }
 
     /// Metadata of `model`, cached after the first answer until a batch of it is refused

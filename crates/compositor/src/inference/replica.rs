@@ -1,6 +1,7 @@
 //! One inference endpoint: its connection, and the one long-lived `ModelStreamInfer` stream
 //! that carries every batch sent to it, answers matched to callers by request id.
 
+use super::tensors::ReplicaTensors;
 use super::ClientOptions;
 use crate::discovery::Dial;
 use crate::shm_pool::ShmPool;
@@ -43,6 +44,8 @@ pub(crate) struct Replica {
     pub(crate) in_flight: AtomicUsize,
     pub(crate) healthy: AtomicBool,
     pub(crate) shm: Option<Arc<ShmPool>>,
+    /// What its tensor cache holds of ours.
+    pub(crate) tensors: ReplicaTensors,
     pub(crate) token: Option<String>,
 }
 
@@ -82,6 +85,8 @@ impl Replica {
             ),
             None => (endpoint.connect_lazy(), url.to_string()),
         };
+        let tensors =
+            ReplicaTensors::new(channel.clone(), opts.max_message_bytes, opts.token.clone());
         let client = GrpcInferenceServiceClient::new(channel)
             .max_decoding_message_size(opts.max_message_bytes)
             .max_encoding_message_size(opts.max_message_bytes);
@@ -98,6 +103,7 @@ impl Replica {
             in_flight: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
             shm,
+            tensors,
             token: opts.token.clone(),
         }))
     }

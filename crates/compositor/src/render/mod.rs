@@ -132,7 +132,8 @@ pub async fn render(
     while next < plan.count || !in_flight.is_empty() {
         while next < plan.count && in_flight.len() < opts.pipeline_depth.max(1) {
             let end = (next + batch).min(plan.count);
-            let (client, work) = (client.clone(), plan.clone());
+            let client = client.clone();
+            let (request, faces, expected) = wire::infer_request(&plan, next, end);
             let sent = Instant::now();
             let lo = next;
             in_flight.push_back((
@@ -141,13 +142,8 @@ pub async fn render(
                 sent,
                 tokio::spawn(
                     async move {
-                        let (request, expected) = tokio::task::spawn_blocking(move || {
-                            wire::infer_request(&work, lo, end)
-                        })
-                        .await
-                        .map_err(|e| Error::Internal(format!("face input task failed: {e}")))??;
                         client
-                            .infer(request, &expected, deadline)
+                            .infer(request, Some(&faces), &expected, deadline)
                             .await
                             .map_err(|s| {
                                 Error::inference(format!("inference for frames {lo}..{end}"), s)

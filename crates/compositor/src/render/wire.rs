@@ -2,9 +2,10 @@
 //! read back out of its answer, in the shapes of [`crate::face_contract`].
 
 use super::plan::Plan;
+use crate::avatar::Avatar;
 use crate::error::Error;
 use crate::face_contract;
-use crate::inference::Expected;
+use crate::inference::{CachedInput, Expected, RowSource};
 use bytes::{Bytes, BytesMut};
 use framecast_proto::echo;
 use framecast_proto::kserve::{
@@ -12,33 +13,33 @@ use framecast_proto::kserve::{
 };
 use framecast_proto::tensor::DataType;
 use rayon::prelude::*;
+use std::sync::Arc;
 
-/// The request for frames `lo..hi` of `plan`, and the output it expects back. Its id is the
-/// caller's request id and first frame, so the inference service's logs name the chunk. The
-/// face inputs are computed from the frames' face regions in parallel on the rayon pool
-/// (blocking: call it off the async runtime).
+/// The request for frames `lo..hi` of `plan`, its face input as rows of the avatar's face
+/// inputs (sent, or named where the replica caches them: [`CachedInput`]), and the output it
+/// expects back. Its id is the caller's request id and first frame, so the inference
+/// service's logs name the chunk.
 pub(super) fn infer_request(
     plan: &Plan,
     lo: usize,
     hi: usize,
-) -> Result<(ModelInferRequest, Expected), Error> {
+) -> (ModelInferRequest, CachedInput, Expected) {
     let n = hi - lo;
     let s = plan.model.crop_size as i64;
-    let per_frame = face_contract::input_bytes(s as usize);
-    let mut face = BytesMut::zeroed(n * per_frame);
-    face.par_chunks_mut(per_frame)
-        .enumerate()
-        .try_for_each(|(i, out)| {
-            let bg = plan.avatar.background_index(plan.start + (lo + i) as u64);
-            plan.avatar.face_input(bg, out)
-        })
-        .map_err(|e| Error::Internal(format!("face input: {e}")))?;
+    let rows = (lo..hi)
+        .map(|i| plan.avatar.background_index(plan.start + i as u64))
+        .collect();
+    let faces = CachedInput {
+        input: 0,
+        source: Arc::new(FaceInputs::new(plan.avatar.clone())),
+        rows,
+    };
     let mut inputs = vec![InferInputTensor::new(
         &plan.model.face_input,
         DataType::U8,
         face_contract::input_shape(n, s as usize),
     )];
-    let mut raw = vec![face.freeze()];
+    let mut raw = Vec::new();
     for (name, dt, shape, data) in &plan.conditioning {
         let per = data.len() / plan.count;
         let mut sh = shape.clone();
@@ -57,7 +58,56 @@ pub(super) fn infer_request(
         output: plan.model.output.clone(),
         bytes: n * face_contract::output_bytes(s as usize),
     };
-    Ok((request, expected))
+    (request, faces, expected)
+}
+
+/// An avatar's face inputs, one row per background frame, as a tensor the inference
+/// service's tensor cache can hold. Its name is the content's: the avatar's fingerprint
+/// (its manifest, boxes and frame files), so a name always means the same bytes, across
+/// reloads and compositors.
+pub struct FaceInputs {
+    avatar: Arc<Avatar>,
+    name: String,
+}
+
+impl FaceInputs {
+    pub fn new(avatar: Arc<Avatar>) -> Self {
+        let name = format!("faces-{:016x}", avatar.fingerprint);
+        FaceInputs { avatar, name }
+    }
+
+    fn per_row(&self) -> usize {
+        face_contract::input_bytes(self.avatar.manifest.crop_size as usize)
+    }
+}
+
+impl RowSource for FaceInputs {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn datatype(&self) -> DataType {
+        DataType::U8
+    }
+
+    fn shape(&self) -> Vec<i64> {
+        let s = self.avatar.manifest.crop_size as usize;
+        face_contract::input_shape(self.avatar.frames.len(), s)
+    }
+
+    fn all(&self) -> Result<Bytes, String> {
+        let all: Vec<usize> = (0..self.avatar.frames.len()).collect();
+        self.rows(&all)
+    }
+
+    fn rows(&self, rows: &[usize]) -> Result<Bytes, String> {
+        let per = self.per_row();
+        let mut out = BytesMut::zeroed(rows.len() * per);
+        out.par_chunks_mut(per)
+            .zip(rows.par_iter())
+            .try_for_each(|(dst, &bg)| self.avatar.face_input(bg, dst))?;
+        Ok(out.freeze())
+    }
 }
 
 /// The `n` face crops of a batch's answer, `3 x S x S` each, end to end.

@@ -149,7 +149,7 @@ async fn run(enc: Encoders, info: Arc<EncoderInfo>, batch: Vec<Ask>, n: usize) {
         .flatten();
     let result = enc
         .client
-        .infer(request, &expected, deadline)
+        .infer(request, None, &expected, deadline)
         .await
         .and_then(|r| {
             let idx = r

@@ -1,0 +1,151 @@
+//! The compositor's side of the tensor cache extension (`framecast.tensorcache.v1`): an input
+//! whose rows never change (an avatar's face inputs) is registered once with each replica
+//! that offers the extension, and batches name its rows instead of carrying them: 600 KB a
+//! frame at S = 320 becomes a few bytes. A replica without the extension (a plain Triton),
+//! or one reached through shared memory, gets the rows themselves.
+
+use bytes::Bytes;
+use framecast_proto::auth::authorize;
+use framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
+use framecast_proto::kserve::infer_parameter::ParameterChoice;
+use framecast_proto::kserve::{InferParameter, ModelInferRequest, ServerMetadataRequest};
+use framecast_proto::tensor::DataType;
+use framecast_proto::tensorcache::v1::tensor_cache_client::TensorCacheClient;
+use framecast_proto::tensorcache::v1::RegisterRequest;
+use framecast_proto::tensorcache::{EXTENSION, PARAM_ROWS, PARAM_TENSOR};
+use parking_lot::Mutex;
+use std::collections::HashSet;
+use std::sync::Arc;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+/// A tensor whose rows a batch may name instead of sending. Its methods block (they may
+/// compute the rows): they are called from blocking tasks.
+pub trait RowSource: Send + Sync {
+    /// A name unique to the tensor's content: the same name always means the same bytes.
+    fn name(&self) -> &str;
+    fn datatype(&self) -> DataType;
+    /// The whole tensor's shape; the first dimension indexes rows.
+    fn shape(&self) -> Vec<i64>;
+    /// The whole tensor, row-major.
+    fn all(&self) -> Result<Bytes, String>;
+    /// `rows`, end to end.
+    fn rows(&self, rows: &[usize]) -> Result<Bytes, String>;
+}
+
+/// One input of a batch given as rows of a [`RowSource`]: the request's `inputs[input]`
+/// carries no payload until the replica is chosen.
+#[derive(Clone)]
+pub struct CachedInput {
+    pub input: usize,
+    pub source: Arc<dyn RowSource>,
+    pub rows: Vec<usize>,
+}
+
+impl CachedInput {
+    /// Names the rows on the request's input (the replica holds the tensor).
+    pub(super) fn name_rows(&self, req: &mut ModelInferRequest) {
+        let text = |s: String| InferParameter {
+            parameter_choice: Some(ParameterChoice::StringParam(s)),
+        };
+        let rows: Vec<String> = self.rows.iter().map(|r| r.to_string()).collect();
+        if let Some(input) = req.inputs.get_mut(self.input) {
+            input
+                .parameters
+                .insert(PARAM_TENSOR.into(), text(self.source.name().to_string()));
+            input
+                .parameters
+                .insert(PARAM_ROWS.into(), text(rows.join(",")));
+        }
+    }
+
+    /// Puts the rows themselves into the request (`raw_input_contents`, in input order: the
+    /// inputs before this one are all sent by value).
+    pub(super) async fn send_rows(&self, req: &mut ModelInferRequest) -> Result<(), Status> {
+        let (source, rows) = (self.source.clone(), self.rows.clone());
+        let bytes = tokio::task::spawn_blocking(move || source.rows(&rows))
+            .await
+            .map_err(|e| Status::internal(format!("computing an input failed: {e}")))?
+            .map_err(|e| Status::internal(format!("computing an input: {e}")))?;
+        let at = self.input.min(req.raw_input_contents.len());
+        req.raw_input_contents.insert(at, bytes);
+        Ok(())
+    }
+}
+
+/// What one replica's tensor cache holds of ours.
+pub(crate) struct ReplicaTensors {
+    client: TensorCacheClient<Channel>,
+    token: Option<String>,
+    /// Whether the replica offers the extension, once asked.
+    offered: tokio::sync::OnceCell<bool>,
+    registered: Mutex<HashSet<String>>,
+    /// One registration at a time per replica (a large tensor is sent once, not by every
+    /// batch that finds it missing).
+    registering: tokio::sync::Mutex<()>,
+}
+
+impl ReplicaTensors {
+    pub(crate) fn new(channel: Channel, max_message_bytes: usize, token: Option<String>) -> Self {
+        ReplicaTensors {
+            client: TensorCacheClient::new(channel)
+                .max_decoding_message_size(max_message_bytes)
+                .max_encoding_message_size(max_message_bytes),
+            token,
+            offered: tokio::sync::OnceCell::new(),
+            registered: Mutex::new(HashSet::new()),
+            registering: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Whether the replica lists the extension in its metadata (asked once; a failed ask is
+    /// asked again next time).
+    pub(crate) async fn offered(&self, kserve: &GrpcInferenceServiceClient<Channel>) -> bool {
+        let ask = || async {
+            let req = authorize(
+                Request::new(ServerMetadataRequest {}),
+                self.token.as_deref(),
+            )?;
+            let meta = kserve.clone().server_metadata(req).await?.into_inner();
+            Ok::<_, Status>(meta.extensions.iter().any(|e| e == EXTENSION))
+        };
+        self.offered
+            .get_or_try_init(ask)
+            .await
+            .copied()
+            .unwrap_or(false)
+    }
+
+    /// Registers `source` unless the replica holds it already (as far as we know).
+    pub(crate) async fn ensure(&self, source: &Arc<dyn RowSource>) -> Result<(), Status> {
+        let name = source.name().to_string();
+        if self.registered.lock().contains(&name) {
+            return Ok(());
+        }
+        let _one = self.registering.lock().await;
+        if self.registered.lock().contains(&name) {
+            return Ok(());
+        }
+        let s = source.clone();
+        let data = tokio::task::spawn_blocking(move || s.all())
+            .await
+            .map_err(|e| Status::internal(format!("computing a tensor failed: {e}")))?
+            .map_err(|e| Status::internal(format!("computing a tensor: {e}")))?;
+        let request = RegisterRequest {
+            name: name.clone(),
+            datatype: source.datatype().as_str().to_string(),
+            shape: source.shape(),
+            data,
+        };
+        let request = authorize(Request::new(request), self.token.as_deref())?;
+        self.client.clone().register(request).await?;
+        tracing::info!(tensor = %name, "registered with the replica's tensor cache");
+        self.registered.lock().insert(name);
+        Ok(())
+    }
+
+    /// Forgets that the replica holds `name` (it said it does not).
+    pub(crate) fn forget(&self, name: &str) {
+        self.registered.lock().remove(name);
+    }
+}
