@@ -37,6 +37,8 @@ pub struct Opts {
     pub tokens: (Option<&'static str>, Option<&'static str>),
     /// How long the model waits for batch-mates (its max batch is 8).
     pub queue_delay_us: u64,
+    /// The inference server's tensor cache budget (`--tensor-cache-mib`).
+    pub tensor_cache_budget: Option<u64>,
 }
 
 impl Default for Opts {
@@ -47,6 +49,7 @@ impl Default for Opts {
             max_streams: DEFAULT_MAX_STREAMS,
             tokens: (None, None),
             queue_delay_us: 1000,
+            tensor_cache_budget: ServeOptions::default().tensor_cache_budget,
         }
     }
 }
@@ -67,6 +70,7 @@ pub async fn stack_with(root: &Path, batch: usize, o: Opts) -> Stack {
     let (models, avatars) = write_fixtures(root, o.queue_delay_us);
     let server_opts = ServeOptions {
         auth_token: o.tokens.0.map(String::from),
+        tensor_cache_budget: o.tensor_cache_budget,
         ..Default::default()
     };
     let inference = crate::spawn_inference(&models, server_opts).await;

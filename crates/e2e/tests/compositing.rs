@@ -356,3 +356,25 @@ async fn over_grpc_face_inputs_travel_as_indices_and_come_back_when_lost() {
     assert_eq!(held.tensors.len(), 1);
     assert_eq!(held.tensors[0].name, name);
 }
+
+/// A replica whose tensor cache refuses the avatar's face inputs (too large for its budget)
+/// gets the rows with each batch instead: every frame comes, correct.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tensor_the_replica_refuses_travels_as_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = Opts {
+        shared_memory: false,
+        tensor_cache_budget: Some(1024),
+        ..Default::default()
+    };
+    let s = stack_with(tmp.path(), 4, opts).await;
+    for start in [0, 8] {
+        let frames = render(&s.client, vec![request("small", start, 8)])
+            .await
+            .unwrap();
+        assert_eq!(frames.len(), 8);
+    }
+    let sent = s.metrics.inference_bytes.with_label_values(&["sent"]).get();
+    let face = 6 * CROP as u64 * CROP as u64;
+    assert!(sent >= 16 * face, "{sent} bytes: the rows did not travel");
+}

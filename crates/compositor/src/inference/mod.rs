@@ -324,8 +324,9 @@ impl InferenceClient {
             }
         }
         if let Some(c) = cached {
-            if replica.tensors.offered(&replica.client).await {
-                replica.tensors.ensure(&c.source).await?;
+            if replica.tensors.offered(&replica.client).await
+                && replica.tensors.ensure(&c.source).await?
+            {
                 let mut named = req.clone();
                 c.name_rows(&mut named);
                 match self.send(replica, named, timeout).await {
@@ -336,9 +337,10 @@ impl InferenceClient {
                     {
                         tracing::warn!(replica = %replica.label, tensor = %c.source.name(), "tensor gone from the replica's cache; registering again");
                         replica.tensors.forget(c.source.name());
-                        replica.tensors.ensure(&c.source).await?;
-                        c.name_rows(&mut req);
-                        return self.send(replica, req, timeout).await;
+                        if replica.tensors.ensure(&c.source).await? {
+                            c.name_rows(&mut req);
+                            return self.send(replica, req, timeout).await;
+                        }
                     }
                     other => return other,
                 }

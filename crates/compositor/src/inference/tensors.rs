@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::sync::Arc;
 use tonic::transport::Channel;
-use tonic::{Request, Status};
+use tonic::{Code, Request, Status};
 
 /// A tensor whose rows a batch may name instead of sending. Its methods block (they may
 /// compute the rows): they are called from blocking tasks.
@@ -80,6 +80,9 @@ pub(crate) struct ReplicaTensors {
     /// Whether the replica offers the extension, once asked.
     offered: tokio::sync::OnceCell<bool>,
     registered: Mutex<HashSet<String>>,
+    /// Names the replica refused (too large for its budget or the message limit): their
+    /// rows are sent instead, not registered again and again.
+    refused: Mutex<HashSet<String>>,
     /// One registration at a time per replica (a large tensor is sent once, not by every
     /// batch that finds it missing).
     registering: tokio::sync::Mutex<()>,
@@ -94,6 +97,7 @@ impl ReplicaTensors {
             token,
             offered: tokio::sync::OnceCell::new(),
             registered: Mutex::new(HashSet::new()),
+            refused: Mutex::new(HashSet::new()),
             registering: tokio::sync::Mutex::new(()),
         }
     }
@@ -116,15 +120,19 @@ impl ReplicaTensors {
             .unwrap_or(false)
     }
 
-    /// Registers `source` unless the replica holds it already (as far as we know).
-    pub(crate) async fn ensure(&self, source: &Arc<dyn RowSource>) -> Result<(), Status> {
+    /// Registers `source` unless the replica holds it already (as far as we know). False:
+    /// the replica will not hold it (it refused it once); send its rows instead.
+    pub(crate) async fn ensure(&self, source: &Arc<dyn RowSource>) -> Result<bool, Status> {
         let name = source.name().to_string();
         if self.registered.lock().contains(&name) {
-            return Ok(());
+            return Ok(true);
+        }
+        if self.refused.lock().contains(&name) {
+            return Ok(false);
         }
         let _one = self.registering.lock().await;
         if self.registered.lock().contains(&name) {
-            return Ok(());
+            return Ok(true);
         }
         let s = source.clone();
         let data = tokio::task::spawn_blocking(move || s.all())
@@ -138,10 +146,20 @@ impl ReplicaTensors {
             data,
         };
         let request = authorize(Request::new(request), self.token.as_deref())?;
-        self.client.clone().register(request).await?;
-        tracing::info!(tensor = %name, "registered with the replica's tensor cache");
-        self.registered.lock().insert(name);
-        Ok(())
+        match self.client.clone().register(request).await {
+            Ok(_) => {
+                tracing::info!(tensor = %name, "registered with the replica's tensor cache");
+                self.registered.lock().insert(name);
+                Ok(true)
+            }
+            // Too large for the replica's budget or the message limit: it never will be.
+            Err(s) if matches!(s.code(), Code::ResourceExhausted | Code::OutOfRange) => {
+                tracing::warn!(tensor = %name, error = %s.message(), "the replica's tensor cache refused it; its rows travel with each batch");
+                self.refused.lock().insert(name);
+                Ok(false)
+            }
+            Err(s) => Err(s),
+        }
     }
 
     /// Forgets that the replica holds `name` (it said it does not).
