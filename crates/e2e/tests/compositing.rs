@@ -300,9 +300,9 @@ async fn boxes_on_the_edges_of_odd_sized_frames_composite_correctly() {
 }
 
 /// Over gRPC, the compositor registers the avatar's face inputs with the replica's tensor
-/// cache once and sends row indices instead: the hop carries the conditioning and the
-/// answers, not the faces (counted from the real message sizes). A tensor the replica lost
-/// is registered again, with no frame lost.
+/// cache once and sends row indices instead, and asks for the crops as I420: the hop carries
+/// the conditioning and half-size answers, not the faces (counted from the real message
+/// sizes). A tensor the replica lost is registered again, with no frame lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn over_grpc_face_inputs_travel_as_indices_and_come_back_when_lost() {
     use framecast_proto::tensorcache::v1::tensor_cache_client::TensorCacheClient;
@@ -325,7 +325,9 @@ async fn over_grpc_face_inputs_travel_as_indices_and_come_back_when_lost() {
         .get();
     let face = 6 * CROP as u64 * CROP as u64;
     let audio = 32 * 16 * 16 * 4;
-    let output = 3 * CROP as u64 * CROP as u64;
+    // The crops come back as I420: half of their 3 x S x S bytes.
+    let output = framecast_proto::i420::len(1, CROP as usize, CROP as usize) as u64;
+    assert_eq!(2 * output, 3 * CROP as u64 * CROP as u64);
     assert!(
         sent < 8 * (audio + 1024),
         "{} bytes sent per frame: the face inputs ({face} B a frame) were sent",

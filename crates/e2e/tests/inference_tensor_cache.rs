@@ -225,3 +225,53 @@ async fn each_token_has_its_own_names() {
     let mut alice_infer = framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient::with_interceptor(channel, with("alice"));
     alice_infer.model_infer(request(&[0], false)).await.unwrap();
 }
+
+/// An image output asked for as I420 is the RGB answer converted (half the bytes), with its
+/// shape and format said; a wrong format or a non-image output is refused, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_output_comes_as_i420_when_asked() {
+    use framecast_proto::i420;
+    use framecast_proto::kserve::model_infer_request::InferRequestedOutputTensor;
+    let (_tmp, server) = start(Default::default()).await;
+    let mut kserve = kserve_client(server.url()).await;
+    let meta = kserve
+        .server_metadata(ServerMetadataRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(meta.extensions.iter().any(|e| e == i420::EXTENSION));
+    let rgb = kserve
+        .model_infer(request(&[1, 3], true))
+        .await
+        .unwrap()
+        .into_inner();
+    let ask = |format: &str| {
+        let mut r = request(&[1, 3], true);
+        r.outputs = vec![InferRequestedOutputTensor {
+            name: "output".into(),
+            parameters: [(i420::PARAM_FORMAT.to_string(), text(format))].into(),
+        }];
+        r
+    };
+    let yuv = kserve.model_infer(ask("i420")).await.unwrap().into_inner();
+    let (s, n) = (CROP as usize, 2);
+    assert_eq!(
+        yuv.outputs[0].shape,
+        vec![n as i64, (s * 3 / 2) as i64, s as i64]
+    );
+    assert_eq!(
+        yuv.raw_output_contents[0],
+        i420::from_planar_rgb(&rgb.raw_output_contents[0], n, s, s)
+    );
+    assert_eq!(
+        yuv.raw_output_contents[0].len() * 2,
+        rgb.raw_output_contents[0].len()
+    );
+    let e = kserve.model_infer(ask("nv12")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("outputs[0] 'output'"),
+        "{}",
+        e.message()
+    );
+}

@@ -234,12 +234,24 @@ impl InferenceService {
             (k.to_string(), p)
         })
         .collect();
+        // I420 answers are converted here, off the async threads: half the bytes to send.
+        let mut outputs = out.outputs;
+        for w in &prepared.outputs {
+            if let Some((h, wd)) = w.i420 {
+                let (rgb, n) = (std::mem::take(&mut outputs[w.index]), prepared.batch);
+                outputs[w.index] = tokio::task::spawn_blocking(move || {
+                    bytes::Bytes::from(framecast_proto::i420::from_planar_rgb(&rgb, n, h, wd))
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("I420 conversion failed: {e}")))?;
+            }
+        }
         Ok(response(
             model,
             std::mem::take(&mut req.id),
             prepared.batch,
             &prepared.outputs,
-            out.outputs,
+            outputs,
             params,
         ))
     }
@@ -309,6 +321,16 @@ fn response(
             shape: spec.batched_shape(batch),
             ..Default::default()
         };
+        if let Some((h, w)) = w.i420 {
+            use framecast_proto::i420::{FORMAT_I420, PARAM_FORMAT};
+            tensor.shape = vec![batch as i64, (h * 3 / 2) as i64, w as i64];
+            let format = InferParameter {
+                parameter_choice: Some(kserve::infer_parameter::ParameterChoice::StringParam(
+                    FORMAT_I420.into(),
+                )),
+            };
+            tensor.parameters.insert(PARAM_FORMAT.into(), format);
+        }
         match &w.shm {
             Some(slot) => {
                 let len = spec.element_bytes() * batch;
@@ -479,7 +501,10 @@ impl GrpcInferenceService for InferenceService {
             ]
             .into_iter()
             .chain(self.shm_allowed.then_some("system_shared_memory"))
-            .chain([framecast_proto::tensorcache::EXTENSION])
+            .chain([
+                framecast_proto::tensorcache::EXTENSION,
+                framecast_proto::i420::EXTENSION,
+            ])
             .map(String::from)
             .collect(),
         }))

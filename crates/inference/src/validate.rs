@@ -34,6 +34,8 @@ pub struct Prepared {
 pub struct Requested {
     pub index: usize,
     pub shm: Option<Window>,
+    /// Answer it as I420 ([`framecast_proto::i420`]): (height, width) of its images.
+    pub i420: Option<(usize, usize)>,
 }
 
 impl std::fmt::Debug for Requested {
@@ -230,7 +232,11 @@ pub fn prepare(
     let mut seen = vec![false; config.outputs.len()];
     let outputs: Vec<Requested> = if req.outputs.is_empty() {
         (0..config.outputs.len())
-            .map(|index| Requested { index, shm: None })
+            .map(|index| Requested {
+                index,
+                shm: None,
+                i420: None,
+            })
             .collect()
     } else {
         req.outputs
@@ -262,7 +268,18 @@ pub fn prepare(
                         )));
                     }
                 }
-                Ok(Requested { index, shm: slot })
+                let i420 = i420_size(&field, &config.outputs[index], &o.parameters)?;
+                if i420.is_some() && slot.is_some() {
+                    return Err(invalid(format!(
+                        "{field}: {} and shared memory do not go together",
+                        framecast_proto::i420::PARAM_FORMAT
+                    )));
+                }
+                Ok(Requested {
+                    index,
+                    shm: slot,
+                    i420,
+                })
             })
             .collect::<Result<_, _>>()?
     };
@@ -277,6 +294,36 @@ pub fn prepare(
         outputs,
         regions,
     })
+}
+
+/// The image size of an output asked for as I420, if it is: it must be UINT8 [3, H, W] with
+/// H and W even.
+fn i420_size(
+    field: &str,
+    spec: &crate::config::TensorSpec,
+    params: &HashMap<String, InferParameter>,
+) -> Result<Option<(usize, usize)>, Error> {
+    use framecast_proto::i420::{FORMAT_I420, PARAM_FORMAT};
+    let Some(p) = params.get(PARAM_FORMAT) else {
+        return Ok(None);
+    };
+    match &p.parameter_choice {
+        Some(ParameterChoice::StringParam(f)) if f == FORMAT_I420 => {}
+        _ => {
+            return Err(invalid(format!(
+                "{field}: parameter {PARAM_FORMAT} must be the string \"{FORMAT_I420}\""
+            )))
+        }
+    }
+    match (spec.datatype, spec.dims.as_slice()) {
+        (DataType::U8, &[3, h, w]) if h > 0 && w > 0 && h % 2 == 0 && w % 2 == 0 => {
+            Ok(Some((h as usize, w as usize)))
+        }
+        _ => Err(invalid(format!(
+            "{field}: only a UINT8 [3, H, W] output with even H and W can be answered as {FORMAT_I420}; this one is {} {:?}",
+            spec.datatype, spec.dims
+        ))),
+    }
 }
 
 /// The shared-memory window a tensor's parameters name, if they name one.

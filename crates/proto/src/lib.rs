@@ -39,6 +39,7 @@ pub mod tensorcache {
 pub mod auth;
 pub mod deadline;
 pub mod fault_guard;
+pub mod i420;
 pub mod shm;
 pub mod status;
 pub mod tensor;

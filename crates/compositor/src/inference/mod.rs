@@ -35,8 +35,12 @@ use crate::discovery::{self, Resolve, SystemResolver};
 use crate::shm_pool::Lease;
 use framecast_proto::auth::authorize;
 use framecast_proto::deadline::{timeout_parameter, PARAM_TIMEOUT};
+use framecast_proto::i420;
+use framecast_proto::kserve::infer_parameter::ParameterChoice;
+use framecast_proto::kserve::model_infer_request::InferRequestedOutputTensor;
 use framecast_proto::kserve::{
-    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
+    InferParameter, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
+    ModelMetadataResponse,
 };
 use framecast_telemetry::prometheus::{IntCounterVec, IntGaugeVec};
 use framecast_telemetry::tls::ClientTls;
@@ -97,6 +101,20 @@ impl Default for ClientOptions {
 pub struct Expected {
     pub output: String,
     pub bytes: usize,
+    /// The output is `n` planar RGB images of H x W (n, H, W): a replica offering I420
+    /// answers is asked for them (half the bytes), and they are turned back into RGB here.
+    pub images: Option<(usize, usize, usize)>,
+}
+
+/// `output` asked for as I420.
+fn i420_output(output: &str) -> InferRequestedOutputTensor {
+    let format = InferParameter {
+        parameter_choice: Some(ParameterChoice::StringParam(i420::FORMAT_I420.into())),
+    };
+    InferRequestedOutputTensor {
+        name: output.to_string(),
+        parameters: HashMap::from([(i420::PARAM_FORMAT.to_string(), format)]),
+    }
 }
 
 /// Puts the result the server wrote into the slot where a gRPC response would carry it.
@@ -324,12 +342,15 @@ impl InferenceClient {
             }
         }
         if let Some(c) = cached {
-            if replica.tensors.offered(&replica.client).await
+            if replica
+                .tensors
+                .offers(&replica.client, framecast_proto::tensorcache::EXTENSION)
+                .await
                 && replica.tensors.ensure(&c.source).await?
             {
                 let mut named = req.clone();
                 c.name_rows(&mut named);
-                match self.send(replica, named, timeout).await {
+                match self.send(replica, named, expected, timeout).await {
                     // Evicted, or the replica restarted: register again, once.
                     Err(s)
                         if framecast_proto::status::reason(&s)
@@ -339,7 +360,7 @@ impl InferenceClient {
                         replica.tensors.forget(c.source.name());
                         if replica.tensors.ensure(&c.source).await? {
                             c.name_rows(&mut req);
-                            return self.send(replica, req, timeout).await;
+                            return self.send(replica, req, expected, timeout).await;
                         }
                     }
                     other => return other,
@@ -347,7 +368,7 @@ impl InferenceClient {
             }
             c.send_rows(&mut req).await?;
         }
-        self.send(replica, req, timeout).await
+        self.send(replica, req, expected, timeout).await
     }
 
     /// The batch through `pool`'s shared memory; `None` when it could not be placed there
@@ -389,20 +410,56 @@ impl InferenceClient {
         }
     }
 
-    /// The batch over gRPC, its bytes each way counted.
+    /// The batch over gRPC, its bytes each way counted; image outputs asked for as I420
+    /// where the replica offers it, and turned back into RGB.
     async fn send(
         &self,
         replica: &Replica,
-        req: ModelInferRequest,
+        mut req: ModelInferRequest,
+        expected: &Expected,
         timeout: Duration,
     ) -> Result<ModelInferResponse, Status> {
+        let images = match expected.images {
+            Some(i)
+                if replica
+                    .tensors
+                    .offers(&replica.client, i420::EXTENSION)
+                    .await =>
+            {
+                req.outputs = vec![i420_output(&expected.output)];
+                Some(i)
+            }
+            _ => None,
+        };
         let sent = prost::Message::encoded_len(&req);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
-        let resp = replica.infer(req, id, timeout).await?;
+        let mut resp = replica.infer(req, id, timeout).await?;
         if let Some(c) = &self.opts.hop_bytes {
             c.with_label_values(&["sent"]).inc_by(sent as u64);
             c.with_label_values(&["received"])
                 .inc_by(prost::Message::encoded_len(&resp) as u64);
+        }
+        if let Some((n, h, w)) = images {
+            let at = resp
+                .outputs
+                .iter()
+                .position(|o| o.name == expected.output)
+                .filter(|&i| {
+                    resp.raw_output_contents.get(i).map(|b| b.len()) == Some(i420::len(n, h, w))
+                })
+                .ok_or_else(|| {
+                    Status::internal(format!(
+                        "the replica's I420 answer for '{}' is not {n} images of {h}x{w}",
+                        expected.output
+                    ))
+                })?;
+            let yuv = std::mem::take(&mut resp.raw_output_contents[at]);
+            resp.raw_output_contents[at] =
+                tokio::task::spawn_blocking(move || i420::to_planar_rgb(&yuv, n, h, w))
+                    .await
+                    .map_err(|e| Status::internal(format!("I420 conversion failed: {e}")))?
+                    .into();
+            resp.outputs[at].shape = vec![n as i64, 3, h as i64, w as i64];
         }
         Ok(resp)
     }

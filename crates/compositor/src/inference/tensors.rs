@@ -12,7 +12,7 @@ use framecast_proto::kserve::{InferParameter, ModelInferRequest, ServerMetadataR
 use framecast_proto::tensor::DataType;
 use framecast_proto::tensorcache::v1::tensor_cache_client::TensorCacheClient;
 use framecast_proto::tensorcache::v1::RegisterRequest;
-use framecast_proto::tensorcache::{EXTENSION, PARAM_ROWS, PARAM_TENSOR};
+use framecast_proto::tensorcache::{PARAM_ROWS, PARAM_TENSOR};
 use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -77,8 +77,8 @@ impl CachedInput {
 pub(crate) struct ReplicaTensors {
     client: TensorCacheClient<Channel>,
     token: Option<String>,
-    /// Whether the replica offers the extension, once asked.
-    offered: tokio::sync::OnceCell<bool>,
+    /// The extensions the replica lists, once asked.
+    extensions: tokio::sync::OnceCell<Vec<String>>,
     registered: Mutex<HashSet<String>>,
     /// Names the replica refused (too large for its budget or the message limit): their
     /// rows are sent instead, not registered again and again.
@@ -95,29 +95,32 @@ impl ReplicaTensors {
                 .max_decoding_message_size(max_message_bytes)
                 .max_encoding_message_size(max_message_bytes),
             token,
-            offered: tokio::sync::OnceCell::new(),
+            extensions: tokio::sync::OnceCell::new(),
             registered: Mutex::new(HashSet::new()),
             refused: Mutex::new(HashSet::new()),
             registering: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// Whether the replica lists the extension in its metadata (asked once; a failed ask is
+    /// Whether the replica lists `extension` in its metadata (asked once; a failed ask is
     /// asked again next time).
-    pub(crate) async fn offered(&self, kserve: &GrpcInferenceServiceClient<Channel>) -> bool {
+    pub(crate) async fn offers(
+        &self,
+        kserve: &GrpcInferenceServiceClient<Channel>,
+        extension: &str,
+    ) -> bool {
         let ask = || async {
             let req = authorize(
                 Request::new(ServerMetadataRequest {}),
                 self.token.as_deref(),
             )?;
             let meta = kserve.clone().server_metadata(req).await?.into_inner();
-            Ok::<_, Status>(meta.extensions.iter().any(|e| e == EXTENSION))
+            Ok::<_, Status>(meta.extensions)
         };
-        self.offered
+        self.extensions
             .get_or_try_init(ask)
             .await
-            .copied()
-            .unwrap_or(false)
+            .is_ok_and(|list| list.iter().any(|e| e == extension))
     }
 
     /// Registers `source` unless the replica holds it already (as far as we know). False:

@@ -57,6 +57,8 @@ pub(super) fn infer_request(
     let expected = Expected {
         output: plan.model.output.clone(),
         bytes: n * face_contract::output_bytes(s as usize),
+        // Face crops: I420 halves them where the replica offers it (S is even in practice).
+        images: (s % 2 == 0).then_some((n, s as usize, s as usize)),
     };
     (request, faces, expected)
 }
