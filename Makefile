@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 ENV = eval "$$(scripts/setup.sh)"
 
-.PHONY: demo test validate-deploy setup build build-cuda gpu-check lint fmt bench soak fuzz clean
+.PHONY: demo test validate-deploy setup build build-cuda gpu-check lint fmt bench bench-network soak fuzz clean
 
 ## Render the demo avatar end to end; output in out/demo.
 demo:
@@ -19,6 +19,11 @@ validate-deploy:
 ## The standard benchmark suite; results in out/bench/ (about 10 minutes on 2 cores).
 bench:
 	scripts/bench.sh
+
+## The compositor-to-inference hop with and without framecast's extensions, on loopback and
+## across a veth pair shaped to 10 Gbit/s and 0.2 ms (needs root; results in out/bench-network/).
+bench-network:
+	scripts/bench-network.sh
 
 ## Real-time sessions against both services for a bounded time: errors, lost frames, RSS
 ## growth (SOAK_SESSIONS, SOAK_SECONDS; results in out/soak/).

@@ -39,6 +39,8 @@ pub struct Opts {
     pub queue_delay_us: u64,
     /// The inference server's tensor cache budget (`--tensor-cache-mib`).
     pub tensor_cache_budget: Option<u64>,
+    /// The inference server offers framecast's extensions (`--framecast-extensions`).
+    pub framecast_extensions: bool,
 }
 
 impl Default for Opts {
@@ -50,6 +52,7 @@ impl Default for Opts {
             tokens: (None, None),
             queue_delay_us: 1000,
             tensor_cache_budget: ServeOptions::default().tensor_cache_budget,
+            framecast_extensions: true,
         }
     }
 }
@@ -71,6 +74,7 @@ pub async fn stack_with(root: &Path, batch: usize, o: Opts) -> Stack {
     let server_opts = ServeOptions {
         auth_token: o.tokens.0.map(String::from),
         tensor_cache_budget: o.tensor_cache_budget,
+        framecast_extensions: o.framecast_extensions,
         ..Default::default()
     };
     let inference = crate::spawn_inference(&models, server_opts).await;

@@ -380,3 +380,26 @@ async fn a_tensor_the_replica_refuses_travels_as_rows() {
     let face = 6 * CROP as u64 * CROP as u64;
     assert!(sent >= 16 * face, "{sent} bytes: the rows did not travel");
 }
+
+/// Against a server without framecast's extensions (as a plain Triton is), the compositor
+/// sends the face inputs and takes the crops as RGB: the same frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_the_extensions_the_rows_and_rgb_travel() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = Opts {
+        shared_memory: false,
+        framecast_extensions: false,
+        ..Default::default()
+    };
+    let s = stack_with(tmp.path(), 4, opts).await;
+    check_reference_composite(tmp.path(), &s).await;
+    let sent = s.metrics.inference_bytes.with_label_values(&["sent"]).get();
+    let received = s
+        .metrics
+        .inference_bytes
+        .with_label_values(&["received"])
+        .get();
+    let (face, output) = (6 * (CROP * CROP) as u64, 3 * (CROP * CROP) as u64);
+    assert!(sent >= 11 * face, "{sent}: the face inputs must travel");
+    assert!(received >= 11 * output, "{received}: the crops must come as RGB");
+}

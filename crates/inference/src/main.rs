@@ -123,6 +123,10 @@ struct ServeArgs {
     /// map their /dev/shm objects for tensors. Off: every tensor travels over gRPC.
     #[arg(long, env = "FRAMECAST_SHARED_MEMORY", default_value_t = ServeOptions::default().shared_memory, action = clap::ArgAction::Set)]
     shared_memory: bool,
+    /// Offer framecast's own protocol extensions (the tensor cache, I420 outputs). Off, the
+    /// server looks like a plain KServe v2 server and clients send every tensor.
+    #[arg(long, env = "FRAMECAST_EXTENSIONS", default_value_t = ServeOptions::default().framecast_extensions, action = clap::ArgAction::Set)]
+    framecast_extensions: bool,
     /// Shared-memory regions registered at once, all clients together; past it registration
     /// gets RESOURCE_EXHAUSTED.
     #[arg(long, env = "FRAMECAST_MAX_SHM_REGIONS", default_value_t = ServeOptions::default().max_shm_regions as u64, value_parser = clap::value_parser!(u64).range(1..=framecast_proto::fault_guard::CAPACITY as u64 / 2))]
@@ -284,6 +288,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             shared_memory: args.shared_memory,
             max_shm_regions: args.max_shm_regions as usize,
             tensor_cache_budget: (args.tensor_cache_mib > 0).then_some(args.tensor_cache_mib << 20),
+            framecast_extensions: args.framecast_extensions,
             tls,
         };
         server::serve(

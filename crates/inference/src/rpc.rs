@@ -38,6 +38,8 @@ pub struct InferenceService {
     slow_request: Duration,
     drain: Drain,
     shm_allowed: bool,
+    /// framecast's own extensions (tensor cache, I420 outputs) are offered.
+    framecast_extensions: bool,
     /// Authentication is on: a caller's bearer token names the owner of its regions.
     scoped_by_token: bool,
 }
@@ -68,6 +70,7 @@ impl InferenceService {
             slow_request,
             drain,
             shm_allowed: true,
+            framecast_extensions: true,
             scoped_by_token: false,
         }
     }
@@ -101,6 +104,13 @@ impl InferenceService {
     /// cannot have the server map their `/dev/shm` objects.
     pub fn without_shared_memory(mut self) -> Self {
         self.shm_allowed = false;
+        self
+    }
+
+    /// The same service without framecast's own extensions (tensor cache, I420 outputs):
+    /// to clients it looks like a plain KServe v2 server.
+    pub fn without_framecast_extensions(mut self) -> Self {
+        self.framecast_extensions = false;
         self
     }
 
@@ -501,10 +511,14 @@ impl GrpcInferenceService for InferenceService {
             ]
             .into_iter()
             .chain(self.shm_allowed.then_some("system_shared_memory"))
-            .chain([
-                framecast_proto::tensorcache::EXTENSION,
-                framecast_proto::i420::EXTENSION,
-            ])
+            .chain(
+                [
+                    framecast_proto::tensorcache::EXTENSION,
+                    framecast_proto::i420::EXTENSION,
+                ]
+                .into_iter()
+                .filter(|_| self.framecast_extensions),
+            )
             .map(String::from)
             .collect(),
         }))

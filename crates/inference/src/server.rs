@@ -38,6 +38,9 @@ pub struct ServeOptions {
     /// Host memory the tensor cache extension may hold, all clients together; `None` is
     /// unlimited.
     pub tensor_cache_budget: Option<u64>,
+    /// Offer framecast's own extensions (tensor cache, I420 outputs). Off, the server looks
+    /// like a plain KServe v2 server (tests and benchmarks of the fallback).
+    pub framecast_extensions: bool,
 }
 
 /// How often regions whose object was removed or shrank are forgotten.
@@ -54,6 +57,7 @@ impl Default for ServeOptions {
             shared_memory: true,
             max_shm_regions: crate::shared_memory::DEFAULT_MAX_REGIONS,
             tensor_cache_budget: Some(4 << 30),
+            framecast_extensions: true,
         }
     }
 }
@@ -95,6 +99,9 @@ async fn serve_draining(
     if !opts.shared_memory {
         svc = svc.without_shared_memory();
     }
+    if !opts.framecast_extensions {
+        svc = svc.without_framecast_extensions();
+    }
     if auth.is_on() {
         svc = svc.scoped_by_token();
     }
@@ -116,7 +123,7 @@ async fn serve_draining(
         windows,
         opts.tls.as_ref(),
         kserve,
-        Some(cache),
+        opts.framecast_extensions.then_some(cache),
         health,
         drain,
     )

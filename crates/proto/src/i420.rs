@@ -11,37 +11,45 @@ pub const FORMAT_I420: &str = "i420";
 /// The extension's name in `ServerMetadata.extensions`.
 pub const EXTENSION: &str = "framecast_i420_output";
 
-fn clamp(v: f32) -> u8 {
-    v.round().clamp(0.0, 255.0) as u8
+fn clamp(v: i32) -> u8 {
+    v.clamp(0, 255) as u8
 }
+
+// BT.601 full range in 16-bit fixed point, as libjpeg computes it (integer arithmetic, which
+// the compiler vectorises; a frame's crop converts in well under a millisecond).
+const YR: i32 = 19_595;
+const YG: i32 = 38_470;
+const YB: i32 = 7_471;
+const CBR: i32 = -11_059;
+const CBG: i32 = -21_709;
+const CRG: i32 = -27_439;
+const CRB: i32 = -5_329;
+const HALF: i32 = 32_768;
 
 /// `n` planar RGB images of `h` x `w` to I420.
 pub fn from_planar_rgb(rgb: &[u8], n: usize, h: usize, w: usize) -> Vec<u8> {
     let (px, cw, ch) = (h * w, w / 2, h / 2);
     let mut out = vec![0u8; n * (px + 2 * cw * ch)];
-    for (img, dst) in rgb
-        .chunks_exact(3 * px)
-        .zip(out.chunks_exact_mut(px + 2 * cw * ch))
-    {
+    for (img, dst) in rgb.chunks_exact(3 * px).zip(out.chunks_exact_mut(px + 2 * cw * ch)) {
         let (r, rest) = img.split_at(px);
         let (g, b) = rest.split_at(px);
         let (y, uv) = dst.split_at_mut(px);
         let (u, v) = uv.split_at_mut(cw * ch);
-        for i in 0..px {
-            let (r, g, b) = (r[i] as f32, g[i] as f32, b[i] as f32);
-            y[i] = clamp(0.299 * r + 0.587 * g + 0.114 * b);
+        for (((y, &r), &g), &b) in y.iter_mut().zip(r).zip(g).zip(b) {
+            *y = ((YR * r as i32 + YG * g as i32 + YB * b as i32 + HALF) >> 16) as u8;
         }
         for cy in 0..ch {
+            let (top, bottom) = (2 * cy * w, (2 * cy + 1) * w);
             for cx in 0..cw {
-                let (mut cb, mut cr) = (0.0f32, 0.0f32);
-                for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-                    let i = (2 * cy + dy) * w + 2 * cx + dx;
-                    let (r, g, b) = (r[i] as f32, g[i] as f32, b[i] as f32);
-                    cb += -0.168_736 * r - 0.331_264 * g + 0.5 * b;
-                    cr += 0.5 * r - 0.418_688 * g - 0.081_312 * b;
-                }
-                u[cy * cw + cx] = clamp(cb / 4.0 + 128.0);
-                v[cy * cw + cx] = clamp(cr / 4.0 + 128.0);
+                let sum = |p: &[u8]| {
+                    let (a, c) = (top + 2 * cx, bottom + 2 * cx);
+                    p[a] as i32 + p[a + 1] as i32 + p[c] as i32 + p[c + 1] as i32
+                };
+                let (sr, sg, sb) = (sum(r), sum(g), sum(b));
+                // Four pixels summed: shift by 18, not 16; +128 and rounding folded in.
+                let bias = (128 << 18) + (1 << 17);
+                u[cy * cw + cx] = clamp((CBR * sr + CBG * sg + HALF * sb + bias) >> 18);
+                v[cy * cw + cx] = clamp((HALF * sr + CRG * sg + CRB * sb + bias) >> 18);
             }
         }
     }
@@ -52,23 +60,20 @@ pub fn from_planar_rgb(rgb: &[u8], n: usize, h: usize, w: usize) -> Vec<u8> {
 pub fn to_planar_rgb(i420: &[u8], n: usize, h: usize, w: usize) -> Vec<u8> {
     let (px, cw, ch) = (h * w, w / 2, h / 2);
     let mut out = vec![0u8; n * 3 * px];
-    for (src, img) in i420
-        .chunks_exact(px + 2 * cw * ch)
-        .zip(out.chunks_exact_mut(3 * px))
-    {
+    for (src, img) in i420.chunks_exact(px + 2 * cw * ch).zip(out.chunks_exact_mut(3 * px)) {
         let (y, uv) = src.split_at(px);
         let (u, v) = uv.split_at(cw * ch);
         let (r, rest) = img.split_at_mut(px);
         let (g, b) = rest.split_at_mut(px);
         for row in 0..h {
+            let crow = (row / 2).min(ch.saturating_sub(1)) * cw;
             for col in 0..w {
                 let i = row * w + col;
-                let c =
-                    (row / 2).min(ch.saturating_sub(1)) * cw + (col / 2).min(cw.saturating_sub(1));
-                let (yy, cb, cr) = (y[i] as f32, u[c] as f32 - 128.0, v[c] as f32 - 128.0);
-                r[i] = clamp(yy + 1.402 * cr);
-                g[i] = clamp(yy - 0.344_136 * cb - 0.714_136 * cr);
-                b[i] = clamp(yy + 1.772 * cb);
+                let c = crow + (col / 2).min(cw.saturating_sub(1));
+                let (yy, cb, cr) = (y[i] as i32, u[c] as i32 - 128, v[c] as i32 - 128);
+                r[i] = clamp(yy + ((91_881 * cr + HALF) >> 16));
+                g[i] = clamp(yy - ((22_554 * cb + 46_802 * cr + HALF) >> 16));
+                b[i] = clamp(yy + ((116_130 * cb + HALF) >> 16));
             }
         }
     }
