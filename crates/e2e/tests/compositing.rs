@@ -401,5 +401,8 @@ async fn without_the_extensions_the_rows_and_rgb_travel() {
         .get();
     let (face, output) = (6 * (CROP * CROP) as u64, 3 * (CROP * CROP) as u64);
     assert!(sent >= 11 * face, "{sent}: the face inputs must travel");
-    assert!(received >= 11 * output, "{received}: the crops must come as RGB");
+    assert!(
+        received >= 11 * output,
+        "{received}: the crops must come as RGB"
+    );
 }

@@ -30,7 +30,10 @@ const HALF: i32 = 32_768;
 pub fn from_planar_rgb(rgb: &[u8], n: usize, h: usize, w: usize) -> Vec<u8> {
     let (px, cw, ch) = (h * w, w / 2, h / 2);
     let mut out = vec![0u8; n * (px + 2 * cw * ch)];
-    for (img, dst) in rgb.chunks_exact(3 * px).zip(out.chunks_exact_mut(px + 2 * cw * ch)) {
+    for (img, dst) in rgb
+        .chunks_exact(3 * px)
+        .zip(out.chunks_exact_mut(px + 2 * cw * ch))
+    {
         let (r, rest) = img.split_at(px);
         let (g, b) = rest.split_at(px);
         let (y, uv) = dst.split_at_mut(px);
@@ -60,7 +63,10 @@ pub fn from_planar_rgb(rgb: &[u8], n: usize, h: usize, w: usize) -> Vec<u8> {
 pub fn to_planar_rgb(i420: &[u8], n: usize, h: usize, w: usize) -> Vec<u8> {
     let (px, cw, ch) = (h * w, w / 2, h / 2);
     let mut out = vec![0u8; n * 3 * px];
-    for (src, img) in i420.chunks_exact(px + 2 * cw * ch).zip(out.chunks_exact_mut(3 * px)) {
+    for (src, img) in i420
+        .chunks_exact(px + 2 * cw * ch)
+        .zip(out.chunks_exact_mut(3 * px))
+    {
         let (y, uv) = src.split_at(px);
         let (u, v) = uv.split_at(cw * ch);
         let (r, rest) = img.split_at_mut(px);
