@@ -209,21 +209,16 @@ impl TensorCache {
     }
 }
 
-/// Names are one safe token: letters, digits, `.`, `_`, `-`, at most 255.
+/// Names follow the rule of model names (letters, digits, `.`, `_`, `-`; 1 to 255; not
+/// starting with `.`).
 fn check_name(name: &str) -> Result<(), Error> {
-    let ok = !name.is_empty()
-        && name.len() <= 255
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(format!(
-            "name {}: letters, digits, '.', '_' or '-', 1 to 255 of them",
-            echo(&format!("{name:?}"))
-        )))
-    }
+    use crate::repository::RepoError;
+    crate::repository::check_name(name).map_err(|e| match e {
+        RepoError::InvalidName { name, reason } => invalid(format!(
+            "name {name:?} is invalid: {reason} (letters, digits, '.', '_', '-')"
+        )),
+        other => invalid(format!("name: {other}")),
+    })
 }
 
 /// The extension's RPCs.
