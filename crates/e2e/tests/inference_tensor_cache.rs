@@ -67,6 +67,7 @@ fn register(name: &str, data: Bytes) -> RegisterRequest {
         datatype: "UINT8".into(),
         shape: vec![(data.len() / ROW) as i64, 6, CROP, CROP],
         data,
+        first_row: 0,
     }
 }
 
@@ -120,6 +121,20 @@ async fn rows_named_by_index_give_the_answer_rows_sent_by_value_give() {
     let size = |r: &ModelInferRequest| prost::Message::encoded_len(r);
     let saved = size(&request(&rows, true)) - size(&request(&rows, false));
     assert!(saved > 4 * ROW - 64, "{saved} bytes saved");
+    // The same tensor in two parts answers the same.
+    let all = faces();
+    for (first, rows) in [(0usize, 0..3usize), (3, 3..ROWS)] {
+        let mut part = register("faces", all.slice(rows.start * ROW..rows.end * ROW));
+        part.shape = vec![ROWS as i64, 6, CROP, CROP];
+        part.first_row = first as u64;
+        cache.register(part).await.unwrap();
+    }
+    let parts = kserve
+        .model_infer(request(&rows, false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(parts.raw_output_contents, by_value.raw_output_contents);
     let status = cache.status(StatusRequest {}).await.unwrap().into_inner();
     assert_eq!(status.tensors.len(), 1);
     assert_eq!(status.tensors[0].shape, vec![ROWS as i64, 6, CROP, CROP]);

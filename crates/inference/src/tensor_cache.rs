@@ -17,6 +17,7 @@ use framecast_proto::echo;
 use framecast_proto::tensor::{self, DataType};
 use framecast_proto::tensorcache::v1;
 use framecast_telemetry::prometheus::IntGauge;
+use std::collections::HashMap;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -38,6 +39,16 @@ pub struct TensorCache {
     /// Loads never fail (the value is the registration itself): the error type is unused.
     cache: BudgetCache<Cached, String>,
     budget: Option<u64>,
+    /// Registrations in parts under way, one per owner (keyed by the owner alone).
+    pending: parking_lot::Mutex<HashMap<String, Pending>>,
+}
+
+/// A tensor registered in parts, until its last row arrives.
+struct Pending {
+    name: String,
+    datatype: DataType,
+    shape: Vec<i64>,
+    data: BytesMut,
 }
 
 /// Keeps the bytes gauge current.
@@ -68,6 +79,7 @@ impl TensorCache {
         TensorCache {
             cache: BudgetCache::new(budget, |_, _| false, Arc::new(Gauge(bytes_gauge))),
             budget,
+            pending: Default::default(),
         }
     }
 
@@ -77,13 +89,16 @@ impl TensorCache {
         Self::new(budget, gauge)
     }
 
-    /// Registers (or replaces) `name` for `owner`; returns its size.
+    /// Registers (or replaces) `name` for `owner`, or a part of it: `data` holds the rows
+    /// from `first_row` on (all of them when `first_row` is 0 and they are all there).
+    /// Returns the bytes received so far of the tensor.
     pub async fn register(
         &self,
         owner: &Owner,
         name: &str,
         datatype: &str,
         shape: Vec<i64>,
+        first_row: u64,
         data: Bytes,
     ) -> Result<u64, Error> {
         check_name(name)?;
@@ -95,8 +110,73 @@ impl TensorCache {
                 echo(&format!("{shape:?}"))
             )));
         }
-        tensor::check_byte_len(datatype, &shape, data.len())
-            .map_err(|e| invalid(format!("data: {e}")))?;
+        let total =
+            tensor::byte_len(datatype, &shape).map_err(|e| invalid(format!("shape: {e}")))?;
+        let rows = shape[0] as u64;
+        let per_row = total / rows as usize;
+        if self.budget.is_some_and(|b| total as u64 > b) {
+            return Err(self.refusal(
+                name,
+                CacheError::TooLarge {
+                    need: total as u64,
+                    budget: self.budget.unwrap_or(0),
+                },
+            ));
+        }
+        if data.is_empty() || data.len() % per_row.max(1) != 0 {
+            return Err(invalid(format!(
+                "data: {} bytes is not a whole number of rows of {per_row} bytes",
+                data.len()
+            )));
+        }
+        let last = first_row + (data.len() / per_row.max(1)) as u64;
+        if last > rows {
+            return Err(invalid(format!(
+                "data: rows {first_row}..{last} run past the tensor's {rows}"
+            )));
+        }
+        let whole = {
+            let mut pending = self.pending.lock();
+            let k = key(owner, "");
+            if first_row == 0 {
+                pending.remove(&k);
+            }
+            let p = match pending.get_mut(&k) {
+                Some(p) if first_row > 0 => p,
+                None if first_row == 0 => pending.entry(k.clone()).or_insert(Pending {
+                    name: name.to_string(),
+                    datatype,
+                    shape: shape.clone(),
+                    data: BytesMut::with_capacity(if last == rows { 0 } else { total }),
+                }),
+                _ => {
+                    return Err(invalid(format!(
+                        "first_row {first_row}: no registration in parts of '{name}' is under way (start with first_row 0)"
+                    )))
+                }
+            };
+            let next = (p.data.len() / per_row.max(1)) as u64;
+            if p.name != name || p.datatype != datatype || p.shape != shape || next != first_row {
+                return Err(invalid(format!(
+                    "first_row {first_row}: the registration under way is '{}' {} {:?}, next row {next}",
+                    p.name, p.datatype, p.shape
+                )));
+            }
+            if first_row == 0 && last == rows {
+                pending.remove(&k);
+                Some(data)
+            } else {
+                p.data.extend_from_slice(&data);
+                if last == rows {
+                    pending.remove(&k).map(|p| p.data.freeze())
+                } else {
+                    None
+                }
+            }
+        };
+        let Some(data) = whole else {
+            return Ok(last * per_row as u64);
+        };
         let size = data.len() as u64;
         let k = key(owner, name);
         self.cache.remove(&k);
@@ -110,17 +190,21 @@ impl TensorCache {
             .cache
             .get_or_load(&k, || Ok(size), |_| async move { Ok((value, size)) })
             .await
-            .map_err(|e| match e {
-                CacheError::Load(e) => Error::Internal(e),
-                CacheError::TooLarge { need, budget } => Error::Exhausted(format!(
-                    "tensor '{name}' is {need} bytes; the tensor cache's budget is {budget} bytes (--tensor-cache-mib)"
-                )),
-                CacheError::NoRoom { need, free, budget } => Error::Exhausted(format!(
-                    "tensor '{name}' is {need} bytes; {free} of the tensor cache's {budget} bytes are free and the rest is in use"
-                )),
-            })?;
+            .map_err(|e| self.refusal(name, e))?;
         drop(lease);
         Ok(size)
+    }
+
+    fn refusal(&self, name: &str, e: CacheError<String>) -> Error {
+        match e {
+            CacheError::Load(e) => Error::Internal(e),
+            CacheError::TooLarge { need, budget } => Error::Exhausted(format!(
+                "tensor '{name}' is {need} bytes; the tensor cache's budget is {budget} bytes (--tensor-cache-mib)"
+            )),
+            CacheError::NoRoom { need, free, budget } => Error::Exhausted(format!(
+                "tensor '{name}' is {need} bytes; {free} of the tensor cache's {budget} bytes are free and the rest is in use"
+            )),
+        }
     }
 
     /// Forgets `name` of `owner`; false if it was not there.
@@ -247,7 +331,7 @@ impl v1::tensor_cache_server::TensorCache for TensorCacheService {
         let r = req.into_inner();
         let byte_size = self
             .cache
-            .register(&owner, &r.name, &r.datatype, r.shape, r.data)
+            .register(&owner, &r.name, &r.datatype, r.shape, r.first_row, r.data)
             .await?;
         Ok(Response::new(v1::RegisterResponse { byte_size }))
     }
@@ -311,7 +395,7 @@ mod tests {
             Owner::from_credentials([("token", &b"a"[..])]),
             Owner::from_credentials([("token", &b"b"[..])]),
         );
-        c.register(&a, "faces", "UINT8", vec![5, 2, 2], rows(5))
+        c.register(&a, "faces", "UINT8", vec![5, 2, 2], 0, rows(5))
             .await
             .unwrap();
         let got = c
@@ -331,7 +415,7 @@ mod tests {
     async fn bad_rows_shapes_and_names_are_refused_naming_the_field() {
         let c = cache(None);
         let o = Owner::anonymous();
-        c.register(&o, "faces", "UINT8", vec![5, 2, 2], rows(5))
+        c.register(&o, "faces", "UINT8", vec![5, 2, 2], 0, rows(5))
             .await
             .unwrap();
         let err = |rows: &str, shape: &[i64], dt| {
@@ -348,7 +432,7 @@ mod tests {
         assert!(err("1", &[1, 2, 2], DataType::F32).contains("does not match"));
         for (name, shape, len) in [("../x", vec![1], 1), ("ok", vec![], 0), ("ok", vec![2], 3)] {
             let e = c
-                .register(&o, name, "UINT8", shape, Bytes::from(vec![0; len]))
+                .register(&o, name, "UINT8", shape, 0, Bytes::from(vec![0; len]))
                 .await
                 .err()
                 .unwrap();
@@ -356,21 +440,53 @@ mod tests {
         }
     }
 
+    /// A tensor registered in parts is usable once its last row is in, not before; parts out
+    /// of order are refused, naming the row expected.
+    #[tokio::test]
+    async fn a_tensor_registered_in_parts_is_whole_once_its_last_part_arrives() {
+        let c = cache(None);
+        let o = Owner::anonymous();
+        let all = rows(5);
+        let part = |a: usize, b: usize| all.slice(a * 4..b * 4);
+        let reg = |first: u64, data: Bytes| c.register(&o, "p", "UINT8", vec![5, 4], first, data);
+        assert_eq!(reg(0, part(0, 2)).await.unwrap(), 8);
+        let e = c
+            .gather(&o, "in", "p", "0", DataType::U8, &[1, 4])
+            .err()
+            .unwrap();
+        assert!(
+            matches!(e, Error::TensorUnknown(_)),
+            "usable before its last part: {e}"
+        );
+        let e = reg(3, part(3, 5)).await.err().unwrap();
+        assert!(e.to_string().contains("next row 2"), "{e}");
+        assert_eq!(reg(2, part(2, 4)).await.unwrap(), 16);
+        assert_eq!(reg(4, part(4, 5)).await.unwrap(), 20);
+        let got = c
+            .gather(&o, "in", "p", "4,1", DataType::U8, &[2, 4])
+            .unwrap();
+        assert_eq!(&got[..], &[4, 4, 4, 4, 1, 1, 1, 1]);
+        let e = reg(1, part(1, 2)).await.err().unwrap();
+        assert!(e.to_string().contains("start with first_row 0"), "{e}");
+        let e = reg(0, Bytes::from(vec![0; 3])).await.err().unwrap();
+        assert!(e.to_string().contains("whole number of rows"), "{e}");
+    }
+
     #[tokio::test]
     async fn past_the_budget_is_refused_with_the_numbers_and_old_tensors_are_evicted() {
         let c = cache(Some(30));
         let o = Owner::anonymous();
-        c.register(&o, "a", "UINT8", vec![5, 4], rows(5))
+        c.register(&o, "a", "UINT8", vec![5, 4], 0, rows(5))
             .await
             .unwrap();
         let e = c
-            .register(&o, "huge", "UINT8", vec![40], Bytes::from(vec![0; 40]))
+            .register(&o, "huge", "UINT8", vec![40], 0, Bytes::from(vec![0; 40]))
             .await
             .err()
             .unwrap();
         assert!(matches!(e, Error::Exhausted(_)));
         assert!(e.to_string().contains("40 bytes") && e.to_string().contains("30 bytes"));
-        c.register(&o, "b", "UINT8", vec![5, 4], rows(5))
+        c.register(&o, "b", "UINT8", vec![5, 4], 0, rows(5))
             .await
             .unwrap();
         // a is evicted for b: its rows are gone, and the request says so.

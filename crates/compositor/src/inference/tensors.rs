@@ -19,6 +19,9 @@ use std::sync::Arc;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
+/// Bytes per registration message: tensors larger than this are registered in parts.
+const REGISTER_PART_BYTES: usize = 64 << 20;
+
 /// A tensor whose rows a batch may name instead of sending. Its methods block (they may
 /// compute the rows): they are called from blocking tasks.
 pub trait RowSource: Send + Sync {
@@ -142,27 +145,35 @@ impl ReplicaTensors {
             .await
             .map_err(|e| Status::internal(format!("computing a tensor failed: {e}")))?
             .map_err(|e| Status::internal(format!("computing a tensor: {e}")))?;
-        let request = RegisterRequest {
-            name: name.clone(),
-            datatype: source.datatype().as_str().to_string(),
-            shape: source.shape(),
-            data,
-        };
-        let request = authorize(Request::new(request), self.token.as_deref())?;
-        match self.client.clone().register(request).await {
-            Ok(_) => {
-                tracing::info!(tensor = %name, "registered with the replica's tensor cache");
-                self.registered.lock().insert(name);
-                Ok(true)
+        let shape = source.shape();
+        let rows = shape.first().copied().unwrap_or(1).max(1) as usize;
+        let per_row = data.len() / rows;
+        // Parts well under the message limit: a 523-frame avatar's 321 MB in six.
+        let part_rows = (REGISTER_PART_BYTES / per_row.max(1)).max(1);
+        for first in (0..rows).step_by(part_rows) {
+            let end = (first + part_rows).min(rows);
+            let request = RegisterRequest {
+                name: name.clone(),
+                datatype: source.datatype().as_str().to_string(),
+                shape: shape.clone(),
+                data: data.slice(first * per_row..end * per_row),
+                first_row: first as u64,
+            };
+            let request = authorize(Request::new(request), self.token.as_deref())?;
+            match self.client.clone().register(request).await {
+                Ok(_) => {}
+                // Too large for the replica's budget or the message limit: it never will be.
+                Err(s) if matches!(s.code(), Code::ResourceExhausted | Code::OutOfRange) => {
+                    tracing::warn!(tensor = %name, error = %s.message(), "the replica's tensor cache refused it; its rows travel with each batch");
+                    self.refused.lock().insert(name);
+                    return Ok(false);
+                }
+                Err(s) => return Err(s),
             }
-            // Too large for the replica's budget or the message limit: it never will be.
-            Err(s) if matches!(s.code(), Code::ResourceExhausted | Code::OutOfRange) => {
-                tracing::warn!(tensor = %name, error = %s.message(), "the replica's tensor cache refused it; its rows travel with each batch");
-                self.refused.lock().insert(name);
-                Ok(false)
-            }
-            Err(s) => Err(s),
         }
+        tracing::info!(tensor = %name, bytes = data.len(), "registered with the replica's tensor cache");
+        self.registered.lock().insert(name);
+        Ok(true)
     }
 
     /// Forgets that the replica holds `name` (it said it does not).
