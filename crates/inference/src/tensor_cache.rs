@@ -123,7 +123,7 @@ impl TensorCache {
                 },
             ));
         }
-        if data.is_empty() || data.len() % per_row.max(1) != 0 {
+        if data.is_empty() || !data.len().is_multiple_of(per_row.max(1)) {
             return Err(invalid(format!(
                 "data: {} bytes is not a whole number of rows of {per_row} bytes",
                 data.len()
