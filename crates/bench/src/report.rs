@@ -343,17 +343,30 @@ impl Report {
 
 /// CPU time (user + system) this process has used.
 pub fn cpu_time() -> Duration {
-    // /proc/self/stat fields 14 and 15: utime and stime in clock ticks (100 Hz on Linux).
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
+    cpu_time_of(None).unwrap_or_default()
+}
+
+/// CPU time (user + system) process `pid` (`None`: this one) has used, from /proc.
+pub fn cpu_time_of(pid: Option<u32>) -> Result<Duration, String> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_string(),
     };
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    let stat = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| format!("{path}: unreadable stat line"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    // utime and stime are fields 14 and 15 of the line; 12 and 13 after the name and state.
+    let (Some(utime), Some(stime)) = (ticks(11), ticks(12)) else {
+        return Err(format!("{path}: unreadable stat line"));
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(Duration::from_nanos((utime + stime) * 1_000_000_000 / hz))
 }
 
 #[cfg(test)]

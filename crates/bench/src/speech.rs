@@ -128,24 +128,9 @@ fn parse_cpu(s: &str) -> Result<(String, u32), String> {
     Ok((name.to_string(), pid))
 }
 
-/// CPU seconds (user + system) process `pid` has used, from /proc.
+/// CPU seconds (user + system) process `pid` has used.
 fn cpu_seconds(pid: u32) -> Result<f64, String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or("unreadable stat line")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
-    // utime and stime are fields 14 and 15 of the line; 12 and 13 after the name and state.
-    let (Some(utime), Some(stime)) = (ticks(11), ticks(12)) else {
-        return Err("unreadable stat line".into());
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok((utime + stime) / hz.max(1.0))
+    crate::report::cpu_time_of(Some(pid)).map(|d| d.as_secs_f64())
 }
 
 /// One path at one number of sessions.
