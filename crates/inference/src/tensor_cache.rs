@@ -139,33 +139,36 @@ impl TensorCache {
             let mut pending = self.pending.lock();
             let k = key(owner, "");
             if first_row == 0 {
+                // A new registration replaces the caller's one under way, if any.
                 pending.remove(&k);
-            }
-            let p = match pending.get_mut(&k) {
-                Some(p) if first_row > 0 => p,
-                None if first_row == 0 => pending.entry(k.clone()).or_insert(Pending {
-                    name: name.to_string(),
-                    datatype,
-                    shape: shape.clone(),
-                    data: BytesMut::with_capacity(if last == rows { 0 } else { total }),
-                }),
-                _ => {
+                if last == rows {
+                    Some(data)
+                } else {
+                    let mut buf = BytesMut::with_capacity(total);
+                    buf.extend_from_slice(&data);
+                    let p = Pending {
+                        name: name.to_string(),
+                        datatype,
+                        shape: shape.clone(),
+                        data: buf,
+                    };
+                    pending.insert(k, p);
+                    None
+                }
+            } else {
+                let Some(p) = pending.get_mut(&k) else {
                     return Err(invalid(format!(
                         "first_row {first_row}: no registration in parts of '{name}' is under way (start with first_row 0)"
-                    )))
+                    )));
+                };
+                let next = (p.data.len() / per_row.max(1)) as u64;
+                if p.name != name || p.datatype != datatype || p.shape != shape || next != first_row
+                {
+                    return Err(invalid(format!(
+                        "first_row {first_row}: the registration under way is '{}' {} {:?}, next row {next}",
+                        p.name, p.datatype, p.shape
+                    )));
                 }
-            };
-            let next = (p.data.len() / per_row.max(1)) as u64;
-            if p.name != name || p.datatype != datatype || p.shape != shape || next != first_row {
-                return Err(invalid(format!(
-                    "first_row {first_row}: the registration under way is '{}' {} {:?}, next row {next}",
-                    p.name, p.datatype, p.shape
-                )));
-            }
-            if first_row == 0 && last == rows {
-                pending.remove(&k);
-                Some(data)
-            } else {
                 p.data.extend_from_slice(&data);
                 if last == rows {
                     pending.remove(&k).map(|p| p.data.freeze())
