@@ -43,7 +43,8 @@ pub struct ServeOptions {
     pub framecast_extensions: bool,
 }
 
-/// How often regions whose object was removed or shrank are forgotten.
+/// How often regions whose object was removed or shrank, and abandoned tensor registrations
+/// in parts, are forgotten.
 const SHM_SWEEP: Duration = Duration::from_secs(10);
 
 impl Default for ServeOptions {
@@ -93,6 +94,7 @@ async fn serve_draining(
         opts.tensor_cache_budget,
         models.metrics().tensor_cache_bytes.clone(),
     ));
+    tensors.sweep_every(SHM_SWEEP);
     let mut svc = InferenceService::new(models, opts.slow_request, drain.clone())
         .with_shared_memory(shm)
         .with_tensor_cache(tensors.clone());

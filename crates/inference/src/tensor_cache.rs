@@ -19,6 +19,7 @@ use framecast_proto::tensorcache::v1;
 use framecast_telemetry::prometheus::IntGauge;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 
 /// One registered tensor.
@@ -49,7 +50,13 @@ struct Pending {
     datatype: DataType,
     shape: Vec<i64>,
     data: BytesMut,
+    /// When its last part arrived: an abandoned registration is dropped after
+    /// [`PENDING_TIMEOUT`].
+    touched: Instant,
 }
+
+/// How long a registration in parts may wait for its next part before it is dropped.
+pub const PENDING_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Keeps the bytes gauge current.
 struct Gauge(IntGauge);
@@ -151,6 +158,7 @@ impl TensorCache {
                         datatype,
                         shape: shape.clone(),
                         data: buf,
+                        touched: Instant::now(),
                     };
                     pending.insert(k, p);
                     None
@@ -170,6 +178,7 @@ impl TensorCache {
                     )));
                 }
                 p.data.extend_from_slice(&data);
+                p.touched = Instant::now();
                 if last == rows {
                     pending.remove(&k).map(|p| p.data.freeze())
                 } else {
@@ -196,6 +205,33 @@ impl TensorCache {
             .map_err(|e| self.refusal(name, e))?;
         drop(lease);
         Ok(size)
+    }
+
+    /// Drops registrations in parts that have waited longer than `idle` for their next part
+    /// (a client that went away must not hold their memory); returns how many.
+    pub fn forget_stale(&self, idle: Duration) -> usize {
+        let mut pending = self.pending.lock();
+        let before = pending.len();
+        pending.retain(|_, p| p.touched.elapsed() < idle);
+        before - pending.len()
+    }
+
+    /// Every `period`, for as long as the cache lives, [`Self::forget_stale`] with
+    /// [`PENDING_TIMEOUT`].
+    pub fn sweep_every(self: &Arc<Self>, period: Duration) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(cache) = weak.upgrade() else { return };
+                let dropped = cache.forget_stale(PENDING_TIMEOUT);
+                if dropped > 0 {
+                    tracing::info!(dropped, "abandoned tensor registrations in parts dropped");
+                }
+            }
+        });
     }
 
     fn refusal(&self, name: &str, e: CacheError<String>) -> Error {
@@ -473,6 +509,12 @@ mod tests {
         assert!(e.to_string().contains("start with first_row 0"), "{e}");
         let e = reg(0, Bytes::from(vec![0; 3])).await.err().unwrap();
         assert!(e.to_string().contains("whole number of rows"), "{e}");
+        // An abandoned registration in parts is dropped by the sweep, not held forever.
+        reg(0, part(0, 2)).await.unwrap();
+        assert_eq!(c.forget_stale(PENDING_TIMEOUT), 0);
+        assert_eq!(c.forget_stale(Duration::ZERO), 1);
+        let e = reg(2, part(2, 5)).await.err().unwrap();
+        assert!(e.to_string().contains("start with first_row 0"), "{e}");
     }
 
     #[tokio::test]
