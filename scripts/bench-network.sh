@@ -5,7 +5,8 @@
 # way). Model `passthrough` at S = 320 (next to no compute, so a batch's round trip is its
 # transport), the demo avatar (1280x720), shared memory off. Reports frames/s, latency, the
 # inference round trip per batch and the bytes per frame on the hop; results in
-# out/bench-network/. Needs root, iproute2 and tc for the veth part; without them that part
+# out/bench-network/ (transport.md: one batch in flight, the transport per batch; table.md:
+# throughput and bytes). Needs root, iproute2 and tc for the veth part; without them that part
 # is skipped with a message (loopback still runs).
 #
 #   BENCH_SECONDS   measured seconds per run (default 10)
@@ -30,16 +31,25 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A compositor metric's value, summed over the series matching a pattern.
+# Sums of metric series, one per pattern: `metric.py URL PATTERN...` prints them on one line.
 cat >"$out/metric.py" <<'PY'
 import re, sys, urllib.request
 text = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()
-print(sum(float(l.split()[-1]) for l in text.splitlines()
-          if not l.startswith("#") and re.match(sys.argv[2], l)))
+lines = [l for l in text.splitlines() if not l.startswith("#")]
+print(" ".join(str(sum(float(l.split()[-1]) for l in lines if re.match(p, l))) for p in sys.argv[2:]))
 PY
+# What the two phases read: frames and hop bytes, the compositor's round trip per batch, and
+# the inference server's own time per request (arrival to answer, its queue and compute
+# included): the difference is the transport, both ways, with its encoding and decoding.
+comp_series=(framecast_compositor_frames_total 'framecast_compositor_inference_bytes_total\{direction="sent"'
+  'framecast_compositor_inference_bytes_total\{direction="received"'
+  framecast_compositor_inference_seconds_sum framecast_compositor_inference_seconds_count)
+inf_series=(framecast_inference_request_seconds_sum framecast_inference_request_seconds_count)
 
-# One run: inference (extensions on or off) where $1 says, compositor and client where $2
-# says; prints a table row.
+# One run: inference (extensions on or off) where $2 says, compositor and client where $3
+# says. Phase 1 keeps one 24-frame batch in flight (concurrency 1), so a round trip is the
+# server's time plus the transport and nothing queues behind another batch; phase 2 is the
+# throughput run (concurrency 2). Appends a row to each table.
 run() { # link inf_prefix comp_prefix inf_host extensions
   local link=$1 inf_ns=$2 comp_ns=$3 host=$4 ext=$5
   $inf_ns "$bin/framecast-inference" serve --repository "$out/models" --listen "$host:18601" \
@@ -51,26 +61,39 @@ run() { # link inf_prefix comp_prefix inf_host extensions
     --inference-shared-memory false >"$out/compositor-$link-$ext.log" 2>&1 &
   local comp=$!; pids+=($comp)
   $comp_ns "$bin/framecast-bench" wait "http://$host:18601" http://127.0.0.1:18611 --timeout-s 120 >/dev/null
+  local snap="$comp_ns python3 $out/metric.py"
+  local c0 i0 c1 i1 c2
+  c0=$($snap http://127.0.0.1:18612/metrics "${comp_series[@]}")
+  i0=$($snap "http://$host:18602/metrics" "${inf_series[@]}")
+  $comp_ns "$bin/framecast-bench" compositor --url http://127.0.0.1:18611 --mode full --concurrency 1 \
+    --duration-s "$seconds" --warmup-s 0 >"$out/$link-$ext-one.txt" 2>&1
+  c1=$($snap http://127.0.0.1:18612/metrics "${comp_series[@]}")
+  i1=$($snap "http://$host:18602/metrics" "${inf_series[@]}")
   $comp_ns "$bin/framecast-bench" compositor --url http://127.0.0.1:18611 --mode full --concurrency 2 \
     --duration-s "$seconds" --warmup-s 2 --json "$out/$link-$ext.json" >"$out/$link-$ext.txt" 2>&1
-  local m=http://127.0.0.1:18612/metrics
-  local frames sent received rt_sum rt_count
-  local metric="$comp_ns python3 $out/metric.py $m"
-  frames=$($metric 'framecast_compositor_frames_total')
-  sent=$($metric 'framecast_compositor_inference_bytes_total\{direction="sent"')
-  received=$($metric 'framecast_compositor_inference_bytes_total\{direction="received"')
-  rt_sum=$($metric 'framecast_compositor_inference_seconds_sum')
-  rt_count=$($metric 'framecast_compositor_inference_seconds_count')
-  python3 - "$out/$link-$ext.json" "$link" "$ext" "$frames" "$sent" "$received" "$rt_sum" "$rt_count" <<'PY' | tee -a "$out/table.md"
+  c2=$($snap http://127.0.0.1:18612/metrics "${comp_series[@]}")
+  python3 - "$out" "$link" "$ext" "$c0" "$i0" "$c1" "$i1" "$c2" <<'PY'
 import json, sys
-l = json.load(open(sys.argv[1]))["levels"][0]
-link, ext = sys.argv[2], sys.argv[3] == "true"
-frames, sent, received, rt_sum, rt_count = map(float, sys.argv[4:9])
+out, link, ext = sys.argv[1], sys.argv[2], sys.argv[3] == "true"
+c0, i0, c1, i1, c2 = ([float(x) for x in a.split()] for a in sys.argv[4:9])
+on = "on" if ext else "off"
+# Phase 1: transport per batch = compositor round trip - the server's own time.
+rt = (c1[3] - c0[3]) / max(c1[4] - c0[4], 1)
+server = (i1[0] - i0[0]) / max(i1[1] - i0[1], 1)
+batches = c1[4] - c0[4]
+with open(f"{out}/transport.md", "a") as f:
+    f.write(f"| {link} | {on} | {batches:.0f} | {rt * 1e3:.2f} ms | {server * 1e3:.2f} ms | **{(rt - server) * 1e3:.2f} ms** |\n")
+# Phase 2: throughput and bytes.
+frames, sent, received = (c2[i] - c1[i] for i in range(3))
+rt2 = (c2[3] - c1[3]) / max(c2[4] - c1[4], 1)
+l = json.load(open(f"{out}/{link}-{'true' if ext else 'false'}.json"))["levels"][0]
 per = (sent + received) / max(frames, 1) / 1e6
-print(f"| {link} | {'on' if ext else 'off'} | {l['frames_per_s']:.0f} | {l['latency_ms']['p50']:.0f} / {l['latency_ms']['p99']:.0f} ms "
-      f"| {rt_sum / max(rt_count, 1) * 1e3:.1f} ms | {sent / max(frames, 1) / 1e6:.3f} + {received / max(frames, 1) / 1e6:.3f} = {per:.3f} MB "
-      f"| {10e9 / 8 / (per * 1e6) / 25:.0f} |")
+with open(f"{out}/table.md", "a") as f:
+    f.write(f"| {link} | {on} | {l['frames_per_s']:.0f} | {l['latency_ms']['p50']:.0f} / {l['latency_ms']['p99']:.0f} ms "
+            f"| {rt2 * 1e3:.1f} ms | {sent / max(frames, 1) / 1e6:.3f} + {received / max(frames, 1) / 1e6:.3f} = {per:.3f} MB "
+            f"| {10e9 / 8 / (per * 1e6) / 25:.0f} |\n")
 PY
+  tail -n 1 "$out/transport.md" "$out/table.md"
   kill "$comp" "$inf" 2>/dev/null || true
   wait "$comp" "$inf" 2>/dev/null || true
 }
@@ -78,7 +101,11 @@ PY
 {
   echo "| link | extensions | frames/s | latency p50 / p99 | inference round trip per 24-frame batch | MB per frame on the hop (sent + received) | 25-fps sessions per 10 Gbit/s |"
   echo "| --- | --- | --- | --- | --- | --- | --- |"
-} | tee "$out/table.md"
+} >"$out/table.md"
+{
+  echo "| link | extensions | batches | round trip per 24-frame batch | server's own time | transport (difference) |"
+  echo "| --- | --- | --- | --- | --- | --- |"
+} >"$out/transport.md"
 for ext in false true; do
   run loopback "" "" 127.0.0.1 "$ext"
 done
@@ -115,6 +142,9 @@ if ip netns add fc-inf 2>/dev/null && ip netns add fc-comp 2>/dev/null \
     run "$link" "ip netns exec fc-inf" "ip netns exec fc-comp" 10.77.0.1 "$ext"
   done
 else
-  echo "bench-network: cannot make network namespaces here (root and iproute2 needed): the veth runs are skipped" | tee -a "$out/table.md"
+  echo "bench-network: cannot make network namespaces here (root and iproute2 needed): the veth runs are skipped" | tee -a "$out/notes.txt"
 fi
-echo "bench-network: table in $out/table.md"
+echo; echo "One batch in flight: the transport per 24-frame batch"; cat "$out/transport.md"
+echo; echo "Two requests in flight: throughput and bytes"; cat "$out/table.md"
+echo "bench-network: tables in $out/transport.md and $out/table.md"
+if [ -f "$out/notes.txt" ]; then cat "$out/notes.txt"; fi

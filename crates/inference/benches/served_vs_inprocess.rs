@@ -15,7 +15,7 @@
 //! JSON report). Under `cargo test` it runs a seconds-long smoke pass on a tiny model.
 
 use bytes::Bytes;
-use framecast_inference::backend::Backend;
+use framecast_inference::backend::{Backend, Payload};
 use framecast_inference::config::ModelConfig;
 use framecast_inference::models::{ExecOptions, ModelManager};
 use framecast_inference::repository::Repository;
@@ -138,12 +138,15 @@ fn main() -> anyhow::Result<()> {
         let m =
             TorchModel::load(&dir, config.clone(), tch::Device::Cpu).map_err(anyhow::Error::msg)?;
         m.warm_up(batch).map_err(anyhow::Error::msg)?;
-        let inputs = vec![vec![face.clone()], vec![audio.clone()]];
+        let inputs = vec![
+            vec![Payload::Bytes(face.clone())],
+            vec![Payload::Bytes(audio.clone())],
+        ];
         let mut per_batch = Vec::new();
         let start = Instant::now();
         while start.elapsed().as_secs_f64() < seconds || per_batch.len() < 3 {
             let t = Instant::now();
-            m.execute(batch, &inputs).map_err(anyhow::Error::msg)?;
+            m.execute(batch, &inputs, &[]).map_err(anyhow::Error::msg)?;
             per_batch.push(t.elapsed().as_secs_f64());
         }
         batch as f64 / median(&mut per_batch)

@@ -7,7 +7,7 @@
 //! so a free instance always takes the next batch. What runs a batch is a
 //! [`Backend`](crate::backend::Backend): the batcher is tested with plain Rust ones.
 
-use crate::backend::{Backend, BackendError, ExecTimings, Executed, HostBytes};
+use crate::backend::{Backend, BackendError, ExecTimings, Executed, HostBytes, Payload};
 use crate::config::ModelConfig;
 use crate::shared_memory::Window;
 use crate::stats::ModelStats;
@@ -20,21 +20,36 @@ use tokio::sync::oneshot;
 /// One validated request: `inputs[i]` is the payload for config input `i`.
 pub struct Job {
     pub batch: usize,
-    pub inputs: Vec<Bytes>,
-    /// Per config output: the shared-memory window the worker writes this request's share
-    /// into (straight from the batch's output tensor, no copy in between), or `None` to get
-    /// it back in [`JobOutput::outputs`].
-    pub deliver: Vec<Option<Window>>,
+    pub inputs: Vec<Payload>,
+    /// Per config output, how the request wants its share.
+    pub deliver: Vec<Delivery>,
     pub enqueued: Instant,
     /// Dropped unexecuted if still queued at this instant.
     pub deadline: Option<Instant>,
     pub reply: oneshot::Sender<Result<JobOutput, JobError>>,
 }
 
+/// How a request wants its share of one output.
+#[derive(Clone, Default)]
+pub enum Delivery {
+    /// Back in [`JobOutput::outputs`], as the model made it.
+    #[default]
+    Bytes,
+    /// Back in [`JobOutput::outputs`], as I420 ([`framecast_proto::i420`]): converted by the
+    /// backend where every request of the batch asks for it (see [`JobOutput::i420`]).
+    I420,
+    /// Written into this shared-memory window (straight from the batch's output tensor, no
+    /// copy in between).
+    Window(Window),
+}
+
 impl Job {
     /// The shared-memory window config output `output` goes to, if any.
     fn window(&self, output: usize) -> Option<&Window> {
-        self.deliver.get(output).and_then(Option::as_ref)
+        match self.deliver.get(output) {
+            Some(Delivery::Window(w)) => Some(w),
+            _ => None,
+        }
     }
 }
 
@@ -64,6 +79,9 @@ pub enum JobError {
 /// delivered into shared memory).
 pub struct JobOutput {
     pub outputs: Vec<Bytes>,
+    /// Per config output: already I420 (the backend converted it). A request that asked for
+    /// I420 and finds `false` here converts its share itself.
+    pub i420: Vec<bool>,
     pub queue: Duration,
     pub compute: ExecTimings,
     /// Elements in the batch this request rode in.
@@ -183,13 +201,21 @@ fn execute<B: Backend>(
 ) {
     let started = Instant::now();
     let n_inputs = jobs[0].inputs.len();
-    let inputs: Vec<Vec<Bytes>> = (0..n_inputs)
+    let inputs: Vec<Vec<Payload>> = (0..n_inputs)
         .map(|i| jobs.iter().map(|j| j.inputs[i].clone()).collect())
+        .collect();
+    // Converted on the device only where the whole batch wants it; a mixed batch gets the
+    // model's own output and the I420 requests convert theirs on the host.
+    let i420: Vec<bool> = (0..config.outputs.len())
+        .map(|o| {
+            jobs.iter()
+                .all(|j| matches!(j.deliver.get(o), Some(Delivery::I420)))
+        })
         .collect();
     for j in &jobs {
         stats.record_queue(started - j.enqueued);
     }
-    match model.execute(size, &inputs) {
+    match model.execute(size, &inputs, &i420) {
         Ok(executed) => {
             let t = Instant::now();
             let shares = deliver(config, &executed.outputs, size, &jobs);
@@ -210,6 +236,7 @@ fn execute<B: Backend>(
                         stats.record_success(job.enqueued.elapsed());
                         Ok(JobOutput {
                             outputs,
+                            i420: executed.i420.clone(),
                             queue: started - job.enqueued,
                             compute: timings,
                             batch_size: size,
@@ -342,7 +369,12 @@ mod tests {
     }
 
     impl Backend for Echo {
-        fn execute(&self, batch: usize, inputs: &[Vec<Bytes>]) -> Result<Executed, BackendError> {
+        fn execute(
+            &self,
+            batch: usize,
+            inputs: &[Vec<Payload>],
+            _: &[bool],
+        ) -> Result<Executed, BackendError> {
             self.batches.lock().push(batch);
             if self.fail {
                 return Err(BackendError::new("echo refused the batch"));
@@ -367,10 +399,14 @@ mod tests {
     }
 
     /// Its one input, as its one output.
-    fn echoed(inputs: &[Vec<Bytes>]) -> Executed {
-        let out: Vec<u8> = inputs[0].iter().flat_map(|b| b.iter().copied()).collect();
+    fn echoed(inputs: &[Vec<Payload>]) -> Executed {
+        let out: Vec<u8> = inputs[0]
+            .iter()
+            .flat_map(|b| b.to_bytes().to_vec())
+            .collect();
         Executed {
             outputs: vec![Box::new(out)],
+            i420: Vec::new(),
             timings: ExecTimings::default(),
             spent: None,
         }
@@ -414,8 +450,8 @@ mod tests {
         let (reply, rx) = oneshot::channel();
         let job = Job {
             batch,
-            inputs: vec![Bytes::from(vec![fill; batch * ELEMENT])],
-            deliver: vec![None],
+            inputs: vec![Payload::Bytes(Bytes::from(vec![fill; batch * ELEMENT]))],
+            deliver: vec![Delivery::Bytes],
             enqueued: Instant::now(),
             deadline,
             reply,
@@ -435,7 +471,12 @@ mod tests {
     }
 
     impl Backend for Slow {
-        fn execute(&self, _: usize, inputs: &[Vec<Bytes>]) -> Result<Executed, BackendError> {
+        fn execute(
+            &self,
+            _: usize,
+            inputs: &[Vec<Payload>],
+            _: &[bool],
+        ) -> Result<Executed, BackendError> {
             std::thread::sleep(self.pause);
             self.ran.lock().push(self.id);
             Ok(echoed(inputs))

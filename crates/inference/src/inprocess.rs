@@ -3,7 +3,7 @@
 //! `framecast-bench kserve` against a server on the same host, the difference is what serving
 //! costs (gRPC, queueing, batching).
 
-use crate::backend::{Backend, ExecTimings};
+use crate::backend::{Backend, ExecTimings, Payload};
 use crate::config::ModelConfig;
 use crate::torch_model::TorchModel;
 use bytes::Bytes;
@@ -41,17 +41,24 @@ pub fn time(
     batches
         .iter()
         .map(|&batch| {
-            let inputs: Vec<Vec<Bytes>> = model
+            let inputs: Vec<Vec<Payload>> = model
                 .config()
                 .inputs
                 .iter()
-                .map(|t| vec![Bytes::from(vec![0u8; t.element_bytes() * batch])])
+                .map(|t| {
+                    vec![Payload::Bytes(Bytes::from(vec![
+                        0u8;
+                        t.element_bytes() * batch
+                    ]))]
+                })
                 .collect();
             model.warm_up(batch)?;
             let mut runs: Vec<ExecTimings> = Vec::new();
             let started = Instant::now();
             while runs.is_empty() || started.elapsed() < budget {
-                let done = model.execute(batch, &inputs).map_err(|e| e.to_string())?;
+                let done = model
+                    .execute(batch, &inputs, &[])
+                    .map_err(|e| e.to_string())?;
                 runs.push(done.timings);
             }
             let elapsed = started.elapsed().as_secs_f64();

@@ -7,15 +7,14 @@
 //! budget is full, the least recently used models that are ready, unpinned and idle (no
 //! request in flight) are evicted until the new one fits.
 
-use crate::batcher::{self, Job, JobError, JobOutput};
+use crate::backend::Payload;
+use crate::batcher::{self, Delivery, Job, JobError, JobOutput};
 use crate::config::{ModelConfig, Precision, MODEL_FILE};
 use crate::gpu;
 use crate::metrics::Metrics;
 use crate::repository::{RepoError, Repository};
-use crate::shared_memory;
 use crate::stats::ModelStats;
 use crate::torch_model::TorchModel;
-use bytes::Bytes;
 use crossbeam_channel::Sender;
 use crossbeam_channel::TrySendError;
 use framecast_cache::{BudgetCache, CacheError, Events, Lease, State};
@@ -67,13 +66,13 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Queues one validated request and waits for its share of a batch; `deliver` names,
-    /// per config output, a shared-memory slot to write the share into instead.
+    /// Queues one validated request and waits for its share of a batch; `deliver` says, per
+    /// config output, how the request wants its share.
     pub async fn infer(
         &self,
         batch: usize,
-        inputs: Vec<Bytes>,
-        deliver: Vec<Option<shared_memory::Window>>,
+        inputs: Vec<Payload>,
+        deliver: Vec<Delivery>,
         deadline: Option<Instant>,
     ) -> Result<JobOutput, JobError> {
         let (reply, rx) = oneshot::channel();

@@ -1,6 +1,7 @@
 //! The KServe v2 `GRPCInferenceService` RPCs over the [`ModelManager`]: the gRPC edge, where
 //! [`Error`]s become statuses. The transport that serves them is [`crate::server`].
 
+use crate::batcher::Delivery;
 use crate::error::{invalid, Error};
 use crate::models::{LoadedModel, ModelError, ModelManager};
 use crate::shared_memory::{Owner, SharedMemory};
@@ -198,9 +199,13 @@ impl InferenceService {
         .into_iter()
         .flatten()
         .min();
-        let mut deliver = vec![None; model.config.outputs.len()];
+        let mut deliver = vec![Delivery::Bytes; model.config.outputs.len()];
         for w in &prepared.outputs {
-            deliver[w.index] = w.shm.clone();
+            deliver[w.index] = match (&w.shm, w.i420) {
+                (Some(window), _) => Delivery::Window(window.clone()),
+                (None, Some(_)) => Delivery::I420,
+                (None, None) => Delivery::Bytes,
+            };
         }
         let out = model
             .infer(prepared.batch, prepared.inputs, deliver, deadline)
@@ -244,10 +249,12 @@ impl InferenceService {
             (k.to_string(), p)
         })
         .collect();
-        // I420 answers are converted here, off the async threads: half the bytes to send.
+        // I420 answers the batch did not convert on the device (it was mixed) are converted
+        // here, off the async threads.
         let mut outputs = out.outputs;
         for w in &prepared.outputs {
-            if let Some((h, wd)) = w.i420 {
+            let converted = out.i420.get(w.index).copied().unwrap_or(false);
+            if let (Some((h, wd)), false) = (w.i420, converted) {
                 let (rgb, n) = (std::mem::take(&mut outputs[w.index]), prepared.batch);
                 outputs[w.index] = tokio::task::spawn_blocking(move || {
                     bytes::Bytes::from(framecast_proto::i420::from_planar_rgb(&rgb, n, h, wd))

@@ -3,10 +3,15 @@
 //! frame at S = 320 that never change). Names are per client ([`Owner`]).
 //!
 //! Tensors are held in host memory under their own budget (`--tensor-cache-mib`), least
-//! recently used evicted first; a request gathers its rows when it is validated, under a
-//! lease, so an eviction afterwards cannot touch it, and a name evicted before gets NOT_FOUND
-//! with a reason the client acts on (register again). Holding them on the model's device
-//! instead, so that referenced inputs skip the host-to-device copy, is not built yet.
+//! recently used evicted first. A request holds a lease on each tensor it names from the time
+//! it is validated until its batch has run ([`Rows`]), so an eviction cannot touch it; a name
+//! evicted before gets NOT_FOUND with a reason the client acts on (register again).
+//!
+//! The first batch that uses a tensor on a device copies it there once and keeps the copy
+//! with the tensor ([`Cached::on_device`]); batches then gather their rows on the device, so
+//! a referenced input never crosses the host-to-device copy again. On the CPU the "copy" is a
+//! view of the registered bytes. Device copies go when the tensor goes; they are not charged
+//! to the models' device-memory budget (docs/extensions.md says how to size for them).
 
 use crate::error::{invalid, Error};
 use crate::rpc::owner_of;
@@ -20,6 +25,7 @@ use framecast_telemetry::prometheus::IntGauge;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tch::{Device, Tensor};
 use tonic::{Request, Response, Status};
 
 /// One registered tensor.
@@ -28,11 +34,91 @@ pub struct Cached {
     pub datatype: DataType,
     pub shape: Vec<i64>,
     pub data: Bytes,
+    /// Its copies on the devices batches have used it on (see [`Cached::on_device`]).
+    resident: parking_lot::Mutex<Vec<(Device, Tensor)>>,
 }
 
 impl Cached {
     fn row_bytes(&self) -> usize {
         self.data.len() / (self.shape[0].max(1) as usize)
+    }
+
+    /// The tensor on `device`: copied there by the first caller, the same copy after that.
+    /// On the CPU it is a view of [`Cached::data`] where the bytes are aligned for the
+    /// datatype (a copy where not). Callers read it, never write it.
+    pub fn on_device(&self, device: Device) -> Result<Tensor, String> {
+        let mut resident = self.resident.lock();
+        if let Some((_, t)) = resident.iter().find(|(d, _)| *d == device) {
+            return Ok(t.shallow_clone());
+        }
+        let kind = crate::torch_model::kind_of(self.datatype).ok_or_else(|| {
+            format!(
+                "tensor '{}': libtorch cannot hold {}",
+                self.name, self.datatype
+            )
+        })?;
+        let aligned = (self.data.as_ptr() as usize).is_multiple_of(self.datatype.size().max(1));
+        let host = if aligned {
+            let mut strides = vec![1i64; self.shape.len()];
+            for i in (0..self.shape.len().saturating_sub(1)).rev() {
+                strides[i] = strides[i + 1] * self.shape[i + 1];
+            }
+            // SAFETY: `data` holds exactly the tensor's bytes (checked at registration),
+            // aligned for its element type, and lives as long as `self`, which owns every
+            // copy of the view (`resident`) and outlives every batch using it (they hold a
+            // lease). libtorch only reads it: gathers allocate their own output.
+            unsafe {
+                Tensor::f_from_blob(self.data.as_ptr(), &self.shape, &strides, kind, Device::Cpu)
+            }
+            .map_err(|e| format!("tensor '{}': {e}", self.name))?
+        } else {
+            let t = Tensor::empty(self.shape.as_slice(), (kind, Device::Cpu));
+            // SAFETY: `t` was just allocated contiguous with exactly `data.len()` bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.data.as_ptr(),
+                    t.data_ptr() as *mut u8,
+                    self.data.len(),
+                )
+            };
+            t
+        };
+        let t = if device == Device::Cpu {
+            host
+        } else {
+            host.to_device(device)
+        };
+        resident.push((device, t.shallow_clone()));
+        Ok(t)
+    }
+}
+
+/// Rows of a cached tensor that one request names, in its order; holds the tensor (it cannot
+/// be evicted) until the request's batch has run.
+pub struct Rows {
+    lease: framecast_cache::Lease<Cached, String>,
+    /// Row indices, each checked against the tensor's first dimension.
+    pub index: Vec<i64>,
+}
+
+impl Rows {
+    pub fn tensor(&self) -> &Cached {
+        &self.lease
+    }
+
+    pub fn byte_len(&self) -> usize {
+        self.index.len() * self.lease.row_bytes()
+    }
+
+    /// The rows end to end on the host (a copy).
+    pub fn gather(&self) -> Bytes {
+        let per = self.lease.row_bytes();
+        let mut out = BytesMut::with_capacity(self.byte_len());
+        for &r in &self.index {
+            let r = r as usize;
+            out.extend_from_slice(&self.lease.data[r * per..(r + 1) * per]);
+        }
+        out.freeze()
     }
 }
 
@@ -197,6 +283,7 @@ impl TensorCache {
             datatype,
             shape,
             data,
+            resident: Default::default(),
         };
         let lease = self
             .cache
@@ -267,9 +354,9 @@ impl TensorCache {
         (self.cache.reserved(), self.budget)
     }
 
-    /// The rows `rows` (comma-separated indices) of `owner`'s tensor `name`, end to end, for
-    /// an input of `datatype` and `shape` (`field` names it in errors).
-    pub fn gather(
+    /// The rows `rows` (comma-separated indices) of `owner`'s tensor `name`, for an input of
+    /// `datatype` and `shape` (`field` names it in errors), leased until they are dropped.
+    pub fn rows(
         &self,
         owner: &Owner,
         field: &str,
@@ -277,7 +364,7 @@ impl TensorCache {
         rows: &str,
         datatype: DataType,
         shape: &[i64],
-    ) -> Result<Bytes, Error> {
+    ) -> Result<Rows, Error> {
         let lease = self
             .cache
             .lease_ready(&key(owner, name))
@@ -287,7 +374,7 @@ impl TensorCache {
                     echo(name)
                 ))
             })?;
-        let t = lease.value();
+        let t = &*lease;
         if t.datatype != datatype || shape.get(1..) != t.shape.get(1..) {
             return Err(invalid(format!(
                 "{field}: {datatype} {} does not match tensor '{}' ({} {:?}) past its first dimension",
@@ -297,16 +384,14 @@ impl TensorCache {
                 t.shape
             )));
         }
-        let per = t.row_bytes();
         let count = shape.first().copied().unwrap_or(0).max(0) as usize;
-        let mut out = BytesMut::with_capacity(count * per);
-        let mut seen = 0;
+        let mut index = Vec::with_capacity(count);
         for (i, r) in rows.split(',').enumerate() {
             let row = r
                 .trim()
-                .parse::<usize>()
+                .parse::<i64>()
                 .ok()
-                .filter(|&row| row < t.shape[0] as usize)
+                .filter(|row| (0..t.shape[0]).contains(row))
                 .ok_or_else(|| {
                     invalid(format!(
                         "{field}: framecast_rows[{i}] = {} is not a row of tensor '{}' (0..{})",
@@ -320,15 +405,15 @@ impl TensorCache {
                     "{field}: framecast_rows names more than the input's {count} rows"
                 )));
             }
-            out.extend_from_slice(&t.data[row * per..(row + 1) * per]);
-            seen = i + 1;
+            index.push(row);
         }
-        if seen != count {
+        if index.len() != count {
             return Err(invalid(format!(
-                "{field}: framecast_rows names {seen} rows; the input's shape has {count}"
+                "{field}: framecast_rows names {} rows; the input's shape has {count}",
+                index.len()
             )));
         }
-        Ok(out.freeze())
+        Ok(Rows { lease, index })
     }
 }
 
@@ -438,11 +523,12 @@ mod tests {
             .await
             .unwrap();
         let got = c
-            .gather(&a, "in", "faces", "3,0,3", DataType::U8, &[3, 2, 2])
-            .unwrap();
+            .rows(&a, "in", "faces", "3,0,3", DataType::U8, &[3, 2, 2])
+            .unwrap()
+            .gather();
         assert_eq!(&got[..], &[3, 3, 3, 3, 0, 0, 0, 0, 3, 3, 3, 3]);
         let e = c
-            .gather(&b, "in", "faces", "0", DataType::U8, &[1, 2, 2])
+            .rows(&b, "in", "faces", "0", DataType::U8, &[1, 2, 2])
             .err()
             .unwrap();
         assert!(matches!(e, Error::TensorUnknown(_)), "{e}");
@@ -458,7 +544,7 @@ mod tests {
             .await
             .unwrap();
         let err = |rows: &str, shape: &[i64], dt| {
-            c.gather(&o, "inputs[0] 'face'", "faces", rows, dt, shape)
+            c.rows(&o, "inputs[0] 'face'", "faces", rows, dt, shape)
                 .err()
                 .unwrap()
                 .to_string()
@@ -490,7 +576,7 @@ mod tests {
         let reg = |first: u64, data: Bytes| c.register(&o, "p", "UINT8", vec![5, 4], first, data);
         assert_eq!(reg(0, part(0, 2)).await.unwrap(), 8);
         let e = c
-            .gather(&o, "in", "p", "0", DataType::U8, &[1, 4])
+            .rows(&o, "in", "p", "0", DataType::U8, &[1, 4])
             .err()
             .unwrap();
         assert!(
@@ -502,8 +588,9 @@ mod tests {
         assert_eq!(reg(2, part(2, 4)).await.unwrap(), 16);
         assert_eq!(reg(4, part(4, 5)).await.unwrap(), 20);
         let got = c
-            .gather(&o, "in", "p", "4,1", DataType::U8, &[2, 4])
-            .unwrap();
+            .rows(&o, "in", "p", "4,1", DataType::U8, &[2, 4])
+            .unwrap()
+            .gather();
         assert_eq!(&got[..], &[4, 4, 4, 4, 1, 1, 1, 1]);
         let e = reg(1, part(1, 2)).await.err().unwrap();
         assert!(e.to_string().contains("start with first_row 0"), "{e}");
@@ -536,12 +623,57 @@ mod tests {
             .unwrap();
         // a is evicted for b: its rows are gone, and the request says so.
         let e = c
-            .gather(&o, "in", "a", "0", DataType::U8, &[1, 4])
+            .rows(&o, "in", "a", "0", DataType::U8, &[1, 4])
             .err()
             .unwrap();
         assert!(matches!(e, Error::TensorUnknown(_)));
         assert_eq!(c.usage(), (20, Some(30)));
         assert!(c.unregister(&o, "b"));
         assert_eq!(c.usage().0, 0);
+    }
+
+    /// Rows gathered from the tensor's device copy are the rows gathered on the host, for
+    /// aligned and unaligned registrations alike; a tensor a request holds rows of is not
+    /// evicted for another (the newcomer is refused), and is once the request is done.
+    #[tokio::test]
+    async fn device_gathers_match_the_host_and_rows_in_use_pin_their_tensor() {
+        let c = cache(Some(48));
+        let o = Owner::anonymous();
+        let data: Vec<u8> = (0..20u8).collect();
+        // Offset by one byte: an F32 view would be unaligned, so the CPU copy is made.
+        let unaligned = Bytes::from([&[0u8][..], &data].concat()).slice(1..);
+        c.register(&o, "u8", "UINT8", vec![5, 4], 0, Bytes::from(data.clone()))
+            .await
+            .unwrap();
+        c.register(&o, "f32", "FP32", vec![5, 1], 0, unaligned)
+            .await
+            .unwrap();
+        for (name, dt, shape) in [
+            ("u8", DataType::U8, [3i64, 4]),
+            ("f32", DataType::F32, [3, 1]),
+        ] {
+            let rows = c.rows(&o, "in", name, "4,0,2", dt, &shape).unwrap();
+            let t = rows.tensor().on_device(Device::Cpu).unwrap();
+            let again = rows.tensor().on_device(Device::Cpu).unwrap();
+            assert_eq!(t.data_ptr(), again.data_ptr(), "one copy per device");
+            let idx = Tensor::from_slice(&rows.index);
+            let got = t.index_select(0, &idx).contiguous();
+            let mut bytes = vec![0u8; rows.byte_len()];
+            got.copy_data_u8(&mut bytes, got.numel());
+            assert_eq!(bytes, rows.gather().to_vec(), "{name}");
+        }
+        let held = c.rows(&o, "in", "u8", "1", DataType::U8, &[1, 4]).unwrap();
+        let big = Bytes::from(vec![0u8; 36]);
+        let e = c
+            .register(&o, "big", "UINT8", vec![36], 0, big.clone())
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::Exhausted(_)), "{e}");
+        drop(held);
+        // f32 (the least recently used, unleased) goes first, then u8: both fit again.
+        c.register(&o, "big", "UINT8", vec![36], 0, big)
+            .await
+            .unwrap();
     }
 }

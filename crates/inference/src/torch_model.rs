@@ -2,7 +2,7 @@
 //! forward, and turns the outputs back into wire bytes, with u8 <-> float conversion done on
 //! the device so the wire carries u8 rather than float32.
 
-use crate::backend::{Backend, BackendError, ExecTimings, Executed, HostBytes};
+use crate::backend::{Backend, BackendError, ExecTimings, Executed, HostBytes, Payload};
 use crate::config::{ModelConfig, Precision, TensorSpec, MODEL_FILE};
 use bytes::Bytes;
 use framecast_proto::tensor::DataType;
@@ -78,13 +78,18 @@ impl TorchModel {
 
     /// Runs one forward at `batch` with zero inputs and checks the outputs against the config.
     pub fn warm_up(&self, batch: usize) -> Result<(), String> {
-        let parts: Vec<Vec<Bytes>> = self
+        let parts: Vec<Vec<Payload>> = self
             .config
             .inputs
             .iter()
-            .map(|t| vec![Bytes::from(vec![0u8; t.element_bytes() * batch])])
+            .map(|t| {
+                vec![Payload::Bytes(Bytes::from(vec![
+                    0u8;
+                    t.element_bytes() * batch
+                ]))]
+            })
             .collect();
-        self.execute(batch, &parts)
+        self.execute(batch, &parts, &[])
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
@@ -93,27 +98,47 @@ impl TorchModel {
         &self,
         spec: &TensorSpec,
         batch: usize,
-        parts: &[Bytes],
+        parts: &[Payload],
     ) -> Result<Tensor, String> {
         let kind = kind_of(spec.datatype).ok_or("unsupported datatype")?;
-        let total: usize = parts.iter().map(Bytes::len).sum();
+        let total: usize = parts.iter().map(Payload::len).sum();
         if total != spec.element_bytes() * batch {
             return Err(format!(
                 "input '{}': {} bytes for a batch of {}",
                 spec.name, total, batch
             ));
         }
-        let host = Tensor::empty(spec.batched_shape(batch), (kind, Device::Cpu));
-        // SAFETY: `host` was just allocated contiguous with exactly `total` bytes, and the
-        // parts are copied end to end without overlap; one copy, no intermediate Vec.
-        unsafe {
-            let mut dst = host.data_ptr() as *mut u8;
-            for p in parts {
-                std::ptr::copy_nonoverlapping(p.as_ptr(), dst, p.len());
-                dst = dst.add(p.len());
-            }
-        }
-        let t = host.to_device(self.device);
+        let bytes: Vec<&Bytes> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Payload::Bytes(b) => Some(b),
+                Payload::Rows(_) => None,
+            })
+            .collect();
+        let t = if bytes.len() == parts.len() {
+            // All on the host: one copy into one tensor, one copy to the device.
+            host_tensor(spec.batched_shape(batch), kind, &bytes).to_device(self.device)
+        } else {
+            // Rows of cached tensors are gathered on the device from its copy there; only
+            // the requests' own bytes cross to the device.
+            let pieces = parts
+                .iter()
+                .map(|p| match p {
+                    Payload::Bytes(b) => Ok(host_tensor(
+                        spec.batched_shape(b.len() / spec.element_bytes().max(1)),
+                        kind,
+                        &[b],
+                    )
+                    .to_device(self.device)),
+                    Payload::Rows(r) => {
+                        let on_device = r.tensor().on_device(self.device)?;
+                        let index = Tensor::from_slice(&r.index).to_device(self.device);
+                        Ok(on_device.index_select(0, &index))
+                    }
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            Tensor::cat(&pieces, 0)
+        };
         let float = match self.config.precision {
             Precision::Fp32 => Kind::Float,
             Precision::Fp16 => Kind::Half,
@@ -144,7 +169,12 @@ impl TorchModel {
 }
 
 impl Backend for TorchModel {
-    fn execute(&self, batch: usize, inputs: &[Vec<Bytes>]) -> Result<Executed, BackendError> {
+    fn execute(
+        &self,
+        batch: usize,
+        inputs: &[Vec<Payload>],
+        i420: &[bool],
+    ) -> Result<Executed, BackendError> {
         // Inference only: no autograd graph (a thread-local switch, cheap per batch).
         let _no_grad = tch::no_grad_guard();
         let t0 = Instant::now();
@@ -175,12 +205,16 @@ impl Backend for TorchModel {
             .into());
         }
         let t2 = Instant::now();
+        let converted: Vec<bool> = (0..outs.len())
+            .map(|o| i420.get(o).copied().unwrap_or(false))
+            .collect();
         let host = self
             .config
             .outputs
             .iter()
             .zip(outs)
-            .map(|(spec, t)| host_output(spec, batch, t))
+            .zip(&converted)
+            .map(|((spec, t), &i420)| host_output(spec, batch, t, i420))
             .collect::<Result<Vec<_>, _>>()?;
         if self.device != Device::Cpu {
             tch::Cuda::synchronize(device_index(self.device));
@@ -191,6 +225,7 @@ impl Backend for TorchModel {
                 .into_iter()
                 .map(|h| Box::new(h) as Box<dyn HostBytes>)
                 .collect(),
+            i420: converted,
             timings: ExecTimings {
                 input: t1 - t0,
                 infer: t2 - t1,
@@ -251,7 +286,14 @@ impl HostBytes for HostOutput {
     }
 }
 
-fn host_output(spec: &TensorSpec, batch: usize, t: Tensor) -> Result<HostOutput, String> {
+/// One output of the batch on the host; as I420 when `i420` (converted on the device, so
+/// half the bytes cross back).
+fn host_output(
+    spec: &TensorSpec,
+    batch: usize,
+    t: Tensor,
+    i420: bool,
+) -> Result<HostOutput, String> {
     let want_shape = spec.batched_shape(batch);
     if t.size() != want_shape {
         return Err(format!(
@@ -277,12 +319,144 @@ fn host_output(spec: &TensorSpec, batch: usize, t: Tensor) -> Result<HostOutput,
     } else {
         t
     };
+    let t = if i420 { to_i420(&t)? } else { t };
     let tensor = t.to_device(Device::Cpu).contiguous();
     let len = tensor.numel() * spec.datatype.size();
     Ok(HostOutput { tensor, len })
 }
 
+/// `[n, 3, H, W]` u8 RGB to `[n, H * 3 / 2, W]` u8 I420, on the tensor's device, with the same
+/// fixed-point arithmetic as [`framecast_proto::i420::from_planar_rgb`] (bit for bit).
+fn to_i420(rgb: &Tensor) -> Result<Tensor, String> {
+    use framecast_proto::i420::fixed::*;
+    let (n, h, w) = match rgb.size()[..] {
+        [n, 3, h, w] if h % 2 == 0 && w % 2 == 0 && rgb.kind() == Kind::Uint8 => (n, h, w),
+        _ => {
+            return Err(format!(
+                "I420: the output is {:?} {:?}, not u8 [n, 3, H, W] with even H and W",
+                rgb.kind(),
+                rgb.size()
+            ))
+        }
+    };
+    let x = rgb.to_kind(Kind::Int);
+    let c = |t: &Tensor, i: i64| t.select(1, i);
+    let y = (c(&x, 0) * YR as i64 + c(&x, 1) * YG as i64 + c(&x, 2) * YB as i64 + HALF as i64)
+        .bitwise_right_shift_tensor_scalar(16);
+    // Each chroma sample from the sum of its 2 x 2 pixels.
+    let s = x.reshape([n, 3, h / 2, 2, w / 2, 2]).sum_dim_intlist(
+        [3i64, 5].as_slice(),
+        false,
+        Kind::Int,
+    );
+    let chroma = |kr: i32, kg: i32, kb: i32| {
+        (c(&s, 0) * kr as i64 + c(&s, 1) * kg as i64 + c(&s, 2) * kb as i64 + CHROMA_BIAS as i64)
+            .bitwise_right_shift_tensor_scalar(18)
+            .clamp(0, 255)
+            .reshape([n, -1])
+    };
+    let planes = [
+        y.reshape([n, -1]),
+        chroma(CBR, CBG, HALF),
+        chroma(HALF, CRG, CRB),
+    ];
+    Ok(Tensor::cat(&planes, 1)
+        .to_kind(Kind::Uint8)
+        .reshape([n, h * 3 / 2, w]))
+}
+
+/// `parts` end to end in one new host tensor of `shape`: one copy, no intermediate Vec.
+fn host_tensor(shape: Vec<i64>, kind: Kind, parts: &[&Bytes]) -> Tensor {
+    let host = Tensor::empty(shape, (kind, Device::Cpu));
+    // SAFETY: `host` was just allocated contiguous, and the caller checked that the parts
+    // sum to its bytes; they are copied end to end without overlap.
+    unsafe {
+        let mut dst = host.data_ptr() as *mut u8;
+        for p in parts {
+            std::ptr::copy_nonoverlapping(p.as_ptr(), dst, p.len());
+            dst = dst.add(p.len());
+        }
+    }
+    host
+}
+
 /// libtorch errors carry a C++ backtrace after the first line; clients need the first line.
 pub fn first_line(s: &str) -> &str {
     s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s).trim()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared_memory::Owner;
+    use crate::tensor_cache::TensorCache;
+    use crate::zoo::{self, Builtin, ZooOptions};
+    use std::sync::Arc;
+
+    fn output(model: &TorchModel, n: usize, inputs: &[Vec<Payload>], i420: bool) -> Vec<u8> {
+        let done = model.execute(n, inputs, &[i420]).unwrap();
+        assert_eq!(done.i420, [i420]);
+        done.outputs[0].as_bytes().to_vec()
+    }
+
+    /// A batch mixing rows of a cached tensor (gathered from its device copy) with bytes
+    /// from requests gives the output of the same data sent whole; asked for I420, the
+    /// output is converted on the device exactly as the host converts it.
+    #[tokio::test]
+    async fn cached_rows_and_device_i420_match_bytes_and_the_host_conversion() {
+        let tmp = tempfile::tempdir().unwrap();
+        let crop = 16;
+        let opts = ZooOptions {
+            crop,
+            max_batch_size: 4,
+            max_queue_delay_us: 0,
+        };
+        let dir = zoo::write(tmp.path(), Builtin::Passthrough, &opts).unwrap();
+        let config = crate::config::ModelConfig::load(&dir).unwrap();
+        let face = config.inputs[0].element_bytes();
+        let audio = Payload::Bytes(Bytes::from(vec![0u8; 4 * config.inputs[1].element_bytes()]));
+        let model = TorchModel::load(&dir, config, Device::Cpu).unwrap();
+        // Five random faces, registered.
+        let mut state = 7u32;
+        let faces: Vec<u8> = (0..5 * face)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 24) as u8
+            })
+            .collect();
+        let cache = TensorCache::unmetered(None);
+        let owner = Owner::anonymous();
+        let shape = [5, 6, crop, crop];
+        cache
+            .register(
+                &owner,
+                "faces",
+                "UINT8",
+                shape.to_vec(),
+                0,
+                Bytes::from(faces.clone()),
+            )
+            .await
+            .unwrap();
+        let rows = |r: &str, n: i64| {
+            let rows = cache
+                .rows(&owner, "in", "faces", r, DataType::U8, &[n, 6, crop, crop])
+                .unwrap();
+            Payload::Rows(Arc::new(rows))
+        };
+        let row = |r: usize| Bytes::copy_from_slice(&faces[r * face..(r + 1) * face]);
+        let mixed = vec![
+            vec![rows("4,0", 2), Payload::Bytes(row(2)), rows("1", 1)],
+            vec![audio.clone()],
+        ];
+        let whole = Bytes::from([row(4), row(0), row(2), row(1)].concat());
+        let plain = vec![vec![Payload::Bytes(whole)], vec![audio]];
+        let rgb = output(&model, 4, &plain, false);
+        assert_eq!(output(&model, 4, &mixed, false), rgb);
+        // Passthrough answers the first three channels: the rows really were gathered.
+        assert_eq!(&rgb[..3 * face / 6], &row(4)[..3 * face / 6]);
+        let (s, n) = (crop as usize, 4);
+        let host = framecast_proto::i420::from_planar_rgb(&rgb, n, s, s);
+        assert_eq!(output(&model, 4, &mixed, true), host);
+    }
 }

@@ -1,6 +1,7 @@
 //! Checks a `ModelInferRequest` against the model's config before it reaches a queue, so every
 //! mistake comes back as INVALID_ARGUMENT naming the offending field.
 
+use crate::backend::Payload;
 use crate::config::ModelConfig;
 use crate::error::{invalid, Error};
 use crate::shared_memory::{Owner, Region, SharedMemory, Window};
@@ -20,7 +21,7 @@ use std::sync::Arc;
 pub struct Prepared {
     pub batch: usize,
     /// One payload per config input, in config order.
-    pub inputs: Vec<Bytes>,
+    pub inputs: Vec<Payload>,
     /// The outputs to return, in the order asked.
     pub outputs: Vec<Requested>,
     /// Shared-memory regions the request reads or writes: checked once it is answered, since
@@ -131,7 +132,7 @@ pub fn prepare(
         )));
     }
     let mut raw = raw.into_iter();
-    let mut slots: Vec<Option<Bytes>> = vec![None; config.inputs.len()];
+    let mut slots: Vec<Option<Payload>> = vec![None; config.inputs.len()];
     let mut batch: Option<usize> = None;
     for (i, ((input, slot), cached)) in req.inputs.iter_mut().zip(in_shm).zip(in_cache).enumerate()
     {
@@ -186,25 +187,27 @@ pub fn prepare(
         }
         batch = Some(n);
         let from_cache = match cached {
-            Some((tensor, rows)) => Some(tensors.gather(
+            Some((tensor, rows)) => Some(Payload::Rows(Arc::new(tensors.rows(
                 owner,
                 &format!("inputs[{i}] '{name}'"),
                 &tensor,
                 &rows,
                 datatype,
                 &input.shape,
-            )?),
+            )?))),
             None => None,
         };
         let payload = match slot
-            .map(|s| s.bytes())
+            .map(|s| Payload::Bytes(s.bytes()))
             .or(from_cache)
-            .or_else(|| raw.next())
+            .or_else(|| raw.next().map(Payload::Bytes))
         {
-            Some(bytes) => bytes,
+            Some(payload) => payload,
             None => match input.contents.take() {
-                Some(c) => contents_bytes(datatype, &c)
-                    .map_err(|e| invalid(format!("input '{name}': contents: {e}")))?,
+                Some(c) => Payload::Bytes(
+                    contents_bytes(datatype, &c)
+                        .map_err(|e| invalid(format!("input '{name}': contents: {e}")))?,
+                ),
                 None => {
                     return Err(invalid(format!(
                         "input '{name}' has no data (raw_input_contents or contents)"

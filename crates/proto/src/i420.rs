@@ -15,16 +15,22 @@ fn clamp(v: i32) -> u8 {
     v.clamp(0, 255) as u8
 }
 
-// BT.601 full range in 16-bit fixed point, as libjpeg computes it (integer arithmetic, which
-// the compiler vectorises; a frame's crop converts in well under a millisecond).
-const YR: i32 = 19_595;
-const YG: i32 = 38_470;
-const YB: i32 = 7_471;
-const CBR: i32 = -11_059;
-const CBG: i32 = -21_709;
-const CRG: i32 = -27_439;
-const CRB: i32 = -5_329;
-const HALF: i32 = 32_768;
+/// BT.601 full range in 16-bit fixed point, as libjpeg computes it (integer arithmetic, which
+/// the compiler vectorises; a frame's crop converts in well under a millisecond). Shared with
+/// the inference service's conversion on the model's device, which must match bit for bit.
+pub mod fixed {
+    pub const YR: i32 = 19_595;
+    pub const YG: i32 = 38_470;
+    pub const YB: i32 = 7_471;
+    pub const CBR: i32 = -11_059;
+    pub const CBG: i32 = -21_709;
+    pub const CRG: i32 = -27_439;
+    pub const CRB: i32 = -5_329;
+    pub const HALF: i32 = 32_768;
+    /// Added to a chroma sum of four pixels before the shift by 18: +128, and rounding.
+    pub const CHROMA_BIAS: i32 = (128 << 18) + (1 << 17);
+}
+use fixed::*;
 
 /// `n` planar RGB images of `h` x `w` to I420.
 pub fn from_planar_rgb(rgb: &[u8], n: usize, h: usize, w: usize) -> Vec<u8> {
@@ -49,10 +55,9 @@ pub fn from_planar_rgb(rgb: &[u8], n: usize, h: usize, w: usize) -> Vec<u8> {
                     p[a] as i32 + p[a + 1] as i32 + p[c] as i32 + p[c + 1] as i32
                 };
                 let (sr, sg, sb) = (sum(r), sum(g), sum(b));
-                // Four pixels summed: shift by 18, not 16; +128 and rounding folded in.
-                let bias = (128 << 18) + (1 << 17);
-                u[cy * cw + cx] = clamp((CBR * sr + CBG * sg + HALF * sb + bias) >> 18);
-                v[cy * cw + cx] = clamp((HALF * sr + CRG * sg + CRB * sb + bias) >> 18);
+                // Four pixels summed: shift by 18, not 16.
+                u[cy * cw + cx] = clamp((CBR * sr + CBG * sg + HALF * sb + CHROMA_BIAS) >> 18);
+                v[cy * cw + cx] = clamp((HALF * sr + CRG * sg + CRB * sb + CHROMA_BIAS) >> 18);
             }
         }
     }
