@@ -7,11 +7,12 @@
 //! it is validated until its batch has run ([`Rows`]), so an eviction cannot touch it; a name
 //! evicted before gets NOT_FOUND with a reason the client acts on (register again).
 //!
-//! The first batch that uses a tensor on a device copies it there once and keeps the copy
+//! The first batch that uses a tensor on a CUDA device copies it there once and keeps the copy
 //! with the tensor ([`Cached::on_device`]); batches then gather their rows on the device, so
-//! a referenced input never crosses the host-to-device copy again. On the CPU the "copy" is a
-//! view of the registered bytes. Device copies go when the tensor goes; they are not charged
-//! to the models' device-memory budget (docs/extensions.md says how to size for them).
+//! a referenced input never crosses the host-to-device copy again. On the CPU a batch copies
+//! its rows straight from the registered bytes into its input. Device copies go when the
+//! tensor goes; they are not charged to the models' device-memory budget
+//! (docs/operations.md says how to leave room for them).
 
 use crate::error::{invalid, Error};
 use crate::rpc::owner_of;
@@ -110,14 +111,18 @@ impl Rows {
         self.index.len() * self.lease.row_bytes()
     }
 
+    /// Each row's bytes on the host, in order.
+    pub fn slices(&self) -> impl Iterator<Item = &[u8]> {
+        let per = self.lease.row_bytes();
+        self.index
+            .iter()
+            .map(move |&r| &self.lease.data[r as usize * per..(r as usize + 1) * per])
+    }
+
     /// The rows end to end on the host (a copy).
     pub fn gather(&self) -> Bytes {
-        let per = self.lease.row_bytes();
         let mut out = BytesMut::with_capacity(self.byte_len());
-        for &r in &self.index {
-            let r = r as usize;
-            out.extend_from_slice(&self.lease.data[r * per..(r + 1) * per]);
-        }
+        self.slices().for_each(|s| out.extend_from_slice(s));
         out.freeze()
     }
 }

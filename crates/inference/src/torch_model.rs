@@ -108,36 +108,21 @@ impl TorchModel {
                 spec.name, total, batch
             ));
         }
-        let bytes: Vec<&Bytes> = parts
-            .iter()
-            .filter_map(|p| match p {
-                Payload::Bytes(b) => Some(b),
-                Payload::Rows(_) => None,
-            })
-            .collect();
-        let t = if bytes.len() == parts.len() {
-            // All on the host: one copy into one tensor, one copy to the device.
-            host_tensor(spec.batched_shape(batch), kind, &bytes).to_device(self.device)
+        let on_host =
+            self.device == Device::Cpu || parts.iter().all(|p| matches!(p, Payload::Bytes(_)));
+        let t = if on_host {
+            // One copy of every piece (rows of cached tensors straight from their registered
+            // bytes) into one host tensor, then one copy to the device if there is one.
+            let mut pieces: Vec<&[u8]> = Vec::with_capacity(parts.len());
+            for p in parts {
+                match p {
+                    Payload::Bytes(b) => pieces.push(b),
+                    Payload::Rows(r) => pieces.extend(r.slices()),
+                }
+            }
+            host_tensor(spec.batched_shape(batch), kind, &pieces).to_device(self.device)
         } else {
-            // Rows of cached tensors are gathered on the device from its copy there; only
-            // the requests' own bytes cross to the device.
-            let pieces = parts
-                .iter()
-                .map(|p| match p {
-                    Payload::Bytes(b) => Ok(host_tensor(
-                        spec.batched_shape(b.len() / spec.element_bytes().max(1)),
-                        kind,
-                        &[b],
-                    )
-                    .to_device(self.device)),
-                    Payload::Rows(r) => {
-                        let on_device = r.tensor().on_device(self.device)?;
-                        let index = Tensor::from_slice(&r.index).to_device(self.device);
-                        Ok(on_device.index_select(0, &index))
-                    }
-                })
-                .collect::<Result<Vec<_>, String>>()?;
-            Tensor::cat(&pieces, 0)
+            gathered_on(self.device, spec, kind, parts)?
         };
         let float = match self.config.precision {
             Precision::Fp32 => Kind::Float,
@@ -267,27 +252,37 @@ fn flatten_outputs(value: IValue) -> Result<Vec<Tensor>, String> {
     }
 }
 
-/// One output of a batch: contiguous on the host, in the datatype its config declares.
-pub struct HostOutput {
-    tensor: Tensor,
-    len: usize,
+/// One output of a batch: contiguous on the host, in the datatype its config declares (or
+/// as I420).
+pub enum HostOutput {
+    Tensor {
+        tensor: Tensor,
+        len: usize,
+    },
+    /// Converted to I420 on the host, the CPU being the model's device.
+    Converted(Vec<u8>),
 }
 
 impl HostBytes for HostOutput {
     /// The batch's output bytes, without a copy.
     fn as_bytes(&self) -> &[u8] {
-        if self.len == 0 {
+        let (tensor, len) = match self {
+            HostOutput::Tensor { tensor, len } => (tensor, *len),
+            HostOutput::Converted(v) => return v,
+        };
+        if len == 0 {
             return &[];
         }
         // SAFETY: `host_output` made the tensor contiguous on the CPU with `len` bytes of
         // elements at `data_ptr`; `self` owns the tensor, so the storage outlives the borrow,
         // and nothing writes to it once it is a `HostOutput`.
-        unsafe { std::slice::from_raw_parts(self.tensor.data_ptr() as *const u8, self.len) }
+        unsafe { std::slice::from_raw_parts(tensor.data_ptr() as *const u8, len) }
     }
 }
 
-/// One output of the batch on the host; as I420 when `i420` (converted on the device, so
-/// half the bytes cross back).
+/// One output of the batch on the host; as I420 when `i420`: converted on a CUDA device (so
+/// half the bytes cross back), or on the host where the CPU is the device (the fixed-point
+/// loop there is several times faster than libtorch's elementwise kernels on the CPU).
 fn host_output(
     spec: &TensorSpec,
     batch: usize,
@@ -319,26 +314,39 @@ fn host_output(
     } else {
         t
     };
-    let t = if i420 { to_i420(&t)? } else { t };
+    let on_cpu = t.device() == Device::Cpu;
+    let t = if i420 && !on_cpu { to_i420(&t)? } else { t };
     let tensor = t.to_device(Device::Cpu).contiguous();
     let len = tensor.numel() * spec.datatype.size();
-    Ok(HostOutput { tensor, len })
+    if i420 && on_cpu {
+        let (n, h, w) = image_dims(&tensor)?;
+        let rgb = HostOutput::Tensor { tensor, len };
+        let i420 = framecast_proto::i420::from_planar_rgb(rgb.as_bytes(), n, h, w);
+        return Ok(HostOutput::Converted(i420));
+    }
+    Ok(HostOutput::Tensor { tensor, len })
+}
+
+/// (n, H, W) of a u8 `[n, 3, H, W]` tensor with H and W even: what I420 takes.
+fn image_dims(rgb: &Tensor) -> Result<(usize, usize, usize), String> {
+    match rgb.size()[..] {
+        [n, 3, h, w] if h % 2 == 0 && w % 2 == 0 && rgb.kind() == Kind::Uint8 => {
+            Ok((n as usize, h as usize, w as usize))
+        }
+        _ => Err(format!(
+            "I420: the output is {:?} {:?}, not u8 [n, 3, H, W] with even H and W",
+            rgb.kind(),
+            rgb.size()
+        )),
+    }
 }
 
 /// `[n, 3, H, W]` u8 RGB to `[n, H * 3 / 2, W]` u8 I420, on the tensor's device, with the same
 /// fixed-point arithmetic as [`framecast_proto::i420::from_planar_rgb`] (bit for bit).
 fn to_i420(rgb: &Tensor) -> Result<Tensor, String> {
     use framecast_proto::i420::fixed::*;
-    let (n, h, w) = match rgb.size()[..] {
-        [n, 3, h, w] if h % 2 == 0 && w % 2 == 0 && rgb.kind() == Kind::Uint8 => (n, h, w),
-        _ => {
-            return Err(format!(
-                "I420: the output is {:?} {:?}, not u8 [n, 3, H, W] with even H and W",
-                rgb.kind(),
-                rgb.size()
-            ))
-        }
-    };
+    let (n, h, w) = image_dims(rgb)?;
+    let (n, h, w) = (n as i64, h as i64, w as i64);
     let x = rgb.to_kind(Kind::Int);
     let c = |t: &Tensor, i: i64| t.select(1, i);
     let y = (c(&x, 0) * YR as i64 + c(&x, 1) * YG as i64 + c(&x, 2) * YB as i64 + HALF as i64)
@@ -365,8 +373,33 @@ fn to_i420(rgb: &Tensor) -> Result<Tensor, String> {
         .reshape([n, h * 3 / 2, w]))
 }
 
+/// `parts` end to end as one tensor on `device`, rows of cached tensors gathered there from
+/// the tensor's copy on it: only the requests' own bytes cross to the device.
+fn gathered_on(
+    device: Device,
+    spec: &TensorSpec,
+    kind: Kind,
+    parts: &[Payload],
+) -> Result<Tensor, String> {
+    let pieces = parts
+        .iter()
+        .map(|p| match p {
+            Payload::Bytes(b) => {
+                let rows = b.len() / spec.element_bytes().max(1);
+                Ok(host_tensor(spec.batched_shape(rows), kind, &[b]).to_device(device))
+            }
+            Payload::Rows(r) => {
+                let on_device = r.tensor().on_device(device)?;
+                let index = Tensor::from_slice(&r.index).to_device(device);
+                Ok(on_device.index_select(0, &index))
+            }
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Tensor::cat(&pieces, 0))
+}
+
 /// `parts` end to end in one new host tensor of `shape`: one copy, no intermediate Vec.
-fn host_tensor(shape: Vec<i64>, kind: Kind, parts: &[&Bytes]) -> Tensor {
+fn host_tensor(shape: Vec<i64>, kind: Kind, parts: &[&[u8]]) -> Tensor {
     let host = Tensor::empty(shape, (kind, Device::Cpu));
     // SAFETY: `host` was just allocated contiguous, and the caller checked that the parts
     // sum to its bytes; they are copied end to end without overlap.
@@ -453,10 +486,22 @@ mod tests {
         let plain = vec![vec![Payload::Bytes(whole)], vec![audio]];
         let rgb = output(&model, 4, &plain, false);
         assert_eq!(output(&model, 4, &mixed, false), rgb);
+        // The gather a CUDA device runs (from the tensor's copy there), here on the CPU.
+        let spec = &model.config().inputs[0];
+        let t = gathered_on(Device::Cpu, spec, Kind::Uint8, &mixed[0]).unwrap();
+        let mut got = vec![0u8; 4 * face];
+        t.copy_data_u8(&mut got, t.numel());
+        assert_eq!(got, plain[0][0].to_bytes().to_vec());
         // Passthrough answers the first three channels: the rows really were gathered.
         assert_eq!(&rgb[..3 * face / 6], &row(4)[..3 * face / 6]);
         let (s, n) = (crop as usize, 4);
         let host = framecast_proto::i420::from_planar_rgb(&rgb, n, s, s);
         assert_eq!(output(&model, 4, &mixed, true), host);
+        // The conversion a CUDA device runs, here on the CPU: the host's, bit for bit.
+        let t = Tensor::from_slice(&rgb).reshape([n as i64, 3, crop, crop]);
+        let on_device = to_i420(&t).unwrap();
+        let mut got = vec![0u8; host.len()];
+        on_device.copy_data_u8(&mut got, on_device.numel());
+        assert_eq!(got, host);
     }
 }

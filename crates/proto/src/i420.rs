@@ -64,10 +64,14 @@ pub fn from_planar_rgb(rgb: &[u8], n: usize, h: usize, w: usize) -> Vec<u8> {
     out
 }
 
-/// `n` I420 images of `h` x `w` back to planar RGB (chroma repeated over its 2 x 2 pixels).
+/// `n` I420 images of `h` x `w` (both even) back to planar RGB, chroma repeated over its
+/// 2 x 2 pixels. Each chroma sample's three colour terms are computed once per pair of rows
+/// and added to its pixels' luma (a 24-crop batch at 320 x 320 converts several times faster
+/// than pixel by pixel).
 pub fn to_planar_rgb(i420: &[u8], n: usize, h: usize, w: usize) -> Vec<u8> {
     let (px, cw, ch) = (h * w, w / 2, h / 2);
     let mut out = vec![0u8; n * 3 * px];
+    let mut terms = vec![[0i32; 3]; cw];
     for (src, img) in i420
         .chunks_exact(px + 2 * cw * ch)
         .zip(out.chunks_exact_mut(3 * px))
@@ -76,15 +80,35 @@ pub fn to_planar_rgb(i420: &[u8], n: usize, h: usize, w: usize) -> Vec<u8> {
         let (u, v) = uv.split_at(cw * ch);
         let (r, rest) = img.split_at_mut(px);
         let (g, b) = rest.split_at_mut(px);
-        for row in 0..h {
-            let crow = (row / 2).min(ch.saturating_sub(1)) * cw;
-            for col in 0..w {
-                let i = row * w + col;
-                let c = crow + (col / 2).min(cw.saturating_sub(1));
-                let (yy, cb, cr) = (y[i] as i32, u[c] as i32 - 128, v[c] as i32 - 128);
-                r[i] = clamp(yy + ((91_881 * cr + HALF) >> 16));
-                g[i] = clamp(yy - ((22_554 * cb + 46_802 * cr + HALF) >> 16));
-                b[i] = clamp(yy + ((116_130 * cb + HALF) >> 16));
+        for cy in 0..ch {
+            for ((t, &cb), &cr) in terms
+                .iter_mut()
+                .zip(&u[cy * cw..(cy + 1) * cw])
+                .zip(&v[cy * cw..(cy + 1) * cw])
+            {
+                let (cb, cr) = (cb as i32 - 128, cr as i32 - 128);
+                *t = [
+                    (91_881 * cr + HALF) >> 16,
+                    -((22_554 * cb + 46_802 * cr + HALF) >> 16),
+                    (116_130 * cb + HALF) >> 16,
+                ];
+            }
+            for row in [2 * cy, 2 * cy + 1] {
+                let at = row * w..(row + 1) * w;
+                let (yr, rr, gr, br) = (
+                    &y[at.clone()],
+                    &mut r[at.clone()],
+                    &mut g[at.clone()],
+                    &mut b[at],
+                );
+                for (x, t) in terms.iter().enumerate() {
+                    for i in [2 * x, 2 * x + 1] {
+                        let yy = yr[i] as i32;
+                        rr[i] = clamp(yy + t[0]);
+                        gr[i] = clamp(yy + t[1]);
+                        br[i] = clamp(yy + t[2]);
+                    }
+                }
             }
         }
     }
@@ -129,5 +153,38 @@ mod tests {
             to_planar_rgb(&from_planar_rgb(&grey, 1, 2, 2), 1, 2, 2),
             grey
         );
+    }
+
+    /// The row-pair conversion gives what the per-pixel formula gives, everywhere.
+    #[test]
+    fn back_to_rgb_matches_the_per_pixel_formula() {
+        let (n, h, w) = (2, 6, 10);
+        let mut state = 11u32;
+        let yuv: Vec<u8> = (0..len(n, h, w))
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 24) as u8
+            })
+            .collect();
+        let got = to_planar_rgb(&yuv, n, h, w);
+        let (px, cw) = (h * w, w / 2);
+        for k in 0..n {
+            let src = &yuv[k * len(1, h, w)..];
+            for row in 0..h {
+                for col in 0..w {
+                    let c = (row / 2) * cw + col / 2;
+                    let yy = src[row * w + col] as i32;
+                    let (cb, cr) = (src[px + c] as i32 - 128, src[px + px / 4 + c] as i32 - 128);
+                    let want = [
+                        clamp(yy + ((91_881 * cr + HALF) >> 16)),
+                        clamp(yy - ((22_554 * cb + 46_802 * cr + HALF) >> 16)),
+                        clamp(yy + ((116_130 * cb + HALF) >> 16)),
+                    ];
+                    for (p, want) in want.iter().enumerate() {
+                        assert_eq!(got[k * 3 * px + p * px + row * w + col], *want);
+                    }
+                }
+            }
+        }
     }
 }
