@@ -44,6 +44,9 @@ enum Command {
         /// Realtime: run exactly this many sessions once (a soak) instead of searching.
         #[arg(long)]
         sessions: Option<usize>,
+        /// Frames as JPEG or as raw I420 (what a WebRTC gateway's video encoder takes).
+        #[arg(long, value_enum, default_value = "jpeg")]
+        frame_format: FrameFormat,
         #[command(flatten)]
         common: Common,
     },
@@ -81,6 +84,12 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Sessions speaking at real-time pace: audio sessions vs chunk requests, side by side.
     Speech(speech::SpeechArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FrameFormat {
+    Jpeg,
+    I420,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -279,17 +288,21 @@ async fn run(cli: Cli) -> Result<()> {
             deadline_ms,
             max_sessions,
             sessions,
+            frame_format,
             common,
         } => {
             common.validate()?;
             if chunk == 0 || fps.is_nan() || fps <= 0.0 {
                 bail!("--chunk and --fps must be positive");
             }
-            let target = Arc::new(target::Compositor::new(
-                client::compositor(&url, &common.access)?,
-                &avatar,
-                chunk,
-            ));
+            use framecast_proto::compositor::v1::ImageFormat;
+            let target = Arc::new(target::Compositor {
+                frame_format: match frame_format {
+                    FrameFormat::Jpeg => ImageFormat::Jpeg,
+                    FrameFormat::I420 => ImageFormat::I420,
+                } as i32,
+                ..target::Compositor::new(client::compositor(&url, &common.access)?, &avatar, chunk)
+            });
             let mut report = common.report("compositor".into(), url);
             if common.mode == Mode::Realtime {
                 let deadline =

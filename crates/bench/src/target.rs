@@ -44,6 +44,8 @@ pub struct Compositor {
     pub avatar: String,
     pub chunk: u32,
     pub audio: Tensor,
+    /// `RenderRequest.frame_format` (an `ImageFormat`; 0: JPEG).
+    pub frame_format: i32,
 }
 
 impl Compositor {
@@ -53,6 +55,7 @@ impl Compositor {
             avatar: avatar.to_string(),
             chunk,
             audio: audio(chunk, 1),
+            frame_format: 0,
         }
     }
 
@@ -66,6 +69,7 @@ impl Compositor {
             jpeg_quality: 0,
             audio: None,
             idle: false,
+            frame_format: self.frame_format,
         }
     }
 }

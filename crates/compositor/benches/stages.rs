@@ -139,13 +139,16 @@ fn main() {
             })
         });
         g.bench_function("compose", |b| {
-            b.iter(|| render::compose(&a, 1, &crops[1], q, Subsampling::S420).expect("compose"))
+            b.iter(|| render::compose(&a, 1, &crops[1], jpeg(q)).expect("compose"))
+        });
+        g.bench_function("compose_i420", |b| {
+            b.iter(|| render::compose(&a, 1, &crops[1], render::Output::I420).expect("compose"))
         });
         g.bench_function("compose_whole", |b| {
-            b.iter(|| render::compose(&a, 1, &crops[1], q + 1, Subsampling::S420).expect("compose"))
+            b.iter(|| render::compose(&a, 1, &crops[1], jpeg(q + 1)).expect("compose"))
         });
         g.bench_function("idle", |b| {
-            b.iter(|| render::idle(&a, 1, q, Subsampling::S420).expect("idle"))
+            b.iter(|| render::idle(&a, 1, jpeg(q)).expect("idle"))
         });
         g.bench_function("encode", |b| {
             b.iter(|| {
@@ -161,7 +164,7 @@ fn main() {
         for r in 0..rounds {
             let i = r % frames;
             let t = Instant::now();
-            black_box(render::compose(&a, i, &crops[i], q, Subsampling::S420).expect("compose"));
+            black_box(render::compose(&a, i, &crops[i], jpeg(q)).expect("compose"));
             composed.push(t.elapsed().as_secs_f64());
             let j = (i + frames / 2) % frames;
             let t = Instant::now();
@@ -225,5 +228,13 @@ fn main() {
     println!("\nside by side, medians:");
     for line in report {
         println!("  {line}");
+    }
+}
+
+/// The JPEG output at `quality`, 4:2:0.
+fn jpeg(quality: u8) -> render::Output {
+    render::Output::Jpeg {
+        quality,
+        subsampling: Subsampling::S420,
     }
 }

@@ -21,6 +21,7 @@ pub mod manifest;
 pub mod mask;
 pub mod metrics;
 pub mod prepared;
+pub mod raw_frame;
 pub mod render;
 pub mod rpc;
 pub mod segments;

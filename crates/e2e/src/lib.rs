@@ -74,6 +74,7 @@ pub fn request(avatar: &str, start: u64, n: u32) -> RenderRequest {
         jpeg_quality: 0,
         audio: None,
         idle: false,
+        frame_format: 0,
     }
 }
 

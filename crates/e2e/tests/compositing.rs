@@ -1,13 +1,14 @@
 //! Frames through both real servers on loopback, checked pixel by pixel: the composite
 //! against a reference computed here (over shared memory and over gRPC), faces on the edges
-//! of odd-sized frames, sessions in parallel, and bad requests.
+//! of odd-sized frames (as JPEG and as raw I420), sessions in parallel, and bad requests.
 
 use framecast_compositor::avatar::{ping_pong, Avatar};
 use framecast_compositor::encode::{self, Subsampling};
 use framecast_compositor::mask;
+use framecast_compositor::raw_frame;
 use framecast_e2e::stack::{render, stack, stack_with, Opts, Stack};
 use framecast_e2e::{request, CROP, FRAMES, H, W};
-use framecast_proto::compositor::v1::RenderRequest;
+use framecast_proto::compositor::v1::{ImageFormat, RenderRequest};
 use framecast_proto::tensor::DataType;
 use std::path::Path;
 use tonic::Code;
@@ -228,6 +229,19 @@ async fn bad_render_requests_get_precise_statuses() {
     let e = err(r).await;
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("datatype"), "{}", e.message());
+
+    let mut r = request("small", 0, 2);
+    r.frame_format = 7;
+    let e = err(r).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("frame_format 7"), "{}", e.message());
+
+    let mut r = request("small", 0, 2);
+    r.frame_format = ImageFormat::I420 as i32;
+    r.jpeg_quality = 80;
+    let e = err(r).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("jpeg_quality 80"), "{}", e.message());
 }
 
 /// A hand-made bundle: odd frame size, boxes touching every edge, a non-square box.
@@ -281,21 +295,34 @@ async fn boxes_on_the_edges_of_odd_sized_frames_composite_correctly() {
     let frames = render(&s.client, vec![request("edges", 0, 4)])
         .await
         .unwrap();
-    assert_eq!(frames.len(), 4);
-    for f in &frames {
+    // The same frames raw, for a video encoder: odd width and height round the chroma up.
+    let mut raw = request("edges", 0, 4);
+    raw.frame_format = ImageFormat::I420 as i32;
+    let raw = render(&s.client, vec![raw]).await.unwrap();
+    assert_eq!((frames.len(), raw.len()), (4, 4));
+    for (f, r) in frames.iter().zip(&raw) {
         let (pixels, w, h) = encode::decode_rgb(&f.image).unwrap();
         assert_eq!((w, h), (161, 97));
+        assert_eq!(r.format, ImageFormat::I420 as i32);
+        assert_eq!((r.width, r.height), (161, 97));
+        assert_eq!(r.image.len(), 161 * 97 + 2 * 81 * 49);
+        let raw_pixels = raw_frame::to_rgb(&r.image, 161, 97).unwrap();
+        let agree = psnr(&raw_pixels, &pixels);
+        assert!(agree > 30.0, "I420 vs JPEG frame: PSNR {agree:.1} dB");
         let i = f.background_index as usize;
+        assert_eq!(r.background_index as usize, i);
         let b = boxes[i];
         let bg = source_frame(&tmp.path().join("avatars/edges"), i, 161, 97);
         let want = reference_composite(&bg, 161, &b, true);
-        let p = psnr(&face_region(&pixels, 161, &b), &face_region(&want, 161, &b));
-        assert!(p > 28.0, "frame {i} box {b:?}: PSNR {p:.1} dB");
-        let unchanged = psnr(&face_region(&pixels, 161, &b), &face_region(&bg, 161, &b));
-        assert!(
-            unchanged < 20.0,
-            "frame {i}: the darkened crop must show ({unchanged:.1} dB vs background)"
-        );
+        for (format, pixels) in [("JPEG", &pixels), ("I420", &raw_pixels)] {
+            let p = psnr(&face_region(pixels, 161, &b), &face_region(&want, 161, &b));
+            assert!(p > 28.0, "{format} frame {i} box {b:?}: PSNR {p:.1} dB");
+            let unchanged = psnr(&face_region(pixels, 161, &b), &face_region(&bg, 161, &b));
+            assert!(
+                unchanged < 20.0,
+                "{format} frame {i}: the darkened crop must show ({unchanged:.1} dB vs background)"
+            );
+        }
     }
 }
 

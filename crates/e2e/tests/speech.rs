@@ -5,7 +5,7 @@ use framecast_e2e::stack::{open_render, render, stack};
 use framecast_e2e::{kserve_client, FRAMES};
 use framecast_inference::zoo::{self, Builtin, ZooOptions};
 use framecast_proto::compositor::v1::{
-    AudioChunk, AudioFormat, RenderRequest, RenderedFrame, SampleFormat,
+    AudioChunk, AudioFormat, ImageFormat, RenderRequest, RenderedFrame, SampleFormat,
 };
 use framecast_proto::kserve::ModelStatisticsRequest;
 use std::path::Path;
@@ -629,4 +629,39 @@ async fn a_request_marked_idle_skips_the_model() {
     let e = render(&s.client, vec![bad]).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("conditioning"), "{}", e.message());
+}
+
+/// An audio session asking for raw I420 gets every frame raw, speaking and idle alike; a
+/// later message may not change the format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audio_session_can_take_raw_i420_frames() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 8).await;
+    let mut audio = speechlike(0.6);
+    audio.extend(std::iter::repeat_n(0.0, (RATE as f64 * 0.8) as usize));
+    let packets: Vec<Bytes> = audio.chunks(2205).map(s16).collect();
+    let mut first = opening("small", 0, packets[0].clone());
+    first.frame_format = ImageFormat::I420 as i32;
+    let mut msgs = vec![first];
+    for (i, p) in packets[1..].iter().enumerate() {
+        msgs.push(more(p.clone(), i + 2 == packets.len()));
+    }
+    let frames = render(&s.client, msgs.clone()).await.unwrap();
+    assert!(frames.len() >= 30, "{} frames", frames.len());
+    let (w, h) = (frames[0].width as usize, frames[0].height as usize);
+    let size = w * h + 2 * w.div_ceil(2) * h.div_ceil(2);
+    assert!(frames.iter().any(|f| f.timings.as_ref().unwrap().idle));
+    for f in &frames {
+        assert_eq!(
+            f.format,
+            ImageFormat::I420 as i32,
+            "frame {}",
+            f.frame_index
+        );
+        assert_eq!(f.image.len(), size, "frame {}", f.frame_index);
+    }
+    msgs[1].frame_format = ImageFormat::Jpeg as i32;
+    let e = render(&s.client, msgs).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("frame_format"), "{}", e.message());
 }

@@ -6,11 +6,13 @@
 //! A request at another quality or subsampling than the avatar's prepared one takes the whole
 //! frame path: the prepared JPEG decoded, the region's original pixels put back, the face
 //! blended and the frame encoded. Outside the region that frame has been through one more
-//! JPEG generation at the prepared quality.
+//! JPEG generation at the prepared quality. Raw I420 frames ([`Output::I420`]) take the same
+//! path with a conversion ([`crate::raw_frame`]) instead of the encode.
 
 use crate::avatar::Avatar;
 use crate::blend::{self, BlendScratch};
 use crate::encode::{self, Rgb, Subsampling};
+use crate::raw_frame;
 use crate::segments;
 use bytes::Bytes;
 use std::cell::RefCell;
@@ -29,25 +31,40 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
+/// What a request's frames are made into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Jpeg {
+        quality: u8,
+        subsampling: Subsampling,
+    },
+    /// Raw frames for a video encoder ([`crate::raw_frame`]).
+    I420,
+}
+
 /// A composed frame and where its time went.
 pub struct Composed {
-    pub jpeg: Bytes,
+    /// The frame in the request's [`Output`] format.
+    pub image: Bytes,
     pub blend: Duration,
     pub encode: Duration,
 }
 
-/// Whether frames at `quality` and `subsampling` can be spliced from `avatar`'s prepared ones.
-pub fn splices(avatar: &Avatar, quality: u8, subsampling: Subsampling) -> bool {
-    avatar.params.quality == quality && avatar.params.subsampling == subsampling
+/// Whether frames made into `output` can be spliced from `avatar`'s prepared ones.
+pub fn splices(avatar: &Avatar, output: Output) -> bool {
+    output
+        == Output::Jpeg {
+            quality: avatar.params.quality,
+            subsampling: avatar.params.subsampling,
+        }
 }
 
-/// Blends and encodes one frame on the calling (rayon) thread.
+/// Blends one frame and makes it into `output` on the calling (rayon) thread.
 pub fn compose(
     avatar: &Avatar,
     background: usize,
     crop_chw: &[u8],
-    quality: u8,
-    subsampling: Subsampling,
+    output: Output,
 ) -> Result<Composed, String> {
     let frame = &avatar.frames[background];
     let region = &frame.region;
@@ -66,7 +83,7 @@ pub fn compose(
             &mut scratch.blend,
         )?;
         let t1 = Instant::now();
-        let jpeg = if splices(avatar, quality, subsampling) {
+        let image = if splices(avatar, output) {
             let pixels = Rgb::packed(&scratch.region, region.w, region.h);
             encode::encode_into(pixels, avatar.params, &mut scratch.part)?;
             let part_layout = segments::parse(&scratch.part)?;
@@ -81,10 +98,10 @@ pub fn compose(
             )?;
             out
         } else {
-            whole(avatar, background, &scratch.region, quality, subsampling)?
+            whole(avatar, background, &scratch.region, output)?
         };
         Ok(Composed {
-            jpeg: Bytes::from(jpeg),
+            image: Bytes::from(image),
             blend: t1 - t0,
             encode: t1.elapsed(),
         })
@@ -92,41 +109,29 @@ pub fn compose(
 }
 
 /// An idle frame (no speech, so no face to paste): the prepared JPEG itself when the settings
-/// match, with no encode at all; otherwise the background encoded whole.
-pub fn idle(
-    avatar: &Avatar,
-    background: usize,
-    quality: u8,
-    subsampling: Subsampling,
-) -> Result<Composed, String> {
+/// match, with no encode at all; otherwise the background made whole into `output`.
+pub fn idle(avatar: &Avatar, background: usize, output: Output) -> Result<Composed, String> {
     let t = Instant::now();
     let frame = &avatar.frames[background];
-    let jpeg = if splices(avatar, quality, subsampling) {
+    let image = if splices(avatar, output) {
         frame.jpeg.clone()
     } else {
-        Bytes::from(whole(
-            avatar,
-            background,
-            &frame.pixels,
-            quality,
-            subsampling,
-        )?)
+        Bytes::from(whole(avatar, background, &frame.pixels, output)?)
     };
     Ok(Composed {
-        jpeg,
+        image,
         blend: Duration::ZERO,
         encode: t.elapsed(),
     })
 }
 
 /// The whole-frame path: the prepared JPEG decoded, `region` (the face region's pixels)
-/// written over it, the frame encoded at `quality` and `subsampling`.
+/// written over it, the frame made into `output`.
 fn whole(
     avatar: &Avatar,
     background: usize,
     region_pixels: &[u8],
-    quality: u8,
-    subsampling: Subsampling,
+    output: Output,
 ) -> Result<Vec<u8>, String> {
     let frame = &avatar.frames[background];
     let r = &frame.region;
@@ -142,7 +147,17 @@ fn whole(
         let at = (r.y as usize + row) * stride + r.x as usize * 3;
         rgb[at..at + src.len()].copy_from_slice(src);
     }
-    encode::encode_rgb(&rgb, width, height, quality, subsampling)
+    match output {
+        Output::Jpeg {
+            quality,
+            subsampling,
+        } => encode::encode_rgb(&rgb, width, height, quality, subsampling),
+        Output::I420 => {
+            let mut out = Vec::new();
+            raw_frame::from_rgb(&rgb, width as usize, height as usize, &mut out)?;
+            Ok(out)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -162,6 +177,13 @@ mod tests {
             ..Default::default()
         };
         Avatar::load(&demo::write_demo(root, &opts).unwrap()).unwrap()
+    }
+
+    fn jpeg(quality: u8, subsampling: Subsampling) -> Output {
+        Output::Jpeg {
+            quality,
+            subsampling,
+        }
     }
 
     /// The bundle's own frame `bg`, decoded from its source file.
@@ -199,18 +221,18 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let a = avatar(tmp.path());
         let crop = vec![250u8; 3 * 32 * 32];
-        let q = a.params.quality;
-        let c = compose(&a, 1, &crop, q, Subsampling::S420).unwrap();
-        assert!(c.jpeg == expected(tmp.path(), &a, 1, &crop));
+        let out = jpeg(a.params.quality, Subsampling::S420);
+        let c = compose(&a, 1, &crop, out).unwrap();
+        assert!(c.image == expected(tmp.path(), &a, 1, &crop));
         // The idle frame is the prepared background itself.
-        let idle = idle(&a, 1, q, Subsampling::S420).unwrap();
-        assert!(idle.jpeg == a.frames[1].jpeg);
+        let idle = idle(&a, 1, out).unwrap();
+        assert!(idle.image == a.frames[1].jpeg);
         let mut plain = Vec::new();
         let src = source(tmp.path(), &a, 1);
         let rgb = Rgb::packed(&src, a.manifest.width, a.manifest.height);
         encode::encode_into(rgb, a.params, &mut plain).unwrap();
         assert!(
-            idle.jpeg == plain,
+            idle.image == plain,
             "the prepared frame is not an encode of the source"
         );
     }
@@ -222,8 +244,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let a = avatar(tmp.path());
         let crop = vec![250u8; 3 * 32 * 32];
-        let c = compose(&a, 0, &crop, 97, Subsampling::S444).unwrap();
-        let (rgb, w, h) = encode::decode_rgb(&c.jpeg).unwrap();
+        let c = compose(&a, 0, &crop, jpeg(97, Subsampling::S444)).unwrap();
+        let (rgb, w, h) = encode::decode_rgb(&c.image).unwrap();
         assert_eq!((w, h), (a.manifest.width, a.manifest.height));
         let want = expected(tmp.path(), &a, 0, &crop);
         let (want, ..) = encode::decode_rgb(&want).unwrap();
@@ -250,13 +272,44 @@ mod tests {
             expected(tmp.path(), &a, 2, &crops[0]),
             expected(tmp.path(), &a, 2, &crops[1]),
         ];
-        let q = a.params.quality;
+        let out = jpeg(a.params.quality, Subsampling::S420);
         (0..64usize).into_par_iter().for_each(|i| {
-            let c = compose(&a, 2, &crops[i % 2], q, Subsampling::S420).unwrap();
+            let c = compose(&a, 2, &crops[i % 2], out).unwrap();
             assert!(
-                c.jpeg == want[i % 2],
+                c.image == want[i % 2],
                 "compose {i} saw another worker's face"
             );
         });
+    }
+
+    /// An I420 frame is the JPEG path's frame before its encode: its conversion back to RGB
+    /// is close to the spliced JPEG's decode, the face is in it, and an idle I420 frame is
+    /// the background.
+    #[test]
+    fn i420_frames_hold_the_composite_and_idle_ones_the_background() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = avatar(tmp.path());
+        let (w, h) = (a.manifest.width as usize, a.manifest.height as usize);
+        let crop = vec![250u8; 3 * 32 * 32];
+        let raw = compose(&a, 1, &crop, Output::I420).unwrap();
+        assert_eq!(raw.image.len(), raw_frame::len(w, h));
+        let rgb = raw_frame::to_rgb(&raw.image, w, h).unwrap();
+        let (want, ..) = encode::decode_rgb(&expected(tmp.path(), &a, 1, &crop)).unwrap();
+        let psnr = |a: &[u8], b: &[u8]| {
+            let mse = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+                .sum::<f64>()
+                / a.len() as f64;
+            10.0 * (255.0f64.powi(2) / mse.max(1e-9)).log10()
+        };
+        assert!(psnr(&rgb, &want) > 30.0, "PSNR {:.1} dB", psnr(&rgb, &want));
+        let idle = idle(&a, 1, Output::I420).unwrap();
+        let (bg, ..) = encode::decode_rgb(&a.frames[1].jpeg).unwrap();
+        let idle_rgb = raw_frame::to_rgb(&idle.image, w, h).unwrap();
+        assert!(psnr(&idle_rgb, &bg) > 30.0);
+        // The face region differs between the two; the rest is the same background.
+        assert_ne!(raw.image, idle.image);
     }
 }

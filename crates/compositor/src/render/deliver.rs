@@ -2,7 +2,7 @@
 //! as it and every frame before it are done.
 
 use super::plan::Plan;
-use super::{BatchTiming, FrameSink};
+use super::{BatchTiming, FrameSink, Output};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use bytes::Bytes;
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::SendTimeoutError;
 
-/// Why a frame of a batch has no JPEG.
+/// Why a frame of a batch has no image.
 enum FrameError {
     /// Not composited: the client went away or its deadline passed.
     Skipped,
@@ -46,9 +46,9 @@ pub(super) async fn batch(
                 match &crops {
                     Some(crops) => {
                         let crop = &crops[i * per..(i + 1) * per];
-                        super::compose(&work.avatar, bg, crop, work.quality, work.subsampling)
+                        super::compose(&work.avatar, bg, crop, work.output)
                     }
-                    None => super::idle(&work.avatar, bg, work.quality, work.subsampling),
+                    None => super::idle(&work.avatar, bg, work.output),
                 }
                 .map_err(FrameError::Failed)
             };
@@ -81,8 +81,11 @@ pub(super) async fn batch(
                 request_id: plan.request_id.clone(),
                 frame_index,
                 background_index: bg as u32,
-                image: c.jpeg,
-                format: ImageFormat::Jpeg as i32,
+                image: c.image,
+                format: match plan.output {
+                    Output::Jpeg { .. } => ImageFormat::Jpeg,
+                    Output::I420 => ImageFormat::I420,
+                } as i32,
                 width: m.width,
                 height: m.height,
                 timings: Some(StageTimings {

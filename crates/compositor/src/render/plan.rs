@@ -1,13 +1,12 @@
 //! A Render request checked against its avatar and model: the [`Plan`] its batches are cut
 //! from.
 
-use super::RenderOptions;
+use super::{Output, RenderOptions};
 use crate::avatar::Avatar;
-use crate::encode::Subsampling;
 use crate::error::{invalid, Error};
 use crate::inference::ModelInfo;
 use bytes::Bytes;
-use framecast_proto::compositor::v1::{RenderRequest, Tensor};
+use framecast_proto::compositor::v1::{ImageFormat, RenderRequest, Tensor};
 use framecast_proto::echo;
 use framecast_proto::tensor::{self, DataType};
 use std::sync::Arc;
@@ -20,8 +19,7 @@ pub(super) struct Plan {
     pub(super) model: Arc<ModelInfo>,
     pub(super) start: u64,
     pub(super) count: usize,
-    pub(super) quality: u8,
-    pub(super) subsampling: Subsampling,
+    pub(super) output: Output,
     pub(super) idle_timeout: Duration,
     /// Conditioning payloads in model input order, each `count` frames long.
     pub(super) conditioning: Vec<(Arc<str>, DataType, Vec<i64>, Bytes)>,
@@ -78,6 +76,22 @@ pub(super) fn validate(
     if req.jpeg_quality > 100 {
         return Err(invalid(format!(
             "jpeg_quality {} is out of range 0..=100 (0: the avatar's default)",
+            req.jpeg_quality
+        )));
+    }
+    let i420 = match ImageFormat::try_from(req.frame_format) {
+        Ok(ImageFormat::Unspecified | ImageFormat::Jpeg) => false,
+        Ok(ImageFormat::I420) => true,
+        Err(_) => {
+            return Err(invalid(format!(
+            "frame_format {} is not an ImageFormat (IMAGE_FORMAT_JPEG = 1, IMAGE_FORMAT_I420 = 2)",
+            req.frame_format
+        )))
+        }
+    };
+    if i420 && req.jpeg_quality != 0 {
+        return Err(invalid(format!(
+            "jpeg_quality {} is set for IMAGE_FORMAT_I420 frames, which are not JPEG: leave it 0",
             req.jpeg_quality
         )));
     }
@@ -157,10 +171,16 @@ pub(super) fn validate(
             .map_err(|e| invalid(format!("conditioning '{name}': {e}")))?;
         conditioning.push((Arc::from(name.as_str()), dt, shape, data));
     }
-    let quality = if req.jpeg_quality == 0 {
-        avatar.manifest.jpeg_quality
+    let output = if i420 {
+        Output::I420
     } else {
-        req.jpeg_quality as u8
+        Output::Jpeg {
+            quality: match req.jpeg_quality {
+                0 => avatar.manifest.jpeg_quality,
+                q => q as u8,
+            },
+            subsampling: opts.subsampling,
+        }
     };
     Ok(Plan {
         request_id: req.request_id,
@@ -168,8 +188,7 @@ pub(super) fn validate(
         model,
         start: req.start_frame,
         count,
-        quality,
-        subsampling: opts.subsampling,
+        output,
         idle_timeout: opts.idle_timeout,
         conditioning,
         arrived,

@@ -51,6 +51,7 @@ pub struct Session {
     model: Arc<ModelInfo>,
     start_frame: u64,
     jpeg_quality: u32,
+    frame_format: i32,
     format: (SampleFormat, u32),
     input: String,
     /// The audio input's shape per frame (without the batch dimension).
@@ -178,6 +179,7 @@ impl Session {
             model,
             start_frame: req.start_frame,
             jpeg_quality: req.jpeg_quality,
+            frame_format: req.frame_format,
             format,
             input: settings.input.clone(),
             dims,
@@ -220,6 +222,11 @@ impl Session {
         if req.frame_count != 0 || !req.conditioning.is_empty() {
             return Err(invalid(
                 "frame_count, conditioning: must be unset with audio (the audio decides the frames)",
+            ));
+        }
+        if req.frame_format != 0 && req.frame_format != self.frame_format {
+            return Err(invalid(
+                "frame_format: differs from the open audio session's; end the session to change it",
             ));
         }
         if let Some(f) = &chunk.format {
@@ -354,6 +361,7 @@ impl Session {
                 frame_count: n as u32,
                 conditioning,
                 jpeg_quality: self.jpeg_quality,
+                frame_format: self.frame_format,
                 audio: None,
                 idle,
             };

@@ -1,0 +1,139 @@
+//! Frames as raw I420, for video encoders (a WebRTC gateway encodes VP8 or H.264 from these):
+//! no JPEG encode here and no decode there.
+//!
+//! The layout is the one `RenderedFrame.image` documents for `IMAGE_FORMAT_I420`: BT.601
+//! limited range (Y 16..=235, Cb and Cr 16..=240: what VP8 and H.264 encoders and browsers'
+//! decoders assume), three planes end to end with no padding: Y (width x height), then Cb and
+//! Cr ((width + 1) / 2 x (height + 1) / 2 each). A chroma sample is the average of the pixels
+//! of its 2 x 2 block (of the one or two there are on an odd edge).
+
+/// Bytes of a `width` x `height` frame.
+pub fn len(width: usize, height: usize) -> usize {
+    let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
+    width * height + 2 * cw * ch
+}
+
+// BT.601 limited range in 8-bit fixed point (the common integer form, as in libyuv).
+fn luma(r: i32, g: i32, b: i32) -> u8 {
+    (((66 * r + 129 * g + 25 * b + 128) >> 8) + 16) as u8
+}
+
+fn cb(r: i32, g: i32, b: i32) -> u8 {
+    (((-38 * r - 74 * g + 112 * b + 128) >> 8) + 128) as u8
+}
+
+fn cr(r: i32, g: i32, b: i32) -> u8 {
+    (((112 * r - 94 * g - 18 * b + 128) >> 8) + 128) as u8
+}
+
+/// Packed RGB (`width` x `height`, rows end to end) into `out` as I420 (replacing what it
+/// held).
+pub fn from_rgb(rgb: &[u8], width: usize, height: usize, out: &mut Vec<u8>) -> Result<(), String> {
+    if rgb.len() != width * height * 3 {
+        return Err(format!(
+            "{} bytes of RGB for a {width}x{height} frame",
+            rgb.len()
+        ));
+    }
+    let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
+    out.clear();
+    out.resize(len(width, height), 0);
+    let (y, chroma) = out.split_at_mut(width * height);
+    let (u, v) = chroma.split_at_mut(cw * ch);
+    for (src, dst) in rgb.chunks_exact(3).zip(y.iter_mut()) {
+        *dst = luma(src[0] as i32, src[1] as i32, src[2] as i32);
+    }
+    for cy in 0..ch {
+        let rows = 2 * cy..(2 * cy + 2).min(height);
+        for cx in 0..cw {
+            let cols = 2 * cx..(2 * cx + 2).min(width);
+            let (mut s, mut n) = ([0i32; 3], 0i32);
+            for row in rows.clone() {
+                for col in cols.clone() {
+                    let p = &rgb[(row * width + col) * 3..][..3];
+                    for (s, &p) in s.iter_mut().zip(p) {
+                        *s += p as i32;
+                    }
+                    n += 1;
+                }
+            }
+            let [r, g, b] = s.map(|s| (s + n / 2) / n);
+            u[cy * cw + cx] = cb(r, g, b);
+            v[cy * cw + cx] = cr(r, g, b);
+        }
+    }
+    Ok(())
+}
+
+/// I420 back to packed RGB (chroma repeated over its block): for tests and tools.
+pub fn to_rgb(i420: &[u8], width: usize, height: usize) -> Result<Vec<u8>, String> {
+    if i420.len() != len(width, height) {
+        return Err(format!(
+            "{} bytes of I420 for a {width}x{height} frame (want {})",
+            i420.len(),
+            len(width, height)
+        ));
+    }
+    let cw = width.div_ceil(2);
+    let (y, chroma) = i420.split_at(width * height);
+    let (u, v) = chroma.split_at(chroma.len() / 2);
+    let mut out = Vec::with_capacity(width * height * 3);
+    for row in 0..height {
+        for col in 0..width {
+            let c = (row / 2) * cw + col / 2;
+            let yy = 298 * (y[row * width + col] as i32 - 16);
+            let (d, e) = (u[c] as i32 - 128, v[c] as i32 - 128);
+            let px = [
+                (yy + 409 * e + 128) >> 8,
+                (yy - 100 * d - 208 * e + 128) >> 8,
+                (yy + 516 * d + 128) >> 8,
+            ];
+            out.extend(px.map(|p| p.clamp(0, 255) as u8));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn black_white_and_grey_land_on_the_limited_range() {
+        let mut out = Vec::new();
+        for (value, want_y) in [(0u8, 16u8), (255, 235), (128, 126)] {
+            from_rgb(&[value; 2 * 2 * 3], 2, 2, &mut out).unwrap();
+            assert_eq!(
+                out,
+                [want_y, want_y, want_y, want_y, 128, 128],
+                "rgb {value}"
+            );
+        }
+        // Pure red: Cr at its top.
+        from_rgb(&[255, 0, 0], 1, 1, &mut out).unwrap();
+        assert_eq!(out, [82, 90, 240]);
+    }
+
+    #[test]
+    fn odd_sizes_have_rounded_up_chroma_and_round_trip() {
+        let (w, h) = (7, 5);
+        // Smooth gradients, as video is at this scale (chroma is shared by 2 x 2 pixels).
+        let rgb: Vec<u8> = (0..w * h)
+            .flat_map(|i| [(i % w * 12) as u8, (40 + i / w * 15) as u8, 128])
+            .collect();
+        let mut i420 = Vec::new();
+        from_rgb(&rgb, w, h, &mut i420).unwrap();
+        assert_eq!(i420.len(), 7 * 5 + 2 * 4 * 3);
+        let back = to_rgb(&i420, w, h).unwrap();
+        let mse = rgb
+            .iter()
+            .zip(&back)
+            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+            .sum::<f64>()
+            / rgb.len() as f64;
+        let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-9)).log10();
+        assert!(psnr > 32.0, "round trip PSNR {psnr:.1} dB");
+        assert!(from_rgb(&rgb[1..], w, h, &mut i420).is_err());
+        assert!(to_rgb(&i420[1..], w, h).is_err());
+    }
+}
