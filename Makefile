@@ -1,16 +1,23 @@
 # framecast: `make demo` and `make test` work on a fresh machine (they install what is missing).
 SHELL := /bin/bash
 ENV = eval "$$(scripts/setup.sh)"
+# The tests also drive a real browser: chromium and chromium-driver come with them.
+TEST_ENV = eval "$$(FRAMECAST_BROWSER=1 scripts/setup.sh)"
 
-.PHONY: demo test validate-deploy setup build build-cuda gpu-check lint fmt bench bench-network soak fuzz clean
+.PHONY: demo browser-demo test validate-deploy setup build build-cuda gpu-check lint fmt bench bench-network soak fuzz clean
 
 ## Render the demo avatar end to end; output in out/demo.
 demo:
 	scripts/demo.sh
 
-## Every test: deploy/ validation, unit, integration, end to end (real servers on loopback).
+## The three services and the page: talk to the demo avatar from a browser (prints the URL).
+browser-demo:
+	scripts/browser-demo.sh
+
+## Every test: deploy/ validation, unit, integration, end to end (real servers on loopback,
+## headless Chromium against the gateway).
 test: validate-deploy
-	$(ENV) && cargo test --workspace --all-targets --no-fail-fast
+	$(TEST_ENV) && cargo test --workspace --all-targets --no-fail-fast
 
 ## deploy/ checked without a cluster: manifests, compose file, dashboard.
 validate-deploy:

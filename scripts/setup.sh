@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks, idempotently:
-#   - apt packages: cmake and nasm (turbojpeg builds its bundled libjpeg-turbo with them)
+#   - apt packages: cmake and nasm (turbojpeg builds its bundled libjpeg-turbo with them),
+#     libopus-dev and pkg-config (the gateway), espeak-ng (speech for tests and the demo);
+#     with FRAMECAST_BROWSER=1 also chromium and chromium-driver (the browser tests)
 #   - libtorch 2.11.0 (the pair of tch 0.24) unpacked from the PyPI torch wheel into a cache dir
 # Prints the environment to use as `export` lines on stdout (everything else goes to stderr), so
 #   eval "$(scripts/setup.sh)"
@@ -24,6 +26,14 @@ command -v cmake >/dev/null || need_apt+=(cmake)
 command -v nasm >/dev/null || need_apt+=(nasm)
 command -v unzip >/dev/null || need_apt+=(unzip)
 command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
+# The gateway decodes the browser's Opus with libopus.
+command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+[ -f /usr/include/opus/opus.h ] || need_apt+=(libopus-dev)
+# make test drives a real browser against the gateway.
+if [ "${FRAMECAST_BROWSER:-0}" = 1 ]; then
+  command -v chromium >/dev/null || need_apt+=(chromium)
+  command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} with apt-get"
   sudo=""
@@ -71,7 +81,7 @@ PY
 fi
 
 reference="$cache/reference-venv"
-reference_pkgs=('librosa==0.11.0' 'tritonclient[grpc]==2.73.0')
+reference_pkgs=('librosa==0.11.0' 'tritonclient[grpc]==2.73.0' 'selenium==4.27.1')
 # The marker names what is installed, so a changed list installs again.
 marker="$reference/.complete-$(echo "${reference_pkgs[*]}" | md5sum | cut -c1-12)"
 if [ ! -f "$marker" ]; then

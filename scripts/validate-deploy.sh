@@ -28,7 +28,7 @@ yaml.safe_load(pathlib.Path("deploy/prometheus/prometheus.yml").read_text())
 for p in pathlib.Path("deploy/grafana/provisioning").rglob("*.yml"):
     yaml.safe_load(p.read_text())
 src = "".join(p.read_text() for p in pathlib.Path("crates").glob("*/src/metrics.rs"))
-exported = {f"framecast_{svc}_{m}" for svc in ("inference", "compositor")
+exported = {f"framecast_{svc}_{m}" for svc in ("inference", "compositor", "gateway")
             for m in re.findall(r'"([a-z_]+)"', src)}
 bad = []
 for panel in dash["panels"]:

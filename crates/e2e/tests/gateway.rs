@@ -1,0 +1,258 @@
+//! The gateway's signalling against the real compositor and inference service: every bad
+//! request gets its HTTP status and a reason, sessions past `--max-sessions` get 503, a
+//! browser that vanishes without a DELETE is reaped, and connect/disconnect cycles leave the
+//! process's memory flat. The offers come from str0m acting as the browser (the Chromium test
+//! in browser.rs covers a real one).
+
+use framecast_compositor::inference::{ClientOptions, InferenceClient};
+use framecast_gateway::{router, Gateway, GatewayOptions};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use str0m::media::{Direction, MediaKind};
+use str0m::RtcConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One HTTP/1.1 request on a fresh connection: (status, body).
+async fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let (status, _, body) = http_full(addr, method, path, body).await;
+    (status, body)
+}
+
+/// (status, head, body).
+async fn http_full(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, String, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // A body past the limit may be refused before it is all read: that is the point.
+    let _ = s.write_all(body).await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_string(), body.to_string())
+}
+
+/// An offer as a browser makes it: the microphone (sendrecv) and video to receive.
+fn offer(audio: bool) -> String {
+    let mut rtc = RtcConfig::new().build(Instant::now());
+    let mut api = rtc.sdp_api();
+    if audio {
+        api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+    }
+    api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
+    let (offer, _pending) = api.apply().unwrap();
+    offer.to_sdp_string()
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    _servers: (
+        framecast_inference::server::Running,
+        framecast_compositor::server::Running,
+    ),
+    gateway: Arc<Gateway>,
+    addr: SocketAddr,
+}
+
+async fn fixture(opts: GatewayOptions) -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let (models, avatars) = framecast_e2e::write_fixtures(tmp.path(), 0);
+    let inference = framecast_e2e::spawn_inference(&models, Default::default()).await;
+    let pool =
+        InferenceClient::connect_lazy(&[inference.url()], &ClientOptions::default()).unwrap();
+    let compositor = framecast_e2e::spawn_compositor(&avatars, pool, 8, Default::default()).await;
+    let channel = tonic::transport::Endpoint::from_shared(compositor.url())
+        .unwrap()
+        .connect_lazy();
+    let client = framecast_gateway::compositor(channel, None).unwrap();
+    let gateway = Gateway::new(client, opts);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let gw = gateway.clone();
+    tokio::spawn(async move { axum::serve(listener, router(gw)).await });
+    Fixture {
+        _tmp: tmp,
+        _servers: (inference, compositor),
+        gateway,
+        addr,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_their_status_and_reason() {
+    let f = fixture(GatewayOptions {
+        max_sessions: 1,
+        ..Default::default()
+    })
+    .await;
+    let post = |path: &str, body: Vec<u8>| {
+        let (addr, path) = (f.addr, path.to_string());
+        async move { http(addr, "POST", &path, &body).await }
+    };
+    let (status, page) = http(f.addr, "GET", "/", b"").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("RTCPeerConnection"), "the page");
+    let (status, list) = http(f.addr, "GET", "/avatars", b"").await;
+    assert_eq!(status, 200);
+    assert!(list.contains("\"small\""), "{list}");
+
+    let (status, why) = post("/sessions", offer(true).into_bytes()).await;
+    assert_eq!(status, 400);
+    assert!(why.contains("avatar query parameter"), "{why}");
+    let (status, why) = post("/sessions?avatar=small", b"not sdp at all".to_vec()).await;
+    assert_eq!(status, 400);
+    assert!(why.contains("not an SDP offer"), "{why}");
+    let broken = offer(true)
+        .replace("a=ice-ufrag", "a=ice-ufrag-broken")
+        .replace("c=IN", "c=XX");
+    let (status, why) = post("/sessions?avatar=small", broken.into_bytes()).await;
+    assert_eq!(status, 400, "{why}");
+    let (status, why) = post("/sessions?avatar=small", offer(false).into_bytes()).await;
+    assert_eq!(status, 400);
+    assert!(why.contains("no audio m-line"), "{why}");
+    let (status, why) = post("/sessions?avatar=nobody", offer(true).into_bytes()).await;
+    assert_eq!(status, 404);
+    assert!(why.contains("avatar"), "{why}");
+    let (status, why) = post("/sessions?avatar=..%2Fsmall", offer(true).into_bytes()).await;
+    assert!(status == 400 || status == 404, "{status} {why}");
+    let huge = vec![b'v'; 200 * 1024];
+    let (status, _) = post("/sessions?avatar=small", huge).await;
+    assert_eq!(status, 413);
+    let (status, _) = http(f.addr, "DELETE", "/sessions/0123", b"").await;
+    assert_eq!(status, 404);
+
+    // One session is the maximum: the next is refused with the reason, until it ends.
+    let (status, answer) = post("/sessions?avatar=small", offer(true).into_bytes()).await;
+    assert_eq!(status, 201, "{answer}");
+    assert!(answer.starts_with("v=0"), "{answer}");
+    let (status, why) = post("/sessions?avatar=small", offer(true).into_bytes()).await;
+    assert_eq!(status, 503);
+    assert!(why.contains("--max-sessions"), "{why}");
+    assert_eq!(f.gateway.open_sessions(), 1);
+}
+
+/// A browser that answers nothing (it vanished before connecting, or closed its tab without a
+/// DELETE) is reaped after the session timeout, and its Render stream with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_browser_is_reaped_and_cycles_leave_memory_flat() {
+    let f = fixture(GatewayOptions {
+        session_timeout: Duration::from_millis(500),
+        max_sessions: 64,
+        ..Default::default()
+    })
+    .await;
+    let (status, _) = http(
+        f.addr,
+        "POST",
+        "/sessions?avatar=small",
+        offer(true).as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 201);
+    assert_eq!(f.gateway.open_sessions(), 1);
+    let open = framecast_e2e::stack::poll_until(
+        Duration::from_secs(10),
+        || async { f.gateway.open_sessions() },
+        |&n| n == 0,
+    )
+    .await;
+    assert_eq!(open, 0, "the vanished browser's session was not reaped");
+
+    // Connect/disconnect cycles (answer, then DELETE its location): memory comes back.
+    let cycle = || async {
+        let (status, head, _) = http_full(
+            f.addr,
+            "POST",
+            "/sessions?avatar=small",
+            offer(true).as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 201);
+        let location = head
+            .lines()
+            .find_map(|l| l.strip_prefix("location: "))
+            .expect("a Location header")
+            .to_string();
+        let (status, _) = http(f.addr, "DELETE", &location, b"").await;
+        assert_eq!(status, 200);
+    };
+    let settled = || async {
+        framecast_e2e::stack::poll_until(
+            Duration::from_secs(10),
+            || async { f.gateway.open_sessions() },
+            |&n| n == 0,
+        )
+        .await
+    };
+    for _ in 0..10 {
+        cycle().await;
+    }
+    assert_eq!(settled().await, 0);
+    let before = rss_kib();
+    for _ in 0..40 {
+        cycle().await;
+    }
+    assert_eq!(settled().await, 0);
+    let grown = rss_kib() as i64 - before as i64;
+    assert!(
+        grown < 24 * 1024,
+        "RSS grew {grown} KiB over 40 connect/disconnect cycles"
+    );
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// With `--udp-ports`, each session takes one port of the range; when none is free the next
+/// session is refused with 503 naming the range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_take_ports_from_the_range_and_are_refused_when_it_is_full() {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let f = fixture(GatewayOptions {
+        udp_ports: Some((port, port)),
+        ..Default::default()
+    })
+    .await;
+    let (status, answer) = http(
+        f.addr,
+        "POST",
+        "/sessions?avatar=small",
+        offer(true).as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 201);
+    assert!(answer.contains(&format!(" {port} typ host")), "{answer}");
+    let (status, why) = http(
+        f.addr,
+        "POST",
+        "/sessions?avatar=small",
+        offer(true).as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 503);
+    assert!(why.contains("--udp-ports"), "{why}");
+}

@@ -1,0 +1,384 @@
+//! The gateway's HTTP side: the page, the avatar list, and sessions signalled WHIP/WHEP
+//! style (the offer is the body of `POST /sessions?avatar=ID`, `application/sdp`; the answer
+//! comes back with `201 Created` and `Location: /sessions/ID`; `DELETE` that location ends
+//! the session). Every refusal is an HTTP status with a one-line reason in the body.
+
+use crate::metrics::Metrics;
+use crate::offer;
+use crate::session::{self, Session, SessionConfig};
+use crate::Compositor;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use framecast_proto::compositor::v1::{ListAvatarsRequest, LoadAvatarRequest};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::{IpAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use str0m::change::SdpOffer;
+use str0m::{Candidate, RtcConfig};
+
+const PAGE: &str = include_str!("../static/index.html");
+
+#[derive(Clone, Debug)]
+pub struct GatewayOptions {
+    /// The address put in the host candidates, where browsers send their media.
+    pub udp_host: IpAddr,
+    /// The address the sessions' UDP sockets bind (`None`: `udp_host`). In a container or
+    /// behind a 1:1 NAT it is the local interface while `udp_host` is the public address.
+    pub udp_bind: Option<IpAddr>,
+    /// The UDP ports sessions may take, first to last (`None`: any the kernel gives). A
+    /// firewall or a Kubernetes Service then opens exactly these; one port per session.
+    pub udp_ports: Option<(u16, u16)>,
+    pub max_sessions: usize,
+    /// A session whose browser sends nothing for this long is ended.
+    pub session_timeout: Duration,
+    /// Largest request body (an SDP offer is a few KB).
+    pub max_body_bytes: usize,
+    pub video_bitrate_bps: u32,
+    /// Margin between a frame's arrival and its play time.
+    pub jitter: Duration,
+    /// A WAV file the page offers as "play a sample sentence".
+    pub sample_wav: Option<PathBuf>,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        GatewayOptions {
+            udp_host: IpAddr::from([127, 0, 0, 1]),
+            udp_bind: None,
+            udp_ports: None,
+            max_sessions: 8,
+            session_timeout: Duration::from_secs(10),
+            max_body_bytes: 64 * 1024,
+            video_bitrate_bps: 2_000_000,
+            jitter: Duration::from_millis(150),
+            sample_wav: None,
+        }
+    }
+}
+
+pub struct Gateway {
+    compositor: Compositor,
+    opts: GatewayOptions,
+    sessions: Mutex<HashMap<String, Session>>,
+    pub metrics: Metrics,
+    draining: AtomicBool,
+}
+
+impl Gateway {
+    pub fn new(compositor: Compositor, opts: GatewayOptions) -> Arc<Gateway> {
+        // str0m's DTLS and SRTP through the pure-Rust provider, once per process.
+        static CRYPTO: std::sync::Once = std::sync::Once::new();
+        CRYPTO.call_once(|| str0m::crypto::from_feature_flags().install_process_default());
+        let gw = Arc::new(Gateway {
+            compositor,
+            opts,
+            sessions: Mutex::new(HashMap::new()),
+            metrics: Metrics::new(),
+            draining: AtomicBool::new(false),
+        });
+        // Sessions whose thread ended (browser gone, reaped, compositor failed) are forgotten.
+        let weak = Arc::downgrade(&gw);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(gw) = weak.upgrade() else { return };
+                gw.forget_finished();
+            }
+        });
+        gw
+    }
+
+    fn forget_finished(&self) {
+        let mut sessions = self.sessions.lock();
+        sessions.retain(|_, s| !s.finished());
+        self.metrics.sessions.set(sessions.len() as i64);
+    }
+
+    /// Stops taking sessions and ends the open ones (graceful shutdown).
+    pub fn shut_down(&self) {
+        self.draining.store(true, Ordering::Release);
+        for s in self.sessions.lock().values() {
+            s.stop();
+        }
+    }
+
+    /// Sessions open now.
+    pub fn open_sessions(&self) -> usize {
+        self.forget_finished();
+        self.sessions.lock().len()
+    }
+}
+
+/// The routes, over `gw`.
+pub fn router(gw: Arc<Gateway>) -> Router {
+    let limit = gw.opts.max_body_bytes;
+    Router::new()
+        .route("/", get(|| async { Html(PAGE) }))
+        .route("/healthz", get(health))
+        .route("/avatars", get(avatars))
+        .route("/sample.wav", get(sample))
+        .route("/sessions", axum::routing::post(create))
+        .route("/sessions/{id}", get(stats).delete(end))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(gw)
+}
+
+fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
+    let mut reason = reason.into();
+    reason.push('\n');
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        reason,
+    )
+        .into_response()
+}
+
+async fn health(State(gw): State<Arc<Gateway>>) -> Response {
+    if gw.draining.load(Ordering::Acquire) {
+        refuse(StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else {
+        (StatusCode::OK, "ok\n").into_response()
+    }
+}
+
+async fn avatars(State(gw): State<Arc<Gateway>>) -> Response {
+    match gw
+        .compositor
+        .clone()
+        .list_avatars(ListAvatarsRequest {})
+        .await
+    {
+        Ok(r) => {
+            let list: Vec<serde_json::Value> = r
+                .into_inner()
+                .avatars
+                .into_iter()
+                .map(|a| {
+                    serde_json::json!({
+                        "id": a.avatar_id, "state": a.state, "width": a.width,
+                        "height": a.height, "fps": a.fps, "frames": a.frame_count,
+                    })
+                })
+                .collect();
+            axum::Json(list).into_response()
+        }
+        Err(e) => refuse(
+            StatusCode::BAD_GATEWAY,
+            format!("compositor: {}", e.message()),
+        ),
+    }
+}
+
+async fn sample(State(gw): State<Arc<Gateway>>) -> Response {
+    let Some(path) = &gw.opts.sample_wav else {
+        return refuse(StatusCode::NOT_FOUND, "no sample sentence (--sample-wav)");
+    };
+    let path = path.clone();
+    match tokio::task::spawn_blocking(move || std::fs::read(path))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    {
+        Ok(bytes) => ([(header::CONTENT_TYPE, "audio/wav")], bytes).into_response(),
+        Err(e) => refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("sample sentence: {e}"),
+        ),
+    }
+}
+
+async fn stats(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
+    match gw.sessions.lock().get(&id) {
+        Some(s) => axum::Json(s.stats.snapshot()).into_response(),
+        None => refuse(StatusCode::NOT_FOUND, "no such session"),
+    }
+}
+
+async fn end(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
+    match gw.sessions.lock().remove(&id) {
+        Some(s) => {
+            s.stop();
+            StatusCode::OK.into_response()
+        }
+        None => refuse(StatusCode::NOT_FOUND, "no such session"),
+    }
+}
+
+async fn create(
+    State(gw): State<Arc<Gateway>>,
+    Query(query): Query<HashMap<String, String>>,
+    body: String,
+) -> Response {
+    let outcome = |label: &str| {
+        gw.metrics
+            .session_requests
+            .with_label_values(&[label])
+            .inc()
+    };
+    let Some(avatar) = query.get("avatar").filter(|a| !a.is_empty()) else {
+        outcome("bad_offer");
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "the avatar query parameter is required: POST /sessions?avatar=ID",
+        );
+    };
+    if gw.draining.load(Ordering::Acquire) {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the gateway is shutting down",
+        );
+    }
+    if gw.open_sessions() >= gw.opts.max_sessions {
+        outcome("full");
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the gateway has its maximum of {} sessions open (--max-sessions): try again later",
+                gw.opts.max_sessions
+            ),
+        );
+    }
+    if let Err(reason) = offer::check(&body) {
+        outcome("bad_offer");
+        return refuse(StatusCode::BAD_REQUEST, reason);
+    }
+    let offer = match SdpOffer::from_sdp_string(&body) {
+        Ok(o) => o,
+        Err(e) => {
+            outcome("bad_offer");
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("the SDP offer does not parse: {e}"),
+            );
+        }
+    };
+    let info = match gw
+        .compositor
+        .clone()
+        .load_avatar(LoadAvatarRequest {
+            avatar_id: avatar.clone(),
+        })
+        .await
+    {
+        Ok(r) => r.into_inner().avatar.unwrap_or_default(),
+        Err(e) if e.code() == tonic::Code::NotFound => {
+            outcome("unknown_avatar");
+            return refuse(StatusCode::NOT_FOUND, format!("avatar: {}", e.message()));
+        }
+        Err(e) if e.code() == tonic::Code::InvalidArgument => {
+            outcome("unknown_avatar");
+            return refuse(StatusCode::BAD_REQUEST, format!("avatar: {}", e.message()));
+        }
+        Err(e) => {
+            outcome("error");
+            return refuse(
+                StatusCode::BAD_GATEWAY,
+                format!("compositor: {}", e.message()),
+            );
+        }
+    };
+    match answer(&gw, avatar, &info, offer) {
+        Ok((id, sdp)) => {
+            outcome("answered");
+            (
+                StatusCode::CREATED,
+                [
+                    (header::CONTENT_TYPE, "application/sdp".to_string()),
+                    (header::LOCATION, format!("/sessions/{id}")),
+                ],
+                sdp,
+            )
+                .into_response()
+        }
+        Err((status, reason)) => {
+            outcome(if status == StatusCode::BAD_REQUEST {
+                "bad_offer"
+            } else {
+                "error"
+            });
+            refuse(status, reason)
+        }
+    }
+}
+
+/// Makes the session's connection and answer and starts it: (id, answer SDP).
+fn answer(
+    gw: &Arc<Gateway>,
+    avatar: &str,
+    info: &framecast_proto::compositor::v1::AvatarInfo,
+    offer: SdpOffer,
+) -> Result<(String, String), (StatusCode, String)> {
+    let internal = |e: String| (StatusCode::INTERNAL_SERVER_ERROR, e);
+    let socket = bind_udp(&gw.opts).map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
+    let port = socket
+        .local_addr()
+        .map_err(|e| internal(e.to_string()))?
+        .port();
+    let addr = std::net::SocketAddr::new(gw.opts.udp_host, port);
+    // Stats once a second: the browser's round-trip time from its receiver reports.
+    let mut rtc = RtcConfig::new()
+        .set_stats_interval(Some(Duration::from_secs(1)))
+        .build(Instant::now());
+    let candidate =
+        Candidate::host(addr, "udp").map_err(|e| internal(format!("host candidate: {e}")))?;
+    rtc.add_local_candidate(candidate);
+    let answer = rtc.sdp_api().accept_offer(offer).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("the offer cannot be answered: {e}"),
+        )
+    })?;
+    let id = session_id().map_err(internal)?;
+    let config = SessionConfig {
+        id: id.clone(),
+        avatar: avatar.to_string(),
+        width: info.width as usize,
+        height: info.height as usize,
+        fps: if info.fps > 0.0 { info.fps } else { 25.0 },
+        video_bitrate_bps: gw.opts.video_bitrate_bps,
+        timeout: gw.opts.session_timeout,
+        jitter: gw.opts.jitter,
+    };
+    let session = session::start(
+        config,
+        rtc,
+        socket,
+        addr,
+        gw.compositor.clone(),
+        gw.metrics.clone(),
+    )
+    .map_err(internal)?;
+    let mut sessions = gw.sessions.lock();
+    sessions.insert(id.clone(), session);
+    gw.metrics.sessions.set(sessions.len() as i64);
+    Ok((id, answer.to_sdp_string()))
+}
+
+/// A UDP socket for one session: on a port of `--udp-ports`, or any.
+fn bind_udp(opts: &GatewayOptions) -> Result<UdpSocket, String> {
+    let ip = opts.udp_bind.unwrap_or(opts.udp_host);
+    let Some((first, last)) = opts.udp_ports else {
+        return UdpSocket::bind((ip, 0)).map_err(|e| format!("UDP port on {ip}: {e}"));
+    };
+    (first..=last)
+        .find_map(|port| UdpSocket::bind((ip, port)).ok())
+        .ok_or_else(|| format!("no free UDP port in {first}-{last} (--udp-ports) on {ip}"))
+}
+
+/// 128 random bits as hex: a session's name is also what ends it, so it must not be guessed.
+fn session_id() -> Result<String, String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| format!("session id: /dev/urandom: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}

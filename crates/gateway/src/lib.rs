@@ -1,0 +1,33 @@
+//! framecast-gateway: the WebRTC front end. A browser posts an SDP offer (WHIP/WHEP style:
+//! `POST /sessions?avatar=ID` with `application/sdp`, the answer back, `DELETE` ends it);
+//! its microphone (Opus) is decoded and streamed into a compositor `Render` audio session,
+//! whose raw I420 frames are encoded to H.264 and sent back with the browser's own voice,
+//! delayed so lips and sound meet ([`pacing`]). It also serves the page (`GET /`).
+//!
+//! Each session runs its WebRTC connection (str0m, sans-IO) on an OS thread with a UDP port of
+//! its own ([`session`]); the HTTP side ([`http`]) only creates, lists and ends sessions.
+
+pub mod http;
+pub mod media;
+pub mod metrics;
+pub mod offer;
+pub mod pacing;
+pub mod session;
+
+pub use http::{router, Gateway, GatewayOptions};
+
+use framecast_proto::auth::AddToken;
+use framecast_proto::compositor::v1::compositor_client::CompositorClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// The compositor as the gateway calls it: with its bearer token, if it needs one.
+pub type Compositor = CompositorClient<InterceptedService<Channel, AddToken>>;
+
+/// A [`Compositor`] over `channel`; frames up to 64 MiB (an I420 4K frame is 12 MB).
+pub fn compositor(channel: Channel, token: Option<&str>) -> Result<Compositor, String> {
+    let auth = AddToken::new(token).map_err(|e| format!("compositor token: {}", e.message()))?;
+    Ok(CompositorClient::with_interceptor(channel, auth)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
+}

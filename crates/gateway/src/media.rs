@@ -1,0 +1,147 @@
+//! The two codecs of a session: the browser's Opus microphone decoded to PCM for the
+//! compositor, and the compositor's raw I420 frames encoded to H.264 for the browser.
+
+use openh264::encoder::{
+    BitRate, Encoder, EncoderConfig, FrameRate, IntraFramePeriod, RateControlMode, UsageType,
+};
+use openh264::formats::YUVSlices;
+use openh264::OpenH264API;
+
+/// Sample rate of the decoded microphone (Opus's own; the compositor resamples).
+pub const VOICE_RATE: u32 = 48_000;
+
+/// Opus packets to mono 16-bit PCM at [`VOICE_RATE`].
+pub struct VoiceDecoder {
+    decoder: opus::Decoder,
+    pcm: Vec<i16>,
+}
+
+impl VoiceDecoder {
+    pub fn new() -> Result<Self, String> {
+        let decoder = opus::Decoder::new(VOICE_RATE, opus::Channels::Mono)
+            .map_err(|e| format!("opus decoder: {e}"))?;
+        Ok(VoiceDecoder {
+            decoder,
+            // 120 ms, the longest Opus packet.
+            pcm: vec![0; VOICE_RATE as usize * 12 / 100],
+        })
+    }
+
+    /// One packet's samples, as little-endian bytes (what `AudioChunk.pcm` carries).
+    pub fn decode(&mut self, packet: &[u8]) -> Result<Vec<u8>, String> {
+        let n = self
+            .decoder
+            .decode(packet, &mut self.pcm, false)
+            .map_err(|e| format!("opus packet of {} bytes: {e}", packet.len()))?;
+        Ok(self.pcm[..n].iter().flat_map(|s| s.to_le_bytes()).collect())
+    }
+}
+
+/// I420 frames (the layout of `IMAGE_FORMAT_I420`) to H.264 access units (Annex B),
+/// constrained baseline as every WebRTC browser decodes it.
+pub struct VideoEncoder {
+    encoder: Encoder,
+    width: usize,
+    height: usize,
+    /// Encoded size: odd dimensions lose their last column or row (H.264 4:2:0 needs even).
+    coded: (usize, usize),
+}
+
+impl VideoEncoder {
+    pub fn new(width: usize, height: usize, fps: f64, bitrate_bps: u32) -> Result<Self, String> {
+        let coded = (width & !1, height & !1);
+        if coded.0 < 16 || coded.1 < 16 {
+            return Err(format!("a {width}x{height} avatar is too small to encode"));
+        }
+        let config = EncoderConfig::new()
+            .usage_type(UsageType::CameraVideoRealTime)
+            .bitrate(BitRate::from_bps(bitrate_bps))
+            .max_frame_rate(FrameRate::from_hz(fps as f32))
+            .rate_control_mode(RateControlMode::Bitrate)
+            .skip_frames(false)
+            // A key frame every two seconds: a browser that lost one recovers without asking.
+            .intra_frame_period(IntraFramePeriod::from_num_frames((fps * 2.0).round() as u32));
+        let encoder = Encoder::with_api_config(OpenH264API::from_source(), config)
+            .map_err(|e| format!("H.264 encoder: {e}"))?;
+        Ok(VideoEncoder {
+            encoder,
+            width,
+            height,
+            coded,
+        })
+    }
+
+    /// The size of the frames the browser receives.
+    pub fn coded_size(&self) -> (usize, usize) {
+        self.coded
+    }
+
+    /// The next frame a key frame (a browser asked, with PLI or FIR).
+    pub fn force_keyframe(&mut self) {
+        self.encoder.force_intra_frame();
+    }
+
+    /// One I420 frame to one H.264 access unit.
+    pub fn encode(&mut self, i420: &[u8]) -> Result<Vec<u8>, String> {
+        let (w, h) = (self.width, self.height);
+        let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+        if i420.len() != w * h + 2 * cw * ch {
+            return Err(format!(
+                "frame of {} bytes; a {w}x{h} I420 frame has {}",
+                i420.len(),
+                w * h + 2 * cw * ch
+            ));
+        }
+        let (y, chroma) = i420.split_at(w * h);
+        let (u, v) = chroma.split_at(cw * ch);
+        let (ew, eh) = self.coded;
+        // The planes cut to the even size, rows kept at their stride.
+        let yuv = YUVSlices::new(
+            (&y[..eh * w], &u[..eh / 2 * cw], &v[..eh / 2 * cw]),
+            (ew, eh),
+            (w, cw, cw),
+        );
+        let bitstream = self
+            .encoder
+            .encode(&yuv)
+            .map_err(|e| format!("H.264 encode: {e}"))?;
+        Ok(bitstream.to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame encodes to an access unit starting with an Annex B start code and holding a
+    /// key frame (IDR NAL, type 5) first; odd sizes encode at the even size below.
+    #[test]
+    fn frames_encode_to_h264_access_units() {
+        for (w, h) in [(64usize, 48usize), (65, 49)] {
+            let mut enc = VideoEncoder::new(w, h, 25.0, 500_000).unwrap();
+            assert_eq!(enc.coded_size(), (w & !1, h & !1));
+            let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+            let frame: Vec<u8> = (0..w * h + 2 * cw * ch).map(|i| (i % 200) as u8).collect();
+            let au = enc.encode(&frame).unwrap();
+            assert!(au.starts_with(&[0, 0, 0, 1]) || au.starts_with(&[0, 0, 1]));
+            let idr = au
+                .windows(4)
+                .any(|n| n[..3] == [0, 0, 1] && n[3] & 0x1f == 5);
+            assert!(idr, "the first frame must be a key frame");
+            assert!(enc.encode(&frame[1..]).is_err());
+        }
+    }
+
+    /// Opus from libopus decodes to the samples' count at 48 kHz (20 ms: 960).
+    #[test]
+    fn opus_packets_decode_to_pcm() {
+        let mut encoder =
+            opus::Encoder::new(VOICE_RATE, opus::Channels::Mono, opus::Application::Voip).unwrap();
+        let tone: Vec<i16> = (0..960)
+            .map(|i| ((i as f32 * 0.05).sin() * 8000.0) as i16)
+            .collect();
+        let packet = encoder.encode_vec(&tone, 4000).unwrap();
+        let mut d = VoiceDecoder::new().unwrap();
+        assert_eq!(d.decode(&packet).unwrap().len(), 960 * 2);
+    }
+}

@@ -1,0 +1,82 @@
+//! The gateway's Prometheus metrics (`framecast_gateway_*`).
+
+use prometheus::{histogram_opts, Histogram, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Sessions open now.
+    pub sessions: IntGauge,
+    /// Session requests by outcome (`answered`, or the refusal: `bad_offer`, `unknown_avatar`,
+    /// `full`, `error`).
+    pub session_requests: IntCounterVec,
+    pub frames_sent: IntCounter,
+    /// Frames that arrived too late for their moment.
+    pub frames_dropped: IntCounter,
+    /// Frames missing between the compositor and the encoder.
+    pub frames_lost: IntCounter,
+    pub encode_seconds: Histogram,
+    pub rtt_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry =
+            Registry::new_custom(Some("framecast_gateway".into()), None).expect("valid registry");
+        let buckets = framecast_telemetry::latency_buckets();
+        let m = Metrics {
+            sessions: IntGauge::new("sessions", "Browser sessions open").expect("valid metric"),
+            session_requests: IntCounterVec::new(
+                Opts::new(
+                    "session_requests_total",
+                    "Session requests (POST /sessions) by outcome",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+            frames_sent: IntCounter::new("frames_sent_total", "Video frames encoded and sent")
+                .expect("valid metric"),
+            frames_dropped: IntCounter::new(
+                "frames_dropped_total",
+                "Frames dropped because they arrived after their play time",
+            )
+            .expect("valid metric"),
+            frames_lost: IntCounter::new(
+                "frames_lost_total",
+                "Frames missing between the compositor and the encoder",
+            )
+            .expect("valid metric"),
+            encode_seconds: Histogram::with_opts(histogram_opts!(
+                "encode_seconds",
+                "H.264 encode time per frame",
+                buckets.clone()
+            ))
+            .expect("valid metric"),
+            rtt_seconds: Histogram::with_opts(histogram_opts!(
+                "rtt_seconds",
+                "Round-trip time to the browser, from its receiver reports",
+                buckets
+            ))
+            .expect("valid metric"),
+            registry,
+        };
+        for c in [
+            Box::new(m.sessions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.session_requests.clone()),
+            Box::new(m.frames_sent.clone()),
+            Box::new(m.frames_dropped.clone()),
+            Box::new(m.frames_lost.clone()),
+            Box::new(m.encode_seconds.clone()),
+            Box::new(m.rtt_seconds.clone()),
+        ] {
+            m.registry.register(c).expect("metric registered once");
+        }
+        m
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,102 @@
+//! What the gateway needs from a browser's SDP offer, checked before any WebRTC state is made:
+//! a microphone it may receive (an audio m-line the browser sends on) and a video m-line it
+//! may send H.264 on. Each refusal says which, so a front-end developer can fix the page.
+
+/// Checks `sdp`; the error is the reason, for a 400 answer.
+pub fn check(sdp: &str) -> Result<(), String> {
+    if !sdp.trim_start().starts_with("v=0") {
+        return Err("the body is not an SDP offer (it must start with \"v=0\")".into());
+    }
+    let mut sections: Vec<Section> = Vec::new();
+    for line in sdp.lines().map(str::trim_end) {
+        if let Some(m) = line.strip_prefix("m=") {
+            sections.push(Section::fresh(m.split(' ').next().unwrap_or("")));
+        } else if let Some(s) = sections.last_mut() {
+            match line {
+                "a=recvonly" | "a=inactive" => s.browser_sends = false,
+                "a=sendonly" => s.browser_receives = false,
+                _ => {}
+            }
+            if let Some(map) = line.strip_prefix("a=rtpmap:") {
+                let codec = map.split_once(' ').map_or("", |(_, c)| c);
+                if codec.to_ascii_uppercase().starts_with("H264/90000") {
+                    s.h264 = true;
+                }
+            }
+        }
+    }
+    let audio: Vec<&Section> = sections.iter().filter(|s| s.kind == "audio").collect();
+    let video: Vec<&Section> = sections.iter().filter(|s| s.kind == "video").collect();
+    if audio.is_empty() {
+        return Err(
+            "the offer has no audio m-line: add the microphone track (getUserMedia({audio: true})) before createOffer".into(),
+        );
+    }
+    if !audio.iter().any(|s| s.browser_sends) {
+        return Err("the offer's audio is recvonly or inactive: the gateway needs the microphone (sendrecv or sendonly)".into());
+    }
+    if video.is_empty() {
+        return Err(
+            "the offer has no video m-line: add a transceiver (addTransceiver('video', {direction: 'recvonly'}))".into(),
+        );
+    }
+    if !video.iter().any(|s| s.browser_receives) {
+        return Err("the offer's video is sendonly: the gateway sends the avatar's video (recvonly or sendrecv)".into());
+    }
+    if !video.iter().any(|s| s.h264) {
+        return Err("the offer's video has no H.264 codec: the gateway encodes H.264".into());
+    }
+    Ok(())
+}
+
+struct Section {
+    kind: String,
+    browser_sends: bool,
+    browser_receives: bool,
+    h264: bool,
+}
+
+impl Section {
+    fn fresh(kind: &str) -> Section {
+        Section {
+            kind: kind.into(),
+            browser_sends: true,
+            browser_receives: true,
+            h264: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(audio_dir: &str, video: &str) -> String {
+        format!(
+            "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
+             m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n{audio_dir}\
+             {video}"
+        )
+    }
+
+    const VIDEO: &str = "m=video 9 UDP/TLS/RTP/SAVPF 96 102\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:102 H264/90000\r\na=recvonly\r\n";
+
+    #[test]
+    fn a_browser_offer_with_microphone_and_h264_passes() {
+        check(&offer("a=sendrecv\r\n", VIDEO)).unwrap();
+    }
+
+    #[test]
+    fn each_missing_part_is_named() {
+        let e = |sdp: &str| check(sdp).unwrap_err();
+        assert!(e("hello").contains("not an SDP offer"));
+        assert!(e(&offer("a=recvonly\r\n", VIDEO)).contains("recvonly"));
+        assert!(e(&offer("a=sendrecv\r\n", "")).contains("no video m-line"));
+        let vp8_only = VIDEO.replace("a=rtpmap:102 H264/90000\r\n", "");
+        assert!(e(&offer("a=sendrecv\r\n", &vp8_only)).contains("H.264"));
+        let sendonly = VIDEO.replace("a=recvonly", "a=sendonly");
+        assert!(e(&offer("a=sendrecv\r\n", &sendonly)).contains("sendonly"));
+        let no_audio = "v=0\r\ns=-\r\n".to_string() + VIDEO;
+        assert!(e(&no_audio).contains("no audio m-line"));
+    }
+}

@@ -1,0 +1,187 @@
+//! One clock for a session's video and voice, so lips and sound stay together.
+//!
+//! The compositor answers frame `f` of an audio session once the speech its window needs has
+//! arrived, in bursts (one batch at a time). The pacer plays frame `f` at
+//! `t0 + (f - f0) / fps`, where `f0` is the first frame to arrive and `t0` its arrival plus a
+//! jitter margin that absorbs the bursts; the voice the browser sent `tau` seconds into the
+//! session is sent back at `t0 + tau - f0 / fps`, the moment of the frame it belongs to. So
+//! the voice is delayed by exactly the video's latency. A frame that is due while a later
+//! one is also due is dropped (late), and both queues are bounded: nothing waits without
+//! bound.
+
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Most frames held (two seconds at 25 fps): past that the oldest are dropped.
+pub const MAX_FRAMES: usize = 50;
+/// Most voice held before the first frame arrives (ten seconds of 20 ms packets).
+pub const MAX_VOICE: usize = 500;
+
+/// A packet of the browser's voice: where it sits in the session, and its Opus payload.
+pub struct Voice {
+    /// Seconds since the session's first voice packet (from its RTP timestamps).
+    pub at: f64,
+    pub rtp_time: u64,
+    pub payload: std::sync::Arc<[u8]>,
+}
+
+#[derive(Default)]
+pub struct Due {
+    /// The frame to encode and send now, if one is due: (index, I420 image).
+    pub frame: Option<(u64, Bytes)>,
+    /// Voice to send now, in order.
+    pub voice: Vec<Voice>,
+    /// Frames dropped because a later frame was due too (or the queue overflowed).
+    pub dropped: u64,
+}
+
+pub struct Pacer {
+    period: Duration,
+    jitter: Duration,
+    /// (t0, f0) once the first frame has arrived.
+    base: Option<(Instant, u64)>,
+    frames: VecDeque<(u64, Bytes)>,
+    voice: VecDeque<Voice>,
+}
+
+impl Pacer {
+    pub fn new(fps: f64, jitter: Duration) -> Pacer {
+        Pacer {
+            period: Duration::from_secs_f64(1.0 / fps.max(1.0)),
+            jitter,
+            base: None,
+            frames: VecDeque::new(),
+            voice: VecDeque::new(),
+        }
+    }
+
+    /// A frame from the compositor; returns how many frames were dropped to make room.
+    pub fn push_frame(&mut self, now: Instant, index: u64, image: Bytes) -> u64 {
+        self.base.get_or_insert((now + self.jitter, index));
+        self.frames.push_back((index, image));
+        let mut dropped = 0;
+        while self.frames.len() > MAX_FRAMES {
+            self.frames.pop_front();
+            dropped += 1;
+        }
+        dropped
+    }
+
+    pub fn push_voice(&mut self, voice: Voice) {
+        self.voice.push_back(voice);
+        while self.voice.len() > MAX_VOICE {
+            self.voice.pop_front();
+        }
+    }
+
+    /// When frame `index` plays.
+    fn slot(&self, index: u64) -> Option<Instant> {
+        let (t0, f0) = self.base?;
+        Some(t0 + self.period.mul_f64(index.saturating_sub(f0) as f64))
+    }
+
+    /// When the voice `at` seconds into the session plays.
+    fn voice_slot(&self, at: f64) -> Option<Instant> {
+        let (t0, f0) = self.base?;
+        let offset = at - f0 as f64 * self.period.as_secs_f64();
+        Some(if offset >= 0.0 {
+            t0 + Duration::from_secs_f64(offset)
+        } else {
+            t0
+        })
+    }
+
+    /// What is due at `now`.
+    pub fn due(&mut self, now: Instant) -> Due {
+        let mut due = Due::default();
+        while let Some(&(index, _)) = self.frames.front() {
+            if self.slot(index).is_some_and(|t| t <= now) {
+                if due
+                    .frame
+                    .replace(self.frames.pop_front().expect("front"))
+                    .is_some()
+                {
+                    due.dropped += 1;
+                }
+            } else {
+                break;
+            }
+        }
+        while let Some(v) = self.voice.front() {
+            if self.voice_slot(v.at).is_some_and(|t| t <= now) {
+                due.voice.extend(self.voice.pop_front());
+            } else {
+                break;
+            }
+        }
+        due
+    }
+
+    /// The next instant something falls due, if anything waits.
+    pub fn next(&self) -> Option<Instant> {
+        let frame = self.frames.front().and_then(|(i, _)| self.slot(*i));
+        let voice = self.voice.front().and_then(|v| self.voice_slot(v.at));
+        frame.into_iter().chain(voice).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn voice(at: f64) -> Voice {
+        Voice {
+            at,
+            rtp_time: (at * 48_000.0) as u64,
+            payload: std::sync::Arc::from(&[1u8][..]),
+        }
+    }
+
+    /// Frames play one period apart from the first one's arrival plus the jitter margin;
+    /// the voice of frame f's moment plays with frame f; a late frame gives way to the next.
+    #[test]
+    fn frames_and_voice_play_on_one_clock() {
+        let t = Instant::now();
+        let mut p = Pacer::new(25.0, Duration::from_millis(100));
+        p.push_voice(voice(0.0));
+        p.push_voice(voice(0.08));
+        assert!(
+            p.due(t + Duration::from_secs(5)).voice.is_empty(),
+            "no frame yet"
+        );
+        for f in 0..4 {
+            assert_eq!(p.push_frame(t, f, Bytes::from(vec![f as u8])), 0);
+        }
+        let at = |ms: u64| t + Duration::from_millis(ms);
+        assert_eq!(p.next(), Some(at(100)));
+        let d = p.due(at(99));
+        assert!(d.frame.is_none() && d.voice.is_empty());
+        let d = p.due(at(100));
+        assert_eq!(d.frame.as_ref().map(|f| f.0), Some(0));
+        assert_eq!(d.voice.len(), 1, "the voice at 0 s plays with frame 0");
+        // At 190 ms frames 1 (140) and 2 (180) are due: 1 is dropped as late.
+        let d = p.due(at(190));
+        assert_eq!((d.frame.as_ref().map(|f| f.0), d.dropped), (Some(2), 1));
+        assert_eq!(
+            d.voice.len(),
+            1,
+            "the voice at 80 ms plays by frame 2's moment"
+        );
+        assert_eq!(p.next(), Some(at(220)));
+    }
+
+    #[test]
+    fn queues_are_bounded() {
+        let t = Instant::now();
+        let mut p = Pacer::new(25.0, Duration::ZERO);
+        let dropped: u64 = (0..MAX_FRAMES as u64 + 5)
+            .map(|f| p.push_frame(t, f, Bytes::new()))
+            .sum();
+        assert_eq!(dropped, 5);
+        for i in 0..MAX_VOICE + 3 {
+            p.push_voice(voice(i as f64 * 0.02));
+        }
+        assert_eq!(p.voice.len(), MAX_VOICE);
+    }
+}

@@ -1,0 +1,554 @@
+//! One browser session: its WebRTC connection (str0m, sans-IO, driven by a UDP socket on an
+//! OS thread of its own) and its `Render` audio session with the compositor (a tokio task).
+//!
+//! ```text
+//!  browser ──Opus──▶ [session thread] ──PCM──▶ [render task] ──RenderRequest.audio──▶ compositor
+//!  browser ◀─H.264── [session thread] ◀─I420── [render task] ◀──RenderedFrame (I420)── compositor
+//!  browser ◀─Opus─── [session thread]   (the browser's own voice, delayed to meet its frames)
+//! ```
+//!
+//! The thread owns everything of the connection (str0m is not thread-safe, and the encoder's
+//! work is the session's own); channels between it and the task are bounded.
+
+use crate::media::{VideoEncoder, VoiceDecoder, VOICE_RATE};
+use crate::metrics::Metrics;
+use crate::pacing::{Pacer, Voice};
+use crate::Compositor;
+use bytes::Bytes;
+use framecast_proto::compositor::v1::{
+    AudioChunk, AudioFormat, ImageFormat, RenderRequest, SampleFormat,
+};
+use futures::StreamExt;
+use parking_lot::Mutex;
+use std::net::UdpSocket;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use str0m::format::Codec;
+use str0m::media::{Frequency, MediaKind, MediaTime, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::{Event, IceConnectionState, Input, Output, Rtc};
+
+/// What a session needs to know about its avatar and its limits.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub id: String,
+    pub avatar: String,
+    pub width: usize,
+    pub height: usize,
+    pub fps: f64,
+    pub video_bitrate_bps: u32,
+    /// The session ends when the browser sends nothing for this long.
+    pub timeout: Duration,
+    /// Margin between a frame's arrival and its play time (absorbs the compositor's bursts).
+    pub jitter: Duration,
+}
+
+/// Figures of one session, for `GET /sessions/{id}` and the page.
+#[derive(Default)]
+pub struct Stats {
+    pub state: Mutex<String>,
+    /// Why it ended, once it has.
+    pub ended: Mutex<Option<String>>,
+    pub frames_received: AtomicU64,
+    pub frames_sent: AtomicU64,
+    /// Arrived from the compositor but late for their moment (a later frame was due).
+    pub frames_dropped: AtomicU64,
+    /// Never reached the encoder: missing from the compositor's stream, or no room to queue.
+    pub frames_lost: AtomicU64,
+    pub voice_packets_in: AtomicU64,
+    pub voice_packets_out: AtomicU64,
+    /// CPU time of the session's stages, µs in all: H.264 encode, Opus decode, and the
+    /// writes to str0m (RTP packetisation and SRTP).
+    pub encode_us_total: AtomicU64,
+    pub decode_us_total: AtomicU64,
+    pub packetize_us_total: AtomicU64,
+    /// From the answer to the first frame sent, ms (0 until then).
+    pub first_frame_ms: AtomicU64,
+    /// The browser's round-trip time as its receiver reports say, ms (0 until known).
+    pub rtt_ms: AtomicU64,
+    /// Per frame sent (the last 2,000), ms from the voice of its moment reaching the gateway
+    /// to the frame (and that voice) leaving it: the gateway's share of mouth-to-ear latency.
+    pub latency_ms: Mutex<std::collections::VecDeque<f32>>,
+}
+
+impl Stats {
+    fn set_state(&self, s: &str) {
+        *self.state.lock() = s.to_string();
+    }
+
+    /// The figures as JSON.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let sent = n(&self.frames_sent);
+        let mut latency: Vec<f32> = self.latency_ms.lock().iter().copied().collect();
+        latency.sort_by(f32::total_cmp);
+        let pct = |p: f64| {
+            latency
+                .get(((latency.len() as f64 - 1.0) * p).round().max(0.0) as usize)
+                .copied()
+        };
+        serde_json::json!({
+            "state": *self.state.lock(),
+            "ended": *self.ended.lock(),
+            "frames_received": n(&self.frames_received),
+            "frames_sent": sent,
+            "frames_dropped": n(&self.frames_dropped),
+            "frames_lost": n(&self.frames_lost),
+            "voice_packets_in": n(&self.voice_packets_in),
+            "voice_packets_out": n(&self.voice_packets_out),
+            "encode_ms_mean": n(&self.encode_us_total) as f64 / 1e3 / sent.max(1) as f64,
+            "encode_ms_total": n(&self.encode_us_total) as f64 / 1e3,
+            "decode_ms_total": n(&self.decode_us_total) as f64 / 1e3,
+            "packetize_ms_total": n(&self.packetize_us_total) as f64 / 1e3,
+            "first_frame_ms": n(&self.first_frame_ms),
+            "rtt_ms": n(&self.rtt_ms),
+            "latency_ms_p50": pct(0.5),
+            "latency_ms_p99": pct(0.99),
+        })
+    }
+}
+
+/// A running session, as the HTTP side holds it.
+pub struct Session {
+    pub config: SessionConfig,
+    pub stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+    finished: Arc<AtomicBool>,
+    render: tokio::task::JoinHandle<()>,
+}
+
+impl Session {
+    /// Asks the session to end (DELETE, shutdown); its thread closes the connection.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.render.abort();
+    }
+
+    /// Its thread has returned.
+    pub fn finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+}
+
+/// Frames queued between the render task and the session thread (one second at 25 fps; the
+/// pacer holds the rest).
+const FRAME_CHANNEL: usize = 25;
+/// Decoded voice packets queued for the compositor (two seconds of 20 ms packets).
+const VOICE_CHANNEL: usize = 100;
+
+/// Starts a session whose answer has been made: `rtc` holds it, `socket` is its UDP port.
+/// `local` is the address the browser sends to (the candidate's; behind NAT not the socket's).
+pub fn start(
+    config: SessionConfig,
+    rtc: Rtc,
+    socket: UdpSocket,
+    local: std::net::SocketAddr,
+    compositor: Compositor,
+    metrics: Metrics,
+) -> Result<Session, String> {
+    let stats = Arc::new(Stats::default());
+    stats.set_state("new");
+    let (voice_tx, voice_rx) = tokio::sync::mpsc::channel::<Bytes>(VOICE_CHANNEL);
+    let (frame_tx, frame_rx) = std::sync::mpsc::sync_channel::<(u64, Bytes)>(FRAME_CHANNEL);
+    let render = tokio::spawn(render(
+        compositor,
+        config.clone(),
+        voice_rx,
+        frame_tx,
+        stats.clone(),
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let finished = Arc::new(AtomicBool::new(false));
+    let mut worker = Worker {
+        encoder: VideoEncoder::new(
+            config.width,
+            config.height,
+            config.fps,
+            config.video_bitrate_bps,
+        )?,
+        decoder: VoiceDecoder::new()?,
+        pacer: Pacer::new(config.fps, config.jitter),
+        config: config.clone(),
+        rtc,
+        socket,
+        local,
+        stats: stats.clone(),
+        metrics,
+        voice_tx,
+        frame_rx,
+        stop: stop.clone(),
+        audio_mid: None,
+        video_mid: None,
+        voice_base: None,
+        answered: Instant::now(),
+    };
+    let done = finished.clone();
+    let span = tracing::info_span!("session", id = %config.id, avatar = %config.avatar);
+    std::thread::Builder::new()
+        .name(format!("session-{}", config.id))
+        .spawn(move || {
+            let _entered = span.enter();
+            let reason = match worker.run() {
+                Ok(reason) => reason,
+                Err(e) => format!("failed: {e}"),
+            };
+            tracing::info!(%reason, "session ended");
+            worker.stats.set_state("closed");
+            *worker.stats.ended.lock() = Some(reason);
+            worker.rtc.disconnect();
+            done.store(true, Ordering::Release);
+        })
+        .map_err(|e| format!("cannot start the session thread: {e}"))?;
+    Ok(Session {
+        config,
+        stats,
+        stop,
+        finished,
+        render,
+    })
+}
+
+/// The compositor side: one `Render` audio session fed with the browser's decoded voice, its
+/// I420 frames handed to the session thread.
+async fn render(
+    mut client: Compositor,
+    config: SessionConfig,
+    mut voice: tokio::sync::mpsc::Receiver<Bytes>,
+    frames: SyncSender<(u64, Bytes)>,
+    stats: Arc<Stats>,
+) {
+    // The session opens with the first voice, so its frame 0 is the voice's moment 0.
+    let Some(first) = voice.recv().await else {
+        return;
+    };
+    let opening = RenderRequest {
+        request_id: config.id.clone(),
+        avatar_id: config.avatar.clone(),
+        start_frame: 0,
+        frame_format: ImageFormat::I420 as i32,
+        audio: Some(AudioChunk {
+            format: Some(AudioFormat {
+                sample_format: SampleFormat::S16le as i32,
+                sample_rate: VOICE_RATE,
+            }),
+            pcm: first,
+            end_of_speech: false,
+        }),
+        ..Default::default()
+    };
+    let rest = tokio_stream::wrappers::ReceiverStream::new(voice).map(|pcm| RenderRequest {
+        audio: Some(AudioChunk {
+            format: None,
+            pcm,
+            end_of_speech: false,
+        }),
+        ..Default::default()
+    });
+    let requests = futures::stream::once(async { opening }).chain(rest);
+    let mut stream = match client.render(requests).await {
+        Ok(s) => s.into_inner(),
+        Err(e) => {
+            *stats.ended.lock() = Some(format!("compositor refused the session: {}", e.message()));
+            return;
+        }
+    };
+    let mut expected = 0u64;
+    loop {
+        match stream.message().await {
+            Ok(Some(f)) => {
+                stats.frames_received.fetch_add(1, Ordering::Relaxed);
+                if f.frame_index > expected {
+                    stats
+                        .frames_lost
+                        .fetch_add(f.frame_index - expected, Ordering::Relaxed);
+                }
+                expected = f.frame_index + 1;
+                match frames.try_send((f.frame_index, f.image)) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => {
+                        stats.frames_lost.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(TrySendError::Disconnected(_)) => return,
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "render stream failed");
+                *stats.ended.lock() = Some(format!("compositor: {}", e.message()));
+                return;
+            }
+        }
+    }
+}
+
+struct Worker {
+    config: SessionConfig,
+    rtc: Rtc,
+    socket: UdpSocket,
+    local: std::net::SocketAddr,
+    encoder: VideoEncoder,
+    decoder: VoiceDecoder,
+    pacer: Pacer,
+    stats: Arc<Stats>,
+    metrics: Metrics,
+    voice_tx: tokio::sync::mpsc::Sender<Bytes>,
+    frame_rx: Receiver<(u64, Bytes)>,
+    stop: Arc<AtomicBool>,
+    audio_mid: Option<Mid>,
+    video_mid: Option<Mid>,
+    /// RTP time of the first voice packet (the session's moment 0) and when it arrived.
+    voice_base: Option<(u64, Instant)>,
+    answered: Instant,
+}
+
+impl Worker {
+    /// Runs until the session ends; returns why.
+    fn run(&mut self) -> Result<String, String> {
+        let mut buf = vec![0u8; 2000];
+        let mut last_input = Instant::now();
+        let local = self.local;
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return Ok("ended by the client (DELETE) or shutdown".into());
+            }
+            if last_input.elapsed() > self.config.timeout {
+                return Ok(format!(
+                    "reaped: nothing from the browser for {} s",
+                    self.config.timeout.as_secs_f64()
+                ));
+            }
+            self.take_frames()?;
+            let now = Instant::now();
+            self.send_due(now)?;
+            let rtc_deadline = match self.poll()? {
+                Some(t) => t,
+                None => return Ok("the browser disconnected".into()),
+            };
+            let now = Instant::now();
+            let wake = [Some(rtc_deadline), self.pacer.next()]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(now)
+                .min(now + Duration::from_millis(10));
+            let wait = wake.saturating_duration_since(now);
+            if wait.is_zero() {
+                self.rtc
+                    .handle_input(Input::Timeout(now))
+                    .map_err(|e| e.to_string())?;
+                continue;
+            }
+            self.socket
+                .set_read_timeout(Some(wait))
+                .map_err(|e| e.to_string())?;
+            buf.resize(2000, 0);
+            match self.socket.recv_from(&mut buf) {
+                Ok((n, source)) => {
+                    last_input = Instant::now();
+                    let Ok(contents) = buf[..n].try_into() else {
+                        continue; // not STUN, DTLS or RTP: ignored
+                    };
+                    let input = Input::Receive(
+                        last_input,
+                        Receive {
+                            proto: Protocol::Udp,
+                            source,
+                            destination: local,
+                            contents,
+                        },
+                    );
+                    if let Err(e) = self.rtc.handle_input(input) {
+                        tracing::debug!(error = %e, "packet refused");
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    self.rtc
+                        .handle_input(Input::Timeout(Instant::now()))
+                        .map_err(|e| e.to_string())?;
+                }
+                Err(e) => return Err(format!("UDP: {e}")),
+            }
+        }
+    }
+
+    /// Drives str0m until it waits: sends its datagrams, handles its events. `None` once the
+    /// connection is gone.
+    fn poll(&mut self) -> Result<Option<Instant>, String> {
+        loop {
+            match self.rtc.poll_output().map_err(|e| e.to_string())? {
+                Output::Timeout(t) => return Ok(Some(t)),
+                Output::Transmit(t) => {
+                    let _ = self.socket.send_to(&t.contents, t.destination);
+                }
+                Output::Event(e) => {
+                    if !self.event(e)? {
+                        return Ok(None);
+                    }
+                }
+            }
+            if !self.rtc.is_alive() {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Handles one event; false when the connection is over.
+    fn event(&mut self, e: Event) -> Result<bool, String> {
+        match e {
+            Event::Connected => {
+                self.stats.set_state("connected");
+                tracing::info!("connected");
+            }
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => return Ok(false),
+            Event::MediaAdded(m) => match m.kind {
+                MediaKind::Audio => self.audio_mid = Some(m.mid),
+                MediaKind::Video => self.video_mid = Some(m.mid),
+            },
+            Event::MediaData(d) if Some(d.mid) == self.audio_mid => {
+                self.stats.voice_packets_in.fetch_add(1, Ordering::Relaxed);
+                let rtp = d.time.rebase(Frequency::FORTY_EIGHT_KHZ).numer();
+                let (base, _) = *self.voice_base.get_or_insert((rtp, Instant::now()));
+                let started = Instant::now();
+                let decoded = self.decoder.decode(&d.data);
+                self.stats
+                    .decode_us_total
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                match decoded {
+                    Ok(pcm) => {
+                        // A compositor slower than the voice loses voice, never blocks here.
+                        let _ = self.voice_tx.try_send(Bytes::from(pcm));
+                    }
+                    Err(e) => tracing::debug!(error = %e, "voice packet not decoded"),
+                }
+                self.pacer.push_voice(Voice {
+                    at: rtp.saturating_sub(base) as f64 / VOICE_RATE as f64,
+                    rtp_time: rtp,
+                    payload: d.data.clone(),
+                });
+            }
+            Event::KeyframeRequest(_) => self.encoder.force_keyframe(),
+            Event::MediaEgressStats(s) => {
+                if let Some(rtt) = s.rtt {
+                    self.stats
+                        .rtt_ms
+                        .store(rtt.as_millis() as u64, Ordering::Relaxed);
+                    self.metrics.rtt_seconds.observe(rtt.as_secs_f64());
+                }
+            }
+            _ => {}
+        }
+        Ok(true)
+    }
+
+    /// Moves the frames the render task has sent into the pacer.
+    fn take_frames(&mut self) -> Result<(), String> {
+        loop {
+            match self.frame_rx.try_recv() {
+                Ok((index, image)) => {
+                    let dropped = self.pacer.push_frame(Instant::now(), index, image);
+                    self.count_dropped(dropped);
+                }
+                Err(TryRecvError::Empty) => return Ok(()),
+                Err(TryRecvError::Disconnected) => {
+                    let why = self.stats.ended.lock().clone();
+                    return Err(why.unwrap_or_else(|| "the compositor ended the session".into()));
+                }
+            }
+        }
+    }
+
+    fn count_dropped(&self, n: u64) {
+        if n > 0 {
+            self.stats.frames_dropped.fetch_add(n, Ordering::Relaxed);
+            self.metrics.frames_dropped.inc_by(n);
+        }
+    }
+
+    /// Encodes and sends the frame and voice that are due.
+    fn send_due(&mut self, now: Instant) -> Result<(), String> {
+        let due = self.pacer.due(now);
+        self.count_dropped(due.dropped);
+        if let (Some(mid), false) = (self.audio_mid, due.voice.is_empty()) {
+            for v in due.voice {
+                let Some(writer) = self.rtc.writer(mid) else {
+                    break;
+                };
+                let Some(pt) = writer
+                    .payload_params()
+                    .find(|p| p.spec().codec == Codec::Opus)
+                    .map(|p| p.pt())
+                else {
+                    break;
+                };
+                let time = MediaTime::new(v.rtp_time, Frequency::FORTY_EIGHT_KHZ);
+                let started = Instant::now();
+                if writer.write(pt, now, time, v.payload).is_ok() {
+                    self.stats.voice_packets_out.fetch_add(1, Ordering::Relaxed);
+                }
+                self.stats
+                    .packetize_us_total
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
+        }
+        let (Some((index, image)), Some(mid)) = (due.frame, self.video_mid) else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let au = self.encoder.encode(&image)?;
+        let took = started.elapsed();
+        self.stats
+            .encode_us_total
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.metrics.encode_seconds.observe(took.as_secs_f64());
+        let Some(writer) = self.rtc.writer(mid) else {
+            return Ok(());
+        };
+        let pt = writer
+            .payload_params()
+            .find(|p| {
+                let s = p.spec();
+                s.codec == Codec::H264 && s.format.packetization_mode == Some(1)
+            })
+            .or_else(|| {
+                writer
+                    .payload_params()
+                    .find(|p| p.spec().codec == Codec::H264)
+            })
+            .map(|p| p.pt())
+            .ok_or("the browser accepted no H.264 payload type")?;
+        let time = MediaTime::new(
+            (index as f64 * 90_000.0 / self.config.fps) as u64,
+            Frequency::NINETY_KHZ,
+        );
+        let started = Instant::now();
+        writer
+            .write(pt, now, time, au)
+            .map_err(|e| format!("video write: {e}"))?;
+        self.stats
+            .packetize_us_total
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        if let Some((_, arrived)) = self.voice_base {
+            let moment = arrived + Duration::from_secs_f64(index as f64 / self.config.fps);
+            let mut latency = self.stats.latency_ms.lock();
+            latency.push_back(now.saturating_duration_since(moment).as_secs_f32() * 1e3);
+            if latency.len() > 2000 {
+                latency.pop_front();
+            }
+        }
+        if self.stats.frames_sent.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.stats.first_frame_ms.store(
+                self.answered.elapsed().as_millis() as u64,
+                Ordering::Relaxed,
+            );
+        }
+        self.metrics.frames_sent.inc();
+        Ok(())
+    }
+}

@@ -1,0 +1,101 @@
+"""Drives headless Chromium against a running framecast-gateway and reports what the page saw.
+
+The page is opened with autostart (the fake microphone plays --wav, looped by Chromium) and a
+probe rectangle; after --seconds of video the script reads window.framecast and the video's
+getStats(), saves a screenshot, hangs up, and prints one JSON object on stdout. It asserts
+nothing itself: the caller (crates/e2e/tests/browser.rs, or a person) judges the figures.
+
+  python browser_check.py --url http://127.0.0.1:8021 --avatar browser --wav speech.wav \
+      --probe 200,180,60,30 --seconds 22 --screenshot out/browser/page.png [--runs N]
+
+With --runs N the page is loaded N times (only time to first frame is measured after the
+first run) and the JSON holds every run's first_frame_ms.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+
+
+def browser(wav):
+    o = Options()
+    o.binary_location = "/usr/bin/chromium"
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}",
+        "--autoplay-policy=no-user-gesture-required",
+        "--window-size=1100,900",
+    ):
+        o.add_argument(flag)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=o)
+
+
+def wait_for(driver, script, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = driver.execute_script(script)
+        if value:
+            return value
+        time.sleep(0.1)
+    state = driver.execute_script("return [window.framecast.state, window.framecast.error]")
+    raise SystemExit(f"browser_check: {what} within {timeout} s (page state {state})")
+
+
+def run(driver, args, page):
+    driver.get(page)
+    wait_for(driver, "return window.framecast.state === 'connected'", 30, "no connection")
+    first = wait_for(driver, "return window.framecast.firstFrameMs", 30, "no video frame")
+    return first
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--url", required=True)
+    p.add_argument("--avatar", required=True)
+    p.add_argument("--wav", required=True)
+    p.add_argument("--probe", required=True, help="x,y,w,h in video pixels")
+    p.add_argument("--seconds", type=float, default=22)
+    p.add_argument("--screenshot")
+    p.add_argument("--runs", type=int, default=1)
+    args = p.parse_args()
+    page = f"{args.url}/?avatar={args.avatar}&autostart=1&probe={args.probe}"
+    driver = browser(args.wav)
+    try:
+        firsts = []
+        for _ in range(args.runs - 1):
+            firsts.append(run(driver, args, page))
+            driver.execute_script("return hangup()")
+        firsts.append(run(driver, args, page))
+        time.sleep(args.seconds)
+        fc = driver.execute_script(
+            """const f = window.framecast;
+               return {state: f.state, error: f.error, session: f.session,
+                       first_frame_ms: f.firstFrameMs, frames: f.frames,
+                       probe: f.probeLuma, video: f.stats.video || null,
+                       rtt_ms: f.stats.rttMs || null};"""
+        )
+        gateway = driver.execute_script(
+            "return fetch(window.framecast.session).then(r => r.json())"
+        )
+        if args.screenshot:
+            driver.save_screenshot(args.screenshot)
+        driver.execute_script("return hangup()")
+        fc["first_frame_ms_runs"] = firsts
+        fc["gateway"] = gateway
+        json.dump(fc, sys.stdout)
+    finally:
+        driver.quit()
+
+
+if __name__ == "__main__":
+    main()
