@@ -36,7 +36,7 @@ pids+=($!)
 pids+=($!)
 "$bin/framecast-bench" wait http://127.0.0.1:18101 http://127.0.0.1:18111 --timeout-s 180 >/dev/null
 "$bin/framecast-gateway" --listen "0.0.0.0:$port" --metrics-listen 127.0.0.1:18122 \
-  --compositor http://127.0.0.1:18111 --sample-wav "$out/sample.wav" >"$out/gateway.log" 2>&1 &
+  --compositor-url http://127.0.0.1:18111 --sample-wav "$out/sample.wav" >"$out/gateway.log" 2>&1 &
 pids+=($!)
 sleep 1
 kill -0 "${pids[2]}" 2>/dev/null || { tail -n 20 "$out/gateway.log" >&2; exit 1; }

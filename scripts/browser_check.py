@@ -8,8 +8,8 @@ nothing itself: the caller (crates/e2e/tests/browser.rs, or a person) judges the
   python browser_check.py --url http://127.0.0.1:8021 --avatar browser --wav speech.wav \
       --probe 200,180,60,30 --seconds 22 --screenshot out/browser/page.png [--runs N]
 
-With --runs N the page is loaded N times (only time to first frame is measured after the
-first run) and the JSON holds every run's first_frame_ms.
+With --runs N the page is loaded N times, each hung up once its first frame shows, before
+the watched run; first_frame_ms_runs holds every run's time from page load to first frame.
 """
 
 import argparse
@@ -54,8 +54,28 @@ def wait_for(driver, script, timeout, what):
 def run(driver, args, page):
     driver.get(page)
     wait_for(driver, "return window.framecast.state === 'connected'", 30, "no connection")
-    first = wait_for(driver, "return window.framecast.firstFrameMs", 30, "no video frame")
-    return first
+    wait_for(driver, "return window.framecast.firstFrameMs", 30, "no video frame")
+    # From page load (navigation start) to the first frame presented.
+    return driver.execute_script("return window.framecast.firstFramePageMs")
+
+
+def mouth_latencies(onsets, probe):
+    """Per speech onset in the voice sent: ms until the mouth first moves on screen (its
+    luma leaves the still value it had just before the onset by more than 4). Onsets before
+    the video has run for a second (nothing to compare with yet) are left out."""
+    out = []
+    start = probe[0][0] + 1000 if probe else float("inf")
+    for t in onsets:
+        if t < start:
+            continue
+        before = [l for (pt, l) in probe if t - 300 <= pt <= t]
+        if not before:
+            continue
+        still = sorted(before)[len(before) // 2]
+        moved = next((pt for (pt, l) in probe if pt > t and abs(l - still) > 4), None)
+        if moved is not None and moved - t < 5000:
+            out.append(moved - t)
+    return out
 
 
 def main():
@@ -81,7 +101,7 @@ def main():
             """const f = window.framecast;
                return {state: f.state, error: f.error, session: f.session,
                        first_frame_ms: f.firstFrameMs, frames: f.frames,
-                       probe: f.probeLuma, video: f.stats.video || null,
+                       probe: f.probeLuma, onsets: f.onsets, video: f.stats.video || null,
                        rtt_ms: f.stats.rttMs || null};"""
         )
         gateway = driver.execute_script(
@@ -91,6 +111,7 @@ def main():
             driver.save_screenshot(args.screenshot)
         driver.execute_script("return hangup()")
         fc["first_frame_ms_runs"] = firsts
+        fc["mouth_latency_ms"] = mouth_latencies(fc["onsets"], fc["probe"])
         fc["gateway"] = gateway
         json.dump(fc, sys.stdout)
     finally:

@@ -204,6 +204,23 @@ fn check(seen: &Value, speech_s: f64) {
         still_s > 1.5,
         "the mouth is never still for 1.5 s (longest {still_s:.2} s) though the speech ({speech_s:.1} s) pauses for 3 s"
     );
+    // Mouth-to-ear as a viewer sees it: from each speech onset in the voice the page sends
+    // to the mouth's first move on screen (scripts/browser_check.py pairs them).
+    let latency: Vec<f64> = seen["mouth_latency_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert!(
+        latency.len() >= 2,
+        "{} speech onsets paired with a mouth move in {WATCH_S} s",
+        latency.len()
+    );
+    assert!(
+        latency.iter().all(|&ms| ms < 2000.0),
+        "mouth-to-ear latencies {latency:?} ms"
+    );
     // Moving through most of the speech: at most the silences are still.
     let cycle = speech_s + 3.0;
     assert!(

@@ -28,7 +28,7 @@ struct Args {
         env = "FRAMECAST_COMPOSITOR_URL",
         default_value = "http://127.0.0.1:8011"
     )]
-    compositor: String,
+    compositor_url: String,
     /// Bearer token for the compositor, when its authentication is on.
     #[arg(long, env = "FRAMECAST_COMPOSITOR_TOKEN", hide_env_values = true)]
     compositor_token: Option<String>,
@@ -45,21 +45,21 @@ struct Args {
     #[arg(long, env = "FRAMECAST_GATEWAY_UDP_PORTS", value_parser = parse_ports)]
     udp_ports: Option<(u16, u16)>,
     /// Most sessions open at once; past it a new one gets 503 with the reason.
-    #[arg(long, env = "FRAMECAST_GATEWAY_MAX_SESSIONS", default_value_t = 8)]
+    #[arg(long, env = "FRAMECAST_GATEWAY_MAX_SESSIONS", default_value_t = GatewayOptions::default().max_sessions)]
     max_sessions: usize,
     /// A session whose browser sends nothing (no media, no ICE) for this long is ended.
     #[arg(
         long,
         env = "FRAMECAST_GATEWAY_SESSION_TIMEOUT_S",
-        default_value_t = 10.0
+        default_value_t = GatewayOptions::default().session_timeout.as_secs_f64()
     )]
     session_timeout_s: f64,
     /// Video bitrate per session, kbit/s (H.264).
-    #[arg(long, env = "FRAMECAST_GATEWAY_VIDEO_KBPS", default_value_t = 2000)]
+    #[arg(long, env = "FRAMECAST_GATEWAY_VIDEO_KBPS", default_value_t = GatewayOptions::default().video_bitrate_bps / 1000)]
     video_kbps: u32,
     /// Margin between a frame's arrival and its play time, ms: absorbs the compositor's
     /// batches; the voice is delayed by the same amount.
-    #[arg(long, env = "FRAMECAST_GATEWAY_JITTER_MS", default_value_t = 150)]
+    #[arg(long, env = "FRAMECAST_GATEWAY_JITTER_MS", default_value_t = GatewayOptions::default().jitter.as_millis() as u64)]
     jitter_ms: u64,
     /// A WAV file the page offers as "play a sample sentence".
     #[arg(long, env = "FRAMECAST_GATEWAY_SAMPLE_WAV")]
@@ -104,8 +104,8 @@ async fn main() -> Result<()> {
     if let Some(p) = &args.sample_wav {
         std::fs::metadata(p).with_context(|| format!("--sample-wav {}", p.display()))?;
     }
-    let channel = tonic::transport::Endpoint::from_shared(args.compositor.clone())
-        .with_context(|| format!("--compositor {}", args.compositor))?
+    let channel = tonic::transport::Endpoint::from_shared(args.compositor_url.clone())
+        .with_context(|| format!("--compositor-url {}", args.compositor_url))?
         .connect_lazy();
     let client = framecast_gateway::compositor(channel, args.compositor_token.as_deref())
         .map_err(anyhow::Error::msg)?;
@@ -131,7 +131,7 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("--listen {}", args.listen))?;
     tracing::info!(
-        http = %listener.local_addr()?, metrics = %metrics_addr, compositor = %args.compositor,
+        http = %listener.local_addr()?, metrics = %metrics_addr, compositor = %args.compositor_url,
         "gateway serving: open http://{}/ in a browser", listener.local_addr()?
     );
     let stopping = gw.clone();

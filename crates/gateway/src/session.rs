@@ -182,6 +182,7 @@ pub fn start(
         audio_mid: None,
         video_mid: None,
         voice_base: None,
+        voice_arrivals: Default::default(),
         answered: Instant::now(),
     };
     let done = finished.clone();
@@ -298,8 +299,11 @@ struct Worker {
     stop: Arc<AtomicBool>,
     audio_mid: Option<Mid>,
     video_mid: Option<Mid>,
-    /// RTP time of the first voice packet (the session's moment 0) and when it arrived.
-    voice_base: Option<(u64, Instant)>,
+    /// RTP time of the first voice packet: the session's moment 0.
+    voice_base: Option<u64>,
+    /// (moment in seconds, arrival) of the last ten seconds of voice packets: when the voice
+    /// of a frame's moment reached the gateway, for the latency figure.
+    voice_arrivals: std::collections::VecDeque<(f64, Instant)>,
     answered: Instant,
 }
 
@@ -414,7 +418,12 @@ impl Worker {
             Event::MediaData(d) if Some(d.mid) == self.audio_mid => {
                 self.stats.voice_packets_in.fetch_add(1, Ordering::Relaxed);
                 let rtp = d.time.rebase(Frequency::FORTY_EIGHT_KHZ).numer();
-                let (base, _) = *self.voice_base.get_or_insert((rtp, Instant::now()));
+                let base = *self.voice_base.get_or_insert(rtp);
+                let at = rtp.saturating_sub(base) as f64 / VOICE_RATE as f64;
+                self.voice_arrivals.push_back((at, Instant::now()));
+                if self.voice_arrivals.len() > 500 {
+                    self.voice_arrivals.pop_front();
+                }
                 let started = Instant::now();
                 let decoded = self.decoder.decode(&d.data);
                 self.stats
@@ -428,7 +437,7 @@ impl Worker {
                     Err(e) => tracing::debug!(error = %e, "voice packet not decoded"),
                 }
                 self.pacer.push_voice(Voice {
-                    at: rtp.saturating_sub(base) as f64 / VOICE_RATE as f64,
+                    at,
                     rtp_time: rtp,
                     payload: d.data.clone(),
                 });
@@ -534,10 +543,12 @@ impl Worker {
         self.stats
             .packetize_us_total
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        if let Some((_, arrived)) = self.voice_base {
-            let moment = arrived + Duration::from_secs_f64(index as f64 / self.config.fps);
+        // The voice of this frame's moment: when it reached the gateway.
+        let moment = index as f64 / self.config.fps;
+        let at = self.voice_arrivals.partition_point(|(at, _)| *at < moment);
+        if let Some((_, arrived)) = self.voice_arrivals.get(at) {
             let mut latency = self.stats.latency_ms.lock();
-            latency.push_back(now.saturating_duration_since(moment).as_secs_f32() * 1e3);
+            latency.push_back(now.saturating_duration_since(*arrived).as_secs_f32() * 1e3);
             if latency.len() > 2000 {
                 latency.pop_front();
             }
