@@ -231,6 +231,31 @@ pub fn encode_rgb(
 }
 
 /// Decodes a JPEG to packed RGB.
+/// A 4:2:0 JPEG of `width` x `height` decoded into `out` as its own YCbCr planes (full
+/// range, as JFIF stores them), packed end to end: no colour conversion, no chroma
+/// upsampling. The layout is that of [`crate::raw_frame`].
+pub fn decode_yuv420(jpeg: &[u8], width: u32, height: u32, out: &mut [u8]) -> Result<(), String> {
+    let mut d = turbojpeg::Decompressor::new().map_err(|e| format!("turbojpeg: {e}"))?;
+    let header = d.read_header(jpeg).map_err(|e| format!("turbojpeg: {e}"))?;
+    if (header.width, header.height) != (width as usize, height as usize)
+        || header.subsamp != turbojpeg::Subsamp::Sub2x2
+    {
+        return Err(format!(
+            "the JPEG is {}x{} {:?}; wanted {width}x{height} 4:2:0",
+            header.width, header.height, header.subsamp
+        ));
+    }
+    let image = turbojpeg::YuvImage {
+        pixels: out,
+        width: width as usize,
+        align: 1,
+        height: height as usize,
+        subsamp: turbojpeg::Subsamp::Sub2x2,
+    };
+    d.decompress_to_yuv(jpeg, image)
+        .map_err(|e| format!("turbojpeg: {e}"))
+}
+
 pub fn decode_rgb(jpeg: &[u8]) -> Result<(Vec<u8>, u32, u32), String> {
     let img: Image<Vec<u8>> =
         turbojpeg::decompress(jpeg, PixelFormat::RGB).map_err(|e| format!("turbojpeg: {e}"))?;

@@ -65,6 +65,59 @@ pub fn from_rgb(rgb: &[u8], width: usize, height: usize, out: &mut Vec<u8>) -> R
     Ok(())
 }
 
+/// Full-range YCbCr planes (JFIF, as a JPEG decodes) to limited range, in place.
+pub fn full_to_limited(i420: &mut [u8], width: usize, height: usize) {
+    static LUTS: std::sync::OnceLock<([u8; 256], [u8; 256])> = std::sync::OnceLock::new();
+    let (y_lut, c_lut) = LUTS.get_or_init(|| {
+        let mut y = [0u8; 256];
+        let mut c = [0u8; 256];
+        for v in 0..256 {
+            y[v] = (16.0 + v as f64 * 219.0 / 255.0).round() as u8;
+            c[v] = (128.0 + (v as f64 - 128.0) * 224.0 / 255.0).round() as u8;
+        }
+        (y, c)
+    });
+    let (y, chroma) = i420.split_at_mut(width * height);
+    y.iter_mut().for_each(|v| *v = y_lut[*v as usize]);
+    chroma.iter_mut().for_each(|v| *v = c_lut[*v as usize]);
+}
+
+/// Writes packed RGB `rgb` (`rw` x `rh`) at (`x`, `y`) into a `width` x `height` I420 frame,
+/// converted as [`from_rgb`] does. `x` and `y` must be even (chroma samples are not split)
+/// and the rectangle inside the frame.
+pub fn put_rgb(
+    i420: &mut [u8],
+    (width, height): (usize, usize),
+    (x, y): (usize, usize),
+    rgb: &[u8],
+    (rw, rh): (usize, usize),
+    scratch: &mut Vec<u8>,
+) -> Result<(), String> {
+    if x % 2 != 0 || y % 2 != 0 || x + rw > width || y + rh > height {
+        return Err(format!(
+            "a {rw}x{rh} region at ({x}, {y}) does not fit the {width}x{height} frame on even coordinates"
+        ));
+    }
+    from_rgb(rgb, rw, rh, scratch)?;
+    let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
+    let (rcw, rch) = (rw.div_ceil(2), rh.div_ceil(2));
+    let (frame_y, frame_c) = i420.split_at_mut(width * height);
+    let (part_y, part_c) = scratch.split_at(rw * rh);
+    for (row, src) in part_y.chunks_exact(rw).enumerate() {
+        let at = (y + row) * width + x;
+        frame_y[at..at + rw].copy_from_slice(src);
+    }
+    for plane in 0..2 {
+        let dst = &mut frame_c[plane * cw * ch..(plane + 1) * cw * ch];
+        let src = &part_c[plane * rcw * rch..(plane + 1) * rcw * rch];
+        for (row, src) in src.chunks_exact(rcw).enumerate() {
+            let at = (y / 2 + row) * cw + x / 2;
+            dst[at..at + rcw].copy_from_slice(src);
+        }
+    }
+    Ok(())
+}
+
 /// I420 back to packed RGB (chroma repeated over its block): for tests and tools.
 pub fn to_rgb(i420: &[u8], width: usize, height: usize) -> Result<Vec<u8>, String> {
     if i420.len() != len(width, height) {
@@ -135,5 +188,27 @@ mod tests {
         assert!(psnr > 32.0, "round trip PSNR {psnr:.1} dB");
         assert!(from_rgb(&rgb[1..], w, h, &mut i420).is_err());
         assert!(to_rgb(&i420[1..], w, h).is_err());
+    }
+
+    #[test]
+    fn full_range_planes_rescale_and_regions_land_on_their_samples() {
+        let (w, h) = (6usize, 4usize);
+        let mut frame = vec![0u8; len(w, h)];
+        frame[..w * h].fill(255);
+        frame[w * h..].fill(128);
+        full_to_limited(&mut frame, w, h);
+        assert!(frame[..w * h].iter().all(|&v| v == 235));
+        assert!(frame[w * h..].iter().all(|&v| v == 128));
+        // A red 2x2 region at (2, 2): its four luma samples and its one chroma sample.
+        let mut scratch = Vec::new();
+        let red = [255u8, 0, 0].repeat(4);
+        put_rgb(&mut frame, (w, h), (2, 2), &red, (2, 2), &mut scratch).unwrap();
+        let y: Vec<usize> = (0..w * h).filter(|&i| frame[i] == 82).collect();
+        assert_eq!(y, [14, 15, 20, 21]);
+        let (cb, cr) = (&frame[w * h..w * h + 6], &frame[w * h + 6..]);
+        assert_eq!((cb[4], cr[4]), (90, 240), "the chroma of (2, 2)");
+        assert_eq!((cb[0], cr[0]), (128, 128), "elsewhere untouched");
+        assert!(put_rgb(&mut frame, (w, h), (1, 2), &[0; 12], (2, 2), &mut scratch).is_err());
+        assert!(put_rgb(&mut frame, (w, h), (6, 2), &[0; 12], (2, 2), &mut scratch).is_err());
     }
 }

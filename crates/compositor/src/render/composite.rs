@@ -135,6 +135,25 @@ fn whole(
 ) -> Result<Vec<u8>, String> {
     let frame = &avatar.frames[background];
     let r = &frame.region;
+    if output == Output::I420 && avatar.params.subsampling == Subsampling::S420 {
+        // The JPEG's own 4:2:0 planes are I420 already (full range): decoded without colour
+        // conversion or upsampling, rescaled to limited range, the region put in. About a
+        // third of decoding to RGB and converting back (docs/performance.md).
+        let (w, h) = (avatar.grid.width, avatar.grid.height);
+        let mut out = vec![0u8; raw_frame::len(w as usize, h as usize)];
+        encode::decode_yuv420(&frame.jpeg, w, h, &mut out)?;
+        raw_frame::full_to_limited(&mut out, w as usize, h as usize);
+        let mut scratch = Vec::new();
+        raw_frame::put_rgb(
+            &mut out,
+            (w as usize, h as usize),
+            (r.x as usize, r.y as usize),
+            region_pixels,
+            (r.w as usize, r.h as usize),
+            &mut scratch,
+        )?;
+        return Ok(out);
+    }
     let (mut rgb, width, height) = encode::decode_rgb(&frame.jpeg)?;
     if (width, height) != (avatar.grid.width, avatar.grid.height) {
         return Err(format!(
@@ -305,6 +324,30 @@ mod tests {
             10.0 * (255.0f64.powi(2) / mse.max(1e-9)).log10()
         };
         assert!(psnr(&rgb, &want) > 30.0, "PSNR {:.1} dB", psnr(&rgb, &want));
+        // The 4:2:0 fast path (the JPEG's own planes) against decoding to RGB, putting the
+        // composite region in and converting the whole frame.
+        let (mut slow, ..) = encode::decode_rgb(&a.frames[1].jpeg).unwrap();
+        let r = a.frames[1].region;
+        let mut region = a.frames[1].pixels.to_vec();
+        let mut scratch = BlendScratch::default();
+        blend::paste(
+            &mut region,
+            r.w,
+            &r.local(&a.boxes[1]),
+            &crop,
+            a.manifest.crop_size,
+            &a.box_masks[1],
+            &mut scratch,
+        )
+        .unwrap();
+        for (row, src) in region.chunks_exact(r.w as usize * 3).enumerate() {
+            let at = ((r.y as usize + row) * w + r.x as usize) * 3;
+            slow[at..at + src.len()].copy_from_slice(src);
+        }
+        let mut slow_i420 = Vec::new();
+        raw_frame::from_rgb(&slow, w, h, &mut slow_i420).unwrap();
+        let agree = psnr(&raw.image, &slow_i420);
+        assert!(agree > 38.0, "fast vs slow I420: PSNR {agree:.1} dB");
         let idle = idle(&a, 1, Output::I420).unwrap();
         let (bg, ..) = encode::decode_rgb(&a.frames[1].jpeg).unwrap();
         let idle_rgb = raw_frame::to_rgb(&idle.image, w, h).unwrap();
