@@ -239,10 +239,23 @@ pub fn decode_yuv420(jpeg: &[u8], width: u32, height: u32, out: &mut [u8]) -> Re
     let header = d.read_header(jpeg).map_err(|e| format!("turbojpeg: {e}"))?;
     if (header.width, header.height) != (width as usize, height as usize)
         || header.subsamp != turbojpeg::Subsamp::Sub2x2
+        || !width.is_multiple_of(2)
+        || !height.is_multiple_of(2)
+        || turbojpeg::yuv_pixels_len(
+            width as usize,
+            1,
+            height as usize,
+            turbojpeg::Subsamp::Sub2x2,
+        )
+        .ok()
+            != Some(out.len())
     {
         return Err(format!(
-            "the JPEG is {}x{} {:?}; wanted {width}x{height} 4:2:0",
-            header.width, header.height, header.subsamp
+            "the JPEG is {}x{} {:?}; wanted {width}x{height} (even) 4:2:0 into {} bytes",
+            header.width,
+            header.height,
+            header.subsamp,
+            out.len()
         ));
     }
     let image = turbojpeg::YuvImage {

@@ -172,6 +172,26 @@ pub async fn kserve_client(url: String) -> GrpcInferenceServiceClient<tonic::tra
         .max_decoding_message_size(64 << 20)
 }
 
+/// A gateway over the compositor at `compositor_url`, serving HTTP on a loopback port:
+/// the gateway (to look into) and its address.
+pub async fn spawn_gateway(
+    compositor_url: String,
+    opts: framecast_gateway::GatewayOptions,
+) -> (Arc<framecast_gateway::Gateway>, std::net::SocketAddr) {
+    let channel = tonic::transport::Endpoint::from_shared(compositor_url)
+        .expect("a compositor URL")
+        .connect_lazy();
+    let client = framecast_gateway::compositor(channel, None).expect("no token");
+    let gateway = framecast_gateway::Gateway::new(client, opts);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port");
+    let addr = listener.local_addr().expect("bound");
+    let router = framecast_gateway::router(gateway.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (gateway, addr)
+}
+
 /// A compositor on a loopback port over `inference`, with the avatars under `avatars`,
 /// batches of `max_batch` frames and `serve` options.
 pub async fn spawn_compositor(

@@ -5,7 +5,7 @@
 
 use framecast_compositor::demo::{self, DemoOptions};
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
-use framecast_gateway::{router, Gateway, GatewayOptions};
+use framecast_gateway::GatewayOptions;
 use framecast_inference::zoo::{self, Builtin, ZooOptions};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -82,15 +82,9 @@ async fn chromium_sees_and_hears_the_avatar_talk() {
     let pool =
         InferenceClient::connect_lazy(&[inference.url()], &ClientOptions::default()).unwrap();
     let compositor = framecast_e2e::spawn_compositor(&avatars, pool, 8, Default::default()).await;
-    let channel = tonic::transport::Endpoint::from_shared(compositor.url())
-        .unwrap()
-        .connect_lazy();
-    let client = framecast_gateway::compositor(channel, None).unwrap();
-    let gateway = Gateway::new(client, GatewayOptions::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let gw = gateway.clone();
-    tokio::spawn(async move { axum::serve(listener, router(gw)).await });
+    let (gateway, addr) =
+        framecast_e2e::spawn_gateway(compositor.url(), GatewayOptions::default()).await;
+    let url = format!("http://{addr}");
 
     let (wav, speech_s) = speech_wav(tmp.path());
     // The mouth: the middle of the face box's lower third.

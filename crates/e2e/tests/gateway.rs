@@ -5,7 +5,7 @@
 //! in browser.rs covers a real one).
 
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
-use framecast_gateway::{router, Gateway, GatewayOptions};
+use framecast_gateway::{Gateway, GatewayOptions};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,6 +58,29 @@ fn offer(audio: bool) -> String {
     offer.to_sdp_string()
 }
 
+impl Fixture {
+    /// A browser's offer for the `small` avatar: (status, head, body).
+    async fn post_offer(&self) -> (u16, String, String) {
+        http_full(
+            self.addr,
+            "POST",
+            "/sessions?avatar=small",
+            offer(true).as_bytes(),
+        )
+        .await
+    }
+
+    /// Sessions still open once the gateway has had up to 10 s to end them.
+    async fn settled(&self) -> usize {
+        framecast_e2e::stack::poll_until(
+            Duration::from_secs(10),
+            || async { self.gateway.open_sessions() },
+            |&n| n == 0,
+        )
+        .await
+    }
+}
+
 struct Fixture {
     _tmp: tempfile::TempDir,
     _servers: (
@@ -75,15 +98,7 @@ async fn fixture(opts: GatewayOptions) -> Fixture {
     let pool =
         InferenceClient::connect_lazy(&[inference.url()], &ClientOptions::default()).unwrap();
     let compositor = framecast_e2e::spawn_compositor(&avatars, pool, 8, Default::default()).await;
-    let channel = tonic::transport::Endpoint::from_shared(compositor.url())
-        .unwrap()
-        .connect_lazy();
-    let client = framecast_gateway::compositor(channel, None).unwrap();
-    let gateway = Gateway::new(client, opts);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let gw = gateway.clone();
-    tokio::spawn(async move { axum::serve(listener, router(gw)).await });
+    let (gateway, addr) = framecast_e2e::spawn_gateway(compositor.url(), opts).await;
     Fixture {
         _tmp: tmp,
         _servers: (inference, compositor),
@@ -155,32 +170,17 @@ async fn a_vanished_browser_is_reaped_and_cycles_leave_memory_flat() {
         ..Default::default()
     })
     .await;
-    let (status, _) = http(
-        f.addr,
-        "POST",
-        "/sessions?avatar=small",
-        offer(true).as_bytes(),
-    )
-    .await;
-    assert_eq!(status, 201);
+    assert_eq!(f.post_offer().await.0, 201);
     assert_eq!(f.gateway.open_sessions(), 1);
-    let open = framecast_e2e::stack::poll_until(
-        Duration::from_secs(10),
-        || async { f.gateway.open_sessions() },
-        |&n| n == 0,
-    )
-    .await;
-    assert_eq!(open, 0, "the vanished browser's session was not reaped");
+    assert_eq!(
+        f.settled().await,
+        0,
+        "the vanished browser's session was not reaped"
+    );
 
     // Connect/disconnect cycles (answer, then DELETE its location): memory comes back.
     let cycle = || async {
-        let (status, head, _) = http_full(
-            f.addr,
-            "POST",
-            "/sessions?avatar=small",
-            offer(true).as_bytes(),
-        )
-        .await;
+        let (status, head, _) = f.post_offer().await;
         assert_eq!(status, 201);
         let location = head
             .lines()
@@ -190,23 +190,15 @@ async fn a_vanished_browser_is_reaped_and_cycles_leave_memory_flat() {
         let (status, _) = http(f.addr, "DELETE", &location, b"").await;
         assert_eq!(status, 200);
     };
-    let settled = || async {
-        framecast_e2e::stack::poll_until(
-            Duration::from_secs(10),
-            || async { f.gateway.open_sessions() },
-            |&n| n == 0,
-        )
-        .await
-    };
     for _ in 0..10 {
         cycle().await;
     }
-    assert_eq!(settled().await, 0);
+    assert_eq!(f.settled().await, 0);
     let before = rss_kib();
     for _ in 0..40 {
         cycle().await;
     }
-    assert_eq!(settled().await, 0);
+    assert_eq!(f.settled().await, 0);
     let grown = rss_kib() as i64 - before as i64;
     assert!(
         grown < 24 * 1024,
@@ -237,22 +229,10 @@ async fn sessions_take_ports_from_the_range_and_are_refused_when_it_is_full() {
         ..Default::default()
     })
     .await;
-    let (status, answer) = http(
-        f.addr,
-        "POST",
-        "/sessions?avatar=small",
-        offer(true).as_bytes(),
-    )
-    .await;
+    let (status, _, answer) = f.post_offer().await;
     assert_eq!(status, 201);
     assert!(answer.contains(&format!(" {port} typ host")), "{answer}");
-    let (status, why) = http(
-        f.addr,
-        "POST",
-        "/sessions?avatar=small",
-        offer(true).as_bytes(),
-    )
-    .await;
+    let (status, _, why) = f.post_offer().await;
     assert_eq!(status, 503);
     assert!(why.contains("--udp-ports"), "{why}");
 }

@@ -443,17 +443,22 @@ impl Worker {
                 });
             }
             Event::KeyframeRequest(_) => self.encoder.force_keyframe(),
-            Event::MediaEgressStats(s) => {
-                if let Some(rtt) = s.rtt {
-                    self.stats
-                        .rtt_ms
-                        .store(rtt.as_millis() as u64, Ordering::Relaxed);
-                    self.metrics.rtt_seconds.observe(rtt.as_secs_f64());
-                }
-            }
+            // The round trip from the browser's receiver reports (RTCP), or from transport-wide
+            // congestion control feedback where the browser sends it.
+            Event::MediaEgressStats(s) => self.rtt(s.rtt),
+            Event::PeerStats(s) => self.rtt(s.rtt),
             _ => {}
         }
         Ok(true)
+    }
+
+    fn rtt(&self, rtt: Option<Duration>) {
+        if let Some(rtt) = rtt {
+            self.stats
+                .rtt_ms
+                .store(rtt.as_millis() as u64, Ordering::Relaxed);
+            self.metrics.rtt_seconds.observe(rtt.as_secs_f64());
+        }
     }
 
     /// Moves the frames the render task has sent into the pacer.

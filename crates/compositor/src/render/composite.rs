@@ -135,11 +135,14 @@ fn whole(
 ) -> Result<Vec<u8>, String> {
     let frame = &avatar.frames[background];
     let r = &frame.region;
-    if output == Output::I420 && avatar.params.subsampling == Subsampling::S420 {
+    let (w, h) = (avatar.grid.width, avatar.grid.height);
+    // Odd sizes: libjpeg pads the luma plane of a 4:2:0 decode to even, which I420's
+    // layout does not; those take the RGB path.
+    let even = w.is_multiple_of(2) && h.is_multiple_of(2);
+    if output == Output::I420 && avatar.params.subsampling == Subsampling::S420 && even {
         // The JPEG's own 4:2:0 planes are I420 already (full range): decoded without colour
         // conversion or upsampling, rescaled to limited range, the region put in. About a
-        // third of decoding to RGB and converting back (docs/performance.md).
-        let (w, h) = (avatar.grid.width, avatar.grid.height);
+        // half of decoding to RGB and converting back (docs/performance.md).
         let mut out = vec![0u8; raw_frame::len(w as usize, h as usize)];
         encode::decode_yuv420(&frame.jpeg, w, h, &mut out)?;
         raw_frame::full_to_limited(&mut out, w as usize, h as usize);

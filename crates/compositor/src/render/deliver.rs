@@ -43,13 +43,16 @@ pub(super) async fn batch(
             let r = if watch.is_closed() || work.past_deadline() {
                 Err(FrameError::Skipped)
             } else {
-                match &crops {
+                // A panic on a rayon::spawn thread aborts the process: a frame that panics
+                // (a codec's assertion) fails its request instead.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &crops {
                     Some(crops) => {
                         let crop = &crops[i * per..(i + 1) * per];
                         super::compose(&work.avatar, bg, crop, work.output)
                     }
                     None => super::idle(&work.avatar, bg, work.output),
-                }
+                }))
+                .unwrap_or_else(|_| Err("compositing the frame panicked".to_string()))
                 .map_err(FrameError::Failed)
             };
             let _ = tx.send((i, bg, r));
