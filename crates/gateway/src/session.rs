@@ -66,8 +66,9 @@ pub struct Stats {
     pub packetize_us_total: AtomicU64,
     /// From the answer to the first frame sent, ms (0 until then).
     pub first_frame_ms: AtomicU64,
-    /// The browser's round-trip time as its receiver reports say, ms (0 until known).
-    pub rtt_ms: AtomicU64,
+    /// The browser's round-trip time as its receiver reports say, µs (0 until known; on
+    /// loopback well under a millisecond).
+    pub rtt_us: AtomicU64,
     /// Per frame sent (the last 2,000), ms from the voice of its moment reaching the gateway
     /// to the frame (and that voice) leaving it: the gateway's share of mouth-to-ear latency.
     pub latency_ms: Mutex<std::collections::VecDeque<f32>>,
@@ -103,7 +104,7 @@ impl Stats {
             "decode_ms_total": n(&self.decode_us_total) as f64 / 1e3,
             "packetize_ms_total": n(&self.packetize_us_total) as f64 / 1e3,
             "first_frame_ms": n(&self.first_frame_ms),
-            "rtt_ms": n(&self.rtt_ms),
+            "rtt_ms": n(&self.rtt_us) as f64 / 1e3,
             "latency_ms_p50": pct(0.5),
             "latency_ms_p99": pct(0.99),
         })
@@ -455,8 +456,8 @@ impl Worker {
     fn rtt(&self, rtt: Option<Duration>) {
         if let Some(rtt) = rtt {
             self.stats
-                .rtt_ms
-                .store(rtt.as_millis() as u64, Ordering::Relaxed);
+                .rtt_us
+                .store(rtt.as_micros() as u64, Ordering::Relaxed);
             self.metrics.rtt_seconds.observe(rtt.as_secs_f64());
         }
     }
