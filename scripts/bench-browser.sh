@@ -25,14 +25,6 @@ rm -rf "$out" && mkdir -p "$out"
 "$bin/framecast-inference" models --out "$out/models" --only talking-demo >/dev/null
 "$bin/framecast-compositor" avatar make-demo --root "$out/avatars" --id bench --width "$w" --height "$h" --frames 1 >/dev/null
 "$bin/framecast-compositor" avatar prepare "$out/avatars/bench" >/dev/null
-espeak-ng -w "$out/spoken.wav" "Hello there. I am the framecast avatar, and I speak as you listen."
-python3 - "$out" <<'PY'
-import sys, wave
-out = sys.argv[1]
-r = wave.open(f"{out}/spoken.wav"); p = r.getparams(); data = r.readframes(r.getnframes()); r.close()
-w = wave.open(f"{out}/talk.wav", "wb"); w.setparams(p)
-w.writeframes(data + b"\0\0" * (p.framerate * 3)); w.close()
-PY
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -57,7 +49,7 @@ print(f'{x + bw * 3 // 10},{y + bh * 6 // 10},{bw * 4 // 10},{bh * 2 // 10}')")
 before=$(cpu "$gateway")
 start=$(date +%s.%N)
 "$FRAMECAST_REFERENCE_PYTHON" scripts/browser_check.py --url http://127.0.0.1:18821 --avatar bench \
-  --wav "$out/talk.wav" --probe "$probe" --seconds "$seconds" --runs "$runs" \
+  --sentence "Hello there. I am the framecast avatar, and I speak as you listen." --probe "$probe" --seconds "$seconds" --runs "$runs" \
   --screenshot "$out/page.png" >"$out/result.json"
 after=$(cpu "$gateway")
 end=$(date +%s.%N)

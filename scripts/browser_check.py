@@ -5,8 +5,12 @@ probe rectangle; after --seconds of video the script reads window.framecast and 
 getStats(), saves a screenshot, hangs up, and prints one JSON object on stdout. It asserts
 nothing itself: the caller (crates/e2e/tests/browser.rs, or a person) judges the figures.
 
-  python browser_check.py --url http://127.0.0.1:8021 --avatar browser --wav speech.wav \
-      --probe 200,180,60,30 --seconds 22 --screenshot out/browser/page.png [--runs N]
+  python browser_check.py --url http://127.0.0.1:8021 --avatar browser \
+      --sentence "Hello there." --probe 200,180,60,30 --seconds 22 \
+      --screenshot out/browser/page.png [--runs N]
+
+The fake microphone plays --wav, or (--sentence) the sentence spoken by espeak-ng followed by
+three seconds of silence; speech_s in the JSON is the spoken part's length.
 
 With --runs N the page is loaded N times, each hung up once its first frame shows, before
 the watched run; first_frame_ms_runs holds every run's time from page load to first frame.
@@ -14,8 +18,12 @@ the watched run; first_frame_ms_runs holds every run's time from page load to fi
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
+import wave
 
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
@@ -59,6 +67,19 @@ def run(driver, args, page):
     return driver.execute_script("return window.framecast.firstFramePageMs")
 
 
+def speech_wav(sentence, directory):
+    """The sentence (espeak-ng) and three seconds of silence as one WAV: (path, speech s)."""
+    spoken = os.path.join(directory, "spoken.wav")
+    subprocess.run(["espeak-ng", "-w", spoken, sentence], check=True)
+    with wave.open(spoken) as r:
+        params, data = r.getparams(), r.readframes(r.getnframes())
+    path = os.path.join(directory, "talk.wav")
+    with wave.open(path, "wb") as w:
+        w.setparams(params)
+        w.writeframes(data + b"\0" * params.sampwidth * params.framerate * 3)
+    return path, params.nframes / params.framerate
+
+
 def mouth_latencies(onsets, probe):
     """Per speech onset in the voice sent: ms until the mouth first moves on screen (its
     luma leaves the still value it had just before the onset by more than 4). Onsets before
@@ -82,14 +103,20 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--url", required=True)
     p.add_argument("--avatar", required=True)
-    p.add_argument("--wav", required=True)
+    voice = p.add_mutually_exclusive_group(required=True)
+    voice.add_argument("--wav", help="what the fake microphone plays (looped)")
+    voice.add_argument("--sentence", help="speak this, then 3 s of silence (looped)")
     p.add_argument("--probe", required=True, help="x,y,w,h in video pixels")
     p.add_argument("--seconds", type=float, default=22)
     p.add_argument("--screenshot")
     p.add_argument("--runs", type=int, default=1)
     args = p.parse_args()
     page = f"{args.url}/?avatar={args.avatar}&autostart=1&probe={args.probe}"
-    driver = browser(args.wav)
+    scratch = tempfile.TemporaryDirectory()
+    wav, speech_s = (args.wav, None)
+    if args.sentence:
+        wav, speech_s = speech_wav(args.sentence, scratch.name)
+    driver = browser(wav)
     try:
         firsts = []
         for _ in range(args.runs - 1):
@@ -111,6 +138,7 @@ def main():
             driver.save_screenshot(args.screenshot)
         driver.execute_script("return hangup()")
         fc["first_frame_ms_runs"] = firsts
+        fc["speech_s"] = speech_s
         fc["mouth_latency_ms"] = mouth_latencies(fc["onsets"], fc["probe"])
         fc["gateway"] = gateway
         json.dump(fc, sys.stdout)

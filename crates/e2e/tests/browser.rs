@@ -17,33 +17,6 @@ const CROP: u32 = 160;
 /// Seconds of video the browser watches.
 const WATCH_S: f64 = 22.0;
 
-/// A spoken sentence (espeak-ng) followed by three seconds of silence, as 16-bit mono WAV;
-/// returns the path and the speech's length in seconds.
-fn speech_wav(dir: &Path) -> (PathBuf, f64) {
-    let spoken = dir.join("spoken.wav");
-    let ok = Command::new("espeak-ng")
-        .arg("-w")
-        .arg(&spoken)
-        .arg("Hello there. I am the framecast avatar, and I speak as you listen.")
-        .status()
-        .expect("espeak-ng (installed by scripts/setup.sh)");
-    assert!(ok.success(), "espeak-ng failed");
-    let mut reader = hound::WavReader::open(&spoken).unwrap();
-    let spec = reader.spec();
-    let samples: Vec<i16> = reader.samples::<i16>().map(Result::unwrap).collect();
-    let speech_s = samples.len() as f64 / spec.sample_rate as f64;
-    let path = dir.join("talk.wav");
-    let mut w = hound::WavWriter::create(&path, spec).unwrap();
-    for s in samples
-        .into_iter()
-        .chain(std::iter::repeat_n(0, spec.sample_rate as usize * 3))
-    {
-        w.write_sample(s).unwrap();
-    }
-    w.finalize().unwrap();
-    (path, speech_s)
-}
-
 fn out_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../out/browser");
     std::fs::create_dir_all(&dir).unwrap();
@@ -86,7 +59,6 @@ async fn chromium_sees_and_hears_the_avatar_talk() {
         framecast_e2e::spawn_gateway(compositor.url(), GatewayOptions::default()).await;
     let url = format!("http://{addr}");
 
-    let (wav, speech_s) = speech_wav(tmp.path());
     // The mouth: the middle of the face box's lower third.
     let probe = format!(
         "{},{},{},{}",
@@ -103,8 +75,8 @@ async fn chromium_sees_and_hears_the_avatar_talk() {
         url.clone(),
         "--avatar".into(),
         "browser".into(),
-        "--wav".into(),
-        wav.display().to_string(),
+        "--sentence".into(),
+        "Hello there. I am the framecast avatar, and I speak as you listen.".into(),
         "--probe".into(),
         probe,
         "--seconds".into(),
@@ -123,7 +95,7 @@ async fn chromium_sees_and_hears_the_avatar_talk() {
     );
     let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
     std::fs::write(out_dir().join("result.json"), &out.stdout).unwrap();
-    check(&seen, speech_s);
+    check(&seen);
 
     // The page hung up: the gateway forgets the session and holds nothing.
     let open = framecast_e2e::stack::poll_until(
@@ -135,7 +107,8 @@ async fn chromium_sees_and_hears_the_avatar_talk() {
     assert_eq!(open, 0, "the session outlived the page's hang-up");
 }
 
-fn check(seen: &Value, speech_s: f64) {
+fn check(seen: &Value) {
+    let speech_s = seen["speech_s"].as_f64().unwrap();
     assert_eq!(seen["state"], "connected", "{:?}", seen["error"]);
     let video = &seen["video"];
     assert_eq!(
