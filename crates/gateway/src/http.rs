@@ -84,14 +84,9 @@ impl Gateway {
             draining: AtomicBool::new(false),
         });
         // Sessions whose thread ended (browser gone, reaped, compositor failed) are forgotten.
-        let weak = Arc::downgrade(&gw);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                let Some(gw) = weak.upgrade() else { return };
-                gw.forget_finished();
-            }
+        framecast_telemetry::periodic::every(&gw, Duration::from_secs(1), |gw| async move {
+            gw.forget_finished();
+            true
         });
         gw
     }

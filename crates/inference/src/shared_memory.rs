@@ -331,21 +331,11 @@ impl SharedMemory {
 
     /// Sweeps every `period` on a task of its own, for as long as the table exists.
     pub fn sweep_every(self: &Arc<Self>, period: std::time::Duration) {
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(shm) = weak.upgrade() else { return };
-                // Each region costs an fstat: keep it off the async workers.
-                if tokio::task::spawn_blocking(move || shm.sweep())
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
+        framecast_telemetry::periodic::every(self, period, |shm| async move {
+            // Each region costs an fstat: keep it off the async workers.
+            tokio::task::spawn_blocking(move || shm.sweep())
+                .await
+                .is_ok()
         });
     }
 

@@ -311,18 +311,12 @@ impl TensorCache {
     /// Every `period`, for as long as the cache lives, [`Self::forget_stale`] with
     /// [`PENDING_TIMEOUT`].
     pub fn sweep_every(self: &Arc<Self>, period: Duration) {
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(cache) = weak.upgrade() else { return };
-                let dropped = cache.forget_stale(PENDING_TIMEOUT);
-                if dropped > 0 {
-                    tracing::info!(dropped, "abandoned tensor registrations in parts dropped");
-                }
+        framecast_telemetry::periodic::every(self, period, |cache| async move {
+            let dropped = cache.forget_stale(PENDING_TIMEOUT);
+            if dropped > 0 {
+                tracing::info!(dropped, "abandoned tensor registrations in parts dropped");
             }
+            true
         });
     }
 

@@ -5,6 +5,7 @@ pub mod config_file;
 pub mod drain;
 pub mod metrics_http;
 pub mod oversize;
+pub mod periodic;
 pub mod running;
 pub mod tls;
 pub use drain::{serve_with_grace, Drain};
