@@ -4,9 +4,11 @@
 //! `cargo bench -p framecast-compositor --bench stages`
 //!
 //! Criterion measures each stage alone: `face_input` (the model's input, computed from the
-//! face region at render time), `paste` (crop + mask interleave, SIMD resize to the face box,
-//! alpha blend into a copy of the region), `compose` (as the server runs it: paste, encode
-//! the region with restart markers, splice it into the prepared frame), `compose_whole` (a
+//! face region at render time), `paste` (an I420 crop resized per plane to the face box and
+//! alpha-blended into a copy of the region's YCbCr planes), `compose` (as the server runs it
+//! with an I420 crop: paste, encode the region from its planes with restart markers, splice
+//! it into the prepared frame), `compose_rgb_crop` (the same from an RGB crop, as a replica
+//! without framecast's I420 outputs sends it), `compose_whole` (a
 //! request at another quality: decode, paste, encode the whole frame), `idle` (the prepared
 //! frame itself) and `encode` (a bare full-frame turbojpeg encode of the composited frame,
 //! no restart markers: the cost every frame paid before).
@@ -24,7 +26,9 @@ use framecast_compositor::blend::{self, BlendScratch};
 use framecast_compositor::demo::{self, DemoOptions};
 use framecast_compositor::encode::{self, Subsampling};
 use framecast_compositor::manifest::{self, FaceBox};
+use framecast_compositor::planes::{CropPlanes, Planes};
 use framecast_compositor::{face_contract, render};
+use framecast_proto::i420;
 use rayon::prelude::*;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -96,14 +100,20 @@ fn main() {
         let q = a.params.quality;
         let s = a.manifest.crop_size;
         let n = (s * s) as usize;
-        // The model's output for frame i: the reference face channels, as passthrough gives.
-        let crops: Vec<Vec<u8>> = (0..a.frames.len())
+        // The model's output for frame i: the reference face channels, as passthrough gives,
+        // in RGB and as the inference service sends it (I420).
+        let rgb_crops: Vec<Vec<u8>> = (0..a.frames.len())
             .map(|i| {
                 let mut input = vec![0u8; face_contract::input_bytes(s as usize)];
                 a.face_input(i, &mut input).expect("face input");
                 input[..3 * n].to_vec()
             })
             .collect();
+        let crops: Vec<Vec<u8>> = rgb_crops
+            .iter()
+            .map(|c| i420::from_planar_rgb(c, 1, s as usize, s as usize))
+            .collect();
+        let crop = |i: usize| render::Crop::I420(&crops[i]);
         // The output frames whole, for the bare encode: the source frame with the face pasted.
         let files = manifest::frame_files(&dir).expect("frames");
         let mut scratch = BlendScratch::default();
@@ -111,7 +121,7 @@ fn main() {
             .map(|i| {
                 let mut f = avatar::decode_frame(&files[i], w, h).expect("decode");
                 let (b, mask) = (&a.boxes[i], &a.box_masks[i]);
-                blend::paste(&mut f, w, b, &crops[i], s, mask, &mut scratch).expect("paste");
+                blend::paste(&mut f, w, b, &rgb_crops[i], s, mask, &mut scratch).expect("paste");
                 f
             })
             .collect();
@@ -121,17 +131,17 @@ fn main() {
             b.iter(|| a.face_input(0, &mut input).expect("face input"))
         });
         let frame = &a.frames[0];
-        let mut region = frame.pixels.to_vec();
+        let mut region = frame.pixels.bytes().to_vec();
         let local = frame.region.local(&a.boxes[0]);
+        let planes = Planes::new(frame.region.w, frame.region.h);
         g.bench_function("paste", |b| {
             b.iter(|| {
-                region.copy_from_slice(&frame.pixels);
-                blend::paste(
+                region.copy_from_slice(frame.pixels.bytes());
+                blend::paste_planes(
                     &mut region,
-                    frame.region.w,
+                    &planes,
                     &local,
-                    &crops[0],
-                    s,
+                    &CropPlanes::i420(&crops[0], s).expect("crop"),
                     &a.box_masks[0],
                     &mut scratch,
                 )
@@ -139,13 +149,17 @@ fn main() {
             })
         });
         g.bench_function("compose", |b| {
-            b.iter(|| render::compose(&a, 1, &crops[1], jpeg(q)).expect("compose"))
+            b.iter(|| render::compose(&a, 1, crop(1), jpeg(q)).expect("compose"))
+        });
+        g.bench_function("compose_rgb_crop", |b| {
+            let c = render::Crop::Rgb(&rgb_crops[1]);
+            b.iter(|| render::compose(&a, 1, c, jpeg(q)).expect("compose"))
         });
         g.bench_function("compose_i420", |b| {
-            b.iter(|| render::compose(&a, 1, &crops[1], render::Output::I420).expect("compose"))
+            b.iter(|| render::compose(&a, 1, crop(1), render::Output::I420).expect("compose"))
         });
         g.bench_function("compose_whole", |b| {
-            b.iter(|| render::compose(&a, 1, &crops[1], jpeg(q + 1)).expect("compose"))
+            b.iter(|| render::compose(&a, 1, crop(1), jpeg(q + 1)).expect("compose"))
         });
         g.bench_function("idle", |b| {
             b.iter(|| render::idle(&a, 1, jpeg(q)).expect("idle"))
@@ -164,7 +178,7 @@ fn main() {
         for r in 0..rounds {
             let i = r % frames;
             let t = Instant::now();
-            black_box(render::compose(&a, i, &crops[i], jpeg(q)).expect("compose"));
+            black_box(render::compose(&a, i, crop(i), jpeg(q)).expect("compose"));
             composed.push(t.elapsed().as_secs_f64());
             let j = (i + frames / 2) % frames;
             let t = Instant::now();

@@ -1,5 +1,5 @@
 //! A loaded avatar: its background frames in their prepared form (each encoded once with
-//! restart markers, plus the original pixels of its face region, see [`crate::prepared`]),
+//! restart markers, plus the pixels of its face region, see [`crate::prepared`]),
 //! face boxes and blend mask. Full raw frames are not kept: a 1280x720 frame costs about a
 //! sixth of its 2.7 MiB of RGB. The model's face input is computed from the region when a
 //! frame is rendered.
@@ -259,7 +259,10 @@ impl Avatar {
         let frames: u64 = jpegs
             .iter()
             .zip(&bundle.boxes)
-            .map(|(jpeg, b)| jpeg + layout + grid.region(b).rgb_bytes() as u64)
+            .map(|(jpeg, b)| {
+                let pixels = prepared::region_bytes(&grid.region(b), bundle.params.subsampling);
+                jpeg + layout + pixels as u64
+            })
             .sum();
         Ok(frames + fixed_bytes(&bundle.mask, &bundle.boxes) as u64)
     }
@@ -271,12 +274,13 @@ impl Avatar {
     }
 
     /// Writes the model's face input for background frame `bg` into `out`
-    /// ([`crate::face_contract::input_bytes`] long), from its region's pixels.
+    /// ([`crate::face_contract::input_bytes`] long), from its region's pixels (as RGB: a
+    /// region kept as YCbCr planes is converted first, as a JPEG decode would).
     pub fn face_input(&self, bg: usize, out: &mut [u8]) -> Result<(), String> {
         let frame = &self.frames[bg];
         let face = frame.region.local(&self.boxes[bg]);
         face_input(
-            &frame.pixels,
+            &frame.pixels.rgb(frame.region.w, frame.region.h)?,
             frame.region.w,
             &face,
             self.manifest.crop_size,

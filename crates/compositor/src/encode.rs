@@ -81,6 +81,31 @@ pub struct Rgb<'a> {
 }
 
 impl<'a> Rgb<'a> {
+    /// Whether `pixels` holds the `height` rows of `width` pixels `pitch` bytes apart.
+    fn check(&self) -> Result<(), String> {
+        let rows = self.height as usize;
+        let needed = match rows {
+            0 => 0,
+            _ => (rows - 1) * self.pitch + self.width as usize * 3,
+        };
+        if self.width == 0 || rows == 0 || self.pitch < self.width as usize * 3 {
+            return Err(format!(
+                "cannot encode a {}x{} image with pitch {}",
+                self.width, self.height, self.pitch
+            ));
+        }
+        if self.pixels.len() < needed {
+            return Err(format!(
+                "{} bytes of pixels for a {}x{} image with pitch {}",
+                self.pixels.len(),
+                self.width,
+                self.height,
+                self.pitch
+            ));
+        }
+        Ok(())
+    }
+
     /// Tightly packed pixels.
     pub fn packed(pixels: &'a [u8], width: u32, height: u32) -> Rgb<'a> {
         Rgb {
@@ -97,13 +122,28 @@ impl<'a> Rgb<'a> {
 struct Handle(raw::tjhandle);
 
 impl Handle {
-    fn new() -> Result<Handle, String> {
+    fn new(init: raw::TJINIT) -> Result<Handle, String> {
         // SAFETY: tj3Init has no preconditions; a null result is checked.
-        let h = unsafe { raw::tj3Init(raw::TJINIT_TJINIT_COMPRESS as c_int) };
+        let h = unsafe { raw::tj3Init(init as c_int) };
         if h.is_null() {
-            return Err("turbojpeg: cannot create a compressor".into());
+            return Err("turbojpeg: cannot create a handle".into());
         }
         Ok(Handle(h))
+    }
+
+    /// Calls `f` with this thread's handle of kind `init` (`slot`), made on first use.
+    fn with<T>(
+        slot: &'static std::thread::LocalKey<RefCell<Option<Handle>>>,
+        init: raw::TJINIT,
+        f: impl FnOnce(&Handle) -> Result<T, String>,
+    ) -> Result<T, String> {
+        slot.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = Some(Handle::new(init)?);
+            }
+            f(slot.as_ref().ok_or("turbojpeg handle missing")?)
+        })
     }
 
     fn error(&self) -> String {
@@ -123,46 +163,10 @@ impl Handle {
 
     /// Encodes `image` into `out` (cleared first).
     fn compress(&self, image: Rgb<'_>, params: Params, out: &mut Vec<u8>) -> Result<(), String> {
-        let rows = image.height as usize;
-        let needed = match rows {
-            0 => 0,
-            _ => (rows - 1) * image.pitch + image.width as usize * 3,
-        };
-        if image.width == 0 || rows == 0 || image.pitch < image.width as usize * 3 {
-            return Err(format!(
-                "cannot encode a {}x{} image with pitch {}",
-                image.width, image.height, image.pitch
-            ));
-        }
-        if image.pixels.len() < needed {
-            return Err(format!(
-                "{} bytes of pixels for a {}x{} image with pitch {}",
-                image.pixels.len(),
-                image.width,
-                image.height,
-                image.pitch
-            ));
-        }
-        self.set(raw::TJPARAM_TJPARAM_QUALITY, params.quality as c_int)?;
-        self.set(raw::TJPARAM_TJPARAM_SUBSAMP, params.subsampling.turbo())?;
-        self.set(
-            raw::TJPARAM_TJPARAM_RESTARTBLOCKS,
-            params.restart_mcus as c_int,
-        )?;
-        // Write into `out` itself: no realloc, a buffer of the worst-case size.
-        self.set(raw::TJPARAM_TJPARAM_NOREALLOC, 1)?;
-        let bound = worst_case_bytes(image.width, image.height, params.subsampling) as raw::size_t;
-        if bound == 0 {
-            return Err(self.error());
-        }
-        out.clear();
-        out.resize(bound as usize, 0);
-        let mut buf = out.as_mut_ptr();
-        let mut size = bound;
-        // SAFETY: `pixels` holds `height` rows of `pitch` bytes (checked above); `out` holds
-        // `bound` bytes, the most TurboJPEG writes for these dimensions, and NOREALLOC keeps
-        // it from replacing the buffer.
-        let rc = unsafe {
+        image.check()?;
+        // SAFETY (of the call): `pixels` holds `height` rows of `pitch` bytes (checked
+        // above); `compress_with` hands a buffer of the worst-case size.
+        self.compress_with(image.width, image.height, params, out, |buf, size| unsafe {
             raw::tj3Compress8(
                 self.0,
                 image.pixels.as_ptr(),
@@ -170,17 +174,148 @@ impl Handle {
                 image.pitch as c_int,
                 image.height as c_int,
                 raw::TJPF_TJPF_RGB,
-                &mut buf,
-                &mut size,
+                buf,
+                size,
             )
-        };
-        if rc != 0 {
+        })
+    }
+
+    /// Encodes [`crate::planes`] of a `width` x `height` image, in `params.subsampling`,
+    /// into `out` (cleared first): no colour conversion, no downsampling.
+    fn compress_planes(
+        &self,
+        planes: &[u8],
+        width: u32,
+        height: u32,
+        params: Params,
+        out: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        let want = planes_len(width, height, params.subsampling);
+        if width == 0 || height == 0 || planes.len() != want {
+            return Err(format!(
+                "{} bytes of planes for a {width}x{height} image (want {want})",
+                planes.len()
+            ));
+        }
+        // SAFETY (of the call): `planes` holds exactly the planes of this size, unpadded
+        // rows (align 1), checked above.
+        self.compress_with(width, height, params, out, |buf, size| unsafe {
+            raw::tj3CompressFromYUV8(
+                self.0,
+                planes.as_ptr(),
+                width as c_int,
+                1,
+                height as c_int,
+                buf,
+                size,
+            )
+        })
+    }
+
+    /// Sets `params` and runs `call` (one of TurboJPEG's compress functions) with a buffer of
+    /// the worst-case size for the image: `out`'s own, which NOREALLOC keeps TurboJPEG from
+    /// replacing; `out` is cut to the JPEG's length.
+    fn compress_with(
+        &self,
+        width: u32,
+        height: u32,
+        params: Params,
+        out: &mut Vec<u8>,
+        call: impl FnOnce(*mut *mut u8, *mut raw::size_t) -> c_int,
+    ) -> Result<(), String> {
+        self.set(raw::TJPARAM_TJPARAM_QUALITY, params.quality as c_int)?;
+        self.set(raw::TJPARAM_TJPARAM_SUBSAMP, params.subsampling.turbo())?;
+        self.set(
+            raw::TJPARAM_TJPARAM_RESTARTBLOCKS,
+            params.restart_mcus as c_int,
+        )?;
+        self.set(raw::TJPARAM_TJPARAM_NOREALLOC, 1)?;
+        let bound = worst_case_bytes(width, height, params.subsampling) as raw::size_t;
+        if bound == 0 {
+            return Err(self.error());
+        }
+        out.clear();
+        out.resize(bound as usize, 0);
+        let mut buf = out.as_mut_ptr();
+        let mut size = bound;
+        if call(&mut buf, &mut size) != 0 {
             out.clear();
             return Err(self.error());
         }
         out.truncate(size as usize);
         Ok(())
     }
+
+    /// Packed RGB to [`crate::planes`] in `subsampling`, converted and downsampled exactly
+    /// as this library's own encode does (a compress handle).
+    fn rgb_to_planes(&self, image: Rgb<'_>, subsampling: Subsampling) -> Result<Vec<u8>, String> {
+        image.check()?;
+        self.set(raw::TJPARAM_TJPARAM_SUBSAMP, subsampling.turbo())?;
+        let mut out = vec![0u8; planes_len(image.width, image.height, subsampling)];
+        // SAFETY: `pixels` holds `height` rows of `pitch` bytes (checked above); `out` holds
+        // the planes of this size with unpadded rows (align 1).
+        let rc = unsafe {
+            raw::tj3EncodeYUV8(
+                self.0,
+                image.pixels.as_ptr(),
+                image.width as c_int,
+                image.pitch as c_int,
+                image.height as c_int,
+                raw::TJPF_TJPF_RGB,
+                out.as_mut_ptr(),
+                1,
+            )
+        };
+        if rc != 0 {
+            return Err(self.error());
+        }
+        Ok(out)
+    }
+
+    /// [`crate::planes`] in `subsampling` back to packed RGB, upsampled as a JPEG decode
+    /// does (a decompress handle).
+    fn planes_to_rgb(
+        &self,
+        planes: &[u8],
+        width: u32,
+        height: u32,
+        subsampling: Subsampling,
+    ) -> Result<Vec<u8>, String> {
+        let want = planes_len(width, height, subsampling);
+        if width == 0 || height == 0 || planes.len() != want {
+            return Err(format!(
+                "{} bytes of planes for a {width}x{height} image (want {want})",
+                planes.len()
+            ));
+        }
+        self.set(raw::TJPARAM_TJPARAM_SUBSAMP, subsampling.turbo())?;
+        let mut out = vec![0u8; width as usize * height as usize * 3];
+        // SAFETY: `planes` holds the planes of this size (checked above); `out` holds
+        // `height` rows of `width * 3` bytes.
+        let rc = unsafe {
+            raw::tj3DecodeYUV8(
+                self.0,
+                planes.as_ptr(),
+                1,
+                out.as_mut_ptr(),
+                width as c_int,
+                width as c_int * 3,
+                height as c_int,
+                raw::TJPF_TJPF_RGB,
+            )
+        };
+        if rc != 0 {
+            return Err(self.error());
+        }
+        Ok(out)
+    }
+}
+
+/// Bytes of a `width` x `height` image's planes in `subsampling` (rows unpadded, as
+/// [`crate::planes`] lays them out for 4:2:0).
+pub fn planes_len(width: u32, height: u32, subsampling: Subsampling) -> usize {
+    // SAFETY: pure arithmetic; 0 (an error) for impossible sizes.
+    unsafe { raw::tj3YUVBufSize(width as c_int, 1, height as c_int, subsampling.turbo()) as usize }
 }
 
 impl Drop for Handle {
@@ -198,17 +333,45 @@ fn worst_case_bytes(width: u32, height: u32, subsampling: Subsampling) -> usize 
 
 thread_local! {
     static COMPRESSOR: RefCell<Option<Handle>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<Handle>> = const { RefCell::new(None) };
+}
+
+fn compressor<T>(f: impl FnOnce(&Handle) -> Result<T, String>) -> Result<T, String> {
+    Handle::with(&COMPRESSOR, raw::TJINIT_TJINIT_COMPRESS, f)
 }
 
 /// Encodes `image` on this thread's compressor into `out` (cleared first).
 pub fn encode_into(image: Rgb<'_>, params: Params, out: &mut Vec<u8>) -> Result<(), String> {
-    COMPRESSOR.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(Handle::new()?);
-        }
-        let handle = slot.as_ref().ok_or("turbojpeg compressor missing")?;
-        handle.compress(image, params, out)
+    compressor(|h| h.compress(image, params, out))
+}
+
+/// Encodes the [`crate::planes`] of a `width` x `height` image (in `params.subsampling`) on
+/// this thread's compressor into `out` (cleared first). Planes made by [`to_planes`] encode
+/// to the same bytes as the RGB they came from.
+pub fn encode_planes_into(
+    planes: &[u8],
+    width: u32,
+    height: u32,
+    params: Params,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    compressor(|h| h.compress_planes(planes, width, height, params, out))
+}
+
+/// Packed RGB to YCbCr planes in `subsampling`, as libjpeg-turbo's encode computes them.
+pub fn to_planes(image: Rgb<'_>, subsampling: Subsampling) -> Result<Vec<u8>, String> {
+    compressor(|h| h.rgb_to_planes(image, subsampling))
+}
+
+/// YCbCr planes in `subsampling` back to packed RGB, as a JPEG decode computes it.
+pub fn planes_to_rgb(
+    planes: &[u8],
+    width: u32,
+    height: u32,
+    subsampling: Subsampling,
+) -> Result<Vec<u8>, String> {
+    Handle::with(&DECOMPRESSOR, raw::TJINIT_TJINIT_DECOMPRESS, |h| {
+        h.planes_to_rgb(planes, width, height, subsampling)
     })
 }
 

@@ -20,6 +20,7 @@ pub mod inference;
 pub mod manifest;
 pub mod mask;
 pub mod metrics;
+pub mod planes;
 pub mod prepared;
 pub mod raw_frame;
 pub mod render;

@@ -3,16 +3,18 @@
 //! bundle, written by `framecast-compositor avatar prepare DIR` so that a cold start is a read,
 //! not a decode and re-encode of every frame.
 //!
-//! The file (little endian): the magic `FCPREP01` (the version is its last two bytes), the
+//! The file (little endian): the magic `FCPREP02` (the version is its last two bytes), the
 //! encode parameters (quality u8, subsampling u8, restart MCUs u16), a fingerprint of the
 //! sources (u64), width, height and frame count (u32 each), each frame's JPEG length (u32
-//! each), then per frame its JPEG and its region's RGB pixels (the region follows from the box
-//! and the parameters, so it is not stored). A file whose version, parameters, fingerprint or
+//! each), then per frame its JPEG and its region's pixels ([`Pixels`]: YCbCr planes at 4:2:0,
+//! packed RGB otherwise; the region follows from the box and the parameters, so it is not
+//! stored). Version 01 kept RGB at every subsampling. A file whose version, parameters, fingerprint or
 //! any size disagrees with the bundle is not used: the avatar is prepared in memory instead,
 //! and the reason logged. It is written to a temporary file and renamed, never half-written.
 
 use crate::encode::{self, Params, Rgb, Subsampling};
 use crate::manifest::{FaceBox, BOXES_FILE, MANIFEST_FILE};
+use crate::planes::Planes;
 use crate::segments::{self, Grid, Layout, Region};
 use bytes::Bytes;
 use std::io::Write;
@@ -20,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 /// The prepared file's name in a bundle.
 pub const FILE: &str = "prepared.fcp";
-const MAGIC: &[u8; 8] = b"FCPREP01";
+const MAGIC: &[u8; 8] = b"FCPREP02";
 /// Bytes before the per-frame JPEG lengths.
 const FIXED: usize = 8 + 4 + 8 + 12;
 
@@ -30,9 +32,81 @@ pub struct Frame {
     /// The whole frame, encoded once with the avatar's [`Params`].
     pub jpeg: Bytes,
     pub layout: Layout,
-    /// The segment-aligned region holding the face box, and its original RGB pixels.
+    /// The segment-aligned region holding the face box, and its original pixels.
     pub region: Region,
-    pub pixels: Bytes,
+    pub pixels: Pixels<Bytes>,
+}
+
+/// A face region's pixels, in the form its avatar's encode works in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pixels<B> {
+    /// Packed RGB: avatars encoded at 4:4:4, 4:2:2 or grey.
+    Rgb(B),
+    /// YCbCr 4:2:0 planes ([`crate::planes`]), as libjpeg converts the RGB: avatars encoded at
+    /// 4:2:0. Faces are blended and encoded here with no colour conversion (half the bytes of
+    /// RGB, too).
+    Ycc420(B),
+}
+
+impl<B: AsRef<[u8]>> Pixels<B> {
+    /// The kind a region of an avatar encoded with `subsampling` is kept in.
+    pub fn kind_for(subsampling: Subsampling, data: B) -> Pixels<B> {
+        match subsampling {
+            Subsampling::S420 => Pixels::Ycc420(data),
+            _ => Pixels::Rgb(data),
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Pixels::Rgb(b) | Pixels::Ycc420(b) => b.as_ref(),
+        }
+    }
+
+    /// Other bytes of the same kind.
+    pub fn with<T>(&self, data: T) -> Pixels<T> {
+        match self {
+            Pixels::Rgb(_) => Pixels::Rgb(data),
+            Pixels::Ycc420(_) => Pixels::Ycc420(data),
+        }
+    }
+
+    pub fn view(&self) -> Pixels<&[u8]> {
+        self.with(self.bytes())
+    }
+
+    /// The `w` x `h` region as packed RGB (converted as a JPEG decode converts, if kept as
+    /// planes).
+    pub fn rgb(&self, w: u32, h: u32) -> Result<std::borrow::Cow<'_, [u8]>, String> {
+        match self {
+            Pixels::Rgb(b) => Ok(b.as_ref().into()),
+            Pixels::Ycc420(b) => {
+                encode::planes_to_rgb(b.as_ref(), w, h, Subsampling::S420).map(Into::into)
+            }
+        }
+    }
+
+    /// Encodes the `w` x `h` region with `params` into `out`.
+    pub fn encode_into(
+        &self,
+        w: u32,
+        h: u32,
+        params: Params,
+        out: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        match self {
+            Pixels::Rgb(b) => encode::encode_into(Rgb::packed(b.as_ref(), w, h), params, out),
+            Pixels::Ycc420(b) => encode::encode_planes_into(b.as_ref(), w, h, params, out),
+        }
+    }
+}
+
+/// Bytes of `region`'s pixels for an avatar encoded with `subsampling`.
+pub fn region_bytes(region: &Region, subsampling: Subsampling) -> usize {
+    match subsampling {
+        Subsampling::S420 => Planes::new(region.w, region.h).bytes(),
+        _ => region.w as usize * region.h as usize * 3,
+    }
 }
 
 impl Frame {
@@ -49,23 +123,37 @@ impl Frame {
         jpeg.shrink_to_fit();
         let layout = segments::parse(&jpeg)?;
         let region = grid.region(face);
-        let mut pixels = Vec::with_capacity(region.rgb_bytes());
         let stride = grid.width as usize * 3;
-        for y in region.y..region.y + region.h {
-            let at = y as usize * stride + region.x as usize * 3;
-            pixels.extend_from_slice(&rgb[at..at + region.w as usize * 3]);
-        }
+        let at = region.y as usize * stride + region.x as usize * 3;
+        let pixels = Rgb {
+            pixels: &rgb[at..],
+            width: region.w,
+            height: region.h,
+            pitch: stride,
+        };
+        let pixels = match params.subsampling {
+            Subsampling::S420 => {
+                Pixels::Ycc420(Bytes::from(encode::to_planes(pixels, Subsampling::S420)?))
+            }
+            _ => {
+                let mut packed = Vec::with_capacity(region.w as usize * region.h as usize * 3);
+                for row in pixels.pixels.chunks(stride).take(region.h as usize) {
+                    packed.extend_from_slice(&row[..region.w as usize * 3]);
+                }
+                Pixels::Rgb(Bytes::from(packed))
+            }
+        };
         Ok(Frame {
             jpeg: Bytes::from(jpeg),
             layout,
             region,
-            pixels: Bytes::from(pixels),
+            pixels,
         })
     }
 
     /// Bytes this frame holds in memory.
     pub fn resident_bytes(&self) -> usize {
-        self.jpeg.len() + self.layout.heap_bytes() + self.pixels.len()
+        self.jpeg.len() + self.layout.heap_bytes() + self.pixels.bytes().len()
     }
 }
 
@@ -165,7 +253,7 @@ pub fn write(dir: &Path, expect: &Expect<'_>, frames: &[Frame]) -> Result<PathBu
         f.write_all(&header(expect, frames.iter().map(|f| f.jpeg.len() as u32)))?;
         for frame in frames {
             f.write_all(&frame.jpeg)?;
-            f.write_all(&frame.pixels)?;
+            f.write_all(frame.pixels.bytes())?;
         }
         f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         std::fs::rename(&tmp, &path)
@@ -237,7 +325,7 @@ pub fn read(dir: &Path, expect: &Expect<'_>) -> Result<Option<Vec<Frame>>, Strin
     let total: usize = lens
         .iter()
         .zip(&regions)
-        .map(|(&len, r)| len as usize + r.rgb_bytes())
+        .map(|(&len, r)| len as usize + region_bytes(r, expect.params.subsampling))
         .sum();
     // One read of exactly the frames; every frame's JPEG and pixels are slices of it, so
     // the avatar holds exactly the frames' bytes and nothing is copied twice.
@@ -258,7 +346,8 @@ pub fn read(dir: &Path, expect: &Expect<'_>) -> Result<Option<Vec<Frame>>, Strin
     let mut at = 0;
     let mut frames = Vec::with_capacity(lens.len());
     for (i, (&len, region)) in lens.iter().zip(regions).enumerate() {
-        let (jpeg_end, end) = (at + len as usize, at + len as usize + region.rgb_bytes());
+        let jpeg_end = at + len as usize;
+        let end = jpeg_end + region_bytes(&region, expect.params.subsampling);
         let jpeg = data.slice(at..jpeg_end);
         let layout =
             segments::parse(&jpeg).map_err(|e| format!("{}: frame {i}: {e}", path.display()))?;
@@ -284,7 +373,7 @@ pub fn read(dir: &Path, expect: &Expect<'_>) -> Result<Option<Vec<Frame>>, Strin
             jpeg,
             layout,
             region,
-            pixels: data.slice(jpeg_end..end),
+            pixels: Pixels::kind_for(expect.params.subsampling, data.slice(jpeg_end..end)),
         });
         at = end;
     }

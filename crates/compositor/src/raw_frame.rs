@@ -82,37 +82,41 @@ pub fn full_to_limited(i420: &mut [u8], width: usize, height: usize) {
     chroma.iter_mut().for_each(|v| *v = c_lut[*v as usize]);
 }
 
-/// Writes packed RGB `rgb` (`rw` x `rh`) at (`x`, `y`) into a `width` x `height` I420 frame,
-/// converted as [`from_rgb`] does. `x` and `y` must be even (chroma samples are not split)
-/// and the rectangle inside the frame.
-pub fn put_rgb(
+/// Writes a region's YCbCr planes (`planes`, laid out as [`crate::planes::Planes`]) at
+/// (`x`, `y`) into a `width` x `height` I420 frame of the same range. `x` and `y` must be
+/// even (chroma samples are not split) and the region inside the frame.
+pub fn put_planes(
     i420: &mut [u8],
     (width, height): (usize, usize),
     (x, y): (usize, usize),
-    rgb: &[u8],
-    (rw, rh): (usize, usize),
-    scratch: &mut Vec<u8>,
+    region: &[u8],
+    planes: &crate::planes::Planes,
 ) -> Result<(), String> {
-    if x % 2 != 0 || y % 2 != 0 || x + rw > width || y + rh > height {
+    let (rw, rh) = (planes.w as usize, planes.h as usize);
+    if x % 2 != 0
+        || y % 2 != 0
+        || x + rw > width
+        || y + rh > height
+        || region.len() != planes.bytes()
+        || i420.len() != len(width, height)
+    {
         return Err(format!(
             "a {rw}x{rh} region at ({x}, {y}) does not fit the {width}x{height} frame on even coordinates"
         ));
     }
-    from_rgb(rgb, rw, rh, scratch)?;
     let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
     let (rcw, rch) = (rw.div_ceil(2), rh.div_ceil(2));
     let (frame_y, frame_c) = i420.split_at_mut(width * height);
-    let (part_y, part_c) = scratch.split_at(rw * rh);
-    for (row, src) in part_y.chunks_exact(rw).enumerate() {
+    let (frame_u, frame_v) = frame_c.split_at_mut(cw * ch);
+    let (part_y, part_u, part_v) = planes.split(region);
+    for row in 0..rh {
         let at = (y + row) * width + x;
-        frame_y[at..at + rw].copy_from_slice(src);
+        frame_y[at..at + rw].copy_from_slice(&part_y[row * planes.yw..][..rw]);
     }
-    for plane in 0..2 {
-        let dst = &mut frame_c[plane * cw * ch..(plane + 1) * cw * ch];
-        let src = &part_c[plane * rcw * rch..(plane + 1) * rcw * rch];
-        for (row, src) in src.chunks_exact(rcw).enumerate() {
+    for (dst, src) in [(frame_u, part_u), (frame_v, part_v)] {
+        for row in 0..rch {
             let at = (y / 2 + row) * cw + x / 2;
-            dst[at..at + rcw].copy_from_slice(src);
+            dst[at..at + rcw].copy_from_slice(&src[row * planes.cw..][..rcw]);
         }
     }
     Ok(())
@@ -199,16 +203,18 @@ mod tests {
         full_to_limited(&mut frame, w, h);
         assert!(frame[..w * h].iter().all(|&v| v == 235));
         assert!(frame[w * h..].iter().all(|&v| v == 128));
-        // A red 2x2 region at (2, 2): its four luma samples and its one chroma sample.
-        let mut scratch = Vec::new();
-        let red = [255u8, 0, 0].repeat(4);
-        put_rgb(&mut frame, (w, h), (2, 2), &red, (2, 2), &mut scratch).unwrap();
-        let y: Vec<usize> = (0..w * h).filter(|&i| frame[i] == 82).collect();
-        assert_eq!(y, [14, 15, 20, 21]);
+        // A 3x2 region at (2, 2) (its planes padded to 4x2, as libjpeg lays them out): its
+        // six luma samples and its two chroma samples of each plane.
+        let planes = crate::planes::Planes::new(3, 2);
+        let region = [[9u8, 9, 9, 0, 9, 9, 9, 0].as_slice(), &[7, 7], &[5, 5]].concat();
+        put_planes(&mut frame, (w, h), (2, 2), &region, &planes).unwrap();
+        let y: Vec<usize> = (0..w * h).filter(|&i| frame[i] == 9).collect();
+        assert_eq!(y, [14, 15, 16, 20, 21, 22]);
         let (cb, cr) = (&frame[w * h..w * h + 6], &frame[w * h + 6..]);
-        assert_eq!((cb[4], cr[4]), (90, 240), "the chroma of (2, 2)");
+        assert_eq!((&cb[4..6], &cr[4..6]), (&[7, 7][..], &[5, 5][..]));
         assert_eq!((cb[0], cr[0]), (128, 128), "elsewhere untouched");
-        assert!(put_rgb(&mut frame, (w, h), (1, 2), &[0; 12], (2, 2), &mut scratch).is_err());
-        assert!(put_rgb(&mut frame, (w, h), (6, 2), &[0; 12], (2, 2), &mut scratch).is_err());
+        assert!(put_planes(&mut frame, (w, h), (1, 2), &region, &planes).is_err());
+        assert!(put_planes(&mut frame, (w, h), (4, 2), &region, &planes).is_err());
+        assert!(put_planes(&mut frame, (w, h), (2, 2), &region[1..], &planes).is_err());
     }
 }

@@ -79,11 +79,6 @@ impl Region {
             h: face.h,
         }
     }
-
-    /// Bytes of the region's packed RGB pixels.
-    pub fn rgb_bytes(&self) -> usize {
-        self.w as usize * self.h as usize * 3
-    }
 }
 
 impl Grid {

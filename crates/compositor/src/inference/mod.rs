@@ -101,9 +101,10 @@ impl Default for ClientOptions {
 pub struct Expected {
     pub output: String,
     pub bytes: usize,
-    /// The output is `n` planar RGB images of H x W (n, H, W): a replica offering I420
-    /// answers is asked for them (half the bytes), and they are turned back into RGB here.
-    pub images: Option<(usize, usize, usize)>,
+    /// The output is planar RGB images with even sides: a replica offering I420 answers is
+    /// asked for them (half the bytes). The answer then says so on its output
+    /// ([`i420::PARAM_FORMAT`]) and the caller takes them as they are.
+    pub i420: bool,
 }
 
 /// `output` asked for as I420.
@@ -411,7 +412,7 @@ impl InferenceClient {
     }
 
     /// The batch over gRPC, its bytes each way counted; image outputs asked for as I420
-    /// where the replica offers it, and turned back into RGB.
+    /// where the replica offers it.
     async fn send(
         &self,
         replica: &Replica,
@@ -419,47 +420,21 @@ impl InferenceClient {
         expected: &Expected,
         timeout: Duration,
     ) -> Result<ModelInferResponse, Status> {
-        let images = match expected.images {
-            Some(i)
-                if replica
-                    .tensors
-                    .offers(&replica.client, i420::EXTENSION)
-                    .await =>
-            {
-                req.outputs = vec![i420_output(&expected.output)];
-                Some(i)
-            }
-            _ => None,
-        };
+        if expected.i420
+            && replica
+                .tensors
+                .offers(&replica.client, i420::EXTENSION)
+                .await
+        {
+            req.outputs = vec![i420_output(&expected.output)];
+        }
         let sent = prost::Message::encoded_len(&req);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
-        let mut resp = replica.infer(req, id, timeout).await?;
+        let resp = replica.infer(req, id, timeout).await?;
         if let Some(c) = &self.opts.hop_bytes {
             c.with_label_values(&["sent"]).inc_by(sent as u64);
             c.with_label_values(&["received"])
                 .inc_by(prost::Message::encoded_len(&resp) as u64);
-        }
-        if let Some((n, h, w)) = images {
-            let at = resp
-                .outputs
-                .iter()
-                .position(|o| o.name == expected.output)
-                .filter(|&i| {
-                    resp.raw_output_contents.get(i).map(|b| b.len()) == Some(i420::len(n, h, w))
-                })
-                .ok_or_else(|| {
-                    Status::internal(format!(
-                        "the replica's I420 answer for '{}' is not {n} images of {h}x{w}",
-                        expected.output
-                    ))
-                })?;
-            let yuv = std::mem::take(&mut resp.raw_output_contents[at]);
-            resp.raw_output_contents[at] =
-                tokio::task::spawn_blocking(move || i420::to_planar_rgb(&yuv, n, h, w))
-                    .await
-                    .map_err(|e| Status::internal(format!("I420 conversion failed: {e}")))?
-                    .into();
-            resp.outputs[at].shape = vec![n as i64, 3, h as i64, w as i64];
         }
         Ok(resp)
     }

@@ -3,6 +3,10 @@
 //! splicing its restart segments in ([`crate::segments`]). The background is read-only:
 //! sessions rendering the same frame at once never wait for each other.
 //!
+//! A 4:2:0 avatar keeps its regions as YCbCr planes ([`crate::prepared::Pixels`]): an I420
+//! crop is resized and blended per plane and the region encoded from its planes, so a face
+//! goes from the inference service's answer to the JPEG with no colour conversion at all.
+//!
 //! A request at another quality or subsampling than the avatar's prepared one takes the whole
 //! frame path: the prepared JPEG decoded, the region's original pixels put back, the face
 //! blended and the frame encoded. Outside the region that frame has been through one more
@@ -10,20 +14,25 @@
 //! path with a conversion ([`crate::raw_frame`]) instead of the encode.
 
 use crate::avatar::Avatar;
-use crate::blend::{self, BlendScratch};
-use crate::encode::{self, Rgb, Subsampling};
+use crate::blend::{self, BlendScratch, BoxMask};
+use crate::encode::{self, Subsampling};
+use crate::manifest::FaceBox;
+use crate::planes::{self, CropPlanes, Planes};
+use crate::prepared::Pixels;
 use crate::raw_frame;
 use crate::segments;
 use bytes::Bytes;
+use framecast_proto::i420;
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
-/// Per rayon thread: blend buffers, the region being composited and its encode, reused frame
-/// after frame so the hot path allocates only the output.
+/// Per rayon thread: blend buffers, the region being composited, a converted crop and the
+/// region's encode, reused frame after frame so the hot path allocates only the output.
 #[derive(Default)]
 struct Scratch {
     blend: BlendScratch,
     region: Vec<u8>,
+    crop: Vec<u8>,
     part: Vec<u8>,
 }
 
@@ -40,6 +49,16 @@ pub enum Output {
     },
     /// Raw frames for a video encoder ([`crate::raw_frame`]).
     I420,
+}
+
+/// A generated face crop, S x S, as the inference service answered it.
+#[derive(Debug, Clone, Copy)]
+pub enum Crop<'a> {
+    /// Planar RGB, `3 x S x S`.
+    Rgb(&'a [u8]),
+    /// I420 ([`framecast_proto::i420`]): what a 4:2:0 avatar's regions blend without a
+    /// conversion.
+    I420(&'a [u8]),
 }
 
 /// A composed frame and where its time went.
@@ -59,11 +78,60 @@ pub fn splices(avatar: &Avatar, output: Output) -> bool {
         }
 }
 
+/// Blends `crop` into `scratch.region` (a copy of a face region of `kind`, `w` x `h`, `face`
+/// in its coordinates), in the region's own form: planes take the crop as planes (an RGB
+/// crop is converted, S x S), RGB takes it as RGB (an I420 crop is converted).
+fn paste(
+    kind: &Pixels<Bytes>,
+    scratch: &mut Scratch,
+    (w, h): (u32, u32),
+    face: &FaceBox,
+    crop: Crop<'_>,
+    size: u32,
+    mask: &BoxMask,
+) -> Result<(), String> {
+    let Scratch {
+        blend,
+        region,
+        crop: converted,
+        ..
+    } = scratch;
+    match kind {
+        Pixels::Ycc420(_) => {
+            let crop = match crop {
+                Crop::I420(c) => CropPlanes::i420(c, size)?,
+                Crop::Rgb(c) => {
+                    planes::ycc_from_planar_rgb(c, converted);
+                    CropPlanes::ycc444(converted, size)?
+                }
+            };
+            blend::paste_planes(region, &Planes::new(w, h), face, &crop, mask, blend)
+        }
+        Pixels::Rgb(_) => {
+            let crop = match crop {
+                Crop::Rgb(c) => c,
+                Crop::I420(c) => {
+                    let s = size as usize;
+                    if c.len() != i420::len(1, s, s) {
+                        return Err(format!(
+                            "an I420 face crop of {} bytes for S = {s}",
+                            c.len()
+                        ));
+                    }
+                    *converted = i420::to_planar_rgb(c, 1, s, s);
+                    &converted[..]
+                }
+            };
+            blend::paste(region, w, face, crop, size, mask, blend)
+        }
+    }
+}
+
 /// Blends one frame and makes it into `output` on the calling (rayon) thread.
 pub fn compose(
     avatar: &Avatar,
     background: usize,
-    crop_chw: &[u8],
+    crop: Crop<'_>,
     output: Output,
 ) -> Result<Composed, String> {
     let frame = &avatar.frames[background];
@@ -72,20 +140,20 @@ pub fn compose(
         let scratch = &mut *cell.borrow_mut();
         let t0 = Instant::now();
         scratch.region.clear();
-        scratch.region.extend_from_slice(&frame.pixels);
-        blend::paste(
-            &mut scratch.region,
-            region.w,
+        scratch.region.extend_from_slice(frame.pixels.bytes());
+        paste(
+            &frame.pixels,
+            scratch,
+            (region.w, region.h),
             &region.local(&avatar.boxes[background]),
-            crop_chw,
+            crop,
             avatar.manifest.crop_size,
             &avatar.box_masks[background],
-            &mut scratch.blend,
         )?;
         let t1 = Instant::now();
+        let pasted = frame.pixels.with(scratch.region.as_slice());
         let image = if splices(avatar, output) {
-            let pixels = Rgb::packed(&scratch.region, region.w, region.h);
-            encode::encode_into(pixels, avatar.params, &mut scratch.part)?;
+            pasted.encode_into(region.w, region.h, avatar.params, &mut scratch.part)?;
             let part_layout = segments::parse(&scratch.part)?;
             let mut out = Vec::new();
             segments::splice(
@@ -98,7 +166,7 @@ pub fn compose(
             )?;
             out
         } else {
-            whole(avatar, background, &scratch.region, output)?
+            whole(avatar, background, pasted, output)?
         };
         Ok(Composed {
             image: Bytes::from(image),
@@ -116,7 +184,7 @@ pub fn idle(avatar: &Avatar, background: usize, output: Output) -> Result<Compos
     let image = if splices(avatar, output) {
         frame.jpeg.clone()
     } else {
-        Bytes::from(whole(avatar, background, &frame.pixels, output)?)
+        Bytes::from(whole(avatar, background, frame.pixels.view(), output)?)
     };
     Ok(Composed {
         image,
@@ -130,7 +198,7 @@ pub fn idle(avatar: &Avatar, background: usize, output: Output) -> Result<Compos
 fn whole(
     avatar: &Avatar,
     background: usize,
-    region_pixels: &[u8],
+    region: Pixels<&[u8]>,
     output: Output,
 ) -> Result<Vec<u8>, String> {
     let frame = &avatar.frames[background];
@@ -139,33 +207,31 @@ fn whole(
     // Odd sizes: libjpeg pads the luma plane of a 4:2:0 decode to even, which I420's
     // layout does not; those take the RGB path.
     let even = w.is_multiple_of(2) && h.is_multiple_of(2);
-    if output == Output::I420 && avatar.params.subsampling == Subsampling::S420 && even {
+    if let (Output::I420, Pixels::Ycc420(planes), true) = (output, region, even) {
         // The JPEG's own 4:2:0 planes are I420 already (full range): decoded without colour
-        // conversion or upsampling, rescaled to limited range, the region put in. About a
-        // half of decoding to RGB and converting back (docs/performance.md).
+        // conversion or upsampling, the region's planes put in, rescaled to limited range.
+        // No pixel is converted (docs/performance.md).
         let mut out = vec![0u8; raw_frame::len(w as usize, h as usize)];
         encode::decode_yuv420(&frame.jpeg, w, h, &mut out)?;
-        raw_frame::full_to_limited(&mut out, w as usize, h as usize);
-        let mut scratch = Vec::new();
-        raw_frame::put_rgb(
+        raw_frame::put_planes(
             &mut out,
             (w as usize, h as usize),
             (r.x as usize, r.y as usize),
-            region_pixels,
-            (r.w as usize, r.h as usize),
-            &mut scratch,
+            planes,
+            &Planes::new(r.w, r.h),
         )?;
+        raw_frame::full_to_limited(&mut out, w as usize, h as usize);
         return Ok(out);
     }
     let (mut rgb, width, height) = encode::decode_rgb(&frame.jpeg)?;
-    if (width, height) != (avatar.grid.width, avatar.grid.height) {
+    if (width, height) != (w, h) {
         return Err(format!(
-            "prepared frame {background} is {width}x{height}; the avatar is {}x{}",
-            avatar.grid.width, avatar.grid.height
+            "prepared frame {background} is {width}x{height}; the avatar is {w}x{h}"
         ));
     }
     let stride = width as usize * 3;
-    for (row, src) in region_pixels.chunks_exact(r.w as usize * 3).enumerate() {
+    let region_rgb = region.rgb(r.w, r.h)?;
+    for (row, src) in region_rgb.chunks_exact(r.w as usize * 3).enumerate() {
         let at = (r.y as usize + row) * stride + r.x as usize * 3;
         rgb[at..at + src.len()].copy_from_slice(src);
     }
@@ -186,10 +252,11 @@ fn whole(
 mod tests {
     use super::*;
     use crate::demo::{self, DemoOptions};
+    use crate::encode::Rgb;
     use crate::manifest;
     use rayon::prelude::*;
 
-    fn avatar(root: &std::path::Path) -> Avatar {
+    fn avatar_at(root: &std::path::Path, subsampling: Subsampling) -> Avatar {
         let opts = DemoOptions {
             id: "a".into(),
             width: 96,
@@ -198,7 +265,12 @@ mod tests {
             crop_size: 32,
             ..Default::default()
         };
-        Avatar::load(&demo::write_demo(root, &opts).unwrap()).unwrap()
+        let dir = demo::write_demo(root, &opts).unwrap();
+        Avatar::load_with(&dir, subsampling).unwrap()
+    }
+
+    fn avatar(root: &std::path::Path) -> Avatar {
+        avatar_at(root, Subsampling::S420)
     }
 
     fn jpeg(quality: u8, subsampling: Subsampling) -> Output {
@@ -208,33 +280,51 @@ mod tests {
         }
     }
 
+    /// A crop with colour and detail in every plane, planar RGB.
+    fn gradient_crop() -> Vec<u8> {
+        (0..3)
+            .flat_map(|c| (0..32 * 32).map(move |i| ((i % 32) * 6 + (i / 32) * 2 + c * 50) as u8))
+            .collect()
+    }
+
+    fn psnr(a: &[u8], b: &[u8]) -> f64 {
+        let mse = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+            .sum::<f64>()
+            / a.len() as f64;
+        10.0 * (255.0f64.powi(2) / mse.max(1e-9)).log10()
+    }
+
     /// The bundle's own frame `bg`, decoded from its source file.
     fn source(root: &std::path::Path, a: &Avatar, bg: usize) -> Vec<u8> {
         let files = manifest::frame_files(&root.join("a")).unwrap();
         crate::avatar::decode_frame(&files[bg], a.manifest.width, a.manifest.height).unwrap()
     }
 
-    /// What `compose` must produce: the crop pasted into the source frame, encoded whole with
-    /// the avatar's parameters.
+    /// What `compose` must produce for a 4:2:0 avatar: the source frame's planes (as libjpeg
+    /// converts it), the crop pasted into them, the frame encoded whole from its planes.
     fn expected(root: &std::path::Path, a: &Avatar, bg: usize, crop: &[u8]) -> Vec<u8> {
         let m = &a.manifest;
-        let mut frame = source(root, a, bg);
-        let before = frame.clone();
-        let mut scratch = BlendScratch::default();
-        let (b, mask) = (&a.boxes[bg], &a.box_masks[bg]);
-        blend::paste(
-            &mut frame,
-            m.width,
-            b,
-            crop,
-            m.crop_size,
-            mask,
-            &mut scratch,
+        let frame = source(root, a, bg);
+        let mut planes =
+            encode::to_planes(Rgb::packed(&frame, m.width, m.height), Subsampling::S420).unwrap();
+        let before = planes.clone();
+        let mut ycc = Vec::new();
+        planes::ycc_from_planar_rgb(crop, &mut ycc);
+        blend::paste_planes(
+            &mut planes,
+            &Planes::new(m.width, m.height),
+            &a.boxes[bg],
+            &CropPlanes::ycc444(&ycc, m.crop_size).unwrap(),
+            &a.box_masks[bg],
+            &mut BlendScratch::default(),
         )
         .unwrap();
-        assert_ne!(frame, before, "the paste changed nothing");
+        assert_ne!(planes, before, "the paste changed nothing");
         let mut out = Vec::new();
-        encode::encode_into(Rgb::packed(&frame, m.width, m.height), a.params, &mut out).unwrap();
+        encode::encode_planes_into(&planes, m.width, m.height, a.params, &mut out).unwrap();
         out
     }
 
@@ -242,21 +332,62 @@ mod tests {
     fn compose_equals_a_whole_frame_encode_of_the_composite() {
         let tmp = tempfile::tempdir().unwrap();
         let a = avatar(tmp.path());
-        let crop = vec![250u8; 3 * 32 * 32];
+        assert!(matches!(a.frames[1].pixels, Pixels::Ycc420(_)));
+        let crop = gradient_crop();
         let out = jpeg(a.params.quality, Subsampling::S420);
-        let c = compose(&a, 1, &crop, out).unwrap();
+        let c = compose(&a, 1, Crop::Rgb(&crop), out).unwrap();
         assert!(c.image == expected(tmp.path(), &a, 1, &crop));
-        // The idle frame is the prepared background itself.
+        // The idle frame is the prepared background itself, and that is an encode of the
+        // source: from RGB or from libjpeg's planes of it, the same bytes.
         let idle = idle(&a, 1, out).unwrap();
         assert!(idle.image == a.frames[1].jpeg);
-        let mut plain = Vec::new();
         let src = source(tmp.path(), &a, 1);
-        let rgb = Rgb::packed(&src, a.manifest.width, a.manifest.height);
-        encode::encode_into(rgb, a.params, &mut plain).unwrap();
+        let (w, h) = (a.manifest.width, a.manifest.height);
+        let mut plain = Vec::new();
+        encode::encode_into(Rgb::packed(&src, w, h), a.params, &mut plain).unwrap();
         assert!(
             idle.image == plain,
             "the prepared frame is not an encode of the source"
         );
+        let planes = encode::to_planes(Rgb::packed(&src, w, h), Subsampling::S420).unwrap();
+        let mut from_planes = Vec::new();
+        encode::encode_planes_into(&planes, w, h, a.params, &mut from_planes).unwrap();
+        assert!(from_planes == plain, "an encode from planes differs");
+    }
+
+    /// The same face as I420 (what the inference service sends) and as RGB make nearly the
+    /// same frame: the I420 one skips the crop's conversion, not its content.
+    #[test]
+    fn an_i420_crop_makes_the_frame_an_rgb_crop_makes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = avatar(tmp.path());
+        let crop = gradient_crop();
+        let yuv = i420::from_planar_rgb(&crop, 1, 32, 32);
+        let out = jpeg(a.params.quality, Subsampling::S420);
+        let from_rgb = compose(&a, 2, Crop::Rgb(&crop), out).unwrap();
+        let from_i420 = compose(&a, 2, Crop::I420(&yuv), out).unwrap();
+        let (x, ..) = encode::decode_rgb(&from_rgb.image).unwrap();
+        let (y, ..) = encode::decode_rgb(&from_i420.image).unwrap();
+        assert!(psnr(&x, &y) > 40.0, "PSNR {:.1} dB", psnr(&x, &y));
+        assert!(compose(&a, 2, Crop::I420(&yuv[1..]), out).is_err());
+    }
+
+    /// An avatar encoded at 4:4:4 keeps RGB regions; both crop forms land in them.
+    #[test]
+    fn rgb_regions_take_either_crop() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = avatar_at(tmp.path(), Subsampling::S444);
+        assert!(matches!(a.frames[0].pixels, Pixels::Rgb(_)));
+        let crop = gradient_crop();
+        let yuv = i420::from_planar_rgb(&crop, 1, 32, 32);
+        let out = jpeg(a.params.quality, Subsampling::S444);
+        let from_rgb = compose(&a, 0, Crop::Rgb(&crop), out).unwrap();
+        let from_i420 = compose(&a, 0, Crop::I420(&yuv), out).unwrap();
+        let (x, ..) = encode::decode_rgb(&from_rgb.image).unwrap();
+        let (y, ..) = encode::decode_rgb(&from_i420.image).unwrap();
+        let (bg, ..) = encode::decode_rgb(&a.frames[0].jpeg).unwrap();
+        assert!(psnr(&x, &y) > 38.0, "PSNR {:.1} dB", psnr(&x, &y));
+        assert!(x != bg, "the face is not in the frame");
     }
 
     /// Another quality takes the whole-frame path: a valid frame of the right size whose face
@@ -265,8 +396,8 @@ mod tests {
     fn another_quality_encodes_the_whole_frame() {
         let tmp = tempfile::tempdir().unwrap();
         let a = avatar(tmp.path());
-        let crop = vec![250u8; 3 * 32 * 32];
-        let c = compose(&a, 0, &crop, jpeg(97, Subsampling::S444)).unwrap();
+        let crop = gradient_crop();
+        let c = compose(&a, 0, Crop::Rgb(&crop), jpeg(97, Subsampling::S444)).unwrap();
         let (rgb, w, h) = encode::decode_rgb(&c.image).unwrap();
         assert_eq!((w, h), (a.manifest.width, a.manifest.height));
         let want = expected(tmp.path(), &a, 0, &crop);
@@ -289,14 +420,14 @@ mod tests {
     fn concurrent_composes_of_one_background_do_not_mix() {
         let tmp = tempfile::tempdir().unwrap();
         let a = avatar(tmp.path());
-        let crops = [vec![250u8; 3 * 32 * 32], vec![5u8; 3 * 32 * 32]];
+        let crops = [gradient_crop(), vec![5u8; 3 * 32 * 32]];
         let want = [
             expected(tmp.path(), &a, 2, &crops[0]),
             expected(tmp.path(), &a, 2, &crops[1]),
         ];
         let out = jpeg(a.params.quality, Subsampling::S420);
         (0..64usize).into_par_iter().for_each(|i| {
-            let c = compose(&a, 2, &crops[i % 2], out).unwrap();
+            let c = compose(&a, 2, Crop::Rgb(&crops[i % 2]), out).unwrap();
             assert!(
                 c.image == want[i % 2],
                 "compose {i} saw another worker's face"
@@ -312,37 +443,29 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let a = avatar(tmp.path());
         let (w, h) = (a.manifest.width as usize, a.manifest.height as usize);
-        let crop = vec![250u8; 3 * 32 * 32];
-        let raw = compose(&a, 1, &crop, Output::I420).unwrap();
+        let crop = gradient_crop();
+        let raw = compose(&a, 1, Crop::Rgb(&crop), Output::I420).unwrap();
         assert_eq!(raw.image.len(), raw_frame::len(w, h));
         let rgb = raw_frame::to_rgb(&raw.image, w, h).unwrap();
         let (want, ..) = encode::decode_rgb(&expected(tmp.path(), &a, 1, &crop)).unwrap();
-        let psnr = |a: &[u8], b: &[u8]| {
-            let mse = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-                .sum::<f64>()
-                / a.len() as f64;
-            10.0 * (255.0f64.powi(2) / mse.max(1e-9)).log10()
-        };
         assert!(psnr(&rgb, &want) > 30.0, "PSNR {:.1} dB", psnr(&rgb, &want));
-        // The 4:2:0 fast path (the JPEG's own planes) against decoding to RGB, putting the
-        // composite region in and converting the whole frame.
+        // The 4:2:0 fast path (the JPEG's own planes, the region's planes put in) against
+        // decoding to RGB, putting the composite region in and converting the whole frame.
         let (mut slow, ..) = encode::decode_rgb(&a.frames[1].jpeg).unwrap();
         let r = a.frames[1].region;
-        let mut region = a.frames[1].pixels.to_vec();
-        let mut scratch = BlendScratch::default();
-        blend::paste(
+        let mut region = a.frames[1].pixels.bytes().to_vec();
+        let mut ycc = Vec::new();
+        planes::ycc_from_planar_rgb(&crop, &mut ycc);
+        blend::paste_planes(
             &mut region,
-            r.w,
+            &Planes::new(r.w, r.h),
             &r.local(&a.boxes[1]),
-            &crop,
-            a.manifest.crop_size,
+            &CropPlanes::ycc444(&ycc, 32).unwrap(),
             &a.box_masks[1],
-            &mut scratch,
+            &mut BlendScratch::default(),
         )
         .unwrap();
+        let region = encode::planes_to_rgb(&region, r.w, r.h, Subsampling::S420).unwrap();
         for (row, src) in region.chunks_exact(r.w as usize * 3).enumerate() {
             let at = ((r.y as usize + row) * w + r.x as usize) * 3;
             slow[at..at + src.len()].copy_from_slice(src);

@@ -2,10 +2,10 @@
 //! as it and every frame before it are done.
 
 use super::plan::Plan;
+use super::wire::Crops;
 use super::{BatchTiming, FrameSink, Output};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use bytes::Bytes;
 use framecast_proto::compositor::v1::{ImageFormat, RenderedFrame, StageTimings};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -26,13 +26,12 @@ pub(super) async fn batch(
     plan: &Arc<Plan>,
     lo: usize,
     hi: usize,
-    crops: Option<Bytes>,
+    crops: Option<Crops>,
     timing: BatchTiming,
     metrics: &Metrics,
     sink: &FrameSink,
 ) -> Result<bool, Error> {
     let n = hi - lo;
-    let per = crops.as_ref().map_or(0, |c| c.len() / n.max(1));
     let (tx, mut rx) = mpsc::unbounded_channel();
     let work = plan.clone();
     let watch = sink.clone();
@@ -46,10 +45,7 @@ pub(super) async fn batch(
                 // A panic on a rayon::spawn thread aborts the process: a frame that panics
                 // (a codec's assertion) fails its request instead.
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &crops {
-                    Some(crops) => {
-                        let crop = &crops[i * per..(i + 1) * per];
-                        super::compose(&work.avatar, bg, crop, work.output)
-                    }
+                    Some(crops) => super::compose(&work.avatar, bg, crops.get(i), work.output),
                     None => super::idle(&work.avatar, bg, work.output),
                 }))
                 .unwrap_or_else(|_| Err("compositing the frame panicked".to_string()))

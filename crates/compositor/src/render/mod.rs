@@ -17,7 +17,7 @@ mod deliver;
 mod plan;
 mod wire;
 
-pub use composite::{compose, idle, splices, Composed, Output};
+pub use composite::{compose, idle, splices, Composed, Crop, Output};
 
 use crate::avatar::Avatar;
 use crate::encode::Subsampling;

@@ -2,12 +2,16 @@
 //! read back out of its answer, in the shapes of [`crate::face_contract`].
 
 use super::plan::Plan;
+use super::Crop;
 use crate::avatar::Avatar;
+use crate::encode::Subsampling;
 use crate::error::Error;
 use crate::face_contract;
 use crate::inference::{CachedInput, Expected, RowSource};
 use bytes::{Bytes, BytesMut};
 use framecast_proto::echo;
+use framecast_proto::i420;
+use framecast_proto::kserve::infer_parameter::ParameterChoice;
 use framecast_proto::kserve::{
     model_infer_request::InferInputTensor, ModelInferRequest, ModelInferResponse,
 };
@@ -57,8 +61,9 @@ pub(super) fn infer_request(
     let expected = Expected {
         output: plan.model.output.clone(),
         bytes: n * face_contract::output_bytes(s as usize),
-        // Face crops: I420 halves them where the replica offers it (S is even in practice).
-        images: (s % 2 == 0).then_some((n, s as usize, s as usize)),
+        // Face crops as I420 where the replica offers it, for avatars kept at 4:2:0: half the
+        // bytes, blended as they come (S is even in practice).
+        i420: s % 2 == 0 && plan.avatar.params.subsampling == Subsampling::S420,
     };
     (request, faces, expected)
 }
@@ -112,12 +117,33 @@ impl RowSource for FaceInputs {
     }
 }
 
-/// The `n` face crops of a batch's answer, `3 x S x S` each, end to end.
+/// A batch's face crops as the inference service answered them: planar RGB, or I420 where
+/// the replica offers it (half the bytes, and what a 4:2:0 avatar blends as it is).
+pub(super) struct Crops {
+    bytes: Bytes,
+    i420: bool,
+    per: usize,
+}
+
+impl Crops {
+    /// Frame `i`'s crop.
+    pub(super) fn get(&self, i: usize) -> Crop<'_> {
+        let crop = &self.bytes[i * self.per..(i + 1) * self.per];
+        if self.i420 {
+            Crop::I420(crop)
+        } else {
+            Crop::Rgb(crop)
+        }
+    }
+}
+
+/// The `n` face crops of a batch's answer, `3 x S x S` each end to end, or I420 when the
+/// output says so (its `framecast_format` parameter).
 pub(super) fn face_crops(
     plan: &Plan,
     response: ModelInferResponse,
     n: usize,
-) -> Result<Bytes, Error> {
+) -> Result<Crops, Error> {
     let s = plan.model.crop_size as usize;
     let idx = response
         .outputs
@@ -129,19 +155,29 @@ pub(super) fn face_crops(
                 plan.model.output
             ))
         })?;
-    let crops = response
+    let i420 = response.outputs[idx]
+        .parameters
+        .get(i420::PARAM_FORMAT)
+        .and_then(|p| p.parameter_choice.as_ref())
+        .is_some_and(|c| matches!(c, ParameterChoice::StringParam(f) if f == i420::FORMAT_I420));
+    let bytes = response
         .raw_output_contents
         .get(idx)
         .cloned()
         .ok_or_else(|| Error::Internal("inference response has no raw_output_contents".into()))?;
-    let per = face_contract::output_bytes(s);
-    if crops.len() != n * per {
+    let (per, what) = if i420 {
+        (i420::len(1, s, s), "I420 images".to_string())
+    } else {
+        (face_contract::output_bytes(s), format!("3x{s}x{s} crops"))
+    };
+    if bytes.len() != n * per {
         return Err(Error::Internal(format!(
-            "inference output '{}' is {} bytes; {n} frames of 3x{s}x{s} need {}",
+            "inference output '{}' is {} bytes; {n} {} of S = {s} need {}",
             plan.model.output,
-            crops.len(),
+            bytes.len(),
+            what,
             n * per
         )));
     }
-    Ok(crops)
+    Ok(Crops { bytes, i420, per })
 }

@@ -138,7 +138,7 @@ async fn run(enc: Encoders, info: Arc<EncoderInfo>, batch: Vec<Ask>, n: usize) {
     let expected = Expected {
         output: info.output.clone(),
         bytes: n * info.width * 4,
-        images: None,
+        i420: false,
     };
     // The batch may wait for the most patient of its sessions.
     let deadline = batch
