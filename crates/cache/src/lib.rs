@@ -11,31 +11,55 @@
 //! - **Leases.** [`Lease`] is the only way to use a value: while one lives, its entry is
 //!   never evicted. Unloading removes the entry at once; leases already out keep the value
 //!   alive until they are dropped.
+//! - **Shared budgets.** Caches of different values may also share one [`SharedBudget`] (a
+//!   device's memory, held by models and tensors alike): room for an entry of one is made by
+//!   evicting the least recently used idle entry of any of them.
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use tokio::sync::OnceCell;
 
-/// Why a value could not be had.
+/// Use order across every cache of the process, so that caches sharing a budget compare
+/// their entries' last uses on one clock.
+static CLOCK: AtomicU64 = AtomicU64::new(1);
+
+/// Why a value could not be had. `shared`: the budget that refused it is the
+/// [`SharedBudget`], not the cache's own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CacheError<E> {
     /// The value alone is larger than the whole budget.
-    TooLarge { need: u64, budget: u64 },
+    TooLarge {
+        need: u64,
+        budget: u64,
+        shared: bool,
+    },
     /// Every entry that could make room is pinned or leased.
-    NoRoom { need: u64, free: u64, budget: u64 },
+    NoRoom {
+        need: u64,
+        free: u64,
+        budget: u64,
+        shared: bool,
+    },
     /// The loader (or its estimate) failed.
     Load(E),
 }
 
 /// What the owner wants to hear about, for logs and metrics.
 pub trait Events: Send + Sync {
-    /// `key` was evicted to make room for `for_key`, freeing `freed` bytes.
-    fn evicted(&self, _key: &str, _freed: u64, _for_key: &str) {}
+    /// `key` was evicted to make room for `for_entry` (the [`Events::label`] of the entry
+    /// that needed the room, perhaps of another cache sharing the budget), freeing `freed`
+    /// bytes.
+    fn evicted(&self, _key: &str, _freed: u64, _for_entry: &str) {}
     /// Bytes reserved or ready entries changed.
     fn changed(&self, _reserved: u64, _ready: usize) {}
+    /// How `key` is named to others (logs of another cache that evicts for it): keys that
+    /// hold something private (a credential) are named without it.
+    fn label(&self, key: &str) -> String {
+        key.to_string()
+    }
 }
 
 /// No one listening.
@@ -108,9 +132,100 @@ type Pinned<V> = Box<dyn Fn(&str, &V) -> bool + Send + Sync>;
 pub struct BudgetCache<V, E> {
     budget: Option<u64>,
     entries: Mutex<HashMap<String, Arc<Entry<V, E>>>>,
-    clock: AtomicU64,
     pinned: Pinned<V>,
     events: Arc<dyn Events>,
+    /// The budget this cache shares with others, once it has joined one.
+    shared: OnceLock<Arc<SharedBudget>>,
+}
+
+/// One budget several [`BudgetCache`]s share, besides any of their own: the bytes all their
+/// entries reserve stay within it, and room for an entry of one is made by evicting the
+/// least recently used idle, unpinned, ready entry of any of them.
+pub struct SharedBudget {
+    budget: u64,
+    members: Mutex<Vec<Weak<dyn Member>>>,
+    /// One reservation at a time across the members, so two never count the same free
+    /// bytes.
+    turn: Mutex<()>,
+}
+
+/// What a [`SharedBudget`] needs of each cache that shares it.
+trait Member: Send + Sync {
+    fn used(&self) -> u64;
+    /// The least recently used entry that may be evicted, other than `except`: its last use
+    /// and key.
+    fn oldest(&self, except: Option<&str>) -> Option<(u64, String)>;
+    /// Evicts `key` for `for_entry` if it still may be; the bytes freed.
+    fn evict(&self, key: &str, for_entry: &str) -> Option<u64>;
+}
+
+impl SharedBudget {
+    pub fn new(budget: u64) -> Arc<SharedBudget> {
+        Arc::new(SharedBudget {
+            budget,
+            members: Mutex::default(),
+            turn: Mutex::default(),
+        })
+    }
+
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Bytes the members' entries reserve, all together.
+    pub fn used(&self) -> u64 {
+        self.members().iter().map(|m| m.used()).sum()
+    }
+
+    fn members(&self) -> Vec<Arc<dyn Member>> {
+        let mut members = self.members.lock();
+        members.retain(|m| m.strong_count() > 0);
+        members.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Evicts until `need` more bytes fit, never `key` of the member at `me`; called with
+    /// the turn held.
+    fn make_room<E>(
+        &self,
+        me: *const (),
+        key: &str,
+        label: &str,
+        need: u64,
+    ) -> Result<(), CacheError<E>> {
+        if need > self.budget {
+            return Err(CacheError::TooLarge {
+                need,
+                budget: self.budget,
+                shared: true,
+            });
+        }
+        loop {
+            let members = self.members();
+            let used: u64 = members.iter().map(|m| m.used()).sum();
+            if used + need <= self.budget {
+                return Ok(());
+            }
+            let victim = members
+                .iter()
+                .enumerate()
+                .filter_map(|(i, m)| {
+                    let mine = std::ptr::eq(Arc::as_ptr(m) as *const (), me);
+                    let (used, k) = m.oldest(mine.then_some(key))?;
+                    Some((used, i, k))
+                })
+                .min();
+            let Some((_, i, victim)) = victim else {
+                return Err(CacheError::NoRoom {
+                    need,
+                    free: self.budget.saturating_sub(used),
+                    budget: self.budget,
+                    shared: true,
+                });
+            };
+            // Leased since it was picked: the next round picks another.
+            members[i].evict(&victim, label);
+        }
+    }
 }
 
 impl<V, E: Clone> BudgetCache<V, E> {
@@ -124,14 +239,19 @@ impl<V, E: Clone> BudgetCache<V, E> {
         BudgetCache {
             budget,
             entries: Mutex::default(),
-            clock: AtomicU64::new(1),
             pinned: Box::new(pinned),
             events,
+            shared: OnceLock::new(),
         }
     }
 
     pub fn budget(&self) -> Option<u64> {
         self.budget
+    }
+
+    /// The budget this cache shares with others, if it joined one.
+    pub fn shared(&self) -> Option<&Arc<SharedBudget>> {
+        self.shared.get()
     }
 
     /// A lease on `key` if it is loaded and ready; never loads.
@@ -233,49 +353,74 @@ impl<V, E: Clone> BudgetCache<V, E> {
     }
 
     /// Reserves `need` bytes for `entry`, evicting idle, unpinned, ready entries least
-    /// recently used first until it fits.
+    /// recently used first until it fits this cache's budget and then the shared one (whose
+    /// evictions may be of another cache's entries).
     fn reserve(&self, key: &str, entry: &Entry<V, E>, need: u64) -> Result<(), CacheError<E>> {
-        let mut entries = self.entries.lock();
-        if let Some(budget) = self.budget {
-            if need > budget {
-                return Err(CacheError::TooLarge { need, budget });
-            }
-            loop {
-                let used: u64 = entries
-                    .values()
-                    .map(|e| e.reserved.load(Ordering::Acquire))
-                    .sum();
-                if used + need <= budget {
-                    break;
-                }
-                // Leases are taken under this lock, so an idle entry stays idle until it is
-                // removed here.
-                let victim = entries
-                    .iter()
-                    .filter(|(k, e)| k.as_str() != key && e.leases.load(Ordering::Acquire) == 0)
-                    .filter_map(|(k, e)| {
-                        let v = e.ready()?;
-                        (!(self.pinned)(k, v)).then(|| (e.last_used.load(Ordering::Relaxed), k))
-                    })
-                    .min()
-                    .map(|(_, k)| k.clone());
-                let Some(victim) = victim else {
-                    return Err(CacheError::NoRoom {
+        let shared = self.shared.get();
+        let _turn = shared.map(|s| s.turn.lock());
+        {
+            let mut entries = self.entries.lock();
+            if let Some(budget) = self.budget {
+                if need > budget {
+                    return Err(CacheError::TooLarge {
                         need,
-                        free: budget.saturating_sub(used),
                         budget,
+                        shared: false,
                     });
-                };
-                let freed = entries
-                    .remove(&victim)
-                    .map_or(0, |e| e.reserved.load(Ordering::Acquire));
-                self.events.evicted(&victim, freed, key);
+                }
+                loop {
+                    let used: u64 = entries
+                        .values()
+                        .map(|e| e.reserved.load(Ordering::Acquire))
+                        .sum();
+                    if used + need <= budget {
+                        break;
+                    }
+                    // Leases are taken under this lock, so an idle entry stays idle until
+                    // it is removed here.
+                    let Some((_, victim)) = self.oldest_in(&entries, Some(key)) else {
+                        return Err(CacheError::NoRoom {
+                            need,
+                            free: budget.saturating_sub(used),
+                            budget,
+                            shared: false,
+                        });
+                    };
+                    let freed = entries
+                        .remove(&victim)
+                        .map_or(0, |e| e.reserved.load(Ordering::Acquire));
+                    self.events.evicted(&victim, freed, &self.events.label(key));
+                }
+            }
+            if shared.is_none() {
+                entry.reserved.store(need, Ordering::Release);
             }
         }
-        entry.reserved.store(need, Ordering::Release);
-        drop(entries);
+        if let Some(s) = shared {
+            let me = self as *const Self as *const ();
+            s.make_room(me, key, &self.events.label(key), need)?;
+            // Still under the turn: no other member reserves meanwhile.
+            entry.reserved.store(need, Ordering::Release);
+        }
         self.publish();
         Ok(())
+    }
+
+    /// The least recently used entry of `entries` that is ready, idle and unpinned, other
+    /// than `except`.
+    fn oldest_in(
+        &self,
+        entries: &HashMap<String, Arc<Entry<V, E>>>,
+        except: Option<&str>,
+    ) -> Option<(u64, String)> {
+        entries
+            .iter()
+            .filter(|(k, e)| Some(k.as_str()) != except && e.leases.load(Ordering::Acquire) == 0)
+            .filter_map(|(k, e)| {
+                let v = e.ready()?;
+                (!(self.pinned)(k, v)).then(|| (e.last_used.load(Ordering::Relaxed), k.clone()))
+            })
+            .min()
     }
 
     fn lease(&self, entry: &Arc<Entry<V, E>>, value: Arc<V>) -> Lease<V, E> {
@@ -288,10 +433,9 @@ impl<V, E: Clone> BudgetCache<V, E> {
     }
 
     fn touch(&self, entry: &Entry<V, E>) {
-        entry.last_used.store(
-            self.clock.fetch_add(1, Ordering::Relaxed),
-            Ordering::Relaxed,
-        );
+        entry
+            .last_used
+            .store(CLOCK.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
     }
 
     /// Forgets a failed load of `key`, so the next request loads it again.
@@ -351,6 +495,47 @@ impl<V, E: Clone> BudgetCache<V, E> {
     fn publish(&self) {
         let (reserved, ready) = self.totals();
         self.events.changed(reserved, ready);
+    }
+}
+
+impl<V: Send + Sync + 'static, E: Clone + Send + Sync + 'static> BudgetCache<V, E> {
+    /// Shares `budget` with the other caches that joined it, from now on (entries already
+    /// held count at once). A cache joins one shared budget at most; false if it had.
+    pub fn join(self: &Arc<Self>, budget: &Arc<SharedBudget>) -> bool {
+        if self.shared.set(budget.clone()).is_err() {
+            return false;
+        }
+        let me: Arc<dyn Member> = self.clone();
+        budget.members.lock().push(Arc::downgrade(&me));
+        true
+    }
+}
+
+impl<V: Send + Sync + 'static, E: Clone + Send + Sync + 'static> Member for BudgetCache<V, E> {
+    fn used(&self) -> u64 {
+        self.reserved()
+    }
+
+    fn oldest(&self, except: Option<&str>) -> Option<(u64, String)> {
+        self.oldest_in(&self.entries.lock(), except)
+    }
+
+    fn evict(&self, key: &str, for_entry: &str) -> Option<u64> {
+        let freed = {
+            let mut entries = self.entries.lock();
+            let entry = entries.get(key)?;
+            let evictable = entry.leases.load(Ordering::Acquire) == 0
+                && entry.ready().is_some_and(|v| !(self.pinned)(key, v));
+            if !evictable {
+                return None;
+            }
+            entries
+                .remove(key)
+                .map_or(0, |e| e.reserved.load(Ordering::Acquire))
+        };
+        self.events.evicted(key, freed, for_entry);
+        self.publish();
+        Some(freed)
     }
 }
 
@@ -422,7 +607,8 @@ mod tests {
             CacheError::NoRoom {
                 need: 10,
                 free: 0,
-                budget: 30
+                budget: 30,
+                shared: false
             }
         );
         // The refusal is not remembered: with room made, the same key loads.
@@ -467,7 +653,8 @@ mod tests {
             e,
             CacheError::TooLarge {
                 need: 31,
-                budget: 30
+                budget: 30,
+                shared: false
             }
         );
         assert!(c.state("huge").is_none());
@@ -549,5 +736,71 @@ mod tests {
             "{}",
             c.reserved()
         );
+    }
+
+    /// Two caches of different values sharing one budget: each one's entries make room for
+    /// the other's, least recently used first; leased and pinned entries stay; a refusal
+    /// says it was the shared budget.
+    #[tokio::test]
+    async fn caches_sharing_a_budget_evict_each_others_entries() {
+        let shared = SharedBudget::new(30);
+        let models = Arc::new(cache(None));
+        let tensors: Arc<BudgetCache<Vec<u8>, String>> =
+            Arc::new(BudgetCache::new(Some(25), |_, _| false, Arc::new(Quiet)));
+        assert!(models.join(&shared));
+        assert!(tensors.join(&shared));
+        assert!(!tensors.join(&shared), "a cache joins one shared budget");
+        let tensor = |key: &'static str, bytes: u64| {
+            let t = tensors.clone();
+            async move {
+                t.get_or_load(
+                    key,
+                    || Ok(bytes),
+                    |_| async move { Ok((vec![0u8; 1], bytes)) },
+                )
+                .await
+            }
+        };
+        drop(get(&models, "m1", 10).await.unwrap());
+        drop(tensor("t1", 10).await.unwrap());
+        drop(get(&models, "m2", 10).await.unwrap());
+        assert_eq!(shared.used(), 30);
+        // A tensor evicts the oldest entry of either cache: the model m1.
+        drop(tensor("t2", 10).await.unwrap());
+        assert_eq!(keys(&models), ["m2"]);
+        assert_eq!(shared.used(), 30);
+        // A model evicts the oldest: the tensor t1.
+        let held = get(&models, "m3", 10).await.unwrap();
+        assert!(tensors.state("t1").is_none() && tensors.state("t2").is_some());
+        // Everything leased or pinned: the shared budget refuses, and says so.
+        let pinned = get(&models, "pin-m", 0).await.unwrap();
+        let m2 = get(&models, "m2", 10).await.unwrap();
+        let t2 = tensor("t2", 10).await.unwrap();
+        let e = tensor("t3", 10).await.err().unwrap();
+        assert_eq!(
+            e,
+            CacheError::NoRoom {
+                need: 10,
+                free: 0,
+                budget: 30,
+                shared: true
+            }
+        );
+        // The cache's own budget still holds on its own.
+        let e = tensor("huge", 26).await.err().unwrap();
+        assert!(
+            matches!(e, CacheError::TooLarge { shared: false, .. }),
+            "{e:?}"
+        );
+        drop((held, pinned, m2, t2));
+        let e = get(&models, "huge", 31).await.err().unwrap();
+        assert!(
+            matches!(e, CacheError::TooLarge { shared: true, .. }),
+            "{e:?}"
+        );
+        // A cache dropped leaves the budget.
+        drop(tensor("t3", 10).await.unwrap());
+        drop(tensors);
+        assert_eq!(shared.used(), models.reserved());
     }
 }

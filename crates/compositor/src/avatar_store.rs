@@ -223,12 +223,14 @@ impl AvatarStore {
             .await
             .map_err(|e| match e {
                 CacheError::Load(e) => e,
-                CacheError::TooLarge { need, budget } => AvatarError::TooLarge {
+                CacheError::TooLarge { need, budget, .. } => AvatarError::TooLarge {
                     id: id.to_string(),
                     need,
                     budget,
                 },
-                CacheError::NoRoom { need, free, budget } => AvatarError::NoRoom {
+                CacheError::NoRoom {
+                    need, free, budget, ..
+                } => AvatarError::NoRoom {
                     id: id.to_string(),
                     need,
                     free,

@@ -282,7 +282,7 @@ async fn a_model_with_requests_in_flight_is_not_evicted() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let e = client.model_infer(request("a")).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-    assert!(e.message().contains("in flight"), "{}", e.message());
+    assert!(e.message().contains("pinned or in use"), "{}", e.message());
     in_flight.await.unwrap().unwrap();
     // Idle now: "slow" gives way.
     client.model_infer(request("a")).await.unwrap();

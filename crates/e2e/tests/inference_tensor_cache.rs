@@ -3,7 +3,7 @@
 //! authentication get precise statuses.
 
 use bytes::Bytes;
-use framecast_e2e::{kserve_client, spawn_inference};
+use framecast_e2e::{kserve_client, spawn_inference, spawn_inference_with};
 use framecast_inference::server::ServeOptions;
 use framecast_inference::zoo::{self, Builtin, ZooOptions};
 use framecast_proto::kserve::infer_parameter::ParameterChoice;
@@ -13,6 +13,7 @@ use framecast_proto::tensor::DataType;
 use framecast_proto::tensorcache::v1::tensor_cache_client::TensorCacheClient;
 use framecast_proto::tensorcache::v1::{RegisterRequest, StatusRequest, UnregisterRequest};
 use framecast_proto::tensorcache::{EXTENSION, PARAM_ROWS, PARAM_TENSOR};
+use std::sync::Arc;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -202,6 +203,74 @@ async fn unknown_names_bad_rows_and_the_budget_get_precise_statuses() {
         .unwrap();
     let e = kserve.model_infer(request(&[0], false)).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
+}
+
+/// Models and tensors share the device-memory budget: a registration evicts the least
+/// recently used idle model, a model load the least recently used idle tensor (never one a
+/// request is using), and a tensor larger than the device budget is refused naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_and_tensors_make_room_for_each_other_under_one_budget() {
+    use framecast_inference::metrics::Metrics;
+    use framecast_inference::models::ExecOptions;
+    let tmp = tempfile::tempdir().unwrap();
+    let zoo = ZooOptions {
+        crop: CROP,
+        max_batch_size: 8,
+        max_queue_delay_us: 0,
+    };
+    zoo::write(tmp.path(), Builtin::Passthrough, &zoo).unwrap();
+    // The model is charged about 1 MiB (its overhead; its file is a few KB), the budget
+    // holds 1.5 MiB.
+    let exec = ExecOptions {
+        memory_budget: Some(3 << 19),
+        model_overhead: 1 << 20,
+        ..Default::default()
+    };
+    let metrics = Arc::new(Metrics::new());
+    let server = spawn_inference_with(tmp.path(), exec, metrics.clone(), Default::default()).await;
+    let mut kserve = kserve_client(server.url()).await;
+    let mut cache = cache_client(server.url()).await;
+    kserve.model_infer(request(&[0], true)).await.unwrap();
+    let model = metrics.memory_used_bytes.get() as u64;
+    assert!(
+        model > 1 << 20 && model < 5 << 18,
+        "model charged {model} bytes"
+    );
+    cache.register(register("faces", faces())).await.unwrap();
+    // 600 KB more does not fit beside the model: the model (least recently used) goes.
+    let big = Bytes::from(vec![1u8; 400 * ROW]);
+    cache.register(register("big", big)).await.unwrap();
+    assert_eq!(metrics.evictions.get(), 1, "the model was not evicted");
+    assert_eq!(metrics.memory_used_bytes.get(), 0);
+    // A request naming the faces loads the model again: the idle 'big' makes room, not the
+    // faces the request holds.
+    let by_index = kserve.model_infer(request(&[2, 4], false)).await.unwrap();
+    let by_value = kserve.model_infer(request(&[2, 4], true)).await.unwrap();
+    assert_eq!(
+        by_index.into_inner().raw_output_contents,
+        by_value.into_inner().raw_output_contents
+    );
+    let e = kserve.model_infer(big_request()).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "'big' was not evicted: {e:?}");
+    // Larger than the device budget: refused with the numbers, naming that budget.
+    let huge = Bytes::from(vec![0u8; 1100 * ROW]);
+    let e = cache.register(register("huge", huge)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(
+        e.message().contains("--memory-budget-mib")
+            && e.message().contains(&format!("{}", 3 << 19)),
+        "{}",
+        e.message()
+    );
+}
+
+/// A request for row 0 of the tensor "big".
+fn big_request() -> ModelInferRequest {
+    let mut req = request(&[0], false);
+    req.inputs[0]
+        .parameters
+        .insert(PARAM_TENSOR.into(), text("big"));
+    req
 }
 
 /// With authentication on, registering needs a token, and each token's names are its own.

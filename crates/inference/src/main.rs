@@ -82,8 +82,8 @@ struct ServeArgs {
     /// Requests slower than this (milliseconds, end to end) are logged at WARN.
     #[arg(long, env = "FRAMECAST_SLOW_REQUEST_MS", default_value_t = ServeOptions::default().slow_request.as_millis() as u64)]
     slow_request_ms: u64,
-    /// Device-memory budget per device for loaded models, MiB (0: unlimited). Least recently
-    /// used idle models are evicted to make room.
+    /// Device-memory budget per device for loaded models and cached tensors together, MiB (0:
+    /// unlimited). Least recently used idle ones, of either kind, are evicted to make room.
     #[arg(long, env = "FRAMECAST_MEMORY_BUDGET_MIB", default_value_t = 0)]
     memory_budget_mib: u64,
     /// Working memory accounted per model on top of its weights, MiB.
@@ -133,6 +133,7 @@ struct ServeArgs {
     max_shm_regions: u64,
     /// Host memory the tensor cache extension may hold, all clients together, MiB (least
     /// recently used tensors are evicted; a tensor larger than this is refused); 0 unlimited.
+    /// Tensors count against --memory-budget-mib too.
     #[arg(long, env = "FRAMECAST_TENSOR_CACHE_MIB", default_value_t = ServeOptions::default().tensor_cache_budget.unwrap_or(0) >> 20)]
     tensor_cache_mib: u64,
     /// On SIGTERM: stop accepting, finish in-flight requests for at most this many seconds,

@@ -5,7 +5,10 @@
 //! as serialized; halved for fp16) plus a configured working overhead, on every device it runs
 //! on. Room is reserved before a load starts, so concurrent loads never over-commit; when the
 //! budget is full, the least recently used models that are ready, unpinned and idle (no
-//! request in flight) are evicted until the new one fits.
+//! request in flight) are evicted until the new one fits. The budget is shared with the
+//! tensors clients register ([`crate::tensor_cache`]), which live on the same devices: a
+//! model load may evict an idle tensor and a registration an idle model, least recently used
+//! first either way.
 
 use crate::backend::Payload;
 use crate::batcher::{self, Delivery, Job, JobError, JobOutput};
@@ -17,7 +20,7 @@ use crate::stats::ModelStats;
 use crate::torch_model::TorchModel;
 use crossbeam_channel::Sender;
 use crossbeam_channel::TrySendError;
-use framecast_cache::{BudgetCache, CacheError, Events, Lease, State};
+use framecast_cache::{BudgetCache, CacheError, Events, Lease, SharedBudget, State};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,7 +42,7 @@ pub enum ModelError {
         need: u64,
         budget: u64,
     },
-    #[error("model '{name}' needs {need} bytes; {free} of the {budget}-byte budget are free and every other model is pinned or has requests in flight")]
+    #[error("model '{name}' needs {need} bytes; {free} of the {budget}-byte budget are free and every other model and cached tensor is pinned or in use")]
     NoRoom {
         name: String,
         need: u64,
@@ -167,7 +170,9 @@ pub struct ModelManager {
     repo: Repository,
     exec: ExecOptions,
     load_on_demand: bool,
-    cache: BudgetCache<LoadedModel, ModelError>,
+    cache: Arc<BudgetCache<LoadedModel, ModelError>>,
+    /// The device-memory budget (`memory_budget`), shared with the tensor cache.
+    device_budget: Option<Arc<SharedBudget>>,
     metrics: Arc<Metrics>,
 }
 
@@ -175,14 +180,18 @@ pub struct ModelManager {
 struct CacheEvents(Arc<Metrics>);
 
 impl Events for CacheEvents {
-    fn evicted(&self, key: &str, freed: u64, for_key: &str) {
+    fn evicted(&self, key: &str, freed: u64, for_entry: &str) {
         self.0.evictions.inc();
         tracing::info!(
             model = key,
             freed,
-            for_model = for_key,
+            to_make_room_for = for_entry,
             "evicted (least recently used)"
         );
+    }
+
+    fn label(&self, key: &str) -> String {
+        format!("model '{key}'")
     }
 
     fn changed(&self, reserved: u64, ready: usize) {
@@ -203,16 +212,23 @@ impl ModelManager {
             .set(exec.memory_budget.unwrap_or(0) as i64);
         metrics.queue_capacity.set(exec.max_queue as i64);
         let pinned = exec.pinned.clone();
-        let cache = BudgetCache::new(
-            exec.memory_budget,
+        // The budget is the device's, shared with the tensors cached there: the cache
+        // itself has none of its own.
+        let cache = Arc::new(BudgetCache::new(
+            None,
             move |name: &str, m: &LoadedModel| m.config.pinned || pinned.contains(name),
             Arc::new(CacheEvents(metrics.clone())),
-        );
+        ));
+        let device_budget = exec.memory_budget.map(SharedBudget::new);
+        if let Some(b) = &device_budget {
+            cache.join(b);
+        }
         ModelManager {
             repo,
             exec,
             load_on_demand,
             cache,
+            device_budget,
             metrics,
         }
     }
@@ -224,6 +240,12 @@ impl ModelManager {
     /// Where and how many times each model runs.
     pub fn exec(&self) -> &ExecOptions {
         &self.exec
+    }
+
+    /// The device-memory budget models share with the tensors cached on their devices
+    /// (`None`: unlimited): a [`crate::tensor_cache::TensorCache`] joins it.
+    pub fn device_budget(&self) -> Option<&Arc<SharedBudget>> {
+        self.device_budget.as_ref()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -354,12 +376,14 @@ impl ModelManager {
             .map_err(|e| {
                 let e = match e {
                     CacheError::Load(e) => return e,
-                    CacheError::TooLarge { need, budget } => ModelError::TooLarge {
+                    CacheError::TooLarge { need, budget, .. } => ModelError::TooLarge {
                         name: name.to_string(),
                         need,
                         budget,
                     },
-                    CacheError::NoRoom { need, free, budget } => ModelError::NoRoom {
+                    CacheError::NoRoom {
+                        need, free, budget, ..
+                    } => ModelError::NoRoom {
                         name: name.to_string(),
                         need,
                         free,

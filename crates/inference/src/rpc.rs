@@ -140,6 +140,7 @@ impl InferenceService {
         let started = Instant::now();
         check_version(&req.model_name, &req.model_version)?;
         let metrics = self.models.metrics().clone();
+        let _named = self.tensors.hold(owner, &req);
         let model = match self.models.get(&req.model_name).await {
             Ok(m) => m,
             Err(e) => {

@@ -94,6 +94,9 @@ async fn serve_draining(
         opts.tensor_cache_budget,
         models.metrics().tensor_cache_bytes.clone(),
     ));
+    if let Some(budget) = models.device_budget() {
+        tensors.share(budget);
+    }
     tensors.sweep_every(SHM_SWEEP);
     let mut svc = InferenceService::new(models, opts.slow_request, drain.clone())
         .with_shared_memory(shm)

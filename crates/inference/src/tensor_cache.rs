@@ -2,26 +2,33 @@
 //! whose rows its requests then name instead of sending (an avatar's face inputs: 600 KB a
 //! frame at S = 320 that never change). Names are per client ([`Owner`]).
 //!
-//! Tensors are held in host memory under their own budget (`--tensor-cache-mib`), least
-//! recently used evicted first. A request holds a lease on each tensor it names from the time
-//! it is validated until its batch has run ([`Rows`]), so an eviction cannot touch it; a name
-//! evicted before gets NOT_FOUND with a reason the client acts on (register again).
+//! Tensors are held in host memory under their own budget (`--tensor-cache-mib`, what
+//! registrations may take of the host's memory), least recently used evicted first, and each
+//! is charged to the device-memory budget the models are under (`--memory-budget-mib`,
+//! [`TensorCache::share`]): models and tensors evict each other there, least recently used
+//! first. A request holds a lease on each tensor it names from the time it is validated until
+//! its batch has run ([`Rows`]), so an eviction cannot touch it; a name evicted before gets
+//! NOT_FOUND with a reason the client acts on (register again).
 //!
 //! The first batch that uses a tensor on a CUDA device copies it there once and keeps the copy
 //! with the tensor ([`Cached::on_device`]); batches then gather their rows on the device, so
 //! a referenced input never crosses the host-to-device copy again. On the CPU a batch copies
 //! its rows straight from the registered bytes into its input. Device copies go when the
-//! tensor goes; they are not charged to the models' device-memory budget
-//! (docs/operations.md says how to leave room for them).
+//! tensor goes. A tensor is charged its size once against the per-device budget whether or
+//! not a batch has used it on a device yet (the models' rule too: a model is charged what it
+//! holds on any one device).
 
 use crate::error::{invalid, Error};
 use crate::rpc::owner_of;
 use crate::shared_memory::Owner;
 use bytes::{Bytes, BytesMut};
-use framecast_cache::{BudgetCache, CacheError, Events};
+use framecast_cache::{BudgetCache, CacheError, Events, SharedBudget};
 use framecast_proto::echo;
+use framecast_proto::kserve::infer_parameter::ParameterChoice;
+use framecast_proto::kserve::ModelInferRequest;
 use framecast_proto::tensor::{self, DataType};
 use framecast_proto::tensorcache::v1;
+use framecast_proto::tensorcache::PARAM_TENSOR;
 use framecast_telemetry::prometheus::IntGauge;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -127,9 +134,12 @@ impl Rows {
     }
 }
 
+/// Tensors a request names, kept from eviction while it lives ([`TensorCache::hold`]).
+pub struct Held(#[allow(dead_code)] Vec<framecast_cache::Lease<Cached, String>>);
+
 pub struct TensorCache {
     /// Loads never fail (the value is the registration itself): the error type is unused.
-    cache: BudgetCache<Cached, String>,
+    cache: Arc<BudgetCache<Cached, String>>,
     budget: Option<u64>,
     /// Registrations in parts under way, one per owner (keyed by the owner alone).
     pending: parking_lot::Mutex<HashMap<String, Pending>>,
@@ -152,11 +162,18 @@ pub const PENDING_TIMEOUT: Duration = Duration::from_secs(60);
 /// Keeps the bytes gauge current.
 struct Gauge(IntGauge);
 
+/// A key's name: keys start with the owner's credential, which is never logged.
+fn name_of(key: &str) -> &str {
+    key.rsplit_once('/').map_or("", |(_, n)| n)
+}
+
 impl Events for Gauge {
-    fn evicted(&self, key: &str, freed: u64, for_key: &str) {
-        // Keys start with the owner's credential: log only the names.
-        let name = |k: &str| k.rsplit_once('/').map_or("", |(_, n)| n).to_string();
-        tracing::info!(tensor = %name(key), freed, for_tensor = %name(for_key), "tensor evicted (least recently used)");
+    fn evicted(&self, key: &str, freed: u64, for_entry: &str) {
+        tracing::info!(tensor = %name_of(key), freed, to_make_room_for = %for_entry, "tensor evicted (least recently used)");
+    }
+
+    fn label(&self, key: &str) -> String {
+        format!("tensor '{}'", name_of(key))
     }
 
     fn changed(&self, reserved: u64, _ready: usize) {
@@ -175,7 +192,11 @@ impl TensorCache {
     /// follows what they hold.
     pub fn new(budget: Option<u64>, bytes_gauge: IntGauge) -> TensorCache {
         TensorCache {
-            cache: BudgetCache::new(budget, |_, _| false, Arc::new(Gauge(bytes_gauge))),
+            cache: Arc::new(BudgetCache::new(
+                budget,
+                |_, _| false,
+                Arc::new(Gauge(bytes_gauge)),
+            )),
             budget,
             pending: Default::default(),
         }
@@ -212,14 +233,22 @@ impl TensorCache {
             tensor::byte_len(datatype, &shape).map_err(|e| invalid(format!("shape: {e}")))?;
         let rows = shape[0] as u64;
         let per_row = total / rows as usize;
-        if self.budget.is_some_and(|b| total as u64 > b) {
-            return Err(self.refusal(
-                name,
-                CacheError::TooLarge {
-                    need: total as u64,
-                    budget: self.budget.unwrap_or(0),
-                },
-            ));
+        // Too large for either budget: refused at the first part, not after the last.
+        let budgets = [
+            (self.budget, false),
+            (self.cache.shared().map(|b| b.budget()), true),
+        ];
+        for (budget, shared) in budgets {
+            if let Some(budget) = budget.filter(|&b| total as u64 > b) {
+                return Err(self.refusal(
+                    name,
+                    CacheError::TooLarge {
+                        need: total as u64,
+                        budget,
+                        shared,
+                    },
+                ));
+            }
         }
         if data.is_empty() || !data.len().is_multiple_of(per_row.max(1)) {
             return Err(invalid(format!(
@@ -321,15 +350,37 @@ impl TensorCache {
     }
 
     fn refusal(&self, name: &str, e: CacheError<String>) -> Error {
+        let which = |shared: bool| match shared {
+            true => "the device-memory budget models and tensors share (--memory-budget-mib)",
+            false => "the tensor cache's budget (--tensor-cache-mib)",
+        };
         match e {
             CacheError::Load(e) => Error::Internal(e),
-            CacheError::TooLarge { need, budget } => Error::Exhausted(format!(
-                "tensor '{name}' is {need} bytes; the tensor cache's budget is {budget} bytes (--tensor-cache-mib)"
+            CacheError::TooLarge {
+                need,
+                budget,
+                shared,
+            } => Error::Exhausted(format!(
+                "tensor '{name}' is {need} bytes; {} is {budget} bytes",
+                which(shared)
             )),
-            CacheError::NoRoom { need, free, budget } => Error::Exhausted(format!(
-                "tensor '{name}' is {need} bytes; {free} of the tensor cache's {budget} bytes are free and the rest is in use"
+            CacheError::NoRoom {
+                need,
+                free,
+                budget,
+                shared,
+            } => Error::Exhausted(format!(
+                "tensor '{name}' is {need} bytes; {free} of the {budget} bytes of {} are free and the rest is in use",
+                which(shared)
             )),
         }
+    }
+
+    /// Charges every tensor to `budget` too, the device memory the models are under: models
+    /// and tensors make room for each other there, least recently used first. False if the
+    /// cache already shares one.
+    pub fn share(&self, budget: &Arc<SharedBudget>) -> bool {
+        self.cache.join(budget)
     }
 
     /// Forgets `name` of `owner`; false if it was not there.
@@ -346,6 +397,25 @@ impl TensorCache {
             .filter(|(k, _)| k.starts_with(&prefix))
             .map(|(_, v)| v)
             .collect()
+    }
+
+    /// Leases on the tensors `req` names, taken as it arrives: the model it runs on may have
+    /// to be loaded first, and that load must not evict them to make room (the request is
+    /// using them). Names not held are skipped: validation reports them.
+    pub fn hold(&self, owner: &Owner, req: &ModelInferRequest) -> Held {
+        Held(
+            req.inputs
+                .iter()
+                .filter_map(
+                    |i| match &i.parameters.get(PARAM_TENSOR)?.parameter_choice {
+                        Some(ParameterChoice::StringParam(name)) => {
+                            self.cache.lease_ready(&key(owner, name))
+                        }
+                        _ => None,
+                    },
+                )
+                .collect(),
+        )
     }
 
     /// Bytes all tensors hold, and the budget.
