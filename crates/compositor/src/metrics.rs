@@ -34,6 +34,9 @@ pub struct Metrics {
     /// Bytes of the batches sent to the inference replicas over gRPC and of their answers,
     /// by `direction` (`sent`, `received`), from the messages' encoded sizes.
     pub inference_bytes: IntCounterVec,
+    /// Face crops received from inference, by `format` (`i420`: blended as they come into a
+    /// 4:2:0 avatar's planes; `rgb`: from a replica without framecast's I420 outputs).
+    pub face_crops: IntCounterVec,
 }
 
 fn histogram(name: &str, help: &str) -> Histogram {
@@ -63,6 +66,14 @@ impl Metrics {
                     "Bytes of batches sent to the inference replicas over gRPC and of their answers"
                 ),
                 &["direction"],
+            )
+            .expect("valid metric"),
+            face_crops: IntCounterVec::new(
+                opts!(
+                    "face_crops_total",
+                    "Face crops received from inference, by format (i420, rgb)"
+                ),
+                &["format"],
             )
             .expect("valid metric"),
             requests: IntCounterVec::new(
@@ -139,6 +150,7 @@ impl Metrics {
             Box::new(m.frames.clone()),
             Box::new(m.idle_frames.clone()),
             Box::new(m.inference_bytes.clone()),
+            Box::new(m.face_crops.clone()),
             Box::new(m.requests.clone()),
             Box::new(m.queue_seconds.clone()),
             Box::new(m.inference_seconds.clone()),

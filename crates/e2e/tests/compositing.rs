@@ -81,6 +81,9 @@ async fn passthrough_frames_match_the_reference_composite() {
         3,
         "11 frames in batches of 4"
     );
+    // The crops came as I420 through shared memory too.
+    let crops = |f: &str| s.metrics.face_crops.with_label_values(&[f]).get();
+    assert_eq!((crops("i420"), crops("rgb")), (11, 0));
 }
 
 /// Shared memory off: the same frames over the gRPC stream.
@@ -432,4 +435,6 @@ async fn without_the_extensions_the_rows_and_rgb_travel() {
         received >= 11 * output,
         "{received}: the crops must come as RGB"
     );
+    let crops = |f: &str| s.metrics.face_crops.with_label_values(&[f]).get();
+    assert_eq!((crops("i420"), crops("rgb")), (0, 11));
 }

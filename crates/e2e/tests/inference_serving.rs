@@ -634,7 +634,10 @@ async fn every_accepted_datatype_round_trips() {
 /// misuse of the extension answered with a precise status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_memory_carries_tensors_both_ways() {
+    use framecast_proto::i420;
+    use framecast_proto::kserve::infer_parameter::ParameterChoice;
     use framecast_proto::kserve::model_infer_request::InferRequestedOutputTensor;
+    use framecast_proto::kserve::InferParameter;
     use framecast_proto::kserve::{
         SystemSharedMemoryRegisterRequest, SystemSharedMemoryStatusRequest,
         SystemSharedMemoryUnregisterRequest,
@@ -697,6 +700,46 @@ async fn shared_memory_carries_tensors_both_ways() {
             "element {b}"
         );
     }
+
+    // Asked for as I420, the answer is written into the window converted (half the bytes),
+    // and the response says so; a window too small for it is refused, naming the output.
+    let i420_request = |size: usize| {
+        let mut r = shm_request(size);
+        r.outputs[0].parameters.insert(
+            i420::PARAM_FORMAT.into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::StringParam(i420::FORMAT_I420.into())),
+            },
+        );
+        r
+    };
+    let i420_len = i420::len(2, CROP as usize, CROP as usize);
+    let resp = client
+        .model_infer(i420_request(i420_len))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.outputs[0].shape, vec![2, CROP * 3 / 2, CROP]);
+    assert!(resp.outputs[0].parameters.contains_key(i420::PARAM_FORMAT));
+    let mut yuv = vec![0u8; i420_len];
+    object
+        .mapping()
+        .read(face_len + audio_len, &mut yuv)
+        .unwrap();
+    assert_eq!(
+        yuv,
+        i420::from_planar_rgb(&out, 2, CROP as usize, CROP as usize)
+    );
+    let e = client
+        .model_infer(i420_request(i420_len - 1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("outputs[0] 'output'"),
+        "{}",
+        e.message()
+    );
 
     // One batch with a shared-memory request and a plain one (the queue delay merges them):
     // each share lands where its request asked for it.

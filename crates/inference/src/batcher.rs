@@ -7,7 +7,7 @@
 //! so a free instance always takes the next batch. What runs a batch is a
 //! [`Backend`](crate::backend::Backend): the batcher is tested with plain Rust ones.
 
-use crate::backend::{Backend, BackendError, ExecTimings, Executed, HostBytes, Payload};
+use crate::backend::{Backend, BackendError, ExecTimings, Executed, Payload};
 use crate::config::ModelConfig;
 use crate::shared_memory::Window;
 use crate::stats::ModelStats;
@@ -39,15 +39,28 @@ pub enum Delivery {
     /// backend where every request of the batch asks for it (see [`JobOutput::i420`]).
     I420,
     /// Written into this shared-memory window (straight from the batch's output tensor, no
-    /// copy in between).
-    Window(Window),
+    /// copy in between), as I420 where `i420` gives the images' (height, width).
+    Window {
+        window: Window,
+        i420: Option<(usize, usize)>,
+    },
+}
+
+impl Delivery {
+    fn wants_i420(&self) -> bool {
+        matches!(
+            self,
+            Delivery::I420 | Delivery::Window { i420: Some(_), .. }
+        )
+    }
 }
 
 impl Job {
-    /// The shared-memory window config output `output` goes to, if any.
-    fn window(&self, output: usize) -> Option<&Window> {
+    /// The shared-memory window config output `output` goes to, if any, and the image size
+    /// if it goes as I420.
+    fn window(&self, output: usize) -> Option<(&Window, Option<(usize, usize)>)> {
         match self.deliver.get(output) {
-            Some(Delivery::Window(w)) => Some(w),
+            Some(Delivery::Window { window, i420 }) => Some((window, *i420)),
             _ => None,
         }
     }
@@ -209,7 +222,7 @@ fn execute<B: Backend>(
     let i420: Vec<bool> = (0..config.outputs.len())
         .map(|o| {
             jobs.iter()
-                .all(|j| matches!(j.deliver.get(o), Some(Delivery::I420)))
+                .all(|j| j.deliver.get(o).is_some_and(Delivery::wants_i420))
         })
         .collect();
     for j in &jobs {
@@ -218,7 +231,7 @@ fn execute<B: Backend>(
     match model.execute(size, &inputs, &i420) {
         Ok(executed) => {
             let t = Instant::now();
-            let shares = deliver(config, &executed.outputs, size, &jobs);
+            let shares = deliver(config, &executed, size, &jobs);
             // Writing into shared memory is the last step of producing the output, as in
             // Triton's compute-output time.
             let mut timings = executed.timings;
@@ -311,19 +324,22 @@ fn free_and_trim(rx: Receiver<Executed>) {
 }
 
 /// Splits a batch's outputs among its jobs, in order: each job's share is written into its
-/// shared-memory window, or returned as a slice of one buffer shared by the batch (`Bytes`
-/// slices, no copy per request).
+/// shared-memory window (as I420 where it asks: converted here unless the backend did), or
+/// returned as a slice of one buffer shared by the batch (`Bytes` slices, no copy per
+/// request).
 fn deliver(
     config: &ModelConfig,
-    outputs: &[Box<dyn HostBytes>],
+    executed: &Executed,
     size: usize,
     jobs: &[Job],
 ) -> Vec<Result<Vec<Bytes>, JobError>> {
+    let outputs = &executed.outputs;
     let mut shares: Vec<Result<Vec<Bytes>, JobError>> = jobs
         .iter()
         .map(|_| Ok(Vec::with_capacity(outputs.len())))
         .collect();
     for (o, out) in outputs.iter().enumerate() {
+        let converted = executed.i420.get(o).copied().unwrap_or(false);
         let all = out.as_bytes();
         let per = all.len() / size;
         let wants_bytes = jobs.iter().any(|j| j.window(o).is_none());
@@ -338,7 +354,12 @@ fn deliver(
             offset += job.batch;
             let Ok(parts) = share else { continue };
             match job.window(o) {
-                Some(window) => match window.write(&all[range]) {
+                Some((window, i420)) => match match i420 {
+                    Some((h, w)) if !converted => window.write(
+                        &framecast_proto::i420::from_planar_rgb(&all[range], job.batch, h, w),
+                    ),
+                    _ => window.write(&all[range]),
+                } {
                     Ok(()) => parts.push(Bytes::new()),
                     Err(source) => {
                         *share = Err(JobError::Delivery {

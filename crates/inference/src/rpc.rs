@@ -203,7 +203,10 @@ impl InferenceService {
         let mut deliver = vec![Delivery::Bytes; model.config.outputs.len()];
         for w in &prepared.outputs {
             deliver[w.index] = match (&w.shm, w.i420) {
-                (Some(window), _) => Delivery::Window(window.clone()),
+                (Some(window), i420) => Delivery::Window {
+                    window: window.clone(),
+                    i420,
+                },
                 (None, Some(_)) => Delivery::I420,
                 (None, None) => Delivery::Bytes,
             };
@@ -255,7 +258,7 @@ impl InferenceService {
         let mut outputs = out.outputs;
         for w in &prepared.outputs {
             let converted = out.i420.get(w.index).copied().unwrap_or(false);
-            if let (Some((h, wd)), false) = (w.i420, converted) {
+            if let (Some((h, wd)), false, None) = (w.i420, converted, &w.shm) {
                 let (rgb, n) = (std::mem::take(&mut outputs[w.index]), prepared.batch);
                 outputs[w.index] = tokio::task::spawn_blocking(move || {
                     bytes::Bytes::from(framecast_proto::i420::from_planar_rgb(&rgb, n, h, wd))
@@ -351,8 +354,13 @@ fn response(
         }
         match &w.shm {
             Some(slot) => {
-                let len = spec.element_bytes() * batch;
-                tensor.parameters = shm::tensor_params(&slot.region.name, len, slot.offset);
+                let len = match w.i420 {
+                    Some((h, wd)) => framecast_proto::i420::len(batch, h, wd),
+                    None => spec.element_bytes() * batch,
+                };
+                tensor
+                    .parameters
+                    .extend(shm::tensor_params(&slot.region.name, len, slot.offset));
                 raw.push(bytes::Bytes::new());
             }
             None => raw.push(data),

@@ -262,7 +262,11 @@ pub fn prepare(
                     return Err(invalid(format!("{field}: output requested twice")));
                 }
                 let slot = shm_window(shm, owner, &field, &o.parameters)?;
-                let needed = config.outputs[index].element_bytes() * batch;
+                let i420 = i420_size(&field, &config.outputs[index], &o.parameters)?;
+                let needed = match i420 {
+                    Some((h, w)) => framecast_proto::i420::len(batch, h, w),
+                    None => config.outputs[index].element_bytes() * batch,
+                };
                 if let Some(s) = &slot {
                     if s.len < needed {
                         return Err(invalid(format!(
@@ -270,13 +274,6 @@ pub fn prepare(
                             s.len
                         )));
                     }
-                }
-                let i420 = i420_size(&field, &config.outputs[index], &o.parameters)?;
-                if i420.is_some() && slot.is_some() {
-                    return Err(invalid(format!(
-                        "{field}: {} and shared memory do not go together",
-                        framecast_proto::i420::PARAM_FORMAT
-                    )));
                 }
                 Ok(Requested {
                     index,

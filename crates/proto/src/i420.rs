@@ -2,7 +2,9 @@
 //! may be asked for as I420 (YUV 4:2:0, BT.601 full range: the colour space JPEG uses), half
 //! the bytes. A requested output carries the parameter [`PARAM_FORMAT`] = [`FORMAT_I420`];
 //! the answer's tensor is `[n, H * 3 / 2, W]`: per image the Y plane (H x W), then U and V
-//! (H/2 x W/2 each). H and W must be even. Servers offering it list [`EXTENSION`].
+//! (H/2 x W/2 each). H and W must be even. An output placed in shared memory is written there
+//! as I420 the same way (the window must hold its bytes). Servers offering it list
+//! [`EXTENSION`].
 
 /// Output parameter asking for a format.
 pub const PARAM_FORMAT: &str = "framecast_format";

@@ -102,27 +102,25 @@ pub struct Expected {
     pub output: String,
     pub bytes: usize,
     /// The output is planar RGB images with even sides: a replica offering I420 answers is
-    /// asked for them (half the bytes). The answer then says so on its output
-    /// ([`i420::PARAM_FORMAT`]) and the caller takes them as they are.
+    /// asked for them (half the bytes, over gRPC or in shared memory). The answer then says
+    /// so on its output ([`i420::PARAM_FORMAT`]) and the caller takes them as they are.
     pub i420: bool,
 }
 
-/// `output` asked for as I420.
-fn i420_output(output: &str) -> InferRequestedOutputTensor {
+/// The output parameter asking for I420.
+fn i420_format() -> (String, InferParameter) {
     let format = InferParameter {
         parameter_choice: Some(ParameterChoice::StringParam(i420::FORMAT_I420.into())),
     };
-    InferRequestedOutputTensor {
-        name: output.to_string(),
-        parameters: HashMap::from([(i420::PARAM_FORMAT.to_string(), format)]),
-    }
+    (i420::PARAM_FORMAT.to_string(), format)
 }
 
-/// Puts the result the server wrote into the slot where a gRPC response would carry it.
+/// Puts the result the server wrote (`len` bytes at `offset`) into the slot where a gRPC
+/// response would carry it.
 fn with_result(
     mut resp: ModelInferResponse,
     lease: Lease,
-    offset: usize,
+    (offset, len): (usize, usize),
     expected: &Expected,
 ) -> Result<ModelInferResponse, Status> {
     let idx = resp
@@ -136,7 +134,7 @@ fn with_result(
             ))
         })?;
     let data = lease
-        .result(offset, expected.bytes)
+        .result(offset, len)
         .map_err(|e| Status::internal(format!("shared-memory result: {e}")))?;
     if resp.raw_output_contents.len() <= idx {
         resp.raw_output_contents.resize(idx + 1, Default::default());
@@ -383,19 +381,29 @@ impl InferenceClient {
         timeout: Duration,
     ) -> Result<Option<ModelInferResponse>, Status> {
         let in_bytes: usize = req.raw_input_contents.iter().map(|b| b.len()).sum();
-        let Some(lease) = pool.lease(in_bytes + expected.bytes).await else {
+        // An I420 answer is half the RGB one (even sides).
+        let as_i420 = self.wants_i420(replica, expected).await;
+        let out_bytes = if as_i420 {
+            expected.bytes / 2
+        } else {
+            expected.bytes
+        };
+        let Some(lease) = pool.lease(in_bytes + out_bytes).await else {
             return Ok(None);
         };
         let mut shm_req = req;
-        if let Err(e) = lease.attach(&mut shm_req, &expected.output, expected.bytes) {
+        if let Err(e) = lease.attach(&mut shm_req, &expected.output, out_bytes) {
             tracing::warn!(error = %e, "batch not placed in shared memory");
             return Ok(None);
+        }
+        if as_i420 {
+            shm_req.outputs[0].parameters.extend([i420_format()]);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
         match replica.infer(shm_req, id, timeout).await {
             Ok(resp) => {
                 self.shm_batches.fetch_add(1, Ordering::Relaxed);
-                with_result(resp, lease, in_bytes, expected).map(Some)
+                with_result(resp, lease, (in_bytes, out_bytes), expected).map(Some)
             }
             // A restarted server forgot our regions: register anew next time, send this
             // batch over gRPC.
@@ -420,13 +428,11 @@ impl InferenceClient {
         expected: &Expected,
         timeout: Duration,
     ) -> Result<ModelInferResponse, Status> {
-        if expected.i420
-            && replica
-                .tensors
-                .offers(&replica.client, i420::EXTENSION)
-                .await
-        {
-            req.outputs = vec![i420_output(&expected.output)];
+        if self.wants_i420(replica, expected).await {
+            req.outputs = vec![InferRequestedOutputTensor {
+                name: expected.output.clone(),
+                parameters: HashMap::from([i420_format()]),
+            }];
         }
         let sent = prost::Message::encoded_len(&req);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
@@ -437,6 +443,16 @@ impl InferenceClient {
                 .inc_by(prost::Message::encoded_len(&resp) as u64);
         }
         Ok(resp)
+    }
+
+    /// Whether `expected` is asked of `replica` as I420: it is images and the replica offers
+    /// the extension.
+    async fn wants_i420(&self, replica: &Replica, expected: &Expected) -> bool {
+        expected.i420
+            && replica
+                .tensors
+                .offers(&replica.client, i420::EXTENSION)
+                .await
     }
 
     /// Metadata of `model`, cached after the first answer until a batch of it is refused

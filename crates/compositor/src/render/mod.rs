@@ -175,6 +175,10 @@ pub async fn render(
             .inference_seconds
             .observe(timing.inference.as_secs_f64());
         let crops = wire::face_crops(&plan, response, hi - lo)?;
+        metrics
+            .face_crops
+            .with_label_values(&[crops.format()])
+            .inc_by((hi - lo) as u64);
         if !deliver::batch(&plan, lo, hi, Some(crops), timing, metrics, sink).await? {
             // Client gone: drop the batches still in flight.
             for (.., h) in in_flight {

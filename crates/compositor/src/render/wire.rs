@@ -126,6 +126,15 @@ pub(super) struct Crops {
 }
 
 impl Crops {
+    /// The crops' format, as the `face_crops_total` metric names it.
+    pub(super) fn format(&self) -> &'static str {
+        if self.i420 {
+            "i420"
+        } else {
+            "rgb"
+        }
+    }
+
     /// Frame `i`'s crop.
     pub(super) fn get(&self, i: usize) -> Crop<'_> {
         let crop = &self.bytes[i * self.per..(i + 1) * self.per];
