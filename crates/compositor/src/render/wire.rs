@@ -68,6 +68,11 @@ pub(super) fn infer_request(
     (request, faces, expected)
 }
 
+/// Changes whenever the face input computed from the same sources changes (2: computed from
+/// regions kept as YCbCr planes), so a replica never serves a name registered by another
+/// version with other bytes.
+const FACE_INPUT_VERSION: u32 = 2;
+
 /// An avatar's face inputs, one row per background frame, as a tensor the inference
 /// service's tensor cache can hold. Its name is the content's: the avatar's fingerprint
 /// (its manifest, boxes and frame files), so a name always means the same bytes, across
@@ -79,7 +84,7 @@ pub struct FaceInputs {
 
 impl FaceInputs {
     pub fn new(avatar: Arc<Avatar>) -> Self {
-        let name = format!("faces-{:016x}", avatar.fingerprint);
+        let name = format!("faces-v{FACE_INPUT_VERSION}-{:016x}", avatar.fingerprint);
         FaceInputs { avatar, name }
     }
 
