@@ -236,3 +236,72 @@ async fn sessions_take_ports_from_the_range_and_are_refused_when_it_is_full() {
     assert_eq!(status, 503);
     assert!(why.contains("--udp-ports"), "{why}");
 }
+
+/// Offers arriving together never open a session past `--max-sessions`: of eight at once
+/// with room for two, two are answered and six refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn offers_arriving_together_respect_the_session_limit() {
+    let f = fixture(GatewayOptions {
+        max_sessions: 2,
+        ..Default::default()
+    })
+    .await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let addr = f.addr;
+        tasks.spawn(async move {
+            http(
+                addr,
+                "POST",
+                "/sessions?avatar=small",
+                offer(true).as_bytes(),
+            )
+            .await
+            .0
+        });
+    }
+    let mut statuses = tasks.join_all().await;
+    statuses.sort_unstable();
+    assert_eq!(statuses, [201, 201, 503, 503, 503, 503, 503, 503]);
+    assert_eq!(f.gateway.open_sessions(), 2);
+}
+
+/// Datagrams from someone else at a session's port (noise, or STUN-shaped packets without
+/// the session's credentials) do not keep it alive: a browser that never connects is reaped
+/// on time all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_datagrams_do_not_keep_a_session_alive() {
+    let f = fixture(GatewayOptions {
+        session_timeout: Duration::from_millis(500),
+        ..Default::default()
+    })
+    .await;
+    let (status, _, answer) = f.post_offer().await;
+    assert_eq!(status, 201);
+    let port: u16 = answer
+        .lines()
+        .find_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "typ")?;
+            words.get(at.checked_sub(1)?)?.parse().ok()
+        })
+        .expect("a host candidate in the answer");
+    let stranger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    // A STUN binding request header (type 0x0001, magic cookie) with nothing valid after it.
+    let mut stun = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+    stun.extend_from_slice(&[7u8; 12]);
+    let started = Instant::now();
+    let mut reaped = None;
+    while started.elapsed() < Duration::from_secs(3) {
+        for packet in [&b"hello, is anyone there?"[..], &stun] {
+            let _ = stranger.send_to(packet, ("127.0.0.1", port));
+        }
+        if f.gateway.open_sessions() == 0 {
+            reaped = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reaped = reaped.expect("the session outlived its timeout under a stranger's datagrams");
+    assert!(reaped < Duration::from_secs(2), "reaped after {reaped:?}");
+}

@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::{IpAddr, UdpSocket};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use str0m::change::SdpOffer;
@@ -67,8 +67,21 @@ pub struct Gateway {
     compositor: Compositor,
     opts: GatewayOptions,
     sessions: Mutex<HashMap<String, Session>>,
+    /// Offers being answered, each holding a place under `--max-sessions` ([`Slot`]).
+    answering: AtomicUsize,
     pub metrics: Metrics,
     draining: AtomicBool,
+}
+
+/// A place under `--max-sessions` for an offer being answered, taken with the count of open
+/// sessions in one step (two offers arriving together cannot both take the last place);
+/// given back when the offer is answered (the session then counts) or fails.
+struct Slot<'a>(&'a Gateway);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.answering.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Gateway {
@@ -80,6 +93,7 @@ impl Gateway {
             compositor,
             opts,
             sessions: Mutex::new(HashMap::new()),
+            answering: AtomicUsize::new(0),
             metrics: Metrics::new(),
             draining: AtomicBool::new(false),
         });
@@ -109,6 +123,18 @@ impl Gateway {
     pub fn open_sessions(&self) -> usize {
         self.forget_finished();
         self.sessions.lock().len()
+    }
+
+    /// A place for one more session, if open sessions and offers being answered leave one.
+    fn slot(&self) -> Option<Slot<'_>> {
+        self.forget_finished();
+        // Under the sessions' lock: every other taker and every insert waits for it.
+        let sessions = self.sessions.lock();
+        if sessions.len() + self.answering.load(Ordering::Acquire) >= self.opts.max_sessions {
+            return None;
+        }
+        self.answering.fetch_add(1, Ordering::AcqRel);
+        Some(Slot(self))
     }
 }
 
@@ -231,7 +257,7 @@ async fn create(
             "the gateway is shutting down",
         );
     }
-    if gw.open_sessions() >= gw.opts.max_sessions {
+    let Some(_slot) = gw.slot() else {
         outcome("full");
         return refuse(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -240,7 +266,7 @@ async fn create(
                 gw.opts.max_sessions
             ),
         );
-    }
+    };
     if let Err(reason) = offer::check(&body) {
         outcome("bad_offer");
         return refuse(StatusCode::BAD_REQUEST, reason);

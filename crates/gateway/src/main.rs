@@ -47,7 +47,8 @@ struct Args {
     /// Most sessions open at once; past it a new one gets 503 with the reason.
     #[arg(long, env = "FRAMECAST_GATEWAY_MAX_SESSIONS", default_value_t = GatewayOptions::default().max_sessions)]
     max_sessions: usize,
-    /// A session whose browser sends nothing (no media, no ICE) for this long is ended.
+    /// A session not connected this long after its answer, or whose browser then sends no
+    /// voice for this long, is ended (datagrams from anyone else never count).
     #[arg(
         long,
         env = "FRAMECAST_GATEWAY_SESSION_TIMEOUT_S",

@@ -185,6 +185,7 @@ pub fn start(
         voice_base: None,
         voice_arrivals: Default::default(),
         answered: Instant::now(),
+        last_heard: Instant::now(),
     };
     let done = finished.clone();
     let span = tracing::info_span!("session", id = %config.id, avatar = %config.avatar);
@@ -306,19 +307,22 @@ struct Worker {
     /// of a frame's moment reached the gateway, for the latency figure.
     voice_arrivals: std::collections::VecDeque<(f64, Instant)>,
     answered: Instant,
+    /// When the browser last proved it is there: the answer, the connection, then each of its
+    /// voice packets (only the peer holding the DTLS keys can send one: datagrams from
+    /// anyone else at the session's port never keep it alive).
+    last_heard: Instant,
 }
 
 impl Worker {
     /// Runs until the session ends; returns why.
     fn run(&mut self) -> Result<String, String> {
         let mut buf = vec![0u8; 2000];
-        let mut last_input = Instant::now();
         let local = self.local;
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return Ok("ended by the client (DELETE) or shutdown".into());
             }
-            if last_input.elapsed() > self.config.timeout {
+            if self.last_heard.elapsed() > self.config.timeout {
                 return Ok(format!(
                     "reaped: nothing from the browser for {} s",
                     self.config.timeout.as_secs_f64()
@@ -351,12 +355,11 @@ impl Worker {
             buf.resize(2000, 0);
             match self.socket.recv_from(&mut buf) {
                 Ok((n, source)) => {
-                    last_input = Instant::now();
                     let Ok(contents) = buf[..n].try_into() else {
                         continue; // not STUN, DTLS or RTP: ignored
                     };
                     let input = Input::Receive(
-                        last_input,
+                        Instant::now(),
                         Receive {
                             proto: Protocol::Udp,
                             source,
@@ -408,6 +411,7 @@ impl Worker {
     fn event(&mut self, e: Event) -> Result<bool, String> {
         match e {
             Event::Connected => {
+                self.last_heard = Instant::now();
                 self.stats.set_state("connected");
                 tracing::info!("connected");
             }
@@ -417,6 +421,7 @@ impl Worker {
                 MediaKind::Video => self.video_mid = Some(m.mid),
             },
             Event::MediaData(d) if Some(d.mid) == self.audio_mid => {
+                self.last_heard = Instant::now();
                 self.stats.voice_packets_in.fetch_add(1, Ordering::Relaxed);
                 let rtp = d.time.rebase(Frequency::FORTY_EIGHT_KHZ).numer();
                 let base = *self.voice_base.get_or_insert(rtp);
