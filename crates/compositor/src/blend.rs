@@ -190,6 +190,18 @@ pub fn pasted_rows(
     })
 }
 
+/// Whether there is anything to paste (the mask is not empty); an error if the mask is not
+/// the box's size.
+fn fits(face: &FaceBox, mask: &BoxMask) -> Result<bool, String> {
+    if (mask.w, mask.h) != (face.w, face.h) {
+        return Err(format!(
+            "mask is {}x{}, face box {}x{}",
+            mask.w, mask.h, face.w, face.h
+        ));
+    }
+    Ok(!mask.is_empty())
+}
+
 /// Reusable per-thread buffers for [`paste`]: after the first frame, pasting allocates
 /// nothing.
 #[derive(Default)]
@@ -237,14 +249,8 @@ pub fn paste(
     mask: &BoxMask,
     scratch: &mut BlendScratch,
 ) -> Result<(), String> {
-    if mask.is_empty() {
+    if !fits(face, mask)? {
         return Ok(());
-    }
-    if (mask.w, mask.h) != (face.w, face.h) {
-        return Err(format!(
-            "mask is {}x{}, face box {}x{}",
-            mask.w, mask.h, face.w, face.h
-        ));
     }
     // The patch's source window in crop coordinates, on the same linear map as a full resize.
     let (sx, sy) = (size as f64 / face.w as f64, size as f64 / face.h as f64);
@@ -284,14 +290,8 @@ pub fn paste_planes(
     mask: &BoxMask,
     scratch: &mut BlendScratch,
 ) -> Result<(), String> {
-    if mask.is_empty() {
+    if !fits(face, mask)? {
         return Ok(());
-    }
-    if (mask.w, mask.h) != (face.w, face.h) {
-        return Err(format!(
-            "mask is {}x{}, face box {}x{}",
-            mask.w, mask.h, face.w, face.h
-        ));
     }
     if region.len() != planes.bytes() || face.x + face.w > planes.w || face.y + face.h > planes.h {
         return Err(format!(
@@ -492,15 +492,7 @@ mod tests {
             let planes = encode::to_planes(Rgb::packed(rgb, w, h), Subsampling::S420).unwrap();
             encode::planes_to_rgb(&planes, w, h, Subsampling::S420).unwrap()
         };
-        let psnr = |a: &[u8], b: &[u8]| {
-            let mse = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-                .sum::<f64>()
-                / a.len() as f64;
-            10.0 * (255.0f64.powi(2) / mse.max(1e-9)).log10()
-        };
+        use crate::testing::psnr;
         let planes = Planes::new(w, h);
         let mut ycc = Vec::new();
         crate::planes::ycc_from_planar_rgb(&crop, &mut ycc);

@@ -190,13 +190,7 @@ impl Handle {
         params: Params,
         out: &mut Vec<u8>,
     ) -> Result<(), String> {
-        let want = planes_len(width, height, params.subsampling);
-        if width == 0 || height == 0 || planes.len() != want {
-            return Err(format!(
-                "{} bytes of planes for a {width}x{height} image (want {want})",
-                planes.len()
-            ));
-        }
+        check_planes(planes, width, height, params.subsampling)?;
         // SAFETY (of the call): `planes` holds exactly the planes of this size, unpadded
         // rows (align 1), checked above.
         self.compress_with(width, height, params, out, |buf, size| unsafe {
@@ -281,13 +275,7 @@ impl Handle {
         height: u32,
         subsampling: Subsampling,
     ) -> Result<Vec<u8>, String> {
-        let want = planes_len(width, height, subsampling);
-        if width == 0 || height == 0 || planes.len() != want {
-            return Err(format!(
-                "{} bytes of planes for a {width}x{height} image (want {want})",
-                planes.len()
-            ));
-        }
+        check_planes(planes, width, height, subsampling)?;
         self.set(raw::TJPARAM_TJPARAM_SUBSAMP, subsampling.turbo())?;
         let mut out = vec![0u8; width as usize * height as usize * 3];
         // SAFETY: `planes` holds the planes of this size (checked above); `out` holds
@@ -309,6 +297,23 @@ impl Handle {
         }
         Ok(out)
     }
+}
+
+/// Whether `planes` holds exactly a `width` x `height` image's planes in `subsampling`.
+fn check_planes(
+    planes: &[u8],
+    width: u32,
+    height: u32,
+    subsampling: Subsampling,
+) -> Result<(), String> {
+    let want = planes_len(width, height, subsampling);
+    if width == 0 || height == 0 || planes.len() != want {
+        return Err(format!(
+            "{} bytes of planes for a {width}x{height} image (want {want})",
+            planes.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Bytes of a `width` x `height` image's planes in `subsampling` (rows unpadded, as

@@ -182,13 +182,7 @@ mod tests {
         from_rgb(&rgb, w, h, &mut i420).unwrap();
         assert_eq!(i420.len(), 7 * 5 + 2 * 4 * 3);
         let back = to_rgb(&i420, w, h).unwrap();
-        let mse = rgb
-            .iter()
-            .zip(&back)
-            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-            .sum::<f64>()
-            / rgb.len() as f64;
-        let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-9)).log10();
+        let psnr = crate::testing::psnr(&rgb, &back);
         assert!(psnr > 32.0, "round trip PSNR {psnr:.1} dB");
         assert!(from_rgb(&rgb[1..], w, h, &mut i420).is_err());
         assert!(to_rgb(&i420[1..], w, h).is_err());

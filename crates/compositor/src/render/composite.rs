@@ -254,6 +254,7 @@ mod tests {
     use crate::demo::{self, DemoOptions};
     use crate::encode::Rgb;
     use crate::manifest;
+    use crate::testing::psnr;
     use rayon::prelude::*;
 
     fn avatar_at(root: &std::path::Path, subsampling: Subsampling) -> Avatar {
@@ -285,16 +286,6 @@ mod tests {
         (0..3)
             .flat_map(|c| (0..32 * 32).map(move |i| ((i % 32) * 6 + (i / 32) * 2 + c * 50) as u8))
             .collect()
-    }
-
-    fn psnr(a: &[u8], b: &[u8]) -> f64 {
-        let mse = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-            .sum::<f64>()
-            / a.len() as f64;
-        10.0 * (255.0f64.powi(2) / mse.max(1e-9)).log10()
     }
 
     /// The bundle's own frame `bg`, decoded from its source file.
