@@ -72,7 +72,8 @@ fn register(name: &str, data: Bytes) -> RegisterRequest {
     }
 }
 
-async fn start(opts: ServeOptions) -> (tempfile::TempDir, framecast_inference::server::Running) {
+/// A repository holding `passthrough` at S = [`CROP`].
+fn repository() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     let zoo = ZooOptions {
         crop: CROP,
@@ -80,6 +81,11 @@ async fn start(opts: ServeOptions) -> (tempfile::TempDir, framecast_inference::s
         max_queue_delay_us: 0,
     };
     zoo::write(tmp.path(), Builtin::Passthrough, &zoo).unwrap();
+    tmp
+}
+
+async fn start(opts: ServeOptions) -> (tempfile::TempDir, framecast_inference::server::Running) {
+    let tmp = repository();
     let server = spawn_inference(tmp.path(), opts).await;
     (tmp, server)
 }
@@ -212,13 +218,7 @@ async fn unknown_names_bad_rows_and_the_budget_get_precise_statuses() {
 async fn models_and_tensors_make_room_for_each_other_under_one_budget() {
     use framecast_inference::metrics::Metrics;
     use framecast_inference::models::ExecOptions;
-    let tmp = tempfile::tempdir().unwrap();
-    let zoo = ZooOptions {
-        crop: CROP,
-        max_batch_size: 8,
-        max_queue_delay_us: 0,
-    };
-    zoo::write(tmp.path(), Builtin::Passthrough, &zoo).unwrap();
+    let tmp = repository();
     // The model is charged about 1 MiB (its overhead; its file is a few KB), the budget
     // holds 1.5 MiB.
     let exec = ExecOptions {
