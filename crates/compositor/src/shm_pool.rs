@@ -88,7 +88,12 @@ impl Lease {
         let slot = self.slot();
         let raw = std::mem::take(&mut req.raw_input_contents);
         let mut offset = 0;
-        for (input, data) in req.inputs.iter_mut().zip(&raw) {
+        // Inputs named from the replica's tensor cache carry no bytes.
+        let with_bytes = req.inputs.iter_mut().filter(|i| {
+            !i.parameters
+                .contains_key(framecast_proto::tensorcache::PARAM_TENSOR)
+        });
+        for (input, data) in with_bytes.zip(&raw) {
             slot.object.mapping().write(offset, data)?;
             input.parameters = tensor_params(&slot.name, data.len(), offset);
             offset += data.len();

@@ -10,6 +10,8 @@ use framecast_e2e::stack::{render, stack, stack_with, Opts, Stack};
 use framecast_e2e::{request, CROP, FRAMES, H, W};
 use framecast_proto::compositor::v1::{ImageFormat, RenderRequest};
 use framecast_proto::tensor::DataType;
+use framecast_proto::tensorcache::v1::tensor_cache_client::TensorCacheClient;
+use framecast_proto::tensorcache::v1::StatusRequest;
 use std::path::Path;
 use tonic::Code;
 
@@ -81,9 +83,35 @@ async fn passthrough_frames_match_the_reference_composite() {
         3,
         "11 frames in batches of 4"
     );
-    // The crops came as I420 through shared memory too.
+    // The crops came as I420 through shared memory too, and the face inputs were named from
+    // the replica's tensor cache (registered once) rather than written into it per batch.
     let crops = |f: &str| s.metrics.face_crops.with_label_values(&[f]).get();
     assert_eq!((crops("i420"), crops("rgb")), (11, 0));
+    let held = TensorCacheClient::connect(s.inference_server.url())
+        .await
+        .unwrap()
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(held.tensors.len(), 1, "{held:?}");
+    assert_eq!(held.tensors[0].shape[0], FRAMES as i64);
+    // Lost from the cache (eviction, restart): registered again through the same host's
+    // path, every frame comes.
+    let mut cache = TensorCacheClient::connect(s.inference_server.url())
+        .await
+        .unwrap();
+    let name = held.tensors[0].name.clone();
+    cache
+        .unregister(framecast_proto::tensorcache::v1::UnregisterRequest { name })
+        .await
+        .unwrap();
+    let again = render(&s.client, vec![request("small", 0, 8)])
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 8);
+    let held = cache.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(held.tensors.len(), 1, "not registered again: {held:?}");
 }
 
 /// Shared memory off: the same frames over the gRPC stream.
@@ -335,8 +363,7 @@ async fn boxes_on_the_edges_of_odd_sized_frames_composite_correctly() {
 /// sizes). A tensor the replica lost is registered again, with no frame lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn over_grpc_face_inputs_travel_as_indices_and_come_back_when_lost() {
-    use framecast_proto::tensorcache::v1::tensor_cache_client::TensorCacheClient;
-    use framecast_proto::tensorcache::v1::{StatusRequest, UnregisterRequest};
+    use framecast_proto::tensorcache::v1::UnregisterRequest;
     let tmp = tempfile::tempdir().unwrap();
     let opts = Opts {
         shared_memory: false,

@@ -10,7 +10,8 @@
 //! compositor (see [`crate::discovery`]).
 //!
 //! A replica on the same host gets the tensors through shared memory instead of the stream
-//! (see [`crate::shm_pool`]); one that cannot map them gets them over gRPC.
+//! (see [`crate::shm_pool`]); one that cannot map them gets them over gRPC. Either way, an
+//! input the replica's tensor cache holds is named by its rows, not sent ([`tensors`]).
 //!
 //! One file each: [`replica`] (one endpoint and the requests multiplexed on its stream),
 //! [`health`] (the background readiness probe), [`model_info`] (what the compositor needs
@@ -302,8 +303,9 @@ impl InferenceClient {
         }
     }
 
-    /// Sends one batch to `replica`: through shared memory where it can map it, else over
-    /// gRPC, with `cached` rows named (the replica's tensor cache holds them) or sent.
+    /// Sends one batch to `replica` ([`Self::transmit`]: through shared memory where it can
+    /// map it, else over gRPC), with `cached` rows named (the replica's tensor cache holds
+    /// them, on the same host too) or sent.
     async fn infer_on(
         &self,
         replica: &Replica,
@@ -326,46 +328,59 @@ impl InferenceClient {
         }
         replica.in_flight.fetch_add(1, Ordering::AcqRel);
         let _guard = InFlight(replica);
+        let Some(c) = cached else {
+            return self.transmit(replica, req, expected, timeout).await;
+        };
+        if self.cache_holds(replica, c).await? {
+            let mut named = req.clone();
+            c.name_rows(&mut named);
+            match self.transmit(replica, named, expected, timeout).await {
+                // Evicted, or the replica restarted: register again, once.
+                Err(s)
+                    if framecast_proto::status::reason(&s)
+                        == Some(framecast_proto::status::REASON_TENSOR_UNKNOWN) =>
+                {
+                    tracing::warn!(replica = %replica.label, tensor = %c.source.name(), "tensor gone from the replica's cache; registering again");
+                    replica.tensors.forget(c.source.name());
+                    if self.cache_holds(replica, c).await? {
+                        c.name_rows(&mut req);
+                        return self.transmit(replica, req, expected, timeout).await;
+                    }
+                }
+                other => return other,
+            }
+        }
+        c.send_rows(&mut req).await?;
+        self.transmit(replica, req, expected, timeout).await
+    }
+
+    /// Whether `replica`'s tensor cache holds `c`'s tensor: it offers the extension and has
+    /// the tensor registered (now, if it had not). False: send the rows.
+    async fn cache_holds(&self, replica: &Replica, c: &CachedInput) -> Result<bool, Status> {
+        Ok(replica
+            .tensors
+            .offers(&replica.client, framecast_proto::tensorcache::EXTENSION)
+            .await
+            && replica.tensors.ensure(&c.source).await?)
+    }
+
+    /// The batch through shared memory where the replica can map it, else over gRPC.
+    async fn transmit(
+        &self,
+        replica: &Replica,
+        req: ModelInferRequest,
+        expected: &Expected,
+        timeout: Duration,
+    ) -> Result<ModelInferResponse, Status> {
         if let Some(pool) = &replica.shm {
             if pool.usable() {
-                let mut with_rows = req.clone();
-                if let Some(c) = cached {
-                    c.send_rows(&mut with_rows).await?;
-                }
                 if let Some(resp) = self
-                    .infer_shm(replica, pool, with_rows, expected, timeout)
+                    .infer_shm(replica, pool, req.clone(), expected, timeout)
                     .await?
                 {
                     return Ok(resp);
                 }
             }
-        }
-        if let Some(c) = cached {
-            if replica
-                .tensors
-                .offers(&replica.client, framecast_proto::tensorcache::EXTENSION)
-                .await
-                && replica.tensors.ensure(&c.source).await?
-            {
-                let mut named = req.clone();
-                c.name_rows(&mut named);
-                match self.send(replica, named, expected, timeout).await {
-                    // Evicted, or the replica restarted: register again, once.
-                    Err(s)
-                        if framecast_proto::status::reason(&s)
-                            == Some(framecast_proto::status::REASON_TENSOR_UNKNOWN) =>
-                    {
-                        tracing::warn!(replica = %replica.label, tensor = %c.source.name(), "tensor gone from the replica's cache; registering again");
-                        replica.tensors.forget(c.source.name());
-                        if replica.tensors.ensure(&c.source).await? {
-                            c.name_rows(&mut req);
-                            return self.send(replica, req, expected, timeout).await;
-                        }
-                    }
-                    other => return other,
-                }
-            }
-            c.send_rows(&mut req).await?;
         }
         self.send(replica, req, expected, timeout).await
     }

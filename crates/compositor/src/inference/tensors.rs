@@ -1,8 +1,10 @@
 //! The compositor's side of the tensor cache extension (`framecast.tensorcache.v1`): an input
 //! whose rows never change (an avatar's face inputs) is registered once with each replica
 //! that offers the extension, and batches name its rows instead of carrying them: 600 KB a
-//! frame at S = 320 becomes a few bytes. A replica without the extension (a plain Triton),
-//! or one reached through shared memory, gets the rows themselves.
+//! frame at S = 320 becomes a few bytes, and the compositor computes each frame's face input
+//! once per replica instead of once per frame. A replica without the extension (a plain
+//! Triton) gets the rows themselves. On the same host the rest of a batch goes through shared
+//! memory and the rows are named all the same.
 
 use bytes::Bytes;
 use framecast_proto::auth::authorize;
