@@ -4,7 +4,7 @@ ENV = eval "$$(scripts/setup.sh)"
 # The tests also drive a real browser: chromium and chromium-driver come with them.
 TEST_ENV = eval "$$(FRAMECAST_BROWSER=1 scripts/setup.sh)"
 
-.PHONY: demo browser-demo bench-browser test validate-deploy setup build build-cuda gpu-check lint fmt bench bench-network soak fuzz clean
+.PHONY: demo browser-demo bench-browser test validate-deploy setup build build-cuda gpu-check lint fmt bench bench-network compare soak fuzz clean
 
 ## Render the demo avatar end to end; output in out/demo.
 demo:
@@ -31,6 +31,11 @@ bench:
 ## across a veth pair shaped to 10 Gbit/s and 0.2 ms (needs root; results in out/bench-network/).
 bench-network:
 	scripts/bench-network.sh
+
+## This tree's services against those of an earlier commit (REV=...), side by side on this
+## host: frames/s, latency, CPU per frame of each process (results in out/compare/).
+compare:
+	scripts/compare-builds.sh
 
 ## The gateway with a real browser: time to first frame, frame rate, latency, CPU per session
 ## (results in out/bench-browser/).

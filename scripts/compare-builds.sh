@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# make compare REV=<commit>: this tree's services against those of an earlier commit, side by
+# side on this host: each build's inference server and compositor (shared memory on, as on
+# one host), model `passthrough` at S = 320 (next to no compute, so the services' own costs
+# show), the demo avatar (1280x720, 100 frames) prepared by each build for itself, then
+# `framecast-bench compositor --mode full --concurrency 2` against each, alternating, rounds
+# of BENCH_SECONDS. Reports frames/s, latency and the CPU per frame of each process (from
+# /proc/PID/stat around each round). Results in out/compare/.
+#
+#   REV             the commit to compare against (required)
+#   BENCH_SECONDS   measured seconds per round (default 8)
+#   BENCH_ROUNDS    rounds per build (default 3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rev=${REV:?REV=<commit> to compare this tree against}
+eval "$(scripts/setup.sh)"
+out=$PWD/out/compare
+seconds=${BENCH_SECONDS:-8}
+rounds=${BENCH_ROUNDS:-3}
+rm -rf "$out" && mkdir -p "$out/old" "$out/new"
+
+# The old build: a worktree at REV, built into this tree's target directory (the
+# dependencies are shared, only framecast's crates build again), its binaries copied aside.
+# Both trees' crates get the same artifact names and cargo compares sources by time, so
+# framecast's release artifacts are removed before each build: neither is taken for the other.
+worktree=$(mktemp -d)
+trap 'git worktree remove --force "$worktree" 2>/dev/null || true' EXIT
+git worktree add --detach "$worktree" "$rev" >/dev/null
+ours=$(cargo metadata --no-deps --format-version 1 \
+  | python3 -c 'import json, sys; print(" ".join("-p " + p["name"] for p in json.load(sys.stdin)["packages"]))')
+# shellcheck disable=SC2086 # one word per flag
+cargo clean --release $ours
+(cd "$worktree" && CARGO_TARGET_DIR="$OLDPWD/target" cargo build --release --bins \
+  -p framecast-inference -p framecast-compositor -p framecast-bench)
+for b in framecast-inference framecast-compositor framecast-bench; do cp "target/release/$b" "$out/old/"; done
+# shellcheck disable=SC2086
+cargo clean --release $ours
+cargo build --release --bins -p framecast-inference -p framecast-compositor -p framecast-bench
+for b in framecast-inference framecast-compositor framecast-bench; do cp "target/release/$b" "$out/new/"; done
+
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  git worktree remove --force "$worktree" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# build port-base: its services, each with its own models and avatar.
+start() {
+  local build=$1 base=$2 bin=$out/$1
+  "$bin/framecast-inference" models --out "$out/$build/models" --only passthrough --crop 320 \
+    --max-batch-size 24 >/dev/null
+  "$bin/framecast-compositor" avatar make-demo --root "$out/$build/avatars" --model passthrough \
+    --frames 100 >/dev/null
+  "$bin/framecast-compositor" avatar prepare "$out/$build/avatars/demo" >/dev/null
+  "$bin/framecast-inference" serve --repository "$out/$build/models" --listen "127.0.0.1:$base" \
+    --metrics-listen "127.0.0.1:$((base + 1))" --load passthrough >"$out/$build/inference.log" 2>&1 &
+  pids+=($!)
+  echo $! >"$out/$build/inference.pid"
+  "$bin/framecast-compositor" serve --avatars "$out/$build/avatars" --listen "127.0.0.1:$((base + 10))" \
+    --metrics-listen "127.0.0.1:$((base + 11))" --inference "http://127.0.0.1:$base" \
+    --preload demo >"$out/$build/compositor.log" 2>&1 &
+  pids+=($!)
+  echo $! >"$out/$build/compositor.pid"
+  "$bin/framecast-bench" wait "http://127.0.0.1:$base" "http://127.0.0.1:$((base + 10))" --timeout-s 180 >/dev/null
+}
+start old 18900
+start new 18950
+
+# CPU seconds (user + system) a process has used.
+cpu() { awk '{ print ($14 + $15) / '"$(getconf CLK_TCK)"' }' "/proc/$1/stat"; }
+# Frames a compositor has streamed, from its metrics (port).
+frames() {
+  python3 -c 'import sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()
+print(sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("framecast_compositor_frames_total")))' \
+    "http://127.0.0.1:$1/metrics"
+}
+
+echo "| build | round | frames/s | p50 / p99 | compositor CPU per frame | inference CPU per frame |" >"$out/table.md"
+echo "| --- | --- | --- | --- | --- | --- |" >>"$out/table.md"
+for round in $(seq "$rounds"); do
+  for build in old new; do
+    base=$([ $build = old ] && echo 18900 || echo 18950)
+    comp=$(cat "$out/$build/compositor.pid")
+    inf=$(cat "$out/$build/inference.pid")
+    c0=$(cpu "$comp"); i0=$(cpu "$inf"); f0=$(frames $((base + 11)))
+    "$out/new/framecast-bench" compositor --url "http://127.0.0.1:$((base + 10))" --mode full \
+      --concurrency 2 --duration-s "$seconds" --warmup-s 0 --json "$out/$build/round-$round.json" \
+      >"$out/$build/round-$round.txt" 2>&1
+    c1=$(cpu "$comp"); i1=$(cpu "$inf"); f1=$(frames $((base + 11)))
+    python3 - "$out/$build/round-$round.json" "$build" "$round" "$c0" "$c1" "$i0" "$i1" "$f0" "$f1" >>"$out/table.md" <<'PY'
+import json, sys
+path, build, rnd = sys.argv[1:4]
+c0, c1, i0, i1, f0, f1 = (float(x) for x in sys.argv[4:10])
+l = json.load(open(path))["levels"][0]
+frames = max(f1 - f0, 1)
+print(f"| {build} | {rnd} | {l['frames_per_s']:.0f} | {l['latency_ms']['p50']:.0f} / {l['latency_ms']['p99']:.0f} ms "
+      f"| {(c1 - c0) / frames * 1e3:.3f} ms | {(i1 - i0) / frames * 1e3:.3f} ms |")
+PY
+    tail -n 1 "$out/table.md"
+  done
+done
+echo "compare: $rev (old) against this tree (new); table in $out/table.md"
