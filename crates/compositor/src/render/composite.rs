@@ -80,7 +80,8 @@ pub fn splices(avatar: &Avatar, output: Output) -> bool {
 
 /// Blends `crop` into `scratch.region` (a copy of a face region of `kind`, `w` x `h`, `face`
 /// in its coordinates), in the region's own form: planes take the crop as planes (an RGB
-/// crop is converted, S x S), RGB takes it as RGB (an I420 crop is converted).
+/// crop is converted to I420 as the inference service would, or to full-resolution planes
+/// when S is odd), RGB takes it as RGB (an I420 crop is converted).
 fn paste(
     kind: &Pixels<Bytes>,
     scratch: &mut Scratch,
@@ -100,6 +101,11 @@ fn paste(
         Pixels::Ycc420(_) => {
             let crop = match crop {
                 Crop::I420(c) => CropPlanes::i420(c, size)?,
+                Crop::Rgb(c) if size.is_multiple_of(2) => {
+                    let s = size as usize;
+                    *converted = i420::from_planar_rgb(c, 1, s, s);
+                    CropPlanes::i420(converted, size)?
+                }
                 Crop::Rgb(c) => {
                     planes::ycc_from_planar_rgb(c, converted);
                     CropPlanes::ycc444(converted, size)?
@@ -295,20 +301,21 @@ mod tests {
     }
 
     /// What `compose` must produce for a 4:2:0 avatar: the source frame's planes (as libjpeg
-    /// converts it), the crop pasted into them, the frame encoded whole from its planes.
+    /// converts it), the crop (as I420) pasted into them, the frame encoded whole from its
+    /// planes.
     fn expected(root: &std::path::Path, a: &Avatar, bg: usize, crop: &[u8]) -> Vec<u8> {
         let m = &a.manifest;
         let frame = source(root, a, bg);
         let mut planes =
             encode::to_planes(Rgb::packed(&frame, m.width, m.height), Subsampling::S420).unwrap();
         let before = planes.clone();
-        let mut ycc = Vec::new();
-        planes::ycc_from_planar_rgb(crop, &mut ycc);
+        let s = m.crop_size as usize;
+        let yuv = i420::from_planar_rgb(crop, 1, s, s);
         blend::paste_planes(
             &mut planes,
             &Planes::new(m.width, m.height),
             &a.boxes[bg],
-            &CropPlanes::ycc444(&ycc, m.crop_size).unwrap(),
+            &CropPlanes::i420(&yuv, m.crop_size).unwrap(),
             &a.box_masks[bg],
             &mut BlendScratch::default(),
         )
@@ -346,8 +353,9 @@ mod tests {
         assert!(from_planes == plain, "an encode from planes differs");
     }
 
-    /// The same face as I420 (what the inference service sends) and as RGB make nearly the
-    /// same frame: the I420 one skips the crop's conversion, not its content.
+    /// An RGB crop (from a replica without I420 outputs) is converted to I420 as the
+    /// inference service converts it: the same face makes the same frame either way. A crop
+    /// of an odd size, which I420 cannot hold, is blended from full-resolution planes.
     #[test]
     fn an_i420_crop_makes_the_frame_an_rgb_crop_makes() {
         let tmp = tempfile::tempdir().unwrap();
@@ -357,10 +365,45 @@ mod tests {
         let out = jpeg(a.params.quality, Subsampling::S420);
         let from_rgb = compose(&a, 2, Crop::Rgb(&crop), out).unwrap();
         let from_i420 = compose(&a, 2, Crop::I420(&yuv), out).unwrap();
-        let (x, ..) = encode::decode_rgb(&from_rgb.image).unwrap();
-        let (y, ..) = encode::decode_rgb(&from_i420.image).unwrap();
-        assert!(psnr(&x, &y) > 40.0, "PSNR {:.1} dB", psnr(&x, &y));
+        assert!(from_rgb.image == from_i420.image);
         assert!(compose(&a, 2, Crop::I420(&yuv[1..]), out).is_err());
+        // The odd-size path against the even one, on the same face box: a 31 x 31 crop is
+        // the 32 x 32 one less its last row and column, nearly the same face.
+        let mut odd = Vec::new();
+        for plane in crop.chunks_exact(32 * 32) {
+            for row in plane.chunks_exact(32).take(31) {
+                odd.extend_from_slice(&row[..31]);
+            }
+        }
+        let mut ycc = Vec::new();
+        planes::ycc_from_planar_rgb(&odd, &mut ycc);
+        let frame = &a.frames[2];
+        let (r, mask) = (frame.region, &a.box_masks[2]);
+        let mut region = frame.pixels.bytes().to_vec();
+        blend::paste_planes(
+            &mut region,
+            &Planes::new(r.w, r.h),
+            &r.local(&a.boxes[2]),
+            &CropPlanes::ycc444(&ycc, 31).unwrap(),
+            mask,
+            &mut BlendScratch::default(),
+        )
+        .unwrap();
+        let mut even = frame.pixels.bytes().to_vec();
+        blend::paste_planes(
+            &mut even,
+            &Planes::new(r.w, r.h),
+            &r.local(&a.boxes[2]),
+            &CropPlanes::i420(&yuv, 32).unwrap(),
+            mask,
+            &mut BlendScratch::default(),
+        )
+        .unwrap();
+        assert!(
+            psnr(&region, &even) > 30.0,
+            "PSNR {:.1} dB",
+            psnr(&region, &even)
+        );
     }
 
     /// An avatar encoded at 4:4:4 keeps RGB regions; both crop forms land in them.
@@ -445,13 +488,12 @@ mod tests {
         let (mut slow, ..) = encode::decode_rgb(&a.frames[1].jpeg).unwrap();
         let r = a.frames[1].region;
         let mut region = a.frames[1].pixels.bytes().to_vec();
-        let mut ycc = Vec::new();
-        planes::ycc_from_planar_rgb(&crop, &mut ycc);
+        let yuv = i420::from_planar_rgb(&crop, 1, 32, 32);
         blend::paste_planes(
             &mut region,
             &Planes::new(r.w, r.h),
             &r.local(&a.boxes[1]),
-            &CropPlanes::ycc444(&ycc, 32).unwrap(),
+            &CropPlanes::i420(&yuv, 32).unwrap(),
             &a.box_masks[1],
             &mut BlendScratch::default(),
         )
