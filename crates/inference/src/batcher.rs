@@ -29,40 +29,25 @@ pub struct Job {
     pub reply: oneshot::Sender<Result<JobOutput, JobError>>,
 }
 
-/// How a request wants its share of one output.
+/// How a request wants its share of one output. The default: back in
+/// [`JobOutput::outputs`], as the model made it.
 #[derive(Clone, Default)]
-pub enum Delivery {
-    /// Back in [`JobOutput::outputs`], as the model made it.
-    #[default]
-    Bytes,
-    /// Back in [`JobOutput::outputs`], as I420 ([`framecast_proto::i420`]): converted by the
-    /// backend where every request of the batch asks for it (see [`JobOutput::i420`]).
-    I420,
-    /// Written into this shared-memory window (straight from the batch's output tensor, no
-    /// copy in between), as I420 where `i420` gives the images' (height, width).
-    Window {
-        window: Window,
-        i420: Option<(usize, usize)>,
-    },
-}
-
-impl Delivery {
-    fn wants_i420(&self) -> bool {
-        matches!(
-            self,
-            Delivery::I420 | Delivery::Window { i420: Some(_), .. }
-        )
-    }
+pub struct Delivery {
+    /// Written into this shared-memory window instead (straight from the batch's output
+    /// tensor, no copy in between).
+    pub window: Option<Window>,
+    /// As I420 ([`framecast_proto::i420`]) of images of (height, width): converted by the
+    /// backend where every request of the batch asks for it, else by [`deliver`] for the
+    /// requests that do.
+    pub i420: Option<(usize, usize)>,
 }
 
 impl Job {
-    /// The shared-memory window config output `output` goes to, if any, and the image size
-    /// if it goes as I420.
-    fn window(&self, output: usize) -> Option<(&Window, Option<(usize, usize)>)> {
-        match self.deliver.get(output) {
-            Some(Delivery::Window { window, i420 }) => Some((window, *i420)),
-            _ => None,
-        }
+    /// How config output `output` goes to this job: its window, its I420 image size.
+    fn delivery(&self, output: usize) -> (Option<&Window>, Option<(usize, usize)>) {
+        self.deliver
+            .get(output)
+            .map_or((None, None), |d| (d.window.as_ref(), d.i420))
     }
 }
 
@@ -89,12 +74,9 @@ pub enum JobError {
 }
 
 /// A request's share of a batch's outputs, one buffer per config output (empty for those
-/// delivered into shared memory).
+/// delivered into shared memory), in the format it asked for.
 pub struct JobOutput {
     pub outputs: Vec<Bytes>,
-    /// Per config output: already I420 (the backend converted it). A request that asked for
-    /// I420 and finds `false` here converts its share itself.
-    pub i420: Vec<bool>,
     pub queue: Duration,
     pub compute: ExecTimings,
     /// Elements in the batch this request rode in.
@@ -220,10 +202,7 @@ fn execute<B: Backend>(
     // Converted on the device only where the whole batch wants it; a mixed batch gets the
     // model's own output and the I420 requests convert theirs on the host.
     let i420: Vec<bool> = (0..config.outputs.len())
-        .map(|o| {
-            jobs.iter()
-                .all(|j| j.deliver.get(o).is_some_and(Delivery::wants_i420))
-        })
+        .map(|o| jobs.iter().all(|j| j.delivery(o).1.is_some()))
         .collect();
     for j in &jobs {
         stats.record_queue(started - j.enqueued);
@@ -249,7 +228,6 @@ fn execute<B: Backend>(
                         stats.record_success(job.enqueued.elapsed());
                         Ok(JobOutput {
                             outputs,
-                            i420: executed.i420.clone(),
                             queue: started - job.enqueued,
                             compute: timings,
                             batch_size: size,
@@ -324,9 +302,9 @@ fn free_and_trim(rx: Receiver<Executed>) {
 }
 
 /// Splits a batch's outputs among its jobs, in order: each job's share is written into its
-/// shared-memory window (as I420 where it asks: converted here unless the backend did), or
-/// returned as a slice of one buffer shared by the batch (`Bytes` slices, no copy per
-/// request).
+/// shared-memory window, or returned as a slice of one buffer shared by the batch (`Bytes`
+/// slices, no copy per request). A share asked for as I420 that the backend did not convert
+/// (the batch was mixed) is converted here, one place for both ways it leaves.
 fn deliver(
     config: &ModelConfig,
     executed: &Executed,
@@ -342,8 +320,10 @@ fn deliver(
         let converted = executed.i420.get(o).copied().unwrap_or(false);
         let all = out.as_bytes();
         let per = all.len() / size;
-        let wants_bytes = jobs.iter().any(|j| j.window(o).is_none());
-        let buffer = if wants_bytes {
+        // The share a job takes as it is: I420 the backend made, or the model's own format.
+        let as_is = |j: &Job| converted || j.delivery(o).1.is_none();
+        let wants_slice = jobs.iter().any(|j| j.delivery(o).0.is_none() && as_is(j));
+        let buffer = if wants_slice {
             Bytes::copy_from_slice(all)
         } else {
             Bytes::new()
@@ -353,22 +333,27 @@ fn deliver(
             let range = offset * per..(offset + job.batch) * per;
             offset += job.batch;
             let Ok(parts) = share else { continue };
-            match job.window(o) {
-                Some((window, i420)) => match match i420 {
-                    Some((h, w)) if !converted => window.write(
-                        &framecast_proto::i420::from_planar_rgb(&all[range], job.batch, h, w),
-                    ),
-                    _ => window.write(&all[range]),
-                } {
-                    Ok(()) => parts.push(Bytes::new()),
-                    Err(source) => {
-                        *share = Err(JobError::Delivery {
-                            output: config.outputs[o].name.clone(),
-                            source,
-                        });
+            let (window, i420) = job.delivery(o);
+            let converted_here = match i420 {
+                Some((h, w)) if !converted => Some(Bytes::from(
+                    framecast_proto::i420::from_planar_rgb(&all[range.clone()], job.batch, h, w),
+                )),
+                _ => None,
+            };
+            match (window, converted_here) {
+                (Some(window), here) => {
+                    match window.write(here.as_deref().unwrap_or(&all[range])) {
+                        Ok(()) => parts.push(Bytes::new()),
+                        Err(source) => {
+                            *share = Err(JobError::Delivery {
+                                output: config.outputs[o].name.clone(),
+                                source,
+                            });
+                        }
                     }
-                },
-                None => parts.push(buffer.slice(range)),
+                }
+                (None, Some(here)) => parts.push(here),
+                (None, None) => parts.push(buffer.slice(range)),
             }
         }
     }
@@ -472,7 +457,7 @@ mod tests {
         let job = Job {
             batch,
             inputs: vec![Payload::Bytes(Bytes::from(vec![fill; batch * ELEMENT]))],
-            deliver: vec![Delivery::Bytes],
+            deliver: vec![Delivery::default()],
             enqueued: Instant::now(),
             deadline,
             reply,
@@ -633,5 +618,37 @@ mod tests {
                 other => panic!("expected a failure, got {:?}", other.map(|o| o.batch_size)),
             }
         }
+    }
+
+    /// A mixed batch (one request wants I420, one the model's own RGB, and the backend
+    /// converted nothing): each request gets its share in its own format.
+    #[test]
+    fn a_mixed_batch_gives_each_request_its_format() {
+        let config = echo_config(4, 0);
+        // Two images of 3 x 2 x 2 per request, planar RGB.
+        let rgb: Vec<u8> = (0..2 * 2 * 12).map(|i| (i * 11 % 256) as u8).collect();
+        let executed = Executed {
+            outputs: vec![Box::new(rgb.clone())],
+            i420: Vec::new(),
+            timings: ExecTimings::default(),
+            spent: None,
+        };
+        let job = |i420: Option<(usize, usize)>| Job {
+            batch: 2,
+            inputs: Vec::new(),
+            deliver: vec![Delivery { window: None, i420 }],
+            enqueued: Instant::now(),
+            deadline: None,
+            reply: oneshot::channel().0,
+        };
+        let jobs = [job(Some((2, 2))), job(None)];
+        let shares = deliver(&config, &executed, 4, &jobs);
+        let first = &shares[0].as_ref().unwrap()[0];
+        let second = &shares[1].as_ref().unwrap()[0];
+        assert_eq!(
+            first.as_ref(),
+            framecast_proto::i420::from_planar_rgb(&rgb[..24], 2, 2, 2)
+        );
+        assert_eq!(second.as_ref(), &rgb[24..]);
     }
 }

@@ -200,15 +200,11 @@ impl InferenceService {
         .into_iter()
         .flatten()
         .min();
-        let mut deliver = vec![Delivery::Bytes; model.config.outputs.len()];
+        let mut deliver = vec![Delivery::default(); model.config.outputs.len()];
         for w in &prepared.outputs {
-            deliver[w.index] = match (&w.shm, w.i420) {
-                (Some(window), i420) => Delivery::Window {
-                    window: window.clone(),
-                    i420,
-                },
-                (None, Some(_)) => Delivery::I420,
-                (None, None) => Delivery::Bytes,
+            deliver[w.index] = Delivery {
+                window: w.shm.clone(),
+                i420: w.i420,
             };
         }
         let out = model
@@ -253,26 +249,12 @@ impl InferenceService {
             (k.to_string(), p)
         })
         .collect();
-        // I420 answers the batch did not convert on the device (it was mixed) are converted
-        // here, off the async threads.
-        let mut outputs = out.outputs;
-        for w in &prepared.outputs {
-            let converted = out.i420.get(w.index).copied().unwrap_or(false);
-            if let (Some((h, wd)), false, None) = (w.i420, converted, &w.shm) {
-                let (rgb, n) = (std::mem::take(&mut outputs[w.index]), prepared.batch);
-                outputs[w.index] = tokio::task::spawn_blocking(move || {
-                    bytes::Bytes::from(framecast_proto::i420::from_planar_rgb(&rgb, n, h, wd))
-                })
-                .await
-                .map_err(|e| Error::Internal(format!("I420 conversion failed: {e}")))?;
-            }
-        }
         Ok(response(
             model,
             std::mem::take(&mut req.id),
             prepared.batch,
             &prepared.outputs,
-            outputs,
+            out.outputs,
             params,
         ))
     }
