@@ -294,6 +294,23 @@ mod tests {
             .collect()
     }
 
+    /// Frame `bg`'s region planes with `crop` pasted in.
+    fn pasted(a: &Avatar, bg: usize, crop: &CropPlanes<'_>) -> Vec<u8> {
+        let frame = &a.frames[bg];
+        let r = frame.region;
+        let mut region = frame.pixels.bytes().to_vec();
+        blend::paste_planes(
+            &mut region,
+            &Planes::new(r.w, r.h),
+            &r.local(&a.boxes[bg]),
+            crop,
+            &a.box_masks[bg],
+            &mut BlendScratch::default(),
+        )
+        .unwrap();
+        region
+    }
+
     /// The bundle's own frame `bg`, decoded from its source file.
     fn source(root: &std::path::Path, a: &Avatar, bg: usize) -> Vec<u8> {
         let files = manifest::frame_files(&root.join("a")).unwrap();
@@ -377,28 +394,8 @@ mod tests {
         }
         let mut ycc = Vec::new();
         planes::ycc_from_planar_rgb(&odd, &mut ycc);
-        let frame = &a.frames[2];
-        let (r, mask) = (frame.region, &a.box_masks[2]);
-        let mut region = frame.pixels.bytes().to_vec();
-        blend::paste_planes(
-            &mut region,
-            &Planes::new(r.w, r.h),
-            &r.local(&a.boxes[2]),
-            &CropPlanes::ycc444(&ycc, 31).unwrap(),
-            mask,
-            &mut BlendScratch::default(),
-        )
-        .unwrap();
-        let mut even = frame.pixels.bytes().to_vec();
-        blend::paste_planes(
-            &mut even,
-            &Planes::new(r.w, r.h),
-            &r.local(&a.boxes[2]),
-            &CropPlanes::i420(&yuv, 32).unwrap(),
-            mask,
-            &mut BlendScratch::default(),
-        )
-        .unwrap();
+        let region = pasted(&a, 2, &CropPlanes::ycc444(&ycc, 31).unwrap());
+        let even = pasted(&a, 2, &CropPlanes::i420(&yuv, 32).unwrap());
         assert!(
             psnr(&region, &even) > 30.0,
             "PSNR {:.1} dB",
@@ -487,17 +484,8 @@ mod tests {
         // decoding to RGB, putting the composite region in and converting the whole frame.
         let (mut slow, ..) = encode::decode_rgb(&a.frames[1].jpeg).unwrap();
         let r = a.frames[1].region;
-        let mut region = a.frames[1].pixels.bytes().to_vec();
         let yuv = i420::from_planar_rgb(&crop, 1, 32, 32);
-        blend::paste_planes(
-            &mut region,
-            &Planes::new(r.w, r.h),
-            &r.local(&a.boxes[1]),
-            &CropPlanes::i420(&yuv, 32).unwrap(),
-            &a.box_masks[1],
-            &mut BlendScratch::default(),
-        )
-        .unwrap();
+        let region = pasted(&a, 1, &CropPlanes::i420(&yuv, 32).unwrap());
         let region = encode::planes_to_rgb(&region, r.w, r.h, Subsampling::S420).unwrap();
         for (row, src) in region.chunks_exact(r.w as usize * 3).enumerate() {
             let at = ((r.y as usize + row) * w + r.x as usize) * 3;
