@@ -21,6 +21,13 @@ libtorch="$cache/libtorch-$TORCH_VERSION-$variant"
 
 log() { echo "setup: $*" >&2; }
 
+# A fresh `make test` fills about 5 GB of target/ (plus ~2 GB of caches here); say so before
+# a full disk turns into a linker's bus error.
+free_kib=$(df -Pk . | awk 'NR == 2 { print $4 }')
+if [ "${free_kib:-0}" -lt $((6 * 1024 * 1024)) ]; then
+  log "warning: only $((free_kib / 1024)) MiB free here; a fresh build and test needs about 6 GiB"
+fi
+
 need_apt=()
 command -v cmake >/dev/null || need_apt+=(cmake)
 command -v nasm >/dev/null || need_apt+=(nasm)
@@ -47,7 +54,7 @@ if [ ! -f "$libtorch/.complete" ]; then
   mkdir -p "$cache"
   tmp=$(mktemp -d "$cache/tmp.XXXXXX")
   trap 'rm -rf "$tmp"' EXIT
-  python3 -m pip download -q --no-deps --only-binary=:all: -d "$tmp/wheels" "torch==$TORCH_VERSION" >&2
+  python3 -m pip download -q --no-cache-dir --no-deps --only-binary=:all: -d "$tmp/wheels" "torch==$TORCH_VERSION" >&2
   (cd "$tmp" && unzip -q wheels/torch-*.whl 'torch/lib/*' 'torch/include/*' 'torch/share/*')
   if [ "$variant" = cpu ]; then
     (cd "$tmp/torch/lib" && rm -f libtorch_cuda*.so libc10_cuda.so libtorch_python.so libtorch_nvshmem.so libcaffe2_nvrtc.so)
@@ -55,7 +62,7 @@ if [ ! -f "$libtorch/.complete" ]; then
     rm -f "$tmp/torch/lib/libtorch_python.so"
   fi
   # libtorch_cpu.so links these two CUDA runtime libraries even when no GPU is used.
-  python3 -m pip download -q --no-deps --only-binary=:all: -d "$tmp/wheels" \
+  python3 -m pip download -q --no-cache-dir --no-deps --only-binary=:all: -d "$tmp/wheels" \
     "nvidia-cuda-runtime==$CUDART_VERSION" "nvidia-cuda-cupti==$CUPTI_VERSION" >&2
   # Each wheel holds one of the two; pull them out by name wherever they sit.
   python3 - "$tmp/wheels" "$tmp/torch/lib" <<'PY'
