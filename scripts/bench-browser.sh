@@ -26,21 +26,13 @@ rm -rf "$out" && mkdir -p "$out"
 "$bin/framecast-compositor" avatar make-demo --root "$out/avatars" --id bench --width "$w" --height "$h" --frames 1 >/dev/null
 "$bin/framecast-compositor" avatar prepare "$out/avatars/bench" >/dev/null
 
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-"$bin/framecast-inference" serve --repository "$out/models" --listen 127.0.0.1:18801 \
-  --metrics-listen 127.0.0.1:18802 --load talking-demo >"$out/inference.log" 2>&1 &
-pids+=($!)
-"$bin/framecast-compositor" serve --avatars "$out/avatars" --listen 127.0.0.1:18811 \
-  --metrics-listen 127.0.0.1:18812 --inference http://127.0.0.1:18801 --preload bench >"$out/compositor.log" 2>&1 &
-pids+=($!)
-"$bin/framecast-bench" wait http://127.0.0.1:18801 http://127.0.0.1:18811 --timeout-s 180 >/dev/null
-"$bin/framecast-gateway" --listen 127.0.0.1:18821 --metrics-listen 127.0.0.1:18822 \
-  --compositor-url http://127.0.0.1:18811 >"$out/gateway.log" 2>&1 &
+source scripts/lib/services.sh
+start_inference 18801 "$out/inference.log" --repository "$out/models" --load talking-demo
+start_compositor 18811 18801 "$out/compositor.log" --avatars "$out/avatars" --preload bench
+wait_ready 180 18801 18811
+start_gateway 127.0.0.1:18821 "$out/gateway.log" --compositor-url http://127.0.0.1:18811
 gateway=$!
-pids+=($gateway)
-sleep 1
+wait_http 30 http://127.0.0.1:18821/healthz
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # The face box of the one background frame: the mouth is the middle of its lower third.
 probe=$(python3 -c "

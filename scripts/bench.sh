@@ -20,24 +20,14 @@ cargo bench -p framecast-compositor --bench stages -- --warm-up-time 1 --measure
 
 bin=target/release
 work=$out/work
-[ -f "$work/models/talking-demo/model.pt" ] || "$bin/framecast-inference" models --out "$work/models"
-# An avatar made before speech (no [audio] table) is made again.
-grep -qs '^\[audio\]' "$work/avatars/demo/avatar.toml" || "$bin/framecast-compositor" avatar make-demo --root "$work/avatars"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-"$bin/framecast-inference" serve --repository "$work/models" --listen 127.0.0.1:18101 \
-  --metrics-listen 127.0.0.1:18102 --load talking-demo,passthrough >"$out/inference.log" 2>&1 &
-pids+=($!)
-"$bin/framecast-compositor" serve --avatars "$work/avatars" --listen 127.0.0.1:18111 \
-  --metrics-listen 127.0.0.1:18112 --inference http://127.0.0.1:18101 --preload demo >"$out/compositor.log" 2>&1 &
-pids+=($!)
+source scripts/lib/services.sh
+demo_assets "$work"
+start_inference 18101 "$out/inference.log" --repository "$work/models" --load talking-demo,passthrough
+start_compositor 18111 18101 "$out/compositor.log" --avatars "$work/avatars" --preload demo
 # The same compositor without shared memory, for the side-by-side below.
-"$bin/framecast-compositor" serve --avatars "$work/avatars" --listen 127.0.0.1:18121 \
-  --metrics-listen 127.0.0.1:18122 --inference http://127.0.0.1:18101 --preload demo \
-  --inference-shared-memory false >"$out/compositor-grpc.log" 2>&1 &
-pids+=($!)
-"$bin/framecast-bench" wait http://127.0.0.1:18101 http://127.0.0.1:18111 http://127.0.0.1:18121 --timeout-s 180
+start_compositor 18121 18101 "$out/compositor-grpc.log" --avatars "$work/avatars" --preload demo \
+  --inference-shared-memory false
+wait_ready 180 18101 18111 18121
 
 echo "== shared memory vs gRPC between compositor and inference: alternating, 3 rounds each"
 for round in 1 2 3; do

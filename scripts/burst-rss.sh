@@ -60,7 +60,8 @@ for v in "${variants[@]}"; do
     --listen "127.0.0.1:$port" --metrics-listen 127.0.0.1:0 --load passthrough \
     >"$out/server-$v.log" 2>&1 &
   pid=$!
-  "$bin/framecast-bench" wait "http://127.0.0.1:$port" --timeout-s 60 >/dev/null
+  "$bin/framecast-bench" wait "http://127.0.0.1:$port" --timeout-s 60 >/dev/null \
+    || { tail -n 20 "$out/server-$v.log" >&2; exit 1; }
   echo "$v,loaded,$(rss_mib $pid)" >>"$out/rss.csv"
   for b in $(seq 1 "$bursts"); do
     "$bin/framecast-bench" kserve --url "http://127.0.0.1:$port" --model passthrough \

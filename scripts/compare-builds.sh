@@ -38,32 +38,24 @@ cargo clean --release $ours
 cargo build --release --bins -p framecast-inference -p framecast-compositor -p framecast-bench
 for b in framecast-inference framecast-compositor framecast-bench; do cp "target/release/$b" "$out/new/"; done
 
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  git worktree remove --force "$worktree" 2>/dev/null || true
-}
-trap cleanup EXIT
+source scripts/lib/services.sh
+trap 'stop_services; git worktree remove --force "$worktree" 2>/dev/null || true' EXIT
 
 # build port-base: its services, each with its own models and avatar.
 start() {
-  local build=$1 base=$2 bin=$out/$1
+  local build=$1 base=$2
+  local bin=$out/$1
   "$bin/framecast-inference" models --out "$out/$build/models" --only passthrough --crop 320 \
     --max-batch-size 24 >/dev/null
   "$bin/framecast-compositor" avatar make-demo --root "$out/$build/avatars" --model passthrough \
     --frames 100 >/dev/null
   "$bin/framecast-compositor" avatar prepare "$out/$build/avatars/demo" >/dev/null
-  "$bin/framecast-inference" serve --repository "$out/$build/models" --listen "127.0.0.1:$base" \
-    --metrics-listen "127.0.0.1:$((base + 1))" --load passthrough >"$out/$build/inference.log" 2>&1 &
-  pids+=($!)
+  start_inference "$base" "$out/$build/inference.log" --repository "$out/$build/models" --load passthrough
   echo $! >"$out/$build/inference.pid"
-  "$bin/framecast-compositor" serve --avatars "$out/$build/avatars" --listen "127.0.0.1:$((base + 10))" \
-    --metrics-listen "127.0.0.1:$((base + 11))" --inference "http://127.0.0.1:$base" \
-    --preload demo >"$out/$build/compositor.log" 2>&1 &
-  pids+=($!)
+  start_compositor $((base + 10)) "$base" "$out/$build/compositor.log" --avatars "$out/$build/avatars" \
+    --preload demo
   echo $! >"$out/$build/compositor.pid"
-  "$bin/framecast-bench" wait "http://127.0.0.1:$base" "http://127.0.0.1:$((base + 10))" --timeout-s 180 >/dev/null
+  wait_ready 180 "$base" $((base + 10))
 }
 start old 18900
 start new 18950

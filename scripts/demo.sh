@@ -11,44 +11,13 @@ bin=target/release
 out=out/demo
 mkdir -p "$out"
 
-[ -f "$out/models/talking-demo/model.pt" ] || "$bin/framecast-inference" models --out "$out/models"
-# An avatar made before speech (no [audio] table) is made again.
-grep -qs '^\[audio\]' "$out/avatars/demo/avatar.toml" || "$bin/framecast-compositor" avatar make-demo --root "$out/avatars"
-# Prepared once (every frame encoded with restart markers, its face region kept), so the
-# server's load is a read; again whenever the bundle changed.
-"$bin/framecast-compositor" avatar check "$out/avatars/demo" 2>/dev/null | grep -q "prepared file used" \
-  || "$bin/framecast-compositor" avatar prepare "$out/avatars/demo"
+source scripts/lib/services.sh
+demo_assets "$out"
 "$bin/framecast-compositor" avatar check "$out/avatars/demo"
 
 inf_port=${FRAMECAST_DEMO_INFERENCE_PORT:-18001}
 comp_port=${FRAMECAST_DEMO_COMPOSITOR_PORT:-18011}
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-"$bin/framecast-inference" serve --repository "$out/models" --listen "127.0.0.1:$inf_port" \
-  --metrics-listen "127.0.0.1:$((inf_port + 1))" --load talking-demo >"$out/inference.log" 2>&1 &
-pids+=($!)
-"$bin/framecast-compositor" serve --avatars "$out/avatars" --listen "127.0.0.1:$comp_port" \
-  --metrics-listen "127.0.0.1:$((comp_port + 1))" --inference "http://127.0.0.1:$inf_port" --preload demo >"$out/compositor.log" 2>&1 &
-pids+=($!)
-
-dump_logs() { tail -n 20 "$out/inference.log" "$out/compositor.log" >&2; }
-"$bin/framecast-bench" wait "http://127.0.0.1:$inf_port" "http://127.0.0.1:$comp_port" --timeout-s 180 &
-waiter=$!
-while kill -0 "$waiter" 2>/dev/null; do
-  for p in "${pids[@]}"; do
-    if ! kill -0 "$p" 2>/dev/null; then
-      echo "a server exited during start-up; logs:" >&2
-      dump_logs
-      exit 1
-    fi
-  done
-  sleep 0.5
-done
-if ! wait "$waiter"; then
-  echo "servers did not become healthy; logs:" >&2
-  dump_logs
-  exit 1
-fi
+start_inference "$inf_port" "$out/inference.log" --repository "$out/models" --load talking-demo
+start_compositor "$comp_port" "$inf_port" "$out/compositor.log" --avatars "$out/avatars" --preload demo
+wait_ready 180 "$inf_port" "$comp_port"
 "$bin/framecast-bench" demo --compositor "http://127.0.0.1:$comp_port" --out "$out" "$@"

@@ -39,15 +39,11 @@ mv "$out/gen-fp32/lipsync-ref" "$repo/lipsync-ref-fp32"
 mv "$out/gen-fp16/lipsync-ref" "$repo/lipsync-ref-fp16"
 mv "$out/gen-fp32/talking-demo" "$repo/talking-demo"
 
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+source scripts/lib/services.sh
 mem_before=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
-"$bin/framecast-inference" serve --log-format json --repository "$repo" --devices cuda:0 --instances 2 \
-  --listen 127.0.0.1:18401 --metrics-listen 127.0.0.1:18402 \
-  --load talking-demo,lipsync-ref-fp32 >"$out/inference.log" 2>&1 &
-pids+=($!)
-"$bin/framecast-bench" wait http://127.0.0.1:18401 --timeout-s 240 || { tail -20 "$out/inference.log" >&2; die "the inference server did not start on CUDA"; }
+start_inference 18401 "$out/inference.log" --log-format json --repository "$repo" --devices cuda:0 \
+  --instances 2 --load talking-demo,lipsync-ref-fp32
+wait_ready 240 18401
 grep -q "model ready" "$out/inference.log" || die "no model became ready; see $out/inference.log"
 mem_after=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
 
@@ -91,11 +87,8 @@ for p in fp32 fp16; do
 done | tee -a "$out/table.md"
 
 "$bin/framecast-compositor" avatar make-demo --root "$out/avatars" >/dev/null
-"$bin/framecast-compositor" serve --avatars "$out/avatars" --listen 127.0.0.1:18411 \
-  --metrics-listen 127.0.0.1:18412 --inference http://127.0.0.1:18401 --preload demo \
-  >"$out/compositor.log" 2>&1 &
-pids+=($!)
-"$bin/framecast-bench" wait http://127.0.0.1:18411 --timeout-s 120 || die "the compositor did not start"
+start_compositor 18411 18401 "$out/compositor.log" --avatars "$out/avatars" --preload demo
+wait_ready 120 18411
 "$bin/framecast-bench" demo --compositor http://127.0.0.1:18411 --out "$out/demo" >"$out/demo.txt" 2>&1 \
   || die "the talking-demo render failed; see $out/demo.txt"
 echo "| talking-demo end to end (1280x720) | $(grep -m1 '^throughput' "$out/demo.txt" | sed 's/^throughput *//') |" | tee -a "$out/table.md"

@@ -22,19 +22,14 @@ work="$PWD/out/bench/work"
 mkdir -p "$out"
 cargo build --release --bins
 bin=target/release
-[ -f "$work/models/talking-demo/model.pt" ] || "$bin/framecast-inference" models --out "$work/models"
-[ -f "$work/avatars/demo/avatar.toml" ] || "$bin/framecast-compositor" avatar make-demo --root "$work/avatars"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-"$bin/framecast-inference" serve --repository "$work/models" --listen 127.0.0.1:18201 \
-  --metrics-listen 127.0.0.1:18202 --load talking-demo >"$out/inference.log" 2>&1 &
-pids+=($!); inference=$!
-"$bin/framecast-compositor" serve --avatars "$work/avatars" --listen 127.0.0.1:18211 \
-  --metrics-listen 127.0.0.1:18212 --inference http://127.0.0.1:18201 --preload demo \
-  --max-streams "$max_streams" >"$out/compositor.log" 2>&1 &
-pids+=($!); compositor=$!
-"$bin/framecast-bench" wait http://127.0.0.1:18201 http://127.0.0.1:18211 --timeout-s 180
+source scripts/lib/services.sh
+demo_assets "$work"
+start_inference 18201 "$out/inference.log" --repository "$work/models" --load talking-demo
+inference=$!
+start_compositor 18211 18201 "$out/compositor.log" --avatars "$work/avatars" --preload demo \
+  --max-streams "$max_streams"
+compositor=$!
+wait_ready 180 18201 18211
 
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 # One line a second: phase, inference RSS KiB, compositor RSS KiB.
@@ -47,7 +42,7 @@ sample() {
 }
 set_phase() { echo "$1" >"$out/phase"; }
 set_phase warmup
-sample & pids+=($!)
+sample & service_pids+=($!)
 realtime() {
   "$bin/framecast-bench" compositor --url http://127.0.0.1:18211 --mode realtime --chunk 25 \
     --fps 25 --sessions "$1" --duration-s "$2" --json "$3"
