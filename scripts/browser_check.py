@@ -83,7 +83,9 @@ def speech_wav(sentence, directory):
 def mouth_latencies(onsets, probe):
     """Per speech onset in the voice sent: ms until the mouth first moves on screen (its
     luma leaves the still value it had just before the onset by more than 4). Onsets before
-    the video has run for a second (nothing to compare with yet) are left out."""
+    the video has run for a second (nothing to compare with yet) are left out, and so are
+    onsets with the mouth still moving just before them (a pause inside the sentence shorter
+    than the latency: the first move after it is the previous words', not theirs)."""
     out = []
     start = probe[0][0] + 1000 if probe else float("inf")
     for t in onsets:
@@ -91,6 +93,8 @@ def mouth_latencies(onsets, probe):
             continue
         before = [l for (pt, l) in probe if t - 300 <= pt <= t]
         if not before:
+            continue
+        if max(before) - min(before) > 4:
             continue
         still = sorted(before)[len(before) // 2]
         moved = next((pt for (pt, l) in probe if pt > t and abs(l - still) > 4), None)

@@ -15,7 +15,7 @@ const WIDTH: u32 = 640;
 const HEIGHT: u32 = 360;
 const CROP: u32 = 160;
 /// Seconds of video the browser watches.
-const WATCH_S: f64 = 22.0;
+const WATCH_S: f64 = 25.0;
 
 fn out_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../out/browser");
