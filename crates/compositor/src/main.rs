@@ -219,6 +219,9 @@ struct ServeArgs {
 fn main() -> Result<()> {
     framecast_telemetry::config_file::apply_for::<Cli>("serve")?;
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        framecast_telemetry::exit_quietly_when_stdout_closes();
+    }
     framecast_telemetry::init_logs(match &cli.command {
         Command::Serve(args) => args.log_format,
         _ => Default::default(),

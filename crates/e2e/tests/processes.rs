@@ -1,12 +1,13 @@
 //! The services as real processes, for the faults a process can suffer: an inference replica
 //! killed with SIGKILL under load, the only replica restarted under an open stream, and SIGTERM ending both services with exit status 0 once
-//! their in-flight work is done.
+//! their in-flight work is done; and the one-shot subcommands' exit when their reader leaves.
 
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
 use framecast_e2e::{count_in_order, passthrough_stats, request, spawn_compositor, write_fixtures};
 use framecast_proto::compositor::v1::compositor_client::CompositorClient;
 use framecast_proto::compositor::v1::RenderedFrame;
 use std::net::SocketAddr;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -377,4 +378,61 @@ async fn json_logs_carry_the_render_request_id_into_the_inference_service() {
         })
         .count();
     assert!(spans_with_id > 0, "no line names the request id:\n{text}");
+}
+
+/// A one-shot subcommand whose reader goes away (`| grep -q`, `| head`) ends quietly, as a
+/// Unix tool does, instead of panicking on the closed pipe (exit 101, which `set -o pipefail`
+/// scripts read as a failure).
+#[test]
+fn one_shot_subcommands_end_quietly_when_stdout_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("avatars");
+    let models = dir.path().join("models");
+    let runs: [(&str, Vec<String>); 2] = [
+        (
+            COMPOSITOR,
+            [
+                "avatar",
+                "make-demo",
+                "--root",
+                root.to_str().unwrap(),
+                "--frames",
+                "2",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ),
+        (
+            INFERENCE,
+            [
+                "models",
+                "--out",
+                models.to_str().unwrap(),
+                "--only",
+                "passthrough",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ),
+    ];
+    for (bin, args) in runs {
+        let mut child = Command::new(bin)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader leaves before the first line is written (the work comes first).
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_ne!(out.status.code(), Some(101), "{args:?}: {stderr}");
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "{args:?}: {:?} {stderr}",
+            out.status
+        );
+    }
 }

@@ -37,6 +37,17 @@ pub fn init_logs(format: LogFormat) {
     }
 }
 
+/// For the one-shot subcommands (no sockets): a closed stdout ends the process quietly, as
+/// `grep -q` and `head` expect of a Unix tool, where `println!` would panic on EPIPE. Not for
+/// the servers: Rust ignores SIGPIPE so that a peer's closed socket is an error to handle, not
+/// the process's death.
+pub fn exit_quietly_when_stdout_closes() {
+    // SAFETY: called first in `main`, before any thread that could be writing exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let term = async {
