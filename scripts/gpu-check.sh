@@ -42,7 +42,7 @@ mv "$out/gen-fp32/talking-demo" "$repo/talking-demo"
 source scripts/lib/services.sh
 mem_before=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
 start_inference 18401 "$out/inference.log" --log-format json --repository "$repo" --devices cuda:0 \
-  --instances 2 --load talking-demo,lipsync-ref-fp32
+  --instances 2 --load talking-demo,lipsync-ref-fp32,lipsync-ref-fp16
 wait_ready 240 18401
 grep -q "model ready" "$out/inference.log" || die "no model became ready; see $out/inference.log"
 mem_after=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
@@ -65,14 +65,21 @@ for line in open(sys.argv[1]):
         how = "measured (NVML, around the loads)" if f.get("measured") else "ESTIMATED: NVML measured nothing"
         print(f"| device memory, {f['model']} on {f['device']}, 2 instances | {f['mib']:.0f} MiB, {how} |")
 PY
-  echo "| device memory, both models and the CUDA context (nvidia-smi) | $((mem_after - mem_before)) MiB |"
+  echo "| device memory, the three models and the CUDA context (nvidia-smi) | $((mem_after - mem_before)) MiB |"
 } | tee "$out/table.md"
 
 throughput() { # model batch -> frames/s or FAILED
   "$bin/framecast-bench" kserve --url http://127.0.0.1:18401 --model "$1" --batch "$2" \
     --mode full --concurrency 2 --duration-s "$seconds" --warmup-s 2 --json "$out/$1-$2.json" \
     >"$out/$1-$2.txt" 2>&1 || { echo "FAILED (see $out/$1-$2.txt)"; return; }
-  python3 -c 'import json,sys; l=json.load(open(sys.argv[1]))["levels"][0]; print("%.0f frames/s, p99 %.1f ms, %d failed" % (l["frames_per_s"], l["latency_ms"]["p99"], l["requests_failed"]))' "$out/$1-$2.json"
+  python3 - "$out/$1-$2.json" "$seconds" <<'PY'
+import json, sys
+l = json.load(open(sys.argv[1]))["levels"][0]
+if l["requests_succeeded"] == 0:
+    print(f"FAILED: no request completed in {sys.argv[2]} s ({l['requests_failed']} failed)")
+else:
+    print("%.0f frames/s, p99 %.1f ms, %d failed" % (l["frames_per_s"], l["latency_ms"]["p99"], l["requests_failed"]))
+PY
 }
 inprocess() { # model -> one table row per batch: frames/s with no server, on one worker
   "$bin/framecast-inference" time --model "$repo/$1" --device cuda:0 --batch 8,24,48 \
@@ -98,4 +105,6 @@ echo "| 25-fps real-time sessions, no late frame (1 s chunks) | $(grep -m1 'real
 "$bin/framecast-bench" speech --compositor http://127.0.0.1:18411 --sessions 1,8,32 --seconds 6 \
   --out "$out/speech" >"$out/speech.txt" 2>&1 || die "the speech sessions failed; see $out/speech.txt"
 sed 's/^/    /' "$out/speech.txt" | tee -a "$out/table.md"
+failed=$(grep -c FAILED "$out/table.md" || true)
+[ "$failed" = 0 ] || die "$failed measurement(s) FAILED; the table is in $out/table.md"
 echo "gpu-check: done; table in $out/table.md"
