@@ -178,17 +178,30 @@ pub async fn spawn_gateway(
     compositor_url: String,
     opts: framecast_gateway::GatewayOptions,
 ) -> (Arc<framecast_gateway::Gateway>, std::net::SocketAddr) {
-    let channel = tonic::transport::Endpoint::from_shared(compositor_url)
-        .expect("a compositor URL")
-        .connect_lazy();
-    let client = framecast_gateway::compositor(channel, None).expect("no token");
+    spawn_gateway_with(&compositor_url, None, None, opts).await
+}
+
+/// [`spawn_gateway`] over TLS: `compositor_tls` to reach an https:// compositor, `tls` to
+/// serve the page over HTTPS.
+pub async fn spawn_gateway_with(
+    compositor_url: &str,
+    compositor_tls: Option<&framecast_telemetry::tls::ClientTls>,
+    tls: Option<framecast_telemetry::tls::ServerTls>,
+    opts: framecast_gateway::GatewayOptions,
+) -> (Arc<framecast_gateway::Gateway>, std::net::SocketAddr) {
+    let client =
+        framecast_gateway::connect(compositor_url, compositor_tls, None).expect("a compositor URL");
     let gateway = framecast_gateway::Gateway::new(client, opts);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("a loopback port");
     let addr = listener.local_addr().expect("bound");
-    let router = framecast_gateway::router(gateway.clone());
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    tokio::spawn(framecast_gateway::serve(
+        listener,
+        gateway.clone(),
+        tls,
+        std::future::pending(),
+    ));
     (gateway, addr)
 }
 

@@ -1,5 +1,6 @@
 //! TLS on every port: mutual TLS between the compositor and the inference service, TLS from
-//! a client to the compositor, and /metrics over mutual TLS; plaintext and strangers refused.
+//! a client to the compositor, /metrics over mutual TLS, and the gateway's page over HTTPS
+//! with TLS to its compositor; plaintext and strangers refused.
 
 use framecast_bench::client::{self, Access};
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
@@ -122,10 +123,11 @@ async fn mutual_tls_between_the_services_and_tls_to_the_compositor() {
     assert!(refused.is_err(), "plaintext Render reached a TLS port");
 }
 
-/// GET /metrics over TLS with `identity` as the client certificate; the status line, or why
-/// the connection failed.
-async fn get_metrics(
+/// GET `path` over TLS with `identity` as the client certificate; the response, or why the
+/// connection failed.
+async fn https_get(
     addr: std::net::SocketAddr,
+    path: &str,
     pki: &TestPki,
     identity: Option<(&str, &str)>,
 ) -> Result<String, String> {
@@ -144,6 +146,9 @@ async fn get_metrics(
         }
         None => builder.with_no_client_auth(),
     };
+    // Offered as browsers and curl offer it; they speak what the server picks.
+    let mut config = config;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = "localhost".try_into().unwrap();
@@ -151,7 +156,15 @@ async fn get_metrics(
         .connect(name, tcp)
         .await
         .map_err(|e| e.to_string())?;
-    tls.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    match tls.get_ref().1.alpn_protocol() {
+        None | Some(b"http/1.1") => {}
+        Some(p) => {
+            let p = String::from_utf8_lossy(p);
+            return Err(format!("ALPN picked {p}, but the port speaks HTTP/1.1"));
+        }
+    }
+    let head = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tls.write_all(head.as_bytes())
         .await
         .map_err(|e| e.to_string())?;
     let mut body = String::new();
@@ -174,9 +187,14 @@ async fn metrics_are_served_over_mutual_tls() {
     let addr = framecast_telemetry::serve_metrics("127.0.0.1:0".parse().unwrap(), registry, access)
         .await
         .unwrap();
-    let body = get_metrics(addr, &pki, Some((&pki.client_cert, &pki.client_key)))
-        .await
-        .unwrap();
+    let body = https_get(
+        addr,
+        "/metrics",
+        &pki,
+        Some((&pki.client_cert, &pki.client_key)),
+    )
+    .await
+    .unwrap();
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     assert!(body.contains("tls_probe_total 1"), "{body}");
     // Without a certificate, or with one from another CA, no metrics.
@@ -184,7 +202,7 @@ async fn metrics_are_served_over_mutual_tls() {
         None,
         Some((pki.stranger_cert.as_str(), pki.stranger_key.as_str())),
     ] {
-        let got = get_metrics(addr, &pki, identity).await;
+        let got = https_get(addr, "/metrics", &pki, identity).await;
         assert!(
             got.as_ref()
                 .map_or(true, |b| !b.contains("tls_probe_total")),
@@ -199,4 +217,54 @@ async fn metrics_are_served_over_mutual_tls() {
     let mut raw = Vec::new();
     let _ = tcp.read_to_end(&mut raw).await;
     assert!(!String::from_utf8_lossy(&raw).contains("tls_probe_total"));
+}
+
+/// The gateway serves its page and signalling over HTTPS and reaches a compositor that serves
+/// only TLS; plain HTTP on its port gets nothing, and an https:// compositor without a CA is
+/// refused at start-up naming the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_https_and_reaches_its_compositor_over_tls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let (models, avatars) = write_fixtures(tmp.path(), 0);
+    let inference = spawn_inference(&models, ServeOptions::default()).await;
+    let pool =
+        InferenceClient::connect_lazy(&[inference.url()], &ClientOptions::default()).unwrap();
+    let serve_opts = comp_server::ServeOptions {
+        tls: Some(server_tls(&pki, false)),
+        ..Default::default()
+    };
+    let compositor = spawn_compositor(&avatars, pool, 4, serve_opts).await;
+    let compositor_url = format!("https://localhost:{}", compositor.addr.port());
+
+    let why = match framecast_gateway::connect(&compositor_url, None, None) {
+        Ok(_) => panic!("an https:// compositor without a CA was accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(why.contains("--compositor-tls-ca"), "{why}");
+
+    let to_compositor =
+        ClientTls::from_pem("compositor-tls", pki.ca.clone().into_bytes(), None, None).unwrap();
+    let (_gateway, addr) = framecast_e2e::spawn_gateway_with(
+        &compositor_url,
+        Some(&to_compositor),
+        Some(server_tls(&pki, false)),
+        Default::default(),
+    )
+    .await;
+    let page = https_get(addr, "/", &pki, None).await.unwrap();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("RTCPeerConnection"), "the page");
+    // The avatar list comes from the compositor, through the TLS channel.
+    let list = https_get(addr, "/avatars", &pki, None).await.unwrap();
+    assert!(list.starts_with("HTTP/1.1 200"), "{list}");
+    assert!(list.contains("\"small\""), "{list}");
+
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = tcp.read_to_end(&mut raw).await;
+    assert!(!String::from_utf8_lossy(&raw).contains("RTCPeerConnection"));
 }

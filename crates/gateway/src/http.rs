@@ -13,6 +13,8 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use framecast_proto::compositor::v1::{ListAvatarsRequest, LoadAvatarRequest};
+use framecast_telemetry::http_server::{self, HttpLimits};
+use framecast_telemetry::tls::ServerTls;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::{IpAddr, UdpSocket};
@@ -139,7 +141,7 @@ impl Gateway {
 }
 
 /// The routes, over `gw`.
-pub fn router(gw: Arc<Gateway>) -> Router {
+fn router(gw: Arc<Gateway>) -> Router {
     let limit = gw.opts.max_body_bytes;
     Router::new()
         .route("/", get(|| async { Html(PAGE) }))
@@ -150,6 +152,26 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/sessions/{id}", get(stats).delete(end))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(gw)
+}
+
+/// Connections the page and signalling port serves at once: a page load and a session's
+/// calls take a few each, so this is room for hundreds of browsers arriving together.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// Serves [`router`] on `listener` (HTTPS with `tls`) until `shutdown` resolves, defended as
+/// every framecast HTTP port is (a deadline on request headers, a cap on connections).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    gw: Arc<Gateway>,
+    tls: Option<ServerTls>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let limits = HttpLimits {
+        tls,
+        header_timeout: http_server::HEADER_TIMEOUT,
+        max_connections: MAX_CONNECTIONS,
+    };
+    http_server::serve(listener, router(gw), limits, "gateway", shutdown).await
 }
 
 fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {

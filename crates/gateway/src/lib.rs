@@ -14,19 +14,28 @@ pub mod offer;
 pub mod pacing;
 pub mod session;
 
-pub use http::{router, Gateway, GatewayOptions};
+pub use http::{serve, Gateway, GatewayOptions};
 
 use framecast_proto::auth::AddToken;
 use framecast_proto::compositor::v1::compositor_client::CompositorClient;
+use framecast_telemetry::tls::ClientTls;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// The compositor as the gateway calls it: with its bearer token, if it needs one.
 pub type Compositor = CompositorClient<InterceptedService<Channel, AddToken>>;
 
-/// A [`Compositor`] over `channel`; frames up to 64 MiB (an I420 4K frame is 12 MB).
-pub fn compositor(channel: Channel, token: Option<&str>) -> Result<Compositor, String> {
-    let auth = AddToken::new(token).map_err(|e| format!("compositor token: {}", e.message()))?;
+/// A [`Compositor`] for `url`, connecting on first use: an `https://` URL needs `tls` (the CA
+/// of the compositor's certificate, and the gateway's own identity where the compositor wants
+/// mutual TLS). Frames up to 64 MiB (an I420 4K frame is 12 MB).
+pub fn connect(
+    url: &str,
+    tls: Option<&ClientTls>,
+    token: Option<&str>,
+) -> anyhow::Result<Compositor> {
+    let channel = framecast_telemetry::tls::endpoint(url, tls, "compositor-tls")?.connect_lazy();
+    let auth =
+        AddToken::new(token).map_err(|e| anyhow::anyhow!("compositor-token: {}", e.message()))?;
     Ok(CompositorClient::with_interceptor(channel, auth)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20))

@@ -2,7 +2,8 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use framecast_gateway::{router, Gateway, GatewayOptions};
+use framecast_gateway::{Gateway, GatewayOptions};
+use framecast_telemetry::tls::ClientTls;
 use framecast_telemetry::{metrics_http, LogFormat};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -12,7 +13,12 @@ use std::time::Duration;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// HTTP address: the page, the avatar list and session signalling (WHIP/WHEP style).
+    /// TOML file of settings, keys named as the flags (`listen`, `max-sessions`, ...);
+    /// flags and environment variables override it.
+    #[arg(long, env = "FRAMECAST_CONFIG")]
+    config: Option<PathBuf>,
+    /// HTTP address: the page, the avatar list and session signalling (WHIP/WHEP style);
+    /// HTTPS with --tls-cert (browsers give the microphone only to https pages, or localhost).
     #[arg(long, env = "FRAMECAST_GATEWAY_LISTEN", default_value = "0.0.0.0:8021")]
     listen: SocketAddr,
     /// Prometheus metrics address (`/metrics`).
@@ -32,6 +38,20 @@ struct Args {
     /// Bearer token for the compositor, when its authentication is on.
     #[arg(long, env = "FRAMECAST_COMPOSITOR_TOKEN", hide_env_values = true)]
     compositor_token: Option<String>,
+    /// PEM CA of the compositor's certificate: reach it over TLS (an https:// URL).
+    #[arg(long, env = "FRAMECAST_COMPOSITOR_TLS_CA")]
+    compositor_tls_ca: Option<PathBuf>,
+    /// PEM certificate to present to the compositor, where it requires mutual TLS.
+    #[arg(long, env = "FRAMECAST_COMPOSITOR_TLS_CERT")]
+    compositor_tls_cert: Option<PathBuf>,
+    /// PEM private key of --compositor-tls-cert.
+    #[arg(long, env = "FRAMECAST_COMPOSITOR_TLS_KEY")]
+    compositor_tls_key: Option<PathBuf>,
+    /// Name to expect in the compositor's certificate, when it is not the URL's host.
+    #[arg(long, env = "FRAMECAST_COMPOSITOR_TLS_DOMAIN")]
+    compositor_tls_domain: Option<String>,
+    #[command(flatten)]
+    tls: framecast_telemetry::tls::ServerTlsArgs,
     /// The address browsers reach this host on, put in the ICE host candidates (each session
     /// takes one UDP port on it). Behind NAT, use a TURN server (docs/deploy.md).
     #[arg(long, env = "FRAMECAST_GATEWAY_UDP_HOST", default_value = "127.0.0.1")]
@@ -87,6 +107,7 @@ fn parse_ports(s: &str) -> Result<(u16, u16), String> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    framecast_telemetry::config_file::apply_for_root::<Args>()?;
     let args = Args::parse();
     framecast_telemetry::init_logs(args.log_format);
     let timeout_ok = args.session_timeout_s.is_finite() && args.session_timeout_s > 0.0;
@@ -105,11 +126,20 @@ async fn main() -> Result<()> {
     if let Some(p) = &args.sample_wav {
         std::fs::metadata(p).with_context(|| format!("--sample-wav {}", p.display()))?;
     }
-    let channel = tonic::transport::Endpoint::from_shared(args.compositor_url.clone())
-        .with_context(|| format!("--compositor-url {}", args.compositor_url))?
-        .connect_lazy();
-    let client = framecast_gateway::compositor(channel, args.compositor_token.as_deref())
-        .map_err(anyhow::Error::msg)?;
+    let compositor_tls = ClientTls::from_files(
+        "compositor-tls",
+        args.compositor_tls_ca.as_deref(),
+        args.compositor_tls_cert.as_deref(),
+        args.compositor_tls_key.as_deref(),
+        args.compositor_tls_domain.clone(),
+    )?;
+    let client = framecast_gateway::connect(
+        &args.compositor_url,
+        compositor_tls.as_ref(),
+        args.compositor_token.as_deref(),
+    )
+    .with_context(|| format!("--compositor-url {}", args.compositor_url))?;
+    let tls = args.tls.load()?;
     let opts = GatewayOptions {
         udp_host: args.udp_host,
         udp_bind: args.udp_bind,
@@ -125,23 +155,27 @@ async fn main() -> Result<()> {
     let metrics_addr = metrics_http::serve_metrics(
         args.metrics_listen,
         gw.metrics.registry.clone(),
-        metrics_http::MetricsAccess::new(None, None, false),
+        metrics_http::MetricsAccess::new(tls.as_ref(), None, false),
     )
     .await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}", args.listen))?;
+    let page = format!(
+        "{}://{}/",
+        if tls.is_some() { "https" } else { "http" },
+        listener.local_addr()?
+    );
     tracing::info!(
         http = %listener.local_addr()?, metrics = %metrics_addr, compositor = %args.compositor_url,
-        "gateway serving: open http://{}/ in a browser", listener.local_addr()?
+        "gateway serving: open {page} in a browser"
     );
     let stopping = gw.clone();
-    axum::serve(listener, router(gw))
-        .with_graceful_shutdown(async move {
-            framecast_telemetry::shutdown_signal().await;
-            tracing::info!("shutting down: ending the sessions");
-            stopping.shut_down();
-        })
-        .await?;
+    framecast_gateway::serve(listener, gw, tls, async move {
+        framecast_telemetry::shutdown_signal().await;
+        tracing::info!("shutting down: ending the sessions");
+        stopping.shut_down();
+    })
+    .await;
     Ok(())
 }

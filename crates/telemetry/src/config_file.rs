@@ -24,6 +24,14 @@ pub fn apply_for<C: clap::CommandFactory>(sub: &str) -> Result<()> {
     }
 }
 
+/// [`apply_for`] for a command line without subcommands (the gateway's).
+pub fn apply_for_root<C: clap::CommandFactory>() -> Result<()> {
+    match path_from_args() {
+        Some(path) => apply(&C::command(), &path),
+        None => Ok(()),
+    }
+}
+
 /// The `--config` path on the command line (or `FRAMECAST_CONFIG`), if any.
 fn path_from_args() -> Option<PathBuf> {
     let mut args = std::env::args_os().skip(1);

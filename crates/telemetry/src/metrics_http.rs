@@ -1,10 +1,9 @@
 //! The Prometheus `/metrics` endpoint both services serve on their own port.
 //!
-//! The port faces the same network as the gRPC one, so it defends itself the same way: a
-//! connection that does not finish its request headers within [`HEADER_TIMEOUT`] is closed
-//! (a half-sent request cannot hold a connection open), at most [`MAX_CONNECTIONS`] are served
-//! at once (more are closed on accept), and with `require_token` the bearer token of the gRPC
-//! port is required here too (Prometheus sends it with `authorization.credentials`).
+//! The port faces the same network as the gRPC one, so it defends itself the same way
+//! ([`crate::http_server`]: a deadline of [`HEADER_TIMEOUT`] on request headers, at most
+//! [`MAX_CONNECTIONS`] at once), and with `require_token` the bearer token of the gRPC port is
+//! required here too (Prometheus sends it with `authorization.credentials`).
 //!
 //! With profiling on (`--profiling`), the same port, under the same TLS and token, also serves
 //! `GET /debug/pprof/profile?seconds=N` (a CPU profile of the whole process in pprof's
@@ -12,13 +11,11 @@
 //! `GET /debug/flamegraph.svg?seconds=N` (the same samples as a flame graph), N in 1..=60,
 //! default 10; one profile at a time.
 
+use crate::http_server::{self, HttpLimits, HEADER_TIMEOUT};
 use framecast_proto::auth::{BearerCheck, Refusal};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-/// How long a client may take to send its request headers.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once on the metrics port.
 pub const MAX_CONNECTIONS: usize = 64;
 
@@ -100,7 +97,18 @@ pub async fn serve_metrics(
         "http"
     };
     tracing::info!(addr = %local, protected = access.auth.is_some(), "metrics on {scheme}://{local}/metrics");
-    tokio::spawn(accept_loop(listener, app, access));
+    let limits = HttpLimits {
+        tls: access.tls,
+        header_timeout: access.header_timeout,
+        max_connections: MAX_CONNECTIONS,
+    };
+    tokio::spawn(http_server::serve(
+        listener,
+        app,
+        limits,
+        "metrics",
+        std::future::pending(),
+    ));
     Ok(local)
 }
 
@@ -217,54 +225,5 @@ async fn profile(
             format!("profiler: {e}\n"),
         )
             .into_response(),
-    }
-}
-
-/// HTTP/1.1, one task per connection; a TLS handshake or request head that stalls drops only
-/// its own connection.
-async fn accept_loop(listener: tokio::net::TcpListener, app: axum::Router, access: MetricsAccess) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let acceptor = access.tls.as_ref().map(|t| t.acceptor());
-    loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!("metrics: connection limit reached, closing a new connection");
-            continue;
-        };
-        let (app, acceptor, timeout) = (app.clone(), acceptor.clone(), access.header_timeout);
-        tokio::spawn(async move {
-            let _slot = slot;
-            match acceptor {
-                None => serve_connection(tcp, app, timeout).await,
-                Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => serve_connection(tls, app, timeout).await,
-                    Ok(Err(e)) => tracing::debug!(error = %e, "metrics: TLS handshake failed"),
-                    Err(_) => tracing::debug!("metrics: TLS handshake timed out"),
-                },
-            }
-        });
-    }
-}
-
-async fn serve_connection<IO>(io: IO, app: axum::Router, header_timeout: Duration)
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let svc = hyper_util::service::TowerToHyperService::new(app);
-    let io = hyper_util::rt::TokioIo::new(io);
-    if let Err(e) = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .serve_connection(io, svc)
-        .await
-    {
-        tracing::debug!(error = %e, "metrics: connection ended with an error");
     }
 }

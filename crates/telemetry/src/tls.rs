@@ -13,17 +13,18 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
-/// Server TLS flags, the same on both services.
+/// Server TLS flags, the same on every service.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ServerTlsArgs {
-    /// PEM certificate chain: serve gRPC and /metrics over TLS (with --tls-key).
+    /// PEM certificate chain: serve this service's port (gRPC, or the gateway's HTTP) and
+    /// /metrics over TLS (with --tls-key).
     #[arg(long, env = "FRAMECAST_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
     #[arg(long, env = "FRAMECAST_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// PEM CA bundle: every client must present a certificate it signed (mutual TLS), on the
-    /// gRPC and the metrics port.
+    /// service's port and the metrics port.
     #[arg(long, env = "FRAMECAST_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 }
@@ -83,7 +84,9 @@ impl ServerTls {
         let mut config = builder
             .with_single_cert(chain, private)
             .map_err(|e| anyhow!("tls-cert/tls-key: {e}"))?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // This config serves the HTTP ports (`acceptor`), which speak HTTP/1.1 only; offering
+        // h2 made curl and browsers choose it and then fail (tonic builds its own config).
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(ServerTls {
             cert,
             key,
@@ -106,7 +109,7 @@ impl ServerTls {
         }
     }
 
-    /// An acceptor for other ports (metrics).
+    /// An acceptor for the HTTP ports (metrics, the gateway's page): HTTP/1.1 by ALPN.
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(self.rustls.clone())
     }
