@@ -210,13 +210,19 @@ async fn metrics_are_served_over_mutual_tls() {
         );
     }
     // Plain HTTP on the TLS port gets no metrics either.
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert!(!plain_get(addr, "/metrics")
         .await
-        .unwrap();
+        .contains("tls_probe_total"));
+}
+
+/// GET `path` in plain HTTP: whatever comes back before the connection closes.
+async fn plain_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     let _ = tcp.read_to_end(&mut raw).await;
-    assert!(!String::from_utf8_lossy(&raw).contains("tls_probe_total"));
+    String::from_utf8_lossy(&raw).into_owned()
 }
 
 /// The gateway serves its page and signalling over HTTPS and reaches a compositor that serves
@@ -259,12 +265,5 @@ async fn the_gateway_serves_https_and_reaches_its_compositor_over_tls() {
     let list = https_get(addr, "/avatars", &pki, None).await.unwrap();
     assert!(list.starts_with("HTTP/1.1 200"), "{list}");
     assert!(list.contains("\"small\""), "{list}");
-
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut raw = Vec::new();
-    let _ = tcp.read_to_end(&mut raw).await;
-    assert!(!String::from_utf8_lossy(&raw).contains("RTCPeerConnection"));
+    assert!(!plain_get(addr, "/").await.contains("RTCPeerConnection"));
 }
