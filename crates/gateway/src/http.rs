@@ -158,8 +158,9 @@ fn router(gw: Arc<Gateway>) -> Router {
 /// calls take a few each, so this is room for hundreds of browsers arriving together.
 pub const MAX_CONNECTIONS: usize = 1024;
 
-/// Serves [`router`] on `listener` (HTTPS with `tls`) until `shutdown` resolves, defended as
-/// every framecast HTTP port is (a deadline on request headers, a cap on connections).
+/// Serves the page, the avatar list and signalling on `listener` (HTTPS with `tls`) until
+/// `shutdown` resolves, defended as every framecast HTTP port is (a deadline on request
+/// headers, a cap on connections).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     gw: Arc<Gateway>,
