@@ -69,7 +69,8 @@ gpu-check:
 	scripts/gpu-check.sh
 
 lint:
-	$(ENV) && cargo fmt --all -- --check && cargo clippy --workspace --all-targets -- -D warnings
+	$(ENV) && cargo fmt --all -- --check && cargo clippy --workspace --all-targets -- -D warnings \
+	  && RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -q
 
 fmt:
 	cargo fmt --all

@@ -21,7 +21,7 @@ pub struct DemoArgs {
     pub compositor: String,
     #[command(flatten)]
     pub access: client::Access,
-    /// Avatar to render; it must declare an [audio] table.
+    /// Avatar to render; it must declare an `[audio]` table.
     #[arg(long, default_value = "demo")]
     pub avatar: String,
     /// What the avatar says, spoken by espeak-ng.

@@ -5,7 +5,7 @@
 //!
 //! Workers are OS threads (libtorch calls block), one per instance; they share one MPMC queue,
 //! so a free instance always takes the next batch. What runs a batch is a
-//! [`Backend`](crate::backend::Backend): the batcher is tested with plain Rust ones.
+//! [`Backend`]: the batcher is tested with plain Rust ones.
 
 use crate::backend::{Backend, BackendError, ExecTimings, Executed, Payload};
 use crate::config::ModelConfig;
@@ -37,7 +37,7 @@ pub struct Delivery {
     /// tensor, no copy in between).
     pub window: Option<Window>,
     /// As I420 ([`framecast_proto::i420`]) of images of (height, width): converted by the
-    /// backend where every request of the batch asks for it, else by [`deliver`] for the
+    /// backend where every request of the batch asks for it, else by `deliver` for the
     /// requests that do.
     pub i420: Option<(usize, usize)>,
 }

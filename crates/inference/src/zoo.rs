@@ -9,11 +9,11 @@
 //! - `talking-demo`: opens a dark mouth in the reference crop in proportion to the audio
 //!   energy, so a person watching the demo sees the mouth move with the sound.
 //! - `audio-encoder`: the audio encoder of Wav2Lip (13 conv blocks with batch norm, ReLU and
-//!   residuals), one mel window `mel` [B,1,80,16] f32 to one `embedding` [B,512] f32; seeded
+//!   residuals), one mel window `mel` `[B,1,80,16]` f32 to one `embedding` `[B,512]` f32; seeded
 //!   weights. Lip-sync models of the SyncTalk_2D kind take 16 such embeddings per frame.
 //!
-//! The three face models take `face` [B,6,S,S] u8 (reference crop and its masked copy) and
-//! `audio` [B,32,16,16] f32, and return [B,3,S,S] u8.
+//! The three face models take `face` `[B,6,S,S]` u8 (reference crop and its masked copy) and
+//! `audio` `[B,32,16,16]` f32, and return `[B,3,S,S]` u8.
 
 use crate::config::{ModelConfig, Precision, TensorSpec, MODEL_FILE};
 use anyhow::{Context, Result};
@@ -82,7 +82,7 @@ pub fn write(root: &Path, model: Builtin, opts: &ZooOptions) -> Result<PathBuf> 
     write_with(root, model, opts, AUDIO_DIMS, Precision::Fp32)
 }
 
-/// [`write`] with another per-frame shape for the `audio` input of `passthrough` and
+/// [`write()`] with another per-frame shape for the `audio` input of `passthrough` and
 /// `talking-demo` (a Wav2Lip-style model takes the mel window itself, [1, 80, 16]; the
 /// architecture of `lipsync-ref` fixes its shape at [`AUDIO_DIMS`]), and in `precision`.
 ///

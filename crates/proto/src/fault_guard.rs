@@ -6,7 +6,7 @@
 //! with clients they cannot trust, solve this the way done here: a SIGBUS handler recognises a
 //! fault inside a guarded mapping, maps anonymous zero pages over the whole mapping so the
 //! faulting copy completes, and marks the mapping broken. Whoever used the mapping checks
-//! [`is_broken`] after the copy and fails its request; the data it copied is zeros, never
+//! [`Guard::is_broken`] after the copy and fails its request; the data it copied is zeros, never
 //! another process's memory. Faults anywhere else go to the handler that was there before
 //! (Rust's stack-overflow handler, or the default action), so real bugs still crash.
 //!

@@ -11,10 +11,10 @@
 //!
 //! A replica on the same host gets the tensors through shared memory instead of the stream
 //! (see [`crate::shm_pool`]); one that cannot map them gets them over gRPC. Either way, an
-//! input the replica's tensor cache holds is named by its rows, not sent ([`tensors`]).
+//! input the replica's tensor cache holds is named by its rows, not sent (`tensors`).
 //!
-//! One file each: [`replica`] (one endpoint and the requests multiplexed on its stream),
-//! [`health`] (the background readiness probe), [`model_info`] (what the compositor needs
+//! One file each: `replica` (one endpoint and the requests multiplexed on its stream),
+//! `health` (the background readiness probe), `model_info` (what the compositor needs
 //! of a model's metadata); discovery's half that reshapes the pool is in
 //! [`crate::discovery`]. This file is the pool: picking a replica, retrying, shared memory.
 //!

@@ -5,10 +5,10 @@
 //! process blends and encodes batch k. Within a batch, frames are blended and encoded in
 //! parallel on the rayon pool and sent in order as soon as each and its predecessors are done.
 //!
-//! The steps, one file each: [`plan`] checks the request against its avatar and model;
-//! [`wire`] builds each batch's KServe request and reads the face crops out of the answer;
-//! [`composite`] pastes one crop into its background's face region and splices the region's
-//! encode into the prepared frame; [`deliver`] runs a batch's frames on the rayon pool and
+//! The steps, one file each: `plan` checks the request against its avatar and model;
+//! `wire` builds each batch's KServe request and reads the face crops out of the answer;
+//! `composite` pastes one crop into its background's face region and splices the region's
+//! encode into the prepared frame; `deliver` runs a batch's frames on the rayon pool and
 //! sends them in order. This file schedules the batches. Idle frames (`RenderRequest.idle`)
 //! skip inference: each is its prepared background.
 
