@@ -41,8 +41,8 @@ PY
 # What the two phases read: frames and hop bytes, the compositor's round trip per batch, and
 # the inference server's own time per request (arrival to answer, its queue and compute
 # included): the difference is the transport, both ways, with its encoding and decoding.
-comp_series=(framecast_compositor_frames_total 'framecast_compositor_inference_bytes_total\{direction="sent"'
-  'framecast_compositor_inference_bytes_total\{direction="received"'
+comp_series=(framecast_compositor_frames_total 'framecast_compositor_inference_bytes_total\{direction="sent",kind="batch"'
+  'framecast_compositor_inference_bytes_total\{direction="received",kind="batch"'
   framecast_compositor_inference_seconds_sum framecast_compositor_inference_seconds_count)
 inf_series=(framecast_inference_request_seconds_sum framecast_inference_request_seconds_count)
 

@@ -54,6 +54,11 @@ start_service() {
   service_logs+=("$log")
 }
 
+# The scripts' services each have one client (the bench, the demo, one browser), so no
+# per-client share stands below the limits they set; an earlier build ignores these.
+export FRAMECAST_MAX_STREAMS_PER_CLIENT=${FRAMECAST_MAX_STREAMS_PER_CLIENT:-1000000}
+export FRAMECAST_GATEWAY_MAX_SESSIONS_PER_CLIENT=${FRAMECAST_GATEWAY_MAX_SESSIONS_PER_CLIENT:-1000000}
+
 start_inference() {
   local port=$1 log=$2
   shift 2

@@ -1,5 +1,5 @@
 //! A byte-budgeted, load-once LRU cache with explicit leases: the one shape behind the
-//! inference service's models and the compositor's avatars.
+//! inference service's models and tensors and the compositor's avatars.
 //!
 //! - **Load once.** Concurrent requests for a key that is not loaded wait for one load
 //!   (single flight). A load that fails stays failed, with its reason, until
@@ -9,14 +9,24 @@
 //!   recently used entries that are ready, idle (no lease) and not pinned are evicted until it
 //!   fits. Once loaded, the entry is charged what it really holds.
 //! - **Leases.** [`Lease`] is the only way to use a value: while one lives, its entry is
-//!   never evicted. Unloading removes the entry at once; leases already out keep the value
-//!   alive until they are dropped.
+//!   never evicted. Removing an entry takes it out of the cache at once, but leases already
+//!   out keep the value alive, so its bytes stay charged to the budget (and to its tenant)
+//!   until the last of them is dropped: replacing a value in use never lets memory outgrow
+//!   the budget.
+//! - **Tenants.** Entries loaded for a tenant ([`BudgetCache::get_or_load_for`]) count
+//!   against that tenant's own limits ([`TenantLimits`]: bytes and entries); a tenant at a
+//!   limit makes room among its own entries first. A tenant never evicts another tenant's
+//!   entries while that tenant holds no more than its fair share (the budget divided by the
+//!   tenants holding bytes), so one client cannot push the others out.
 //! - **Shared budgets.** Caches of different values may also share one [`SharedBudget`] (a
 //!   device's memory, held by models and tensors alike): room for an entry of one is made by
 //!   evicting the least recently used idle entry of any of them.
+//!
+//! Bookkeeping is constant time per operation (running totals, and an index of entries by
+//! last use); only making room walks entries, from the least recently used on.
 
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -36,15 +46,29 @@ pub enum CacheError<E> {
         budget: u64,
         shared: bool,
     },
-    /// Every entry that could make room is pinned or leased.
+    /// Every entry that could make room is pinned, leased, or another tenant's within its
+    /// fair share.
     NoRoom {
         need: u64,
         free: u64,
         budget: u64,
         shared: bool,
     },
+    /// The tenant's own byte limit: `used` of `limit` are held by its entries in use.
+    TenantBytes { need: u64, used: u64, limit: u64 },
+    /// The tenant holds `limit` entries, all in use.
+    TenantEntries { limit: usize },
     /// The loader (or its estimate) failed.
     Load(E),
+}
+
+/// What one tenant may hold of a cache ([`BudgetCache::with_tenant_limits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantLimits {
+    /// Bytes of its entries, those removed but still leased included.
+    pub max_bytes: u64,
+    /// Entries (ready or loading).
+    pub max_entries: usize,
 }
 
 /// What the owner wants to hear about, for logs and metrics.
@@ -74,22 +98,15 @@ pub enum State<V, E> {
 }
 
 struct Entry<V, E> {
+    key: Arc<str>,
+    tenant: Option<Arc<str>>,
     cell: OnceCell<Result<Arc<V>, CacheError<E>>>,
     /// Bytes charged to the budget: the estimate while loading, the real size once ready.
+    /// Changed only under the table's lock, with the table's totals.
     reserved: AtomicU64,
     leases: AtomicUsize,
+    /// The entry's place in [`Table::order`].
     last_used: AtomicU64,
-}
-
-impl<V, E> Default for Entry<V, E> {
-    fn default() -> Self {
-        Entry {
-            cell: OnceCell::new(),
-            reserved: AtomicU64::new(0),
-            leases: AtomicUsize::new(0),
-            last_used: AtomicU64::new(0),
-        }
-    }
 }
 
 impl<V, E> Entry<V, E> {
@@ -98,6 +115,123 @@ impl<V, E> Entry<V, E> {
             Some(Ok(v)) => Some(v),
             _ => None,
         }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.reserved.load(Ordering::Acquire)
+    }
+
+    fn idle(&self) -> bool {
+        self.leases.load(Ordering::Acquire) == 0
+    }
+}
+
+/// What one tenant holds.
+#[derive(Default, Clone, Copy)]
+struct Usage {
+    bytes: u64,
+    entries: usize,
+}
+
+/// The entries and the running totals over them, under one lock.
+struct Table<V, E> {
+    map: HashMap<Arc<str>, Arc<Entry<V, E>>>,
+    /// The entries of `map` by last use (the stamp in their `last_used`).
+    order: BTreeMap<u64, Arc<str>>,
+    /// Bytes reserved by the entries of `map`, and by `retired`.
+    reserved: u64,
+    /// Entries of `map` whose load succeeded.
+    ready: usize,
+    /// Entries removed while leased: their bytes stay counted until their last lease goes.
+    retired: Vec<Arc<Entry<V, E>>>,
+    tenants: HashMap<Arc<str>, Usage>,
+}
+
+impl<V, E> Default for Table<V, E> {
+    fn default() -> Self {
+        Table {
+            map: HashMap::new(),
+            order: BTreeMap::new(),
+            reserved: 0,
+            ready: 0,
+            retired: Vec::new(),
+            tenants: HashMap::new(),
+        }
+    }
+}
+
+impl<V, E> Table<V, E> {
+    fn holds(&self, entry: &Arc<Entry<V, E>>) -> bool {
+        self.map
+            .get(&entry.key)
+            .is_some_and(|e| Arc::ptr_eq(e, entry))
+    }
+
+    fn tenant_usage(&self, tenant: &str) -> Usage {
+        self.tenants.get(tenant).copied().unwrap_or_default()
+    }
+
+    /// Adds `delta` bytes (and `entries`) to `entry`'s tenant, if it has one.
+    fn charge_tenant(&mut self, entry: &Entry<V, E>, bytes: i128, entries: isize) {
+        let Some(t) = &entry.tenant else { return };
+        let u = self.tenants.entry(t.clone()).or_default();
+        u.bytes = (u.bytes as i128 + bytes).max(0) as u64;
+        u.entries = (u.entries as isize + entries).max(0) as usize;
+        if u.bytes == 0 && u.entries == 0 {
+            self.tenants.remove(t);
+        }
+    }
+
+    /// Sets what `entry` (held by `map`, or retired) is charged.
+    fn set_reserved(&mut self, entry: &Entry<V, E>, bytes: u64) {
+        let old = entry.reserved.swap(bytes, Ordering::AcqRel);
+        self.reserved = self.reserved.saturating_sub(old) + bytes;
+        self.charge_tenant(entry, bytes as i128 - old as i128, 0);
+    }
+
+    /// Drops the retired entries whose last lease has gone, and their bytes.
+    fn prune(&mut self) {
+        if self.retired.iter().all(|e| !e.idle()) {
+            return;
+        }
+        let retired = std::mem::take(&mut self.retired);
+        for e in retired {
+            if e.idle() {
+                self.set_reserved(&e, 0);
+            } else {
+                self.retired.push(e);
+            }
+        }
+    }
+
+    /// Takes `key` out of the cache; a leased entry stays charged until its leases go.
+    fn remove(&mut self, key: &str) -> Option<Arc<Entry<V, E>>> {
+        let e = self.map.remove(key)?;
+        self.order.remove(&e.last_used.load(Ordering::Relaxed));
+        if e.ready().is_some() {
+            self.ready -= 1;
+        }
+        self.charge_tenant(&e, 0, -1);
+        if e.idle() {
+            self.set_reserved(&e, 0);
+        } else {
+            self.retired.push(e.clone());
+        }
+        Some(e)
+    }
+
+    fn touch(&mut self, entry: &Entry<V, E>) {
+        let stamp = CLOCK.fetch_add(1, Ordering::Relaxed);
+        let old = entry.last_used.swap(stamp, Ordering::Relaxed);
+        if self.order.remove(&old).is_some() || self.holds_key(&entry.key, entry) {
+            self.order.insert(stamp, entry.key.clone());
+        }
+    }
+
+    fn holds_key(&self, key: &str, entry: &Entry<V, E>) -> bool {
+        self.map
+            .get(key)
+            .is_some_and(|e| std::ptr::eq(Arc::as_ptr(e), entry))
     }
 }
 
@@ -131,9 +265,10 @@ type Pinned<V> = Box<dyn Fn(&str, &V) -> bool + Send + Sync>;
 
 pub struct BudgetCache<V, E> {
     budget: Option<u64>,
-    entries: Mutex<HashMap<String, Arc<Entry<V, E>>>>,
+    table: Mutex<Table<V, E>>,
     pinned: Pinned<V>,
     events: Arc<dyn Events>,
+    tenant_limits: Option<TenantLimits>,
     /// The budget this cache shares with others, once it has joined one.
     shared: OnceLock<Arc<SharedBudget>>,
 }
@@ -152,9 +287,9 @@ pub struct SharedBudget {
 /// What a [`SharedBudget`] needs of each cache that shares it.
 trait Member: Send + Sync {
     fn used(&self) -> u64;
-    /// The least recently used entry that may be evicted, other than `except`: its last use
-    /// and key.
-    fn oldest(&self, except: Option<&str>) -> Option<(u64, String)>;
+    /// The least recently used entry that may be evicted for an entry of `for_tenant`, other
+    /// than `except`: its last use and key.
+    fn oldest(&self, except: Option<&str>, for_tenant: Option<&str>) -> Option<(u64, String)>;
     /// Evicts `key` for `for_entry` if it still may be; the bytes freed.
     fn evict(&self, key: &str, for_entry: &str) -> Option<u64>;
 }
@@ -189,6 +324,7 @@ impl SharedBudget {
         &self,
         me: *const (),
         key: &str,
+        tenant: Option<&str>,
         label: &str,
         need: u64,
     ) -> Result<(), CacheError<E>> {
@@ -210,7 +346,8 @@ impl SharedBudget {
                 .enumerate()
                 .filter_map(|(i, m)| {
                     let mine = std::ptr::eq(Arc::as_ptr(m) as *const (), me);
-                    let (used, k) = m.oldest(mine.then_some(key))?;
+                    // Tenants are a cache's own: another cache's entry needs room as itself.
+                    let (used, k) = m.oldest(mine.then_some(key), tenant.filter(|_| mine))?;
                     Some((used, i, k))
                 })
                 .min();
@@ -238,11 +375,18 @@ impl<V, E: Clone> BudgetCache<V, E> {
     ) -> Self {
         BudgetCache {
             budget,
-            entries: Mutex::default(),
+            table: Mutex::default(),
             pinned: Box::new(pinned),
             events,
+            tenant_limits: None,
             shared: OnceLock::new(),
         }
+    }
+
+    /// The same cache, holding each tenant's entries to `limits`.
+    pub fn with_tenant_limits(mut self, limits: TenantLimits) -> Self {
+        self.tenant_limits = Some(limits);
+        self
     }
 
     pub fn budget(&self) -> Option<u64> {
@@ -256,16 +400,16 @@ impl<V, E: Clone> BudgetCache<V, E> {
 
     /// A lease on `key` if it is loaded and ready; never loads.
     pub fn lease_ready(&self, key: &str) -> Option<Lease<V, E>> {
-        let entries = self.entries.lock();
-        let entry = entries.get(key)?;
+        let mut table = self.table.lock();
+        let entry = table.map.get(key)?.clone();
         let value = entry.ready()?.clone();
-        Some(self.lease(entry, value))
+        Some(Self::lease(&mut table, &entry, value))
     }
 
     /// `key`'s value if it is loaded and ready, without a lease (for reading its description;
     /// use a lease to use it).
     pub fn peek(&self, key: &str) -> Option<Arc<V>> {
-        self.entries.lock().get(key)?.ready().cloned()
+        self.table.lock().map.get(key)?.ready().cloned()
     }
 
     /// A lease on `key`, loading it first if it is not loaded: `estimate` gives the bytes to
@@ -284,41 +428,94 @@ impl<V, E: Clone> BudgetCache<V, E> {
         Load: FnOnce(u64) -> Fut,
         Fut: Future<Output = Result<(V, u64), E>>,
     {
+        self.get_or_load_for(None, key, estimate, load).await
+    }
+
+    /// [`BudgetCache::get_or_load`], the entry (if it is loaded now) charged to `tenant`
+    /// under the cache's [`TenantLimits`].
+    pub async fn get_or_load_for<Est, Load, Fut>(
+        &self,
+        tenant: Option<&str>,
+        key: &str,
+        estimate: Est,
+        load: Load,
+    ) -> Result<Lease<V, E>, CacheError<E>>
+    where
+        Est: FnOnce() -> Result<u64, E>,
+        Load: FnOnce(u64) -> Fut,
+        Fut: Future<Output = Result<(V, u64), E>>,
+    {
         let entry = {
-            let mut entries = self.entries.lock();
-            let entry = entries.entry(key.to_string()).or_default();
-            if let Some(value) = entry.ready() {
-                let value = value.clone();
-                return Ok(self.lease(entry, value));
+            let mut table = self.table.lock();
+            if let Some(entry) = table.map.get(key).cloned() {
+                if let Some(value) = entry.ready() {
+                    let value = value.clone();
+                    return Ok(Self::lease(&mut table, &entry, value));
+                }
+                entry
+            } else {
+                self.insert(&mut table, key, tenant)?
             }
-            entry.clone()
         };
         let result = entry
             .cell
-            .get_or_init(|| self.load_entry(key, &entry, estimate, load))
+            .get_or_init(|| self.load_entry(&entry, estimate, load))
             .await
             .clone();
-        // The cell is set now: the counts include this load's outcome.
-        self.publish();
-        let mut entries = self.entries.lock();
-        match result {
-            Ok(value) => Ok(self.lease(&entry, value)),
+        let mut table = self.table.lock();
+        let outcome = match result {
+            Ok(value) => Ok(Self::lease(&mut table, &entry, value)),
             Err(e) => {
-                if matches!(e, CacheError::NoRoom { .. } | CacheError::TooLarge { .. }) {
-                    // Lack of room is transient: forget the attempt, so the next request
-                    // tries again (not this very entry if another replaced it meanwhile).
-                    if entries.get(key).is_some_and(|x| Arc::ptr_eq(x, &entry)) {
-                        entries.remove(key);
-                    }
+                // Lack of room is transient: forget the attempt, so the next request tries
+                // again (not this very entry if another replaced it meanwhile).
+                if !matches!(e, CacheError::Load(_)) && table.holds(&entry) {
+                    table.remove(key);
                 }
                 Err(e)
             }
+        };
+        drop(table);
+        // The cell is set now: the counts include this load's outcome.
+        self.publish();
+        outcome
+    }
+
+    /// A new, loading entry for `key` in `table`, within `tenant`'s entry limit (its least
+    /// recently used idle entry makes room if need be).
+    fn insert(
+        &self,
+        table: &mut Table<V, E>,
+        key: &str,
+        tenant: Option<&str>,
+    ) -> Result<Arc<Entry<V, E>>, CacheError<E>> {
+        let tenant: Option<Arc<str>> = tenant.map(Arc::from);
+        if let (Some(t), Some(limits)) = (&tenant, self.tenant_limits) {
+            while table.tenant_usage(t).entries >= limits.max_entries {
+                let Some((_, victim)) = self.oldest_of_tenant(table, t, None) else {
+                    return Err(CacheError::TenantEntries {
+                        limit: limits.max_entries,
+                    });
+                };
+                self.evict_in(table, &victim, &self.events.label(key));
+            }
         }
+        let key: Arc<str> = Arc::from(key);
+        let entry = Arc::new(Entry {
+            key: key.clone(),
+            tenant,
+            cell: OnceCell::new(),
+            reserved: AtomicU64::new(0),
+            leases: AtomicUsize::new(0),
+            last_used: AtomicU64::new(0),
+        });
+        table.map.insert(key, entry.clone());
+        table.charge_tenant(&entry, 0, 1);
+        table.touch(&entry);
+        Ok(entry)
     }
 
     async fn load_entry<Est, Load, Fut>(
         &self,
-        key: &str,
         entry: &Arc<Entry<V, E>>,
         estimate: Est,
         load: Load,
@@ -329,37 +526,74 @@ impl<V, E: Clone> BudgetCache<V, E> {
         Fut: Future<Output = Result<(V, u64), E>>,
     {
         let need = estimate().map_err(CacheError::Load)?;
-        self.reserve(key, entry, need)?;
+        self.reserve(entry, need)?;
         match load(need).await {
             Ok((value, bytes)) => {
+                // More than estimated: room for all of it, by eviction if need be, or it is
+                // refused; the budget is never overrun.
                 if bytes > need {
-                    // It holds more than estimated: room for all of it, by eviction if need
-                    // be, or it is refused; the budget is never overrun.
-                    entry.reserved.store(0, Ordering::Release);
-                    if let Err(e) = self.reserve(key, entry, bytes) {
+                    if let Err(e) = self.reserve(entry, bytes) {
+                        self.table.lock().set_reserved(entry, 0);
                         self.publish();
                         return Err(e);
                     }
                 }
-                entry.reserved.store(bytes, Ordering::Release);
-                self.touch(entry);
+                let mut table = self.table.lock();
+                table.set_reserved(entry, bytes);
+                if table.holds(entry) {
+                    table.ready += 1;
+                } else if bytes > 0 {
+                    // Removed while it loaded: its caller still gets it, so it counts.
+                    table.retired.push(entry.clone());
+                }
+                table.touch(entry);
                 Ok(Arc::new(value))
             }
             Err(e) => {
-                entry.reserved.store(0, Ordering::Release);
+                self.table.lock().set_reserved(entry, 0);
                 Err(CacheError::Load(e))
             }
         }
     }
 
-    /// Reserves `need` bytes for `entry`, evicting idle, unpinned, ready entries least
-    /// recently used first until it fits this cache's budget and then the shared one (whose
-    /// evictions may be of another cache's entries).
-    fn reserve(&self, key: &str, entry: &Entry<V, E>, need: u64) -> Result<(), CacheError<E>> {
+    /// Charges `need` bytes to `entry` (instead of what it was charged), evicting idle,
+    /// unpinned, ready entries least recently used first until it fits its tenant's limit,
+    /// this cache's budget and then the shared one (whose evictions may be of another
+    /// cache's entries).
+    fn reserve(&self, entry: &Entry<V, E>, need: u64) -> Result<(), CacheError<E>> {
+        let key = &*entry.key;
+        let tenant = entry.tenant.as_deref();
+        let label = self.events.label(key);
         let shared = self.shared.get();
         let _turn = shared.map(|s| s.turn.lock());
         {
-            let mut entries = self.entries.lock();
+            let mut table = self.table.lock();
+            table.prune();
+            let mine = entry.bytes();
+            if let (Some(t), Some(limits)) = (tenant, self.tenant_limits) {
+                if need > limits.max_bytes {
+                    let used = table.tenant_usage(t).bytes.saturating_sub(mine);
+                    return Err(CacheError::TenantBytes {
+                        need,
+                        used,
+                        limit: limits.max_bytes,
+                    });
+                }
+                loop {
+                    let used = table.tenant_usage(t).bytes.saturating_sub(mine);
+                    if used + need <= limits.max_bytes {
+                        break;
+                    }
+                    let Some((_, victim)) = self.oldest_of_tenant(&table, t, Some(key)) else {
+                        return Err(CacheError::TenantBytes {
+                            need,
+                            used,
+                            limit: limits.max_bytes,
+                        });
+                    };
+                    self.evict_in(&mut table, &victim, &label);
+                }
+            }
             if let Some(budget) = self.budget {
                 if need > budget {
                     return Err(CacheError::TooLarge {
@@ -369,16 +603,14 @@ impl<V, E: Clone> BudgetCache<V, E> {
                     });
                 }
                 loop {
-                    let used: u64 = entries
-                        .values()
-                        .map(|e| e.reserved.load(Ordering::Acquire))
-                        .sum();
+                    table.prune();
+                    let used = table.reserved.saturating_sub(mine);
                     if used + need <= budget {
                         break;
                     }
                     // Leases are taken under this lock, so an idle entry stays idle until
                     // it is removed here.
-                    let Some((_, victim)) = self.oldest_in(&entries, Some(key)) else {
+                    let Some((_, victim)) = self.oldest_in(&table, Some(key), tenant) else {
                         return Err(CacheError::NoRoom {
                             need,
                             free: budget.saturating_sub(used),
@@ -386,74 +618,109 @@ impl<V, E: Clone> BudgetCache<V, E> {
                             shared: false,
                         });
                     };
-                    let freed = entries
-                        .remove(&victim)
-                        .map_or(0, |e| e.reserved.load(Ordering::Acquire));
-                    self.events.evicted(&victim, freed, &self.events.label(key));
+                    self.evict_in(&mut table, &victim, &label);
                 }
             }
             if shared.is_none() {
-                entry.reserved.store(need, Ordering::Release);
+                table.set_reserved(entry, need);
+            } else {
+                // The shared budget counts this entry's new charge as the need.
+                table.set_reserved(entry, 0);
             }
         }
         if let Some(s) = shared {
             let me = self as *const Self as *const ();
-            s.make_room(me, key, &self.events.label(key), need)?;
+            s.make_room(me, key, tenant, &label, need)?;
             // Still under the turn: no other member reserves meanwhile.
-            entry.reserved.store(need, Ordering::Release);
+            self.table.lock().set_reserved(entry, need);
         }
         self.publish();
         Ok(())
     }
 
-    /// The least recently used entry of `entries` that is ready, idle and unpinned, other
-    /// than `except`.
-    fn oldest_in(
-        &self,
-        entries: &HashMap<String, Arc<Entry<V, E>>>,
-        except: Option<&str>,
-    ) -> Option<(u64, String)> {
-        entries
-            .iter()
-            .filter(|(k, e)| Some(k.as_str()) != except && e.leases.load(Ordering::Acquire) == 0)
-            .filter_map(|(k, e)| {
-                let v = e.ready()?;
-                (!(self.pinned)(k, v)).then(|| (e.last_used.load(Ordering::Relaxed), k.clone()))
-            })
-            .min()
+    /// Removes `victim` to make room for `for_entry`, and says so.
+    fn evict_in(&self, table: &mut Table<V, E>, victim: &str, for_entry: &str) {
+        let freed = table.map.get(victim).map_or(0, |e| e.bytes());
+        table.remove(victim);
+        self.events.evicted(victim, freed, for_entry);
     }
 
-    fn lease(&self, entry: &Arc<Entry<V, E>>, value: Arc<V>) -> Lease<V, E> {
+    /// Whether `e` may be evicted at all: ready, idle, unpinned.
+    fn evictable(&self, e: &Entry<V, E>) -> bool {
+        e.idle() && e.ready().is_some_and(|v| !(self.pinned)(&e.key, v))
+    }
+
+    /// The least recently used entry of `table` that may be evicted for an entry of
+    /// `for_tenant`, other than `except`: ready, idle, unpinned, and not another tenant's
+    /// while that tenant holds no more than its fair share of the budget.
+    fn oldest_in(
+        &self,
+        table: &Table<V, E>,
+        except: Option<&str>,
+        for_tenant: Option<&str>,
+    ) -> Option<(u64, String)> {
+        let fair = match (self.budget, for_tenant) {
+            (Some(budget), Some(me)) => {
+                let holders = table.tenants.iter().filter(|(_, u)| u.bytes > 0);
+                let count = holders.clone().count() as u64
+                    + u64::from(!holders.clone().any(|(t, _)| &**t == me));
+                Some(budget / count.max(1))
+            }
+            _ => None,
+        };
+        let protected = |e: &Entry<V, E>| match (&e.tenant, fair) {
+            (Some(t), Some(fair)) => {
+                Some(&**t) != for_tenant && table.tenant_usage(t).bytes <= fair
+            }
+            _ => false,
+        };
+        table.order.iter().find_map(|(&stamp, k)| {
+            let e = table.map.get(k)?;
+            (Some(&**k) != except && self.evictable(e) && !protected(e))
+                .then(|| (stamp, k.to_string()))
+        })
+    }
+
+    /// The least recently used evictable entry of `tenant`, other than `except`.
+    fn oldest_of_tenant(
+        &self,
+        table: &Table<V, E>,
+        tenant: &str,
+        except: Option<&str>,
+    ) -> Option<(u64, String)> {
+        table.order.iter().find_map(|(&stamp, k)| {
+            let e = table.map.get(k)?;
+            (Some(&**k) != except && e.tenant.as_deref() == Some(tenant) && self.evictable(e))
+                .then(|| (stamp, k.to_string()))
+        })
+    }
+
+    fn lease(table: &mut Table<V, E>, entry: &Arc<Entry<V, E>>, value: Arc<V>) -> Lease<V, E> {
         entry.leases.fetch_add(1, Ordering::AcqRel);
-        self.touch(entry);
+        table.touch(entry);
         Lease {
             value,
             entry: entry.clone(),
         }
     }
 
-    fn touch(&self, entry: &Entry<V, E>) {
-        entry
-            .last_used
-            .store(CLOCK.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
-    }
-
     /// Forgets a failed load of `key`, so the next request loads it again.
     pub fn forget_failure(&self, key: &str) {
-        let mut entries = self.entries.lock();
-        if entries
+        let mut table = self.table.lock();
+        if table
+            .map
             .get(key)
             .and_then(|e| e.cell.get())
             .is_some_and(|r| r.is_err())
         {
-            entries.remove(key);
+            table.remove(key);
         }
     }
 
     /// Removes `key` (loaded, loading or failed); false if it was not there. Leases already
-    /// out keep the value until they are dropped.
+    /// out keep the value, and its bytes stay charged, until they are dropped.
     pub fn remove(&self, key: &str) -> bool {
-        let removed = self.entries.lock().remove(key).is_some();
+        let removed = self.table.lock().remove(key).is_some();
         if removed {
             self.publish();
         }
@@ -462,34 +729,39 @@ impl<V, E: Clone> BudgetCache<V, E> {
 
     /// `key`'s state, if the cache knows it.
     pub fn state(&self, key: &str) -> Option<State<V, E>> {
-        let entries = self.entries.lock();
-        Some(state_of(entries.get(key)?))
+        let table = self.table.lock();
+        Some(state_of(table.map.get(key)?))
     }
 
     /// Every ready value, by key.
     pub fn ready(&self) -> Vec<(String, Arc<V>)> {
-        let entries = self.entries.lock();
-        let mut v: Vec<_> = entries
+        let table = self.table.lock();
+        let mut v: Vec<_> = table
+            .map
             .iter()
-            .filter_map(|(k, e)| Some((k.clone(), e.ready()?.clone())))
+            .filter_map(|(k, e)| Some((k.to_string(), e.ready()?.clone())))
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
 
-    /// Bytes reserved by loaded and loading entries.
+    /// Bytes reserved by loaded and loading entries, and by removed ones still leased.
     pub fn reserved(&self) -> u64 {
         self.totals().0
     }
 
+    /// Bytes and entries `tenant` holds (removed entries still leased count their bytes).
+    pub fn tenant_usage(&self, tenant: &str) -> (u64, usize) {
+        let mut table = self.table.lock();
+        table.prune();
+        let u = table.tenant_usage(tenant);
+        (u.bytes, u.entries)
+    }
+
     fn totals(&self) -> (u64, usize) {
-        let entries = self.entries.lock();
-        let reserved = entries
-            .values()
-            .map(|e| e.reserved.load(Ordering::Acquire))
-            .sum();
-        let ready = entries.values().filter(|e| e.ready().is_some()).count();
-        (reserved, ready)
+        let mut table = self.table.lock();
+        table.prune();
+        (table.reserved, table.ready)
     }
 
     fn publish(&self) {
@@ -516,22 +788,20 @@ impl<V: Send + Sync + 'static, E: Clone + Send + Sync + 'static> Member for Budg
         self.reserved()
     }
 
-    fn oldest(&self, except: Option<&str>) -> Option<(u64, String)> {
-        self.oldest_in(&self.entries.lock(), except)
+    fn oldest(&self, except: Option<&str>, for_tenant: Option<&str>) -> Option<(u64, String)> {
+        self.oldest_in(&self.table.lock(), except, for_tenant)
     }
 
     fn evict(&self, key: &str, for_entry: &str) -> Option<u64> {
         let freed = {
-            let mut entries = self.entries.lock();
-            let entry = entries.get(key)?;
-            let evictable = entry.leases.load(Ordering::Acquire) == 0
-                && entry.ready().is_some_and(|v| !(self.pinned)(key, v));
-            if !evictable {
+            let mut table = self.table.lock();
+            let entry = table.map.get(key)?;
+            if !self.evictable(entry) {
                 return None;
             }
-            entries
-                .remove(key)
-                .map_or(0, |e| e.reserved.load(Ordering::Acquire))
+            let freed = entry.bytes();
+            table.remove(key);
+            freed
         };
         self.events.evicted(key, freed, for_entry);
         self.publish();
@@ -713,6 +983,9 @@ mod tests {
         assert!(c.remove("a"));
         assert!(!c.remove("a"));
         assert_eq!(*lease, "a");
+        // Its bytes are still held by the lease, so they still count.
+        assert_eq!(c.reserved(), 10);
+        drop(lease);
         assert_eq!(c.reserved(), 0);
         // Concurrent gets and removes leave the cache consistent.
         let mut tasks = Vec::new();
@@ -802,5 +1075,134 @@ mod tests {
         drop(tensor("t3", 10).await.unwrap());
         drop(tensors);
         assert_eq!(shared.used(), models.reserved());
+    }
+
+    /// Replacing a value while a lease still uses the old one keeps both counted: the budget
+    /// bounds memory, not only what the cache still lists; the old bytes go with the last
+    /// lease, and room that needs them waits for it.
+    #[tokio::test]
+    async fn a_replaced_value_in_use_stays_counted_until_its_last_lease_goes() {
+        let c = cache(Some(30));
+        let old = get(&c, "t", 20).await.unwrap();
+        let also = c.lease_ready("t").unwrap();
+        assert!(c.remove("t"));
+        // The new "t" does not fit beside the old one, which is still in use.
+        let e = get(&c, "t", 20).await.err().unwrap();
+        assert!(
+            matches!(
+                e,
+                CacheError::NoRoom {
+                    need: 20,
+                    free: 10,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        drop(old);
+        assert_eq!(c.reserved(), 20, "one lease still holds it");
+        drop(also);
+        assert_eq!(c.reserved(), 0);
+        drop(get(&c, "t", 20).await.unwrap());
+        assert_eq!(c.reserved(), 20);
+    }
+
+    fn tenanted(budget: u64, max_bytes: u64, max_entries: usize) -> Cache {
+        cache(Some(budget)).with_tenant_limits(TenantLimits {
+            max_bytes,
+            max_entries,
+        })
+    }
+
+    async fn get_for(
+        c: &Cache,
+        tenant: &str,
+        key: &str,
+        bytes: u64,
+    ) -> Result<Lease<String, String>, CacheError<String>> {
+        let value = key.to_string();
+        c.get_or_load_for(
+            Some(tenant),
+            key,
+            || Ok(bytes),
+            |_| async move { Ok((value, bytes)) },
+        )
+        .await
+    }
+
+    /// A tenant at its byte or entry limit makes room among its own entries (least recently
+    /// used first), never another's; with its own all in use it is refused, naming its
+    /// limit.
+    #[tokio::test]
+    async fn a_tenant_at_its_limit_evicts_its_own_entries_only() {
+        let c = tenanted(100, 30, 3);
+        drop(get_for(&c, "b", "b1", 10).await.unwrap());
+        drop(get_for(&c, "a", "a1", 10).await.unwrap());
+        drop(get_for(&c, "a", "a2", 10).await.unwrap());
+        drop(get_for(&c, "a", "a3", 10).await.unwrap());
+        // Bytes: a holds 30 of its 30; a4 takes a1's place, b1 (older) stays.
+        drop(get_for(&c, "a", "a4", 10).await.unwrap());
+        assert_eq!(keys(&c), ["a2", "a3", "a4", "b1"]);
+        assert_eq!(c.tenant_usage("a"), (30, 3));
+        // Entries: 3 of 3; a small one takes a2's place.
+        drop(get_for(&c, "a", "a5", 1).await.unwrap());
+        assert_eq!(keys(&c), ["a3", "a4", "a5", "b1"]);
+        let held: Vec<_> = ["a3", "a4", "a5"]
+            .iter()
+            .map(|k| c.lease_ready(k).unwrap())
+            .collect();
+        let e = get_for(&c, "a", "a6", 1).await.err().unwrap();
+        assert_eq!(e, CacheError::TenantEntries { limit: 3 });
+        let e = get_for(&c, "a", "a3", 10).await;
+        assert!(e.is_ok(), "a ready entry of its own is leased, not loaded");
+        drop(held);
+        let e = get_for(&c, "a", "big", 31).await.err().unwrap();
+        assert!(
+            matches!(
+                e,
+                CacheError::TenantBytes {
+                    need: 31,
+                    limit: 30,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(c.tenant_usage("b"), (10, 1));
+    }
+
+    /// With the budget full, a tenant evicts another only while that one holds more than
+    /// its fair share (the budget over the tenants holding bytes); untenanted entries are
+    /// fair game.
+    #[tokio::test]
+    async fn tenants_within_their_fair_share_are_not_evicted_by_others() {
+        let c = tenanted(40, 40, 100);
+        drop(get_for(&c, "victim", "v1", 10).await.unwrap());
+        drop(get_for(&c, "greedy", "g1", 10).await.unwrap());
+        drop(get_for(&c, "greedy", "g2", 10).await.unwrap());
+        drop(get_for(&c, "greedy", "g3", 10).await.unwrap());
+        // Full. greedy (30 of a fair 20) may evict only its own; v1 is the oldest but stays.
+        drop(get_for(&c, "greedy", "g4", 10).await.unwrap());
+        assert_eq!(keys(&c), ["g2", "g3", "g4", "v1"]);
+        drop(c.lease_ready("v1"));
+        // victim, under its share, takes from greedy, who is over it.
+        drop(get_for(&c, "victim", "v2", 10).await.unwrap());
+        assert_eq!(keys(&c), ["g3", "g4", "v1", "v2"]);
+        // Now 20 and 20: each holds exactly its share, so neither evicts the other.
+        let held = (c.lease_ready("g3").unwrap(), c.lease_ready("g4").unwrap());
+        let e = get_for(&c, "greedy", "g5", 10).await.err().unwrap();
+        assert!(matches!(e, CacheError::NoRoom { need: 10, .. }), "{e:?}");
+        assert_eq!(keys(&c), ["g3", "g4", "v1", "v2"]);
+        drop(held);
+        // A third tenant lowers the fair share to 13: both are over it now, and the least
+        // recently used of theirs goes.
+        drop(get_for(&c, "third", "t1", 10).await.unwrap());
+        assert_eq!(keys(&c), ["g3", "g4", "t1", "v2"]);
+        // Untenanted entries (the operator's) are evicted for anyone.
+        let d = tenanted(20, 20, 10);
+        drop(get(&d, "operator", 10).await.unwrap());
+        drop(get_for(&d, "x", "x1", 10).await.unwrap());
+        drop(get_for(&d, "x", "x2", 10).await.unwrap());
+        assert_eq!(keys(&d), ["x1", "x2"]);
     }
 }

@@ -138,10 +138,11 @@ impl AvatarStore {
         crate::check_name(id)
             .map_err(|_| AvatarError::InvalidName(framecast_proto::echo(id).into_owned()))?;
         if self.cache.remove(id) {
-            Ok(())
-        } else {
-            Err(AvatarError::NotLoaded(id.to_string()))
+            return Ok(());
         }
+        // Not in memory: NOT_FOUND if there is no such avatar at all.
+        self.dir(id)?;
+        Err(AvatarError::NotLoaded(id.to_string()))
     }
 
     /// Bytes held by loaded and loading avatars.
@@ -235,6 +236,19 @@ impl AvatarStore {
                     need,
                     free,
                     budget,
+                },
+                // Avatars are loaded for no tenant: these limits never apply to them.
+                CacheError::TenantBytes { need, used, limit } => AvatarError::NoRoom {
+                    id: id.to_string(),
+                    need,
+                    free: limit.saturating_sub(used),
+                    budget: limit,
+                },
+                CacheError::TenantEntries { .. } => AvatarError::NoRoom {
+                    id: id.to_string(),
+                    need: 0,
+                    free: 0,
+                    budget: 0,
                 },
             })
     }

@@ -331,7 +331,7 @@ impl Drop for Handle {
 }
 
 /// The most bytes TurboJPEG writes for a `width` x `height` frame.
-fn worst_case_bytes(width: u32, height: u32, subsampling: Subsampling) -> usize {
+pub fn worst_case_bytes(width: u32, height: u32, subsampling: Subsampling) -> usize {
     // SAFETY: pure arithmetic; 0 (an error) for impossible sizes.
     unsafe { raw::tj3JPEGBufSize(width as c_int, height as c_int, subsampling.turbo()) as usize }
 }

@@ -148,8 +148,15 @@ struct ServeArgs {
     /// Admission limit: open Render streams; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "FRAMECAST_MAX_STREAMS", default_value_t = framecast_compositor::rpc::DEFAULT_MAX_STREAMS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_streams: usize,
-    /// A Render stream with no request and no frame in flight for this many seconds is ended
-    /// (DEADLINE_EXCEEDED saying so), so idle clients cannot hold --max-streams slots forever.
+    /// Open Render streams one client may hold (its credential with authentication on, its
+    /// address without); default three quarters of --max-streams. Set it to --max-streams
+    /// when one front end is this compositor's only client.
+    #[arg(long, env = "FRAMECAST_MAX_STREAMS_PER_CLIENT", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_streams_per_client: Option<usize>,
+    /// A Render stream that renders no frame for this many seconds is ended
+    /// (DEADLINE_EXCEEDED saying so), whatever empty packets it sends, and one whose client
+    /// reads no frame for as long loses its unread frames: idle clients cannot hold
+    /// --max-streams places.
     #[arg(long, env = "FRAMECAST_STREAM_IDLE_TIMEOUT_S", default_value_t = RenderOptions::default().idle_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     stream_idle_timeout_s: u64,
     /// Seconds of audio an audio session may send ahead of the frames it has received; more
@@ -392,8 +399,11 @@ fn serve(args: ServeArgs) -> Result<()> {
                 .await
                 .with_context(|| format!("preload: avatar '{id}'"))?;
         }
+        let per_client = args.max_streams_per_client.unwrap_or_else(|| {
+            framecast_compositor::rpc::default_streams_per_client(args.max_streams)
+        });
         let svc = CompositorService::new(store, inference, opts, metrics)
-            .with_max_streams(args.max_streams);
+            .with_max_streams(args.max_streams, per_client);
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listen: cannot bind {}", args.listen))?;

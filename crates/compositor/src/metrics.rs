@@ -63,9 +63,9 @@ impl Metrics {
             inference_bytes: IntCounterVec::new(
                 opts!(
                     "inference_bytes_total",
-                    "Bytes of batches sent to the inference replicas over gRPC and of their answers"
+                    "Bytes sent to the inference replicas over gRPC and received from them, by direction (sent, received) and kind (batch: batches and their answers; tensor_registration: tensors registered with a replica's tensor cache)"
                 ),
-                &["direction"],
+                &["direction", "kind"],
             )
             .expect("valid metric"),
             face_crops: IntCounterVec::new(

@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 /// The prepared file's name in a bundle.
 pub const FILE: &str = "prepared.fcp";
 const MAGIC: &[u8; 8] = b"FCPREP02";
-/// Bytes before the per-frame JPEG lengths.
-const FIXED: usize = 8 + 4 + 8 + 12;
+/// Bytes before the per-frame JPEG lengths: format, parameters, fingerprint, size, count.
+pub const FIXED: usize = 8 + 4 + 8 + 12;
 
 /// One background frame as the compositor keeps it: read-only, so any number of sessions
 /// compose from it at once.
@@ -266,14 +266,20 @@ pub fn write(dir: &Path, expect: &Expect<'_>, frames: &[Frame]) -> Result<PathBu
 }
 
 /// The JPEG lengths `dir/prepared.fcp` lists, if it exists and matches `expect`: what
-/// [`read`] would load, from the header alone. `Ok(None)`: absent.
+/// [`read`] would load, from the header alone (every length checked against the file's size
+/// and the most a frame's JPEG can be). `Ok(None)`: absent.
 pub fn jpeg_lengths(dir: &Path, expect: &Expect<'_>) -> Result<Option<Vec<u32>>, String> {
-    Ok(open(dir, expect)?.map(|(_, lens)| lens))
+    Ok(open(dir, expect)?.map(|(_, lens, _)| lens))
 }
 
-/// The file, positioned after its header, and its JPEG lengths, if it exists and its header
-/// matches `expect`.
-fn open(dir: &Path, expect: &Expect<'_>) -> Result<Option<(std::fs::File, Vec<u32>)>, String> {
+/// The file, positioned after its header, its JPEG lengths and the bytes of frames after
+/// the header, if it exists and its header matches `expect`. Every length is checked before
+/// anything is allocated for it: each within the most a frame's JPEG can be, and all of them
+/// with the regions' pixels exactly the bytes the file holds after its header.
+fn open(
+    dir: &Path,
+    expect: &Expect<'_>,
+) -> Result<Option<(std::fs::File, Vec<u32>, usize)>, String> {
     use std::io::Read;
     let path = dir.join(FILE);
     let mut f = match std::fs::File::open(&path) {
@@ -281,16 +287,53 @@ fn open(dir: &Path, expect: &Expect<'_>) -> Result<Option<(std::fs::File, Vec<u3
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
+    let size = f
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
     let want = header(expect, std::iter::empty());
-    let mut head = vec![0u8; want.len() + 4 * expect.boxes.len()];
+    let head_len = want.len() + 4 * expect.boxes.len();
+    if size < head_len as u64 {
+        return Err(format!(
+            "{}: the header is cut short ({size} bytes; {head_len} expected)",
+            path.display()
+        ));
+    }
+    let mut head = vec![0u8; head_len];
     f.read_exact(&mut head)
         .map_err(|e| format!("{}: header: {e}", path.display()))?;
     check_header(&path, &head[..want.len()], &want)?;
-    let lens = head[want.len()..]
+    let lens: Vec<u32> = head[want.len()..]
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
-    Ok(Some((f, lens)))
+    let grid = expect.grid;
+    let most = encode::worst_case_bytes(grid.width, grid.height, expect.params.subsampling);
+    let mut total = 0u64;
+    for (i, (&len, b)) in lens.iter().zip(expect.boxes).enumerate() {
+        if len < 4 || len as usize > most {
+            return Err(format!(
+                "{}: frame {i}'s JPEG length {len} is impossible for a {}x{} frame (4 to {most} bytes)",
+                path.display(),
+                grid.width,
+                grid.height
+            ));
+        }
+        total += len as u64 + region_bytes(&grid.region(b), expect.params.subsampling) as u64;
+    }
+    let body = size - head_len as u64;
+    if body != total {
+        let what = if body < total {
+            "cut short"
+        } else {
+            "longer than its frames"
+        };
+        return Err(format!(
+            "{}: the frames are {what}: the header lists {total} bytes of frames, the file holds {body}",
+            path.display()
+        ));
+    }
+    Ok(Some((f, lens, total as usize)))
 }
 
 fn check_header(path: &Path, got: &[u8], want: &[u8]) -> Result<(), String> {
@@ -311,37 +354,52 @@ fn check_header(path: &Path, got: &[u8], want: &[u8]) -> Result<(), String> {
     ))
 }
 
+/// The headers (every marker before the entropy-coded data) the encoder writes for a frame
+/// of `grid`'s size with `params`: quantisation and Huffman tables, frame header with its
+/// components and sampling, restart interval, scan header. Splicing relies on every one of
+/// them, so each prepared frame's headers must be exactly these.
+fn expected_headers(grid: &Grid, params: Params) -> Result<Vec<u8>, String> {
+    let blank = vec![0u8; grid.width as usize * grid.height as usize * 3];
+    let mut jpeg = Vec::new();
+    encode::encode_into(
+        Rgb::packed(&blank, grid.width, grid.height),
+        params,
+        &mut jpeg,
+    )?;
+    let layout = segments::parse(&jpeg)?;
+    Ok(jpeg[..layout.starts[0] as usize].to_vec())
+}
+
 /// The frames of `dir/prepared.fcp`, checked against `expect`; `Ok(None)` when there is no
-/// such file. Every JPEG is parsed (its segment count must match the grid) and every size
-/// checked, so a corrupt file is refused, never half-used.
+/// such file. Every length is checked against the file before anything is allocated, and
+/// every JPEG parsed and its headers compared with the encoder's, so a corrupt or tampered
+/// file is refused (the avatar is then prepared from its frames), never half-used.
 pub fn read(dir: &Path, expect: &Expect<'_>) -> Result<Option<Vec<Frame>>, String> {
     use std::io::Read;
-    let Some((mut file, lens)) = open(dir, expect)? else {
+    let Some((mut file, lens, total)) = open(dir, expect)? else {
         return Ok(None);
     };
     let path = dir.join(FILE);
     let grid = expect.grid;
     let regions: Vec<Region> = expect.boxes.iter().map(|b| grid.region(b)).collect();
-    let total: usize = lens
-        .iter()
-        .zip(&regions)
-        .map(|(&len, r)| len as usize + region_bytes(r, expect.params.subsampling))
-        .sum();
-    // One read of exactly the frames; every frame's JPEG and pixels are slices of it, so
-    // the avatar holds exactly the frames' bytes and nothing is copied twice.
-    let mut data = Vec::with_capacity(total);
+    // One read of exactly the frames (their size checked against the file's): every
+    // frame's JPEG and pixels are slices of it, so the avatar holds exactly the frames'
+    // bytes and nothing is copied twice.
+    let mut data = Vec::new();
+    data.try_reserve_exact(total)
+        .map_err(|e| format!("{}: {total} bytes of frames: {e}", path.display()))?;
     Read::take(&mut file, total as u64 + 1)
         .read_to_end(&mut data)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    match data.len().cmp(&total) {
-        std::cmp::Ordering::Less => {
-            return Err(format!("{}: the frames are cut short", path.display()))
-        }
-        std::cmp::Ordering::Greater => {
-            return Err(format!("{}: bytes after the last frame", path.display()))
-        }
-        std::cmp::Ordering::Equal => {}
+    if data.len() != total {
+        return Err(format!(
+            "{}: the file changed while it was read ({} bytes of frames; {total} expected)",
+            path.display(),
+            data.len()
+        ));
     }
+    let headers =
+        expected_headers(grid, expect.params).map_err(|e| format!("{}: {e}", path.display()))?;
     let data = Bytes::from(data);
     let mut at = 0;
     let mut frames = Vec::with_capacity(lens.len());
@@ -349,24 +407,24 @@ pub fn read(dir: &Path, expect: &Expect<'_>) -> Result<Option<Vec<Frame>>, Strin
         let jpeg_end = at + len as usize;
         let end = jpeg_end + region_bytes(&region, expect.params.subsampling);
         let jpeg = data.slice(at..jpeg_end);
-        let layout =
-            segments::parse(&jpeg).map_err(|e| format!("{}: frame {i}: {e}", path.display()))?;
+        let bad = |e: String| format!("{}: frame {i}: {e}", path.display());
+        let layout = segments::parse(&jpeg).map_err(bad)?;
         if layout.size != (grid.width, grid.height) {
-            return Err(format!(
-                "{}: frame {i} is {}x{}; the avatar is {}x{}",
-                path.display(),
-                layout.size.0,
-                layout.size.1,
-                grid.width,
-                grid.height
-            ));
+            return Err(bad(format!(
+                "{}x{}; the avatar is {}x{}",
+                layout.size.0, layout.size.1, grid.width, grid.height
+            )));
         }
         if layout.starts.len() != grid.segments() {
-            return Err(format!(
-                "{}: frame {i} has {} restart segments; its size needs {}",
-                path.display(),
+            return Err(bad(format!(
+                "{} restart segments; its size needs {}",
                 layout.starts.len(),
                 grid.segments()
+            )));
+        }
+        if jpeg[..layout.starts[0] as usize] != headers[..] {
+            return Err(bad(
+                "its JPEG headers (tables, components, sampling or restart interval) differ from those the encoder writes for the avatar's parameters".into(),
             ));
         }
         frames.push(Frame {
@@ -441,5 +499,74 @@ mod tests {
         let text = std::fs::read_to_string(&boxes).unwrap();
         std::fs::write(&boxes, format!("{text} ")).unwrap();
         assert!(unused(&Avatar::load(&dir).unwrap()).contains("other sources"));
+    }
+
+    /// A tampered file is a problem reported, never an abort or a corrupt frame: lengths
+    /// that sum past the file (85 GB of 0xFFFFFFFF), and JPEG headers damaged where the
+    /// splice relies on them (a Huffman table's counts, the component count, the sampling),
+    /// each fall back to preparing the frames, saying why.
+    #[test]
+    fn tampered_lengths_and_headers_are_refused_before_use() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = DemoOptions {
+            id: "t".into(),
+            width: 96,
+            height: 64,
+            frames: 3,
+            crop_size: 32,
+            ..Default::default()
+        };
+        let dir = demo::write_demo(tmp.path(), &opts).unwrap();
+        let (_, path) = Avatar::prepare(&dir, Subsampling::S420).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let lens = super::FIXED;
+        let first_jpeg = lens + 4 * 3;
+        let with = |edit: &dyn Fn(&mut Vec<u8>)| {
+            let mut bad = good.clone();
+            edit(&mut bad);
+            std::fs::write(&path, &bad).unwrap();
+            let why = unused(&Avatar::load(&dir).unwrap());
+            let footprint = Avatar::footprint(&dir, Subsampling::S420).unwrap();
+            assert!(
+                footprint < 1 << 20,
+                "footprint {footprint} from a tampered header"
+            );
+            why
+        };
+        let why = with(&|b| b[lens..first_jpeg].fill(0xFF));
+        assert!(why.contains("impossible"), "{why}");
+        // One length larger, the next smaller by as much: the sum still matches the file.
+        let why = with(&|b| {
+            let l0 = u32::from_le_bytes(b[lens..lens + 4].try_into().unwrap());
+            let l1 = u32::from_le_bytes(b[lens + 4..lens + 8].try_into().unwrap());
+            b[lens..lens + 4].copy_from_slice(&(l0 + 7).to_le_bytes());
+            b[lens + 4..lens + 8].copy_from_slice(&(l1 - 7).to_le_bytes());
+        });
+        assert!(why.contains("frame 0") || why.contains("frame 1"), "{why}");
+        let marker = |b: &[u8], m: u8| {
+            (first_jpeg..b.len() - 1)
+                .find(|&i| b[i] == 0xFF && b[i + 1] == m)
+                .unwrap()
+        };
+        // DHT: marker, length (2), class and id (1), then the 16 code counts.
+        let why = with(&|b| {
+            let at = marker(b, 0xC4) + 5;
+            b[at] = b[at].wrapping_add(1);
+        });
+        assert!(why.contains("frame 0"), "{why}");
+        // SOF0: marker, length (2), precision (1), height (2), width (2), components (1),
+        // then per component its id and sampling factors.
+        let why = with(&|b| {
+            let at = marker(b, 0xC0) + 9;
+            b[at] = 1;
+        });
+        assert!(why.contains("frame 0"), "{why}");
+        let why = with(&|b| {
+            let at = marker(b, 0xC0) + 11;
+            b[at] = 0x11;
+        });
+        assert!(why.contains("headers"), "{why}");
+        std::fs::write(&path, &good).unwrap();
+        assert_eq!(Avatar::load(&dir).unwrap().source, Source::PreparedFile);
     }
 }

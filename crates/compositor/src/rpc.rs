@@ -15,12 +15,15 @@ use framecast_proto::compositor::v1::{
     UnloadAvatarResponse,
 };
 use framecast_proto::echo;
+use framecast_telemetry::places::{Place, Places, Refused};
 use framecast_telemetry::Drain;
 use futures::StreamExt;
+use parking_lot::Mutex;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
-use tokio::sync::{mpsc, Semaphore};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -31,7 +34,10 @@ pub struct CompositorService {
     opts: Arc<RenderOptions>,
     metrics: Arc<Metrics>,
     drain: Drain,
-    streams: Arc<Semaphore>,
+    /// Places under `--max-streams`, shared out per client.
+    streams: Arc<Places>,
+    /// Authentication is on: a client is its token, not its address.
+    authenticated: bool,
     /// Numbers Render streams in logs (the `stream` field of the `render` span).
     next_stream: Arc<std::sync::atomic::AtomicU64>,
     /// Audio-encoder batches shared by every audio session.
@@ -40,6 +46,16 @@ pub struct CompositorService {
 
 /// Open Render streams a compositor accepts unless told otherwise.
 pub const DEFAULT_MAX_STREAMS: usize = 64;
+
+/// One client's share of `max` streams unless told otherwise: three quarters, so one front
+/// end (or one address) cannot take every stream and others always have room.
+pub fn default_streams_per_client(max: usize) -> usize {
+    (max * 3).div_ceil(4).max(1)
+}
+
+/// Frames rendered ahead of the client, per stream: a client that stops reading holds at
+/// most these (a 720p I420 frame is 1.4 MB).
+const FRAMES_AHEAD: usize = 16;
 
 impl CompositorService {
     pub fn new(
@@ -62,16 +78,28 @@ impl CompositorService {
             opts: Arc::new(opts),
             metrics,
             drain: Drain::never(),
-            streams: Arc::new(Semaphore::new(DEFAULT_MAX_STREAMS)),
+            streams: Places::new(
+                DEFAULT_MAX_STREAMS,
+                default_streams_per_client(DEFAULT_MAX_STREAMS),
+            ),
+            authenticated: false,
             next_stream: Arc::default(),
         }
     }
 
-    /// The same service, admitting at most `n` open Render streams; more are refused with
-    /// RESOURCE_EXHAUSTED instead of slowing every session down.
-    pub fn with_max_streams(mut self, n: usize) -> Self {
-        self.streams = Arc::new(Semaphore::new(n));
+    /// The same service, admitting at most `n` open Render streams, and at most
+    /// `per_client` of one client; more are refused with RESOURCE_EXHAUSTED instead of
+    /// slowing every session down.
+    pub fn with_max_streams(mut self, n: usize, per_client: usize) -> Self {
+        self.streams = Places::new(n, per_client);
         self.metrics.streams_limit.set(n as i64);
+        self
+    }
+
+    /// The same service telling clients apart by their credentials (authentication is on)
+    /// instead of their addresses.
+    pub fn with_authentication(mut self, on: bool) -> Self {
+        self.authenticated = on;
         self
     }
 
@@ -97,6 +125,7 @@ fn info(s: &AvatarStatus) -> AvatarInfo {
         i.fps = m.fps;
         i.model = m.model.clone();
         i.resident_bytes = a.resident_bytes();
+        i.speaks = m.audio.is_some();
     }
     i
 }
@@ -180,35 +209,46 @@ impl CompositorService {
 
 #[tonic::async_trait]
 impl Compositor for CompositorService {
-    type RenderStream = ReceiverStream<Result<RenderedFrame, Status>>;
+    type RenderStream = OutboxStream;
 
     async fn render(
         &self,
         req: Request<Streaming<RenderRequest>>,
     ) -> Result<Response<Self::RenderStream>, Status> {
-        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
+        let client = framecast_proto::client::of(&req, self.authenticated);
+        let place = self.streams.take(&client).map_err(|refused| {
             self.metrics
                 .requests
                 .with_label_values(&["resource_exhausted"])
                 .inc();
-            Status::resource_exhausted(format!(
-                "compositor at its limit of {} open Render streams (--max-streams); retry later or use another instance",
-                self.metrics.streams_limit.get()
-            ))
+            Status::resource_exhausted(match refused {
+                Refused::Full { max } => format!(
+                    "compositor at its limit of {max} open Render streams (--max-streams); retry later or use another instance"
+                ),
+                Refused::ClientFull { max } => format!(
+                    "this client has {max} Render streams open, its share (--max-streams-per-client); end one first or use another instance"
+                ),
+            })
         })?;
         // A deadline on the call covers the whole stream: past it, nothing more is rendered
         // and the stream ends with DEADLINE_EXCEEDED.
         let deadline = framecast_proto::deadline::from_metadata(req.metadata());
         let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = mpsc::channel(FRAMES_AHEAD);
+        // The stream's place and its unsent frames go together: when the client has read
+        // them all, or idled past --stream-idle-timeout-s without reading.
+        let outbox = Outbox::new(rx, place);
         let this = self.clone();
         let stream = self
             .next_stream
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let held = outbox.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             this.metrics.streams_active.inc();
             let mut session: Option<Session> = None;
+            // Only progress keeps a stream: a request that renders frames (audio that
+            // completes one, or frames asked for); empty keep-alive packets do not.
+            let mut progress = tokio::time::Instant::now();
             // Requests on one stream render one after another, so frames leave in the order
             // they were asked for.
             loop {
@@ -218,23 +258,23 @@ impl Compositor for CompositorService {
                     biased;
                     _ = this.drain.started() => {
                         let bye = Status::unavailable("compositor shutting down: send further requests to another instance");
-                        let _ = tx.send(Err(bye)).await;
+                        let _ = tx.send_timeout(Err(bye), this.opts.idle_timeout).await;
                         break;
                     }
                     _ = sleep_until_opt(deadline) => {
                         let late = Status::deadline_exceeded("the stream's deadline passed while waiting for the next request");
-                        let _ = tx.send(Err(late)).await;
+                        let _ = tx.send_timeout(Err(late), this.opts.idle_timeout).await;
                         break;
                     }
-                    // Every frame of the last request has been handed over: the stream is
-                    // idle until the next request.
-                    _ = tokio::time::sleep(this.opts.idle_timeout) => {
+                    // No frame rendered for the idle timeout: the stream goes, whatever
+                    // empty packets it sent meanwhile.
+                    _ = tokio::time::sleep_until(progress + this.opts.idle_timeout) => {
                         this.metrics.requests.with_label_values(&["idle_timeout"]).inc();
                         let idle = Status::deadline_exceeded(format!(
                             "stream idle: no request for {} s (--stream-idle-timeout-s); open a new stream when there is more to render",
                             this.opts.idle_timeout.as_secs_f64()
                         ));
-                        let _ = tx.send(Err(idle)).await;
+                        let _ = tx.send_timeout(Err(idle), this.opts.idle_timeout).await;
                         break;
                     }
                     msg = inbound.next() => msg,
@@ -250,6 +290,7 @@ impl Compositor for CompositorService {
                     start = req.start_frame,
                     frames = req.frame_count,
                 );
+                let before = session.as_ref().map(Session::frames_rendered);
                 let result = if req.audio.is_some() || session.is_some() {
                     this.speak(&mut session, req, &tx, deadline)
                         .instrument(span)
@@ -257,6 +298,15 @@ impl Compositor for CompositorService {
                 } else {
                     this.render_one(req, &tx, deadline).instrument(span).await
                 };
+                let rendered = match (&session, before) {
+                    (Some(s), Some(b)) => s.frames_rendered() > b,
+                    (Some(s), None) => s.frames_rendered() > 0,
+                    // A session ended (its last frames rendered) or a request of frames.
+                    (None, _) => true,
+                };
+                if result.is_ok() && rendered {
+                    progress = tokio::time::Instant::now();
+                }
                 let result = result.map_err(Status::from);
                 let outcome = match &result {
                     Ok(()) if tx.is_closed() => "cancelled",
@@ -277,9 +327,12 @@ impl Compositor for CompositorService {
                     break;
                 }
             }
+            // The frames still queued are the client's to read, for at most the idle timeout.
+            drop(tx);
+            held.close_after(this.opts.idle_timeout).await;
             this.metrics.streams_active.dec();
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(outbox.stream()))
     }
 
     async fn load_avatar(
@@ -327,5 +380,103 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+/// A Render stream's frames on their way to the client, and the stream's place under
+/// `--max-streams`. The transport reads the frames through [`OutboxStream`]; the render task
+/// keeps the [`Outbox`] and, once it has ended, gives the place back when the client has read
+/// every frame, or has gone, or after [`Outbox::close_after`]'s wait (a client that stopped
+/// reading holds neither its frames nor its place past it).
+#[derive(Clone)]
+pub struct Outbox(Arc<OutboxInner>);
+
+struct OutboxInner {
+    frames: Mutex<Option<mpsc::Receiver<Result<RenderedFrame, Status>>>>,
+    place: Mutex<Option<Place>>,
+    /// The transport's task, waiting for a frame: woken when the outbox closes, since
+    /// dropping the receiver wakes no one (a clone of the sender may outlive the stream's
+    /// own by a moment, so the channel's own wake-up on close may never come).
+    waiting: Mutex<Option<std::task::Waker>>,
+    /// Told each time the transport takes a frame or the frames go.
+    taken: tokio::sync::Notify,
+}
+
+/// The transport's side of an [`Outbox`]: dropped (the client went away), it drops the
+/// frames, so the render task sees its sink closed and stops.
+pub struct OutboxStream(Outbox);
+
+impl Outbox {
+    fn new(frames: mpsc::Receiver<Result<RenderedFrame, Status>>, place: Place) -> Outbox {
+        Outbox(Arc::new(OutboxInner {
+            frames: Mutex::new(Some(frames)),
+            place: Mutex::new(Some(place)),
+            waiting: Mutex::new(None),
+            taken: tokio::sync::Notify::new(),
+        }))
+    }
+
+    fn stream(&self) -> OutboxStream {
+        OutboxStream(self.clone())
+    }
+
+    /// Drops the frames not yet read and wakes the transport, which then ends the stream.
+    fn drop_frames(&self) {
+        drop(self.0.frames.lock().take());
+        if let Some(w) = self.0.waiting.lock().take() {
+            w.wake();
+        }
+        self.0.taken.notify_one();
+    }
+
+    /// Once the render task has ended: waits up to `idle` for the client to read what is
+    /// queued (or to go), then drops what is left and gives the place back.
+    async fn close_after(&self, idle: std::time::Duration) {
+        let drained = async {
+            loop {
+                let taken = self.0.taken.notified();
+                let empty = match &*self.0.frames.lock() {
+                    Some(rx) => rx.is_empty(),
+                    None => true,
+                };
+                if empty {
+                    return;
+                }
+                taken.await;
+            }
+        };
+        let _ = tokio::time::timeout(idle, drained).await;
+        self.drop_frames();
+        drop(self.0.place.lock().take());
+    }
+}
+
+impl Drop for OutboxStream {
+    fn drop(&mut self) {
+        self.0.drop_frames();
+    }
+}
+
+impl futures::Stream for OutboxStream {
+    type Item = Result<RenderedFrame, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let inner = &self.0 .0;
+        let mut frames = inner.frames.lock();
+        let Some(rx) = frames.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let next = rx.poll_recv(cx);
+        match next {
+            Poll::Ready(None) => *frames = None,
+            // Under the frames' lock: a close either comes before (no receiver: the end is
+            // returned above) or after, and then sees this waker.
+            Poll::Pending => *inner.waiting.lock() = Some(cx.waker().clone()),
+            Poll::Ready(Some(_)) => {}
+        }
+        if next.is_ready() {
+            inner.taken.notify_one();
+        }
+        next
     }
 }

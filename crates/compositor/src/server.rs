@@ -58,11 +58,11 @@ async fn serve_draining(
     opts: ServeOptions,
     drain: Drain,
 ) -> anyhow::Result<()> {
-    let compositor = CompositorServer::new(svc)
+    let auth = BearerCheck::new(opts.auth_token.as_deref());
+    let compositor = CompositorServer::new(svc.with_authentication(auth.is_on()))
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);
-    let compositor: Served =
-        InterceptedService::new(compositor, BearerCheck::new(opts.auth_token.as_deref()));
+    let compositor: Served = InterceptedService::new(compositor, auth);
     // Render requests carry a chunk's conditioning: 32 KB of audio features per frame.
     let windows = running::Windows {
         stream: 8 << 20,

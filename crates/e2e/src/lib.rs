@@ -53,6 +53,23 @@ pub fn write_fixtures(root: &Path, queue_delay_us: u64) -> (PathBuf, PathBuf) {
     (models, avatars)
 }
 
+/// `root/from` copied as `root/to`, its `[audio]` table replaced by `audio` (removed with
+/// None).
+pub fn copy_avatar(root: &Path, from: &str, to: &str, audio: Option<&str>) {
+    let (src, dst) = (root.join(from), root.join(to));
+    std::fs::create_dir_all(dst.join("frames")).unwrap();
+    for e in std::fs::read_dir(src.join("frames")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join("frames").join(e.file_name())).unwrap();
+    }
+    std::fs::copy(src.join("boxes.json"), dst.join("boxes.json")).unwrap();
+    let manifest = std::fs::read_to_string(src.join("avatar.toml")).unwrap();
+    let head = manifest.split("[audio]").next().unwrap();
+    let manifest = head.replace(&format!("id = \"{from}\""), &format!("id = \"{to}\""))
+        + audio.unwrap_or_default();
+    std::fs::write(dst.join("avatar.toml"), manifest).unwrap();
+}
+
 /// Silent audio conditioning for `n` frames.
 pub fn zero_audio(n: u32) -> Tensor {
     Tensor {
@@ -233,7 +250,7 @@ pub async fn spawn_compositor_with(
     let store = AvatarStore::new(avatars, true, None, metrics.clone()).expect("avatar store");
     let mut svc = CompositorService::new(Arc::new(store), inference, opts, metrics);
     if let Some(n) = max_streams {
-        svc = svc.with_max_streams(n);
+        svc = svc.with_max_streams(n, n);
     }
     comp_server::spawn_on_loopback(svc, serve)
         .await

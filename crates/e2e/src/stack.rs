@@ -9,6 +9,7 @@ use framecast_compositor::render::RenderOptions;
 use framecast_compositor::rpc::{CompositorService, DEFAULT_MAX_STREAMS};
 use framecast_compositor::server as comp_server;
 use framecast_inference::server::{self as inf_server, ServeOptions};
+use framecast_inference::tensor_cache::TensorLimits;
 use framecast_proto::compositor::v1::{
     compositor_client::CompositorClient, RenderRequest, RenderedFrame,
 };
@@ -33,12 +34,21 @@ pub struct Opts {
     pub budget: Option<u64>,
     pub shared_memory: bool,
     pub max_streams: usize,
+    /// One client's share of them (`None`: all of them).
+    pub streams_per_client: Option<usize>,
+    /// A stream that renders nothing this long is ended (`--stream-idle-timeout-s`).
+    pub idle_timeout: std::time::Duration,
     /// (inference token, compositor token)
     pub tokens: (Option<&'static str>, Option<&'static str>),
     /// How long the model waits for batch-mates (its max batch is 8).
     pub queue_delay_us: u64,
-    /// The inference server's tensor cache budget (`--tensor-cache-mib`).
-    pub tensor_cache_budget: Option<u64>,
+    /// The inference server's tensor cache limits (`--tensor-cache-mib` and its shares).
+    pub tensor_cache: TensorLimits,
+    /// Another token the inference server accepts besides the compositor's (`tokens.0`),
+    /// for a second client of the replica.
+    pub other_inference_token: Option<&'static str>,
+    /// How long the compositor sends rows before registering a refused tensor again.
+    pub tensor_retry: std::time::Duration,
     /// The inference server offers framecast's extensions (`--framecast-extensions`).
     pub framecast_extensions: bool,
 }
@@ -49,9 +59,13 @@ impl Default for Opts {
             budget: None,
             shared_memory: true,
             max_streams: DEFAULT_MAX_STREAMS,
+            streams_per_client: None,
+            idle_timeout: RenderOptions::default().idle_timeout,
             tokens: (None, None),
             queue_delay_us: 1000,
-            tensor_cache_budget: ServeOptions::default().tensor_cache_budget,
+            tensor_cache: ServeOptions::default().tensor_cache,
+            other_inference_token: None,
+            tensor_retry: ClientOptions::default().tensor_retry,
             framecast_extensions: true,
         }
     }
@@ -72,8 +86,11 @@ pub async fn stack_with_budget(root: &Path, batch: usize, budget: Option<u64>) -
 pub async fn stack_with(root: &Path, batch: usize, o: Opts) -> Stack {
     let (models, avatars) = write_fixtures(root, o.queue_delay_us);
     let server_opts = ServeOptions {
-        auth_token: o.tokens.0.map(String::from),
-        tensor_cache_budget: o.tensor_cache_budget,
+        auth_token: match (o.tokens.0, o.other_inference_token) {
+            (Some(a), Some(b)) => Some(format!("{a},{b}")),
+            (a, b) => a.or(b).map(String::from),
+        },
+        tensor_cache: o.tensor_cache,
         framecast_extensions: o.framecast_extensions,
         ..Default::default()
     };
@@ -83,6 +100,7 @@ pub async fn stack_with(root: &Path, batch: usize, o: Opts) -> Stack {
         shared_memory: o.shared_memory,
         token: o.tokens.0.map(String::from),
         hop_bytes: Some(metrics.inference_bytes.clone()),
+        tensor_retry: o.tensor_retry,
         ..Default::default()
     };
     let client = InferenceClient::connect_lazy(&[inference.url()], &client_opts).unwrap();
@@ -91,11 +109,12 @@ pub async fn stack_with(root: &Path, batch: usize, o: Opts) -> Stack {
         client.clone(),
         RenderOptions {
             max_batch: batch,
+            idle_timeout: o.idle_timeout,
             ..Default::default()
         },
         metrics.clone(),
     )
-    .with_max_streams(o.max_streams);
+    .with_max_streams(o.max_streams, o.streams_per_client.unwrap_or(o.max_streams));
     let serve_opts = comp_server::ServeOptions {
         auth_token: o.tokens.1.map(String::from),
         ..Default::default()

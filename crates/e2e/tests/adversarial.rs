@@ -208,6 +208,25 @@ async fn profiles_are_served_only_when_enabled_and_under_the_token() {
         .unwrap();
     let reply = http(addr, &get("/debug/flamegraph.svg?seconds=1", "")).await;
     assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+    // /metrics open to all, profiles still not: a token is configured.
+    let registry = framecast_telemetry::prometheus::Registry::new();
+    let open_metrics =
+        framecast_telemetry::MetricsAccess::new(None, Some("s3cret"), false).with_profiling(true);
+    let open =
+        framecast_telemetry::serve_metrics("127.0.0.1:0".parse().unwrap(), registry, open_metrics)
+            .await
+            .unwrap();
+    let reply = http(open, &get("/metrics", "")).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let reply = http(open, &get("/debug/pprof/profile?seconds=1", "")).await;
+    assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+    // Percent-encoded values are decoded: %31 is 1.
+    let reply = http(open, &get("/debug/pprof/profile?seconds=%31", token)).await;
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "{}",
+        &reply[..reply.len().min(300)]
+    );
     for bad in ["0", "61", "abc"] {
         let reply = http(
             addr,

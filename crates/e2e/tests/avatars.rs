@@ -152,3 +152,60 @@ async fn an_avatar_that_fails_to_load_names_the_file() {
         .await
         .unwrap();
 }
+
+/// A tampered prepared file (every JPEG length 0xFFFFFFFF: 85 GB with its header and
+/// fingerprint intact) never aborts the compositor: LoadAvatar and a Render that loads on
+/// demand prepare the avatar from its frames instead, and the frames come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tampered_prepared_file_is_prepared_again_not_an_abort() {
+    use framecast_proto::compositor::v1::LoadAvatarRequest;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 4).await;
+    for id in ["small", "tall"] {
+        let dir = tmp.path().join("avatars").join(id);
+        let (_, path) = Avatar::prepare(&dir, Subsampling::S420).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let lens = framecast_compositor::prepared::FIXED;
+        bytes[lens..lens + 4 * framecast_e2e::FRAMES as usize].fill(0xFF);
+        std::fs::write(&path, &bytes).unwrap();
+    }
+    let loaded = s
+        .client
+        .clone()
+        .load_avatar(LoadAvatarRequest {
+            avatar_id: "small".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(loaded.avatar.unwrap().state, "ready");
+    let frames = render(&s.client, vec![request("tall", 0, 4)])
+        .await
+        .unwrap();
+    assert_eq!(frames.len(), 4);
+}
+
+/// UnloadAvatar names what is wrong: an avatar that does not exist is NOT_FOUND, one that
+/// exists but is not in memory FAILED_PRECONDITION.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unloading_an_unknown_avatar_is_not_found() {
+    use framecast_proto::compositor::v1::UnloadAvatarRequest;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 4).await;
+    let unload = |id: &str| {
+        let mut c = s.client.clone();
+        let req = UnloadAvatarRequest {
+            avatar_id: id.into(),
+        };
+        async move { c.unload_avatar(req).await }
+    };
+    assert_eq!(unload("nobody").await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        unload("small").await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    render(&s.client, vec![request("small", 0, 2)])
+        .await
+        .unwrap();
+    unload("small").await.unwrap();
+}

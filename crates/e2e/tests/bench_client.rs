@@ -48,7 +48,7 @@ async fn stack(
         RenderOptions::default(),
         metrics,
     )
-    .with_max_streams(max_streams);
+    .with_max_streams(max_streams, max_streams);
     let compositor = framecast_compositor::server::spawn_on_loopback(svc, Default::default())
         .await
         .unwrap();

@@ -374,11 +374,15 @@ async fn over_grpc_face_inputs_travel_as_indices_and_come_back_when_lost() {
         .await
         .unwrap();
     assert_eq!(frames.len(), 8);
-    let sent = s.metrics.inference_bytes.with_label_values(&["sent"]).get();
+    let sent = s
+        .metrics
+        .inference_bytes
+        .with_label_values(&["sent", "batch"])
+        .get();
     let received = s
         .metrics
         .inference_bytes
-        .with_label_values(&["received"])
+        .with_label_values(&["received", "batch"])
         .get();
     let face = 6 * CROP as u64 * CROP as u64;
     let audio = 32 * 16 * 16 * 4;
@@ -423,7 +427,7 @@ async fn a_tensor_the_replica_refuses_travels_as_rows() {
     let tmp = tempfile::tempdir().unwrap();
     let opts = Opts {
         shared_memory: false,
-        tensor_cache_budget: Some(1024),
+        tensor_cache: framecast_inference::tensor_cache::TensorLimits::new(1024),
         ..Default::default()
     };
     let s = stack_with(tmp.path(), 4, opts).await;
@@ -433,7 +437,11 @@ async fn a_tensor_the_replica_refuses_travels_as_rows() {
             .unwrap();
         assert_eq!(frames.len(), 8);
     }
-    let sent = s.metrics.inference_bytes.with_label_values(&["sent"]).get();
+    let sent = s
+        .metrics
+        .inference_bytes
+        .with_label_values(&["sent", "batch"])
+        .get();
     let face = 6 * CROP as u64 * CROP as u64;
     assert!(sent >= 16 * face, "{sent} bytes: the rows did not travel");
 }
@@ -450,11 +458,15 @@ async fn without_the_extensions_the_rows_and_rgb_travel() {
     };
     let s = stack_with(tmp.path(), 4, opts).await;
     check_reference_composite(tmp.path(), &s).await;
-    let sent = s.metrics.inference_bytes.with_label_values(&["sent"]).get();
+    let sent = s
+        .metrics
+        .inference_bytes
+        .with_label_values(&["sent", "batch"])
+        .get();
     let received = s
         .metrics
         .inference_bytes
-        .with_label_values(&["received"])
+        .with_label_values(&["received", "batch"])
         .get();
     let (face, output) = (6 * (CROP * CROP) as u64, 3 * (CROP * CROP) as u64);
     assert!(sent >= 11 * face, "{sent}: the face inputs must travel");
@@ -464,4 +476,99 @@ async fn without_the_extensions_the_rows_and_rgb_travel() {
     );
     let crops = |f: &str| s.metrics.face_crops.with_label_values(&[f]).get();
     assert_eq!((crops("i420"), crops("rgb")), (0, 11));
+}
+
+/// Tenants of one replica cannot push each other out: another token's tensors, held within
+/// its fair share, are not evicted for the compositor's, and the compositor, refused while
+/// the cache is full, sends rows meanwhile and registers again once room comes back (it
+/// does not give up on the cache for good). Registrations count in the hop's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_tensor_is_registered_again_once_room_comes_back() {
+    use framecast_inference::tensor_cache::{TensorLimits, ENTRY_OVERHEAD};
+    use framecast_proto::tensorcache::v1::{RegisterRequest, UnregisterRequest};
+    let face = FRAMES as u64 * 6 * (CROP * CROP) as u64 + ENTRY_OVERHEAD;
+    // Two tenants' fair share is one byte short of the face tensor.
+    let budget = 2 * face - 2;
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = Opts {
+        shared_memory: false,
+        tokens: (Some("comp"), None),
+        other_inference_token: Some("other"),
+        tensor_cache: TensorLimits {
+            budget,
+            client_bytes: budget,
+            client_names: 16,
+        },
+        tensor_retry: std::time::Duration::from_millis(300),
+        ..Default::default()
+    };
+    let s = stack_with(tmp.path(), 4, opts).await;
+    let channel = tonic::transport::Channel::from_shared(s.inference_server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let as_token = |token: &'static str| {
+        move |mut r: tonic::Request<()>| {
+            let v = format!("Bearer {token}").parse().unwrap();
+            r.metadata_mut().insert("authorization", v);
+            Ok(r)
+        }
+    };
+    let mut other = TensorCacheClient::with_interceptor(channel.clone(), as_token("other"));
+    let mut comp = TensorCacheClient::with_interceptor(channel, as_token("comp"));
+    // The other client holds exactly its fair share: the face tensor does not fit beside it.
+    let held = (budget / 2 - ENTRY_OVERHEAD) as usize;
+    other
+        .register(RegisterRequest {
+            name: "theirs".into(),
+            datatype: "UINT8".into(),
+            shape: vec![held as i64],
+            data: vec![7u8; held].into(),
+            first_row: 0,
+        })
+        .await
+        .unwrap();
+    let frames = render(&s.client, vec![request("small", 0, 8)])
+        .await
+        .unwrap();
+    assert_eq!(frames.len(), 8, "rows travel while the tensor is refused");
+    let theirs = other.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        theirs.tensors.len(),
+        1,
+        "the other client's tensor was evicted"
+    );
+    let mine = comp.status(StatusRequest {}).await.unwrap().into_inner();
+    assert!(mine.tensors.is_empty(), "{mine:?}");
+    let registered = || {
+        s.metrics
+            .inference_bytes
+            .with_label_values(&["sent", "tensor_registration"])
+            .get()
+    };
+    let refused_bytes = registered();
+    assert!(
+        refused_bytes > 0,
+        "the refused registration was not counted"
+    );
+    // Room comes back: after the retry period the next batches register it again.
+    other
+        .unregister(UnregisterRequest {
+            name: "theirs".into(),
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let frames = render(&s.client, vec![request("small", 8, 8)])
+        .await
+        .unwrap();
+    assert_eq!(frames.len(), 8);
+    let mine = comp.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        mine.tensors.len(),
+        1,
+        "the compositor gave up on the cache: {mine:?}"
+    );
+    assert!(registered() > refused_bytes);
 }

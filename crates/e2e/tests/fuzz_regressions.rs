@@ -40,3 +40,11 @@ fn avatar_manifest_regressions() {
 fn audio_chunks_regressions() {
     replay("audio_chunks", framecast_audio::fuzzing::audio_chunks);
 }
+
+#[test]
+fn prepared_file_regressions() {
+    replay(
+        "prepared_file",
+        framecast_compositor::fuzzing::prepared_file,
+    );
+}

@@ -305,3 +305,187 @@ async fn strangers_datagrams_do_not_keep_a_session_alive() {
     let reaped = reaped.expect("the session outlived its timeout under a stranger's datagrams");
     assert!(reaped < Duration::from_secs(2), "reaped after {reaped:?}");
 }
+
+/// [`http_full`] from the loopback address `from` (127.0.0.1 is one client, 127.0.0.2
+/// another, as far as the gateway can tell).
+async fn http_from(
+    from: [u8; 4],
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::from((from, 0)))
+        .expect("binding a loopback source address");
+    let mut s = socket.connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, body.to_string())
+}
+
+/// Lets this process hold `n` more descriptors than it usually may (up to the hard limit).
+fn allow_descriptors(n: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write and read only the struct given.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max.min(lim.rlim_cur.max(n));
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+}
+
+/// 1,024 connections that send complete headers and then never the body they announce do
+/// not lock the port: they hold at most their address's share of connections, each only
+/// until the body deadline (then 408 and closed), and an honest client on another address
+/// gets in at once while they are held; one on the attacker's address once they are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_that_never_come_cannot_lock_the_http_port() {
+    allow_descriptors(4096);
+    let f = fixture(GatewayOptions {
+        body_timeout: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let head = "POST /sessions?avatar=small HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/sdp\r\nContent-Length: 1000\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..1024 {
+        let mut s = tokio::net::TcpStream::connect(f.addr).await.unwrap();
+        // Connections past the address's share are closed on accept: a write may fail.
+        let _ = s.write_all(head.as_bytes()).await;
+        held.push(s);
+    }
+    let started = Instant::now();
+    let (status, body) = http_from([127, 0, 0, 2], f.addr, "GET", "/healthz", b"").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "an honest client waited {:?}",
+        started.elapsed()
+    );
+    // Every held connection ends: those served are answered 408, the rest were closed.
+    let mut timed_out = 0;
+    for s in &mut held {
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        assert!(
+            read.is_ok(),
+            "a connection was still held 10 s after its deadline"
+        );
+        if String::from_utf8_lossy(&out).starts_with("HTTP/1.1 408") {
+            timed_out += 1;
+        }
+    }
+    let share = GatewayOptions::default().max_connections_per_client;
+    assert!(
+        (1..=share).contains(&timed_out),
+        "{timed_out} connections were served (the address's share is {share})"
+    );
+    let (status, _) = http(f.addr, "GET", "/healthz", b"").await;
+    assert_eq!(
+        status, 200,
+        "the attacker's own address after its connections ended"
+    );
+}
+
+/// One address cannot take every session: past its share it gets 429 naming the flag, and
+/// another address still gets a session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_address_has_its_share_of_sessions() {
+    let f = fixture(GatewayOptions {
+        max_sessions: 4,
+        max_sessions_per_client: 2,
+        ..Default::default()
+    })
+    .await;
+    let post = |from: [u8; 4]| {
+        let addr = f.addr;
+        async move {
+            http_from(
+                from,
+                addr,
+                "POST",
+                "/sessions?avatar=small",
+                offer(true).as_bytes(),
+            )
+            .await
+        }
+    };
+    assert_eq!(post([127, 0, 0, 1]).await.0, 201);
+    assert_eq!(post([127, 0, 0, 1]).await.0, 201);
+    let (status, why) = post([127, 0, 0, 1]).await;
+    assert_eq!(status, 429, "{why}");
+    assert!(why.contains("--max-sessions-per-client"), "{why}");
+    assert_eq!(post([127, 0, 0, 2]).await.0, 201);
+    assert_eq!(f.gateway.open_sessions(), 3);
+}
+
+/// An avatar without an `[audio]` table cannot lip-sync the browser's voice: its offer is
+/// refused with the reason (422), not answered with a session that then fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_avatar_that_cannot_speak_is_refused_at_offer_time() {
+    let f = fixture(GatewayOptions::default()).await;
+    framecast_e2e::copy_avatar(&f._tmp.path().join("avatars"), "small", "mute", None);
+    let (status, why) = http(
+        f.addr,
+        "POST",
+        "/sessions?avatar=mute",
+        offer(true).as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 422, "{why}");
+    assert!(why.contains("[audio]"), "{why}");
+    assert_eq!(f.gateway.open_sessions(), 0);
+}
+
+/// Hostile offers get a 400 in words: an audio m-line listing a video codec (the WebRTC
+/// library once panicked on it and left the request unanswered), and an offer that does not
+/// parse (whose parser error once carried heap addresses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_offers_are_refused_in_words() {
+    let f = fixture(GatewayOptions::default()).await;
+    let good = offer(true);
+    let audio_pt = good
+        .lines()
+        .find_map(|l| l.strip_prefix("a=rtpmap:"))
+        .and_then(|m| m.split(' ').next())
+        .unwrap()
+        .to_string();
+    let h264_in_audio = good.replacen(
+        &format!("a=rtpmap:{audio_pt} "),
+        &format!("a=rtpmap:102 H264/90000\r\na=rtpmap:{audio_pt} "),
+        1,
+    );
+    let (status, why) = http(
+        f.addr,
+        "POST",
+        "/sessions?avatar=small",
+        h264_in_audio.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 400, "{why}");
+    assert!(why.contains("payload type 102"), "{why}");
+    let garbled = good
+        .replace("a=ice-ufrag", "a=ice-ufrag-broken")
+        .replace("c=IN", "c=XX");
+    let (status, why) = http(f.addr, "POST", "/sessions?avatar=small", garbled.as_bytes()).await;
+    assert_eq!(status, 400, "{why}");
+    assert!(!why.contains("0x"), "an address in the reason: {why}");
+}

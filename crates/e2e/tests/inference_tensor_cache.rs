@@ -5,6 +5,7 @@
 use bytes::Bytes;
 use framecast_e2e::{kserve_client, spawn_inference, spawn_inference_with};
 use framecast_inference::server::ServeOptions;
+use framecast_inference::tensor_cache::{TensorLimits, ENTRY_OVERHEAD};
 use framecast_inference::zoo::{self, Builtin, ZooOptions};
 use framecast_proto::kserve::infer_parameter::ParameterChoice;
 use framecast_proto::kserve::model_infer_request::InferInputTensor;
@@ -145,13 +146,17 @@ async fn rows_named_by_index_give_the_answer_rows_sent_by_value_give() {
     let status = cache.status(StatusRequest {}).await.unwrap().into_inner();
     assert_eq!(status.tensors.len(), 1);
     assert_eq!(status.tensors[0].shape, vec![ROWS as i64, 6, CROP, CROP]);
-    assert_eq!(status.bytes_used as usize, ROWS * ROW);
+    assert_eq!(status.bytes_used, (ROWS * ROW) as u64 + ENTRY_OVERHEAD);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_names_bad_rows_and_the_budget_get_precise_statuses() {
+    let budget = (ROWS * ROW) as u64 + ENTRY_OVERHEAD + 10;
     let opts = ServeOptions {
-        tensor_cache_budget: Some((ROWS * ROW) as u64 + 10),
+        tensor_cache: TensorLimits {
+            client_bytes: budget,
+            ..TensorLimits::new(budget)
+        },
         ..Default::default()
     };
     let (_tmp, server) = start(opts).await;
@@ -188,7 +193,10 @@ async fn unknown_names_bad_rows_and_the_budget_get_precise_statuses() {
     let e = cache.register(register("huge", big)).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
     assert!(
-        e.message().contains(&format!("{} bytes", 2 * ROWS * ROW)),
+        e.message().contains(&format!(
+            "{} bytes",
+            2 * ROWS * ROW + ENTRY_OVERHEAD as usize
+        )),
         "{}",
         e.message()
     );

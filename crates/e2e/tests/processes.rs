@@ -436,3 +436,216 @@ fn one_shot_subcommands_end_quietly_when_stdout_closes() {
         );
     }
 }
+
+/// The resident memory of process `pid`, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// The highest resident memory of `pid` seen every 200 ms for `span`, KiB.
+async fn peak_rss_kib(pid: u32, span: Duration) -> u64 {
+    let until = Instant::now() + span;
+    let mut peak = 0;
+    while Instant::now() < until {
+        peak = peak.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    peak
+}
+
+/// `--tensor-cache-mib 0` once meant "unlimited", which let one registration's declared
+/// size abort the process: it is refused at start, saying why.
+#[test]
+fn a_tensor_cache_of_zero_mib_is_refused_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (models, _) = write_fixtures(tmp.path(), 0);
+    let mut args = inference_args(&models, free_addr());
+    args.extend(["--tensor-cache-mib", "0"].map(String::from));
+    let out = Command::new(INFERENCE).args(&args).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--tensor-cache-mib") && err.contains("finite"),
+        "{err}"
+    );
+}
+
+/// 40 clients that send `ModelStreamInfer` requests (rows named from the tensor cache, a
+/// few hundred bytes each, 98 KB answers) and never read the answers: the server stops
+/// reading their requests once their budget of unsent answers is full, so its memory stays
+/// within that budget instead of growing with every request sent (400 MB here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answers_a_client_never_reads_are_bounded() {
+    use framecast_proto::kserve::infer_parameter::ParameterChoice;
+    use framecast_proto::kserve::model_infer_request::InferInputTensor;
+    use framecast_proto::kserve::{InferParameter, ModelInferRequest};
+    use framecast_proto::tensor::DataType;
+    use framecast_proto::tensorcache::v1::tensor_cache_client::TensorCacheClient;
+    use framecast_proto::tensorcache::v1::RegisterRequest;
+    use framecast_proto::tensorcache::{PARAM_ROWS, PARAM_TENSOR};
+    let tmp = tempfile::tempdir().unwrap();
+    let (models, _) = write_fixtures(tmp.path(), 0);
+    let addr = free_addr();
+    let mut args = inference_args(&models, addr);
+    args.extend(["--stream-buffer-mib", "8", "--load", "passthrough"].map(String::from));
+    let mut inference = Proc::start("inference", INFERENCE, &args);
+    inference.wait_serving(addr).await;
+    let url = format!("http://{addr}");
+    let crop = framecast_e2e::CROP as i64;
+    let mut cache = TensorCacheClient::connect(url.clone()).await.unwrap();
+    for (name, datatype, shape, bytes) in [
+        (
+            "faces",
+            "UINT8",
+            vec![8, 6, crop, crop],
+            8 * 6 * crop * crop,
+        ),
+        ("audio", "FP32", vec![8, 32, 16, 16], 8 * 32 * 16 * 16 * 4),
+    ] {
+        cache
+            .register(RegisterRequest {
+                name: name.into(),
+                datatype: datatype.into(),
+                shape,
+                data: vec![0u8; bytes as usize].into(),
+                first_row: 0,
+            })
+            .await
+            .unwrap();
+    }
+    let named = |input: &str, tensor: &str, datatype, shape: Vec<i64>| {
+        let mut i = InferInputTensor::new(input, datatype, shape);
+        for (k, v) in [(PARAM_TENSOR, tensor), (PARAM_ROWS, "0,1,2,3,4,5,6,7")] {
+            let p = InferParameter {
+                parameter_choice: Some(ParameterChoice::StringParam(v.into())),
+            };
+            i.parameters.insert(k.into(), p);
+        }
+        i
+    };
+    let request = ModelInferRequest {
+        model_name: "passthrough".into(),
+        inputs: vec![
+            named("face", "faces", DataType::U8, vec![8, 6, crop, crop]),
+            named("audio", "audio", DataType::F32, vec![8, 32, 16, 16]),
+        ],
+        ..Default::default()
+    };
+    let mut kserve = framecast_e2e::kserve_client(url.clone()).await;
+    kserve.model_infer(request.clone()).await.unwrap();
+    let before = rss_kib(inference.child.id());
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let mut client = framecast_e2e::kserve_client(url.clone()).await;
+        let requests = tokio_stream::iter(vec![request.clone(); 100]);
+        held.push(client.model_stream_infer(requests).await.unwrap());
+    }
+    let peak = peak_rss_kib(inference.child.id(), Duration::from_secs(12)).await;
+    let grew_mib = peak.saturating_sub(before) / 1024;
+    assert!(
+        grew_mib < 150,
+        "the server's memory grew {grew_mib} MiB for answers nobody reads"
+    );
+    drop(held);
+    // Still serving.
+    kserve.model_infer(request).await.unwrap();
+}
+
+/// 40 clients that open I420 Render streams of 64 frames and never read them, against
+/// `--max-streams 8`: a stream keeps its place while its frames wait, so 8 streams each hold
+/// at most a few frames and the other 32 are refused; nothing piles up past the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn frames_a_client_never_reads_hold_their_stream_and_are_bounded() {
+    use framecast_proto::compositor::v1::ImageFormat;
+    let tmp = tempfile::tempdir().unwrap();
+    let (models, avatars) = write_fixtures(tmp.path(), 0);
+    let inference = framecast_e2e::spawn_inference(&models, Default::default()).await;
+    let comp_addr = free_addr();
+    let args = [
+        "serve",
+        "--avatars",
+        &avatars.display().to_string(),
+        "--inference",
+        &inference.url(),
+        "--listen",
+        &comp_addr.to_string(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--batch",
+        "8",
+        "--max-streams",
+        "8",
+        "--max-streams-per-client",
+        "8",
+        "--preload",
+        "small",
+    ];
+    let mut compositor = Proc::start("compositor", COMPOSITOR, &args.map(String::from));
+    compositor.wait_serving(comp_addr).await;
+    let url = format!("http://{comp_addr}");
+    // Warm: one stream read to its end.
+    let client = CompositorClient::connect(url.clone()).await.unwrap();
+    let mut warm = request("small", 0, 8);
+    warm.frame_format = ImageFormat::I420 as i32;
+    let mut s = client
+        .clone()
+        .render(tokio_stream::iter(vec![warm]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(count_in_order(&mut s, 0).await, 8);
+    let before = rss_kib(compositor.child.id());
+    let (mut admitted, mut refused) = (Vec::new(), 0);
+    for _ in 0..40 {
+        let mut c = CompositorClient::connect(url.clone()).await.unwrap();
+        let mut req = request("small", 0, 64);
+        req.frame_format = ImageFormat::I420 as i32;
+        match c.render(tokio_stream::iter(vec![req])).await {
+            Ok(stream) => admitted.push(stream),
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                refused += 1;
+            }
+        }
+        // Room for a stream that finished rendering to give its place back (it must not).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let peak = peak_rss_kib(compositor.child.id(), Duration::from_secs(4)).await;
+    assert_eq!((admitted.len(), refused), (8, 32));
+    let grew_mib = peak.saturating_sub(before) / 1024;
+    assert!(
+        grew_mib < 100,
+        "the compositor's memory grew {grew_mib} MiB for frames nobody reads"
+    );
+}
+
+/// A prepared file whose JPEG lengths were all set to 0xFFFFFFFF (85 GB, with the header
+/// and fingerprint intact) is a problem `avatar check` reports, not an abort.
+#[test]
+fn avatar_check_reports_a_tampered_prepared_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, avatars) = write_fixtures(tmp.path(), 0);
+    let dir = avatars.join("small");
+    let run = |cmd: &str| {
+        Command::new(COMPOSITOR)
+            .args(["avatar", cmd, dir.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    assert!(run("prepare").status.success());
+    let path = dir.join("prepared.fcp");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let lens = framecast_compositor::prepared::FIXED;
+    bytes[lens..lens + 4 * framecast_e2e::FRAMES as usize].fill(0xFF);
+    std::fs::write(&path, &bytes).unwrap();
+    let out = run("check");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("impossible"), "{text}");
+}

@@ -8,7 +8,6 @@ use framecast_proto::compositor::v1::{
     AudioChunk, AudioFormat, ImageFormat, RenderRequest, RenderedFrame, SampleFormat,
 };
 use framecast_proto::kserve::ModelStatisticsRequest;
-use std::path::Path;
 use std::time::Duration;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -167,7 +166,7 @@ async fn an_encoder_avatar_embeds_each_window_once() {
     };
     zoo::write(&models, Builtin::AudioEncoder, &opts).unwrap();
     let avatars = tmp.path().join("avatars");
-    copy_avatar(
+    framecast_e2e::copy_avatar(
         &avatars,
         "small",
         "small-enc",
@@ -211,7 +210,7 @@ async fn windows_of_concurrent_sessions_share_encoder_requests() {
     zoo::write(&tmp.path().join("models"), Builtin::AudioEncoder, &opts).unwrap();
     let avatars = tmp.path().join("avatars");
     let table = "[audio]\ninput = \"audio\"\nfeatures = \"encoder\"\nencoder = \"audio-encoder\"\n";
-    copy_avatar(&avatars, "small", "enc", Some(table));
+    framecast_e2e::copy_avatar(&avatars, "small", "enc", Some(table));
     let audio = speechlike(1.0);
     let sessions = (0..4).map(|i| {
         let client = s.client.clone();
@@ -265,7 +264,7 @@ async fn a_mel_avatar_gets_the_windows_themselves() {
     )
     .unwrap();
     let avatars = tmp.path().join("avatars");
-    copy_avatar(
+    framecast_e2e::copy_avatar(
         &avatars,
         "small",
         "w2l",
@@ -282,7 +281,7 @@ async fn a_mel_avatar_gets_the_windows_themselves() {
     let frames = render(&s.client, msgs).await.unwrap();
     assert_eq!(frames.len(), 25);
     // The passthrough's audio input is [32, 16, 16]: 8192 values, not a mel window's 1280.
-    copy_avatar(
+    framecast_e2e::copy_avatar(
         &avatars,
         "small",
         "w2l-wrong",
@@ -330,29 +329,12 @@ async fn a_long_session_holds_bounded_audio() {
     assert!(most <= 80, "a session held {most} mel frames at once");
 }
 
-/// `root/from` copied as `root/to`, its `[audio]` table replaced by `audio` (removed with
-/// None).
-fn copy_avatar(root: &Path, from: &str, to: &str, audio: Option<&str>) {
-    let (src, dst) = (root.join(from), root.join(to));
-    std::fs::create_dir_all(dst.join("frames")).unwrap();
-    for e in std::fs::read_dir(src.join("frames")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join("frames").join(e.file_name())).unwrap();
-    }
-    std::fs::copy(src.join("boxes.json"), dst.join("boxes.json")).unwrap();
-    let manifest = std::fs::read_to_string(src.join("avatar.toml")).unwrap();
-    let head = manifest.split("[audio]").next().unwrap();
-    let manifest = head.replace(&format!("id = \"{from}\""), &format!("id = \"{to}\""))
-        + audio.unwrap_or_default();
-    std::fs::write(dst.join("avatar.toml"), manifest).unwrap();
-}
-
 /// Each kind of bad audio ends the stream with a status naming the field; the server goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_audio_gets_precise_statuses() {
     let tmp = tempfile::tempdir().unwrap();
     let s = stack(tmp.path(), 8).await;
-    copy_avatar(&tmp.path().join("avatars"), "small", "mute", None);
+    framecast_e2e::copy_avatar(&tmp.path().join("avatars"), "small", "mute", None);
     let ok = s16(&speechlike(0.1));
     let with = |f: Option<AudioFormat>, pcm: Bytes| {
         let mut r = opening("small", 0, pcm);
@@ -664,4 +646,171 @@ async fn an_audio_session_can_take_raw_i420_frames() {
     let e = render(&s.client, msgs).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("frame_format"), "{}", e.message());
+}
+
+/// Only progress keeps a stream: one that opens a session and then sends empty audio packets
+/// (keep-alives that render nothing) is ended at the idle timeout however often it sends
+/// them, and its place goes to the next client; one streaming real audio for longer than
+/// the timeout is never ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_keep_alive_packets_do_not_hold_a_stream() {
+    use framecast_e2e::stack::{stack_with, Opts};
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack_with(
+        tmp.path(),
+        8,
+        Opts {
+            max_streams: 1,
+            idle_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (tx, mut stream) = open_render(&s.client, opening("small", 0, Bytes::new())).await;
+    let keep_alive = tokio::spawn(async move {
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if tx.send(more(Bytes::new(), false)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(4), stream.next())
+        .await
+        .expect("the stream was not ended while it sent keep-alives");
+    let e = ended.expect("an error, not the end").unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(e.message().contains("idle"), "{}", e.message());
+    assert!(started.elapsed() < Duration::from_secs(3));
+    keep_alive.abort();
+    // Real audio at real time for twice the timeout keeps its stream, to the last frame.
+    let audio = speechlike(2.0);
+    let packets: Vec<Bytes> = audio.chunks(RATE as usize / 10).map(s16).collect();
+    // Refused while the old place is still being given back: tried again.
+    let (tx, mut stream) = framecast_e2e::stack::poll_until(
+        Duration::from_secs(5),
+        || try_open(&s.client, opening("small", 0, packets[0].clone())),
+        Result::is_ok,
+    )
+    .await
+    .expect("the keep-alive stream's place was never given back");
+    let sender = tokio::spawn(async move {
+        for (i, p) in packets.iter().enumerate().skip(1) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            tx.send(more(p.clone(), i + 1 == packets.len()))
+                .await
+                .unwrap();
+        }
+    });
+    let mut frames = Vec::new();
+    drain(&mut stream, &mut frames).await;
+    sender.await.unwrap();
+    assert!(
+        frames.len() >= 45,
+        "{} frames for 2 s of audio",
+        frames.len()
+    );
+}
+
+/// One client cannot hold every stream: past its share it is refused naming the flag, and a
+/// client at another address still gets one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_client_has_its_share_of_streams() {
+    use framecast_e2e::stack::{stack_with, Opts};
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack_with(
+        tmp.path(),
+        8,
+        Opts {
+            max_streams: 3,
+            streams_per_client: Some(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    let first = || opening("small", 0, Bytes::new());
+    let _a = open_render(&s.client, first()).await;
+    let _b = open_render(&s.client, first()).await;
+    let e = try_open(&s.client, first()).await.err().unwrap();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("--max-streams-per-client"),
+        "{}",
+        e.message()
+    );
+    let url = format!("http://{}", s.compositor_server.addr);
+    let other = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .local_address(Some([127, 0, 0, 2].into()))
+        .connect()
+        .await
+        .unwrap();
+    let other = framecast_proto::compositor::v1::compositor_client::CompositorClient::new(other);
+    let (_tx, mut admitted) = open_render(&other, first()).await;
+    let nothing = tokio::time::timeout(Duration::from_millis(500), admitted.next()).await;
+    assert!(nothing.is_err(), "another address was refused: {nothing:?}");
+}
+
+/// A Render stream opened with `first`, or the status it was refused with.
+async fn try_open(
+    client: &framecast_proto::compositor::v1::compositor_client::CompositorClient<
+        tonic::transport::Channel,
+    >,
+    first: RenderRequest,
+) -> Result<
+    (
+        tokio::sync::mpsc::Sender<RenderRequest>,
+        tonic::Streaming<RenderedFrame>,
+    ),
+    tonic::Status,
+> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(first).await.unwrap();
+    let stream = client
+        .clone()
+        .render(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, stream))
+}
+
+/// The end of a session is always marked: end_of_speech after no samples at all still gives
+/// one frame with last_in_request (before, none came and the client waited for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_of_speech_without_samples_still_marks_the_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 8).await;
+    let (tx, mut stream) = open_render(&s.client, opening("small", 3, Bytes::new())).await;
+    tx.send(more(Bytes::new(), true)).await.unwrap();
+    drop(tx);
+    let mut frames = Vec::new();
+    drain(&mut stream, &mut frames).await;
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert!(frames[0].last_in_request);
+    assert_eq!(frames[0].frame_index, 3);
+}
+
+/// A session starting at the last frame index is told that start_frame is too high (it
+/// sent no frame_count to blame).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_at_the_last_frame_index_is_told_start_frame() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 8).await;
+    let first = opening("small", u64::MAX, s16(&speechlike(0.5)));
+    let (tx, mut stream) = open_render(&s.client, first).await;
+    tx.send(more(Bytes::new(), true)).await.unwrap();
+    let e = loop {
+        match stream.next().await {
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => break e,
+            None => panic!("the stream ended without an error"),
+        }
+    };
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().starts_with("start_frame") && !e.message().contains("frame_count"),
+        "{}",
+        e.message()
+    );
 }

@@ -7,19 +7,20 @@ use crate::metrics::Metrics;
 use crate::offer;
 use crate::session::{self, Session, SessionConfig};
 use crate::Compositor;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use framecast_proto::compositor::v1::{ListAvatarsRequest, LoadAvatarRequest};
 use framecast_telemetry::http_server::{self, HttpLimits};
+use framecast_telemetry::places::{Place, Places, Refused};
 use framecast_telemetry::tls::ServerTls;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::net::{IpAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use str0m::change::SdpOffer;
@@ -38,6 +39,12 @@ pub struct GatewayOptions {
     /// firewall or a Kubernetes Service then opens exactly these; one port per session.
     pub udp_ports: Option<(u16, u16)>,
     pub max_sessions: usize,
+    /// Sessions one client address may have open (or being answered) at once.
+    pub max_sessions_per_client: usize,
+    /// HTTP connections one client address may hold at once.
+    pub max_connections_per_client: usize,
+    /// How long a request's body may take to arrive after its headers.
+    pub body_timeout: Duration,
     /// A session whose browser sends nothing for this long is ended.
     pub session_timeout: Duration,
     /// Largest request body (an SDP offer is a few KB).
@@ -56,6 +63,9 @@ impl Default for GatewayOptions {
             udp_bind: None,
             udp_ports: None,
             max_sessions: 8,
+            max_sessions_per_client: 4,
+            max_connections_per_client: 32,
+            body_timeout: http_server::BODY_TIMEOUT,
             session_timeout: Duration::from_secs(10),
             max_body_bytes: 64 * 1024,
             video_bitrate_bps: 2_000_000,
@@ -68,22 +78,11 @@ impl Default for GatewayOptions {
 pub struct Gateway {
     compositor: Compositor,
     opts: GatewayOptions,
-    sessions: Mutex<HashMap<String, Session>>,
-    /// Offers being answered, each holding a place under `--max-sessions` ([`Slot`]).
-    answering: AtomicUsize,
+    /// Open sessions, each with the place it holds under `--max-sessions`.
+    sessions: Mutex<HashMap<String, (Session, Place)>>,
+    places: Arc<Places>,
     pub metrics: Metrics,
     draining: AtomicBool,
-}
-
-/// A place under `--max-sessions` for an offer being answered, taken with the count of open
-/// sessions in one step (two offers arriving together cannot both take the last place);
-/// given back when the offer is answered (the session then counts) or fails.
-struct Slot<'a>(&'a Gateway);
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        self.0.answering.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 impl Gateway {
@@ -93,9 +92,9 @@ impl Gateway {
         CRYPTO.call_once(|| str0m::crypto::from_feature_flags().install_process_default());
         let gw = Arc::new(Gateway {
             compositor,
-            opts,
+            opts: opts.clone(),
             sessions: Mutex::new(HashMap::new()),
-            answering: AtomicUsize::new(0),
+            places: Places::new(opts.max_sessions, opts.max_sessions_per_client),
             metrics: Metrics::new(),
             draining: AtomicBool::new(false),
         });
@@ -109,14 +108,14 @@ impl Gateway {
 
     fn forget_finished(&self) {
         let mut sessions = self.sessions.lock();
-        sessions.retain(|_, s| !s.finished());
+        sessions.retain(|_, (s, _)| !s.finished());
         self.metrics.sessions.set(sessions.len() as i64);
     }
 
     /// Stops taking sessions and ends the open ones (graceful shutdown).
     pub fn shut_down(&self) {
         self.draining.store(true, Ordering::Release);
-        for s in self.sessions.lock().values() {
+        for (s, _) in self.sessions.lock().values() {
             s.stop();
         }
     }
@@ -127,16 +126,11 @@ impl Gateway {
         self.sessions.lock().len()
     }
 
-    /// A place for one more session, if open sessions and offers being answered leave one.
-    fn slot(&self) -> Option<Slot<'_>> {
+    /// A place for one more session of `client`, if the open sessions and offers being
+    /// answered leave one, in all and in its share.
+    fn place(&self, client: &str) -> Result<Place, Refused> {
         self.forget_finished();
-        // Under the sessions' lock: every other taker and every insert waits for it.
-        let sessions = self.sessions.lock();
-        if sessions.len() + self.answering.load(Ordering::Acquire) >= self.opts.max_sessions {
-            return None;
-        }
-        self.answering.fetch_add(1, Ordering::AcqRel);
-        Some(Slot(self))
+        self.places.take(client)
     }
 }
 
@@ -159,8 +153,8 @@ fn router(gw: Arc<Gateway>) -> Router {
 pub const MAX_CONNECTIONS: usize = 1024;
 
 /// Serves the page, the avatar list and signalling on `listener` (HTTPS with `tls`) until
-/// `shutdown` resolves, defended as every framecast HTTP port is (a deadline on request
-/// headers, a cap on connections).
+/// `shutdown` resolves, defended as every framecast HTTP port is (deadlines on request
+/// headers and bodies, caps on connections in all and per client address).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     gw: Arc<Gateway>,
@@ -168,9 +162,8 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let limits = HttpLimits {
-        tls,
-        header_timeout: http_server::HEADER_TIMEOUT,
-        max_connections: MAX_CONNECTIONS,
+        body_timeout: gw.opts.body_timeout,
+        ..HttpLimits::new(tls, MAX_CONNECTIONS, gw.opts.max_connections_per_client)
     };
     http_server::serve(listener, router(gw), limits, "gateway", shutdown).await
 }
@@ -241,14 +234,14 @@ async fn sample(State(gw): State<Arc<Gateway>>) -> Response {
 
 async fn stats(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
     match gw.sessions.lock().get(&id) {
-        Some(s) => axum::Json(s.stats.snapshot()).into_response(),
+        Some((s, _)) => axum::Json(s.stats.snapshot()).into_response(),
         None => refuse(StatusCode::NOT_FOUND, "no such session"),
     }
 }
 
 async fn end(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
     match gw.sessions.lock().remove(&id) {
-        Some(s) => {
+        Some((s, _)) => {
             s.stop();
             StatusCode::OK.into_response()
         }
@@ -258,6 +251,7 @@ async fn end(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Response
 
 async fn create(
     State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<HashMap<String, String>>,
     body: String,
 ) -> Response {
@@ -280,15 +274,25 @@ async fn create(
             "the gateway is shutting down",
         );
     }
-    let Some(_slot) = gw.slot() else {
-        outcome("full");
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "the gateway has its maximum of {} sessions open (--max-sessions): try again later",
-                gw.opts.max_sessions
-            ),
-        );
+    let client = framecast_proto::client::address(peer.ip());
+    let place = match gw.place(&client) {
+        Ok(place) => place,
+        Err(refused) => {
+            let (label, status, reason) = match refused {
+                Refused::Full { max } => (
+                    "full",
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the gateway has its maximum of {max} sessions open (--max-sessions): try again later"),
+                ),
+                Refused::ClientFull { max } => (
+                    "client_full",
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("this address has {max} sessions open, its share (--max-sessions-per-client): end one first"),
+                ),
+            };
+            outcome(label);
+            return refuse(status, reason);
+        }
     };
     if let Err(reason) = offer::check(&body) {
         outcome("bad_offer");
@@ -298,9 +302,11 @@ async fn create(
         Ok(o) => o,
         Err(e) => {
             outcome("bad_offer");
+            // The parser's own message shows its internal state (pointers): said in words.
+            tracing::debug!(error = %e, "an SDP offer did not parse");
             return refuse(
                 StatusCode::BAD_REQUEST,
-                format!("the SDP offer does not parse: {e}"),
+                "the SDP offer does not parse: a line is not valid SDP (RFC 8866) as browsers write it",
             );
         }
     };
@@ -329,7 +335,17 @@ async fn create(
             );
         }
     };
-    match answer(&gw, avatar, &info, offer) {
+    if !info.speaks {
+        outcome("mute_avatar");
+        return refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "avatar: '{}' cannot lip-sync a voice: its avatar.toml has no [audio] table (how its model takes speech)",
+                framecast_proto::echo(avatar)
+            ),
+        );
+    }
+    match answer(&gw, avatar, &info, offer, place) {
         Ok((id, sdp)) => {
             outcome("answered");
             (
@@ -359,6 +375,7 @@ fn answer(
     avatar: &str,
     info: &framecast_proto::compositor::v1::AvatarInfo,
     offer: SdpOffer,
+    place: Place,
 ) -> Result<(String, String), (StatusCode, String)> {
     let internal = |e: String| (StatusCode::INTERNAL_SERVER_ERROR, e);
     let socket = bind_udp(&gw.opts).map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
@@ -374,12 +391,26 @@ fn answer(
     let candidate =
         Candidate::host(addr, "udp").map_err(|e| internal(format!("host candidate: {e}")))?;
     rtc.add_local_candidate(candidate);
-    let answer = rtc.sdp_api().accept_offer(offer).map_err(|e| {
-        (
-            StatusCode::BAD_REQUEST,
-            format!("the offer cannot be answered: {e}"),
-        )
-    })?;
+    // The offer was checked (offer::check), but the library is not trusted with hostile
+    // input: a panic answers 400 instead of dropping the request.
+    let accepted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rtc.sdp_api().accept_offer(offer)
+    }));
+    let answer =
+        match accepted {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    format!("the offer cannot be answered: {}", in_words(&e.to_string())),
+                ))
+            }
+            Err(_) => return Err((
+                StatusCode::BAD_REQUEST,
+                "the offer cannot be answered: the WebRTC library rejected its media description"
+                    .to_string(),
+            )),
+        };
     let id = session_id().map_err(internal)?;
     let config = SessionConfig {
         id: id.clone(),
@@ -401,7 +432,7 @@ fn answer(
     )
     .map_err(internal)?;
     let mut sessions = gw.sessions.lock();
-    sessions.insert(id.clone(), session);
+    sessions.insert(id.clone(), (session, place));
     gw.metrics.sessions.set(sessions.len() as i64);
     Ok((id, answer.to_sdp_string()))
 }
@@ -425,4 +456,34 @@ fn session_id() -> Result<String, String> {
         .and_then(|mut f| f.read_exact(&mut bytes))
         .map_err(|e| format!("session id: /dev/urandom: {e}"))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A library's error message without what only its debugger could read: hexadecimal
+/// addresses (`0x7f…`) are left out.
+fn in_words(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find("0x") {
+        out.push_str(&rest[..at]);
+        let hex = rest[at + 2..]
+            .find(|c: char| !c.is_ascii_hexdigit())
+            .unwrap_or(rest.len() - at - 2);
+        if hex >= 6 {
+            out.push('…');
+        } else {
+            out.push_str(&rest[at..at + 2 + hex]);
+        }
+        rest = &rest[at + 2 + hex..];
+    }
+    out.push_str(rest);
+    framecast_proto::echo(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn addresses_are_left_out_of_library_errors() {
+        let said = super::in_words("bad PointerOffset(0x7f3a9c001234) at 0x10");
+        assert_eq!(said, "bad PointerOffset(…) at 0x10");
+    }
 }

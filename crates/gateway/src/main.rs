@@ -67,6 +67,18 @@ struct Args {
     /// Most sessions open at once; past it a new one gets 503 with the reason.
     #[arg(long, env = "FRAMECAST_GATEWAY_MAX_SESSIONS", default_value_t = GatewayOptions::default().max_sessions)]
     max_sessions: usize,
+    /// Most sessions one client address may have open at once (its share of
+    /// --max-sessions; behind a reverse proxy every browser has the proxy's address).
+    #[arg(long, env = "FRAMECAST_GATEWAY_MAX_SESSIONS_PER_CLIENT", default_value_t = GatewayOptions::default().max_sessions_per_client, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_sessions_per_client: usize,
+    /// Most HTTP connections one client address may hold open at once; more are closed on
+    /// accept.
+    #[arg(long, env = "FRAMECAST_GATEWAY_MAX_CONNECTIONS_PER_CLIENT", default_value_t = GatewayOptions::default().max_connections_per_client, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_connections_per_client: usize,
+    /// Seconds a request's body may take to arrive after its headers (headers have 10 s);
+    /// past it the request gets 408 and its connection is closed.
+    #[arg(long, env = "FRAMECAST_GATEWAY_BODY_TIMEOUT_S", default_value_t = GatewayOptions::default().body_timeout.as_secs_f64())]
+    body_timeout_s: f64,
     /// A session not connected this long after its answer, or whose browser then sends no
     /// voice for this long, is ended (datagrams from anyone else never count).
     #[arg(
@@ -110,9 +122,13 @@ async fn main() -> Result<()> {
     framecast_telemetry::config_file::apply_for_root::<Args>()?;
     let args = Args::parse();
     framecast_telemetry::init_logs(args.log_format);
-    let timeout_ok = args.session_timeout_s.is_finite() && args.session_timeout_s > 0.0;
-    if args.max_sessions == 0 || !timeout_ok || args.video_kbps == 0 {
-        anyhow::bail!("--max-sessions, --session-timeout-s and --video-kbps must be positive");
+    let positive = |s: f64| s.is_finite() && s > 0.0 && s < 1e6;
+    if args.max_sessions == 0
+        || !positive(args.session_timeout_s)
+        || !positive(args.body_timeout_s)
+        || args.video_kbps == 0
+    {
+        anyhow::bail!("--max-sessions, --session-timeout-s, --body-timeout-s and --video-kbps must be positive");
     }
     if let Some((a, b)) = args.udp_ports {
         if ((b - a) as usize + 1) < args.max_sessions {
@@ -145,6 +161,9 @@ async fn main() -> Result<()> {
         udp_bind: args.udp_bind,
         udp_ports: args.udp_ports,
         max_sessions: args.max_sessions,
+        max_sessions_per_client: args.max_sessions_per_client,
+        max_connections_per_client: args.max_connections_per_client,
+        body_timeout: Duration::from_secs_f64(args.body_timeout_s),
         session_timeout: Duration::from_secs_f64(args.session_timeout_s),
         video_bitrate_bps: args.video_kbps * 1000,
         jitter: Duration::from_millis(args.jitter_ms),

@@ -1,6 +1,8 @@
 //! What the gateway needs from a browser's SDP offer, checked before any WebRTC state is made:
 //! a microphone it may receive (an audio m-line the browser sends on) and a video m-line it
-//! may send H.264 on. Each refusal says which, so a front-end developer can fix the page.
+//! may send H.264 on, and payload types that mean one codec of the m-line's own kind (an
+//! offer mapping an audio payload type to a video codec once made the WebRTC library panic).
+//! Each refusal says which, so a front-end developer can fix the page.
 
 /// Checks `sdp`; the error is the reason, for a 400 answer.
 pub fn check(sdp: &str) -> Result<(), String> {
@@ -8,6 +10,7 @@ pub fn check(sdp: &str) -> Result<(), String> {
         return Err("the body is not an SDP offer (it must start with \"v=0\")".into());
     }
     let mut sections: Vec<Section> = Vec::new();
+    let mut codecs: std::collections::HashMap<String, String> = Default::default();
     for line in sdp.lines().map(str::trim_end) {
         if let Some(m) = line.strip_prefix("m=") {
             sections.push(Section::fresh(m.split(' ').next().unwrap_or("")));
@@ -18,9 +21,36 @@ pub fn check(sdp: &str) -> Result<(), String> {
                 _ => {}
             }
             if let Some(map) = line.strip_prefix("a=rtpmap:") {
-                let codec = map.split_once(' ').map_or("", |(_, c)| c);
+                let (pt, codec) = map.split_once(' ').unwrap_or((map, ""));
+                let name = codec.split('/').next().unwrap_or("").to_ascii_uppercase();
                 if codec.to_ascii_uppercase().starts_with("H264/90000") {
                     s.h264 = true;
+                }
+                let other = match s.kind.as_str() {
+                    "audio" => VIDEO_CODECS.contains(&name.as_str()).then_some("video"),
+                    "video" => AUDIO_CODECS.contains(&name.as_str()).then_some("audio"),
+                    _ => None,
+                };
+                if let Some(other) = other {
+                    return Err(format!(
+                        "the offer's {} m-line maps payload type {} to {}, a {other} codec: each m-line's payload types must be codecs of its own kind",
+                        s.kind,
+                        pt.trim(),
+                        short(codec)
+                    ));
+                }
+                let pt = pt.trim().to_string();
+                match codecs.get(&pt) {
+                    Some(seen) if !seen.eq_ignore_ascii_case(codec) => {
+                        return Err(format!(
+                            "the offer maps payload type {pt} to both {} and {}: a payload type means one codec",
+                            short(seen),
+                            short(codec)
+                        ))
+                    }
+                    _ => {
+                        codecs.insert(pt, codec.to_string());
+                    }
                 }
             }
         }
@@ -47,6 +77,37 @@ pub fn check(sdp: &str) -> Result<(), String> {
         return Err("the offer's video has no H.264 codec: the gateway encodes H.264".into());
     }
     Ok(())
+}
+
+/// Codec names (as rtpmap writes them) that only video m-lines carry.
+const VIDEO_CODECS: &[&str] = &[
+    "H264",
+    "H265",
+    "VP8",
+    "VP9",
+    "AV1",
+    "AV1X",
+    "RTX",
+    "ULPFEC",
+    "FLEXFEC-03",
+];
+/// Codec names that only audio m-lines carry.
+const AUDIO_CODECS: &[&str] = &[
+    "OPUS",
+    "G722",
+    "PCMU",
+    "PCMA",
+    "ISAC",
+    "ILBC",
+    "CN",
+    "TELEPHONE-EVENT",
+    "L16",
+    "G729",
+];
+
+/// At most 64 bytes of a client's string, for a refusal.
+fn short(s: &str) -> String {
+    framecast_proto::echo(s.get(..64).unwrap_or(s)).to_string()
 }
 
 struct Section {
@@ -98,5 +159,23 @@ mod tests {
         assert!(e(&offer("a=sendrecv\r\n", &sendonly)).contains("sendonly"));
         let no_audio = "v=0\r\ns=-\r\n".to_string() + VIDEO;
         assert!(e(&no_audio).contains("no audio m-line"));
+    }
+
+    /// An audio m-line listing a video codec (str0m panicked on it), or one payload type
+    /// mapped to two codecs, is refused naming the payload type.
+    #[test]
+    fn payload_types_of_the_wrong_kind_are_refused() {
+        let e = |sdp: &str| check(sdp).unwrap_err();
+        let audio_h264 = offer("a=sendrecv\r\n", VIDEO).replace(
+            "a=rtpmap:111 opus/48000/2\r\n",
+            "a=rtpmap:111 opus/48000/2\r\na=rtpmap:102 H264/90000\r\n",
+        );
+        let why = e(&audio_h264);
+        assert!(
+            why.contains("payload type 102") && why.contains("video codec"),
+            "{why}"
+        );
+        let twice = offer("a=sendrecv\r\n", &VIDEO.replace("96 VP8", "111 VP8"));
+        assert!(e(&twice).contains("payload type 111"), "{}", e(&twice));
     }
 }

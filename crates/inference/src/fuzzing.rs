@@ -46,7 +46,7 @@ pub fn infer_request(data: &[u8]) {
     );
     let sources = validate::Sources {
         shm: &SharedMemory::default(),
-        tensors: &crate::tensor_cache::TensorCache::unmetered(None),
+        tensors: &crate::tensor_cache::TensorCache::unmetered(Default::default()),
     };
     match validate::prepare("fuzz", &config, sources, &Owner::anonymous(), &mut req) {
         Ok(p) => {

@@ -22,6 +22,7 @@ pub mod rpc;
 pub mod server;
 pub mod shared_memory;
 pub mod stats;
+pub mod stream_budget;
 pub mod tensor_cache;
 pub mod torch_model;
 pub mod validate;

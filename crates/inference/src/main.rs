@@ -4,6 +4,7 @@ use framecast_inference::metrics::Metrics;
 use framecast_inference::models::{ExecOptions, ModelManager};
 use framecast_inference::repository::Repository;
 use framecast_inference::server::{self, ServeOptions};
+use framecast_inference::tensor_cache::TensorLimits;
 use framecast_inference::zoo::{self, Builtin, ZooOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -131,11 +132,29 @@ struct ServeArgs {
     /// gets RESOURCE_EXHAUSTED.
     #[arg(long, env = "FRAMECAST_MAX_SHM_REGIONS", default_value_t = ServeOptions::default().max_shm_regions as u64, value_parser = clap::value_parser!(u64).range(1..=framecast_proto::fault_guard::CAPACITY as u64 / 2))]
     max_shm_regions: u64,
-    /// Host memory the tensor cache extension may hold, all clients together, MiB (least
-    /// recently used tensors are evicted; a tensor larger than this is refused); 0 unlimited.
-    /// Tensors count against --memory-budget-mib too.
-    #[arg(long, env = "FRAMECAST_TENSOR_CACHE_MIB", default_value_t = ServeOptions::default().tensor_cache_budget.unwrap_or(0) >> 20)]
+    /// Shared-memory regions one client may hold (its credential with authentication on,
+    /// its address without); past it its registrations get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FRAMECAST_MAX_SHM_REGIONS_PER_CLIENT", default_value_t = ServeOptions::default().max_shm_regions_per_client as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    max_shm_regions_per_client: u64,
+    /// MiB of unanswered requests, and MiB of answers not yet sent, one client's
+    /// ModelStreamInfer streams may hold (each): past it a stream stops reading requests
+    /// until the client reads its answers.
+    #[arg(long, env = "FRAMECAST_STREAM_BUFFER_MIB", default_value_t = ServeOptions::default().stream_buffer >> 20, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    stream_buffer_mib: u64,
+    /// Host memory the tensor cache extension may hold, all clients together, MiB, at least 1
+    /// (least recently used tensors are evicted; a tensor larger than this is refused; to
+    /// turn the extension off, --framecast-extensions false). Tensors count against
+    /// --memory-budget-mib too.
+    #[arg(long, env = "FRAMECAST_TENSOR_CACHE_MIB", default_value_t = TensorLimits::default().budget >> 20, value_parser = parse_tensor_cache_mib)]
     tensor_cache_mib: u64,
+    /// One client's share of the tensor cache, MiB (a client is its credential with
+    /// authentication on, its address without): default half of --tensor-cache-mib.
+    #[arg(long, env = "FRAMECAST_TENSOR_CACHE_CLIENT_MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    tensor_cache_client_mib: Option<u64>,
+    /// Tensors one client may keep registered; at the limit its least recently used idle
+    /// one makes room.
+    #[arg(long, env = "FRAMECAST_TENSOR_CACHE_MAX_NAMES", default_value_t = TensorLimits::default().client_names as u64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    tensor_cache_max_names: u64,
     /// On SIGTERM: stop accepting, finish in-flight requests for at most this many seconds,
     /// then exit.
     #[arg(long, env = "FRAMECAST_SHUTDOWN_GRACE_S", default_value_t = ServeOptions::default().grace.as_secs())]
@@ -291,7 +310,15 @@ fn serve(args: ServeArgs) -> Result<()> {
             auth_token: args.auth_token,
             shared_memory: args.shared_memory,
             max_shm_regions: args.max_shm_regions as usize,
-            tensor_cache_budget: (args.tensor_cache_mib > 0).then_some(args.tensor_cache_mib << 20),
+            max_shm_regions_per_client: args.max_shm_regions_per_client as usize,
+            stream_buffer: args.stream_buffer_mib << 20,
+            tensor_cache: TensorLimits {
+                budget: args.tensor_cache_mib << 20,
+                client_bytes: args
+                    .tensor_cache_client_mib
+                    .map_or(args.tensor_cache_mib << 19, |m| m << 20),
+                client_names: args.tensor_cache_max_names as usize,
+            },
             framecast_extensions: args.framecast_extensions,
             tls,
         };
@@ -303,4 +330,17 @@ fn serve(args: ServeArgs) -> Result<()> {
         )
         .await
     })
+}
+
+/// `--tensor-cache-mib`: a finite, positive bound (0 once meant "unlimited", which let one
+/// client's declared size exhaust the host's memory).
+fn parse_tensor_cache_mib(s: &str) -> Result<u64, String> {
+    let mib: u64 = s
+        .parse()
+        .map_err(|e| format!("{e}: give the tensor cache's size in MiB"))?;
+    match mib {
+        0 => Err("0 is not a size: the tensor cache always has a finite budget (0 no longer means unlimited); give a size in MiB, or turn the extension off with --framecast-extensions false".into()),
+        m if m > 1 << 30 => Err(format!("{m} MiB is more than any host has")),
+        m => Ok(m),
+    }
 }

@@ -389,6 +389,19 @@ impl ModelManager {
                         free,
                         budget,
                     },
+                    // Models are loaded for no tenant: these limits never apply to them.
+                    CacheError::TenantBytes { need, used, limit } => ModelError::NoRoom {
+                        name: name.to_string(),
+                        need,
+                        free: limit.saturating_sub(used),
+                        budget: limit,
+                    },
+                    CacheError::TenantEntries { .. } => ModelError::NoRoom {
+                        name: name.to_string(),
+                        need: 0,
+                        free: 0,
+                        budget: 0,
+                    },
                 };
                 self.metrics.loads.with_label_values(&["refused"]).inc();
                 tracing::warn!(model = name, error = %e, "model refused");

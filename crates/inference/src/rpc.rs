@@ -5,6 +5,7 @@ use crate::batcher::Delivery;
 use crate::error::{invalid, Error};
 use crate::models::{LoadedModel, ModelError, ModelManager};
 use crate::shared_memory::{Owner, SharedMemory};
+use crate::stream_budget::{ClientBudget, Room, StreamBudgets};
 use crate::tensor_cache::TensorCache;
 use crate::validate::{self, Requested};
 use framecast_proto::echo;
@@ -43,6 +44,8 @@ pub struct InferenceService {
     framecast_extensions: bool,
     /// Authentication is on: a caller's bearer token names the owner of its regions.
     scoped_by_token: bool,
+    /// What each client's `ModelStreamInfer` streams may hold.
+    stream_budgets: Arc<StreamBudgets>,
 }
 
 /// Who owns what a call registers (shared-memory regions, cached tensors): its verified
@@ -67,13 +70,21 @@ impl InferenceService {
         InferenceService {
             models,
             shm: Arc::default(),
-            tensors: Arc::new(TensorCache::unmetered(None)),
+            tensors: Arc::new(TensorCache::unmetered(Default::default())),
             slow_request,
             drain,
             shm_allowed: true,
             framecast_extensions: true,
             scoped_by_token: false,
+            stream_budgets: Arc::default(),
         }
+    }
+
+    /// The same service holding each client's streams to `bytes` of unanswered requests and
+    /// `bytes` of answers not yet sent ([`crate::stream_budget`]).
+    pub fn with_stream_buffer(mut self, bytes: u64) -> Self {
+        self.stream_budgets = Arc::new(StreamBudgets::new(bytes));
+        self
     }
 
     /// The same service keeping its regions in `shm`.
@@ -131,12 +142,15 @@ impl InferenceService {
         }
     }
 
+    /// Answers `req`; with a `budget` (a stream's), only once the budget has room for the
+    /// answer, whose room comes back with it.
     async fn infer(
         &self,
         mut req: ModelInferRequest,
         owner: &Owner,
         grpc_deadline: Option<Instant>,
-    ) -> Result<ModelInferResponse, Status> {
+        budget: Option<&ClientBudget>,
+    ) -> Result<(ModelInferResponse, Option<Room>), Status> {
         let started = Instant::now();
         check_version(&req.model_name, &req.model_version)?;
         let metrics = self.models.metrics().clone();
@@ -160,7 +174,7 @@ impl InferenceService {
             }
         };
         let result = self
-            .run(&model, &mut req, owner, grpc_deadline, started)
+            .run(&model, &mut req, owner, grpc_deadline, started, budget)
             .await
             .map_err(Status::from);
         let label = match &result {
@@ -185,12 +199,25 @@ impl InferenceService {
         owner: &Owner,
         grpc_deadline: Option<Instant>,
         started: Instant,
-    ) -> Result<ModelInferResponse, Error> {
+        budget: Option<&ClientBudget>,
+    ) -> Result<(ModelInferResponse, Option<Room>), Error> {
         let sources = validate::Sources {
             shm: &self.shm,
             tensors: &self.tensors,
         };
         let prepared = validate::prepare(&model.name, &model.config, sources, owner, req)?;
+        let room = match budget {
+            Some(b) => {
+                let bytes: usize = prepared
+                    .outputs
+                    .iter()
+                    .filter(|o| o.shm.is_none())
+                    .map(|o| prepared.batch * model.config.outputs[o.index].element_bytes())
+                    .sum();
+                Some(b.reply(bytes).await)
+            }
+            None => None,
+        };
         let deadline = [
             grpc_deadline,
             request_timeout(req)?.map(|t| started + t),
@@ -249,14 +276,15 @@ impl InferenceService {
             (k.to_string(), p)
         })
         .collect();
-        Ok(response(
+        let answer = response(
             model,
             std::mem::take(&mut req.id),
             prepared.batch,
             &prepared.outputs,
             out.outputs,
             params,
-        ))
+        );
+        Ok((answer, room))
     }
 }
 
@@ -572,13 +600,15 @@ impl GrpcInferenceService for InferenceService {
         let owner = self.owner(&req);
         let req = req.into_inner();
         let span = infer_span(&req);
-        self.infer(req, &owner, deadline)
+        self.infer(req, &owner, deadline, None)
             .instrument(span)
             .await
-            .map(Response::new)
+            .map(|(answer, _)| Response::new(answer))
     }
 
-    type ModelStreamInferStream = ReceiverStream<Result<kserve::ModelStreamInferResponse, Status>>;
+    type ModelStreamInferStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<kserve::ModelStreamInferResponse, Status>> + Send>,
+    >;
 
     async fn model_stream_infer(
         &self,
@@ -586,8 +616,13 @@ impl GrpcInferenceService for InferenceService {
     ) -> Reply<Self::ModelStreamInferStream> {
         let deadline = framecast_proto::deadline::from_metadata(req.metadata());
         let owner = self.owner(&req);
+        let budget = self
+            .stream_budgets
+            .of(&framecast_proto::client::of(&req, self.scoped_by_token));
         let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(256);
+        // Answers go out with the room they hold in the client's reply budget, given back
+        // as the transport takes each one.
+        let (tx, rx) = mpsc::channel::<(Result<_, Status>, Option<Room>)>(256);
         let this = self.clone();
         tokio::spawn(async move {
             loop {
@@ -598,30 +633,51 @@ impl GrpcInferenceService for InferenceService {
                     _ = this.drain.started() => break,
                     msg = inbound.next() => msg,
                 };
-                let Some(msg) = framecast_telemetry::next_request(msg, &tx).await else {
-                    break;
+                let msg = match msg {
+                    None => break,
+                    Some(Ok(msg)) => msg,
+                    Some(Err(status)) => {
+                        let status = framecast_telemetry::oversize_as_exhausted(status);
+                        let _ = tx.send((Err(status), None)).await;
+                        break;
+                    }
                 };
-                let (tx, this, owner) = (tx.clone(), this.clone(), owner.clone());
+                // Read no further while this client's unanswered requests fill its budget.
+                let held = budget.request(prost::Message::encoded_len(&msg)).await;
+                let (tx, this, owner, budget) =
+                    (tx.clone(), this.clone(), owner.clone(), budget.clone());
                 let span = infer_span(&msg);
                 // Each request runs on its own task so many are in flight and batch together;
                 // responses go back as they complete, matched by id.
                 tokio::spawn(
                     async move {
                         let (id, model_name) = (msg.id.clone(), msg.model_name.clone());
-                        let reply = match this.infer(msg, &owner, deadline).await {
-                            Ok(r) => kserve::ModelStreamInferResponse {
-                                error_message: String::new(),
-                                infer_response: Some(r),
-                            },
-                            Err(s) => framecast_proto::status::stream_error(&s, id, model_name),
-                        };
-                        let _ = tx.send(Ok(reply)).await;
+                        let (reply, room) =
+                            match this.infer(msg, &owner, deadline, Some(&budget)).await {
+                                Ok((r, room)) => (
+                                    kserve::ModelStreamInferResponse {
+                                        error_message: String::new(),
+                                        infer_response: Some(r),
+                                    },
+                                    room,
+                                ),
+                                Err(s) => (
+                                    framecast_proto::status::stream_error(&s, id, model_name),
+                                    None,
+                                ),
+                            };
+                        let _ = tx.send((Ok(reply), room)).await;
+                        drop(held);
                     }
                     .instrument(span),
                 );
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let answers = ReceiverStream::new(rx).map(|(answer, room)| {
+            drop(room);
+            answer
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn model_statistics(
@@ -734,11 +790,12 @@ impl GrpcInferenceService for InferenceService {
             )));
         }
         let owner = self.owner(&req);
+        let client = framecast_proto::client::of(&req, self.scoped_by_token);
         let r = req.into_inner();
         let shm = self.shm.clone();
         // Opening and mapping touch the file system: keep them off the async workers.
         tokio::task::spawn_blocking(move || {
-            shm.register(&owner, &r.name, &r.key, r.offset, r.byte_size)
+            shm.register(&owner, &client, &r.name, &r.key, r.offset, r.byte_size)
         })
         .await
         .map_err(|e| Error::Internal(format!("registering shared memory: {e}")))??;

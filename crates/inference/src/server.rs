@@ -4,7 +4,7 @@
 use crate::models::ModelManager;
 use crate::rpc::InferenceService;
 use crate::shared_memory::SharedMemory;
-use crate::tensor_cache::{TensorCache, TensorCacheService};
+use crate::tensor_cache::{TensorCache, TensorCacheService, TensorLimits};
 use framecast_proto::auth::BearerCheck;
 use framecast_proto::kserve::grpc_inference_service_server::GrpcInferenceServiceServer;
 use framecast_proto::tensorcache::v1::tensor_cache_server::TensorCacheServer;
@@ -35,9 +35,13 @@ pub struct ServeOptions {
     pub shared_memory: bool,
     /// Regions registered at once, all clients together.
     pub max_shm_regions: usize,
-    /// Host memory the tensor cache extension may hold, all clients together; `None` is
-    /// unlimited.
-    pub tensor_cache_budget: Option<u64>,
+    /// Host memory the tensor cache extension may hold, all clients together and each.
+    pub tensor_cache: TensorLimits,
+    /// Bytes of unanswered requests, and of answers not yet sent, each client's
+    /// `ModelStreamInfer` streams may hold (each).
+    pub stream_buffer: u64,
+    /// Shared-memory regions one client may hold (its share of `max_shm_regions`).
+    pub max_shm_regions_per_client: usize,
     /// Offer framecast's own extensions (tensor cache, I420 outputs). Off, the server looks
     /// like a plain KServe v2 server (tests and benchmarks of the fallback).
     pub framecast_extensions: bool,
@@ -57,8 +61,10 @@ impl Default for ServeOptions {
             tls: None,
             shared_memory: true,
             max_shm_regions: crate::shared_memory::DEFAULT_MAX_REGIONS,
-            tensor_cache_budget: Some(4 << 30),
+            tensor_cache: TensorLimits::default(),
             framecast_extensions: true,
+            stream_buffer: crate::stream_budget::DEFAULT_BYTES,
+            max_shm_regions_per_client: crate::shared_memory::DEFAULT_MAX_REGIONS_PER_CLIENT,
         }
     }
 }
@@ -85,13 +91,16 @@ async fn serve_draining(
     opts: ServeOptions,
     drain: Drain,
 ) -> anyhow::Result<()> {
-    let shm = Arc::new(SharedMemory::new(opts.max_shm_regions));
+    let shm = Arc::new(SharedMemory::new(
+        opts.max_shm_regions,
+        opts.max_shm_regions_per_client,
+    ));
     shm.sweep_every(SHM_SWEEP);
     let auth = BearerCheck::new(opts.auth_token.as_deref());
     let health = tonic_health::server::health_reporter();
     report_model_health(models.clone(), health.0.clone(), drain.clone());
     let tensors = Arc::new(TensorCache::new(
-        opts.tensor_cache_budget,
+        opts.tensor_cache,
         models.metrics().tensor_cache_bytes.clone(),
     ));
     if let Some(budget) = models.device_budget() {
@@ -100,6 +109,7 @@ async fn serve_draining(
     tensors.sweep_every(SHM_SWEEP);
     let mut svc = InferenceService::new(models, opts.slow_request, drain.clone())
         .with_shared_memory(shm)
+        .with_stream_buffer(opts.stream_buffer)
         .with_tensor_cache(tensors.clone());
     if !opts.shared_memory {
         svc = svc.without_shared_memory();

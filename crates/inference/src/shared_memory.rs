@@ -17,6 +17,9 @@ use std::sync::Arc;
 
 /// Regions a server keeps registered unless told otherwise (`--max-shm-regions`).
 pub const DEFAULT_MAX_REGIONS: usize = 1024;
+/// Regions one client may hold unless told otherwise (`--max-shm-regions-per-client`): a
+/// compositor holds a few per replica.
+pub const DEFAULT_MAX_REGIONS_PER_CLIENT: usize = 256;
 
 /// Who registered a region: the caller's credential bytes (bearer token and/or client
 /// certificate), empty for an anonymous caller on a server without authentication.
@@ -67,6 +70,8 @@ pub struct Region {
     pub offset: u64,
     pub mapping: Mapping,
     owner: Owner,
+    /// Whose share it counts against ([`framecast_proto::client`]).
+    client: String,
 }
 
 impl std::fmt::Debug for Region {
@@ -116,33 +121,39 @@ impl AsRef<[u8]> for Window {
 pub struct SharedMemory {
     regions: RwLock<Table>,
     max_regions: usize,
+    per_client: usize,
 }
 
 #[derive(Default)]
 struct Table {
     by_owner: HashMap<Owner, HashMap<String, Arc<Region>>>,
     count: usize,
+    by_client: HashMap<String, usize>,
 }
 
 impl Default for SharedMemory {
     fn default() -> Self {
-        SharedMemory::new(DEFAULT_MAX_REGIONS)
+        SharedMemory::new(DEFAULT_MAX_REGIONS, DEFAULT_MAX_REGIONS_PER_CLIENT)
     }
 }
 
 impl SharedMemory {
-    /// A table holding at most `max_regions` regions, all owners together.
-    pub fn new(max_regions: usize) -> Self {
+    /// A table holding at most `max_regions` regions, all owners together, and at most
+    /// `per_client` of one client.
+    pub fn new(max_regions: usize, per_client: usize) -> Self {
         SharedMemory {
             regions: RwLock::default(),
             max_regions,
+            per_client: per_client.clamp(1, max_regions.max(1)),
         }
     }
 
-    /// Registers `name` for `owner`; O(1) in the number of regions already registered.
+    /// Registers `name` for `owner`, counted against `client`'s share; O(1) in the number of
+    /// regions already registered.
     pub fn register(
         &self,
         owner: &Owner,
+        client: &str,
         name: &str,
         key: &str,
         offset: u64,
@@ -157,15 +168,26 @@ impl SharedMemory {
                 self.max_regions
             ))
         };
-        {
-            let table = self.regions.read();
+        let client_full = |count| {
+            Error::Exhausted(format!(
+                "name: this client has {count} shared-memory regions registered, its share (--max-shm-regions-per-client {}); unregister regions you no longer use",
+                self.per_client
+            ))
+        };
+        let room = |table: &Table| {
             if table.get(owner, name).is_some() {
                 return Err(already(name));
             }
             if table.count >= self.max_regions {
                 return Err(full(table.count));
             }
-        }
+            let mine = table.by_client.get(client).copied().unwrap_or(0);
+            if mine >= self.per_client {
+                return Err(client_full(mine));
+            }
+            Ok(())
+        };
+        room(&self.regions.read())?;
         let mapping = Mapping::open(key, offset, len).map_err(|e| match e {
             ShmError::Open { ref source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 Error::NotFound(format!("key: {}", framecast_proto::echo(&e.to_string())))
@@ -179,21 +201,18 @@ impl SharedMemory {
             offset,
             mapping,
             owner: owner.clone(),
+            client: client.to_string(),
         });
         let mut table = self.regions.write();
         // Checked again under the write lock: another registration may have come between.
-        if table.get(owner, name).is_some() {
-            return Err(already(name));
-        }
-        if table.count >= self.max_regions {
-            return Err(full(table.count));
-        }
+        room(&table)?;
         table
             .by_owner
             .entry(owner.clone())
             .or_default()
             .insert(name.to_string(), region);
         table.count += 1;
+        *table.by_client.entry(client.to_string()).or_default() += 1;
         tracing::info!(
             region = framecast_proto::echo(name).as_ref(),
             key = framecast_proto::echo(key).as_ref(),
@@ -211,15 +230,17 @@ impl SharedMemory {
         let Some(mine) = table.by_owner.get_mut(owner) else {
             return;
         };
-        let removed = if name.is_empty() {
-            std::mem::take(mine).len()
+        let removed: Vec<Arc<Region>> = if name.is_empty() {
+            std::mem::take(mine).into_values().collect()
         } else {
-            usize::from(mine.remove(name).is_some())
+            mine.remove(name).into_iter().collect()
         };
         if mine.is_empty() {
             table.by_owner.remove(owner);
         }
-        table.count -= removed;
+        for r in &removed {
+            table.forget_client(&r.client);
+        }
     }
 
     /// `owner`'s regions named `name`, or all of them when it is empty.
@@ -370,8 +391,19 @@ impl Table {
         if mine.is_empty() {
             self.by_owner.remove(&region.owner);
         }
-        self.count -= 1;
+        self.forget_client(&region.client);
         true
+    }
+
+    /// One region of `client` fewer.
+    fn forget_client(&mut self, client: &str) {
+        self.count -= 1;
+        if let Some(n) = self.by_client.get_mut(client) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_client.remove(client);
+            }
+        }
     }
 }
 
@@ -401,16 +433,21 @@ mod tests {
 
     #[test]
     fn registrations_past_the_limit_are_refused_and_unregistering_frees_room() {
-        let shm = SharedMemory::new(2);
+        let shm = SharedMemory::new(2, 2);
         let o = object("limit");
         let me = Owner::anonymous();
-        shm.register(&me, "a", o.key(), 0, 4096).unwrap();
-        shm.register(&me, "b", o.key(), 4096, 4096).unwrap();
-        let e = shm.register(&me, "c", o.key(), 0, 1).unwrap_err();
+        shm.register(&me, "address 127.0.0.1", "a", o.key(), 0, 4096)
+            .unwrap();
+        shm.register(&me, "address 127.0.0.1", "b", o.key(), 4096, 4096)
+            .unwrap();
+        let e = shm
+            .register(&me, "address 127.0.0.1", "c", o.key(), 0, 1)
+            .unwrap_err();
         assert!(matches!(e, Error::Exhausted(_)), "{e:?}");
         assert!(e.to_string().contains("--max-shm-regions 2"), "{e}");
         shm.unregister(&me, "a");
-        shm.register(&me, "c", o.key(), 0, 1).unwrap();
+        shm.register(&me, "address 127.0.0.1", "c", o.key(), 0, 1)
+            .unwrap();
         assert_eq!(shm.len(), 2);
         shm.unregister(&me, "");
         assert!(shm.is_empty());
@@ -422,7 +459,8 @@ mod tests {
         let o = object("owners");
         let alice = Owner::from_credentials([("token", b"alice".as_slice())]);
         let bob = Owner::from_credentials([("token", b"bob".as_slice())]);
-        shm.register(&alice, "r", o.key(), 0, 4096).unwrap();
+        shm.register(&alice, "address 127.0.0.1", "r", o.key(), 0, 4096)
+            .unwrap();
         assert!(shm.status(&bob, "").unwrap().is_empty());
         assert_eq!(
             shm.status(&bob, "r").unwrap_err().to_string(),
@@ -435,7 +473,8 @@ mod tests {
         shm.unregister(&bob, "r");
         assert_eq!(shm.status(&alice, "").unwrap().len(), 1);
         // Names are per owner: Bob may use the same one.
-        shm.register(&bob, "r", o.key(), 4096, 4096).unwrap();
+        shm.register(&bob, "address 127.0.0.1", "r", o.key(), 4096, 4096)
+            .unwrap();
         assert_eq!(
             shm.window(&alice, "x", "r", 0, 16).unwrap().region.offset,
             0
@@ -453,9 +492,12 @@ mod tests {
         let gone = object("gone");
         let shrunk = object("shrunk");
         let kept = object("kept");
-        shm.register(&me, "gone", gone.key(), 0, 4096).unwrap();
-        shm.register(&me, "shrunk", shrunk.key(), 0, 8192).unwrap();
-        shm.register(&me, "kept", kept.key(), 0, 4096).unwrap();
+        shm.register(&me, "address 127.0.0.1", "gone", gone.key(), 0, 4096)
+            .unwrap();
+        shm.register(&me, "address 127.0.0.1", "shrunk", shrunk.key(), 0, 8192)
+            .unwrap();
+        shm.register(&me, "address 127.0.0.1", "kept", kept.key(), 0, 4096)
+            .unwrap();
         assert_eq!(shm.sweep(), 0);
         drop(gone);
         std::fs::OpenOptions::new()
@@ -479,7 +521,8 @@ mod tests {
         let shm = SharedMemory::default();
         let me = Owner::anonymous();
         let o = object("use");
-        shm.register(&me, "r", o.key(), 0, 8192).unwrap();
+        shm.register(&me, "address 127.0.0.1", "r", o.key(), 0, 8192)
+            .unwrap();
         std::fs::OpenOptions::new()
             .write(true)
             .open(framecast_proto::shm::key_path(o.key()).unwrap())
@@ -490,5 +533,33 @@ mod tests {
         assert!(matches!(e, Error::Invalid(_)), "{e:?}");
         assert!(e.to_string().starts_with("inputs[0] 'x'"), "{e}");
         assert!(shm.is_empty());
+    }
+
+    /// One client (one token, or one address without authentication) cannot take every
+    /// region: past its share it is refused, naming the share, and others still register.
+    #[test]
+    fn each_client_has_a_share_of_the_regions() {
+        let shm = SharedMemory::new(4, 2);
+        let o = object("share");
+        let me = Owner::anonymous();
+        shm.register(&me, "address 10.0.0.1", "a", o.key(), 0, 4096)
+            .unwrap();
+        shm.register(&me, "address 10.0.0.1", "b", o.key(), 0, 4096)
+            .unwrap();
+        let e = shm
+            .register(&me, "address 10.0.0.1", "c", o.key(), 0, 4096)
+            .unwrap_err();
+        assert!(matches!(e, Error::Exhausted(_)), "{e}");
+        assert!(
+            e.to_string().contains("--max-shm-regions-per-client 2"),
+            "{e}"
+        );
+        shm.register(&me, "address 10.0.0.2", "c", o.key(), 0, 4096)
+            .unwrap();
+        // Unregistering gives the share back.
+        shm.unregister(&me, "a");
+        shm.register(&me, "address 10.0.0.1", "d", o.key(), 0, 4096)
+            .unwrap();
+        assert_eq!(shm.len(), 3);
     }
 }

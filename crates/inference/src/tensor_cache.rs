@@ -22,7 +22,7 @@ use crate::error::{invalid, Error};
 use crate::rpc::owner_of;
 use crate::shared_memory::Owner;
 use bytes::{Bytes, BytesMut};
-use framecast_cache::{BudgetCache, CacheError, Events, SharedBudget};
+use framecast_cache::{BudgetCache, CacheError, Events, SharedBudget, TenantLimits};
 use framecast_proto::echo;
 use framecast_proto::kserve::infer_parameter::ParameterChoice;
 use framecast_proto::kserve::ModelInferRequest;
@@ -137,19 +137,61 @@ impl Rows {
 /// Tensors a request names, kept from eviction while it lives ([`TensorCache::hold`]).
 pub struct Held(#[allow(dead_code)] Vec<framecast_cache::Lease<Cached, String>>);
 
+/// What the tensor cache may hold, in all and per client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorLimits {
+    /// Bytes all clients' tensors may hold (`--tensor-cache-mib`), registrations in parts
+    /// under way included. Always finite.
+    pub budget: u64,
+    /// Bytes one client's tensors may hold (`--tensor-cache-client-mib`).
+    pub client_bytes: u64,
+    /// Tensors one client may hold (`--tensor-cache-max-names`).
+    pub client_names: usize,
+}
+
+impl TensorLimits {
+    /// `budget` in all, half of it per client, [`DEFAULT_CLIENT_NAMES`] names per client.
+    pub fn new(budget: u64) -> TensorLimits {
+        TensorLimits {
+            budget,
+            client_bytes: budget / 2,
+            client_names: DEFAULT_CLIENT_NAMES,
+        }
+    }
+}
+
+impl Default for TensorLimits {
+    fn default() -> Self {
+        TensorLimits::new(DEFAULT_BUDGET)
+    }
+}
+
+/// `--tensor-cache-mib`'s default: 4 GiB.
+pub const DEFAULT_BUDGET: u64 = 4 << 30;
+/// `--tensor-cache-max-names`' default: a compositor registers one tensor per avatar and model.
+pub const DEFAULT_CLIENT_NAMES: usize = 4096;
+/// Registrations in parts one client may have under way at once.
+pub const MAX_PENDING_PER_CLIENT: usize = 16;
+/// Bytes each tensor is charged beyond its data: its name, shape and bookkeeping, so that
+/// names alone cannot hold memory the budget does not see.
+pub const ENTRY_OVERHEAD: u64 = 256;
+
 pub struct TensorCache {
-    /// Loads never fail (the value is the registration itself): the error type is unused.
     cache: Arc<BudgetCache<Cached, String>>,
-    budget: Option<u64>,
-    /// Registrations in parts under way, one per owner (keyed by the owner alone).
+    limits: TensorLimits,
+    /// Registrations in parts under way, by owner and name: each is independent of every
+    /// other, whoever registers it.
     pending: parking_lot::Mutex<HashMap<String, Pending>>,
 }
 
 /// A tensor registered in parts, until its last row arrives.
 struct Pending {
-    name: String,
+    /// The client whose share it counts against.
+    client: String,
     datatype: DataType,
     shape: Vec<i64>,
+    /// The rows received so far: it grows as parts arrive, never to what a client declared
+    /// before it sends it.
     data: BytesMut,
     /// When its last part arrived: an abandoned registration is dropped after
     /// [`PENDING_TIMEOUT`].
@@ -188,32 +230,39 @@ fn key(owner: &Owner, name: &str) -> String {
 }
 
 impl TensorCache {
-    /// `budget`: bytes all clients' tensors may hold; `None` is unlimited. `bytes_gauge`
-    /// follows what they hold.
-    pub fn new(budget: Option<u64>, bytes_gauge: IntGauge) -> TensorCache {
+    /// A cache under `limits`; `bytes_gauge` follows what it holds.
+    pub fn new(limits: TensorLimits, bytes_gauge: IntGauge) -> TensorCache {
+        let cache = BudgetCache::new(
+            Some(limits.budget),
+            |_, _| false,
+            Arc::new(Gauge(bytes_gauge)),
+        )
+        .with_tenant_limits(TenantLimits {
+            max_bytes: limits.client_bytes.min(limits.budget),
+            max_entries: limits.client_names,
+        });
         TensorCache {
-            cache: Arc::new(BudgetCache::new(
-                budget,
-                |_, _| false,
-                Arc::new(Gauge(bytes_gauge)),
-            )),
-            budget,
+            cache: Arc::new(cache),
+            limits,
             pending: Default::default(),
         }
     }
 
     /// A cache whose size no metric follows.
-    pub fn unmetered(budget: Option<u64>) -> TensorCache {
+    pub fn unmetered(limits: TensorLimits) -> TensorCache {
         let gauge = IntGauge::new("tensor_cache_bytes", "unregistered").expect("valid metric");
-        Self::new(budget, gauge)
+        Self::new(limits, gauge)
     }
 
     /// Registers (or replaces) `name` for `owner`, or a part of it: `data` holds the rows
     /// from `first_row` on (all of them when `first_row` is 0 and they are all there).
-    /// Returns the bytes received so far of the tensor.
+    /// `client` is whose share it counts against ([`framecast_proto::client`]). Returns the
+    /// bytes received so far of the tensor.
+    #[allow(clippy::too_many_arguments)]
     pub async fn register(
         &self,
         owner: &Owner,
+        client: &str,
         name: &str,
         datatype: &str,
         shape: Vec<i64>,
@@ -231,101 +280,172 @@ impl TensorCache {
         }
         let total =
             tensor::byte_len(datatype, &shape).map_err(|e| invalid(format!("shape: {e}")))?;
+        if total == 0 {
+            return Err(invalid(format!(
+                "shape {}: the tensor holds no bytes",
+                echo(&format!("{shape:?}"))
+            )));
+        }
         let rows = shape[0] as u64;
         let per_row = total / rows as usize;
-        // Too large for either budget: refused at the first part, not after the last.
+        // Too large for any budget it must fit: refused at the first part, not after the
+        // last, and before anything is held for it.
+        let charge = total as u64 + ENTRY_OVERHEAD;
         let budgets = [
-            (self.budget, false),
-            (self.cache.shared().map(|b| b.budget()), true),
+            (Some(self.limits.budget), Budget::Cache),
+            (
+                Some(self.limits.client_bytes.min(self.limits.budget)),
+                Budget::Client,
+            ),
+            (self.cache.shared().map(|b| b.budget()), Budget::Device),
         ];
-        for (budget, shared) in budgets {
-            if let Some(budget) = budget.filter(|&b| total as u64 > b) {
-                return Err(self.refusal(
-                    name,
-                    CacheError::TooLarge {
-                        need: total as u64,
-                        budget,
-                        shared,
-                    },
-                ));
+        for (budget, which) in budgets {
+            if let Some(budget) = budget.filter(|&b| charge > b) {
+                return Err(Error::Exhausted(format!(
+                    "tensor '{name}' is {charge} bytes with its bookkeeping; {} is {budget} bytes",
+                    which.describe()
+                )));
             }
         }
-        if data.is_empty() || !data.len().is_multiple_of(per_row.max(1)) {
+        if data.is_empty() || !data.len().is_multiple_of(per_row) {
             return Err(invalid(format!(
                 "data: {} bytes is not a whole number of rows of {per_row} bytes",
                 data.len()
             )));
         }
-        let last = first_row + (data.len() / per_row.max(1)) as u64;
+        let last = first_row.saturating_add((data.len() / per_row) as u64);
         if last > rows {
             return Err(invalid(format!(
                 "data: rows {first_row}..{last} run past the tensor's {rows}"
             )));
         }
-        let whole = {
-            let mut pending = self.pending.lock();
-            let k = key(owner, "");
-            if first_row == 0 {
-                // A new registration replaces the caller's one under way, if any.
-                pending.remove(&k);
-                if last == rows {
-                    Some(data)
-                } else {
-                    let mut buf = BytesMut::with_capacity(total);
-                    buf.extend_from_slice(&data);
-                    let p = Pending {
-                        name: name.to_string(),
-                        datatype,
-                        shape: shape.clone(),
-                        data: buf,
-                        touched: Instant::now(),
-                    };
-                    pending.insert(k, p);
-                    None
-                }
-            } else {
-                let Some(p) = pending.get_mut(&k) else {
-                    return Err(invalid(format!(
-                        "first_row {first_row}: no registration in parts of '{name}' is under way (start with first_row 0)"
-                    )));
-                };
-                let next = (p.data.len() / per_row.max(1)) as u64;
-                if p.name != name || p.datatype != datatype || p.shape != shape || next != first_row
-                {
-                    return Err(invalid(format!(
-                        "first_row {first_row}: the registration under way is '{}' {} {:?}, next row {next}",
-                        p.name, p.datatype, p.shape
-                    )));
-                }
-                p.data.extend_from_slice(&data);
-                p.touched = Instant::now();
-                if last == rows {
-                    pending.remove(&k).map(|p| p.data.freeze())
-                } else {
-                    None
-                }
+        let k = key(owner, name);
+        let whole = if first_row == 0 && last == rows {
+            // A whole tensor in one message replaces a registration in parts of it, if any.
+            self.pending.lock().remove(&k);
+            data
+        } else {
+            let part = PartOf {
+                client,
+                datatype,
+                shape: &shape,
+                first_row,
+                per_row,
+            };
+            match self.add_part(&k, name, part, data)? {
+                Some(whole) => whole,
+                None => return Ok(last * per_row as u64),
             }
         };
-        let Some(data) = whole else {
-            return Ok(last * per_row as u64);
-        };
-        let size = data.len() as u64;
-        let k = key(owner, name);
+        let size = whole.len() as u64;
         self.cache.remove(&k);
         let value = Cached {
             name: name.to_string(),
             datatype,
             shape,
-            data,
+            data: whole,
             resident: Default::default(),
         };
+        let charge = size + ENTRY_OVERHEAD;
         let lease = self
             .cache
-            .get_or_load(&k, || Ok(size), |_| async move { Ok((value, size)) })
+            .get_or_load_for(
+                Some(client),
+                &k,
+                || Ok(charge),
+                |_| async move { Ok((value, charge)) },
+            )
             .await
             .map_err(|e| self.refusal(name, e))?;
         drop(lease);
         Ok(size)
+    }
+
+    /// Adds a part of a registration in parts of `name` (key `k`); the whole tensor once its
+    /// last part is in. What parts under way hold counts against the client's share and the
+    /// budget as they arrive.
+    fn add_part(
+        &self,
+        k: &str,
+        name: &str,
+        part: PartOf<'_>,
+        data: Bytes,
+    ) -> Result<Option<Bytes>, Error> {
+        let mut pending = self.pending.lock();
+        if part.first_row == 0 {
+            // A new registration of this name replaces the one under way, if any.
+            pending.remove(k);
+            let mine = pending.values().filter(|p| p.client == part.client).count();
+            if mine >= MAX_PENDING_PER_CLIENT {
+                return Err(Error::Exhausted(format!(
+                    "tensor '{name}': this client has {mine} registrations in parts under way, the most it may (finish or abandon one; abandoned ones go after {} s)",
+                    PENDING_TIMEOUT.as_secs()
+                )));
+            }
+        } else {
+            let Some(p) = pending.get(k) else {
+                return Err(invalid(format!(
+                    "first_row {}: no registration in parts of '{name}' is under way (start with first_row 0)",
+                    part.first_row
+                )));
+            };
+            let next = (p.data.len() / part.per_row) as u64;
+            if p.datatype != part.datatype || p.shape != part.shape || next != part.first_row {
+                return Err(invalid(format!(
+                    "first_row {}: the registration of '{name}' under way is {} {:?}, next row {next}",
+                    part.first_row, p.datatype, p.shape
+                )));
+            }
+        }
+        let held = |client: Option<&str>| -> u64 {
+            pending
+                .values()
+                .filter(|p| client.is_none_or(|c| p.client == c))
+                .map(|p| p.data.len() as u64)
+                .sum()
+        };
+        let add = data.len() as u64;
+        let client_limit = self.limits.client_bytes.min(self.limits.budget);
+        let (client_held, all_held) = (held(Some(part.client)), held(None));
+        let (cached, _) = self.cache.tenant_usage(part.client);
+        if client_held + cached + add > client_limit {
+            return Err(Error::Exhausted(format!(
+                "tensor '{name}': this client's tensors and registrations under way would hold {} bytes; {} is {client_limit} bytes",
+                client_held + cached + add,
+                Budget::Client.describe()
+            )));
+        }
+        if all_held + add > self.limits.budget {
+            return Err(Error::Exhausted(format!(
+                "tensor '{name}': registrations in parts under way hold {all_held} bytes; with this part they would pass {} ({} bytes)",
+                Budget::Cache.describe(),
+                self.limits.budget
+            )));
+        }
+        let p = pending.entry(k.to_string()).or_insert_with(|| Pending {
+            client: part.client.to_string(),
+            datatype: part.datatype,
+            shape: part.shape.to_vec(),
+            data: BytesMut::new(),
+            touched: Instant::now(),
+        });
+        p.data.extend_from_slice(&data);
+        p.touched = Instant::now();
+        let rows = part.shape[0] as usize;
+        if p.data.len() == rows * part.per_row {
+            Ok(pending.remove(k).map(|p| p.data.freeze()))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Bytes the registrations in parts under way have allocated.
+    pub fn pending_capacity(&self) -> usize {
+        self.pending
+            .lock()
+            .values()
+            .map(|p| p.data.capacity())
+            .sum()
     }
 
     /// Drops registrations in parts that have waited longer than `idle` for their next part
@@ -351,8 +471,8 @@ impl TensorCache {
 
     fn refusal(&self, name: &str, e: CacheError<String>) -> Error {
         let which = |shared: bool| match shared {
-            true => "the device-memory budget models and tensors share (--memory-budget-mib)",
-            false => "the tensor cache's budget (--tensor-cache-mib)",
+            true => Budget::Device.describe(),
+            false => Budget::Cache.describe(),
         };
         match e {
             CacheError::Load(e) => Error::Internal(e),
@@ -370,8 +490,15 @@ impl TensorCache {
                 budget,
                 shared,
             } => Error::Exhausted(format!(
-                "tensor '{name}' is {need} bytes; {free} of the {budget} bytes of {} are free and the rest is in use",
+                "tensor '{name}' is {need} bytes; {free} of the {budget} bytes of {} are free and the rest is in use or other clients' fair share",
                 which(shared)
+            )),
+            CacheError::TenantBytes { need, used, limit } => Error::Exhausted(format!(
+                "tensor '{name}' is {need} bytes; this client's other tensors in use hold {used} of the {limit} bytes of {}",
+                Budget::Client.describe()
+            )),
+            CacheError::TenantEntries { limit } => Error::Exhausted(format!(
+                "tensor '{name}': this client holds {limit} tensors, all in use, the most it may (--tensor-cache-max-names)"
             )),
         }
     }
@@ -418,9 +545,10 @@ impl TensorCache {
         )
     }
 
-    /// Bytes all tensors hold, and the budget.
-    pub fn usage(&self) -> (u64, Option<u64>) {
-        (self.cache.reserved(), self.budget)
+    /// Bytes all tensors hold (with their bookkeeping, and those replaced or unregistered
+    /// while a request still uses them), and the budget.
+    pub fn usage(&self) -> (u64, u64) {
+        (self.cache.reserved(), self.limits.budget)
     }
 
     /// The rows `rows` (comma-separated indices) of `owner`'s tensor `name`, for an input of
@@ -486,14 +614,42 @@ impl TensorCache {
     }
 }
 
+/// A part of a registration in parts, as [`TensorCache::add_part`] needs it.
+struct PartOf<'a> {
+    client: &'a str,
+    datatype: DataType,
+    shape: &'a [i64],
+    first_row: u64,
+    per_row: usize,
+}
+
+/// The budgets a tensor must fit, for refusals that name the flag to change.
+enum Budget {
+    Cache,
+    Client,
+    Device,
+}
+
+impl Budget {
+    fn describe(&self) -> &'static str {
+        match self {
+            Budget::Cache => "the tensor cache's budget (--tensor-cache-mib)",
+            Budget::Client => "one client's share of the tensor cache (--tensor-cache-client-mib)",
+            Budget::Device => {
+                "the device-memory budget models and tensors share (--memory-budget-mib)"
+            }
+        }
+    }
+}
+
 /// Names follow the rule of model names (letters, digits, `.`, `_`, `-`; 1 to 255; not
 /// starting with `.`).
 fn check_name(name: &str) -> Result<(), Error> {
     use crate::repository::RepoError;
     crate::repository::check_name(name).map_err(|e| match e {
-        RepoError::InvalidName { name, reason } => invalid(format!(
-            "name {name:?} is invalid: {reason} (letters, digits, '.', '_', '-')"
-        )),
+        RepoError::InvalidName { name, reason } => {
+            invalid(format!("name {name:?} is invalid: {reason}"))
+        }
         other => invalid(format!("name: {other}")),
     })
 }
@@ -521,10 +677,19 @@ impl v1::tensor_cache_server::TensorCache for TensorCacheService {
         req: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::RegisterResponse>, Status> {
         let owner = owner_of(&req, self.scoped_by_token);
+        let client = framecast_proto::client::of(&req, self.scoped_by_token);
         let r = req.into_inner();
         let byte_size = self
             .cache
-            .register(&owner, &r.name, &r.datatype, r.shape, r.first_row, r.data)
+            .register(
+                &owner,
+                &client,
+                &r.name,
+                &r.datatype,
+                r.shape,
+                r.first_row,
+                r.data,
+            )
             .await?;
         Ok(Response::new(v1::RegisterResponse { byte_size }))
     }
@@ -564,7 +729,7 @@ impl v1::tensor_cache_server::TensorCache for TensorCacheService {
                 })
                 .collect(),
             bytes_used: used,
-            bytes_budget: budget.unwrap_or(0),
+            bytes_budget: budget,
         }))
     }
 }
@@ -573,9 +738,22 @@ impl v1::tensor_cache_server::TensorCache for TensorCacheService {
 mod tests {
     use super::*;
 
-    fn cache(budget: Option<u64>) -> TensorCache {
-        TensorCache::unmetered(budget)
+    /// A cache with room for `data` bytes of tensors besides `names` tensors' bookkeeping,
+    /// all of it for one client.
+    fn cache_for(data: u64, names: u64) -> TensorCache {
+        let budget = data + names * ENTRY_OVERHEAD;
+        TensorCache::unmetered(TensorLimits {
+            budget,
+            client_bytes: budget,
+            client_names: 100,
+        })
     }
+
+    fn cache() -> TensorCache {
+        cache_for(1 << 20, 100)
+    }
+
+    const CLIENT: &str = "address 127.0.0.1";
 
     fn rows(n: u8) -> Bytes {
         Bytes::from((0..n).flat_map(|r| [r; 4]).collect::<Vec<u8>>())
@@ -583,12 +761,12 @@ mod tests {
 
     #[tokio::test]
     async fn rows_are_gathered_in_the_order_named_and_names_are_per_owner() {
-        let c = cache(None);
+        let c = cache();
         let (a, b) = (
             Owner::from_credentials([("token", &b"a"[..])]),
             Owner::from_credentials([("token", &b"b"[..])]),
         );
-        c.register(&a, "faces", "UINT8", vec![5, 2, 2], 0, rows(5))
+        c.register(&a, CLIENT, "faces", "UINT8", vec![5, 2, 2], 0, rows(5))
             .await
             .unwrap();
         let got = c
@@ -607,9 +785,9 @@ mod tests {
 
     #[tokio::test]
     async fn bad_rows_shapes_and_names_are_refused_naming_the_field() {
-        let c = cache(None);
+        let c = cache();
         let o = Owner::anonymous();
-        c.register(&o, "faces", "UINT8", vec![5, 2, 2], 0, rows(5))
+        c.register(&o, CLIENT, "faces", "UINT8", vec![5, 2, 2], 0, rows(5))
             .await
             .unwrap();
         let err = |rows: &str, shape: &[i64], dt| {
@@ -624,9 +802,22 @@ mod tests {
         assert!(err("1,2,3", &[2, 2, 2], DataType::U8).contains("more than"));
         assert!(err("1", &[1, 4], DataType::U8).contains("does not match"));
         assert!(err("1", &[1, 2, 2], DataType::F32).contains("does not match"));
-        for (name, shape, len) in [("../x", vec![1], 1), ("ok", vec![], 0), ("ok", vec![2], 3)] {
+        for (name, shape, len) in [
+            ("../x", vec![1], 1),
+            ("ok", vec![], 0),
+            ("ok", vec![2], 3),
+            ("ok", vec![5, 0], 5),
+        ] {
             let e = c
-                .register(&o, name, "UINT8", shape, 0, Bytes::from(vec![0; len]))
+                .register(
+                    &o,
+                    CLIENT,
+                    name,
+                    "UINT8",
+                    shape,
+                    0,
+                    Bytes::from(vec![0; len]),
+                )
                 .await
                 .err()
                 .unwrap();
@@ -638,11 +829,12 @@ mod tests {
     /// of order are refused, naming the row expected.
     #[tokio::test]
     async fn a_tensor_registered_in_parts_is_whole_once_its_last_part_arrives() {
-        let c = cache(None);
+        let c = cache();
         let o = Owner::anonymous();
         let all = rows(5);
         let part = |a: usize, b: usize| all.slice(a * 4..b * 4);
-        let reg = |first: u64, data: Bytes| c.register(&o, "p", "UINT8", vec![5, 4], first, data);
+        let reg =
+            |first: u64, data: Bytes| c.register(&o, CLIENT, "p", "UINT8", vec![5, 4], first, data);
         assert_eq!(reg(0, part(0, 2)).await.unwrap(), 8);
         let e = c
             .rows(&o, "in", "p", "0", DataType::U8, &[1, 4])
@@ -675,19 +867,32 @@ mod tests {
 
     #[tokio::test]
     async fn past_the_budget_is_refused_with_the_numbers_and_old_tensors_are_evicted() {
-        let c = cache(Some(30));
+        let c = cache_for(30, 1);
         let o = Owner::anonymous();
-        c.register(&o, "a", "UINT8", vec![5, 4], 0, rows(5))
+        c.register(&o, CLIENT, "a", "UINT8", vec![5, 4], 0, rows(5))
             .await
             .unwrap();
         let e = c
-            .register(&o, "huge", "UINT8", vec![40], 0, Bytes::from(vec![0; 40]))
+            .register(
+                &o,
+                CLIENT,
+                "huge",
+                "UINT8",
+                vec![40],
+                0,
+                Bytes::from(vec![0; 40]),
+            )
             .await
             .err()
             .unwrap();
         assert!(matches!(e, Error::Exhausted(_)));
-        assert!(e.to_string().contains("40 bytes") && e.to_string().contains("30 bytes"));
-        c.register(&o, "b", "UINT8", vec![5, 4], 0, rows(5))
+        let (need, budget) = (40 + ENTRY_OVERHEAD, 30 + ENTRY_OVERHEAD);
+        assert!(
+            e.to_string().contains(&format!("{need} bytes"))
+                && e.to_string().contains(&format!("{budget} bytes")),
+            "{e}"
+        );
+        c.register(&o, CLIENT, "b", "UINT8", vec![5, 4], 0, rows(5))
             .await
             .unwrap();
         // a is evicted for b: its rows are gone, and the request says so.
@@ -696,7 +901,7 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(e, Error::TensorUnknown(_)));
-        assert_eq!(c.usage(), (20, Some(30)));
+        assert_eq!(c.usage(), (20 + ENTRY_OVERHEAD, 30 + ENTRY_OVERHEAD));
         assert!(c.unregister(&o, "b"));
         assert_eq!(c.usage().0, 0);
     }
@@ -706,15 +911,23 @@ mod tests {
     /// evicted for another (the newcomer is refused), and is once the request is done.
     #[tokio::test]
     async fn device_gathers_match_the_host_and_rows_in_use_pin_their_tensor() {
-        let c = cache(Some(48));
+        let c = cache_for(40, 2);
         let o = Owner::anonymous();
         let data: Vec<u8> = (0..20u8).collect();
         // Offset by one byte: an F32 view would be unaligned, so the CPU copy is made.
         let unaligned = Bytes::from([&[0u8][..], &data].concat()).slice(1..);
-        c.register(&o, "u8", "UINT8", vec![5, 4], 0, Bytes::from(data.clone()))
-            .await
-            .unwrap();
-        c.register(&o, "f32", "FP32", vec![5, 1], 0, unaligned)
+        c.register(
+            &o,
+            CLIENT,
+            "u8",
+            "UINT8",
+            vec![5, 4],
+            0,
+            Bytes::from(data.clone()),
+        )
+        .await
+        .unwrap();
+        c.register(&o, CLIENT, "f32", "FP32", vec![5, 1], 0, unaligned)
             .await
             .unwrap();
         for (name, dt, shape) in [
@@ -734,15 +947,185 @@ mod tests {
         let held = c.rows(&o, "in", "u8", "1", DataType::U8, &[1, 4]).unwrap();
         let big = Bytes::from(vec![0u8; 36]);
         let e = c
-            .register(&o, "big", "UINT8", vec![36], 0, big.clone())
+            .register(&o, CLIENT, "big", "UINT8", vec![36], 0, big.clone())
             .await
             .err()
             .unwrap();
         assert!(matches!(e, Error::Exhausted(_)), "{e}");
         drop(held);
         // f32 (the least recently used, unleased) goes first, then u8: both fit again.
-        c.register(&o, "big", "UINT8", vec![36], 0, big)
+        c.register(&o, CLIENT, "big", "UINT8", vec![36], 0, big)
             .await
             .unwrap();
+    }
+
+    /// A registration in parts holds what has arrived, never what it declares: a declared
+    /// terabyte is refused at once (it fits no budget), and a declared gigabyte that fits
+    /// holds only its first part's bytes.
+    #[tokio::test]
+    async fn a_declared_size_is_never_allocated_before_it_arrives() {
+        let c = TensorCache::unmetered(TensorLimits::new(4 << 30));
+        let o = Owner::anonymous();
+        let mib = Bytes::from(vec![7u8; 1 << 20]);
+        let e = c
+            .register(
+                &o,
+                CLIENT,
+                "tib",
+                "UINT8",
+                vec![1 << 20, 1 << 20],
+                0,
+                mib.clone(),
+            )
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::Exhausted(_)), "{e}");
+        assert!(e.to_string().contains("--tensor-cache-mib"), "{e}");
+        // 1 GiB declared, within budget and share: 1 MiB arrives, about 1 MiB is held.
+        c.register(
+            &o,
+            CLIENT,
+            "gib",
+            "UINT8",
+            vec![1024, 1 << 20],
+            0,
+            mib.clone(),
+        )
+        .await
+        .unwrap();
+        let held = c.pending_capacity();
+        assert!(
+            (1 << 20..4 << 20).contains(&held),
+            "a registration in parts holds {held} bytes after its first MiB"
+        );
+    }
+
+    /// Registrations in parts are keyed by name: two under way for one owner (two
+    /// compositors on one token, or none) complete independently, and restarting one does
+    /// not touch the other.
+    #[tokio::test]
+    async fn registrations_in_parts_of_different_names_are_independent() {
+        let c = cache();
+        let o = Owner::anonymous();
+        let all = rows(4);
+        let part = |a: usize, b: usize| all.slice(a * 4..b * 4);
+        let reg = |client: &'static str, name: &'static str, first: u64, data: Bytes| {
+            c.register(&o, client, name, "UINT8", vec![4, 4], first, data)
+        };
+        reg("address 10.0.0.1", "x", 0, part(0, 2)).await.unwrap();
+        reg("address 10.0.0.2", "y", 0, part(0, 1)).await.unwrap();
+        // y starts over; x's registration is not disturbed.
+        reg("address 10.0.0.2", "y", 0, part(0, 2)).await.unwrap();
+        assert_eq!(
+            reg("address 10.0.0.1", "x", 2, part(2, 4)).await.unwrap(),
+            16
+        );
+        assert_eq!(
+            reg("address 10.0.0.2", "y", 2, part(2, 4)).await.unwrap(),
+            16
+        );
+        for name in ["x", "y"] {
+            let got = c
+                .rows(&o, "in", name, "3", DataType::U8, &[1, 4])
+                .unwrap()
+                .gather();
+            assert_eq!(&got[..], &[3, 3, 3, 3], "{name}");
+        }
+        // A part that does not continue its own registration names that registration.
+        reg("address 10.0.0.1", "x", 0, part(0, 1)).await.unwrap();
+        let e = reg("address 10.0.0.2", "x", 3, part(3, 4))
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("next row 1"), "{e}");
+    }
+
+    /// Re-registering a name while a request still uses the old copy keeps the old copy's
+    /// bytes counted until the request is done: the budget bounds memory, not the listing.
+    #[tokio::test]
+    async fn a_replaced_tensor_in_use_stays_counted_until_released() {
+        let one = 20 + ENTRY_OVERHEAD;
+        let c = cache();
+        let o = Owner::anonymous();
+        c.register(&o, CLIENT, "t", "UINT8", vec![5, 4], 0, rows(5))
+            .await
+            .unwrap();
+        let held = c.rows(&o, "in", "t", "1", DataType::U8, &[1, 4]).unwrap();
+        c.register(&o, CLIENT, "t", "UINT8", vec![5, 4], 0, rows(5))
+            .await
+            .unwrap();
+        assert_eq!(c.usage().0, 2 * one, "the old copy is still in use");
+        drop(held);
+        assert_eq!(c.usage().0, one);
+        // Under a budget of just under two copies, replacing one in use is refused.
+        let tight = cache_for(2 * 20 - 1, 2);
+        tight
+            .register(&o, CLIENT, "t", "UINT8", vec![5, 4], 0, rows(5))
+            .await
+            .unwrap();
+        let held = tight
+            .rows(&o, "in", "t", "1", DataType::U8, &[1, 4])
+            .unwrap();
+        let e = tight
+            .register(&o, CLIENT, "t", "UINT8", vec![5, 4], 0, rows(5))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::Exhausted(_)), "{e}");
+        drop(held);
+        tight
+            .register(&o, CLIENT, "t", "UINT8", vec![5, 4], 0, rows(5))
+            .await
+            .unwrap();
+        assert_eq!(tight.usage().0, one);
+    }
+
+    /// One client cannot evict another's tensors while that one holds no more than its
+    /// fair share, nor hold more names or bytes than its own share.
+    #[tokio::test]
+    async fn clients_get_shares_of_names_and_bytes() {
+        let one = 20 + ENTRY_OVERHEAD;
+        let c = TensorCache::unmetered(TensorLimits {
+            budget: 4 * one,
+            client_bytes: 3 * one,
+            client_names: 2,
+        });
+        let (a, b) = (
+            Owner::from_credentials([("token", &b"a"[..])]),
+            Owner::from_credentials([("token", &b"b"[..])]),
+        );
+        let c = &c;
+        let reg = |o: &Owner, client: &'static str, name: &'static str| {
+            let o = o.clone();
+            async move {
+                c.register(&o, client, name, "UINT8", vec![5, 4], 0, rows(5))
+                    .await
+            }
+        };
+        reg(&a, "a", "face").await.unwrap();
+        reg(&b, "b", "b1").await.unwrap();
+        reg(&b, "b", "b2").await.unwrap();
+        // b at its two names: its own oldest makes room, never a's.
+        reg(&b, "b", "b3").await.unwrap();
+        assert!(c.rows(&a, "in", "face", "0", DataType::U8, &[1, 4]).is_ok());
+        assert!(c.rows(&b, "in", "b1", "0", DataType::U8, &[1, 4]).is_err());
+        assert_eq!(c.cache.tenant_usage("b"), (2 * one, 2));
+        // A large tensor of b's: past its share of 3, refused whatever else is free.
+        let e = c
+            .register(
+                &b,
+                "b",
+                "big",
+                "UINT8",
+                vec![3 * one as i64],
+                0,
+                Bytes::from(vec![0; 3 * one as usize]),
+            )
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("--tensor-cache-client-mib"), "{e}");
+        assert!(c.rows(&a, "in", "face", "0", DataType::U8, &[1, 4]).is_ok());
     }
 }

@@ -457,12 +457,13 @@ mod tests {
                 (state >> 24) as u8
             })
             .collect();
-        let cache = TensorCache::unmetered(None);
+        let cache = TensorCache::unmetered(Default::default());
         let owner = Owner::anonymous();
         let shape = [5, 6, crop, crop];
         cache
             .register(
                 &owner,
+                "local",
                 "faces",
                 "UINT8",
                 shape.to_vec(),

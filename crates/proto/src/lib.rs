@@ -37,6 +37,7 @@ pub mod tensorcache {
 }
 
 pub mod auth;
+pub mod client;
 pub mod deadline;
 pub mod fault_guard;
 pub mod i420;

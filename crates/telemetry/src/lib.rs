@@ -7,6 +7,7 @@ pub mod http_server;
 pub mod metrics_http;
 pub mod oversize;
 pub mod periodic;
+pub mod places;
 pub mod running;
 pub mod tls;
 pub use drain::{serve_with_grace, Drain};

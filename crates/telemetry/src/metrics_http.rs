@@ -1,8 +1,9 @@
 //! The Prometheus `/metrics` endpoint both services serve on their own port.
 //!
 //! The port faces the same network as the gRPC one, so it defends itself the same way
-//! ([`crate::http_server`]: a deadline of [`HEADER_TIMEOUT`] on request headers, at most
-//! [`MAX_CONNECTIONS`] at once), and with `require_token` the bearer token of the gRPC port is
+//! ([`crate::http_server`]: a deadline of [`HEADER_TIMEOUT`] on request headers and one on
+//! their body, at most [`MAX_CONNECTIONS`] at once and [`MAX_CONNECTIONS_PER_CLIENT`] from
+//! one address), and with `require_token` the bearer token of the gRPC port is
 //! required here too (Prometheus sends it with `authorization.credentials`).
 //!
 //! With profiling on (`--profiling`), the same port, under the same TLS and token, also serves
@@ -18,6 +19,9 @@ use std::time::Duration;
 
 /// Connections served at once on the metrics port.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Connections served at once on the metrics port from one client address (a Prometheus
+/// server needs one or two).
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 16;
 
 /// Who may read `/metrics`, and how patient the port is.
 #[derive(Clone, Debug)]
@@ -26,6 +30,9 @@ pub struct MetricsAccess {
     pub tls: Option<crate::tls::ServerTls>,
     /// Require this bearer check on `/metrics`; `None`: open to whoever reaches the port.
     pub auth: Option<BearerCheck>,
+    /// The bearer check on the profiling endpoints: the token whenever one is configured,
+    /// whatever `/metrics` requires (a profile shows far more than metrics do).
+    pub profile_auth: Option<BearerCheck>,
     pub header_timeout: Duration,
     /// Serve the CPU-profile endpoints.
     pub profiling: bool,
@@ -41,7 +48,8 @@ impl MetricsAccess {
         let check = BearerCheck::new(token);
         MetricsAccess {
             tls: tls.cloned(),
-            auth: (require_token && check.is_on()).then_some(check),
+            auth: (require_token && check.is_on()).then(|| check.clone()),
+            profile_auth: check.is_on().then_some(check),
             header_timeout: HEADER_TIMEOUT,
             profiling: false,
         }
@@ -79,7 +87,7 @@ pub async fn serve_metrics(
             ("/debug/pprof/profile", Profile::Pprof),
             ("/debug/flamegraph.svg", Profile::Flamegraph),
         ] {
-            let auth = access.auth.clone();
+            let auth = access.profile_auth.clone();
             app = app.route(
                 path,
                 axum::routing::get(
@@ -98,9 +106,8 @@ pub async fn serve_metrics(
     };
     tracing::info!(addr = %local, protected = access.auth.is_some(), "metrics on {scheme}://{local}/metrics");
     let limits = HttpLimits {
-        tls: access.tls,
         header_timeout: access.header_timeout,
-        max_connections: MAX_CONNECTIONS,
+        ..HttpLimits::new(access.tls, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT)
     };
     tokio::spawn(http_server::serve(
         listener,
@@ -171,10 +178,11 @@ async fn profile(
     let mut seconds = 10u64;
     for pair in query.as_deref().unwrap_or_default().split('&') {
         if let Some(v) = pair.strip_prefix("seconds=") {
+            let v = percent_decoded(v);
             match v.parse::<u64>() {
                 Ok(n) if (1..=60).contains(&n) => seconds = n,
                 _ => {
-                    let echo = framecast_proto::echo(v);
+                    let echo = framecast_proto::echo(&v);
                     let msg = format!("seconds: {echo:?} is not a whole number in 1..=60\n");
                     return (StatusCode::BAD_REQUEST, msg).into_response();
                 }
@@ -200,6 +208,11 @@ async fn profile(
         })?;
         let mut out = Vec::new();
         match kind {
+            // No samples (the process was idle): a graph that says so, not an empty body.
+            Profile::Flamegraph if report.data.is_empty() => {
+                out.extend_from_slice(idle_flamegraph(seconds).as_bytes());
+                Ok(())
+            }
             Profile::Flamegraph => report.flamegraph(&mut out).map_err(|e| e.to_string()),
             Profile::Pprof => {
                 use pprof::protos::Message;
@@ -225,5 +238,48 @@ async fn profile(
             format!("profiler: {e}\n"),
         )
             .into_response(),
+    }
+}
+
+/// A query value with its `%XX` escapes (and `+`) decoded; a malformed escape stays as it is.
+fn percent_decoded(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The flame graph of a profile without a sample.
+fn idle_flamegraph(seconds: u64) -> String {
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"640\" height=\"40\"><text x=\"10\" y=\"25\" font-family=\"monospace\">No CPU samples in {seconds} s: the process was idle.</text></svg>\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(super::percent_decoded("%31"), "1");
+        assert_eq!(super::percent_decoded("1%30"), "10");
+        assert_eq!(super::percent_decoded("%3"), "%3");
+        assert_eq!(super::percent_decoded("%zz5"), "%zz5");
+        assert_eq!(super::percent_decoded("a+b"), "a b");
     }
 }

@@ -31,7 +31,8 @@ pub async fn next_request<T, R>(
     match message? {
         Ok(m) => Some(m),
         Err(status) => {
-            let _ = replies.send(Err(oversize_as_exhausted(status))).await;
+            // A client that is not reading would never see it: never wait for room.
+            let _ = replies.try_send(Err(oversize_as_exhausted(status)));
             None
         }
     }

@@ -73,9 +73,13 @@ pub struct ClientOptions {
     pub tls: Option<ClientTls>,
     /// Set after every health check to the replicas by health (`healthy`, `unhealthy`).
     pub replicas_gauge: Option<IntGaugeVec>,
-    /// Counts the bytes of the batches sent over gRPC and their answers, by `direction`
-    /// (`sent`, `received`): the hop's traffic, from the messages' encoded sizes.
+    /// Counts the bytes sent over gRPC and received, by `direction` (`sent`, `received`)
+    /// and `kind` (`batch`, `tensor_registration`): the hop's traffic, from the messages'
+    /// encoded sizes.
     pub hop_bytes: Option<IntCounterVec>,
+    /// After a replica's tensor cache refuses a tensor (full, or over this client's share),
+    /// its rows travel with each batch for this long; then registering is tried again.
+    pub tensor_retry: Duration,
 }
 
 impl Default for ClientOptions {
@@ -93,6 +97,7 @@ impl Default for ClientOptions {
             tls: None,
             replicas_gauge: None,
             hop_bytes: None,
+            tensor_retry: Duration::from_secs(30),
         }
     }
 }
@@ -453,8 +458,8 @@ impl InferenceClient {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
         let resp = replica.infer(req, id, timeout).await?;
         if let Some(c) = &self.opts.hop_bytes {
-            c.with_label_values(&["sent"]).inc_by(sent as u64);
-            c.with_label_values(&["received"])
+            c.with_label_values(&["sent", "batch"]).inc_by(sent as u64);
+            c.with_label_values(&["received", "batch"])
                 .inc_by(prost::Message::encoded_len(&resp) as u64);
         }
         Ok(resp)

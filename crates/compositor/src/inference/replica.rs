@@ -85,8 +85,7 @@ impl Replica {
             ),
             None => (endpoint.connect_lazy(), url.to_string()),
         };
-        let tensors =
-            ReplicaTensors::new(channel.clone(), opts.max_message_bytes, opts.token.clone());
+        let tensors = ReplicaTensors::new(channel.clone(), opts);
         let client = GrpcInferenceServiceClient::new(channel)
             .max_decoding_message_size(opts.max_message_bytes)
             .max_encoding_message_size(opts.max_message_bytes);

@@ -6,6 +6,7 @@
 //! Triton) gets the rows themselves. On the same host the rest of a batch goes through shared
 //! memory and the rows are named all the same.
 
+use super::ClientOptions;
 use bytes::Bytes;
 use framecast_proto::auth::authorize;
 use framecast_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -15,9 +16,11 @@ use framecast_proto::tensor::DataType;
 use framecast_proto::tensorcache::v1::tensor_cache_client::TensorCacheClient;
 use framecast_proto::tensorcache::v1::RegisterRequest;
 use framecast_proto::tensorcache::{PARAM_ROWS, PARAM_TENSOR};
+use framecast_telemetry::prometheus::IntCounterVec;
 use parking_lot::Mutex;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
@@ -85,25 +88,45 @@ pub(crate) struct ReplicaTensors {
     /// The extensions the replica lists, once asked.
     extensions: tokio::sync::OnceCell<Vec<String>>,
     registered: Mutex<HashSet<String>>,
-    /// Names the replica refused (too large for its budget or the message limit): their
-    /// rows are sent instead, not registered again and again.
-    refused: Mutex<HashSet<String>>,
+    /// Names the replica refused (its cache full of tensors in use, this client's share, or
+    /// too large for its budget), and when to try again: meanwhile their rows are sent with
+    /// each batch instead of being registered again and again; a refusal may pass (room
+    /// comes back), so it is never taken as final.
+    refused: Mutex<HashMap<String, Instant>>,
+    retry: Duration,
+    /// The hop's byte counter (`direction`, `kind`).
+    hop_bytes: Option<IntCounterVec>,
     /// One registration at a time per replica (a large tensor is sent once, not by every
     /// batch that finds it missing).
     registering: tokio::sync::Mutex<()>,
 }
 
 impl ReplicaTensors {
-    pub(crate) fn new(channel: Channel, max_message_bytes: usize, token: Option<String>) -> Self {
+    pub(crate) fn new(channel: Channel, opts: &ClientOptions) -> Self {
         ReplicaTensors {
             client: TensorCacheClient::new(channel)
-                .max_decoding_message_size(max_message_bytes)
-                .max_encoding_message_size(max_message_bytes),
-            token,
+                .max_decoding_message_size(opts.max_message_bytes)
+                .max_encoding_message_size(opts.max_message_bytes),
+            token: opts.token.clone(),
             extensions: tokio::sync::OnceCell::new(),
             registered: Mutex::new(HashSet::new()),
-            refused: Mutex::new(HashSet::new()),
+            refused: Mutex::new(HashMap::new()),
+            retry: opts.tensor_retry,
+            hop_bytes: opts.hop_bytes.clone(),
             registering: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Whether `name` was refused recently enough that its rows are still sent instead.
+    fn refused_lately(&self, name: &str) -> bool {
+        let mut refused = self.refused.lock();
+        match refused.get(name) {
+            Some(at) if at.elapsed() < self.retry => true,
+            Some(_) => {
+                refused.remove(name);
+                false
+            }
+            None => false,
         }
     }
 
@@ -129,18 +152,21 @@ impl ReplicaTensors {
     }
 
     /// Registers `source` unless the replica holds it already (as far as we know). False:
-    /// the replica will not hold it (it refused it once); send its rows instead.
+    /// the replica does not hold it (it refused it lately); send its rows instead.
     pub(crate) async fn ensure(&self, source: &Arc<dyn RowSource>) -> Result<bool, Status> {
         let name = source.name().to_string();
         if self.registered.lock().contains(&name) {
             return Ok(true);
         }
-        if self.refused.lock().contains(&name) {
+        if self.refused_lately(&name) {
             return Ok(false);
         }
         let _one = self.registering.lock().await;
         if self.registered.lock().contains(&name) {
             return Ok(true);
+        }
+        if self.refused_lately(&name) {
+            return Ok(false);
         }
         let s = source.clone();
         let data = tokio::task::spawn_blocking(move || s.all())
@@ -161,13 +187,20 @@ impl ReplicaTensors {
                 data: data.slice(first * per_row..end * per_row),
                 first_row: first as u64,
             };
+            let bytes = prost::Message::encoded_len(&request) as u64;
             let request = authorize(Request::new(request), self.token.as_deref())?;
-            match self.client.clone().register(request).await {
+            let outcome = self.client.clone().register(request).await;
+            if let Some(c) = &self.hop_bytes {
+                c.with_label_values(&["sent", "tensor_registration"])
+                    .inc_by(bytes);
+            }
+            match outcome {
                 Ok(_) => {}
-                // Too large for the replica's budget or the message limit: it never will be.
+                // No room now (full of tensors in use, or this client's share), or larger
+                // than the budget or the message limit: rows for a while, then again.
                 Err(s) if matches!(s.code(), Code::ResourceExhausted | Code::OutOfRange) => {
-                    tracing::warn!(tensor = %name, error = %s.message(), "the replica's tensor cache refused it; its rows travel with each batch");
-                    self.refused.lock().insert(name);
+                    tracing::warn!(tensor = %name, error = %s.message(), retry_s = self.retry.as_secs_f64(), "the replica's tensor cache refused it; its rows travel with each batch until registering is tried again");
+                    self.refused.lock().insert(name, Instant::now());
                     return Ok(false);
                 }
                 Err(s) => return Err(s),

@@ -203,6 +203,11 @@ impl Session {
         &self.request_id
     }
 
+    /// Frames of the session rendered so far: what a stream's progress is measured by.
+    pub fn frames_rendered(&self) -> u64 {
+        self.next
+    }
+
     /// Checks a later message of the session: only audio, the same ids and format.
     pub fn check_continuation(&self, req: &RenderRequest, chunk: &AudioChunk) -> Result<(), Error> {
         if !req.request_id.is_empty() && req.request_id != self.request_id {
@@ -264,7 +269,11 @@ impl Session {
         self.mel.push(&self.resampled, &mut self.mels);
         if chunk.end_of_speech {
             self.mel.finish(&mut self.mels);
-            self.total = Some(window::frames_for(self.mel.samples(), self.fps));
+            // The end is always marked on a frame: when every frame of the audio has been
+            // sent already (or there was none), one more (silent: the background) carries
+            // last_in_request.
+            let frames = window::frames_for(self.mel.samples(), self.fps);
+            self.total = Some(frames.max(self.next + 1));
         }
         self.held.add((self.mels.len() - before) as i64);
         Ok(())
@@ -352,12 +361,16 @@ impl Session {
                     data: tensor::encode(&data),
                 }]
             };
+            if self.start_frame.checked_add(hi).is_none() {
+                return Err(invalid(format!(
+                    "start_frame: {} plus the session's {hi} frames passes the largest frame index (2^64 - 1): start lower",
+                    self.start_frame
+                )));
+            }
             let req = RenderRequest {
                 request_id: self.request_id.clone(),
                 avatar_id: self.avatar_id.clone(),
-                start_frame: self.start_frame.checked_add(self.next).ok_or_else(|| {
-                    invalid("start_frame: the session's frame indices overflow u64")
-                })?,
+                start_frame: self.start_frame + self.next,
                 frame_count: n as u32,
                 conditioning,
                 jpeg_quality: self.jpeg_quality,
