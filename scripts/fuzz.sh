@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/setup.sh)"
 seconds=${FUZZ_SECONDS:-60}
-targets=${FUZZ_TARGETS:-"infer_request model_config avatar_manifest audio_chunks prepared_file"}
+targets=${FUZZ_TARGETS:-"infer_request model_config avatar_manifest audio_chunks prepared_file sdp_offer"}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   fuzz=(cargo +nightly fuzz)

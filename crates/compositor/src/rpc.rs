@@ -386,7 +386,7 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 /// A Render stream's frames on their way to the client, and the stream's place under
 /// `--max-streams`. The transport reads the frames through [`OutboxStream`]; the render task
 /// keeps the [`Outbox`] and, once it has ended, gives the place back when the client has read
-/// every frame, or has gone, or after [`Outbox::close_after`]'s wait (a client that stopped
+/// every frame, or has gone, or after `Outbox::close_after`'s wait (a client that stopped
 /// reading holds neither its frames nor its place past it).
 #[derive(Clone)]
 pub struct Outbox(Arc<OutboxInner>);

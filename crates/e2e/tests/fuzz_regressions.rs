@@ -42,6 +42,11 @@ fn audio_chunks_regressions() {
 }
 
 #[test]
+fn sdp_offer_regressions() {
+    replay("sdp_offer", framecast_gateway::fuzzing::sdp_offer);
+}
+
+#[test]
 fn prepared_file_regressions() {
     replay(
         "prepared_file",

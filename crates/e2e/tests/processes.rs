@@ -134,6 +134,31 @@ fn inference_args(models: &Path, addr: SocketAddr) -> Vec<String> {
     args.map(String::from).to_vec()
 }
 
+/// `serve` of the avatars under `avatars` over the replica at `inference`, on `addr`, with
+/// `extra` flags.
+fn compositor_args(
+    avatars: &Path,
+    inference: &str,
+    addr: SocketAddr,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "serve",
+        "--avatars",
+        &avatars.display().to_string(),
+        "--inference",
+        inference,
+        "--listen",
+        &addr.to_string(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 /// A Render stream asking for frames `0..n` of the `small` avatar.
 async fn render_small(
     client: &CompositorClient<Channel>,
@@ -271,22 +296,13 @@ async fn sigterm_finishes_in_flight_work_then_both_processes_exit_0() {
     let inf_addr = free_addr();
     let mut inference = Proc::serving_inference(&models, inf_addr).await;
     let comp_addr = free_addr();
-    let args = [
-        "serve",
-        "--avatars",
-        &avatars.display().to_string(),
-        "--inference",
+    let args = compositor_args(
+        &avatars,
         &format!("http://{inf_addr}"),
-        "--listen",
-        &comp_addr.to_string(),
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--batch",
-        "4",
-        "--shutdown-grace-s",
-        "20",
-    ];
-    let mut compositor = Proc::start("compositor", COMPOSITOR, &args.map(String::from));
+        comp_addr,
+        &["--batch", "4", "--shutdown-grace-s", "20"],
+    );
+    let mut compositor = Proc::start("compositor", COMPOSITOR, &args);
     compositor.wait_serving(comp_addr).await;
 
     let mut client = CompositorClient::connect(format!("http://{comp_addr}"))
@@ -547,6 +563,7 @@ async fn answers_a_client_never_reads_are_bounded() {
     }
     let peak = peak_rss_kib(inference.child.id(), Duration::from_secs(12)).await;
     let grew_mib = peak.saturating_sub(before) / 1024;
+    println!("inference RSS {before} KiB before, peak {peak} KiB with 40 unread streams");
     assert!(
         grew_mib < 150,
         "the server's memory grew {grew_mib} MiB for answers nobody reads"
@@ -566,16 +583,7 @@ async fn frames_a_client_never_reads_hold_their_stream_and_are_bounded() {
     let (models, avatars) = write_fixtures(tmp.path(), 0);
     let inference = framecast_e2e::spawn_inference(&models, Default::default()).await;
     let comp_addr = free_addr();
-    let args = [
-        "serve",
-        "--avatars",
-        &avatars.display().to_string(),
-        "--inference",
-        &inference.url(),
-        "--listen",
-        &comp_addr.to_string(),
-        "--metrics-listen",
-        "127.0.0.1:0",
+    let extra = [
         "--batch",
         "8",
         "--max-streams",
@@ -585,7 +593,8 @@ async fn frames_a_client_never_reads_hold_their_stream_and_are_bounded() {
         "--preload",
         "small",
     ];
-    let mut compositor = Proc::start("compositor", COMPOSITOR, &args.map(String::from));
+    let args = compositor_args(&avatars, &inference.url(), comp_addr, &extra);
+    let mut compositor = Proc::start("compositor", COMPOSITOR, &args);
     compositor.wait_serving(comp_addr).await;
     let url = format!("http://{comp_addr}");
     // Warm: one stream read to its end.
@@ -618,6 +627,7 @@ async fn frames_a_client_never_reads_hold_their_stream_and_are_bounded() {
     let peak = peak_rss_kib(compositor.child.id(), Duration::from_secs(4)).await;
     assert_eq!((admitted.len(), refused), (8, 32));
     let grew_mib = peak.saturating_sub(before) / 1024;
+    println!("compositor RSS {before} KiB before, peak {peak} KiB with 40 unread streams");
     assert!(
         grew_mib < 100,
         "the compositor's memory grew {grew_mib} MiB for frames nobody reads"

@@ -52,14 +52,9 @@ pub struct InferenceService {
 /// credentials (client certificate; bearer token when `scoped_by_token`), or the anonymous
 /// owner on a server without authentication.
 pub fn owner_of<T>(req: &Request<T>, scoped_by_token: bool) -> Owner {
-    let cert = req.peer_certs();
-    let leaf = cert.as_ref().and_then(|c| c.first()).map(|c| c.as_ref());
-    let token = scoped_by_token
-        .then(|| req.metadata().get("authorization"))
-        .flatten()
-        .map(|v| v.as_bytes());
+    let c = framecast_proto::client::Credentials::of(req, scoped_by_token);
     Owner::from_credentials(
-        [("cert", leaf), ("token", token)]
+        [("cert", c.cert.as_deref()), ("token", c.token.as_deref())]
             .into_iter()
             .filter_map(|(k, v)| v.map(|v| (k, v))),
     )

@@ -12,18 +12,42 @@ use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use tonic::Request;
 
-/// The share key of `req`'s caller: its credential when `authenticated` (the server checks
-/// tokens), else its address. A caller whose transport has no address (an in-process test
-/// channel) is `"local"`.
+/// What a caller proved it is: its TLS client certificate (the leaf, verified by the
+/// transport) and, when `authenticated` (the server checks tokens), its `authorization`
+/// header.
+pub struct Credentials {
+    pub cert: Option<Vec<u8>>,
+    pub token: Option<Vec<u8>>,
+}
+
+impl Credentials {
+    pub fn of<T>(req: &Request<T>, authenticated: bool) -> Credentials {
+        let certs = req.peer_certs();
+        Credentials {
+            cert: certs
+                .as_ref()
+                .and_then(|c| c.first())
+                .map(|c| c.as_ref().to_vec()),
+            token: authenticated
+                .then(|| req.metadata().get("authorization"))
+                .flatten()
+                .map(|v| v.as_bytes().to_vec()),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cert.is_none() && self.token.is_none()
+    }
+}
+
+/// The share key of `req`'s caller: its credential when it presented one ([`Credentials`]),
+/// else its address. A caller whose transport has no address (an in-process test channel)
+/// is `"local"`.
 pub fn of<T>(req: &Request<T>, authenticated: bool) -> String {
-    let cert = req.peer_certs();
-    let leaf = cert.as_ref().and_then(|c| c.first()).map(|c| c.as_ref());
-    let token = authenticated
-        .then(|| req.metadata().get("authorization"))
-        .flatten()
-        .map(|v| v.as_bytes());
-    if leaf.is_some() || token.is_some() {
-        return credential(&[leaf.unwrap_or_default(), token.unwrap_or_default()]);
+    let c = Credentials::of(req, authenticated);
+    if !c.is_empty() {
+        let part = |p: &Option<Vec<u8>>| p.clone().unwrap_or_default();
+        return credential(&[&part(&c.cert), &part(&c.token)]);
     }
     req.remote_addr()
         .map_or_else(|| "local".to_string(), |a| address(a.ip()))
