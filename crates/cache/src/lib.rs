@@ -105,7 +105,7 @@ struct Entry<V, E> {
     /// Changed only under the table's lock, with the table's totals.
     reserved: AtomicU64,
     leases: AtomicUsize,
-    /// The entry's place in [`Table::order`].
+    /// The entry's place in its tenant's order ([`Table::orders`]).
     last_used: AtomicU64,
 }
 
@@ -136,8 +136,10 @@ struct Usage {
 /// The entries and the running totals over them, under one lock.
 struct Table<V, E> {
     map: HashMap<Arc<str>, Arc<Entry<V, E>>>,
-    /// The entries of `map` by last use (the stamp in their `last_used`).
-    order: BTreeMap<u64, Arc<str>>,
+    /// The entries of `map` by last use (the stamp in their `last_used`), one order per
+    /// tenant (`None`: entries of no tenant), so that making room looks only at the
+    /// tenants it may take from.
+    orders: HashMap<Option<Arc<str>>, BTreeMap<u64, Arc<str>>>,
     /// Bytes reserved by the entries of `map`, and by `retired`.
     reserved: u64,
     /// Entries of `map` whose load succeeded.
@@ -151,7 +153,7 @@ impl<V, E> Default for Table<V, E> {
     fn default() -> Self {
         Table {
             map: HashMap::new(),
-            order: BTreeMap::new(),
+            orders: HashMap::new(),
             reserved: 0,
             ready: 0,
             retired: Vec::new(),
@@ -207,7 +209,7 @@ impl<V, E> Table<V, E> {
     /// Takes `key` out of the cache; a leased entry stays charged until its leases go.
     fn remove(&mut self, key: &str) -> Option<Arc<Entry<V, E>>> {
         let e = self.map.remove(key)?;
-        self.order.remove(&e.last_used.load(Ordering::Relaxed));
+        self.unorder(&e);
         if e.ready().is_some() {
             self.ready -= 1;
         }
@@ -222,9 +224,26 @@ impl<V, E> Table<V, E> {
 
     fn touch(&mut self, entry: &Entry<V, E>) {
         let stamp = CLOCK.fetch_add(1, Ordering::Relaxed);
-        let old = entry.last_used.swap(stamp, Ordering::Relaxed);
-        if self.order.remove(&old).is_some() || self.holds_key(&entry.key, entry) {
-            self.order.insert(stamp, entry.key.clone());
+        if !self.holds_key(&entry.key, entry) {
+            entry.last_used.store(stamp, Ordering::Relaxed);
+            return;
+        }
+        self.unorder(entry);
+        entry.last_used.store(stamp, Ordering::Relaxed);
+        self.orders
+            .entry(entry.tenant.clone())
+            .or_default()
+            .insert(stamp, entry.key.clone());
+    }
+
+    /// Takes `entry` out of its tenant's order.
+    fn unorder(&mut self, entry: &Entry<V, E>) {
+        let stamp = entry.last_used.load(Ordering::Relaxed);
+        if let Some(order) = self.orders.get_mut(&entry.tenant) {
+            order.remove(&stamp);
+            if order.is_empty() {
+                self.orders.remove(&entry.tenant);
+            }
         }
     }
 
@@ -257,6 +276,25 @@ impl<V, E> std::ops::Deref for Lease<V, E> {
 
 impl<V, E> Drop for Lease<V, E> {
     fn drop(&mut self) {
+        self.entry.leases.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Room held in a cache's budget for a value not there yet (one arriving in parts), charged
+/// to its tenant like an entry; given back when dropped.
+pub struct Reservation<V, E> {
+    entry: Arc<Entry<V, E>>,
+}
+
+impl<V, E> Reservation<V, E> {
+    pub fn bytes(&self) -> u64 {
+        self.entry.bytes()
+    }
+}
+
+impl<V, E> Drop for Reservation<V, E> {
+    fn drop(&mut self) {
+        // Held as a lease on an entry of the retired list: pruned once released.
         self.entry.leases.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -652,7 +690,8 @@ impl<V, E: Clone> BudgetCache<V, E> {
 
     /// The least recently used entry of `table` that may be evicted for an entry of
     /// `for_tenant`, other than `except`: ready, idle, unpinned, and not another tenant's
-    /// while that tenant holds no more than its fair share of the budget.
+    /// while that tenant holds no more than its fair share of the budget. Looks at the
+    /// oldest of each tenant it may take from, not at every entry.
     fn oldest_in(
         &self,
         table: &Table<V, E>,
@@ -668,17 +707,17 @@ impl<V, E: Clone> BudgetCache<V, E> {
             }
             _ => None,
         };
-        let protected = |e: &Entry<V, E>| match (&e.tenant, fair) {
-            (Some(t), Some(fair)) => {
-                Some(&**t) != for_tenant && table.tenant_usage(t).bytes <= fair
-            }
-            _ => false,
-        };
-        table.order.iter().find_map(|(&stamp, k)| {
-            let e = table.map.get(k)?;
-            (Some(&**k) != except && self.evictable(e) && !protected(e))
-                .then(|| (stamp, k.to_string()))
-        })
+        table
+            .orders
+            .iter()
+            .filter(|(tenant, _)| match (tenant, fair) {
+                (Some(t), Some(fair)) => {
+                    Some(&**t) == for_tenant || table.tenant_usage(t).bytes > fair
+                }
+                _ => true,
+            })
+            .filter_map(|(_, order)| self.oldest_of(table, order, except))
+            .min()
     }
 
     /// The least recently used evictable entry of `tenant`, other than `except`.
@@ -688,10 +727,20 @@ impl<V, E: Clone> BudgetCache<V, E> {
         tenant: &str,
         except: Option<&str>,
     ) -> Option<(u64, String)> {
-        table.order.iter().find_map(|(&stamp, k)| {
+        let order = table.orders.get(&Some(Arc::from(tenant)))?;
+        self.oldest_of(table, order, except)
+    }
+
+    /// The first evictable entry of `order`, other than `except`.
+    fn oldest_of(
+        &self,
+        table: &Table<V, E>,
+        order: &BTreeMap<u64, Arc<str>>,
+        except: Option<&str>,
+    ) -> Option<(u64, String)> {
+        order.iter().find_map(|(&stamp, k)| {
             let e = table.map.get(k)?;
-            (Some(&**k) != except && e.tenant.as_deref() == Some(tenant) && self.evictable(e))
-                .then(|| (stamp, k.to_string()))
+            (Some(&**k) != except && self.evictable(e)).then(|| (stamp, k.to_string()))
         })
     }
 
@@ -702,6 +751,29 @@ impl<V, E: Clone> BudgetCache<V, E> {
             value,
             entry: entry.clone(),
         }
+    }
+
+    /// Holds `bytes` of the budget for `tenant` (a value that will arrive in parts, named
+    /// `label` in logs of what is evicted for it), making room as a load would: the tenant's
+    /// own limits first, then this cache's budget and the shared one.
+    pub fn reserve_for(
+        &self,
+        tenant: Option<&str>,
+        label: &str,
+        bytes: u64,
+    ) -> Result<Reservation<V, E>, CacheError<E>> {
+        let entry = Arc::new(Entry {
+            // Never a key of the map: a reservation is not an entry.
+            key: Arc::from(format!("\0reservation {label}")),
+            tenant: tenant.map(Arc::from),
+            cell: OnceCell::new(),
+            reserved: AtomicU64::new(0),
+            leases: AtomicUsize::new(1),
+            last_used: AtomicU64::new(0),
+        });
+        self.reserve(&entry, bytes)?;
+        self.table.lock().retired.push(entry.clone());
+        Ok(Reservation { entry })
     }
 
     /// Forgets a failed load of `key`, so the next request loads it again.
@@ -1204,5 +1276,35 @@ mod tests {
         drop(get_for(&d, "x", "x1", 10).await.unwrap());
         drop(get_for(&d, "x", "x2", 10).await.unwrap());
         assert_eq!(keys(&d), ["x1", "x2"]);
+    }
+
+    /// A reservation holds room like an entry (evicting for it, counted to its tenant) until
+    /// it is dropped.
+    #[tokio::test]
+    async fn a_reservation_holds_room_until_dropped() {
+        let c = tenanted(30, 20, 10);
+        drop(get_for(&c, "a", "a1", 10).await.unwrap());
+        drop(get_for(&c, "b", "b1", 10).await.unwrap());
+        // a1 goes for it (a's own, and a is within its limit only without it).
+        let r = c.reserve_for(Some("a"), "parts", 15).unwrap();
+        assert_eq!(r.bytes(), 15);
+        assert_eq!(keys(&c), ["b1"]);
+        assert_eq!(c.tenant_usage("a"), (15, 0));
+        assert_eq!(c.reserved(), 25);
+        let e = c.reserve_for(Some("a"), "more", 10).err().unwrap();
+        assert!(
+            matches!(
+                e,
+                CacheError::TenantBytes {
+                    need: 10,
+                    used: 15,
+                    limit: 20
+                }
+            ),
+            "{e:?}"
+        );
+        drop(r);
+        assert_eq!(c.reserved(), 10);
+        drop(get_for(&c, "a", "a2", 20).await.unwrap());
     }
 }

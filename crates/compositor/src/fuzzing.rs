@@ -58,21 +58,24 @@ fn prepared_fixture() -> &'static PreparedFixture {
     })
 }
 
-/// The part of the fixture's prepared file after its identifying prefix (the JPEG lengths
-/// and the frames): the seed `prepared_file` mutates.
+/// The part of the fixture's prepared file after its header's identity and checksum (the
+/// JPEG lengths and the frames): the seed `prepared_file` mutates.
 pub fn prepared_seed() -> Vec<u8> {
     prepared_fixture().tail.clone()
 }
 
-/// A prepared file whose identifying prefix is right and whose lengths and frames are
-/// `data`: loading its avatar never panics or aborts and always yields an avatar (from the
-/// file, or prepared again from the frames); frames taken from the file decode, and a face
-/// spliced into each decodes too.
+/// A prepared file whose identity is right, whose lengths and frames are `data`, and whose
+/// checksum matches them (so the fuzzer reaches the checks behind it): loading its avatar
+/// never panics or aborts and always yields an avatar (from the file, or prepared again from
+/// the frames); frames taken from the file may fail to decode (a file made to pass every
+/// check but the decode, as someone who can write the avatar root could make), but as an
+/// error, never a panic, and a face splices into each without one.
 pub fn prepared_file(data: &[u8]) {
     use crate::avatar::{Avatar, Source};
     use crate::render::{compose, idle, Crop, Output};
     let fx = prepared_fixture();
-    let file = [fx.prefix.as_slice(), data].concat();
+    let mut file = [fx.prefix.as_slice(), data].concat();
+    crate::prepared::seal(&mut file);
     std::fs::write(fx.dir.join(crate::prepared::FILE), &file).expect("writing the prepared file");
     let avatar = Avatar::load(&fx.dir).expect("the bundle itself is sound");
     if avatar.source != Source::PreparedFile {
@@ -85,10 +88,10 @@ pub fn prepared_file(data: &[u8]) {
         subsampling: avatar.params.subsampling,
     };
     for bg in 0..avatar.frames.len() {
-        let raw = idle(&avatar, bg, Output::I420).expect("a frame from the file decodes");
-        assert!(!raw.image.is_empty());
+        if let Ok(raw) = idle(&avatar, bg, Output::I420) {
+            assert!(!raw.image.is_empty());
+        }
         let spliced = compose(&avatar, bg, Crop::I420(&face), jpeg).expect("a face splices");
-        let (_, w, h) = crate::encode::decode_rgb(&spliced.image).expect("the splice decodes");
-        assert_eq!((w, h), (avatar.manifest.width, avatar.manifest.height));
+        assert!(!spliced.image.is_empty());
     }
 }

@@ -407,7 +407,12 @@ fn serve(args: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listen: cannot bind {}", args.listen))?;
-        tracing::info!(addr = %listener.local_addr()?, "framecast-compositor serving");
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            max_streams = args.max_streams,
+            max_streams_per_client = per_client.min(args.max_streams),
+            "framecast-compositor serving (one client, by credential or address, holds at most max_streams_per_client streams)"
+        );
         let serve_opts = ServeOptions {
             max_message_bytes: args.max_message_bytes,
             grace: Duration::from_secs(args.shutdown_grace_s),

@@ -3,14 +3,16 @@
 //! bundle, written by `framecast-compositor avatar prepare DIR` so that a cold start is a read,
 //! not a decode and re-encode of every frame.
 //!
-//! The file (little endian): the magic `FCPREP02` (the version is its last two bytes), the
+//! The file (little endian): the magic `FCPREP03` (the version is its last two bytes), the
 //! encode parameters (quality u8, subsampling u8, restart MCUs u16), a fingerprint of the
-//! sources (u64), width, height and frame count (u32 each), each frame's JPEG length (u32
-//! each), then per frame its JPEG and its region's pixels ([`Pixels`]: YCbCr planes at 4:2:0,
-//! packed RGB otherwise; the region follows from the box and the parameters, so it is not
-//! stored). Version 01 kept RGB at every subsampling. A file whose version, parameters, fingerprint or
-//! any size disagrees with the bundle is not used: the avatar is prepared in memory instead,
-//! and the reason logged. It is written to a temporary file and renamed, never half-written.
+//! sources (u64), width, height and frame count (u32 each), a CRC-32 of everything after it
+//! (u32), each frame's JPEG length (u32 each), then per frame its JPEG and its region's
+//! pixels ([`Pixels`]: YCbCr planes at 4:2:0, packed RGB otherwise; the region follows from
+//! the box and the parameters, so it is not stored). Version 01 kept RGB at every
+//! subsampling; 02 had no checksum. A file whose version, parameters, fingerprint, sizes,
+//! checksum or frame headers disagree with the bundle is not used: the avatar is prepared in
+//! memory instead, and the reason logged. It is written to a temporary file and renamed,
+//! never half-written.
 
 use crate::encode::{self, Params, Rgb, Subsampling};
 use crate::manifest::{FaceBox, BOXES_FILE, MANIFEST_FILE};
@@ -22,9 +24,13 @@ use std::path::{Path, PathBuf};
 
 /// The prepared file's name in a bundle.
 pub const FILE: &str = "prepared.fcp";
-const MAGIC: &[u8; 8] = b"FCPREP02";
-/// Bytes before the per-frame JPEG lengths: format, parameters, fingerprint, size, count.
-pub const FIXED: usize = 8 + 4 + 8 + 12;
+const MAGIC: &[u8; 8] = b"FCPREP03";
+/// Bytes of the header a file must share with the bundle: format, parameters, fingerprint,
+/// size, count.
+const IDENTITY: usize = 8 + 4 + 8 + 12;
+/// Bytes before the per-frame JPEG lengths: the identity, then the checksum (CRC-32 of
+/// everything after it: the lengths and the frames).
+pub const FIXED: usize = IDENTITY + 4;
 
 /// One background frame as the compositor keeps it: read-only, so any number of sessions
 /// compose from it at once.
@@ -223,6 +229,8 @@ fn subsampling_code(s: Subsampling) -> u8 {
     }
 }
 
+/// The header of a file holding `expect`'s frames, with `jpeg_lens` and a checksum of 0
+/// (see [`seal`]).
 fn header(expect: &Expect<'_>, jpeg_lens: impl Iterator<Item = u32>) -> Vec<u8> {
     let p = expect.params;
     let mut out = Vec::with_capacity(FIXED + 4 * expect.boxes.len());
@@ -238,10 +246,30 @@ fn header(expect: &Expect<'_>, jpeg_lens: impl Iterator<Item = u32>) -> Vec<u8> 
     ] {
         out.extend_from_slice(&v.to_le_bytes());
     }
+    out.extend_from_slice(&0u32.to_le_bytes());
     for len in jpeg_lens {
         out.extend_from_slice(&len.to_le_bytes());
     }
     out
+}
+
+/// The checksum of a file's lengths and frames: CRC-32 (IEEE) of `parts`, in order.
+fn checksum<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize()
+}
+
+/// Writes into a whole prepared file's image the checksum of what follows it (the file as
+/// [`write`] leaves it; tests and the fuzz target seal what they tamper with, to reach the
+/// checks behind the checksum).
+pub fn seal(file: &mut [u8]) {
+    if file.len() >= FIXED {
+        let sum = checksum([&file[FIXED..]]);
+        file[IDENTITY..FIXED].copy_from_slice(&sum.to_le_bytes());
+    }
 }
 
 /// Writes `frames` to `dir/prepared.fcp` (through a temporary file and a rename).
@@ -250,7 +278,13 @@ pub fn write(dir: &Path, expect: &Expect<'_>, frames: &[Frame]) -> Result<PathBu
     let tmp = dir.join(format!(".{FILE}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        f.write_all(&header(expect, frames.iter().map(|f| f.jpeg.len() as u32)))?;
+        let mut head = header(expect, frames.iter().map(|f| f.jpeg.len() as u32));
+        let sum = checksum(
+            std::iter::once(&head[FIXED..])
+                .chain(frames.iter().flat_map(|f| [&f.jpeg[..], f.pixels.bytes()])),
+        );
+        head[IDENTITY..FIXED].copy_from_slice(&sum.to_le_bytes());
+        f.write_all(&head)?;
         for frame in frames {
             f.write_all(&frame.jpeg)?;
             f.write_all(frame.pixels.bytes())?;
@@ -269,17 +303,25 @@ pub fn write(dir: &Path, expect: &Expect<'_>, frames: &[Frame]) -> Result<PathBu
 /// [`read`] would load, from the header alone (every length checked against the file's size
 /// and the most a frame's JPEG can be). `Ok(None)`: absent.
 pub fn jpeg_lengths(dir: &Path, expect: &Expect<'_>) -> Result<Option<Vec<u32>>, String> {
-    Ok(open(dir, expect)?.map(|(_, lens, _)| lens))
+    Ok(open(dir, expect)?.map(|o| o.lens))
 }
 
-/// The file, positioned after its header, its JPEG lengths and the bytes of frames after
-/// the header, if it exists and its header matches `expect`. Every length is checked before
+/// A prepared file whose header matches, positioned after its header.
+struct Opened {
+    file: std::fs::File,
+    /// Each frame's JPEG length, and those lengths as the file stores them.
+    lens: Vec<u32>,
+    raw_lens: Vec<u8>,
+    /// The checksum the header says the lengths and frames have.
+    sum: u32,
+    /// Bytes of frames after the header.
+    total: usize,
+}
+
+/// The file, if it exists and its header matches `expect`. Every length is checked before
 /// anything is allocated for it: each within the most a frame's JPEG can be, and all of them
 /// with the regions' pixels exactly the bytes the file holds after its header.
-fn open(
-    dir: &Path,
-    expect: &Expect<'_>,
-) -> Result<Option<(std::fs::File, Vec<u32>, usize)>, String> {
+fn open(dir: &Path, expect: &Expect<'_>) -> Result<Option<Opened>, String> {
     use std::io::Read;
     let path = dir.join(FILE);
     let mut f = match std::fs::File::open(&path) {
@@ -302,8 +344,15 @@ fn open(
     let mut head = vec![0u8; head_len];
     f.read_exact(&mut head)
         .map_err(|e| format!("{}: header: {e}", path.display()))?;
-    check_header(&path, &head[..want.len()], &want)?;
-    let lens: Vec<u32> = head[want.len()..]
+    check_header(&path, &head[..IDENTITY], &want[..IDENTITY])?;
+    let sum = u32::from_le_bytes([
+        head[IDENTITY],
+        head[IDENTITY + 1],
+        head[IDENTITY + 2],
+        head[IDENTITY + 3],
+    ]);
+    let raw_lens = head[want.len()..].to_vec();
+    let lens: Vec<u32> = raw_lens
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
@@ -333,7 +382,13 @@ fn open(
             path.display()
         ));
     }
-    Ok(Some((f, lens, total as usize)))
+    Ok(Some(Opened {
+        file: f,
+        lens,
+        raw_lens,
+        sum,
+        total: total as usize,
+    }))
 }
 
 fn check_header(path: &Path, got: &[u8], want: &[u8]) -> Result<(), String> {
@@ -376,7 +431,14 @@ fn expected_headers(grid: &Grid, params: Params) -> Result<Vec<u8>, String> {
 /// file is refused (the avatar is then prepared from its frames), never half-used.
 pub fn read(dir: &Path, expect: &Expect<'_>) -> Result<Option<Vec<Frame>>, String> {
     use std::io::Read;
-    let Some((mut file, lens, total)) = open(dir, expect)? else {
+    let Some(Opened {
+        mut file,
+        lens,
+        raw_lens,
+        sum,
+        total,
+    }) = open(dir, expect)?
+    else {
         return Ok(None);
     };
     let path = dir.join(FILE);
@@ -396,6 +458,12 @@ pub fn read(dir: &Path, expect: &Expect<'_>) -> Result<Option<Vec<Frame>>, Strin
             "{}: the file changed while it was read ({} bytes of frames; {total} expected)",
             path.display(),
             data.len()
+        ));
+    }
+    if checksum([&raw_lens[..], &data[..]]) != sum {
+        return Err(format!(
+            "{}: the frames' checksum does not match the header's: the file was damaged or changed after it was written",
+            path.display()
         ));
     }
     let headers =
@@ -483,13 +551,15 @@ mod tests {
         // Other settings.
         let other = Avatar::load_with(&dir, Subsampling::S444).unwrap();
         assert!(unused(&other).contains("other encode parameters"));
-        // Damage: cut short, then a byte of a JPEG's markers changed.
+        // Damage: cut short, then a byte of a JPEG's markers changed (and the file sealed
+        // again, as a deliberate change would be).
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
         assert!(unused(&Avatar::load(&dir).unwrap()).contains("cut short"));
         let mut bad = bytes.clone();
         let first_jpeg = super::FIXED + 4 * 3;
         bad[first_jpeg + 1] = 0x00;
+        super::seal(&mut bad);
         std::fs::write(&path, &bad).unwrap();
         assert!(unused(&Avatar::load(&dir).unwrap()).contains("frame 0"));
         // Sources changed since.
@@ -542,16 +612,24 @@ mod tests {
             b[lens..lens + 4].copy_from_slice(&(l0 + 7).to_le_bytes());
             b[lens + 4..lens + 8].copy_from_slice(&(l1 - 7).to_le_bytes());
         });
-        assert!(why.contains("frame 0") || why.contains("frame 1"), "{why}");
+        assert!(why.contains("checksum"), "{why}");
+        // Damage in the entropy-coded data, which only a decode would see: the checksum.
+        let why = with(&|b| {
+            let at = b.len() - 200;
+            b[at] ^= 0x55;
+        });
+        assert!(why.contains("checksum"), "{why}");
         let marker = |b: &[u8], m: u8| {
             (first_jpeg..b.len() - 1)
                 .find(|&i| b[i] == 0xFF && b[i + 1] == m)
                 .unwrap()
         };
-        // DHT: marker, length (2), class and id (1), then the 16 code counts.
+        // Tampered on purpose (the checksum made again): the headers the splice relies on
+        // are checked each. DHT: marker, length (2), class and id (1), then 16 code counts.
         let why = with(&|b| {
             let at = marker(b, 0xC4) + 5;
             b[at] = b[at].wrapping_add(1);
+            super::seal(b);
         });
         assert!(why.contains("frame 0"), "{why}");
         // SOF0: marker, length (2), precision (1), height (2), width (2), components (1),
@@ -559,11 +637,13 @@ mod tests {
         let why = with(&|b| {
             let at = marker(b, 0xC0) + 9;
             b[at] = 1;
+            super::seal(b);
         });
         assert!(why.contains("frame 0"), "{why}");
         let why = with(&|b| {
             let at = marker(b, 0xC0) + 11;
             b[at] = 0x11;
+            super::seal(b);
         });
         assert!(why.contains("headers"), "{why}");
         std::fs::write(&path, &good).unwrap();

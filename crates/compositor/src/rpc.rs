@@ -125,7 +125,7 @@ fn info(s: &AvatarStatus) -> AvatarInfo {
         i.fps = m.fps;
         i.model = m.model.clone();
         i.resident_bytes = a.resident_bytes();
-        i.speaks = m.audio.is_some();
+        i.speaks = Some(m.audio.is_some());
     }
     i
 }

@@ -335,7 +335,7 @@ async fn create(
             );
         }
     };
-    if !info.speaks {
+    if info.speaks == Some(false) {
         outcome("mute_avatar");
         return refuse(
             StatusCode::UNPROCESSABLE_ENTITY,

@@ -13,7 +13,11 @@ pub fn check(sdp: &str) -> Result<(), String> {
     let mut codecs: std::collections::HashMap<String, String> = Default::default();
     for line in sdp.lines().map(str::trim_end) {
         if let Some(m) = line.strip_prefix("m=") {
-            sections.push(Section::fresh(m.split(' ').next().unwrap_or("")));
+            let mut fields = m.split(' ');
+            let mut s = Section::fresh(fields.next().unwrap_or(""));
+            // m=<media> <port> <proto> <fmt> ...: the payload types it carries.
+            s.formats = fields.skip(2).map(str::to_string).collect();
+            sections.push(s);
         } else if let Some(s) = sections.last_mut() {
             match line {
                 "a=recvonly" | "a=inactive" => s.browser_sends = false,
@@ -52,6 +56,29 @@ pub fn check(sdp: &str) -> Result<(), String> {
                         codecs.insert(pt, codec.to_string());
                     }
                 }
+            }
+        }
+    }
+    // A payload type an m-line carries that another m-line maps to a codec of the other
+    // kind (the rtpmap lines above checked each m-line's own).
+    for s in &sections {
+        for pt in &s.formats {
+            let Some(codec) = codecs.get(pt) else {
+                continue;
+            };
+            let name = codec.split('/').next().unwrap_or("").to_ascii_uppercase();
+            let other = match s.kind.as_str() {
+                "audio" => VIDEO_CODECS.contains(&name.as_str()),
+                "video" => AUDIO_CODECS.contains(&name.as_str()),
+                _ => false,
+            };
+            if other {
+                return Err(format!(
+                    "the offer's {} m-line carries payload type {}, which the offer maps to {}: each m-line's payload types must be codecs of its own kind",
+                    s.kind,
+                    short(pt),
+                    short(codec)
+                ));
             }
         }
     }
@@ -105,13 +132,16 @@ const AUDIO_CODECS: &[&str] = &[
     "G729",
 ];
 
-/// At most 64 bytes of a client's string, for a refusal.
+/// At most 64 characters of a client's string, for a refusal.
 fn short(s: &str) -> String {
-    framecast_proto::echo(s.get(..64).unwrap_or(s)).to_string()
+    let end = s.char_indices().nth(64).map_or(s.len(), |(i, _)| i);
+    framecast_proto::echo(&s[..end]).to_string()
 }
 
 struct Section {
     kind: String,
+    /// The payload types its m= line lists.
+    formats: Vec<String>,
     browser_sends: bool,
     browser_receives: bool,
     h264: bool,
@@ -121,6 +151,7 @@ impl Section {
     fn fresh(kind: &str) -> Section {
         Section {
             kind: kind.into(),
+            formats: Vec::new(),
             browser_sends: true,
             browser_receives: true,
             h264: false,
@@ -177,5 +208,9 @@ mod tests {
         );
         let twice = offer("a=sendrecv\r\n", &VIDEO.replace("96 VP8", "111 VP8"));
         assert!(e(&twice).contains("payload type 111"), "{}", e(&twice));
+        // Listed on the audio m-line, mapped to H.264 only on the video one.
+        let listed = offer("a=sendrecv\r\n", VIDEO).replace("SAVPF 111", "SAVPF 111 102");
+        let why = e(&listed);
+        assert!(why.contains("carries payload type 102"), "{why}");
     }
 }

@@ -5,7 +5,7 @@ use crate::batcher::Delivery;
 use crate::error::{invalid, Error};
 use crate::models::{LoadedModel, ModelError, ModelManager};
 use crate::shared_memory::{Owner, SharedMemory};
-use crate::stream_budget::{ClientBudget, Room, StreamBudgets};
+use crate::stream_budget::{Room, StreamBudgets};
 use crate::tensor_cache::TensorCache;
 use crate::validate::{self, Requested};
 use framecast_proto::echo;
@@ -137,15 +137,12 @@ impl InferenceService {
         }
     }
 
-    /// Answers `req`; with a `budget` (a stream's), only once the budget has room for the
-    /// answer, whose room comes back with it.
     async fn infer(
         &self,
         mut req: ModelInferRequest,
         owner: &Owner,
         grpc_deadline: Option<Instant>,
-        budget: Option<&ClientBudget>,
-    ) -> Result<(ModelInferResponse, Option<Room>), Status> {
+    ) -> Result<ModelInferResponse, Status> {
         let started = Instant::now();
         check_version(&req.model_name, &req.model_version)?;
         let metrics = self.models.metrics().clone();
@@ -169,7 +166,7 @@ impl InferenceService {
             }
         };
         let result = self
-            .run(&model, &mut req, owner, grpc_deadline, started, budget)
+            .run(&model, &mut req, owner, grpc_deadline, started)
             .await
             .map_err(Status::from);
         let label = match &result {
@@ -194,25 +191,12 @@ impl InferenceService {
         owner: &Owner,
         grpc_deadline: Option<Instant>,
         started: Instant,
-        budget: Option<&ClientBudget>,
-    ) -> Result<(ModelInferResponse, Option<Room>), Error> {
+    ) -> Result<ModelInferResponse, Error> {
         let sources = validate::Sources {
             shm: &self.shm,
             tensors: &self.tensors,
         };
         let prepared = validate::prepare(&model.name, &model.config, sources, owner, req)?;
-        let room = match budget {
-            Some(b) => {
-                let bytes: usize = prepared
-                    .outputs
-                    .iter()
-                    .filter(|o| o.shm.is_none())
-                    .map(|o| prepared.batch * model.config.outputs[o.index].element_bytes())
-                    .sum();
-                Some(b.reply(bytes).await)
-            }
-            None => None,
-        };
         let deadline = [
             grpc_deadline,
             request_timeout(req)?.map(|t| started + t),
@@ -271,15 +255,31 @@ impl InferenceService {
             (k.to_string(), p)
         })
         .collect();
-        let answer = response(
+        Ok(response(
             model,
             std::mem::take(&mut req.id),
             prepared.batch,
             &prepared.outputs,
             out.outputs,
             params,
-        );
-        Ok((answer, room))
+        ))
+    }
+
+    /// The most bytes `req`'s answer can take, from its model's outputs and its batch
+    /// (before it is validated, so that it waits for room holding nothing): 0 for a model
+    /// not loaded yet.
+    fn answer_bound(&self, req: &ModelInferRequest) -> usize {
+        let Some(model) = self.models.ready(&req.model_name) else {
+            return 0;
+        };
+        let max = model.config.max_batch_size.max(1) as i64;
+        let batch = req
+            .inputs
+            .first()
+            .and_then(|i| i.shape.first())
+            .map_or(1, |&b| b.clamp(1, max)) as usize;
+        let element: usize = model.config.outputs.iter().map(|o| o.element_bytes()).sum();
+        batch.saturating_mul(element)
     }
 }
 
@@ -595,10 +595,10 @@ impl GrpcInferenceService for InferenceService {
         let owner = self.owner(&req);
         let req = req.into_inner();
         let span = infer_span(&req);
-        self.infer(req, &owner, deadline, None)
+        self.infer(req, &owner, deadline)
             .instrument(span)
             .await
-            .map(|(answer, _)| Response::new(answer))
+            .map(Response::new)
     }
 
     type ModelStreamInferStream = std::pin::Pin<
@@ -647,20 +647,34 @@ impl GrpcInferenceService for InferenceService {
                 tokio::spawn(
                     async move {
                         let (id, model_name) = (msg.id.clone(), msg.model_name.clone());
-                        let (reply, room) =
-                            match this.infer(msg, &owner, deadline, Some(&budget)).await {
-                                Ok((r, room)) => (
-                                    kserve::ModelStreamInferResponse {
-                                        error_message: String::new(),
-                                        infer_response: Some(r),
-                                    },
-                                    room,
-                                ),
-                                Err(s) => (
-                                    framecast_proto::status::stream_error(&s, id, model_name),
-                                    None,
-                                ),
-                            };
+                        // Room for the answer before anything is held for the request: a
+                        // client not reading its answers waits here, holding no tensor.
+                        let room = budget.reply(this.answer_bound(&msg));
+                        let room = match deadline {
+                            Some(d) => tokio::time::timeout_at(d.into(), room).await.ok(),
+                            None => Some(room.await),
+                        };
+                        let result = match room {
+                            None => Err(Status::deadline_exceeded(
+                                "the stream's deadline passed while its answers waited to be read",
+                            )),
+                            Some(room) => {
+                                this.infer(msg, &owner, deadline).await.map(|r| (r, room))
+                            }
+                        };
+                        let (reply, room) = match result {
+                            Ok((r, room)) => (
+                                kserve::ModelStreamInferResponse {
+                                    error_message: String::new(),
+                                    infer_response: Some(r),
+                                },
+                                Some(room),
+                            ),
+                            Err(s) => (
+                                framecast_proto::status::stream_error(&s, id, model_name),
+                                None,
+                            ),
+                        };
                         let _ = tx.send((Ok(reply), room)).await;
                         drop(held);
                     }

@@ -4,9 +4,10 @@
 //! by all of that client's streams.
 //!
 //! A stream reads its next request only once the request budget has room for the one it
-//! read, and a request runs only once the reply budget has room for its answer (its size is
-//! known from the model's outputs before it runs). An answer gives its room back when the
-//! transport takes it. So a client that stops reading its answers fills its reply budget,
+//! read (at least [`MIN_REQUEST`] each), and a request runs only once the reply budget has
+//! room for its answer (bounded from the model's outputs and the request's batch before it
+//! is validated, so a waiting request holds no tensor or region). An answer gives its room
+//! back when the transport takes it. So a client that stops reading its answers fills its reply budget,
 //! its requests then wait and fill the request budget, and the stream stops reading: HTTP/2
 //! flow control pushes back on the client, and the server holds at most the two budgets for
 //! it, however many requests it sends.
@@ -22,6 +23,11 @@ const UNIT: u64 = 1024;
 /// Bytes of requests and of answers a client's streams may hold, each, by default
 /// (`--stream-buffer-mib`).
 pub const DEFAULT_BYTES: u64 = 256 << 20;
+
+/// The least a request counts against its client's budget: 64 KiB, so at most 4,096
+/// requests of a client are in flight at the default budget (a compositor keeps a few
+/// hundred at most).
+pub const MIN_REQUEST: usize = 64 << 10;
 
 /// The budgets of every client with a stream open.
 pub struct StreamBudgets {
@@ -79,9 +85,10 @@ impl ClientBudget {
     }
 
     /// Room for a request of `bytes` read from a stream: waits while the client's unanswered
-    /// requests fill the budget.
+    /// requests fill the budget. Each counts at least [`MIN_REQUEST`]: what its task holds
+    /// besides its bytes, so that tiny requests cannot pile up without bound either.
     pub async fn request(&self, bytes: usize) -> Room {
-        let n = self.units(bytes);
+        let n = self.units(bytes.max(MIN_REQUEST));
         self.requests
             .clone()
             .acquire_many_owned(n)

@@ -190,9 +190,12 @@ struct Pending {
     client: String,
     datatype: DataType,
     shape: Vec<i64>,
-    /// The rows received so far: it grows as parts arrive, never to what a client declared
-    /// before it sends it.
-    data: BytesMut,
+    /// Its whole size, held in the budget (and the client's share) from its first part on,
+    /// so that parts under way and cached tensors together stay within them.
+    _room: framecast_cache::Reservation<Cached, String>,
+    /// The rows received so far: it grows as parts arrive (by exactly each part), never to
+    /// what a client declared before it sends it.
+    data: Vec<u8>,
     /// When its last part arrived: an abandoned registration is dropped after
     /// [`PENDING_TIMEOUT`].
     touched: Instant,
@@ -362,8 +365,8 @@ impl TensorCache {
     }
 
     /// Adds a part of a registration in parts of `name` (key `k`); the whole tensor once its
-    /// last part is in. What parts under way hold counts against the client's share and the
-    /// budget as they arrive.
+    /// last part is in. The first part holds the tensor's whole size in the budget and the
+    /// client's share (making room as a registration would); the bytes come as they arrive.
     fn add_part(
         &self,
         k: &str,
@@ -382,61 +385,44 @@ impl TensorCache {
                     PENDING_TIMEOUT.as_secs()
                 )));
             }
-        } else {
-            let Some(p) = pending.get(k) else {
-                return Err(invalid(format!(
-                    "first_row {}: no registration in parts of '{name}' is under way (start with first_row 0)",
-                    part.first_row
-                )));
-            };
-            let next = (p.data.len() / part.per_row) as u64;
-            if p.datatype != part.datatype || p.shape != part.shape || next != part.first_row {
-                return Err(invalid(format!(
-                    "first_row {}: the registration of '{name}' under way is {} {:?}, next row {next}",
-                    part.first_row, p.datatype, p.shape
-                )));
-            }
+            let total = part.shape[0] as u64 * part.per_row as u64 + ENTRY_OVERHEAD;
+            let room = self
+                .cache
+                .reserve_for(Some(part.client), k, total)
+                .map_err(|e| self.refusal(name, e))?;
+            pending.insert(
+                k.to_string(),
+                Pending {
+                    client: part.client.to_string(),
+                    datatype: part.datatype,
+                    shape: part.shape.to_vec(),
+                    _room: room,
+                    data: Vec::new(),
+                    touched: Instant::now(),
+                },
+            );
         }
-        let held = |client: Option<&str>| -> u64 {
-            pending
-                .values()
-                .filter(|p| client.is_none_or(|c| p.client == c))
-                .map(|p| p.data.len() as u64)
-                .sum()
+        let Some(p) = pending.get_mut(k) else {
+            return Err(invalid(format!(
+                "first_row {}: no registration in parts of '{name}' is under way (start with first_row 0)",
+                part.first_row
+            )));
         };
-        let add = data.len() as u64;
-        let client_limit = self.limits.client_bytes.min(self.limits.budget);
-        let (client_held, all_held) = (held(Some(part.client)), held(None));
-        let (cached, _) = self.cache.tenant_usage(part.client);
-        if client_held + cached + add > client_limit {
-            return Err(Error::Exhausted(format!(
-                "tensor '{name}': this client's tensors and registrations under way would hold {} bytes; {} is {client_limit} bytes",
-                client_held + cached + add,
-                Budget::Client.describe()
+        let next = (p.data.len() / part.per_row) as u64;
+        if p.datatype != part.datatype || p.shape != part.shape || next != part.first_row {
+            return Err(invalid(format!(
+                "first_row {}: the registration of '{name}' under way is {} {:?}, next row {next}",
+                part.first_row, p.datatype, p.shape
             )));
         }
-        if all_held + add > self.limits.budget {
-            return Err(Error::Exhausted(format!(
-                "tensor '{name}': registrations in parts under way hold {all_held} bytes; with this part they would pass {} ({} bytes)",
-                Budget::Cache.describe(),
-                self.limits.budget
-            )));
-        }
-        let p = pending.entry(k.to_string()).or_insert_with(|| Pending {
-            client: part.client.to_string(),
-            datatype: part.datatype,
-            shape: part.shape.to_vec(),
-            data: BytesMut::new(),
-            touched: Instant::now(),
-        });
+        p.data.reserve_exact(data.len());
         p.data.extend_from_slice(&data);
         p.touched = Instant::now();
-        let rows = part.shape[0] as usize;
-        if p.data.len() == rows * part.per_row {
-            Ok(pending.remove(k).map(|p| p.data.freeze()))
-        } else {
-            Ok(None)
+        if p.data.len() < part.shape[0] as usize * part.per_row {
+            return Ok(None);
         }
+        // Whole: its room is given back as the tensor takes its place in the cache.
+        Ok(pending.remove(k).map(|p| Bytes::from(p.data)))
     }
 
     /// Bytes the registrations in parts under way have allocated.

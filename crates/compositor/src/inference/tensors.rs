@@ -24,6 +24,15 @@ use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
+/// The longest a refused tensor waits to be registered again.
+const MAX_RETRY: Duration = Duration::from_secs(600);
+
+/// A refusal: when registering may be tried again, and the wait after another.
+struct Refused {
+    until: Instant,
+    next: Duration,
+}
+
 /// Bytes per registration message: tensors larger than this are registered in parts.
 const REGISTER_PART_BYTES: usize = 64 << 20;
 
@@ -89,10 +98,11 @@ pub(crate) struct ReplicaTensors {
     extensions: tokio::sync::OnceCell<Vec<String>>,
     registered: Mutex<HashSet<String>>,
     /// Names the replica refused (its cache full of tensors in use, this client's share, or
-    /// too large for its budget), and when to try again: meanwhile their rows are sent with
-    /// each batch instead of being registered again and again; a refusal may pass (room
-    /// comes back), so it is never taken as final.
-    refused: Mutex<HashMap<String, Instant>>,
+    /// too large for its budget), when to try again and the wait after the next refusal:
+    /// meanwhile their rows are sent with each batch instead of being registered again and
+    /// again; a refusal may pass (room comes back), so it is never taken as final, and each
+    /// refusal in a row doubles the wait, up to [`MAX_RETRY`].
+    refused: Mutex<HashMap<String, Refused>>,
     retry: Duration,
     /// The hop's byte counter (`direction`, `kind`).
     hop_bytes: Option<IntCounterVec>,
@@ -119,15 +129,24 @@ impl ReplicaTensors {
 
     /// Whether `name` was refused recently enough that its rows are still sent instead.
     fn refused_lately(&self, name: &str) -> bool {
+        self.refused
+            .lock()
+            .get(name)
+            .is_some_and(|r| Instant::now() < r.until)
+    }
+
+    /// Records a refusal of `name`: rows for a while, longer after each refusal in a row.
+    fn refuse(&self, name: &str) -> Duration {
         let mut refused = self.refused.lock();
-        match refused.get(name) {
-            Some(at) if at.elapsed() < self.retry => true,
-            Some(_) => {
-                refused.remove(name);
-                false
-            }
-            None => false,
-        }
+        let wait = refused.get(name).map_or(self.retry, |r| r.next);
+        refused.insert(
+            name.to_string(),
+            Refused {
+                until: Instant::now() + wait,
+                next: (wait * 2).min(MAX_RETRY.max(self.retry)),
+            },
+        );
+        wait
     }
 
     /// Whether the replica lists `extension` in its metadata (asked once; a failed ask is
@@ -197,16 +216,22 @@ impl ReplicaTensors {
             match outcome {
                 Ok(_) => {}
                 // No room now (full of tensors in use, or this client's share), or larger
-                // than the budget or the message limit: rows for a while, then again.
-                Err(s) if matches!(s.code(), Code::ResourceExhausted | Code::OutOfRange) => {
-                    tracing::warn!(tensor = %name, error = %s.message(), retry_s = self.retry.as_secs_f64(), "the replica's tensor cache refused it; its rows travel with each batch until registering is tried again");
-                    self.refused.lock().insert(name, Instant::now());
+                // than the budget or the message limit; or, past the first part, another
+                // client on the same credential restarted the registration of this very name
+                // (two compositors loading one avatar together): rows for a while, then again.
+                Err(s)
+                    if matches!(s.code(), Code::ResourceExhausted | Code::OutOfRange)
+                        || (first > 0 && s.code() == Code::InvalidArgument) =>
+                {
+                    let wait = self.refuse(&name);
+                    tracing::warn!(tensor = %name, error = %s.message(), retry_s = wait.as_secs_f64(), "the replica's tensor cache refused it; its rows travel with each batch until registering is tried again");
                     return Ok(false);
                 }
                 Err(s) => return Err(s),
             }
         }
         tracing::info!(tensor = %name, bytes = data.len(), "registered with the replica's tensor cache");
+        self.refused.lock().remove(&name);
         self.registered.lock().insert(name);
         Ok(true)
     }

@@ -363,7 +363,7 @@ impl Session {
             };
             if self.start_frame.checked_add(hi).is_none() {
                 return Err(invalid(format!(
-                    "start_frame: {} plus the session's {hi} frames passes the largest frame index (2^64 - 1): start lower",
+                    "start_frame: {} plus the session's {hi} frames overflows the frame index (u64): start lower",
                     self.start_frame
                 )));
             }
