@@ -149,6 +149,13 @@ impl MelStream {
         self.total
     }
 
+    /// Silences the samples pushed and not yet in a mel frame (an interrupt): the frames
+    /// they would have made come as silence; the stream's counts are unchanged.
+    pub fn silence_pending(&mut self) {
+        self.samples.iter_mut().for_each(|s| *s = 0.0);
+        self.prev = 0.0;
+    }
+
     /// Adds 16 kHz samples and appends every mel frame they complete to `out`.
     pub fn push(&mut self, input: &[f32], out: &mut Vec<MelFrame>) {
         debug_assert!(!self.finished, "push after finish");

@@ -137,6 +137,18 @@ impl Resampler {
     pub fn produced(&self) -> u64 {
         self.produced
     }
+
+    /// Drops the input held and not yet resampled (an interrupt) and starts afresh; returns
+    /// how many output samples that input stood for, for the caller to put silence in their
+    /// place (so the stream's clock is unchanged: what follows is aligned as before).
+    pub fn drop_pending(&mut self) -> usize {
+        let owed = (self.pushed * SAMPLE_RATE as u64 / self.rate as u64)
+            .saturating_sub(self.produced) as usize;
+        if let Ok(fresh) = Resampler::new(self.rate) {
+            *self = fresh;
+        }
+        owed
+    }
 }
 
 #[cfg(test)]

@@ -122,6 +122,7 @@ pub fn session(
                     }),
                     pcm: pcm.into(),
                     end_of_speech: i + 1 == n,
+                    cancel: false,
                 }),
                 ..Default::default()
             }

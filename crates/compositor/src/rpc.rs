@@ -174,6 +174,9 @@ impl CompositorService {
                 session.insert(opened)
             }
         };
+        if chunk.cancel {
+            s.cancel();
+        }
         s.push(chunk, &self.opts)?;
         s.render_ready(&self.target(sink, deadline), &self.encoders)
             .await?;

@@ -54,6 +54,7 @@ fn opening(avatar: &str, start: u64, pcm: Bytes) -> RenderRequest {
             format: format(SampleFormat::S16le, RATE),
             pcm,
             end_of_speech: false,
+            cancel: false,
         }),
         ..Default::default()
     }
@@ -65,6 +66,7 @@ fn more(pcm: Bytes, end_of_speech: bool) -> RenderRequest {
             format: None,
             pcm,
             end_of_speech,
+            cancel: false,
         }),
         ..Default::default()
     }
@@ -812,5 +814,54 @@ async fn a_session_at_the_last_frame_index_is_told_start_frame() {
         e.message().starts_with("start_frame") && !e.message().contains("frame_count"),
         "{}",
         e.message()
+    );
+}
+
+/// A cancel drops the speech received and not yet rendered: every frame after those already
+/// sent renders silent (idle, the mouth closed) although its window held speech, where
+/// without the cancel the same frame talks; the indices go on without a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_silences_the_speech_not_yet_rendered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 8).await;
+    let speech = s16(&speechlike(1.0));
+    let silence = s16(&vec![0.0; RATE as usize / 2]);
+    let mut firsts = Vec::new();
+    for cancel in [false, true] {
+        let (tx, mut stream) = open_render(&s.client, opening("small", 0, speech.clone())).await;
+        // Every frame whose window the speech completes; the last few wait for more audio.
+        let mut frames = Vec::new();
+        while let Ok(Some(f)) =
+            tokio::time::timeout(Duration::from_millis(700), stream.next()).await
+        {
+            frames.push(f.unwrap());
+        }
+        let before = frames.len();
+        let mut next = more(silence.clone(), true);
+        next.audio.as_mut().unwrap().cancel = cancel;
+        tx.send(next).await.unwrap();
+        drop(tx);
+        drain(&mut stream, &mut frames).await;
+        for (i, f) in frames.iter().enumerate() {
+            assert_eq!(f.frame_index, i as u64, "a gap or a repeat");
+        }
+        let idle = |f: &RenderedFrame| f.timings.as_ref().unwrap().idle;
+        assert!(
+            frames[..before].iter().all(|f| !idle(f)),
+            "speech rendered idle"
+        );
+        if cancel {
+            assert!(
+                frames[before..].iter().all(idle),
+                "a frame after the cancel talks: {:?}",
+                frames[before..].iter().map(idle).collect::<Vec<_>>()
+            );
+        }
+        firsts.push(idle(&frames[before]));
+    }
+    assert_eq!(
+        firsts,
+        [false, true],
+        "the frame after the cut talks only without the cancel"
     );
 }

@@ -3,15 +3,20 @@
 //! comes back with `201 Created` and `Location: /sessions/ID`; `DELETE` that location ends
 //! the session). Every refusal is an HTTP status with a one-line reason in the body.
 
+use crate::api;
+use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::offer;
-use crate::session::{self, Session, SessionConfig};
+use crate::session::{self, Mode, Session, SessionConfig};
+use crate::speech::Speaker;
+use crate::tts::Tts;
 use crate::Compositor;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use framecast_proto::auth::BearerCheck;
 use framecast_proto::compositor::v1::{ListAvatarsRequest, LoadAvatarRequest};
 use framecast_telemetry::http_server::{self, HttpLimits};
 use framecast_telemetry::places::{Place, Places, Refused};
@@ -54,6 +59,17 @@ pub struct GatewayOptions {
     pub jitter: Duration,
     /// A WAV file the page offers as "play a sample sentence".
     pub sample_wav: Option<PathBuf>,
+    /// Bearer tokens the agent endpoints (speech, interrupt, events, microphone) require,
+    /// comma-separated; `None`: open to whoever knows the session's id.
+    pub api_token: Option<String>,
+    /// Where text is spoken.
+    pub tts: Tts,
+    /// How long the TTS may take to start speaking (and may pause while it speaks).
+    pub tts_timeout: Duration,
+    /// Largest speech body (audio or text), bytes.
+    pub max_speech_bytes: usize,
+    /// Utterances an agent session holds waiting.
+    pub max_utterances: usize,
 }
 
 impl Default for GatewayOptions {
@@ -71,15 +87,25 @@ impl Default for GatewayOptions {
             video_bitrate_bps: 2_000_000,
             jitter: Duration::from_millis(150),
             sample_wav: None,
+            api_token: None,
+            tts: Tts::default(),
+            tts_timeout: Duration::from_secs(10),
+            max_speech_bytes: 32 << 20,
+            max_utterances: 16,
         }
     }
 }
 
 pub struct Gateway {
     compositor: Compositor,
-    opts: GatewayOptions,
+    pub(crate) opts: GatewayOptions,
     /// Open sessions, each with the place it holds under `--max-sessions`.
     sessions: Mutex<HashMap<String, (Session, Place)>>,
+    /// Ids of sessions that ended lately (the newest [`ENDED_KEPT`]): a call naming one gets
+    /// 410, not 404.
+    ended: Mutex<std::collections::VecDeque<String>>,
+    /// The agent endpoints' token check.
+    pub(crate) api_auth: BearerCheck,
     places: Arc<Places>,
     pub metrics: Metrics,
     draining: AtomicBool,
@@ -94,6 +120,8 @@ impl Gateway {
             compositor,
             opts: opts.clone(),
             sessions: Mutex::new(HashMap::new()),
+            ended: Mutex::default(),
+            api_auth: BearerCheck::new(opts.api_token.as_deref()),
             places: Places::new(opts.max_sessions, opts.max_sessions_per_client),
             metrics: Metrics::new(),
             draining: AtomicBool::new(false),
@@ -108,8 +136,43 @@ impl Gateway {
 
     fn forget_finished(&self) {
         let mut sessions = self.sessions.lock();
-        sessions.retain(|_, (s, _)| !s.finished());
+        let done: Vec<String> = sessions
+            .iter()
+            .filter(|(_, (s, _))| s.finished())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in done {
+            sessions.remove(&id);
+            self.remember_ended(id);
+        }
         self.metrics.sessions.set(sessions.len() as i64);
+    }
+
+    fn remember_ended(&self, id: String) {
+        let mut ended = self.ended.lock();
+        ended.push_back(id);
+        while ended.len() > ENDED_KEPT {
+            ended.pop_front();
+        }
+    }
+
+    /// What the agent endpoints use of session `id`, or the status saying why not: 404 for
+    /// an id never seen, 410 for a session that has ended.
+    pub(crate) fn session(&self, id: &str) -> Result<Handle, (StatusCode, String)> {
+        if let Some((s, _)) = self.sessions.lock().get(id) {
+            if !s.finished() {
+                return Ok(Handle {
+                    mode: s.config.mode,
+                    speaker: s.speaker.clone(),
+                    events: s.events.clone(),
+                    microphone: s.microphone.clone(),
+                });
+            }
+        }
+        if self.ended.lock().iter().any(|e| e == id) || self.sessions.lock().contains_key(id) {
+            return Err((StatusCode::GONE, "the session has ended".into()));
+        }
+        Err((StatusCode::NOT_FOUND, "no such session".into()))
     }
 
     /// Stops taking sessions and ends the open ones (graceful shutdown).
@@ -134,18 +197,44 @@ impl Gateway {
     }
 }
 
+/// Ids of ended sessions remembered for 410 answers.
+const ENDED_KEPT: usize = 4096;
+
+/// What the agent endpoints need of a session.
+pub(crate) struct Handle {
+    pub mode: Mode,
+    pub speaker: Option<Speaker>,
+    pub events: Events,
+    pub microphone: Option<Arc<Mutex<Option<tokio::sync::mpsc::Receiver<bytes::Bytes>>>>>,
+}
+
 /// The routes, over `gw`.
 fn router(gw: Arc<Gateway>) -> Router {
     let limit = gw.opts.max_body_bytes;
-    Router::new()
+    let signalling = Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .route("/healthz", get(health))
         .route("/avatars", get(avatars))
         .route("/sample.wav", get(sample))
         .route("/sessions", axum::routing::post(create))
         .route("/sessions/{id}", get(stats).delete(end))
-        .layer(DefaultBodyLimit::max(limit))
-        .with_state(gw)
+        .route(
+            "/sessions/{id}/interrupt",
+            axum::routing::post(api::interrupt),
+        )
+        .route("/sessions/{id}/events", get(api::events))
+        .route("/sessions/{id}/microphone", get(api::microphone))
+        .layer(DefaultBodyLimit::max(limit));
+    // Speech bodies stream (a TTS piped through): their own size limit.
+    let speech = Router::new()
+        .route("/sessions/{id}/speech", axum::routing::post(api::speech))
+        .layer(DefaultBodyLimit::max(gw.opts.max_speech_bytes));
+    signalling.merge(speech).with_state(gw)
+}
+
+/// The speech route's bodies may stream for as long as they keep coming.
+fn streams_its_body(path: &str) -> bool {
+    path.starts_with("/sessions/") && path.ends_with("/speech")
 }
 
 /// Connections the page and signalling port serves at once: a page load and a session's
@@ -163,12 +252,13 @@ pub async fn serve(
 ) {
     let limits = HttpLimits {
         body_timeout: gw.opts.body_timeout,
+        streaming: Some(streams_its_body),
         ..HttpLimits::new(tls, MAX_CONNECTIONS, gw.opts.max_connections_per_client)
     };
     http_server::serve(listener, router(gw), limits, "gateway", shutdown).await
 }
 
-fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
+pub(crate) fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
     let mut reason = reason.into();
     reason.push('\n');
     (
@@ -240,9 +330,11 @@ async fn stats(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Respon
 }
 
 async fn end(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
-    match gw.sessions.lock().remove(&id) {
+    let removed = gw.sessions.lock().remove(&id);
+    match removed {
         Some((s, _)) => {
             s.stop();
+            gw.remember_ended(id);
             StatusCode::OK.into_response()
         }
         None => refuse(StatusCode::NOT_FOUND, "no such session"),
@@ -267,6 +359,20 @@ async fn create(
             StatusCode::BAD_REQUEST,
             "the avatar query parameter is required: POST /sessions?avatar=ID",
         );
+    };
+    let mode = match query.get("mode").map(String::as_str) {
+        None | Some("mirror") => Mode::Mirror,
+        Some("agent") => Mode::Agent,
+        Some(other) => {
+            outcome("bad_offer");
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "mode: {:?} is not mirror (the browser's own voice) or agent (the application speaks)",
+                    framecast_proto::echo(other.get(..32).unwrap_or(other))
+                ),
+            );
+        }
     };
     if gw.draining.load(Ordering::Acquire) {
         return refuse(
@@ -345,7 +451,7 @@ async fn create(
             ),
         );
     }
-    match answer(&gw, avatar, &info, offer, place) {
+    match answer(&gw, avatar, mode, &info, offer, place) {
         Ok((id, sdp)) => {
             outcome("answered");
             (
@@ -373,6 +479,7 @@ async fn create(
 fn answer(
     gw: &Arc<Gateway>,
     avatar: &str,
+    mode: Mode,
     info: &framecast_proto::compositor::v1::AvatarInfo,
     offer: SdpOffer,
     place: Place,
@@ -414,6 +521,8 @@ fn answer(
     let id = session_id().map_err(internal)?;
     let config = SessionConfig {
         id: id.clone(),
+        mode,
+        max_utterances: gw.opts.max_utterances,
         avatar: avatar.to_string(),
         width: info.width as usize,
         height: info.height as usize,

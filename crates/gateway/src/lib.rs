@@ -7,6 +7,9 @@
 //! Each session runs its WebRTC connection (str0m, sans-IO) on an OS thread with a UDP port of
 //! its own ([`session`]); the HTTP side ([`http`]) only creates, lists and ends sessions.
 
+pub mod api;
+pub mod audio_in;
+pub mod events;
 pub mod fuzzing;
 pub mod http;
 pub mod media;
@@ -14,6 +17,8 @@ pub mod metrics;
 pub mod offer;
 pub mod pacing;
 pub mod session;
+pub mod speech;
+pub mod tts;
 
 pub use http::{serve, Gateway, GatewayOptions};
 

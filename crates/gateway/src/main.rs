@@ -97,6 +97,27 @@ struct Args {
     /// A WAV file the page offers as "play a sample sentence".
     #[arg(long, env = "FRAMECAST_GATEWAY_SAMPLE_WAV")]
     sample_wav: Option<PathBuf>,
+    /// Bearer token the agent endpoints require (`/sessions/ID/speech`, `interrupt`,
+    /// `events`, `microphone`); several, comma-separated. Unset: whoever knows a session's
+    /// id may make its avatar speak and hear its user (set it beyond a single machine).
+    #[arg(long, env = "FRAMECAST_GATEWAY_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+    /// A TTS service for agent sessions' text: an http:// URL the text is POSTed to
+    /// (text/plain; voice and rate as query parameters) answering WAV or 16-bit PCM
+    /// (audio/L16; rate=N or audio/pcm; rate=N), streamed. Unset: espeak-ng.
+    #[arg(long, env = "FRAMECAST_GATEWAY_TTS_URL")]
+    tts_url: Option<String>,
+    /// Seconds the TTS may take to start speaking, or pause while it speaks; past it the
+    /// speech call gets 502 (or the utterance ends with what came).
+    #[arg(long, env = "FRAMECAST_GATEWAY_TTS_TIMEOUT_S", default_value_t = GatewayOptions::default().tts_timeout.as_secs_f64())]
+    tts_timeout_s: f64,
+    /// Largest speech body (text or audio), bytes; past it 413 (or, for a body that did not
+    /// say its length, the rest is not spoken).
+    #[arg(long, env = "FRAMECAST_GATEWAY_MAX_SPEECH_BYTES", default_value_t = GatewayOptions::default().max_speech_bytes, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..))]
+    max_speech_bytes: usize,
+    /// Utterances an agent session holds waiting; past it the speech call gets 429.
+    #[arg(long, env = "FRAMECAST_GATEWAY_MAX_UTTERANCES", default_value_t = GatewayOptions::default().max_utterances, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    max_utterances: usize,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
 }
@@ -126,9 +147,10 @@ async fn main() -> Result<()> {
     if args.max_sessions == 0
         || !positive(args.session_timeout_s)
         || !positive(args.body_timeout_s)
+        || !positive(args.tts_timeout_s)
         || args.video_kbps == 0
     {
-        anyhow::bail!("--max-sessions, --session-timeout-s, --body-timeout-s and --video-kbps must be positive");
+        anyhow::bail!("--max-sessions, --session-timeout-s, --body-timeout-s, --tts-timeout-s and --video-kbps must be positive");
     }
     if let Some((a, b)) = args.udp_ports {
         if ((b - a) as usize + 1) < args.max_sessions {
@@ -138,6 +160,12 @@ async fn main() -> Result<()> {
                 args.max_sessions
             );
         }
+    }
+    if let Some(url) = &args.tts_url {
+        let ok = url
+            .parse::<hyper::Uri>()
+            .is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some());
+        anyhow::ensure!(ok, "--tts-url {url:?}: an http://host[:port]/path URL");
     }
     if let Some(p) = &args.sample_wav {
         std::fs::metadata(p).with_context(|| format!("--sample-wav {}", p.display()))?;
@@ -168,8 +196,21 @@ async fn main() -> Result<()> {
         video_bitrate_bps: args.video_kbps * 1000,
         jitter: Duration::from_millis(args.jitter_ms),
         sample_wav: args.sample_wav,
+        api_token: args.api_token,
+        tts: match args.tts_url {
+            Some(url) => framecast_gateway::tts::Tts::Http { url },
+            None => Default::default(),
+        },
+        tts_timeout: Duration::from_secs_f64(args.tts_timeout_s),
+        max_speech_bytes: args.max_speech_bytes,
+        max_utterances: args.max_utterances,
         ..Default::default()
     };
+    if opts.api_token.is_none() {
+        tracing::warn!(
+            "no --api-token: the agent endpoints of a session answer whoever knows its id"
+        );
+    }
     let gw = Gateway::new(client, opts);
     let metrics_addr = metrics_http::serve_metrics(
         args.metrics_listen,

@@ -54,8 +54,11 @@ pub struct Pacer {
     jitter: Duration,
     /// (t0, f0) once the first frame has arrived.
     base: Option<(Instant, u64)>,
-    frames: VecDeque<(u64, Bytes)>,
+    /// (index, I420 image, idle).
+    frames: VecDeque<(u64, Bytes, bool)>,
     voice: VecDeque<Voice>,
+    /// Frames before this one come from before an interrupt: they are not played.
+    cut_at: u64,
 }
 
 impl Pacer {
@@ -66,11 +69,17 @@ impl Pacer {
             base: None,
             frames: VecDeque::new(),
             voice: VecDeque::new(),
+            cut_at: 0,
         }
     }
 
-    /// A frame from the compositor; returns how many frames were dropped to make room.
-    pub fn push_frame(&mut self, now: Instant, index: u64, image: Bytes) -> u64 {
+    /// A frame from the compositor (`idle`: the background, no speech in it); returns how
+    /// many frames were dropped to make room.
+    pub fn push_frame(&mut self, now: Instant, index: u64, image: Bytes, idle: bool) -> u64 {
+        if index < self.cut_at {
+            // From before an interrupt, still on its way: its moment has been skipped.
+            return 0;
+        }
         let (t0, f0) = *self.base.get_or_insert((now + self.jitter, index));
         let slot = self.slot(index).unwrap_or(t0);
         if slot < now {
@@ -80,13 +89,32 @@ impl Pacer {
             // Early: the sender's clock is faster than ours.
             self.base = Some((t0.checked_sub(excess).unwrap_or(t0), f0));
         }
-        self.frames.push_back((index, image));
+        self.frames.push_back((index, image, idle));
         let mut dropped = 0;
         while self.frames.len() > MAX_FRAMES {
             self.frames.pop_front();
             dropped += 1;
         }
         dropped
+    }
+
+    /// An interrupt at frame `frame` (the first the cut speech does not reach): the voice
+    /// waiting goes (the speech it carries was cut) and so do the frames before `frame`,
+    /// held or still to come, and the clock moves so that `frame` plays one period from
+    /// `now` instead of after the frames that went: the silence and the closed mouth
+    /// follow at once, voice and frames still together (the picture holds its last frame
+    /// meanwhile). Returns how many frames went.
+    pub fn cut(&mut self, frame: u64, now: Instant) -> u64 {
+        self.voice.clear();
+        self.cut_at = self.cut_at.max(frame);
+        let before = self.frames.len();
+        self.frames.retain(|(i, _, _)| *i >= frame);
+        if let (Some((t0, f0)), Some(slot)) = (self.base, self.slot(frame)) {
+            if let Some(early) = slot.checked_duration_since(now + self.period) {
+                self.base = Some((t0.checked_sub(early).unwrap_or(t0), f0));
+            }
+        }
+        (before - self.frames.len()) as u64
     }
 
     pub fn push_voice(&mut self, voice: Voice) {
@@ -116,13 +144,10 @@ impl Pacer {
     /// What is due at `now`.
     pub fn due(&mut self, now: Instant) -> Due {
         let mut due = Due::default();
-        while let Some(&(index, _)) = self.frames.front() {
+        while let Some(&(index, _, _)) = self.frames.front() {
             if self.slot(index).is_some_and(|t| t <= now) {
-                if due
-                    .frame
-                    .replace(self.frames.pop_front().expect("front"))
-                    .is_some()
-                {
+                let (index, image, _) = self.frames.pop_front().expect("front");
+                if due.frame.replace((index, image)).is_some() {
                     due.dropped += 1;
                 }
             } else {
@@ -141,7 +166,7 @@ impl Pacer {
 
     /// The next instant something falls due, if anything waits.
     pub fn next(&self) -> Option<Instant> {
-        let frame = self.frames.front().and_then(|(i, _)| self.slot(*i));
+        let frame = self.frames.front().and_then(|(i, _, _)| self.slot(*i));
         let voice = self.voice.front().and_then(|v| self.voice_slot(v.at));
         frame.into_iter().chain(voice).min()
     }
@@ -172,7 +197,7 @@ mod tests {
             "no frame yet"
         );
         for f in 0..4 {
-            assert_eq!(p.push_frame(t, f, Bytes::from(vec![f as u8])), 0);
+            assert_eq!(p.push_frame(t, f, Bytes::from(vec![f as u8]), false), 0);
         }
         let at = |ms: u64| t + Duration::from_millis(ms);
         assert_eq!(p.next(), Some(at(100)));
@@ -207,7 +232,7 @@ mod tests {
                 let now = t + Duration::from_millis(step * 5);
                 while (next_batch as f64 + 8.0) / rate <= step as f64 * 0.005 {
                     for f in next_batch..next_batch + 8 {
-                        dropped += p.push_frame(now, f, Bytes::new());
+                        dropped += p.push_frame(now, f, Bytes::new(), false);
                     }
                     next_batch += 8;
                 }
@@ -241,12 +266,35 @@ mod tests {
         let t = Instant::now();
         let mut p = Pacer::new(25.0, Duration::ZERO);
         let dropped: u64 = (0..MAX_FRAMES as u64 + 5)
-            .map(|f| p.push_frame(t, f, Bytes::new()))
+            .map(|f| p.push_frame(t, f, Bytes::new(), false))
             .sum();
         assert_eq!(dropped, 5);
         for i in 0..MAX_VOICE + 3 {
             p.push_voice(voice(i as f64 * 0.02));
         }
         assert_eq!(p.voice.len(), MAX_VOICE);
+    }
+
+    /// An interrupt drops the voice waiting and the frames before its frame, held or still
+    /// to come, and brings its frame forward to one period from the cut.
+    #[test]
+    fn a_cut_drops_what_it_stops_and_plays_on_at_once() {
+        let t = Instant::now();
+        let mut p = Pacer::new(25.0, Duration::from_millis(100));
+        for f in 0..6 {
+            p.push_frame(t, f, Bytes::new(), f == 3);
+            p.push_voice(voice(f as f64 * 0.04));
+        }
+        assert_eq!(p.cut(5, t), 5, "frames 0 to 4 come before frame 5");
+        assert_eq!(p.frames.len(), 1);
+        assert!(p.voice.is_empty());
+        assert_eq!(
+            p.push_frame(t, 4, Bytes::new(), true),
+            0,
+            "late from before the cut"
+        );
+        assert_eq!(p.frames.len(), 1);
+        // Frame 5 was due at 100 + 5 * 40 ms: it now plays one period after the cut.
+        assert_eq!(p.next(), Some(t + Duration::from_millis(40)));
     }
 }

@@ -1,18 +1,37 @@
 //! One browser session: its WebRTC connection (str0m, sans-IO, driven by a UDP socket on an
 //! OS thread of its own) and its `Render` audio session with the compositor (a tokio task).
 //!
+//! A session is in one of two modes ([`Mode`]). **Mirror**: the avatar lip-syncs the
+//! browser's own microphone and plays that voice back:
+//!
 //! ```text
 //!  browser ──Opus──▶ [session thread] ──PCM──▶ [render task] ──RenderRequest.audio──▶ compositor
 //!  browser ◀─H.264── [session thread] ◀─I420── [render task] ◀──RenderedFrame (I420)── compositor
 //!  browser ◀─Opus─── [session thread]   (the browser's own voice, delayed to meet its frames)
 //! ```
 //!
+//! **Agent**: the application speaks through the avatar ([`crate::speech`]: a speaker task
+//! makes the voice, 20 ms at a time in real time, from the utterances the speech API queues,
+//! and silence between them) and hears the user (the microphone, decoded and resampled to 16
+//! kHz, goes to the microphone WebSocket):
+//!
+//! ```text
+//!  application ──speech API──▶ [speaker] ──PCM──▶ [render task] ──▶ compositor ──I420──▶ [render task]
+//!                              [speaker] ──Opus, marks──▶ [session thread] ◀──I420────────┘
+//!  browser ◀─H.264, Opus── [session thread] ──events──▶ data channel, server-sent events
+//!  browser ──Opus──▶ [session thread] ──16 kHz PCM──▶ microphone WebSocket ──▶ application
+//! ```
+//!
 //! The thread owns everything of the connection (str0m is not thread-safe, and the encoder's
-//! work is the session's own); channels between it and the task are bounded.
+//! work is the session's own) and is the one that knows what the person sees: it reports
+//! each utterance's start and end when their frames leave. Channels between the tasks and
+//! the thread are bounded.
 
+use crate::events::{Event as SessionEvent, Events};
 use crate::media::{VideoEncoder, VoiceDecoder, VOICE_RATE};
 use crate::metrics::Metrics;
 use crate::pacing::{Pacer, Voice};
+use crate::speech::{self, Speaker, ToCompositor, ToThread};
 use crate::Compositor;
 use bytes::Bytes;
 use framecast_proto::compositor::v1::{
@@ -25,15 +44,37 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use str0m::channel::ChannelId;
 use str0m::format::Codec;
 use str0m::media::{Frequency, MediaKind, MediaTime, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Event, IceConnectionState, Input, Output, Rtc};
 
+/// Who the avatar's voice and lips follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The browser's own microphone, played back (a demo of lip-sync).
+    Mirror,
+    /// The application's speech (the speech API); the microphone goes to the application.
+    Agent,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Mirror => "mirror",
+            Mode::Agent => "agent",
+        }
+    }
+}
+
 /// What a session needs to know about its avatar and its limits.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
     pub id: String,
+    pub mode: Mode,
+    /// Utterances an agent session holds waiting.
+    pub max_utterances: usize,
     pub avatar: String,
     pub width: usize,
     pub height: usize,
@@ -115,6 +156,12 @@ impl Stats {
 pub struct Session {
     pub config: SessionConfig,
     pub stats: Arc<Stats>,
+    pub events: Events,
+    /// The speech queue (agent sessions).
+    pub speaker: Option<Speaker>,
+    /// The microphone as 16 kHz PCM, for the one WebSocket that may hold it at a time
+    /// (agent sessions).
+    pub microphone: Option<Arc<Mutex<Option<tokio::sync::mpsc::Receiver<Bytes>>>>>,
     stop: Arc<AtomicBool>,
     finished: Arc<AtomicBool>,
     render: tokio::task::JoinHandle<()>,
@@ -138,6 +185,15 @@ impl Session {
 const FRAME_CHANNEL: usize = 25;
 /// Decoded voice packets queued for the compositor (two seconds of 20 ms packets).
 const VOICE_CHANNEL: usize = 100;
+/// What the speaker sends the thread: two seconds of voice packets and their marks.
+const SPEAKER_CHANNEL: usize = 256;
+/// Microphone packets (20 ms) held for the WebSocket: two seconds; older ones are dropped
+/// when no one reads.
+const MIC_CHANNEL: usize = 100;
+
+/// A frame from the compositor: its index, its I420 image, and whether it is idle (the
+/// background as it is: no speech in it).
+type RenderedI420 = (u64, Bytes, bool);
 
 /// Starts a session whose answer has been made: `rtc` holds it, `socket` is its UDP port.
 /// `local` is the address the browser sends to (the candidate's; behind NAT not the socket's).
@@ -151,11 +207,46 @@ pub fn start(
 ) -> Result<Session, String> {
     let stats = Arc::new(Stats::default());
     stats.set_state("new");
-    let (voice_tx, voice_rx) = tokio::sync::mpsc::channel::<Bytes>(VOICE_CHANNEL);
-    let (frame_tx, frame_rx) = std::sync::mpsc::sync_channel::<(u64, Bytes)>(FRAME_CHANNEL);
+    let events = Events::new(config.fps);
+    let (voice_tx, voice_rx) = tokio::sync::mpsc::channel::<ToCompositor>(VOICE_CHANNEL);
+    let (frame_tx, frame_rx) = std::sync::mpsc::sync_channel::<RenderedI420>(FRAME_CHANNEL);
+    let (agent, speaker, microphone) = match config.mode {
+        Mode::Mirror => (None, None, None),
+        Mode::Agent => {
+            let (to_thread, from_speaker) = std::sync::mpsc::sync_channel(SPEAKER_CHANNEL);
+            let speaker = speech::start(
+                config.fps,
+                config.max_utterances,
+                speech::Outputs {
+                    compositor: voice_tx.clone(),
+                    thread: to_thread,
+                    events: events.clone(),
+                },
+            )?;
+            let (mic_tx, mic_rx) = tokio::sync::mpsc::channel(MIC_CHANNEL);
+            let agent = AgentIo {
+                from_speaker,
+                microphone: mic_tx,
+                resampler: framecast_audio::Resampler::new(VOICE_RATE)
+                    .map_err(|e| format!("microphone resampler: {e}"))?,
+                marks: Vec::new(),
+                started: Vec::new(),
+            };
+            (
+                Some(agent),
+                Some(speaker),
+                Some(Arc::new(Mutex::new(Some(mic_rx)))),
+            )
+        }
+    };
+    let rate = match config.mode {
+        Mode::Mirror => VOICE_RATE,
+        Mode::Agent => crate::audio_in::RATE,
+    };
     let render = tokio::spawn(render(
         compositor,
         config.clone(),
+        rate,
         voice_rx,
         frame_tx,
         stats.clone(),
@@ -180,6 +271,11 @@ pub fn start(
         voice_tx,
         frame_rx,
         stop: stop.clone(),
+        agent,
+        events: events.clone(),
+        event_feed: events.subscribe(),
+        channel: None,
+        last_sent: 0,
         audio_mid: None,
         video_mid: None,
         voice_base: None,
@@ -199,6 +295,10 @@ pub fn start(
             };
             tracing::info!(%reason, "session ended");
             worker.stats.set_state("closed");
+            worker.events.send(SessionEvent::Closed {
+                reason: reason.clone(),
+            });
+            worker.forward_events();
             *worker.stats.ended.lock() = Some(reason);
             worker.rtc.disconnect();
             done.store(true, Ordering::Release);
@@ -207,24 +307,32 @@ pub fn start(
     Ok(Session {
         config,
         stats,
+        events,
+        speaker,
+        microphone,
         stop,
         finished,
         render,
     })
 }
 
-/// The compositor side: one `Render` audio session fed with the browser's decoded voice, its
-/// I420 frames handed to the session thread.
+/// The compositor side: one `Render` audio session fed with the session's voice (16-bit PCM
+/// at `rate`: the browser's, or the speaker's), its I420 frames handed to the session thread.
 async fn render(
     mut client: Compositor,
     config: SessionConfig,
-    mut voice: tokio::sync::mpsc::Receiver<Bytes>,
-    frames: SyncSender<(u64, Bytes)>,
+    rate: u32,
+    mut voice: tokio::sync::mpsc::Receiver<ToCompositor>,
+    frames: SyncSender<RenderedI420>,
     stats: Arc<Stats>,
 ) {
     // The session opens with the first voice, so its frame 0 is the voice's moment 0.
-    let Some(first) = voice.recv().await else {
-        return;
+    let first = loop {
+        match voice.recv().await {
+            Some(ToCompositor::Pcm(pcm)) => break pcm,
+            Some(ToCompositor::Cancel) => continue,
+            None => return,
+        }
     };
     let opening = RenderRequest {
         request_id: config.id.clone(),
@@ -234,18 +342,23 @@ async fn render(
         audio: Some(AudioChunk {
             format: Some(AudioFormat {
                 sample_format: SampleFormat::S16le as i32,
-                sample_rate: VOICE_RATE,
+                sample_rate: rate,
             }),
             pcm: first,
-            end_of_speech: false,
+            ..Default::default()
         }),
         ..Default::default()
     };
-    let rest = tokio_stream::wrappers::ReceiverStream::new(voice).map(|pcm| RenderRequest {
-        audio: Some(AudioChunk {
-            format: None,
-            pcm,
-            end_of_speech: false,
+    let rest = tokio_stream::wrappers::ReceiverStream::new(voice).map(|v| RenderRequest {
+        audio: Some(match v {
+            ToCompositor::Pcm(pcm) => AudioChunk {
+                pcm,
+                ..Default::default()
+            },
+            ToCompositor::Cancel => AudioChunk {
+                cancel: true,
+                ..Default::default()
+            },
         }),
         ..Default::default()
     });
@@ -268,7 +381,8 @@ async fn render(
                         .fetch_add(f.frame_index - expected, Ordering::Relaxed);
                 }
                 expected = f.frame_index + 1;
-                match frames.try_send((f.frame_index, f.image)) {
+                let idle = f.timings.as_ref().is_some_and(|t| t.idle);
+                match frames.try_send((f.frame_index, f.image, idle)) {
                     Ok(()) => {}
                     Err(TrySendError::Full(_)) => {
                         stats.frames_lost.fetch_add(1, Ordering::Relaxed);
@@ -296,9 +410,18 @@ struct Worker {
     pacer: Pacer,
     stats: Arc<Stats>,
     metrics: Metrics,
-    voice_tx: tokio::sync::mpsc::Sender<Bytes>,
-    frame_rx: Receiver<(u64, Bytes)>,
+    voice_tx: tokio::sync::mpsc::Sender<ToCompositor>,
+    frame_rx: Receiver<RenderedI420>,
     stop: Arc<AtomicBool>,
+    /// What an agent session has besides (`None` in mirror mode).
+    agent: Option<AgentIo>,
+    events: Events,
+    /// The events, for the data channel.
+    event_feed: tokio::sync::broadcast::Receiver<Arc<str>>,
+    /// The page's data channel for events, once open.
+    channel: Option<ChannelId>,
+    /// The index of the last frame sent.
+    last_sent: u64,
     audio_mid: Option<Mid>,
     video_mid: Option<Mid>,
     /// RTP time of the first voice packet: the session's moment 0.
@@ -311,6 +434,19 @@ struct Worker {
     /// voice packets (only the peer holding the DTLS keys can send one: datagrams from
     /// anyone else at the session's port never keep it alive).
     last_heard: Instant,
+}
+
+/// An agent session's side of the thread: the speaker's packets and marks in, the
+/// microphone out.
+struct AgentIo {
+    from_speaker: Receiver<ToThread>,
+    microphone: tokio::sync::mpsc::Sender<Bytes>,
+    /// The microphone from Opus's 48 kHz to 16 kHz.
+    resampler: framecast_audio::Resampler,
+    /// Events to report when their frame leaves, in frame order.
+    marks: Vec<(u64, SessionEvent)>,
+    /// Utterances started on screen: (id, first frame).
+    started: Vec<(String, u64)>,
 }
 
 impl Worker {
@@ -329,8 +465,10 @@ impl Worker {
                 ));
             }
             self.take_frames()?;
+            self.take_speech();
             let now = Instant::now();
             self.send_due(now)?;
+            self.forward_events();
             let rtc_deadline = match self.poll()? {
                 Some(t) => t,
                 None => return Ok("the browser disconnected".into()),
@@ -420,6 +558,18 @@ impl Worker {
                 MediaKind::Audio => self.audio_mid = Some(m.mid),
                 MediaKind::Video => self.video_mid = Some(m.mid),
             },
+            Event::MediaData(d) if Some(d.mid) == self.audio_mid && self.agent.is_some() => {
+                self.last_heard = Instant::now();
+                self.stats.voice_packets_in.fetch_add(1, Ordering::Relaxed);
+                let started = Instant::now();
+                let decoded = self.decoder.decode(&d.data);
+                self.stats
+                    .decode_us_total
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                if let (Ok(pcm), Some(agent)) = (decoded, self.agent.as_mut()) {
+                    agent.hear(&pcm);
+                }
+            }
             Event::MediaData(d) if Some(d.mid) == self.audio_mid => {
                 self.last_heard = Instant::now();
                 self.stats.voice_packets_in.fetch_add(1, Ordering::Relaxed);
@@ -438,7 +588,7 @@ impl Worker {
                 match decoded {
                     Ok(pcm) => {
                         // A compositor slower than the voice loses voice, never blocks here.
-                        let _ = self.voice_tx.try_send(Bytes::from(pcm));
+                        let _ = self.voice_tx.try_send(ToCompositor::Pcm(Bytes::from(pcm)));
                     }
                     Err(e) => tracing::debug!(error = %e, "voice packet not decoded"),
                 }
@@ -449,6 +599,7 @@ impl Worker {
                 });
             }
             Event::KeyframeRequest(_) => self.encoder.force_keyframe(),
+            Event::ChannelOpen(id, label) if label == EVENTS_CHANNEL => self.channel = Some(id),
             // The round trip from the browser's receiver reports (RTCP), or from transport-wide
             // congestion control feedback where the browser sends it.
             Event::MediaEgressStats(s) => self.rtt(s.rtt),
@@ -471,8 +622,8 @@ impl Worker {
     fn take_frames(&mut self) -> Result<(), String> {
         loop {
             match self.frame_rx.try_recv() {
-                Ok((index, image)) => {
-                    let dropped = self.pacer.push_frame(Instant::now(), index, image);
+                Ok((index, image, idle)) => {
+                    let dropped = self.pacer.push_frame(Instant::now(), index, image, idle);
                     self.count_dropped(dropped);
                 }
                 Err(TryRecvError::Empty) => return Ok(()),
@@ -481,6 +632,103 @@ impl Worker {
                     return Err(why.unwrap_or_else(|| "the compositor ended the session".into()));
                 }
             }
+        }
+    }
+
+    /// Takes what the speaker has sent: voice packets into the pacer, marks to report, cuts.
+    fn take_speech(&mut self) {
+        let Some(agent) = self.agent.as_mut() else {
+            return;
+        };
+        while let Ok(m) = agent.from_speaker.try_recv() {
+            match m {
+                ToThread::Voice {
+                    at,
+                    rtp_time,
+                    payload,
+                } => self.pacer.push_voice(Voice {
+                    at,
+                    rtp_time,
+                    payload,
+                }),
+                ToThread::Mark { frame, event } => agent.marks.push((frame, event)),
+                ToThread::Cut { frame, interrupted } => {
+                    self.pacer.cut(frame, Instant::now());
+                    let shown = self.last_sent;
+                    if let Some(id) = interrupted {
+                        // Its marks go (it will not start or end as planned).
+                        agent.marks.retain(|(_, e)| !is_about(e, &id));
+                        let first = agent.started.iter().position(|(s, _)| *s == id);
+                        let (frame, frames) = match first {
+                            Some(i) => {
+                                let (_, first) = agent.started.swap_remove(i);
+                                (Some(shown), shown.saturating_sub(first))
+                            }
+                            None => (None, 0),
+                        };
+                        self.events.send(SessionEvent::Ended {
+                            id,
+                            frame,
+                            frames,
+                            interrupted: true,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forwards the events published since the last call to the page's data channel.
+    fn forward_events(&mut self) {
+        use tokio::sync::broadcast::error::TryRecvError;
+        loop {
+            let json = match self.event_feed.try_recv() {
+                Ok(json) => json,
+                Err(TryRecvError::Lagged(n)) => {
+                    Arc::from(format!("{{\"type\":\"events_missed\",\"count\":{n}}}"))
+                }
+                Err(_) => return,
+            };
+            if let Some(mut ch) = self.channel.and_then(|id| self.rtc.channel(id)) {
+                let _ = ch.write(false, json.as_bytes());
+            }
+        }
+    }
+
+    /// Reports the marks due once frame `index` has left.
+    fn report_marks(&mut self, index: u64) {
+        let Some(agent) = self.agent.as_mut() else {
+            return;
+        };
+        while agent.marks.first().is_some_and(|(f, _)| *f <= index) {
+            let (_, event) = agent.marks.remove(0);
+            let event = match event {
+                SessionEvent::Started { id, .. } => {
+                    agent.started.push((id.clone(), index));
+                    SessionEvent::Started {
+                        id,
+                        frame: Some(index),
+                    }
+                }
+                SessionEvent::Ended {
+                    id, interrupted, ..
+                } => {
+                    let first = agent
+                        .started
+                        .iter()
+                        .position(|(s, _)| *s == id)
+                        .map(|i| agent.started.swap_remove(i).1)
+                        .unwrap_or(index);
+                    SessionEvent::Ended {
+                        id,
+                        frame: Some(index),
+                        frames: index.saturating_sub(first),
+                        interrupted,
+                    }
+                }
+                other => other.at(index),
+            };
+            self.events.send(event);
         }
     }
 
@@ -564,6 +812,8 @@ impl Worker {
                 latency.pop_front();
             }
         }
+        self.last_sent = index;
+        self.report_marks(index);
         if self.stats.frames_sent.fetch_add(1, Ordering::Relaxed) == 0 {
             self.stats.first_frame_ms.store(
                 self.answered.elapsed().as_millis() as u64,
@@ -572,5 +822,40 @@ impl Worker {
         }
         self.metrics.frames_sent.inc();
         Ok(())
+    }
+}
+
+/// The data channel a page opens for its session's events.
+pub const EVENTS_CHANNEL: &str = "events";
+
+/// Whether `e` is about utterance `id`.
+fn is_about(e: &SessionEvent, id: &str) -> bool {
+    match e {
+        SessionEvent::Queued { id: i, .. }
+        | SessionEvent::Started { id: i, .. }
+        | SessionEvent::Ended { id: i, .. }
+        | SessionEvent::Failed { id: i, .. } => i == id,
+        _ => false,
+    }
+}
+
+impl AgentIo {
+    /// The browser's decoded voice (48 kHz, 16-bit little-endian) to the microphone
+    /// WebSocket, at 16 kHz; dropped when no one reads it.
+    fn hear(&mut self, pcm: &[u8]) {
+        let samples: Vec<f32> = pcm
+            .chunks_exact(2)
+            .map(|b| i16::from_le_bytes([b[0], b[1]]) as f32 / 32768.0)
+            .collect();
+        let mut out = Vec::with_capacity(samples.len() / 3 + 8);
+        self.resampler.push(&samples, &mut out);
+        if out.is_empty() {
+            return;
+        }
+        let bytes: Vec<u8> = out
+            .iter()
+            .flat_map(|&s| ((s * 32768.0).round().clamp(-32768.0, 32767.0) as i16).to_le_bytes())
+            .collect();
+        let _ = self.microphone.try_send(Bytes::from(bytes));
     }
 }

@@ -7,7 +7,10 @@
 //! - a request's body must arrive whole within the body timeout after its headers: one that
 //!   does not is answered 408 and its connection closed, so headers followed by a body that
 //!   never comes cannot hold a connection either (a handler that does not read a body
-//!   answers at once, and the connection is then closed, not kept to drain it);
+//!   answers at once, and the connection is then closed, not kept to drain it). Paths a port
+//!   names as streaming ([`HttpLimits::streaming`]: speech piped from a TTS as it is made)
+//!   may take longer, as long as the body keeps coming: no gap between its pieces may
+//!   exceed the body timeout;
 //! - at most `max_connections` are served at once, and at most `max_connections_per_client`
 //!   from one client address ([`framecast_proto::client::address`]: IPv6 by /64), so one
 //!   host cannot take every connection; more are closed on accept.
@@ -44,6 +47,9 @@ pub struct HttpLimits {
     pub max_connections: usize,
     /// Connections served at once from one client address.
     pub max_connections_per_client: usize,
+    /// Paths whose request bodies stream: the body timeout bounds the gaps between their
+    /// pieces instead of the whole body.
+    pub streaming: Option<fn(&str) -> bool>,
 }
 
 impl HttpLimits {
@@ -55,6 +61,7 @@ impl HttpLimits {
             body_timeout: BODY_TIMEOUT,
             max_connections,
             max_connections_per_client: per_client.max(1),
+            streaming: None,
         }
     }
 }
@@ -108,10 +115,13 @@ pub async fn serve(
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let per_client = Arc::new(PerClient::default());
     let acceptor = limits.tls.as_ref().map(|t| t.acceptor());
-    let body_timeout = limits.body_timeout;
-    let app = app.layer(axum::middleware::from_fn(move |req, next| {
-        body_deadline(req, next, body_timeout)
-    }));
+    let (body_timeout, streaming) = (limits.body_timeout, limits.streaming);
+    let app = app.layer(axum::middleware::from_fn(
+        move |req: Request<Body>, next| {
+            let gaps = streaming.is_some_and(|s| s(req.uri().path()));
+            body_deadline(req, next, body_timeout, gaps)
+        },
+    ));
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -171,24 +181,27 @@ async fn serve_connection<IO>(
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(header_timeout)
         .serve_connection(io, svc)
+        .with_upgrades()
         .await
     {
         tracing::debug!(error = %e, "{name}: connection ended with an error");
     }
 }
 
-/// Gives the request's body `timeout` to arrive whole; a handler that waited for it in vain
-/// is answered 408, and the connection closed.
+/// Gives the request's body `timeout` to arrive whole (with `gaps`: `timeout` between its
+/// pieces); a handler that waited for it in vain is answered 408, and the connection closed.
 async fn body_deadline(
     req: Request<Body>,
     next: axum::middleware::Next,
     timeout: Duration,
+    gaps: bool,
 ) -> Response {
     let expired = Arc::new(AtomicBool::new(false));
     let (parts, body) = req.into_parts();
     let body = Body::new(DeadlineBody {
         inner: body,
         deadline: Box::pin(tokio::time::sleep(timeout)),
+        gap: gaps.then_some(timeout),
         expired: expired.clone(),
     });
     let response = next.run(Request::from_parts(parts, body)).await;
@@ -214,6 +227,8 @@ async fn body_deadline(
 struct DeadlineBody {
     inner: Body,
     deadline: Pin<Box<tokio::time::Sleep>>,
+    /// The deadline moves this far on with each piece (a streaming body).
+    gap: Option<Duration>,
     expired: Arc<AtomicBool>,
 }
 
@@ -226,6 +241,10 @@ impl http_body::Body for DeadlineBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
         if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            if let Some(gap) = self.gap {
+                let next = tokio::time::Instant::now() + gap;
+                self.deadline.as_mut().reset(next);
+            }
             return Poll::Ready(frame);
         }
         if self.deadline.as_mut().poll(cx).is_ready() {

@@ -203,6 +203,28 @@ impl Session {
         &self.request_id
     }
 
+    /// Drops the speech received and not yet rendered (`AudioChunk.cancel`): every mel frame
+    /// a frame from the next one on reads becomes silence (and so does what the mel stream
+    /// still holds), and the embeddings of those frames go. Those frames then render idle;
+    /// indices and the clock are unchanged.
+    pub fn cancel(&mut self) {
+        // What the resampler and the mel stream still hold of the speech becomes silence,
+        // the same length, so the session's clock does not move.
+        self.mel.silence_pending();
+        let owed = self.resampler.drop_pending();
+        let before = self.mels.len();
+        self.mel.push(&vec![0.0; owed], &mut self.mels);
+        self.held.add((self.mels.len() - before) as i64);
+        let from = window::start(self.next, self.fps);
+        for (i, m) in self.mels.iter_mut().enumerate() {
+            if self.mel_base + i >= from {
+                *m = [FLOOR; N_MELS];
+            }
+        }
+        let keep = self.next.saturating_sub(self.emb_base) as usize;
+        self.embeddings.truncate(keep);
+    }
+
     /// Frames of the session rendered so far: what a stream's progress is measured by.
     pub fn frames_rendered(&self) -> u64 {
         self.next
