@@ -14,6 +14,15 @@ three seconds of silence; speech_s in the JSON is the spoken part's length.
 
 With --runs N the page is loaded N times, each hung up once its first frame shows, before
 the watched run; first_frame_ms_runs holds every run's time from page load to first frame.
+
+With --agent SENTENCE the page opens an agent session (its fake microphone plays silence),
+watches the idle avatar for --idle-s, then has the gateway's speech API say SENTENCE (a WAV
+from espeak-ng, as an application would send its TTS's audio) and, with --interrupt-after
+S, interrupts it S seconds later; the JSON then also holds the page's voice levels, the
+events of its data channel, and when (in page time) each call was made:
+
+  python browser_check.py --url http://127.0.0.1:8021 --avatar browser --agent "Hello." \
+      --probe 200,180,60,30 --idle-s 2 --interrupt-after 1.5 --seconds 6
 """
 
 import argparse
@@ -23,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import wave
 
 from selenium import webdriver
@@ -80,6 +90,66 @@ def speech_wav(sentence, directory):
     return path, params.nframes / params.framerate
 
 
+def silence_wav(directory, seconds=3):
+    path = os.path.join(directory, "silence.wav")
+    with wave.open(path, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"\0" * 2 * 16000 * seconds)
+    return path
+
+
+def post(url, body, content_type, token):
+    headers = {"Content-Type": content_type}
+    if token:
+        headers["Authorization"] = "Bearer " + token
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.status, r.read().decode()
+
+
+def now_ms(driver):
+    return driver.execute_script("return performance.now()")
+
+
+def agent(driver, args, scratch):
+    """The agent run: idle, then the sentence through the speech API (and the interrupt)."""
+    page = f"{args.url}/?avatar={args.avatar}&mode=agent&autostart=1&probe={args.probe}"
+    run(driver, args, page)
+    time.sleep(args.idle_s)
+    session = args.url + driver.execute_script("return window.framecast.session")
+    spoken = os.path.join(scratch, "spoken.wav")
+    subprocess.run(["espeak-ng", "-w", spoken, args.agent], check=True)
+    with open(spoken, "rb") as f:
+        wav = f.read()
+    with wave.open(spoken) as r:
+        speech_s = r.getnframes() / r.getframerate()
+    calls = {"say_ms": now_ms(driver)}
+    status, body = post(session + "/speech", wav, "audio/wav", args.token)
+    calls["say_answered_ms"] = now_ms(driver)
+    calls["say"] = [status, body]
+    if args.interrupt_after is not None:
+        time.sleep(args.interrupt_after)
+        calls["interrupt_ms"] = now_ms(driver)
+        calls["interrupt"] = list(post(session + "/interrupt", b"", "text/plain", args.token))
+    time.sleep(args.seconds)
+    fc = driver.execute_script(
+        """const f = window.framecast;
+           return {state: f.state, error: f.error, frames: f.frames, probe: f.probeLuma,
+                   voice: f.voiceLevels, events: f.events, video: f.stats.video || null};"""
+    )
+    fc["gateway"] = driver.execute_script(
+        "return fetch(window.framecast.session).then(r => r.json())"
+    )
+    if args.screenshot:
+        driver.save_screenshot(args.screenshot)
+    driver.execute_script("return hangup()")
+    fc.update(calls)
+    fc["speech_s"] = speech_s
+    return fc
+
+
 def mouth_latencies(onsets, probe):
     """Per speech onset in the voice sent: ms until the mouth first moves on screen (its
     luma leaves the still value it had just before the onset by more than 4). Onsets before
@@ -110,6 +180,10 @@ def main():
     voice = p.add_mutually_exclusive_group(required=True)
     voice.add_argument("--wav", help="what the fake microphone plays (looped)")
     voice.add_argument("--sentence", help="speak this, then 3 s of silence (looped)")
+    voice.add_argument("--agent", help="an agent session: the speech API says this")
+    p.add_argument("--idle-s", type=float, default=2, help="agent: idle before speaking")
+    p.add_argument("--interrupt-after", type=float, help="agent: interrupt after S seconds")
+    p.add_argument("--token", help="agent: the gateway's --api-token")
     p.add_argument("--probe", required=True, help="x,y,w,h in video pixels")
     p.add_argument("--seconds", type=float, default=22)
     p.add_argument("--screenshot")
@@ -120,6 +194,13 @@ def main():
     wav, speech_s = (args.wav, None)
     if args.sentence:
         wav, speech_s = speech_wav(args.sentence, scratch.name)
+    if args.agent:
+        driver = browser(silence_wav(scratch.name))
+        try:
+            json.dump(agent(driver, args, scratch.name), sys.stdout)
+        finally:
+            driver.quit()
+        return
     driver = browser(wav)
     try:
         firsts = []

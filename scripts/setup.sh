@@ -88,7 +88,7 @@ PY
 fi
 
 reference="$cache/reference-venv"
-reference_pkgs=('librosa==0.11.0' 'tritonclient[grpc]==2.73.0' 'selenium==4.27.1')
+reference_pkgs=('librosa==0.11.0' 'tritonclient[grpc]==2.73.0' 'selenium==4.27.1' 'websockets==15.0.1')
 # The marker names what is installed, so a changed list installs again.
 marker="$reference/.complete-$(echo "${reference_pkgs[*]}" | md5sum | cut -c1-12)"
 if [ ! -f "$marker" ]; then

@@ -104,6 +104,8 @@ fn tone_wav(hz: f64, seconds: f64) -> Vec<u8> {
 /// A browser made of str0m: its connection on a thread, what it receives counted.
 struct Peer {
     session: String,
+    /// The microphone's tone, Hz (f64 bits; 0: silence).
+    mic: Arc<std::sync::atomic::AtomicU64>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     seen: Arc<parking_lot::Mutex<Seen>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -115,6 +117,8 @@ struct Seen {
     video_frames: u64,
     /// (arrival, RMS level 0..1, dominant frequency Hz) of each 20 ms of received voice.
     voice: Vec<(Instant, f64, f64)>,
+    /// Its RTP time (48 kHz) and sequence number, in the same order.
+    voice_rtp: Vec<(u64, u64)>,
     /// Events from the data channel, as JSON.
     channel_events: Vec<serde_json::Value>,
 }
@@ -155,10 +159,12 @@ impl Peer {
             .unwrap();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let seen = Arc::new(parking_lot::Mutex::new(Seen::default()));
-        let (s, sn) = (stop.clone(), seen.clone());
-        let thread = std::thread::spawn(move || run_peer(rtc, socket, local, audio, mic_hz, s, sn));
+        let mic = Arc::new(std::sync::atomic::AtomicU64::new(mic_hz.to_bits()));
+        let (s, sn, m) = (stop.clone(), seen.clone(), mic.clone());
+        let thread = std::thread::spawn(move || run_peer(rtc, socket, local, audio, m, s, sn));
         Peer {
             session,
+            mic,
             stop,
             seen,
             thread: Some(thread),
@@ -167,6 +173,12 @@ impl Peer {
 
     fn seen(&self) -> parking_lot::MutexGuard<'_, Seen> {
         self.seen.lock()
+    }
+
+    /// The microphone plays a tone at `hz` from now on (0: silence).
+    fn mic(&self, hz: f64) {
+        self.mic
+            .store(hz.to_bits(), std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -184,7 +196,7 @@ fn run_peer(
     socket: UdpSocket,
     local: SocketAddr,
     audio: Mid,
-    mic_hz: f64,
+    mic: Arc<std::sync::atomic::AtomicU64>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     seen: Arc<parking_lot::Mutex<Seen>>,
 ) {
@@ -200,6 +212,7 @@ fn run_peer(
         // The microphone: 20 ms packets in real time.
         let due = (start.elapsed().as_millis() / 20) as u64;
         while seen.lock().connected && sent_packets < due {
+            let mic_hz = f64::from_bits(mic.load(std::sync::atomic::Ordering::Acquire));
             let samples: Vec<i16> = (0..960)
                 .map(|i| {
                     let t = (sent_packets * 960 + i) as f64 / 48_000.0;
@@ -238,7 +251,10 @@ fn run_peer(
                         if let Ok(n) = decoder.decode(&d.data, &mut pcm, false) {
                             let level = rms(&pcm[..n]);
                             let hz = dominant_hz(&pcm[..n], 48_000.0);
-                            seen.lock().voice.push((Instant::now(), level, hz));
+                            let mut seen = seen.lock();
+                            seen.voice.push((Instant::now(), level, hz));
+                            let seq: u64 = *(*d.seq_range.start());
+                            seen.voice_rtp.push((d.time.numer(), seq));
                         }
                     }
                     Event::MediaData(_) => seen.lock().video_frames += 1,
@@ -532,15 +548,27 @@ async fn an_interrupt_silences_the_voice_and_clears_the_queue() {
         // Loud packets after the interrupt: those already on their way (and the decoder's
         // tail of the last), none later than one frame period plus the jitter margin.
         let seen = peer.seen();
-        let loud: Vec<Duration> = seen
+        let loud: Vec<(Duration, (u64, u64))> = seen
             .voice
             .iter()
-            .filter(|(t, l, _)| *t > cut && *l > 0.02)
-            .map(|v| v.0 - cut)
+            .zip(&seen.voice_rtp)
+            .filter(|((t, l, _), _)| *t > cut && *l > 0.02)
+            .map(|(v, rtp)| (v.0 - cut, *rtp))
+            .collect();
+        let around: Vec<String> = seen
+            .voice
+            .iter()
+            .zip(&seen.voice_rtp)
+            .filter(|((t, _, _), _)| {
+                *t > cut - Duration::from_millis(100) && *t < cut + Duration::from_millis(500)
+            })
+            .map(|((t, l, _), (rtp, seq))| {
+                format!("{}ms:{l:.3}:{rtp}:{seq}", (*t - cut).as_millis() as i64)
+            })
             .collect();
         assert!(
-            loud.iter().all(|d| *d < Duration::from_millis(190)),
-            "voice after the interrupt: {loud:?}"
+            loud.iter().all(|d| d.0 < Duration::from_millis(190)),
+            "voice after the interrupt: {loud:?}\n{around:?}"
         );
         let heard_after = seen.voice.iter().filter(|(t, _, _)| *t > cut).count();
         assert!(
@@ -602,4 +630,440 @@ async fn two_sessions_speak_at_once_without_crossing() {
         a440 > 0.8 && b880 > 0.8,
         "a at 440 Hz {a440}, b at 880 Hz {b880}"
     );
+}
+
+/// Every bad call gets its status and a reason naming what is wrong, and none disturbs the
+/// session: it still speaks afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_calls_get_their_status_and_leave_the_session_alone() {
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let f = fixture(GatewayOptions {
+        max_speech_bytes: 64 << 10,
+        max_utterances: 1,
+        tts: framecast_gateway::tts::Tts::Http {
+            url: format!("http://{closed_port}/tts"),
+        },
+        ..Default::default()
+    })
+    .await;
+    let peer = Peer::connect(f.addr, "agent", 0.0).await;
+    let mirror = Peer::connect(f.addr, "mirror", 0.0).await;
+    assert!(until(Duration::from_secs(10), || peer.seen().video_frames > 10).await);
+    let s = peer.session.clone();
+    let post = |path: String, ct: &'static str, body: Vec<u8>| {
+        let addr = f.addr;
+        async move { http(addr, "POST", &path, &[("Content-Type", ct)], &body).await }
+    };
+    let speech = |ct: &'static str, body: Vec<u8>| post(format!("/sessions/{s}/speech"), ct, body);
+    // Unknown and mirror sessions.
+    for path in ["speech", "interrupt"] {
+        let (status, why) = post(format!("/sessions/0123/{path}"), "audio/wav", vec![]).await;
+        assert_eq!(status, 404, "{path}: {why}");
+        let (status, why) = post(
+            format!("/sessions/{}/{path}", mirror.session),
+            "audio/wav",
+            tone_wav(440.0, 0.1),
+        )
+        .await;
+        assert_eq!(status, 409, "{path}: {why}");
+        assert!(why.contains("mode=agent"), "{why}");
+    }
+    let (status, _) = http(f.addr, "GET", "/sessions/0123/events", &[], b"").await;
+    assert_eq!(status, 404);
+    // Content type, audio and text.
+    let (status, why) = speech("application/octet-stream", vec![1, 2, 3]).await;
+    assert_eq!(status, 415, "{why}");
+    assert!(why.contains("Content-Type"), "{why}");
+    let mut not_pcm = tone_wav(440.0, 0.1);
+    not_pcm[20] = 3;
+    let mut stereo = tone_wav(440.0, 0.1);
+    stereo[22] = 2;
+    let mut absurd = tone_wav(440.0, 0.1);
+    absurd[24..28].copy_from_slice(&1_000_000u32.to_le_bytes());
+    for (body, field) in [
+        (not_pcm, "format"),
+        (stereo, "channels"),
+        (absurd, "sample_rate"),
+    ] {
+        let (status, why) = speech("audio/wav", body).await;
+        assert_eq!(status, 400, "{why}");
+        assert!(why.contains(field), "{field}: {why}");
+    }
+    let (status, why) = speech("audio/L16", vec![0; 100]).await;
+    assert_eq!((status, why.contains("rate")), (400, true), "{why}");
+    let (status, why) = speech("text/plain", b"   ".to_vec()).await;
+    assert_eq!((status, why.starts_with("text")), (400, true), "{why}");
+    let (status, why) = post(
+        format!("/sessions/{s}/speech?rate=5"),
+        "text/plain",
+        b"hi".to_vec(),
+    )
+    .await;
+    assert_eq!((status, why.starts_with("rate")), (400, true), "{why}");
+    // A body past --max-speech-bytes.
+    let (status, why) = speech("audio/pcm; rate=16000", vec![0; 100 << 10]).await;
+    assert_eq!(status, 413, "{why}");
+    // The TTS service is down: 502, and the session goes on.
+    let (status, why) = speech("text/plain", b"hello".to_vec()).await;
+    assert_eq!(status, 502, "{why}");
+    // The queue holds one waiting utterance (besides the one playing).
+    let first = speech("audio/wav", tone_wav(440.0, 1.5)).await.0;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let statuses = [
+        first,
+        speech("audio/wav", tone_wav(440.0, 1.5)).await.0,
+        speech("audio/wav", tone_wav(440.0, 1.5)).await.0,
+    ];
+    assert_eq!(statuses, [202, 202, 429]);
+    // The microphone: on a mirror session, and twice.
+    let ws = |session: &str| {
+        let url = format!("ws://{}/sessions/{session}/microphone", f.addr);
+        async move { tokio_tungstenite::connect_async(url).await }
+    };
+    let Err(refused) = ws(&mirror.session).await else {
+        panic!("a mirror session's microphone opened");
+    };
+    assert!(refused.to_string().contains("409"), "{refused}");
+    let first = ws(&s).await.expect("the microphone");
+    let Err(again) = ws(&s).await else {
+        panic!("a second microphone opened");
+    };
+    assert!(again.to_string().contains("409"), "{again}");
+    drop(first);
+    // Ended: 410.
+    let (status, _) = http(
+        f.addr,
+        "DELETE",
+        &format!("/sessions/{}", mirror.session),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, why) = post(
+        format!("/sessions/{}/speech", mirror.session),
+        "audio/wav",
+        tone_wav(440.0, 0.1),
+    )
+    .await;
+    assert_eq!(status, 410, "{why}");
+    // Through all of it the session stayed, and speaks.
+    let (status, why) = post(format!("/sessions/{s}/interrupt"), "text/plain", vec![]).await;
+    assert_eq!(status, 200, "{why}");
+    let (status, why) = speech("audio/wav", tone_wav(440.0, 0.3)).await;
+    assert_eq!(status, 202, "{why}");
+    assert_eq!(f.gateway.open_sessions(), 1);
+}
+
+/// With --api-token, every agent endpoint wants it: the session's id alone is refused (401).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_agent_endpoints_require_the_api_token() {
+    let f = fixture(GatewayOptions {
+        api_token: Some("s3cret".into()),
+        ..Default::default()
+    })
+    .await;
+    let peer = Peer::connect(f.addr, "agent", 0.0).await;
+    let s = &peer.session;
+    let wav = tone_wav(440.0, 0.2);
+    for (method, path) in [
+        ("POST", format!("/sessions/{s}/speech")),
+        ("POST", format!("/sessions/{s}/interrupt")),
+        ("GET", format!("/sessions/{s}/events")),
+        ("GET", format!("/sessions/{s}/microphone")),
+    ] {
+        let (status, why) = http(
+            f.addr,
+            method,
+            &path,
+            &[("Content-Type", "audio/wav")],
+            &wav,
+        )
+        .await;
+        assert_eq!(status, 401, "{path}: {why}");
+        let (status, _) = http(
+            f.addr,
+            method,
+            &path,
+            &[
+                ("Content-Type", "audio/wav"),
+                ("Authorization", "Bearer wrong"),
+            ],
+            &wav,
+        )
+        .await;
+        assert_eq!(status, 401, "{path}");
+    }
+    let (status, why) = http(
+        f.addr,
+        "POST",
+        &format!("/sessions/{s}/speech"),
+        &[
+            ("Content-Type", "audio/wav"),
+            ("Authorization", "Bearer s3cret"),
+        ],
+        &wav,
+    )
+    .await;
+    assert_eq!(status, 202, "{why}");
+}
+
+/// Text is spoken by espeak-ng (the voice and rate asked for), and the user's voice reaches
+/// the application on the microphone WebSocket as 16 kHz PCM: the tone the browser sends
+/// comes out at its frequency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn text_is_spoken_and_the_microphone_reaches_the_application() {
+    use futures::StreamExt;
+    let f = fixture(GatewayOptions::default()).await;
+    let peer = Peer::connect(f.addr, "agent", 440.0).await;
+    assert!(until(Duration::from_secs(10), || peer.seen().video_frames > 10).await);
+    let events = EventLog::open(f.addr, &peer.session, None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, why) = http(
+        f.addr,
+        "POST",
+        &format!("/sessions/{}/speech?voice=en-us&rate=180", peer.session),
+        &[("Content-Type", "text/plain; charset=utf-8")],
+        b"Hello from the application.",
+    )
+    .await;
+    assert_eq!(status, 202, "{why}");
+    let url = format!("ws://{}/sessions/{}/microphone", f.addr, peer.session);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut pcm: Vec<i16> = Vec::new();
+    while pcm.len() < 16_000 {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(b)))) => {
+                assert_eq!(b.len() % 2, 0, "half a sample");
+                pcm.extend(b.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])));
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("microphone: {other:?}"),
+        }
+    }
+    let hz = dominant_hz(&pcm[8000..16_000], 16_000.0);
+    assert!((hz - 440.0).abs() <= 20.0, "the microphone carried {hz} Hz");
+    assert!(
+        until(Duration::from_secs(10), || events
+            .types()
+            .contains(&"utterance_ended".to_string()))
+        .await,
+        "{:?}",
+        events.types()
+    );
+    let ended = events.find("utterance_ended").unwrap();
+    assert!(ended["frames"].as_u64().unwrap() > 25, "{ended}");
+    assert!(
+        peer.seen().voice.iter().any(|(_, l, _)| *l > 0.05),
+        "the speech was not heard"
+    );
+}
+
+/// Speech streams: a chunked body's audio starts playing before the body has ended (the
+/// call answers 202 once the header is in), and an operator's TTS service streaming raw PCM
+/// back is spoken the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streamed_bodies_and_an_operators_tts_speak_before_they_end() {
+    // A TTS service: raw 16-bit big-endian PCM at 16 kHz, 2 s of a 660 Hz tone in 100 ms
+    // pieces, one every 100 ms: no faster than it is spoken.
+    let tts = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tts_addr = tts.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = tts.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: audio/L16; rate=16000\r\nTransfer-Encoding: chunked\r\n\r\n";
+                let _ = s.write_all(head.as_bytes()).await;
+                for piece in 0..20 {
+                    let pcm: Vec<u8> = (0..1600)
+                        .flat_map(|i| {
+                            let t = (piece * 1600 + i) as f64 / 16_000.0;
+                            ((0.4 * (2.0 * std::f64::consts::PI * 660.0 * t).sin() * 32767.0)
+                                as i16)
+                                .to_be_bytes()
+                        })
+                        .collect();
+                    let chunk = format!("{:x}\r\n", pcm.len());
+                    let _ = s.write_all(chunk.as_bytes()).await;
+                    let _ = s.write_all(&pcm).await;
+                    let _ = s.write_all(b"\r\n").await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let _ = s.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    let f = fixture(GatewayOptions {
+        tts: framecast_gateway::tts::Tts::Http {
+            url: format!("http://{tts_addr}/speak"),
+        },
+        ..Default::default()
+    })
+    .await;
+    let peer = Peer::connect(f.addr, "agent", 0.0).await;
+    assert!(until(Duration::from_secs(10), || peer.seen().video_frames > 10).await);
+    let events = EventLog::open(f.addr, &peer.session, None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A chunked WAV body sent over 2 s: the utterance starts long before it ends.
+    let wav = tone_wav(440.0, 2.0);
+    let mut s = tokio::net::TcpStream::connect(f.addr).await.unwrap();
+    let head = format!(
+        "POST /sessions/{}/speech HTTP/1.1\r\nHost: gateway\r\nContent-Type: audio/wav\r\nTransfer-Encoding: chunked\r\n\r\n",
+        peer.session
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let sent_from = Instant::now();
+    for piece in wav.chunks(wav.len() / 20 + 1) {
+        s.write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+            .await
+            .unwrap();
+        s.write_all(piece).await.unwrap();
+        s.write_all(b"\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body_sent = sent_from.elapsed();
+    s.write_all(b"0\r\n\r\n").await.unwrap();
+    let started = events
+        .find("utterance_started")
+        .expect("not started while the body came");
+    assert!(body_sent > Duration::from_millis(1800));
+    let mut reply = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut reply))
+        .await
+        .expect("no answer")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 202"), "{reply}");
+    assert!(started["unix_ms"].as_u64().is_some());
+    // The operator's TTS, streamed back: spoken as it comes.
+    let (status, why) = http(
+        f.addr,
+        "POST",
+        &format!("/sessions/{}/speech", peer.session),
+        &[("Content-Type", "text/plain")],
+        b"anything",
+    )
+    .await;
+    assert_eq!(status, 202, "{why}");
+    assert!(
+        until(Duration::from_secs(10), || {
+            events
+                .0
+                .lock()
+                .iter()
+                .filter(|v| v["type"] == "utterance_ended")
+                .count()
+                == 2
+        })
+        .await,
+        "{:?}",
+        events.types()
+    );
+    let ended: Vec<_> = events
+        .0
+        .lock()
+        .iter()
+        .filter(|v| v["type"] == "utterance_ended")
+        .cloned()
+        .collect();
+    let frames: Vec<u64> = ended
+        .iter()
+        .map(|e| e["frames"].as_u64().unwrap())
+        .collect();
+    assert!(
+        frames.iter().all(|n| (45..=56).contains(n)),
+        "2 s each shown as {frames:?} frames"
+    );
+    let seen = peer.seen();
+    assert!(
+        seen.voice
+            .iter()
+            .filter(|(_, l, hz)| *l > 0.05 && (hz - 660.0).abs() <= 40.0)
+            .count()
+            > 40,
+        "the TTS's 660 Hz was not heard"
+    );
+}
+
+/// The example voice agent (examples/voice_agent.py) against a browser whose microphone
+/// talks: it hears the end of the user's turn and answers through the speech API, and when
+/// the user talks over the answer it cuts the avatar off (barge-in), then answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_example_voice_agent_answers_and_is_cut_off_by_the_user() {
+    let python = std::env::var("FRAMECAST_REFERENCE_PYTHON").expect(
+        "FRAMECAST_REFERENCE_PYTHON is not set: run through `make test` (scripts/setup.sh installs the example's websockets)",
+    );
+    let f = fixture(GatewayOptions::default()).await;
+    let peer = Peer::connect(f.addr, "agent", 0.0).await;
+    assert!(until(Duration::from_secs(10), || peer.seen().video_frames > 10).await);
+    let events = EventLog::open(f.addr, &peer.session, None).await;
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/voice_agent.py");
+    let mut agent = tokio::process::Command::new(python)
+        .arg(example)
+        .args([
+            "--gateway",
+            &f.addr.to_string(),
+            "--session",
+            &format!("/sessions/{}", peer.session),
+        ])
+        .args(["--turns", "2", "--end-of-turn", "0.6"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("running examples/voice_agent.py");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The user speaks for 1.5 s; the agent answers once the turn is over.
+    peer.mic(440.0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    peer.mic(0.0);
+    assert!(
+        until(Duration::from_secs(10), || events
+            .types()
+            .contains(&"utterance_started".to_string()))
+        .await,
+        "the agent never answered: {:?}",
+        events.types()
+    );
+    // The user talks over the answer: the avatar is cut off.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    peer.mic(440.0);
+    assert!(
+        until(Duration::from_secs(5), || events
+            .0
+            .lock()
+            .iter()
+            .any(
+                |e| e["type"] == "utterance_ended" && e["interrupted"] == true
+            ))
+        .await,
+        "the agent did not stop for the user: {:?}",
+        events.types()
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    peer.mic(0.0);
+    let done = tokio::time::timeout(Duration::from_secs(15), agent.wait()).await;
+    let status = done
+        .expect("the agent did not finish its two turns")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let mut out = String::new();
+    agent
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .await
+        .unwrap();
+    let said: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("agent: saying"))
+        .collect();
+    assert_eq!(said.len(), 2, "{out}");
+    assert!(said[0].contains("You spoke for 1."), "{out}");
+    assert!(out.contains("agent: interrupted 1"), "{out}");
 }

@@ -1,7 +1,9 @@
 //! A real browser against the three real services on loopback: headless Chromium (Debian's,
-//! driven through chromedriver by scripts/browser_check.py) opens the gateway's page, its fake
-//! microphone plays a spoken sentence and then silence (looped), and the avatar talks back
-//! over WebRTC. Needs `chromium`, `chromium-driver` and selenium: `make test` installs them.
+//! driven through chromedriver by scripts/browser_check.py) opens the gateway's page. In
+//! mirror mode its fake microphone plays a spoken sentence and then silence (looped), and the
+//! avatar talks back over WebRTC; in agent mode the speech API makes the avatar say a
+//! sentence and an interrupt stops it. Needs `chromium`, `chromium-driver` and selenium:
+//! `make test` installs them.
 
 use framecast_compositor::demo::{self, DemoOptions};
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
@@ -23,11 +25,46 @@ fn out_dir() -> PathBuf {
     dir
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn chromium_sees_and_hears_the_avatar_talk() {
-    let python = std::env::var("FRAMECAST_REFERENCE_PYTHON").expect(
+/// One browser at a time: two would share two cores with three services each.
+static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The three services over a talking-demo avatar: what the tests drive the page against.
+struct Stack {
+    _tmp: tempfile::TempDir,
+    _servers: (
+        framecast_inference::server::Running,
+        framecast_compositor::server::Running,
+    ),
+    gateway: std::sync::Arc<framecast_gateway::Gateway>,
+    url: String,
+    /// The probe over the mouth: x,y,w,h in video pixels.
+    probe: String,
+}
+
+fn python() -> String {
+    std::env::var("FRAMECAST_REFERENCE_PYTHON").expect(
         "FRAMECAST_REFERENCE_PYTHON is not set: run through `make test`, or eval \"$(FRAMECAST_BROWSER=1 scripts/setup.sh)\" first (it installs chromium, chromium-driver and selenium)",
+    )
+}
+
+/// Runs scripts/browser_check.py with `args`; what the page saw.
+async fn browser_check(args: Vec<String>) -> (Value, Vec<u8>) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/browser_check.py");
+    let mut all = vec![script.display().to_string()];
+    all.extend(args);
+    let out = tokio::task::spawn_blocking(move || Command::new(python()).args(all).output())
+        .await
+        .unwrap()
+        .expect("running scripts/browser_check.py");
+    assert!(
+        out.status.success(),
+        "browser_check failed: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    (serde_json::from_slice(&out.stdout).unwrap(), out.stdout)
+}
+
+async fn stack() -> Stack {
     let tmp = tempfile::tempdir().unwrap();
     let models = tmp.path().join("models");
     let zoo_opts = ZooOptions {
@@ -57,8 +94,6 @@ async fn chromium_sees_and_hears_the_avatar_talk() {
     let compositor = framecast_e2e::spawn_compositor(&avatars, pool, 8, Default::default()).await;
     let (gateway, addr) =
         framecast_e2e::spawn_gateway(compositor.url(), GatewayOptions::default()).await;
-    let url = format!("http://{addr}");
-
     // The mouth: the middle of the face box's lower third.
     let probe = format!(
         "{},{},{},{}",
@@ -67,44 +102,199 @@ async fn chromium_sees_and_hears_the_avatar_talk() {
         face.w * 4 / 10,
         face.h * 2 / 10
     );
+    Stack {
+        _tmp: tmp,
+        _servers: (inference, compositor),
+        gateway,
+        url: format!("http://{addr}"),
+        probe,
+    }
+}
+
+/// The page hung up: the gateway forgets the session and holds nothing.
+async fn all_hung_up(s: &Stack) {
+    let open = framecast_e2e::stack::poll_until(
+        std::time::Duration::from_secs(10),
+        || async { s.gateway.open_sessions() },
+        |&n| n == 0,
+    )
+    .await;
+    assert_eq!(open, 0, "the session outlived the page's hang-up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chromium_sees_and_hears_the_avatar_talk() {
+    let _one = ONE_BROWSER.lock().await;
+    let s = stack().await;
     let screenshot = out_dir().join("page.png");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/browser_check.py");
     let args: Vec<String> = vec![
-        script.display().to_string(),
         "--url".into(),
-        url.clone(),
+        s.url.clone(),
         "--avatar".into(),
         "browser".into(),
         "--sentence".into(),
         "Hello there. I am the framecast avatar, and I speak as you listen.".into(),
         "--probe".into(),
-        probe,
+        s.probe.clone(),
         "--seconds".into(),
         WATCH_S.to_string(),
         "--screenshot".into(),
         screenshot.display().to_string(),
     ];
-    let out = tokio::task::spawn_blocking(move || Command::new(python).args(args).output())
-        .await
-        .unwrap()
-        .expect("running scripts/browser_check.py");
-    assert!(
-        out.status.success(),
-        "browser_check failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
-    std::fs::write(out_dir().join("result.json"), &out.stdout).unwrap();
+    let (seen, raw) = browser_check(args).await;
+    std::fs::write(out_dir().join("result.json"), &raw).unwrap();
     check(&seen);
+    all_hung_up(&s).await;
+}
 
-    // The page hung up: the gateway forgets the session and holds nothing.
-    let open = framecast_e2e::stack::poll_until(
-        std::time::Duration::from_secs(10),
-        || async { gateway.open_sessions() },
-        |&n| n == 0,
-    )
-    .await;
-    assert_eq!(open, 0, "the session outlived the page's hang-up");
+/// Agent mode in a real browser: the mouth is still while idle, moves while the speech API's
+/// sentence plays and is still again after the interrupt; the voice the page plays is near
+/// silent in idle, loud during the sentence and silent after the interrupt; the page's data
+/// channel gets the events in order with their frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chromium_shows_the_application_speaking_and_interrupted() {
+    let _one = ONE_BROWSER.lock().await;
+    let s = stack().await;
+    let args: Vec<String> = vec![
+        "--url".into(),
+        s.url.clone(),
+        "--avatar".into(),
+        "browser".into(),
+        "--agent".into(),
+        "Hello there. I am the framecast avatar, speaking for the application, and this sentence goes on for a while.".into(),
+        "--probe".into(),
+        s.probe.clone(),
+        "--idle-s".into(),
+        "3".into(),
+        "--interrupt-after".into(),
+        "2.5".into(),
+        "--seconds".into(),
+        "4".into(),
+        "--screenshot".into(),
+        out_dir().join("agent.png").display().to_string(),
+    ];
+    let (seen, raw) = browser_check(args).await;
+    std::fs::write(out_dir().join("agent.json"), &raw).unwrap();
+    check_agent(&seen);
+    all_hung_up(&s).await;
+}
+
+/// Pairs `(page ms, value)` from a JSON array.
+fn series(v: &Value) -> Vec<(f64, f64)> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_f64().unwrap(), p[1].as_f64().unwrap()))
+        .collect()
+}
+
+fn check_agent(seen: &Value) {
+    assert_eq!(seen["state"], "connected", "{:?}", seen["error"]);
+    assert_eq!(seen["say"][0], 202, "{}", seen["say"]);
+    assert_eq!(seen["interrupt"][0], 200, "{}", seen["interrupt"]);
+    let say = seen["say_ms"].as_f64().unwrap();
+    let cut = seen["interrupt_ms"].as_f64().unwrap();
+    let probe = series(&seen["probe"]);
+    let voice = series(&seen["voice"]);
+    let within = |s: &[(f64, f64)], a: f64, b: f64| -> Vec<f64> {
+        s.iter()
+            .filter(|p| p.0 >= a && p.0 < b)
+            .map(|p| p.1)
+            .collect()
+    };
+    let range = |v: &[f64]| {
+        v.iter().fold(f64::MIN, |a, &b| a.max(b)) - v.iter().fold(f64::MAX, |a, &b| a.min(b))
+    };
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    // Idle before the sentence: the mouth still, the voice near silent.
+    let idle = within(&probe, say - 2000.0, say);
+    assert!(
+        idle.len() >= 40 && range(&idle) <= 1.5,
+        "idle mouth moved: {:.1} over {}",
+        range(&idle),
+        idle.len()
+    );
+    let idle_voice = within(&voice, say - 2000.0, say);
+    assert!(
+        mean(&idle_voice) < 0.005,
+        "idle voice level {}",
+        mean(&idle_voice)
+    );
+    // Speaking (after the latency, before the interrupt): the mouth moves, the voice is loud.
+    let talking = within(&probe, say + 800.0, cut);
+    assert!(
+        range(&talking) > 8.0,
+        "the mouth did not move while speaking: {:.1}",
+        range(&talking)
+    );
+    let talking_voice = within(&voice, say + 800.0, cut);
+    assert!(
+        mean(&talking_voice) > 0.01,
+        "speaking voice level {}",
+        mean(&talking_voice)
+    );
+    // After the interrupt (one frame and the jitter margin, and the page's own buffers):
+    // still and silent.
+    let after = within(&probe, cut + 600.0, cut + 3500.0);
+    assert!(
+        after.len() >= 40 && range(&after) <= 1.5,
+        "the mouth moved after the interrupt: {:.1}",
+        range(&after)
+    );
+    let after_voice = within(&voice, cut + 600.0, cut + 3500.0);
+    assert!(
+        mean(&after_voice) < 0.005,
+        "voice after the interrupt: {}",
+        mean(&after_voice)
+    );
+    // The events, in order, with frames that agree.
+    let events: Vec<&Value> = seen["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e[1])
+        .collect();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    let at = |t: &str| {
+        types
+            .iter()
+            .position(|x| *x == t)
+            .unwrap_or_else(|| panic!("no {t} in {types:?}"))
+    };
+    assert!(at("utterance_queued") < at("utterance_started"));
+    assert!(at("utterance_started") < at("utterance_ended"));
+    assert!(at("utterance_ended") < at("idle"), "{types:?}");
+    let (started, ended) = (
+        events[at("utterance_started")],
+        events[at("utterance_ended")],
+    );
+    assert_eq!(ended["interrupted"], true);
+    let frames = ended["frames"].as_u64().unwrap();
+    let shown_ms = ended["unix_ms"].as_u64().unwrap() - started["unix_ms"].as_u64().unwrap();
+    assert!(frames > 25 && frames < 120, "{frames} frames shown");
+    assert!(
+        (shown_ms as f64 - frames as f64 * 40.0).abs() < 400.0,
+        "{frames} frames in {shown_ms} ms"
+    );
+    // Figures for docs/performance.md.
+    let first_move = probe
+        .iter()
+        .find(|p| p.0 > say && (p.1 - idle[idle.len() - 1]).abs() > 4.0)
+        .map(|p| p.0 - say);
+    let still = probe
+        .iter()
+        .rev()
+        .take_while(|p| p.0 > cut && (p.1 - after[after.len() - 1]).abs() <= 1.5)
+        .last()
+        .map(|p| p.0 - cut);
+    let silent = voice
+        .iter()
+        .rev()
+        .find(|p| p.0 > cut && p.1 > 0.005)
+        .map(|p| p.0 - cut);
+    eprintln!(
+        "agent in Chromium: speech call to first mouth move {first_move:?} ms, interrupt to a still mouth {still:?} ms, to silence {silent:?} ms"
+    );
 }
 
 fn check(seen: &Value) {

@@ -372,11 +372,16 @@ pub async fn microphone(
     State(gw): State<Arc<Gateway>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
+    // Who asks and for what first: a stranger learns nothing from the upgrade's checks.
     let s = match session(&gw, &headers, &id, true) {
         Ok(s) => s,
         Err(r) => return refused(r),
+    };
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(e) => return e.into_response(),
     };
     let Some(slot) = s.microphone else {
         return refuse(StatusCode::CONFLICT, "the session has no microphone");

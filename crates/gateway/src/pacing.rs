@@ -57,8 +57,10 @@ pub struct Pacer {
     /// (index, I420 image, idle).
     frames: VecDeque<(u64, Bytes, bool)>,
     voice: VecDeque<Voice>,
-    /// Frames before this one come from before an interrupt: they are not played.
+    /// Talking frames before this one come from speech an interrupt cut: not played.
     cut_at: u64,
+    /// The next frame to arrive after an interrupt sets the clock: it plays at once.
+    resync: bool,
 }
 
 impl Pacer {
@@ -70,15 +72,23 @@ impl Pacer {
             frames: VecDeque::new(),
             voice: VecDeque::new(),
             cut_at: 0,
+            resync: false,
         }
     }
 
     /// A frame from the compositor (`idle`: the background, no speech in it); returns how
     /// many frames were dropped to make room.
     pub fn push_frame(&mut self, now: Instant, index: u64, image: Bytes, idle: bool) -> u64 {
-        if index < self.cut_at {
-            // From before an interrupt, still on its way: its moment has been skipped.
+        if !idle && index < self.cut_at {
+            // Talking, of speech an interrupt cut: still on its way, never shown.
             return 0;
+        }
+        if std::mem::take(&mut self.resync) {
+            // The first frame since the interrupt plays now, and the clock follows it.
+            if let Some((_, f0)) = self.base {
+                let back = self.period.mul_f64(index.saturating_sub(f0) as f64);
+                self.base = Some((now.checked_sub(back).unwrap_or(now), f0));
+            }
         }
         let (t0, f0) = *self.base.get_or_insert((now + self.jitter, index));
         let slot = self.slot(index).unwrap_or(t0);
@@ -98,21 +108,28 @@ impl Pacer {
         dropped
     }
 
-    /// An interrupt at frame `frame` (the first the cut speech does not reach): the voice
-    /// waiting goes (the speech it carries was cut) and so do the frames before `frame`,
-    /// held or still to come, and the clock moves so that `frame` plays one period from
-    /// `now` instead of after the frames that went: the silence and the closed mouth
-    /// follow at once, voice and frames still together (the picture holds its last frame
-    /// meanwhile). Returns how many frames went.
-    pub fn cut(&mut self, frame: u64, now: Instant) -> u64 {
-        self.voice.clear();
+    /// An interrupt: `frame` is the first the cut speech does not reach. The voice waiting
+    /// becomes `silence` (an Opus packet of it: the speech it carried was cut, and the
+    /// track goes on without a gap, so the browser's decoder has nothing to conceal), and
+    /// the talking frames before `frame` go,
+    /// held or still to come; the idle ones stay (the compositor renders what it had not yet
+    /// of the cut speech as silence: the mouth closed). The clock then restarts from the
+    /// first idle frame, played at once instead of after the frames that went: the closed
+    /// mouth and the silence follow within a frame of their arrival, voice and frames still
+    /// together (the picture holds its last frame meanwhile). Returns how many frames went.
+    pub fn cut(&mut self, frame: u64, now: Instant, silence: &std::sync::Arc<[u8]>) -> u64 {
+        for v in &mut self.voice {
+            v.payload = silence.clone();
+        }
         self.cut_at = self.cut_at.max(frame);
         let before = self.frames.len();
-        self.frames.retain(|(i, _, _)| *i >= frame);
-        if let (Some((t0, f0)), Some(slot)) = (self.base, self.slot(frame)) {
-            if let Some(early) = slot.checked_duration_since(now + self.period) {
-                self.base = Some((t0.checked_sub(early).unwrap_or(t0), f0));
+        self.frames.retain(|(i, _, idle)| *idle || *i >= frame);
+        match (self.frames.front(), self.base) {
+            (Some(&(first, _, _)), Some((_, f0))) => {
+                let back = self.period.mul_f64(first.saturating_sub(f0) as f64);
+                self.base = Some((now.checked_sub(back).unwrap_or(now), f0));
             }
+            _ => self.resync = true,
         }
         (before - self.frames.len()) as u64
     }
@@ -175,6 +192,10 @@ impl Pacer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn silent() -> std::sync::Arc<[u8]> {
+        std::sync::Arc::from(&[0u8][..])
+    }
 
     fn voice(at: f64) -> Voice {
         Voice {
@@ -285,16 +306,38 @@ mod tests {
             p.push_frame(t, f, Bytes::new(), f == 3);
             p.push_voice(voice(f as f64 * 0.04));
         }
-        assert_eq!(p.cut(5, t), 5, "frames 0 to 4 come before frame 5");
-        assert_eq!(p.frames.len(), 1);
-        assert!(p.voice.is_empty());
         assert_eq!(
-            p.push_frame(t, 4, Bytes::new(), true),
-            0,
-            "late from before the cut"
+            p.cut(5, t, &silent()),
+            4,
+            "frames 0, 1, 2 and 4 talk before frame 5"
         );
-        assert_eq!(p.frames.len(), 1);
-        // Frame 5 was due at 100 + 5 * 40 ms: it now plays one period after the cut.
-        assert_eq!(p.next(), Some(t + Duration::from_millis(40)));
+        assert!(
+            p.voice.iter().all(|v| v.payload[..] == [0u8][..]),
+            "the voice went silent"
+        );
+        let left: Vec<u64> = p.frames.iter().map(|(i, _, _)| *i).collect();
+        assert_eq!(left, [3, 5]);
+        // The idle frame 3 (due at 100 + 3 * 40 ms) plays at once, frame 5 two periods on.
+        let d = p.due(t);
+        assert_eq!(d.frame.map(|f| f.0), Some(3));
+        assert!(d.voice.iter().all(|v| v.payload[..] == [0u8][..]));
+        let late = p.push_frame(t, 4, Bytes::new(), false);
+        assert_eq!(
+            (late, p.frames.len()),
+            (0, 1),
+            "talking, from before the cut"
+        );
+        // With nothing held, the next frame to come sets the clock.
+        let mut q = Pacer::new(25.0, Duration::from_millis(100));
+        q.push_frame(t, 0, Bytes::new(), false);
+        let _ = q.due(t + Duration::from_millis(100));
+        q.cut(10, t + Duration::from_millis(150), &silent());
+        let later = t + Duration::from_millis(230);
+        q.push_frame(later, 7, Bytes::new(), true);
+        assert_eq!(
+            q.next(),
+            Some(later),
+            "the first idle frame plays on arrival"
+        );
     }
 }

@@ -652,8 +652,12 @@ impl Worker {
                     payload,
                 }),
                 ToThread::Mark { frame, event } => agent.marks.push((frame, event)),
-                ToThread::Cut { frame, interrupted } => {
-                    self.pacer.cut(frame, Instant::now());
+                ToThread::Cut {
+                    frame,
+                    interrupted,
+                    silence,
+                } => {
+                    self.pacer.cut(frame, Instant::now(), &silence);
                     let shown = self.last_sent;
                     if let Some(id) = interrupted {
                         // Its marks go (it will not start or end as planned).

@@ -47,10 +47,12 @@ pub enum ToThread {
     /// Report `event` when frame `frame` leaves (what the person then sees).
     Mark { frame: u64, event: Event },
     /// An interrupt at frame `frame`: drop the talking frames before it not yet sent, and
-    /// the voice held; report the utterance that was playing as interrupted.
+    /// make the voice held `silence` (an Opus packet of 20 ms of it); report the utterance
+    /// that was playing as interrupted.
     Cut {
         frame: u64,
         interrupted: Option<String>,
+        silence: std::sync::Arc<[u8]>,
     },
 }
 
@@ -132,14 +134,20 @@ pub struct Outputs {
 /// Starts the speaker of a session at `fps` holding at most `max_queue` utterances
 /// waiting; it runs until the thread's or the compositor's end of its channels goes.
 pub fn start(fps: f64, max_queue: usize, out: Outputs) -> Result<Speaker, String> {
-    let encoder = opus::Encoder::new(RATE, opus::Channels::Mono, opus::Application::Voip)
+    let mut encoder = opus::Encoder::new(RATE, opus::Channels::Mono, opus::Application::Voip)
         .map_err(|e| format!("opus encoder: {e}"))?;
+    let mut packet = [0u8; 400];
+    let n = encoder
+        .encode(&[0i16; SAMPLES], &mut packet)
+        .map_err(|e| format!("opus encoder: {e}"))?;
+    let silence: std::sync::Arc<[u8]> = std::sync::Arc::from(&packet[..n]);
     let (tx, rx) = mpsc::channel(16);
     let state = State {
         fps,
         max_queue,
         out,
         encoder,
+        silence,
         queue: VecDeque::new(),
         playing: None,
         packet: 0,
@@ -153,6 +161,8 @@ struct State {
     max_queue: usize,
     out: Outputs,
     encoder: opus::Encoder,
+    /// 20 ms of silence, encoded.
+    silence: std::sync::Arc<[u8]>,
     queue: VecDeque<Utterance>,
     playing: Option<Playing>,
     /// Packets sent so far: packet `n` is moment `n * 20 ms`.
@@ -226,11 +236,15 @@ impl State {
             });
         }
         if dropped > 0 {
+            // The encoder's look-ahead holds the cut speech's last milliseconds: they must
+            // not lead the silence.
+            let _ = self.encoder.reset_state();
             let _ = self.out.compositor.try_send(ToCompositor::Cancel);
             let frame = self.frame_now();
             let _ = self.out.thread.try_send(ToThread::Cut {
                 frame,
                 interrupted: playing,
+                silence: self.silence.clone(),
             });
             self.mark(frame, Event::Idle { frame: None });
         }
