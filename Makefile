@@ -4,7 +4,7 @@ ENV = eval "$$(scripts/setup.sh)"
 # The tests also drive a real browser: chromium and chromium-driver come with them.
 TEST_ENV = eval "$$(FRAMECAST_BROWSER=1 scripts/setup.sh)"
 
-.PHONY: demo browser-demo bench-browser test validate-deploy setup build build-cuda gpu-check lint fmt bench bench-network compare soak fuzz clean
+.PHONY: demo browser-demo bench-browser bench-agent test validate-deploy setup build build-cuda gpu-check lint fmt bench bench-network compare soak fuzz clean
 
 ## Render the demo avatar end to end; output in out/demo.
 demo:
@@ -41,6 +41,11 @@ compare:
 ## (results in out/bench-browser/).
 bench-browser:
 	scripts/bench-browser.sh
+
+## Agent sessions in headless Chromium: speech call to the moving mouth, interrupt to a still
+## mouth and silence, CPU idle against speaking, a long session's sync (out/bench-agent/).
+bench-agent:
+	scripts/bench-agent.sh
 
 ## Real-time sessions against both services for a bounded time: errors, lost frames, RSS
 ## growth (SOAK_SESSIONS, SOAK_SECONDS; results in out/soak/).

@@ -27,6 +27,7 @@ events of its data channel, and when (in page time) each call was made:
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -113,6 +114,30 @@ def now_ms(driver):
     return driver.execute_script("return performance.now()")
 
 
+def playout(driver):
+    """[page ms, seconds of playout delay in all, samples played] from the browser's
+    media-playout statistics: how long the voice takes from its jitter buffer to the audio
+    device, the part of the voice's delay the page's clocks do not see (None if absent)."""
+    return driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        pc.getStats().then((r) => {
+          for (const s of r.values()) {
+            if (s.type === "media-playout") {
+              return done([performance.now(), s.totalPlayoutDelay, s.totalSamplesCount]);
+            }
+          }
+          done(null);
+        }).catch(() => done(null));""")
+
+
+def playout_ms(samples, t0, t1):
+    """The mean playout delay (ms) of the voice played over [t0, t1), from `playout` samples."""
+    inside = [s for s in samples if s and t0 <= s[0] <= t1]
+    if len(inside) < 2 or inside[-1][2] == inside[0][2]:
+        return None
+    return round((inside[-1][1] - inside[0][1]) / (inside[-1][2] - inside[0][2]) * 1000, 1)
+
+
 def agent(driver, args, scratch):
     """The agent run: idle, then the sentence through the speech API (and the interrupt)."""
     page = f"{args.url}/?avatar={args.avatar}&mode=agent&autostart=1&probe={args.probe}"
@@ -150,6 +175,174 @@ def agent(driver, args, scratch):
     return fc
 
 
+def cpu_s(pids):
+    """CPU seconds (user + system) each process has used so far."""
+    tck = os.sysconf("SC_CLK_TCK")
+    out = []
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        out.append((int(fields[11]) + int(fields[12])) / tck)
+    return out
+
+
+def first_after(series, t, test):
+    return next((pt for (pt, v) in series if pt > t and test(v)), None)
+
+
+def settled_after(series, t, test, span_ms=400):
+    """The first time after t from which every value for span_ms passes test."""
+    points = [(pt, v) for (pt, v) in series if pt > t]
+    for i, (pt, _) in enumerate(points):
+        window = [v for (qt, v) in points[i:] if qt <= pt + span_ms]
+        if window and all(test(v) for v in window) and points[-1][0] >= pt + span_ms:
+            return pt
+    return None
+
+
+def clock_offset_ms(video, voice, t0, t1):
+    """Lips-to-voice offset over [t0, t1), ms (+: the frames of a moment shown after its
+    voice is played): from the RTP clocks of both tracks where the page plays them (the
+    gateway stamps them from one session clock), median of each track's (page time - media
+    time). None without samples."""
+    def lag(series, hz):
+        if not series:
+            return None
+        base, prev, wraps, out = series[0][1], series[0][1], 0, []
+        for (t, rtp, *_) in series:
+            if rtp < prev - (1 << 31):
+                wraps += 1
+            prev = rtp
+            if t0 <= t < t1:
+                out.append(t - (rtp + (wraps << 32)) * 1000.0 / hz)
+        out.sort()
+        return out[len(out) // 2] if out else None
+    v, a = lag(video, 90000), lag(voice, 48000)
+    return None if v is None or a is None else round(v - a, 1)
+
+
+def content_lag_ms(probe, voice, t0, t1):
+    """The lag (ms, +: the mouth after the voice) that best lines up the mouth's luma with the
+    voice's level where the page plays it: the transport's offset plus the model's own (a
+    Wav2Lip-style window of the 200 ms from a frame's time opens the mouth early)."""
+    grid = [t0 + 10 * i for i in range(int((t1 - t0) / 10))]
+    def sample(series):
+        out, j = [], 0
+        for t in grid:
+            while j + 1 < len(series) and series[j + 1][0] <= t:
+                j += 1
+            out.append(series[j][1] if series else 0.0)
+        return out
+    a, b = sample(voice), sample(probe)
+    def norm(x):
+        m = sum(x) / len(x)
+        d = [v - m for v in x]
+        n = math.sqrt(sum(v * v for v in d)) or 1.0
+        return [v / n for v in d]
+    a, b = norm(a), norm(b)
+    best = max(range(-30, 31), key=lambda k: abs(sum(a[i] * b[i + k] for i in range(max(0, -k), min(len(a), len(b) - k)))))
+    return best * 10
+
+
+def bench(driver, args, scratch):
+    """Agent-session figures: speech call to the first moving mouth (audio and text),
+    interrupt to a still mouth and a silent voice, CPU idle against speaking, and a long
+    session's lips-to-voice offset at its start and its end and its frames lost."""
+    page = f"{args.url}/?avatar={args.avatar}&mode=agent&autostart=1&probe={args.probe}"
+    run(driver, args, page)
+    time.sleep(2)
+    session = args.url + driver.execute_script("return window.framecast.session")
+    spoken = os.path.join(scratch, "spoken.wav")
+    subprocess.run(["espeak-ng", "-w", spoken, args.bench], check=True)
+    with open(spoken, "rb") as f:
+        wav = f.read()
+    fc = lambda what: driver.execute_script(f"return window.framecast.{what}")
+    idle_luma = lambda: fc("probeLuma")[-1][1]
+    results = {"audio_to_mouth_ms": [], "text_to_mouth_ms": [], "interrupt_to_still_ms": [],
+               "interrupt_to_silence_ms": []}
+    t_first = now_ms(driver)
+    plays = [playout(driver)]
+    for cycle in range(args.cycles):
+        text = cycle % 2 == 1
+        still = idle_luma()
+        t = now_ms(driver)
+        if text:
+            post(session + "/speech", args.bench.encode(), "text/plain", args.token)
+        else:
+            post(session + "/speech", wav, "audio/wav", args.token)
+        time.sleep(1.5)
+        moved = first_after(fc("probeLuma"), t, lambda v: abs(v - still) > 4)
+        key = "text_to_mouth_ms" if text else "audio_to_mouth_ms"
+        if moved is not None:
+            results[key].append(moved - t)
+        cut = now_ms(driver)
+        post(session + "/interrupt", b"", "text/plain", args.token)
+        time.sleep(1.5)
+        s = settled_after(fc("probeLuma"), cut, lambda v: abs(v - still) <= 1.5)
+        q = settled_after(fc("voiceLevels"), cut, lambda v: v < 0.005)
+        if s is not None:
+            results["interrupt_to_still_ms"].append(s - cut)
+        if q is not None:
+            results["interrupt_to_silence_ms"].append(q - cut)
+        time.sleep(0.5)
+        plays.append(playout(driver))
+    # CPU of the services, idle and speaking, over the same span each.
+    pids = args.cpu_pids
+    if pids:
+        c0 = cpu_s(pids)
+        time.sleep(args.cpu_s)
+        c1 = cpu_s(pids)
+        plays.append(playout(driver))
+        for _ in range(int(args.cpu_s // 3) + 2):
+            post(session + "/speech", wav, "audio/wav", args.token)
+        c2 = cpu_s(pids)
+        time.sleep(args.cpu_s)
+        c3 = cpu_s(pids)
+        plays.append(playout(driver))
+        post(session + "/interrupt", b"", "text/plain", args.token)
+        results["cpu_idle_s"] = [b - a for a, b in zip(c0, c1)]
+        results["cpu_speaking_s"] = [b - a for a, b in zip(c2, c3)]
+        results["cpu_span_s"] = args.cpu_s
+    # A long session: the sentence again and again; the offset at its start and its end.
+    if args.long_s:
+        t_start = now_ms(driver)
+        deadline = time.time() + args.long_s
+        while time.time() < deadline:
+            post(session + "/speech", wav, "audio/wav", args.token)
+            time.sleep(4)
+            plays.append(playout(driver))
+        t_end = now_ms(driver)
+        probe, voice = fc("probeLuma"), fc("voiceLevels")
+        video_clock, voice_clock = fc("videoClock"), fc("voiceClock")
+        start, end = (t_start + 2000, t_start + 22000), (t_end - 22000, t_end - 2000)
+        results["offset_start_ms"] = clock_offset_ms(video_clock, voice_clock, *start)
+        results["offset_end_ms"] = clock_offset_ms(video_clock, voice_clock, *end)
+        results["playout_start_ms"] = playout_ms(plays, *start)
+        results["playout_end_ms"] = playout_ms(plays, *end)
+        results["content_lag_start_ms"] = content_lag_ms(probe, voice, *start)
+        results["content_lag_end_ms"] = content_lag_ms(probe, voice, *end)
+        results["long_s"] = args.long_s
+    # The offset through the session, 10 s at a time (the cycles, the CPU spans, the long
+    # session): [seconds from the first cycle, ms].
+    video_clock, voice_clock = fc("videoClock"), fc("voiceClock")
+    end = now_ms(driver)
+    def held_ms(t0, t1):
+        """The browser's own time for the frames shown in [t0, t1): received to shown, median."""
+        v = sorted(p - r for (p, _, r) in video_clock if t0 <= p < t1 and r)
+        return round(v[len(v) // 2], 1) if v else None
+    plays.append(playout(driver))
+    results["offset_timeline"] = [
+        [round((t - t_first) / 1000), clock_offset_ms(video_clock, voice_clock, t, t + 10000),
+         held_ms(t, t + 10000), playout_ms(plays, t - 5000, t + 15000)]
+        for t in range(int(t_first), int(end) - 10000, 10000)
+    ]
+    results["gateway"] = driver.execute_script(
+        "return fetch(window.framecast.session).then(r => r.json())"
+    )
+    driver.execute_script("return hangup()")
+    return results
+
+
 def mouth_latencies(onsets, probe):
     """Per speech onset in the voice sent: ms until the mouth first moves on screen (its
     luma leaves the still value it had just before the onset by more than 4). Onsets before
@@ -181,6 +374,11 @@ def main():
     voice.add_argument("--wav", help="what the fake microphone plays (looped)")
     voice.add_argument("--sentence", help="speak this, then 3 s of silence (looped)")
     voice.add_argument("--agent", help="an agent session: the speech API says this")
+    voice.add_argument("--bench", help="agent-session figures, saying this sentence")
+    p.add_argument("--cycles", type=int, default=10, help="bench: say/interrupt cycles")
+    p.add_argument("--cpu-pids", type=int, nargs="*", default=[], help="bench: processes to time")
+    p.add_argument("--cpu-s", type=float, default=20, help="bench: seconds idle, then speaking")
+    p.add_argument("--long-s", type=float, default=0, help="bench: a long session's seconds")
     p.add_argument("--idle-s", type=float, default=2, help="agent: idle before speaking")
     p.add_argument("--interrupt-after", type=float, help="agent: interrupt after S seconds")
     p.add_argument("--token", help="agent: the gateway's --api-token")
@@ -194,10 +392,11 @@ def main():
     wav, speech_s = (args.wav, None)
     if args.sentence:
         wav, speech_s = speech_wav(args.sentence, scratch.name)
-    if args.agent:
+    if args.agent or args.bench:
         driver = browser(silence_wav(scratch.name))
         try:
-            json.dump(agent(driver, args, scratch.name), sys.stdout)
+            run_it = agent if args.agent else bench
+            json.dump(run_it(driver, args, scratch.name), sys.stdout)
         finally:
             driver.quit()
         return

@@ -162,7 +162,15 @@ fn main() {
             b.iter(|| render::compose(&a, 1, crop(1), jpeg(q + 1)).expect("compose"))
         });
         g.bench_function("idle", |b| {
-            b.iter(|| render::idle(&a, 1, jpeg(q)).expect("idle"))
+            b.iter(|| render::idle(&a, 1, jpeg(q), None).expect("idle"))
+        });
+        // A raw idle frame made from the prepared JPEG each time, and kept.
+        g.bench_function("idle_i420", |b| {
+            b.iter(|| render::idle(&a, 1, render::Output::I420, None).expect("idle"))
+        });
+        let kept = framecast_compositor::idle_frames::IdleBudget::new(1 << 30, None);
+        g.bench_function("idle_i420_kept", |b| {
+            b.iter(|| render::idle(&a, 1, render::Output::I420, Some(&kept)).expect("idle"))
         });
         g.bench_function("encode", |b| {
             b.iter(|| {

@@ -38,6 +38,8 @@ pub struct Avatar {
     /// A fingerprint of the bundle's sources ([`prepared::fingerprint`]): equal fingerprints,
     /// equal frames and face inputs.
     pub fingerprint: u64,
+    /// Idle frames as raw I420, made once for the sessions that take raw frames.
+    pub idle_raw: crate::idle_frames::IdleFrames,
 }
 
 /// Where an avatar's prepared frames came from.
@@ -185,6 +187,7 @@ impl Bundle {
             load_time: started.elapsed(),
             source,
             fingerprint,
+            idle_raw: Default::default(),
         })
     }
 }

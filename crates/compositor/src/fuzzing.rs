@@ -88,7 +88,7 @@ pub fn prepared_file(data: &[u8]) {
         subsampling: avatar.params.subsampling,
     };
     for bg in 0..avatar.frames.len() {
-        if let Ok(raw) = idle(&avatar, bg, Output::I420) {
+        if let Ok(raw) = idle(&avatar, bg, Output::I420, None) {
             assert!(!raw.image.is_empty());
         }
         let spliced = compose(&avatar, bg, Crop::I420(&face), jpeg).expect("a face splices");

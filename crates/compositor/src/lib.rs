@@ -16,6 +16,7 @@ pub mod error;
 pub mod face_contract;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod idle_frames;
 pub mod inference;
 pub mod manifest;
 pub mod mask;

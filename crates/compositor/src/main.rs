@@ -173,6 +173,11 @@ struct ServeArgs {
     /// is below this; 0 turns idle frames off.
     #[arg(long, env = "FRAMECAST_IDLE_LOUDNESS", default_value_t = RenderOptions::default().idle_loudness, value_parser = parse_unit)]
     idle_loudness: f32,
+    /// MiB of idle frames kept as raw I420 for all avatars (sessions that take raw frames,
+    /// as a WebRTC gateway does, are sent them between utterances): a kept frame costs no
+    /// decode; 0 keeps none. About 1.4 MiB a 720p frame.
+    #[arg(long, env = "FRAMECAST_IDLE_FRAME_CACHE_MIB", default_value_t = framecast_compositor::render::DEFAULT_IDLE_FRAME_CACHE_MIB)]
+    idle_frame_cache_mib: u64,
     /// On SIGTERM: stop accepting, let each stream finish the request it is rendering for at
     /// most this many seconds, then exit.
     #[arg(long, env = "FRAMECAST_SHUTDOWN_GRACE_S", default_value_t = ServeOptions::default().grace.as_secs())]
@@ -379,6 +384,10 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_audio_ahead: Duration::from_secs(args.max_audio_ahead_s),
         encoder_batch_wait: Duration::from_millis(args.encoder_batch_wait_ms),
         idle_loudness: args.idle_loudness,
+        idle_budget: framecast_compositor::idle_frames::IdleBudget::new(
+            args.idle_frame_cache_mib.saturating_mul(1 << 20),
+            Some(metrics.idle_frame_cache_bytes.clone()),
+        ),
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub avatar_evictions: IntCounter,
     pub avatar_bytes: IntGauge,
     pub avatar_budget_bytes: IntGauge,
+    /// Bytes of idle frames kept as raw I420 ([`crate::idle_frames`]).
+    pub idle_frame_cache_bytes: IntGauge,
     pub avatar_load_seconds: Histogram,
     /// Inference replicas in the pool by `health` (`healthy`, `unhealthy`), as of the last
     /// health check.
@@ -121,6 +123,11 @@ impl Metrics {
                 "RAM budget for avatars (0: unlimited)",
             )
             .expect("valid metric"),
+            idle_frame_cache_bytes: IntGauge::new(
+                "idle_frame_cache_bytes",
+                "Bytes of idle frames kept as raw I420 for sessions that take raw frames (--idle-frame-cache-mib)",
+            )
+            .expect("valid metric"),
             avatar_load_seconds: histogram(
                 "avatar_load_seconds",
                 "Avatar decode and preparation time",
@@ -164,6 +171,7 @@ impl Metrics {
             Box::new(m.avatar_evictions.clone()),
             Box::new(m.avatar_bytes.clone()),
             Box::new(m.avatar_budget_bytes.clone()),
+            Box::new(m.idle_frame_cache_bytes.clone()),
             Box::new(m.avatar_load_seconds.clone()),
             Box::new(m.inference_replicas.clone()),
             Box::new(m.encoder_batch_sessions.clone()),

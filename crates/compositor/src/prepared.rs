@@ -263,7 +263,7 @@ fn checksum<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u32 {
 }
 
 /// Writes into a whole prepared file's image the checksum of what follows it (the file as
-/// [`write`] leaves it; tests and the fuzz target seal what they tamper with, to reach the
+/// [`write()`] leaves it; tests and the fuzz target seal what they tamper with, to reach the
 /// checks behind the checksum).
 pub fn seal(file: &mut [u8]) {
     if file.len() >= FIXED {

@@ -351,6 +351,16 @@ impl EventLog {
     fn find(&self, kind: &str) -> Option<serde_json::Value> {
         self.0.lock().iter().find(|v| v["type"] == kind).cloned()
     }
+
+    /// Every event of type `kind`, in order.
+    fn all(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.0
+            .lock()
+            .iter()
+            .filter(|v| v["type"] == kind)
+            .cloned()
+            .collect()
+    }
 }
 
 /// Waits up to `within` for `done` to hold.
@@ -576,13 +586,7 @@ async fn an_interrupt_silences_the_voice_and_clears_the_queue() {
             "the voice track stopped: {heard_after} packets in 1.2 s"
         );
     }
-    let ended: Vec<serde_json::Value> = events
-        .0
-        .lock()
-        .iter()
-        .filter(|v| v["type"] == "utterance_ended")
-        .cloned()
-        .collect();
+    let ended = events.all("utterance_ended");
     assert_eq!(ended.len(), 2, "{ended:?}");
     assert!(ended.iter().all(|e| e["interrupted"] == true));
     // Still serving.
@@ -593,16 +597,46 @@ async fn an_interrupt_silences_the_voice_and_clears_the_queue() {
         202
     );
     assert!(
-        until(Duration::from_secs(5), || {
-            events
-                .0
-                .lock()
-                .iter()
-                .filter(|v| v["type"] == "utterance_ended")
-                .count()
-                == 3
-        })
+        until(Duration::from_secs(5), || events
+            .all("utterance_ended")
+            .len()
+            == 3)
         .await
+    );
+    // `?interrupt=true` replaces what plays: a long 440 Hz utterance, cut by a 660 Hz one
+    // that plays at once (position 0), the first reported interrupted.
+    assert_eq!(
+        say_wav(f.addr, &peer.session, &tone_wav(440.0, 4.0), "")
+            .await
+            .0,
+        202
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (status, body) = say_wav(
+        f.addr,
+        &peer.session,
+        &tone_wav(660.0, 1.5),
+        "?interrupt=true",
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert!(body.contains("\"position\":0"), "{body}");
+    let replaced = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, _, at660) = heard(
+        &peer.seen(),
+        replaced + Duration::from_millis(400),
+        replaced + Duration::from_millis(1400),
+        660.0,
+    );
+    assert!(
+        at660 > 0.8,
+        "after ?interrupt=true, {at660} of the voice at 660 Hz"
+    );
+    let ended = events.all("utterance_ended");
+    assert!(
+        ended.len() >= 4 && ended[3]["interrupted"] == true,
+        "{ended:?}"
     );
 }
 

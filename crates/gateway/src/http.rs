@@ -543,7 +543,7 @@ fn answer(
     let mut sessions = gw.sessions.lock();
     sessions.insert(id.clone(), (session, place));
     gw.metrics.sessions.set(sessions.len() as i64);
-    Ok((id, answer.to_sdp_string()))
+    Ok((id, crate::answer::one_stream(&answer.to_sdp_string())))
 }
 
 /// A UDP socket for one session: on a port of `--udp-ports`, or any.

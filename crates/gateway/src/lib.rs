@@ -7,6 +7,7 @@
 //! Each session runs its WebRTC connection (str0m, sans-IO) on an OS thread with a UDP port of
 //! its own ([`session`]); the HTTP side ([`http`]) only creates, lists and ends sessions.
 
+pub mod answer;
 pub mod api;
 pub mod audio_in;
 pub mod events;
@@ -39,7 +40,14 @@ pub fn connect(
     tls: Option<&ClientTls>,
     token: Option<&str>,
 ) -> anyhow::Result<Compositor> {
-    let channel = framecast_telemetry::tls::endpoint(url, tls, "compositor-tls")?.connect_lazy();
+    let channel = framecast_telemetry::tls::endpoint(url, tls, "compositor-tls")?
+        // A 720p raw frame is 1.4 MB: windows of a few frames and 1 MiB DATA frames, not the
+        // 64 KiB window and 16 KiB frames of the defaults (a window update every 64 KiB).
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(64 << 20))
+        .max_frame_size(1u32 << 20)
+        .tcp_nodelay(true)
+        .connect_lazy();
     let auth =
         AddToken::new(token).map_err(|e| anyhow::anyhow!("compositor-token: {}", e.message()))?;
     Ok(CompositorClient::with_interceptor(channel, auth)

@@ -141,14 +141,16 @@ impl Pacer {
         }
     }
 
-    /// When frame `index` plays.
-    fn slot(&self, index: u64) -> Option<Instant> {
+    /// When frame `index` plays. Sent with this time as its wall clock (not the moment the
+    /// thread got to it), the RTCP sender reports of both tracks map their RTP clocks to one
+    /// wall clock exactly, and the browser's lip sync lines them up from those.
+    pub fn slot(&self, index: u64) -> Option<Instant> {
         let (t0, f0) = self.base?;
         Some(t0 + self.period.mul_f64(index.saturating_sub(f0) as f64))
     }
 
     /// When the voice `at` seconds into the session plays.
-    fn voice_slot(&self, at: f64) -> Option<Instant> {
+    pub fn voice_slot(&self, at: f64) -> Option<Instant> {
         let (t0, f0) = self.base?;
         let offset = at - f0 as f64 * self.period.as_secs_f64();
         Some(if offset >= 0.0 {

@@ -760,8 +760,9 @@ impl Worker {
                     break;
                 };
                 let time = MediaTime::new(v.rtp_time, Frequency::FORTY_EIGHT_KHZ);
+                let wallclock = self.pacer.voice_slot(v.at).unwrap_or(now).min(now);
                 let started = Instant::now();
-                if writer.write(pt, now, time, v.payload).is_ok() {
+                if writer.write(pt, wallclock, time, v.payload).is_ok() {
                     self.stats.voice_packets_out.fetch_add(1, Ordering::Relaxed);
                 }
                 self.stats
@@ -799,9 +800,10 @@ impl Worker {
             (index as f64 * 90_000.0 / self.config.fps) as u64,
             Frequency::NINETY_KHZ,
         );
+        let wallclock = self.pacer.slot(index).unwrap_or(now).min(now);
         let started = Instant::now();
         writer
-            .write(pt, now, time, au)
+            .write(pt, wallclock, time, au)
             .map_err(|e| format!("video write: {e}"))?;
         self.stats
             .packetize_us_total

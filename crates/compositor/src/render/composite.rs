@@ -16,6 +16,7 @@
 use crate::avatar::Avatar;
 use crate::blend::{self, BlendScratch, BoxMask};
 use crate::encode::{self, Subsampling};
+use crate::idle_frames::IdleBudget;
 use crate::manifest::FaceBox;
 use crate::planes::{self, CropPlanes, Planes};
 use crate::prepared::Pixels;
@@ -24,6 +25,7 @@ use crate::segments;
 use bytes::Bytes;
 use framecast_proto::i420;
 use std::cell::RefCell;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Per rayon thread: blend buffers, the region being composited, a converted crop and the
@@ -183,14 +185,23 @@ pub fn compose(
 }
 
 /// An idle frame (no speech, so no face to paste): the prepared JPEG itself when the settings
-/// match, with no encode at all; otherwise the background made whole into `output`.
-pub fn idle(avatar: &Avatar, background: usize, output: Output) -> Result<Composed, String> {
+/// match, with no encode at all; otherwise the background made whole into `output`, raw
+/// frames kept under `budget` for the next time ([`crate::idle_frames`]).
+pub fn idle(
+    avatar: &Avatar,
+    background: usize,
+    output: Output,
+    budget: Option<&Arc<IdleBudget>>,
+) -> Result<Composed, String> {
     let t = Instant::now();
     let frame = &avatar.frames[background];
+    let make = || whole(avatar, background, frame.pixels.view(), output);
     let image = if splices(avatar, output) {
         frame.jpeg.clone()
+    } else if let (Output::I420, Some(budget)) = (output, budget) {
+        avatar.idle_raw.get_or_make(background, budget, make)?
     } else {
-        Bytes::from(whole(avatar, background, frame.pixels.view(), output)?)
+        Bytes::from(make()?)
     };
     Ok(Composed {
         image,
@@ -354,7 +365,7 @@ mod tests {
         assert!(c.image == expected(tmp.path(), &a, 1, &crop));
         // The idle frame is the prepared background itself, and that is an encode of the
         // source: from RGB or from libjpeg's planes of it, the same bytes.
-        let idle = idle(&a, 1, out).unwrap();
+        let idle = idle(&a, 1, out, None).unwrap();
         assert!(idle.image == a.frames[1].jpeg);
         let src = source(tmp.path(), &a, 1);
         let (w, h) = (a.manifest.width, a.manifest.height);
@@ -495,7 +506,14 @@ mod tests {
         raw_frame::from_rgb(&slow, w, h, &mut slow_i420).unwrap();
         let agree = psnr(&raw.image, &slow_i420);
         assert!(agree > 38.0, "fast vs slow I420: PSNR {agree:.1} dB");
-        let idle = idle(&a, 1, Output::I420).unwrap();
+        let idle = idle(&a, 1, Output::I420, None).unwrap();
+        // Kept under a budget: the same frame, made once (the second is the first's bytes).
+        let budget = IdleBudget::new(1 << 30, None);
+        let kept = super::idle(&a, 1, Output::I420, Some(&budget)).unwrap();
+        let again = super::idle(&a, 1, Output::I420, Some(&budget)).unwrap();
+        assert_eq!(kept.image, idle.image);
+        assert_eq!(again.image.as_ptr(), kept.image.as_ptr());
+        assert_eq!(budget.used(), idle.image.len() as u64);
         let (bg, ..) = encode::decode_rgb(&a.frames[1].jpeg).unwrap();
         let idle_rgb = raw_frame::to_rgb(&idle.image, w, h).unwrap();
         assert!(psnr(&idle_rgb, &bg) > 30.0);

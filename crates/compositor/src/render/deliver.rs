@@ -46,7 +46,7 @@ pub(super) async fn batch(
                 // (a codec's assertion) fails its request instead.
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &crops {
                     Some(crops) => super::compose(&work.avatar, bg, crops.get(i), work.output),
-                    None => super::idle(&work.avatar, bg, work.output),
+                    None => super::idle(&work.avatar, bg, work.output, Some(&work.idle_budget)),
                 }))
                 .unwrap_or_else(|_| Err("compositing the frame panicked".to_string()))
                 .map_err(FrameError::Failed)

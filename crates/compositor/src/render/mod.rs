@@ -22,6 +22,7 @@ pub use composite::{compose, idle, splices, Composed, Crop, Output};
 use crate::avatar::Avatar;
 use crate::encode::Subsampling;
 use crate::error::Error;
+use crate::idle_frames::IdleBudget;
 use crate::inference::{InferenceClient, ModelInfo};
 use crate::metrics::Metrics;
 use framecast_proto::compositor::v1::{RenderRequest, RenderedFrame};
@@ -56,6 +57,9 @@ pub struct RenderOptions {
     /// mel window's loudness ([`framecast_audio::window::loudness`], 0 silence .. 1 loud
     /// speech) is below this; 0 never.
     pub idle_loudness: f32,
+    /// Where idle raw frames are kept, and how many bytes they may hold
+    /// ([`crate::idle_frames`]).
+    pub idle_budget: Arc<IdleBudget>,
 }
 
 impl Default for RenderOptions {
@@ -69,9 +73,13 @@ impl Default for RenderOptions {
             max_audio_ahead: Duration::from_secs(10),
             encoder_batch_wait: Duration::from_millis(5),
             idle_loudness: 0.05,
+            idle_budget: IdleBudget::new(DEFAULT_IDLE_FRAME_CACHE_MIB << 20, None),
         }
     }
 }
+
+/// The bytes (MiB) of idle raw frames kept for all avatars by default: 180 frames at 720p.
+pub const DEFAULT_IDLE_FRAME_CACHE_MIB: u64 = 256;
 
 /// How long a Render stream may wait for its client, with nothing in flight, before it is
 /// ended and its admission slot freed.

@@ -4,6 +4,7 @@
 use super::{Output, RenderOptions};
 use crate::avatar::Avatar;
 use crate::error::{invalid, Error};
+use crate::idle_frames::IdleBudget;
 use crate::inference::ModelInfo;
 use bytes::Bytes;
 use framecast_proto::compositor::v1::{ImageFormat, RenderRequest, Tensor};
@@ -30,6 +31,7 @@ pub(super) struct Plan {
     pub(super) closes: bool,
     /// Idle frames: the background as it is, no inference.
     pub(super) idle: bool,
+    pub(super) idle_budget: Arc<IdleBudget>,
 }
 
 impl Plan {
@@ -195,5 +197,6 @@ pub(super) fn validate(
         deadline,
         closes: true,
         idle: req.idle,
+        idle_budget: opts.idle_budget.clone(),
     })
 }
