@@ -5,7 +5,7 @@
 
 use crate::avatar::Avatar;
 use crate::encode::Subsampling;
-use crate::manifest::MANIFEST_FILE;
+use crate::manifest::{self, Manifest, MANIFEST_FILE};
 use crate::metrics::Metrics;
 use framecast_cache::{BudgetCache, CacheError, Events, Lease, State};
 use std::path::{Path, PathBuf};
@@ -52,6 +52,16 @@ pub struct AvatarStatus {
     pub state: &'static str,
     pub reason: String,
     pub avatar: Option<Arc<Avatar>>,
+    /// Not in memory: its manifest and frame count as the bundle on disk says.
+    pub on_disk: Option<(Manifest, u32)>,
+}
+
+/// An avatar's manifest and frame count from its bundle, without loading it (a small file
+/// and a directory listing); the first problem otherwise.
+fn on_disk_facts(dir: &Path) -> Result<(Manifest, u32), String> {
+    let manifest = Manifest::load(dir).map_err(|problems| problems.join("; "))?;
+    let frames = manifest::frame_files(dir)?;
+    Ok((manifest, frames.len().min(u32::MAX as usize) as u32))
 }
 
 /// Evictions and totals, to the logs and metrics.
@@ -162,17 +172,29 @@ impl AvatarStore {
         Ok(ids
             .into_iter()
             .map(|id| {
-                let (s, reason, avatar) = match self.cache.state(&id) {
+                let (mut s, mut reason, avatar) = match self.cache.state(&id) {
                     None => ("available", String::new(), None),
                     Some(State::Loading) => ("loading", String::new(), None),
                     Some(State::Ready(a)) => ("ready", String::new(), Some(a)),
                     Some(State::Failed(e)) => ("failed", e.to_string(), None),
                 };
+                let mut on_disk = None;
+                if avatar.is_none() {
+                    match on_disk_facts(&self.root.join(&id)) {
+                        Ok(facts) => on_disk = Some(facts),
+                        // A bundle that cannot load says so before anyone asks for it.
+                        Err(problem) if reason.is_empty() => {
+                            (s, reason) = ("failed", problem);
+                        }
+                        Err(_) => {}
+                    }
+                }
                 AvatarStatus {
                     id,
                     state: s,
                     reason,
                     avatar,
+                    on_disk,
                 }
             })
             .collect())

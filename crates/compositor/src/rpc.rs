@@ -117,16 +117,20 @@ fn info(s: &AvatarStatus) -> AvatarInfo {
         reason: s.reason.clone(),
         ..Default::default()
     };
-    if let Some(a) = &s.avatar {
-        let m = &a.manifest;
-        i.frame_count = a.frames.len() as u32;
-        i.width = m.width;
-        i.height = m.height;
-        i.fps = m.fps;
-        i.model = m.model.clone();
-        i.resident_bytes = a.resident_bytes();
-        i.speaks = Some(m.audio.is_some());
-    }
+    let (m, frames) = match (&s.avatar, &s.on_disk) {
+        (Some(a), _) => {
+            i.resident_bytes = a.resident_bytes();
+            (&a.manifest, a.frames.len() as u32)
+        }
+        (None, Some((m, frames))) => (m, *frames),
+        (None, None) => return i,
+    };
+    i.frame_count = frames;
+    i.width = m.width;
+    i.height = m.height;
+    i.fps = m.fps;
+    i.model = m.model.clone();
+    i.speaks = Some(m.audio.is_some());
     i
 }
 
@@ -350,6 +354,7 @@ impl Compositor for CompositorService {
                 state: "ready",
                 reason: String::new(),
                 avatar: Some(avatar),
+                on_disk: None,
             })),
         }))
     }

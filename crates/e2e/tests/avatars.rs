@@ -5,6 +5,7 @@ use framecast_compositor::avatar::Avatar;
 use framecast_compositor::avatar_store::AvatarStore;
 use framecast_compositor::demo::{self, DemoOptions};
 use framecast_compositor::encode::Subsampling;
+use framecast_compositor::manifest::{self, Manifest};
 use framecast_e2e::request;
 use framecast_e2e::stack::{render, stack, stack_with_budget};
 use tonic::Code;
@@ -95,6 +96,47 @@ async fn avatars_are_evicted_under_a_small_budget() {
     assert_eq!(state("small"), "ready");
     assert_eq!(state("tall"), "available");
     assert!(s.metrics.avatar_bytes.get() as u64 <= budget);
+    // Every avatar described, the one on disk from its bundle as the loaded one from memory.
+    for id in ["small", "tall"] {
+        let a = list.avatars.iter().find(|a| a.avatar_id == id).unwrap();
+        let m = Manifest::load(&dir(id)).unwrap();
+        let frames = manifest::frame_files(&dir(id)).unwrap().len() as u32;
+        assert_eq!(
+            (a.width, a.height, a.fps, a.frame_count, &a.model, a.speaks),
+            (
+                m.width,
+                m.height,
+                m.fps,
+                frames,
+                &m.model,
+                Some(m.audio.is_some())
+            ),
+            "{id}"
+        );
+        assert!(frames > 0 && a.width > 0 && !a.model.is_empty());
+        assert_eq!(a.resident_bytes > 0, id == "small");
+    }
+    // A bundle that cannot load says why before anyone asks for it.
+    std::fs::create_dir_all(dir("broken").join("frames")).unwrap();
+    std::fs::write(
+        dir("broken").join("avatar.toml"),
+        "id = \"broken\"\nfps = 0\n",
+    )
+    .unwrap();
+    let list = s
+        .client
+        .clone()
+        .list_avatars(framecast_proto::compositor::v1::ListAvatarsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let broken = list
+        .avatars
+        .iter()
+        .find(|a| a.avatar_id == "broken")
+        .unwrap();
+    assert_eq!(broken.state, "failed");
+    assert!(broken.reason.contains("avatar.toml"), "{}", broken.reason);
 }
 
 #[tokio::test]

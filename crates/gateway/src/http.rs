@@ -291,8 +291,10 @@ async fn avatars(State(gw): State<Arc<Gateway>>) -> Response {
                 .into_iter()
                 .map(|a| {
                     serde_json::json!({
-                        "id": a.avatar_id, "state": a.state, "width": a.width,
-                        "height": a.height, "fps": a.fps, "frames": a.frame_count,
+                        "id": a.avatar_id, "state": a.state, "reason": a.reason,
+                        "loaded": a.state == "ready", "width": a.width, "height": a.height,
+                        "fps": a.fps, "frames": a.frame_count, "model": a.model,
+                        "speaks": a.speaks,
                     })
                 })
                 .collect();
