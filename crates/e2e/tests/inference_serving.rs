@@ -569,7 +569,8 @@ fn write_identity(root: &Path, dt: DataType) -> String {
         name: n.into(),
         datatype: dt,
         dims: vec![5],
-        normalize: false,
+        normalize: framecast_inference::config::Normalize::Off,
+        bgr: false,
     };
     let mut config = ModelConfig::new(4, vec![spec("x")], vec![spec("y")]);
     config.max_queue_delay_us = 0;

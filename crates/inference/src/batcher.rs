@@ -397,7 +397,8 @@ mod tests {
             name: name.into(),
             datatype: DataType::U8,
             dims: vec![ELEMENT as i64],
-            normalize: false,
+            normalize: crate::config::Normalize::Off,
+            bgr: false,
         };
         let mut config = ModelConfig::new(max_batch, vec![spec("x")], vec![spec("y")]);
         config.max_queue_delay_us = delay_us;

@@ -8,7 +8,8 @@
 //! name = "face"
 //! datatype = "UINT8"      # what travels on the wire
 //! dims = [6, 320, 320]    # without the batch dimension
-//! normalize = true        # u8 on the wire, float in [0, 1] inside the model
+//! normalize = true        # u8 on the wire, float in [0, 1] inside the model ("-1..1": [-1, 1])
+//! bgr = true              # the model's colour order is BGR (OpenCV frames); the wire's is RGB
 //!
 //! [[output]]
 //! name = "output"
@@ -66,7 +67,51 @@ struct RawTensor {
     datatype: String,
     dims: Vec<i64>,
     #[serde(default)]
-    normalize: bool,
+    normalize: RawNormalize,
+    #[serde(default)]
+    bgr: bool,
+}
+
+/// `normalize = true | false | "0..1" | "-1..1"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum RawNormalize {
+    Flag(bool),
+    Range(String),
+}
+
+impl Default for RawNormalize {
+    fn default() -> Self {
+        RawNormalize::Flag(false)
+    }
+}
+
+/// How a UINT8 tensor on the wire maps to the model's floats (and back, for an output:
+/// clamped to the range, scaled to 0..=255 and rounded, on the model's device).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Normalize {
+    /// The wire's datatype is the model's.
+    #[default]
+    Off,
+    /// [0, 1]: `x / 255` (Wav2Lip, SyncTalk_2D).
+    Unit,
+    /// [-1, 1]: `x / 127.5 - 1` (GAN generators with a tanh output, MuseTalk's VAE).
+    Signed,
+}
+
+impl Normalize {
+    pub fn is_on(self) -> bool {
+        self != Normalize::Off
+    }
+
+    /// As `config.toml` writes it.
+    fn to_toml(self) -> &'static str {
+        match self {
+            Normalize::Off => "false",
+            Normalize::Unit => "true",
+            Normalize::Signed => "\"-1..1\"",
+        }
+    }
 }
 
 fn default_platform() -> String {
@@ -102,8 +147,11 @@ pub struct TensorSpec {
     /// Element type on the wire.
     pub datatype: DataType,
     pub dims: Vec<i64>,
-    /// u8 on the wire, f32 in [0, 1] inside the model; converted on the model's device.
-    pub normalize: bool,
+    /// u8 on the wire, floats inside the model; converted on the model's device.
+    pub normalize: Normalize,
+    /// The model's colour channels are BGR, each group of three along the first dimension
+    /// (`[6, S, S]`: two images); the wire's are RGB. Reordered on the model's device.
+    pub bgr: bool,
 }
 
 impl TensorSpec {
@@ -248,8 +296,12 @@ impl ModelConfig {
         for (kind, list) in [("input", &self.inputs), ("output", &self.outputs)] {
             for t in list {
                 s += &format!(
-                    "\n[[{kind}]]\nname = \"{}\"\ndatatype = \"{}\"\ndims = {:?}\nnormalize = {}\n",
-                    t.name, t.datatype, t.dims, t.normalize
+                    "\n[[{kind}]]\nname = \"{}\"\ndatatype = \"{}\"\ndims = {:?}\nnormalize = {}\nbgr = {}\n",
+                    t.name,
+                    t.datatype,
+                    t.dims,
+                    t.normalize.to_toml(),
+                    t.bgr
                 );
             }
         }
@@ -279,16 +331,35 @@ fn tensors(kind: &str, raw: Vec<RawTensor>) -> Result<Vec<TensorSpec>, String> {
         }
         framecast_proto::tensor::byte_len(datatype, &t.dims)
             .map_err(|e| format!("{at}.dims: {e}"))?;
-        if t.normalize && datatype != DataType::U8 {
+        let normalize = match &t.normalize {
+            RawNormalize::Flag(false) => Normalize::Off,
+            RawNormalize::Flag(true) => Normalize::Unit,
+            RawNormalize::Range(r) if r == "0..1" => Normalize::Unit,
+            RawNormalize::Range(r) if r == "-1..1" => Normalize::Signed,
+            RawNormalize::Range(r) => {
+                return Err(format!(
+                    "{at}.normalize {:?}: true (\"0..1\"), \"-1..1\" or false",
+                    framecast_proto::echo(r)
+                ))
+            }
+        };
+        if normalize.is_on() && datatype != DataType::U8 {
             return Err(format!(
                 "{at}.normalize needs datatype UINT8, not {datatype}"
+            ));
+        }
+        if t.bgr && !(t.dims.len() == 3 && t.dims[0] % 3 == 0) {
+            return Err(format!(
+                "{at}.bgr needs dims [C, H, W] with C a multiple of 3, not {:?}",
+                t.dims
             ));
         }
         out.push(TensorSpec {
             name: t.name,
             datatype,
             dims: t.dims,
-            normalize: t.normalize,
+            normalize,
+            bgr: t.bgr,
         });
     }
     Ok(out)
@@ -318,6 +389,21 @@ dims = [2]
         assert_eq!(c.inputs[0].element_bytes(), 192);
         assert_eq!(c.outputs[0].batched_shape(3), vec![3, 2]);
         assert_eq!(ModelConfig::parse(&c.to_toml()).unwrap(), c);
+        // The range and the colour order, each way of writing them.
+        for (written, want) in [
+            ("true", Normalize::Unit),
+            ("\"0..1\"", Normalize::Unit),
+            ("\"-1..1\"", Normalize::Signed),
+            ("false", Normalize::Off),
+        ] {
+            let text = GOOD.replace(
+                "normalize = true",
+                &format!("normalize = {written}\nbgr = true"),
+            );
+            let c = ModelConfig::parse(&text).unwrap();
+            assert_eq!((c.inputs[0].normalize, c.inputs[0].bgr), (want, true));
+            assert_eq!(ModelConfig::parse(&c.to_toml()).unwrap(), c);
+        }
     }
 
     #[test]
@@ -351,6 +437,14 @@ dims = [2]
                     "max_batch_size = 4\nprecision = \"int3\"",
                 ),
                 "precision",
+            ),
+            (
+                GOOD.replace("normalize = true", "normalize = \"0..255\""),
+                "input[0].normalize \"0..255\"",
+            ),
+            (
+                GOOD.replace("\"FP32\"", "\"FP32\"\nbgr = true"),
+                "output[0].bgr",
             ),
         ];
         for (text, field) in cases {

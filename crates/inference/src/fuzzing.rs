@@ -34,7 +34,8 @@ pub fn infer_request(data: &[u8]) {
         name: name.into(),
         datatype,
         dims: dims.to_vec(),
-        normalize: false,
+        normalize: crate::config::Normalize::Off,
+        bgr: false,
     };
     let config = ModelConfig::new(
         8,

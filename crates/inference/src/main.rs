@@ -169,10 +169,12 @@ struct ModelsArgs {
     /// Repository directory to write into (created if missing).
     #[arg(long, default_value = "models")]
     out: PathBuf,
-    /// Which models; all by default.
+    /// Which models; by default all but wav2lip-arch (Wav2Lip's architecture with untrained
+    /// weights, 140 MB: for checking how a user's Wav2Lip is served, not for the demo).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Builtin>,
-    /// Crop size of passthrough and talking-demo (lipsync-ref is fixed at 320).
+    /// Crop size of passthrough and talking-demo (lipsync-ref is fixed at 320, wav2lip-arch
+    /// at 96).
     #[arg(long, default_value_t = zoo::LIPSYNC_CROP)]
     crop: i64,
     /// max_batch_size written to each config.
@@ -206,7 +208,7 @@ fn main() -> Result<()> {
                 max_queue_delay_us: args.max_queue_delay_us,
             };
             let which = if args.only.is_empty() {
-                Builtin::ALL.to_vec()
+                Builtin::DEFAULT.to_vec()
             } else {
                 args.only
             };

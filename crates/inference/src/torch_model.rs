@@ -3,7 +3,7 @@
 //! the device so the wire carries u8 rather than float32.
 
 use crate::backend::{Backend, BackendError, ExecTimings, Executed, HostBytes, Payload};
-use crate::config::{ModelConfig, Precision, TensorSpec, MODEL_FILE};
+use crate::config::{ModelConfig, Normalize, Precision, TensorSpec, MODEL_FILE};
 use bytes::Bytes;
 use framecast_proto::tensor::DataType;
 use std::path::Path;
@@ -135,13 +135,13 @@ impl TorchModel {
             Precision::Fp16 => t.kind() != Kind::Half,
             Precision::Fp32 => matches!(t.kind(), Kind::Half | Kind::BFloat16),
         };
-        let t = if spec.normalize {
-            t.to_kind(float) * (1.0 / 255.0)
-        } else if t.is_floating_point() && cast {
-            t.to_kind(float)
-        } else {
-            t
+        let t = match spec.normalize {
+            Normalize::Unit => t.to_kind(float) * (1.0 / 255.0),
+            Normalize::Signed => t.to_kind(float) * (2.0 / 255.0) - 1.0,
+            Normalize::Off if t.is_floating_point() && cast => t.to_kind(float),
+            Normalize::Off => t,
         };
+        let t = if spec.bgr { swap_red_blue(&t) } else { t };
         // NHWC strides under an NCHW shape: what PyTorch calls channels-last memory format.
         Ok(
             if self.config.channels_last && t.dim() == 4 && t.is_floating_point() {
@@ -299,8 +299,13 @@ fn host_output(
         ));
     }
     let kind = kind_of(spec.datatype).ok_or("unsupported datatype")?;
-    let t = if spec.normalize {
+    let t = if spec.bgr { swap_red_blue(&t) } else { t };
+    let t = if spec.normalize == Normalize::Unit {
         (t.clamp(0.0, 1.0) * 255.0).round().to_kind(Kind::Uint8)
+    } else if spec.normalize == Normalize::Signed {
+        ((t.clamp(-1.0, 1.0) + 1.0) * 127.5)
+            .round()
+            .to_kind(Kind::Uint8)
     } else if t.kind() != kind && t.is_floating_point() && is_float(kind) {
         // A model run in fp16 still answers in the datatype its config declares.
         t.to_kind(kind)
@@ -325,6 +330,15 @@ fn host_output(
         return Ok(HostOutput::Converted(i420));
     }
     Ok(HostOutput::Tensor { tensor, len })
+}
+
+/// `[n, C, H, W]` with each group of three channels reversed (RGB to BGR and back), on the
+/// tensor's device; `C` is a multiple of 3 (the config checks it).
+fn swap_red_blue(t: &Tensor) -> Tensor {
+    let s = t.size();
+    t.reshape([s[0], s[1] / 3, 3, s[2], s[3]])
+        .flip([2])
+        .reshape([s[0], s[1], s[2], s[3]])
 }
 
 /// (n, H, W) of a u8 `[n, 3, H, W]` tensor with H and W even: what I420 takes.

@@ -12,7 +12,12 @@
 //!   residuals), one mel window `mel` `[B,1,80,16]` f32 to one `embedding` `[B,512]` f32; seeded
 //!   weights. Lip-sync models of the SyncTalk_2D kind take 16 such embeddings per frame.
 //!
-//! The three face models take `face` `[B,6,S,S]` u8 (reference crop and its masked copy) and
+//! - `wav2lip-arch`: Wav2Lip's generator architecture ([`wav2lip`]) with seeded weights, served
+//!   as a user serves an exported Wav2Lip: `mel` `[B,1,80,16]` f32 and `face` `[B,6,96,96]` u8
+//!   (the masked crop first; the model's floats in [0, 1] and BGR, converted by the server)
+//!   to `output` `[B,3,96,96]` u8.
+//!
+//! The three other face models take `face` `[B,6,S,S]` u8 (reference crop and its masked copy) and
 //! `audio` `[B,32,16,16]` f32, and return `[B,3,S,S]` u8.
 
 use crate::config::{ModelConfig, Precision, TensorSpec, MODEL_FILE};
@@ -21,6 +26,9 @@ use framecast_proto::tensor::DataType;
 use std::path::{Path, PathBuf};
 use tch::nn::{self, ModuleT};
 use tch::{CModule, Device, Kind, Tensor};
+
+pub mod wav2lip;
+use wav2lip::audio_encoder;
 
 /// Crop size of `lipsync-ref`, fixed by its architecture.
 pub const LIPSYNC_CROP: i64 = 320;
@@ -38,10 +46,20 @@ pub enum Builtin {
     LipsyncRef,
     TalkingDemo,
     AudioEncoder,
+    Wav2LipArch,
 }
 
 impl Builtin {
-    pub const ALL: [Builtin; 4] = [
+    pub const ALL: [Builtin; 5] = [
+        Builtin::Passthrough,
+        Builtin::LipsyncRef,
+        Builtin::TalkingDemo,
+        Builtin::AudioEncoder,
+        Builtin::Wav2LipArch,
+    ];
+
+    /// What `framecast-inference models` writes unless told: all but `wav2lip-arch`.
+    pub const DEFAULT: [Builtin; 4] = [
         Builtin::Passthrough,
         Builtin::LipsyncRef,
         Builtin::TalkingDemo,
@@ -54,6 +72,7 @@ impl Builtin {
             Builtin::LipsyncRef => "lipsync-ref",
             Builtin::TalkingDemo => "talking-demo",
             Builtin::AudioEncoder => "audio-encoder",
+            Builtin::Wav2LipArch => "wav2lip-arch",
         }
     }
 }
@@ -104,10 +123,10 @@ pub fn write_with(
         audio_dims.iter().all(|&d| (1..=4096).contains(&d)),
         "audio dims {audio_dims:?} must each be in 1..=4096"
     );
-    let crop = if model == Builtin::LipsyncRef {
-        LIPSYNC_CROP
-    } else {
-        opts.crop
+    let crop = match model {
+        Builtin::LipsyncRef => LIPSYNC_CROP,
+        Builtin::Wav2LipArch => wav2lip::CROP,
+        _ => opts.crop,
     };
     anyhow::ensure!(
         (16..=1024).contains(&crop),
@@ -158,6 +177,18 @@ pub fn write_with(
                 vec![net.forward_t(&x[0], false).flatten(1, -1)]
             })?
         }
+        Builtin::Wav2LipArch => {
+            tch::manual_seed(96);
+            let mut vs = nn::VarStore::new(Device::Cpu);
+            let net = wav2lip::Wav2Lip::new(&vs.root());
+            vs.freeze();
+            in_precision(&mut vs);
+            let mel = Tensor::zeros(
+                [1, MEL_DIMS[0], MEL_DIMS[1], MEL_DIMS[2]],
+                (float, Device::Cpu),
+            );
+            trace(model, &[mel, face], |x| vec![net.forward(&x[0], &x[1])])?
+        }
     };
     let path = dir.join(MODEL_FILE);
     // Write beside and rename, so a reader never sees a half-written model.
@@ -166,10 +197,10 @@ pub fn write_with(
         .save(&tmp)
         .with_context(|| format!("saving {}", tmp.display()))?;
     std::fs::rename(&tmp, &path)?;
-    let mut config = if model == Builtin::AudioEncoder {
-        encoder_config(opts)
-    } else {
-        config(crop, opts, audio_dims)
+    let mut config = match model {
+        Builtin::AudioEncoder => encoder_config(opts),
+        Builtin::Wav2LipArch => wav2lip_config(opts),
+        _ => config(crop, opts, audio_dims),
     };
     config.precision = precision;
     std::fs::write(dir.join(crate::config::CONFIG_FILE), config.to_toml())?;
@@ -192,13 +223,15 @@ fn config(crop: i64, opts: &ZooOptions, audio_dims: [i64; 3]) -> ModelConfig {
         name: name.to_string(),
         datatype: DataType::U8,
         dims: vec![channels, crop, crop],
-        normalize: true,
+        normalize: crate::config::Normalize::Unit,
+        bgr: false,
     };
     let audio = TensorSpec {
         name: "audio".to_string(),
         datatype: DataType::F32,
         dims: audio_dims.to_vec(),
-        normalize: false,
+        normalize: crate::config::Normalize::Off,
+        bgr: false,
     };
     let mut config = ModelConfig::new(
         opts.max_batch_size,
@@ -209,12 +242,39 @@ fn config(crop: i64, opts: &ZooOptions, audio_dims: [i64; 3]) -> ModelConfig {
     config
 }
 
+/// Wav2Lip as its `inference.py` runs it: the mel window first, the face as floats in [0, 1]
+/// in OpenCV's BGR order, the answer likewise.
+fn wav2lip_config(opts: &ZooOptions) -> ModelConfig {
+    let image = |name: &str, channels| TensorSpec {
+        name: name.to_string(),
+        datatype: DataType::U8,
+        dims: vec![channels, wav2lip::CROP, wav2lip::CROP],
+        normalize: crate::config::Normalize::Unit,
+        bgr: true,
+    };
+    let mel = TensorSpec {
+        name: "mel".to_string(),
+        datatype: DataType::F32,
+        dims: MEL_DIMS.to_vec(),
+        normalize: crate::config::Normalize::Off,
+        bgr: false,
+    };
+    let mut config = ModelConfig::new(
+        opts.max_batch_size,
+        vec![mel, image("face", 6)],
+        vec![image("output", 3)],
+    );
+    config.max_queue_delay_us = opts.max_queue_delay_us;
+    config
+}
+
 fn encoder_config(opts: &ZooOptions) -> ModelConfig {
     let spec = |name: &str, dims: Vec<i64>| TensorSpec {
         name: name.to_string(),
         datatype: DataType::F32,
         dims,
-        normalize: false,
+        normalize: crate::config::Normalize::Off,
+        bgr: false,
     };
     let mut config = ModelConfig::new(
         opts.max_batch_size,
@@ -223,66 +283,6 @@ fn encoder_config(opts: &ZooOptions) -> ModelConfig {
     );
     config.max_queue_delay_us = opts.max_queue_delay_us;
     config
-}
-
-/// One block of Wav2Lip's encoders: conv, batch norm, then ReLU, the input added before the
-/// ReLU in residual blocks.
-fn wav2lip_conv(
-    p: nn::Path,
-    cin: i64,
-    cout: i64,
-    kernel: i64,
-    stride: [i64; 2],
-    padding: i64,
-    residual: bool,
-) -> nn::FuncT<'static> {
-    let config = nn::ConvConfigND::<[i64; 2]> {
-        stride,
-        padding: [padding, padding],
-        ..Default::default()
-    };
-    let conv = nn::conv(&p / "conv", cin, cout, [kernel, kernel], config);
-    let bn = nn::batch_norm2d(&p / "bn", cout, Default::default());
-    nn::func_t(move |x, train| {
-        let y = x.apply(&conv).apply_t(&bn, train);
-        if residual {
-            (y + x).relu()
-        } else {
-            y.relu()
-        }
-    })
-}
-
-/// Wav2Lip's audio encoder: [B,1,80,16] mel windows to [B,512,1,1].
-fn audio_encoder(p: &nn::Path) -> nn::SequentialT {
-    let layers: [(i64, i64, i64, [i64; 2], i64, bool); 13] = [
-        (1, 32, 3, [1, 1], 1, false),
-        (32, 32, 3, [1, 1], 1, true),
-        (32, 32, 3, [1, 1], 1, true),
-        (32, 64, 3, [3, 1], 1, false),
-        (64, 64, 3, [1, 1], 1, true),
-        (64, 64, 3, [1, 1], 1, true),
-        (64, 128, 3, [3, 3], 1, false),
-        (128, 128, 3, [1, 1], 1, true),
-        (128, 128, 3, [1, 1], 1, true),
-        (128, 256, 3, [3, 2], 1, false),
-        (256, 256, 3, [1, 1], 1, true),
-        (256, 512, 3, [1, 1], 0, false),
-        (512, 512, 1, [1, 1], 0, false),
-    ];
-    let mut seq = nn::seq_t();
-    for (i, (cin, cout, k, stride, pad, residual)) in layers.into_iter().enumerate() {
-        seq = seq.add(wav2lip_conv(
-            p / format!("a{i}"),
-            cin,
-            cout,
-            k,
-            stride,
-            pad,
-            residual,
-        ));
-    }
-    seq
 }
 
 /// A dark, soft-edged mouth whose opening follows the mean absolute audio feature.

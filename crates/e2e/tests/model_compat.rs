@@ -1,0 +1,180 @@
+//! Models served as they are: Wav2Lip's generator architecture, traced as a user exports it
+//! (mel window first; the face as floats in [0, 1], BGR, the masked crop first), served with
+//! a `config.toml` that says so, gives what Wav2Lip's own inference script would get from
+//! the same module, and renders a speech session end to end through the compositor.
+
+use bytes::Bytes;
+use framecast_e2e::stack::{render, stack};
+use framecast_e2e::{kserve_client, spawn_inference};
+use framecast_inference::zoo::{self, wav2lip, Builtin, ZooOptions};
+use framecast_proto::compositor::v1::{AudioChunk, AudioFormat, RenderRequest, SampleFormat};
+use framecast_proto::kserve::model_infer_request::InferInputTensor;
+use framecast_proto::kserve::ModelInferRequest;
+use framecast_proto::tensor::DataType;
+use tch::{CModule, Device, Kind, Tensor};
+
+const S: i64 = wav2lip::CROP;
+
+fn opts() -> ZooOptions {
+    ZooOptions {
+        max_batch_size: 8,
+        max_queue_delay_us: 1000,
+        ..Default::default()
+    }
+}
+
+/// The served model's answer is the module's own, run as Wav2Lip's `inference.py` runs it:
+/// the face divided by 255 in BGR order with the masked crop first, the mel window as it is,
+/// the output's BGR floats times 255. (The server converts u8 RGB to that and back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_served_wav2lip_answers_as_its_own_script_would() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = zoo::write(tmp.path(), Builtin::Wav2LipArch, &opts()).unwrap();
+    let running = spawn_inference(tmp.path(), Default::default()).await;
+    let mut client = kserve_client(running.url()).await;
+    let face: Vec<u8> = (0..6 * S * S)
+        .map(|i| ((i * 7919 + i / 96 * 31) % 251) as u8)
+        .collect();
+    let mel: Vec<f32> = (0..80 * 16)
+        .map(|i| ((i as f32 * 0.37).sin() * 3.0) - 1.0)
+        .collect();
+    let request = ModelInferRequest {
+        model_name: "wav2lip-arch".into(),
+        inputs: vec![
+            InferInputTensor::new("mel", DataType::F32, vec![1, 1, 80, 16]),
+            InferInputTensor::new("face", DataType::U8, vec![1, 6, S, S]),
+        ],
+        raw_input_contents: vec![
+            framecast_proto::tensor::encode(&mel),
+            Bytes::from(face.clone()),
+        ],
+        ..Default::default()
+    };
+    let resp = client.model_infer(request).await.unwrap().into_inner();
+    assert_eq!(resp.outputs[0].name, "output");
+    assert_eq!(resp.outputs[0].shape, vec![1, 3, S, S]);
+    let served = resp.raw_output_contents[0].to_vec();
+
+    // Wav2Lip's script, in-process on the same TorchScript file.
+    let module = CModule::load_on_device(dir.join("model.pt"), Device::Cpu).unwrap();
+    let bgr = |t: Tensor| {
+        let s = t.size();
+        t.reshape([s[0], s[1] / 3, 3, s[2], s[3]])
+            .flip([2])
+            .reshape([s[0], s[1], s[2], s[3]])
+    };
+    let face_in = bgr(Tensor::from_slice(&face)
+        .reshape([1, 6, S, S])
+        .to_kind(Kind::Float)
+        / 255.0);
+    let mel_in = Tensor::from_slice(&mel).reshape([1, 1, 80, 16]);
+    let out = tch::no_grad(|| module.forward_ts(&[mel_in, face_in]).unwrap());
+    let out = (bgr(out).clamp(0.0, 1.0) * 255.0)
+        .round()
+        .to_kind(Kind::Uint8)
+        .flatten(0, -1);
+    let expected: Vec<u8> = Vec::try_from(out).unwrap();
+    assert_eq!(served.len(), expected.len());
+    let worst = served
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(
+        worst <= 1,
+        "served differs from the script by up to {worst}"
+    );
+    // The channels really are reordered: the same answer read as RGB is another image.
+    let swapped: Vec<u8> = {
+        let plane = (S * S) as usize;
+        [2, 1, 0]
+            .iter()
+            .flat_map(|&c| served[c * plane..(c + 1) * plane].to_vec())
+            .collect()
+    };
+    assert_ne!(
+        swapped, expected,
+        "a colour-symmetric answer proves nothing"
+    );
+}
+
+/// An avatar made for Wav2Lip (96 px crops, the masked crop first, mel windows) renders a
+/// speech session end to end: every frame, in order, the talking frames not the background.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wav2lip_avatar_renders_a_speech_session() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 8).await;
+    zoo::write(&tmp.path().join("models"), Builtin::Wav2LipArch, &opts()).unwrap();
+    let avatars = tmp.path().join("avatars");
+    framecast_e2e::copy_avatar(
+        &avatars,
+        "small",
+        "w2l",
+        Some("[audio]\ninput = \"mel\"\nfeatures = \"mel\"\n"),
+    );
+    let path = avatars.join("w2l/avatar.toml");
+    let manifest = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("model = \"passthrough\"", "model = \"wav2lip-arch\"")
+        .replace(
+            &format!("crop_size = {}", framecast_e2e::CROP),
+            "crop_size = 96",
+        )
+        .replace(
+            "channel_order = [\"reference\", \"masked\"]",
+            "channel_order = [\"masked\", \"reference\"]",
+        );
+    assert!(
+        manifest.contains("crop_size = 96")
+            && manifest.contains("channel_order = [\"masked\", \"reference\"]"),
+        "{manifest}"
+    );
+    std::fs::write(&path, manifest).unwrap();
+    // One second of a voiced buzz (120 Hz and its harmonics, four syllables a second) at
+    // 16 kHz, then the end of speech.
+    let pcm: Bytes = (0..16_000)
+        .flat_map(|i| {
+            let t = i as f64 / 16_000.0;
+            let voiced: f64 = (1..10)
+                .map(|h| (2.0 * std::f64::consts::PI * 120.0 * h as f64 * t).sin() / h as f64)
+                .sum();
+            let v = 0.3 * (std::f64::consts::PI * 4.0 * t).sin().abs() * voiced;
+            ((v * 32767.0) as i16).to_le_bytes()
+        })
+        .collect::<Vec<u8>>()
+        .into();
+    let msgs = vec![RenderRequest {
+        request_id: "w2l".into(),
+        avatar_id: "w2l".into(),
+        audio: Some(AudioChunk {
+            format: Some(AudioFormat {
+                sample_format: SampleFormat::S16le as i32,
+                sample_rate: 16_000,
+            }),
+            pcm,
+            end_of_speech: true,
+            cancel: false,
+        }),
+        ..Default::default()
+    }];
+    let frames = render(&s.client, msgs).await.unwrap();
+    assert_eq!(frames.len(), 25);
+    // An idle frame is the prepared background itself; a talking one has the face pasted.
+    let avatar = framecast_compositor::avatar::Avatar::load(&avatars.join("w2l")).unwrap();
+    let mut talking = 0;
+    for (i, f) in frames.iter().enumerate() {
+        assert_eq!(f.frame_index, i as u64);
+        if f.image != avatar.frames[f.background_index as usize].jpeg {
+            talking += 1;
+        }
+    }
+    let idle = frames
+        .iter()
+        .filter(|f| f.timings.as_ref().is_some_and(|t| t.idle))
+        .count();
+    assert!(
+        talking >= 15 && idle + talking == 25,
+        "only {talking} of 25 frames carry the model's face ({idle} idle)"
+    );
+}
