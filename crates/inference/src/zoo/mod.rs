@@ -46,6 +46,7 @@ pub enum Builtin {
     LipsyncRef,
     TalkingDemo,
     AudioEncoder,
+    #[value(name = "wav2lip-arch")]
     Wav2LipArch,
 }
 

@@ -4,8 +4,9 @@
 //! the face encoder's block of its size) and the sigmoid output. Seeded weights, not
 //! trained: it stands for a user's exported Wav2Lip in the compatibility test, where the
 //! contract (names, shapes, ranges, colour order, masked half first) is what is under test.
-//! Its `forward(mel [B,1,80,16], face [B,6,96,96])` takes the face in [0, 1], BGR, the masked
-//! crop first, and returns [B,3,96,96] in [0, 1], BGR, as Wav2Lip's `inference.py` feeds it.
+//! Its `forward(mel: [B,1,80,16], face: [B,6,96,96])` takes the face in \[0, 1\], BGR, the
+//! masked crop first, and returns `[B,3,96,96]` in \[0, 1\], BGR, as Wav2Lip's `inference.py`
+//! feeds it.
 
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
@@ -41,7 +42,7 @@ pub(super) fn wav2lip_conv(
     })
 }
 
-/// Wav2Lip's audio encoder: [B,1,80,16] mel windows to [B,512,1,1].
+/// Wav2Lip's audio encoder: `[B,1,80,16]` mel windows to `[B,512,1,1]`.
 pub(super) fn audio_encoder(p: &nn::Path) -> nn::SequentialT {
     let layers: [(i64, i64, i64, [i64; 2], i64, bool); 13] = [
         (1, 32, 3, [1, 1], 1, false),
