@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks, idempotently:
 #   - apt packages: cmake and nasm (turbojpeg builds its bundled libjpeg-turbo with them),
-#     libopus-dev and pkg-config (the gateway), espeak-ng (speech for tests and the demo);
+#     libopus-dev and pkg-config (the gateway), espeak-ng (speech for tests and the demo),
+#     ffmpeg and opencv-data (`avatar import`: video decoding and OpenCV's face cascade);
 #     with FRAMECAST_BROWSER=1 also chromium and chromium-driver (the browser tests)
 #   - libtorch 2.11.0 (the pair of tch 0.24) unpacked from the PyPI torch wheel into a cache dir
 # Prints the environment to use as `export` lines on stdout (everything else goes to stderr), so
 #   eval "$(scripts/setup.sh)"
-# leaves LIBTORCH, LIBTORCH_CXX11_ABI, LD_LIBRARY_PATH and FRAMECAST_REFERENCE_PYTHON set.
+# leaves LIBTORCH, LIBTORCH_CXX11_ABI, LD_LIBRARY_PATH, FRAMECAST_REFERENCE_PYTHON and
+# FRAMECAST_ASTRONAUT (the import tests' photograph, with FRAMECAST_BROWSER=1) set.
 #
 # FRAMECAST_CACHE   cache root (default ~/.cache/framecast)
 # FRAMECAST_TORCH   cpu (default) or cuda: which libtorch variant to prepare
@@ -36,6 +38,9 @@ command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
 # The gateway decodes the browser's Opus with libopus.
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 [ -f /usr/include/opus/opus.h ] || need_apt+=(libopus-dev)
+# avatar import: ffmpeg decodes the user's video, opencv-data holds the face cascade.
+command -v ffprobe >/dev/null || need_apt+=(ffmpeg)
+[ -f /usr/share/opencv4/haarcascades/haarcascade_frontalface_default.xml ] || need_apt+=(opencv-data)
 # make test drives a real browser against the gateway.
 if [ "${FRAMECAST_BROWSER:-0}" = 1 ]; then
   command -v chromium >/dev/null || need_apt+=(chromium)
@@ -99,7 +104,22 @@ if [ ! -f "$marker" ]; then
   touch "$marker"
 fi
 
+# The import tests' real face: scikit-image's astronaut photograph (NASA, public domain),
+# shipped inside its wheel; only that file is kept.
+astronaut="$cache/test-data/astronaut.png"
+if [ "${FRAMECAST_BROWSER:-0}" = 1 ] && [ ! -f "$astronaut" ]; then
+  log "fetching the astronaut photograph from the scikit-image wheel (one-time, 14 MB download)"
+  mkdir -p "$cache/test-data"
+  tmp_img=$(mktemp -d "$cache/tmp.XXXXXX")
+  python3 -m pip download -q --no-cache-dir --no-deps --only-binary=:all: -d "$tmp_img" \
+    'scikit-image==0.26.0' >&2
+  unzip -q -j -o "$tmp_img"/scikit_image-*.whl skimage/data/astronaut.png -d "$tmp_img"
+  mv "$tmp_img/astronaut.png" "$astronaut"
+  rm -rf "$tmp_img"
+fi
+
 echo "export LIBTORCH='$libtorch'"
+echo "export FRAMECAST_ASTRONAUT='$astronaut'"
 echo "export FRAMECAST_REFERENCE_PYTHON='$reference/bin/python'"
 echo "export LIBTORCH_CXX11_ABI=1"
 echo "export LD_LIBRARY_PATH='$libtorch/lib'\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"

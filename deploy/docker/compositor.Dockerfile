@@ -8,6 +8,10 @@ COPY . .
 RUN cargo build --release -p framecast-compositor -p framecast-bench --bins
 
 FROM debian:bookworm-slim
+# `framecast-compositor avatar import` decodes videos with ffmpeg and finds faces with
+# OpenCV's cascade from opencv-data (run it as a job: `docker run ... avatar import VIDEO`).
+RUN apt-get update && apt-get install -y --no-install-recommends ffmpeg opencv-data \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --home /srv framecast
 ENV FRAMECAST_AVATARS=/avatars \
     FRAMECAST_COMPOSITOR_LISTEN=0.0.0.0:8011 \

@@ -14,9 +14,11 @@ pub mod discovery;
 pub mod encode;
 pub mod error;
 pub mod face_contract;
+pub mod face_detect;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod idle_frames;
+pub mod import;
 pub mod inference;
 pub mod manifest;
 pub mod mask;

@@ -4,7 +4,9 @@ use framecast_compositor::avatar::{Avatar, Source};
 use framecast_compositor::avatar_store::AvatarStore;
 use framecast_compositor::demo::{self, DemoOptions};
 use framecast_compositor::encode::Subsampling;
+use framecast_compositor::import::{self, ImportOptions, Progress};
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
+use framecast_compositor::manifest::Channel;
 use framecast_compositor::metrics::Metrics;
 use framecast_compositor::render::RenderOptions;
 use framecast_compositor::rpc::CompositorService;
@@ -53,6 +55,12 @@ enum AvatarCommand {
         #[arg(long, default_value_t = RenderOptions::default().subsampling)]
         subsampling: Subsampling,
     },
+    /// Make an avatar from a video of a person (MP4/H.264, WebM, whatever Debian's ffmpeg
+    /// reads): the face found in every frame (OpenCV's frontal-face cascade from Debian's
+    /// opencv-data), boxes smoothed and padded as Wav2Lip does, the bundle written whole
+    /// into ROOT/ID (frames, boxes.json, avatar.toml, prepared.fcp) or not at all. The video
+    /// plays ping-pong as the avatar's loop.
+    Import(Box<ImportArgs>),
     /// Generate the demo avatar bundle (no download).
     MakeDemo {
         /// Avatar root to write into; the bundle lands in ROOT/ID.
@@ -74,6 +82,68 @@ enum AvatarCommand {
         #[arg(long, default_value = "talking-demo")]
         model: String,
     },
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// The video file.
+    video: PathBuf,
+    /// Avatar root to write into; the bundle lands in ROOT/ID.
+    #[arg(long, default_value = "avatars")]
+    root: PathBuf,
+    /// The avatar's id: its directory under ROOT (letters, digits, '.', '_', '-').
+    #[arg(long)]
+    id: String,
+    /// Model the avatar renders with.
+    #[arg(long, default_value = "wav2lip")]
+    model: String,
+    /// The model's crop size S (Wav2Lip: 96).
+    #[arg(long, default_value_t = 96)]
+    crop_size: u32,
+    /// Order of the face input's two images (Wav2Lip: masked,reference).
+    #[arg(long, value_delimiter = ',', default_value = "masked,reference")]
+    channel_order: Vec<ChannelArg>,
+    /// How the model hears speech: mel (Wav2Lip's mel window), encoder (embeddings of
+    /// --encoder, SyncTalk_2D), energy, or none (a mute avatar).
+    #[arg(long, default_value = "mel")]
+    features: String,
+    /// The model input the speech drives.
+    #[arg(long, default_value = "mel")]
+    audio_input: String,
+    /// The audio-encoder model, with --features encoder.
+    #[arg(long, default_value = "audio-encoder")]
+    encoder: String,
+    /// Padding of the detected face box in pixels: top,bottom,left,right (Wav2Lip's
+    /// --pads).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0,10,0,0",
+        allow_negative_numbers = true
+    )]
+    pads: Vec<i64>,
+    /// Frames each box is averaged over (Wav2Lip: 5; 1: none).
+    #[arg(long, default_value_t = 5)]
+    smooth: usize,
+    /// Import only frames START..END of the video (END excluded).
+    #[arg(long, value_parser = parse_trim)]
+    trim: Option<(u64, u64)>,
+    /// Most frames to import (the avatar's memory once loaded grows with them: 0.1 to
+    /// 0.3 MiB a 720p frame).
+    #[arg(long, default_value_t = 3000)]
+    max_frames: u64,
+    /// The face cascade (OpenCV XML).
+    #[arg(long, default_value = framecast_compositor::face_detect::DEFAULT_CASCADE)]
+    cascade: PathBuf,
+    /// Smallest face side searched, pixels (0: a tenth of the frame's height).
+    #[arg(long, default_value_t = 0)]
+    min_face: u32,
+    /// Replace an avatar already at ROOT/ID.
+    #[arg(long)]
+    force: bool,
+    /// Progress as JSON lines on stdout (for a service), not a line on the terminal.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -289,6 +359,53 @@ fn main() -> Result<()> {
                 Err(problems) => fail(&dir, &problems),
             }
         }
+        Command::Avatar(AvatarCommand::Import(args)) => {
+            let a = *args;
+            let [top, bottom, left, right] = a.pads[..] else {
+                anyhow::bail!("--pads takes four numbers: top,bottom,left,right (pixels)");
+            };
+            let (input, features) = (&a.audio_input, a.features.as_str());
+            let audio = match features {
+                "none" => None,
+                "mel" | "energy" => Some(format!(
+                    "[audio]\ninput = \"{input}\"\nfeatures = \"{features}\"\n"
+                )),
+                "encoder" => Some(format!(
+                    "[audio]\ninput = \"{input}\"\nfeatures = \"encoder\"\nencoder = \"{}\"\n",
+                    a.encoder
+                )),
+                other => anyhow::bail!("--features {other:?}: mel, encoder, energy or none"),
+            };
+            let json = a.json;
+            let opts = ImportOptions {
+                channel_order: a.channel_order.into_iter().map(|c| c.0).collect(),
+                audio,
+                pads: [top, bottom, left, right],
+                video: a.video,
+                root: a.root,
+                id: a.id,
+                model: a.model,
+                crop_size: a.crop_size,
+                smooth: a.smooth,
+                trim: a.trim,
+                max_frames: a.max_frames,
+                cascade: a.cascade,
+                min_face: a.min_face,
+                force: a.force,
+            };
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let result = import::import(&opts, |p| report(&p, json, terminal));
+            match result {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    if json {
+                        println!("{}", serde_json::json!({"event": "failed", "error": e}));
+                    }
+                    eprintln!("import failed: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
         Command::Avatar(AvatarCommand::MakeDemo {
             root,
             id,
@@ -322,6 +439,72 @@ fn fail(dir: &std::path::Path, problems: &[String]) -> ! {
     }
     eprintln!("{}: {} problem(s)", dir.display(), problems.len());
     std::process::exit(1);
+}
+
+/// One face-input image, as `--channel-order` names it.
+#[derive(Clone)]
+struct ChannelArg(Channel);
+
+impl std::str::FromStr for ChannelArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "reference" => Ok(ChannelArg(Channel::Reference)),
+            "masked" => Ok(ChannelArg(Channel::Masked)),
+            _ => Err(format!("{s:?}: reference or masked")),
+        }
+    }
+}
+
+/// `START:END`, frames.
+fn parse_trim(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s.split_once(':').ok_or("START:END (frames)")?;
+    let (a, b) = (a.parse::<u64>(), b.parse::<u64>());
+    match (a, b) {
+        (Ok(a), Ok(b)) if a < b => Ok((a, b)),
+        _ => Err(format!("{s:?}: START:END frames with START < END")),
+    }
+}
+
+/// An import's progress: JSON lines on stdout, or one line rewritten on a terminal.
+fn report(p: &Progress, json: bool, terminal: bool) {
+    if json {
+        let v = match p {
+            Progress::Probed {
+                width,
+                height,
+                fps,
+                frames,
+            } => serde_json::json!({
+                "event": "probed", "width": width, "height": height, "fps": fps, "frames": frames}),
+            Progress::Detected { done, of } => {
+                serde_json::json!({"event": "detected", "done": done, "of": of})
+            }
+            Progress::Warning(w) => serde_json::json!({"event": "warning", "message": w}),
+            Progress::Preparing => serde_json::json!({"event": "preparing"}),
+            Progress::Done { dir, frames } => serde_json::json!({
+                "event": "done", "dir": dir.display().to_string(), "frames": frames}),
+        };
+        println!("{v}");
+        return;
+    }
+    match p {
+        Progress::Probed {
+            width,
+            height,
+            fps,
+            frames,
+        } => {
+            eprintln!("video: {width}x{height}, {fps:.2} fps, about {frames} frames")
+        }
+        Progress::Detected { done, of } if terminal => {
+            eprint!("\rfinding the face: frame {done} of {of}   ")
+        }
+        Progress::Detected { .. } => {}
+        Progress::Warning(w) => eprintln!("\nwarning: {w}"),
+        Progress::Preparing => eprintln!("\npreparing the frames"),
+        Progress::Done { dir, frames } => println!("wrote {} ({frames} frames)", dir.display()),
+    }
 }
 
 fn parse_unit(s: &str) -> Result<f32, String> {

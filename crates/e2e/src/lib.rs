@@ -70,6 +70,43 @@ pub fn copy_avatar(root: &Path, from: &str, to: &str, audio: Option<&str>) {
     std::fs::write(dst.join("avatar.toml"), manifest).unwrap();
 }
 
+/// `seconds` of a voiced buzz at 16 kHz, 16-bit little-endian: 120 Hz and its harmonics, four
+/// syllables a second; loud enough in every 200 ms window to make talking frames.
+pub fn voiced_pcm16(seconds: f64) -> bytes::Bytes {
+    let n = (16_000.0 * seconds) as usize;
+    (0..n)
+        .flat_map(|i| {
+            let t = i as f64 / 16_000.0;
+            let voiced: f64 = (1..10)
+                .map(|h| (2.0 * std::f64::consts::PI * 120.0 * h as f64 * t).sin() / h as f64)
+                .sum();
+            let v = 0.3 * (std::f64::consts::PI * 4.0 * t).sin().abs() * voiced;
+            ((v * 32767.0) as i16).to_le_bytes()
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+/// A whole speech session in one message: `voiced_pcm16(seconds)` to `avatar`, then the end of
+/// speech.
+pub fn speech_session(avatar: &str, seconds: f64) -> RenderRequest {
+    use framecast_proto::compositor::v1::{AudioChunk, AudioFormat, SampleFormat};
+    RenderRequest {
+        request_id: format!("speech-{avatar}"),
+        avatar_id: avatar.into(),
+        audio: Some(AudioChunk {
+            format: Some(AudioFormat {
+                sample_format: SampleFormat::S16le as i32,
+                sample_rate: 16_000,
+            }),
+            pcm: voiced_pcm16(seconds),
+            end_of_speech: true,
+            cancel: false,
+        }),
+        ..Default::default()
+    }
+}
+
 /// Silent audio conditioning for `n` frames.
 pub fn zero_audio(n: u32) -> Tensor {
     Tensor {

@@ -7,7 +7,6 @@ use bytes::Bytes;
 use framecast_e2e::stack::{render, stack, Stack};
 use framecast_e2e::{kserve_client, spawn_inference};
 use framecast_inference::zoo::{self, wav2lip, Builtin, ZooOptions};
-use framecast_proto::compositor::v1::{AudioChunk, AudioFormat, RenderRequest, SampleFormat};
 use framecast_proto::kserve::model_infer_request::InferInputTensor;
 use framecast_proto::kserve::ModelInferRequest;
 use framecast_proto::tensor::DataType;
@@ -117,32 +116,7 @@ fn avatar_for(avatars: &Path, id: &str, audio: &str, edits: &[(&str, &str)]) {
 /// 16 kHz) to avatar `id` and checks the session: every frame in order, most of them with
 /// the model's face pasted (not the prepared background), the rest idle.
 async fn speak(s: &Stack, avatars: &Path, id: &str, seconds: f64) {
-    let n = (16_000.0 * seconds) as usize;
-    let pcm: Bytes = (0..n)
-        .flat_map(|i| {
-            let t = i as f64 / 16_000.0;
-            let voiced: f64 = (1..10)
-                .map(|h| (2.0 * std::f64::consts::PI * 120.0 * h as f64 * t).sin() / h as f64)
-                .sum();
-            let v = 0.3 * (std::f64::consts::PI * 4.0 * t).sin().abs() * voiced;
-            ((v * 32767.0) as i16).to_le_bytes()
-        })
-        .collect::<Vec<u8>>()
-        .into();
-    let msgs = vec![RenderRequest {
-        request_id: id.into(),
-        avatar_id: id.into(),
-        audio: Some(AudioChunk {
-            format: Some(AudioFormat {
-                sample_format: SampleFormat::S16le as i32,
-                sample_rate: 16_000,
-            }),
-            pcm,
-            end_of_speech: true,
-            cancel: false,
-        }),
-        ..Default::default()
-    }];
+    let msgs = vec![framecast_e2e::speech_session(id, seconds)];
     let frames = render(&s.client, msgs).await.unwrap();
     let want = (seconds * 25.0).ceil() as usize;
     assert_eq!(frames.len(), want);
