@@ -413,7 +413,10 @@ def main():
                return {state: f.state, error: f.error, session: f.session,
                        first_frame_ms: f.firstFrameMs, frames: f.frames,
                        probe: f.probeLuma, onsets: f.onsets, video: f.stats.video || null,
-                       rtt_ms: f.stats.rttMs || null};"""
+                       rtt_ms: f.stats.rttMs || null, page_fps: f.stats.fps || null,
+                       latency: document.getElementById("latency").textContent,
+                       rtt: document.getElementById("rtt").textContent,
+                       fps_shown: document.getElementById("fps").textContent};"""
         )
         gateway = driver.execute_script(
             "return fetch(window.framecast.session).then(r => r.json())"

@@ -329,6 +329,26 @@ fn check(seen: &Value) {
         gw["frames_lost"], 0,
         "frames lost between compositor and encoder: {gw}"
     );
+    // The page's figures tell the truth: the round trip is RTCP's (not the ICE pair's 0.0 on
+    // loopback), the frame rate is what it presented (not the browser's estimate rounded to
+    // 26), and there is a latency figure.
+    let rtt = seen["rtt_ms"].as_f64().unwrap_or(0.0);
+    assert!(
+        rtt > 0.0 && !seen["rtt"].as_str().unwrap_or("").contains("ICE"),
+        "round trip shown: {}",
+        seen["rtt"]
+    );
+    let page_fps = seen["page_fps"].as_f64().unwrap_or(0.0);
+    assert!(
+        (22.0..=25.5).contains(&page_fps),
+        "frame rate shown: {}",
+        seen["fps_shown"]
+    );
+    let shown = seen["latency"].as_str().unwrap_or("");
+    assert!(
+        shown.contains("ms in the gateway") && shown.contains("ms buffered here"),
+        "latency shown: {shown:?}"
+    );
 
     // The mouth: it moves while the sentence plays and is still through the silences. The
     // fake microphone loops sentence + 3 s of silence; each silence holds more than a second
