@@ -70,8 +70,24 @@ def wait_for(driver, script, timeout, what):
     raise SystemExit(f"browser_check: {what} within {timeout} s (page state {state})")
 
 
+def session_url(driver, args):
+    """The session's URL: the gateway's Location, absolute (RFC 9725) or a path."""
+    s = driver.execute_script("return window.framecast.session")
+    return s if s.startswith("http") else args.url + s
+
+
 def run(driver, args, page):
-    driver.get(page)
+    token = getattr(args, "token", None)
+    if token and "autostart=" in page:
+        # The token is typed into the page before it starts (never put in its URL).
+        how = page.split("autostart=")[1].split("&")[0]
+        driver.get(page.replace(f"autostart={how}", "autostart_off=1"))
+        wait_for(driver, "return document.readyState === 'complete'", 30, "no page")
+        driver.execute_script(
+            "document.getElementById('token').value = arguments[0]; start(arguments[1])",
+            token, how == "sample")
+    else:
+        driver.get(page)
     wait_for(driver, "return window.framecast.state === 'connected'", 30, "no connection")
     wait_for(driver, "return window.framecast.firstFrameMs", 30, "no video frame")
     # From page load (navigation start) to the first frame presented.
@@ -143,7 +159,7 @@ def agent(driver, args, scratch):
     page = f"{args.url}/?avatar={args.avatar}&mode=agent&autostart=1&probe={args.probe}"
     run(driver, args, page)
     time.sleep(args.idle_s)
-    session = args.url + driver.execute_script("return window.framecast.session")
+    session = session_url(driver, args)
     spoken = os.path.join(scratch, "spoken.wav")
     subprocess.run(["espeak-ng", "-w", spoken, args.agent], check=True)
     with open(spoken, "rb") as f:
@@ -251,7 +267,7 @@ def bench(driver, args, scratch):
     page = f"{args.url}/?avatar={args.avatar}&mode=agent&autostart=1&probe={args.probe}"
     run(driver, args, page)
     time.sleep(2)
-    session = args.url + driver.execute_script("return window.framecast.session")
+    session = session_url(driver, args)
     spoken = os.path.join(scratch, "spoken.wav")
     subprocess.run(["espeak-ng", "-w", spoken, args.bench], check=True)
     with open(spoken, "rb") as f:

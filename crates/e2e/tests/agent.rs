@@ -5,6 +5,7 @@
 //! the session.
 
 use framecast_compositor::inference::{ClientOptions, InferenceClient};
+use framecast_e2e::http_request as http_full;
 use framecast_gateway::{Gateway, GatewayOptions};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -54,37 +55,6 @@ async fn http(
     (status, body)
 }
 
-/// One HTTP/1.1 request: (status, head, body).
-async fn http_full(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> (u16, String, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: gateway\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).await.unwrap();
-    let _ = s.write_all(body).await;
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out).await;
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (status, head.to_string(), body.to_string())
-}
-
 /// A tone at `hz` for `seconds`, as a 16 kHz WAV file.
 fn tone_wav(hz: f64, seconds: f64) -> Vec<u8> {
     let rate = 16_000u32;
@@ -127,6 +97,11 @@ impl Peer {
     /// Offers to the gateway at `addr` for the `small` avatar in `mode`, sending a tone of
     /// `mic_hz` (0: silence) as its microphone.
     async fn connect(addr: SocketAddr, mode: &str, mic_hz: f64) -> Peer {
+        Self::connect_with(addr, mode, mic_hz, None).await
+    }
+
+    /// [`Peer::connect`] with the gateway's `--api-token`.
+    async fn connect_with(addr: SocketAddr, mode: &str, mic_hz: f64, token: Option<&str>) -> Peer {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         let local = socket.local_addr().unwrap();
         let mut rtc = RtcConfig::new().build(Instant::now());
@@ -136,23 +111,28 @@ impl Peer {
         api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
         api.add_channel("events".into());
         let (offer, pending) = api.apply().unwrap();
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("Content-Type", "application/sdp")];
+        headers.extend(bearer.as_deref().map(|b| ("Authorization", b)));
         let (status, head, answer) = http_full(
             addr,
             "POST",
             &format!("/sessions?avatar=small&mode={mode}"),
-            &[("Content-Type", "application/sdp")],
+            &headers,
             offer.to_sdp_string().as_bytes(),
         )
         .await;
         assert_eq!(status, 201, "{answer}");
+        // The Location is absolute (RFC 9725): the session id is its last segment.
         let session = head
             .lines()
             .find_map(|l| {
-                l.strip_prefix("location: /sessions/")
-                    .or(l.strip_prefix("Location: /sessions/"))
+                l.to_ascii_lowercase()
+                    .starts_with("location:")
+                    .then(|| l[9..].trim())
             })
+            .and_then(|url| url.rsplit("/sessions/").next())
             .expect("a Location header")
-            .trim()
             .to_string();
         rtc.sdp_api()
             .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).unwrap())
@@ -792,7 +772,8 @@ async fn bad_calls_get_their_status_and_leave_the_session_alone() {
     assert_eq!(f.gateway.open_sessions(), 1);
 }
 
-/// With --api-token, every agent endpoint wants it: the session's id alone is refused (401).
+/// With --api-token, opening a session and every agent endpoint want it: the session's id
+/// alone is refused (401).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_agent_endpoints_require_the_api_token() {
     let f = fixture(GatewayOptions {
@@ -800,7 +781,17 @@ async fn the_agent_endpoints_require_the_api_token() {
         ..Default::default()
     })
     .await;
-    let peer = Peer::connect(f.addr, "agent", 0.0).await;
+    // Opening a session wants it too (as WHIP's bearer token).
+    let (status, why) = http(
+        f.addr,
+        "POST",
+        "/sessions?avatar=small&mode=agent",
+        &[("Content-Type", "application/sdp")],
+        b"v=0\r\n",
+    )
+    .await;
+    assert_eq!(status, 401, "{why}");
+    let peer = Peer::connect_with(f.addr, "agent", 0.0, Some("s3cret")).await;
     let s = &peer.session;
     let wav = tone_wav(440.0, 0.2);
     for (method, path) in [

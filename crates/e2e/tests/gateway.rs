@@ -165,11 +165,16 @@ async fn a_vanished_browser_is_reaped_and_cycles_leave_memory_flat() {
     let cycle = || async {
         let (status, head, _) = f.post_offer().await;
         assert_eq!(status, 201);
+        // Absolute (RFC 9725): the path after the authority is what to DELETE.
         let location = head
             .lines()
             .find_map(|l| l.strip_prefix("location: "))
-            .expect("a Location header")
-            .to_string();
+            .expect("a Location header");
+        assert!(
+            location.starts_with("http://gateway/sessions/"),
+            "{location}"
+        );
+        let location = location.trim_start_matches("http://gateway").to_string();
         let (status, _) = http(f.addr, "DELETE", &location, b"").await;
         assert_eq!(status, 200);
     };
@@ -312,14 +317,7 @@ async fn http_from(
     let _ = s.write_all(body).await;
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out).await;
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (status, head.to_string(), body.to_string())
+    framecast_e2e::http_response(&out)
 }
 
 /// Lets this process hold `n` more descriptors than it usually may (up to the hard limit).
@@ -473,4 +471,102 @@ async fn hostile_offers_are_refused_in_words() {
     let (status, why) = http(f.addr, "POST", "/sessions?avatar=small", garbled.as_bytes()).await;
     assert_eq!(status, 400, "{why}");
     assert!(!why.contains("0x"), "an address in the reason: {why}");
+}
+
+/// [`framecast_e2e::http_request`] with the head in lower case (header names as HTTP/2 and
+/// hyper write them, values as they are compared here).
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String, String) {
+    let (status, head, body) = framecast_e2e::http_request(addr, method, path, headers, body).await;
+    (status, head.to_ascii_lowercase(), body)
+}
+
+/// WHIP (RFC 9725) where it applies: OPTIONS says what POST takes and names the ICE
+/// servers; an offer that is not `application/sdp` is 415; the answer's `Location` is
+/// absolute and the ICE servers come as `Link` headers; CORS answers the allowed origin's
+/// preflight and responses, and nothing for another origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whip_where_it_applies() {
+    use framecast_gateway::whip::IceServer;
+    let f = fixture(GatewayOptions {
+        cors_origins: vec!["https://app.example".into()],
+        ice_servers: vec![
+            IceServer::new("stun:stun.example.net:3478", None, None).unwrap(),
+            IceServer::new("turn:turn.example.net?transport=udp", Some("u"), Some("p")).unwrap(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let stun = "link: <stun:stun.example.net:3478>; rel=\"ice-server\"";
+    let turn = "link: <turn:turn.example.net?transport=udp>; rel=\"ice-server\"; username=\"u\"; credential=\"p\"; credential-type=\"password\"";
+    let (status, head, _) = request(f.addr, "OPTIONS", "/sessions", &[], b"").await;
+    assert_eq!(status, 204, "{head}");
+    assert!(head.contains("accept-post: application/sdp"), "{head}");
+    assert!(head.contains(stun) && head.contains(turn), "{head}");
+
+    let sdp = offer(true);
+    let post = |content_type: &'static str, origin: &'static str| {
+        let sdp = sdp.clone();
+        async move {
+            request(
+                f.addr,
+                "POST",
+                "/sessions?avatar=small",
+                &[("Content-Type", content_type), ("Origin", origin)],
+                sdp.as_bytes(),
+            )
+            .await
+        }
+    };
+    let (status, _, body) = post("text/plain", "https://app.example").await;
+    assert_eq!(status, 415, "{body}");
+    assert!(body.contains("application/sdp"), "{body}");
+    let (status, head, body) = post("application/sdp; charset=utf-8", "https://app.example").await;
+    assert_eq!(status, 201, "{body}");
+    assert!(
+        head.contains("location: http://gateway/sessions/"),
+        "{head}"
+    );
+    assert!(head.contains(stun) && head.contains(turn), "{head}");
+    assert!(
+        head.contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-expose-headers: location, link"),
+        "{head}"
+    );
+    // A page of another origin: answered (the browser enforces CORS), but never allowed.
+    let (status, head, _) = post("application/sdp", "https://evil.example").await;
+    assert_eq!(status, 201);
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
+    // The allowed origin's preflight.
+    let preflight = |origin: &'static str| async move {
+        let headers = [
+            ("Origin", origin),
+            ("Access-Control-Request-Method", "POST"),
+            (
+                "Access-Control-Request-Headers",
+                "authorization, content-type",
+            ),
+        ];
+        request(f.addr, "OPTIONS", "/sessions", &headers, b"").await
+    };
+    let (status, head, _) = preflight("https://app.example").await;
+    assert_eq!(status, 204, "{head}");
+    assert!(
+        head.contains("access-control-allow-methods: get, post, delete, options"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-headers: authorization, content-type"),
+        "{head}"
+    );
+    let (_, head, _) = preflight("https://evil.example").await;
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
 }

@@ -12,7 +12,7 @@ use crate::speech::Speaker;
 use crate::tts::Tts;
 use crate::Compositor;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -70,6 +70,12 @@ pub struct GatewayOptions {
     pub max_speech_bytes: usize,
     /// Utterances an agent session holds waiting.
     pub max_utterances: usize,
+    /// Origins whose pages may call the gateway (CORS); `*` any.
+    pub cors_origins: Vec<String>,
+    /// STUN and TURN servers for the browser, sent as `Link` headers (RFC 9725).
+    pub ice_servers: Vec<crate::whip::IceServer>,
+    /// The page and signalling are served over HTTPS (for the absolute `Location`).
+    pub https: bool,
 }
 
 impl Default for GatewayOptions {
@@ -92,6 +98,9 @@ impl Default for GatewayOptions {
             tts_timeout: Duration::from_secs(10),
             max_speech_bytes: 32 << 20,
             max_utterances: 16,
+            cors_origins: Vec::new(),
+            ice_servers: Vec::new(),
+            https: false,
         }
     }
 }
@@ -216,7 +225,10 @@ fn router(gw: Arc<Gateway>) -> Router {
         .route("/healthz", get(health))
         .route("/avatars", get(avatars))
         .route("/sample.wav", get(sample))
-        .route("/sessions", axum::routing::post(create))
+        .route(
+            "/sessions",
+            axum::routing::post(create).options(crate::whip::options),
+        )
         .route("/sessions/{id}", get(stats).delete(end))
         .route(
             "/sessions/{id}/interrupt",
@@ -229,7 +241,13 @@ fn router(gw: Arc<Gateway>) -> Router {
     let speech = Router::new()
         .route("/sessions/{id}/speech", axum::routing::post(api::speech))
         .layer(DefaultBodyLimit::max(gw.opts.max_speech_bytes));
-    signalling.merge(speech).with_state(gw)
+    signalling
+        .merge(speech)
+        .layer(axum::middleware::from_fn_with_state(
+            gw.clone(),
+            crate::whip::cors,
+        ))
+        .with_state(gw)
 }
 
 /// The speech route's bodies may stream for as long as they keep coming.
@@ -347,6 +365,7 @@ async fn create(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
     body: String,
 ) -> Response {
     let outcome = |label: &str| {
@@ -355,6 +374,26 @@ async fn create(
             .with_label_values(&[label])
             .inc()
     };
+    let auth = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    if gw.api_auth.check(auth).is_err() {
+        outcome("unauthorized");
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "authorization: send 'Authorization: Bearer <token>' with the gateway's --api-token",
+        );
+    }
+    let sdp = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/sdp"));
+    if !sdp {
+        outcome("bad_offer");
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type: an offer is application/sdp (RFC 9725)",
+        );
+    }
     let Some(avatar) = query.get("avatar").filter(|a| !a.is_empty()) else {
         outcome("bad_offer");
         return refuse(
@@ -456,15 +495,24 @@ async fn create(
     match answer(&gw, avatar, mode, &info, offer, place) {
         Ok((id, sdp)) => {
             outcome("answered");
-            (
+            let mut r = (
                 StatusCode::CREATED,
                 [
                     (header::CONTENT_TYPE, "application/sdp".to_string()),
-                    (header::LOCATION, format!("/sessions/{id}")),
+                    (
+                        header::LOCATION,
+                        crate::whip::location(&headers, gw.opts.https, &format!("/sessions/{id}")),
+                    ),
                 ],
                 sdp,
             )
-                .into_response()
+                .into_response();
+            for (k, v) in crate::whip::ice_links(&gw) {
+                if let Ok(v) = axum::http::HeaderValue::from_str(&v) {
+                    r.headers_mut().append(k, v);
+                }
+            }
+            r
         }
         Err((status, reason)) => {
             outcome(if status == StatusCode::BAD_REQUEST {

@@ -20,6 +20,7 @@ pub mod pacing;
 pub mod session;
 pub mod speech;
 pub mod tts;
+pub mod whip;
 
 pub use http::{serve, Gateway, GatewayOptions};
 

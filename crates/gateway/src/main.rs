@@ -97,11 +97,27 @@ struct Args {
     /// A WAV file the page offers as "play a sample sentence".
     #[arg(long, env = "FRAMECAST_GATEWAY_SAMPLE_WAV")]
     sample_wav: Option<PathBuf>,
-    /// Bearer token the agent endpoints require (`/sessions/ID/speech`, `interrupt`,
-    /// `events`, `microphone`); several, comma-separated. Unset: whoever knows a session's
-    /// id may make its avatar speak and hear its user (set it beyond a single machine).
+    /// Bearer token session creation (`POST /sessions`, as WHIP's) and the agent endpoints
+    /// (`/sessions/ID/speech`, `interrupt`, `events`, `microphone`) require; several,
+    /// comma-separated. Unset: anyone may open sessions, and whoever knows a session's id may
+    /// make its avatar speak and hear its user (set it beyond a single machine).
     #[arg(long, env = "FRAMECAST_GATEWAY_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
+    /// Origins whose pages may call the gateway across origins (CORS: a page served
+    /// elsewhere opening sessions); comma-separated, `*` for any. Unset: same origin only.
+    #[arg(long, env = "FRAMECAST_GATEWAY_CORS_ORIGIN", value_delimiter = ',')]
+    cors_origin: Vec<String>,
+    /// STUN or TURN servers the browser should gather with (stun:, stuns:, turn:, turns:
+    /// URIs; comma-separated), sent as `Link: <...>; rel="ice-server"` headers with each
+    /// answer and OPTIONS (RFC 9725). The gateway itself offers host candidates only.
+    #[arg(long, env = "FRAMECAST_GATEWAY_ICE_SERVER", value_delimiter = ',')]
+    ice_server: Vec<String>,
+    /// The TURN servers' username (--ice-server turn: URIs).
+    #[arg(long, env = "FRAMECAST_GATEWAY_ICE_USERNAME")]
+    ice_username: Option<String>,
+    /// The TURN servers' credential.
+    #[arg(long, env = "FRAMECAST_GATEWAY_ICE_CREDENTIAL", hide_env_values = true)]
+    ice_credential: Option<String>,
     /// A TTS service for agent sessions' text: an http:// URL the text is POSTed to
     /// (text/plain; voice and rate as query parameters) answering WAV or 16-bit PCM
     /// (audio/L16; rate=N or audio/pcm; rate=N), streamed. Unset: espeak-ng.
@@ -204,11 +220,25 @@ async fn main() -> Result<()> {
         tts_timeout: Duration::from_secs_f64(args.tts_timeout_s),
         max_speech_bytes: args.max_speech_bytes,
         max_utterances: args.max_utterances,
+        cors_origins: args.cors_origin,
+        ice_servers: args
+            .ice_server
+            .iter()
+            .map(|url| {
+                framecast_gateway::whip::IceServer::new(
+                    url,
+                    args.ice_username.as_deref(),
+                    args.ice_credential.as_deref(),
+                )
+            })
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?,
+        https: tls.is_some(),
         ..Default::default()
     };
     if opts.api_token.is_none() {
         tracing::warn!(
-            "no --api-token: the agent endpoints of a session answer whoever knows its id"
+            "no --api-token: anyone may open sessions, and the agent endpoints of a session answer whoever knows its id"
         );
     }
     let gw = Gateway::new(client, opts);
