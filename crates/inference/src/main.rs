@@ -159,8 +159,13 @@ struct ServeArgs {
     /// then exit.
     #[arg(long, env = "FRAMECAST_SHUTDOWN_GRACE_S", default_value_t = ServeOptions::default().grace.as_secs())]
     shutdown_grace_s: u64,
-    /// libtorch intra-op threads per process (0: libtorch's default).
-    #[arg(long, env = "FRAMECAST_TORCH_THREADS", default_value_t = 0)]
+    /// libtorch intra-op threads per process; 0: libtorch's default, a thread per core. One
+    /// by default: lip-sync batches are small, and extra threads mostly spin (measured here:
+    /// 3.1 ms of inference CPU a frame with one thread against 14.8 with a thread per core
+    /// and 16.1 with two, at the same latency; docs/performance.md). A large model on an
+    /// otherwise idle CPU runs a batch faster with more (lipsync-ref: 1.6 against 1.3
+    /// frames/s), at 45% more CPU a frame.
+    #[arg(long, env = "FRAMECAST_TORCH_THREADS", default_value_t = 1)]
     torch_threads: i32,
 }
 
