@@ -57,6 +57,9 @@ pub struct GatewayOptions {
     pub video_bitrate_bps: u32,
     /// Margin between a frame's arrival and its play time.
     pub jitter: Duration,
+    /// Longest a frame may show after its voice reached the gateway: later frames are dropped
+    /// (counted), so a compositor that falls behind costs frames, never a growing delay.
+    pub max_latency: Duration,
     /// A WAV file the page offers as "play a sample sentence".
     pub sample_wav: Option<PathBuf>,
     /// Bearer tokens the agent endpoints (speech, interrupt, events, microphone) require,
@@ -92,6 +95,7 @@ impl Default for GatewayOptions {
             max_body_bytes: 64 * 1024,
             video_bitrate_bps: 2_000_000,
             jitter: Duration::from_millis(150),
+            max_latency: Duration::from_millis(600),
             sample_wav: None,
             api_token: None,
             tts: Tts::default(),
@@ -580,6 +584,7 @@ fn answer(
         video_bitrate_bps: gw.opts.video_bitrate_bps,
         timeout: gw.opts.session_timeout,
         jitter: gw.opts.jitter,
+        max_latency: gw.opts.max_latency,
     };
     let session = session::start(
         config,

@@ -94,6 +94,12 @@ struct Args {
     /// batches; the voice is delayed by the same amount.
     #[arg(long, env = "FRAMECAST_GATEWAY_JITTER_MS", default_value_t = GatewayOptions::default().jitter.as_millis() as u64)]
     jitter_ms: u64,
+    /// Longest a frame may show after the voice of its moment reached the gateway, ms (the
+    /// jitter margin and the compositor's time for the frame included): later frames are
+    /// dropped (counted in frames_dropped), so a compositor that falls behind costs frames,
+    /// never a delay that grows. Normal sessions hold 300-400 ms here.
+    #[arg(long, env = "FRAMECAST_GATEWAY_MAX_LATENCY_MS", default_value_t = GatewayOptions::default().max_latency.as_millis() as u64)]
+    max_latency_ms: u64,
     /// A WAV file the page offers as "play a sample sentence".
     #[arg(long, env = "FRAMECAST_GATEWAY_SAMPLE_WAV")]
     sample_wav: Option<PathBuf>,
@@ -211,6 +217,7 @@ async fn main() -> Result<()> {
         session_timeout: Duration::from_secs_f64(args.session_timeout_s),
         video_bitrate_bps: args.video_kbps * 1000,
         jitter: Duration::from_millis(args.jitter_ms),
+        max_latency: Duration::from_millis(args.max_latency_ms),
         sample_wav: args.sample_wav,
         api_token: args.api_token,
         tts: match args.tts_url {

@@ -16,6 +16,13 @@
 //! waits with it); a frame whose moment is more than [`MAX_AHEAD`] beyond the jitter margin
 //! moves `t0` earlier by the excess (the frames it overtakes are dropped as late). Without
 //! this a 5% fast microphone filled the queue in 30 s and no frame was ever due again.
+//!
+//! Following late frames must not become a growing delay when the compositor (not the
+//! sender's clock) falls behind: with a latency bound ([`Pacer::with_max_latency`]), a frame
+//! that would show later than the bound after its voice reached the gateway is dropped
+//! (counted) instead of moving the clock, so the voice keeps its time and the lag never
+//! accumulates. A slow sender's voice arrives late too, so its frames stay within the bound
+//! and the clock still follows it.
 
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -61,6 +68,8 @@ pub struct Pacer {
     cut_at: u64,
     /// The next frame to arrive after an interrupt sets the clock: it plays at once.
     resync: bool,
+    /// Longest a frame may show after its voice reached the gateway; later ones are dropped.
+    max_latency: Option<Duration>,
 }
 
 impl Pacer {
@@ -73,12 +82,28 @@ impl Pacer {
             voice: VecDeque::new(),
             cut_at: 0,
             resync: false,
+            max_latency: None,
         }
     }
 
-    /// A frame from the compositor (`idle`: the background, no speech in it); returns how
-    /// many frames were dropped to make room.
-    pub fn push_frame(&mut self, now: Instant, index: u64, image: Bytes, idle: bool) -> u64 {
+    /// Frames later than `bound` after their voice reached the gateway are dropped, not
+    /// waited for.
+    pub fn with_max_latency(mut self, bound: Duration) -> Pacer {
+        self.max_latency = Some(bound);
+        self
+    }
+
+    /// A frame from the compositor (`idle`: the background, no speech in it; `heard`: when the
+    /// voice of its moment reached the gateway, if known); returns how many frames were
+    /// dropped (to make room, or this one, past the latency bound).
+    pub fn push_frame(
+        &mut self,
+        now: Instant,
+        index: u64,
+        image: Bytes,
+        idle: bool,
+        heard: Option<Instant>,
+    ) -> u64 {
         if !idle && index < self.cut_at {
             // Talking, of speech an interrupt cut: still on its way, never shown.
             return 0;
@@ -93,6 +118,12 @@ impl Pacer {
         let (t0, f0) = *self.base.get_or_insert((now + self.jitter, index));
         let slot = self.slot(index).unwrap_or(t0);
         if slot < now {
+            if let (Some(heard), Some(bound)) = (heard, self.max_latency) {
+                if now.saturating_duration_since(heard) > bound {
+                    // The compositor is behind: showing it would delay everything after.
+                    return 1;
+                }
+            }
             // Late: the sender's clock is slower than ours (or the compositor stalled).
             self.base = Some((t0 + (now - slot), f0));
         } else if let Some(excess) = slot.checked_duration_since(now + self.jitter + MAX_AHEAD) {
@@ -207,6 +238,38 @@ mod tests {
         }
     }
 
+    /// With a latency bound, a compositor that falls behind costs frames, never delay: frames
+    /// later than the bound after their voice are dropped and the clock stays; the voice
+    /// keeps its time. Without one, the clock would follow them (the old behaviour, kept for
+    /// a slow sender whose voice is late too).
+    #[test]
+    fn a_compositor_behind_costs_frames_not_delay() {
+        let t = Instant::now();
+        let ms = |n: u64| Duration::from_millis(n);
+        let mut p = Pacer::new(25.0, ms(100)).with_max_latency(ms(500));
+        assert_eq!(p.push_frame(t, 0, Bytes::new(), false, Some(t)), 0);
+        // Frame 50 (moment 2 s) arrives 1 s late: its voice came at 2 s, it at 3.1 s.
+        let (heard, now) = (t + ms(2000), t + ms(3100));
+        assert_eq!(p.push_frame(now, 50, Bytes::new(), false, Some(heard)), 1);
+        assert_eq!(
+            p.slot(51),
+            Some(t + ms(100) + ms(51 * 40)),
+            "the clock stayed"
+        );
+        // One within the bound is waited for, as before.
+        let (heard, now) = (t + ms(2040), t + ms(2400));
+        assert_eq!(p.push_frame(now, 51, Bytes::new(), false, Some(heard)), 0);
+        assert_eq!(p.slot(51), Some(now));
+        // Without the bound the clock follows the late frame (a slow sender).
+        let mut q = Pacer::new(25.0, ms(100));
+        q.push_frame(t, 0, Bytes::new(), false, Some(t));
+        assert_eq!(
+            q.push_frame(t + ms(3100), 50, Bytes::new(), false, Some(t + ms(2000))),
+            0
+        );
+        assert_eq!(q.slot(50), Some(t + ms(3100)));
+    }
+
     /// Frames play one period apart from the first one's arrival plus the jitter margin;
     /// the voice of frame f's moment plays with frame f; a late frame gives way to the next.
     #[test]
@@ -220,7 +283,10 @@ mod tests {
             "no frame yet"
         );
         for f in 0..4 {
-            assert_eq!(p.push_frame(t, f, Bytes::from(vec![f as u8]), false), 0);
+            assert_eq!(
+                p.push_frame(t, f, Bytes::from(vec![f as u8]), false, None),
+                0
+            );
         }
         let at = |ms: u64| t + Duration::from_millis(ms);
         assert_eq!(p.next(), Some(at(100)));
@@ -255,7 +321,7 @@ mod tests {
                 let now = t + Duration::from_millis(step * 5);
                 while (next_batch as f64 + 8.0) / rate <= step as f64 * 0.005 {
                     for f in next_batch..next_batch + 8 {
-                        dropped += p.push_frame(now, f, Bytes::new(), false);
+                        dropped += p.push_frame(now, f, Bytes::new(), false, None);
                     }
                     next_batch += 8;
                 }
@@ -289,7 +355,7 @@ mod tests {
         let t = Instant::now();
         let mut p = Pacer::new(25.0, Duration::ZERO);
         let dropped: u64 = (0..MAX_FRAMES as u64 + 5)
-            .map(|f| p.push_frame(t, f, Bytes::new(), false))
+            .map(|f| p.push_frame(t, f, Bytes::new(), false, None))
             .sum();
         assert_eq!(dropped, 5);
         for i in 0..MAX_VOICE + 3 {
@@ -305,7 +371,7 @@ mod tests {
         let t = Instant::now();
         let mut p = Pacer::new(25.0, Duration::from_millis(100));
         for f in 0..6 {
-            p.push_frame(t, f, Bytes::new(), f == 3);
+            p.push_frame(t, f, Bytes::new(), f == 3, None);
             p.push_voice(voice(f as f64 * 0.04));
         }
         assert_eq!(
@@ -323,7 +389,7 @@ mod tests {
         let d = p.due(t);
         assert_eq!(d.frame.map(|f| f.0), Some(3));
         assert!(d.voice.iter().all(|v| v.payload[..] == [0u8][..]));
-        let late = p.push_frame(t, 4, Bytes::new(), false);
+        let late = p.push_frame(t, 4, Bytes::new(), false, None);
         assert_eq!(
             (late, p.frames.len()),
             (0, 1),
@@ -331,11 +397,11 @@ mod tests {
         );
         // With nothing held, the next frame to come sets the clock.
         let mut q = Pacer::new(25.0, Duration::from_millis(100));
-        q.push_frame(t, 0, Bytes::new(), false);
+        q.push_frame(t, 0, Bytes::new(), false, None);
         let _ = q.due(t + Duration::from_millis(100));
         q.cut(10, t + Duration::from_millis(150), &silent());
         let later = t + Duration::from_millis(230);
-        q.push_frame(later, 7, Bytes::new(), true);
+        q.push_frame(later, 7, Bytes::new(), true, None);
         assert_eq!(
             q.next(),
             Some(later),

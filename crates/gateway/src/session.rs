@@ -84,6 +84,8 @@ pub struct SessionConfig {
     pub timeout: Duration,
     /// Margin between a frame's arrival and its play time (absorbs the compositor's bursts).
     pub jitter: Duration,
+    /// Longest a frame may show after its voice reached the gateway; later ones are dropped.
+    pub max_latency: Duration,
 }
 
 /// Figures of one session, for `GET /sessions/{id}` and the page.
@@ -261,7 +263,7 @@ pub fn start(
             config.video_bitrate_bps,
         )?,
         decoder: VoiceDecoder::new()?,
-        pacer: Pacer::new(config.fps, config.jitter),
+        pacer: Pacer::new(config.fps, config.jitter).with_max_latency(config.max_latency),
         config: config.clone(),
         rtc,
         socket,
@@ -576,10 +578,7 @@ impl Worker {
                 let rtp = d.time.rebase(Frequency::FORTY_EIGHT_KHZ).numer();
                 let base = *self.voice_base.get_or_insert(rtp);
                 let at = rtp.saturating_sub(base) as f64 / VOICE_RATE as f64;
-                self.voice_arrivals.push_back((at, Instant::now()));
-                if self.voice_arrivals.len() > 500 {
-                    self.voice_arrivals.pop_front();
-                }
+                Self::voice_came(&mut self.voice_arrivals, at);
                 let started = Instant::now();
                 let decoded = self.decoder.decode(&d.data);
                 self.stats
@@ -623,7 +622,10 @@ impl Worker {
         loop {
             match self.frame_rx.try_recv() {
                 Ok((index, image, idle)) => {
-                    let dropped = self.pacer.push_frame(Instant::now(), index, image, idle);
+                    let heard = self.heard(index);
+                    let dropped = self
+                        .pacer
+                        .push_frame(Instant::now(), index, image, idle, heard);
                     self.count_dropped(dropped);
                 }
                 Err(TryRecvError::Empty) => return Ok(()),
@@ -632,6 +634,22 @@ impl Worker {
                     return Err(why.unwrap_or_else(|| "the compositor ended the session".into()));
                 }
             }
+        }
+    }
+
+    /// When the voice of frame `index`'s moment reached the gateway (the browser's, or the
+    /// speaker's as it made it), if it is still remembered.
+    fn heard(&self, index: u64) -> Option<Instant> {
+        let moment = index as f64 / self.config.fps;
+        let at = self.voice_arrivals.partition_point(|(at, _)| *at < moment);
+        self.voice_arrivals.get(at).map(|(_, t)| *t)
+    }
+
+    /// Remembers in `arrivals` when the voice of moment `at` came, for [`Self::heard`].
+    fn voice_came(arrivals: &mut std::collections::VecDeque<(f64, Instant)>, at: f64) {
+        arrivals.push_back((at, Instant::now()));
+        if arrivals.len() > 500 {
+            arrivals.pop_front();
         }
     }
 
@@ -646,11 +664,14 @@ impl Worker {
                     at,
                     rtp_time,
                     payload,
-                } => self.pacer.push_voice(Voice {
-                    at,
-                    rtp_time,
-                    payload,
-                }),
+                } => {
+                    Self::voice_came(&mut self.voice_arrivals, at);
+                    self.pacer.push_voice(Voice {
+                        at,
+                        rtp_time,
+                        payload,
+                    })
+                }
                 ToThread::Mark { frame, event } => agent.marks.push((frame, event)),
                 ToThread::Cut {
                     frame,
@@ -809,11 +830,9 @@ impl Worker {
             .packetize_us_total
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         // The voice of this frame's moment: when it reached the gateway.
-        let moment = index as f64 / self.config.fps;
-        let at = self.voice_arrivals.partition_point(|(at, _)| *at < moment);
-        if let Some((_, arrived)) = self.voice_arrivals.get(at) {
+        if let Some(arrived) = self.heard(index) {
             let mut latency = self.stats.latency_ms.lock();
-            latency.push_back(now.saturating_duration_since(*arrived).as_secs_f32() * 1e3);
+            latency.push_back(now.saturating_duration_since(arrived).as_secs_f32() * 1e3);
             if latency.len() > 2000 {
                 latency.pop_front();
             }
