@@ -9,6 +9,7 @@
 //! | `utterance_ended` | `id`, `frame`, `media_time_s`, `unix_ms`, `frames` (shown), `interrupted` | its last frame left, or it was interrupted (queued ones that never started: `frames` 0, no `frame`) |
 //! | `utterance_failed` | `id`, `reason` | its audio or TTS failed midway (it ends with what came) |
 //! | `idle` | `frame`, `media_time_s`, `unix_ms` | nothing plays or waits any more |
+//! | `falling_behind` | `frames_dropped` (in all so far) | frames came too late to show and were dropped (the compositor is behind); at most every 2 s while it lasts |
 //! | `session_closed` | `reason` | the session ended |
 //!
 //! `frame` is the session's frame index (frame `f` shows moment `f / fps` of the session's
@@ -43,6 +44,10 @@ pub enum Event {
     },
     Idle {
         frame: Option<u64>,
+    },
+    /// Frames were dropped as too late; `dropped` in all so far.
+    Behind {
+        dropped: u64,
     },
     Closed {
         reason: String,
@@ -147,6 +152,9 @@ impl Events {
                 v["type"] = "idle".into();
                 v
             }
+            Event::Behind { dropped } => {
+                json!({"type": "falling_behind", "frames_dropped": dropped, "unix_ms": unix_ms})
+            }
             Event::Closed { reason } => {
                 json!({"type": "session_closed", "reason": reason, "unix_ms": unix_ms})
             }
@@ -182,5 +190,11 @@ mod tests {
             (Some(12), Some(true))
         );
         assert!(v["unix_ms"].as_u64().unwrap() > 1_600_000_000_000);
+        let behind = events.send(Event::Behind { dropped: 7 });
+        let v: serde_json::Value = serde_json::from_str(&behind).unwrap();
+        assert_eq!(
+            (v["type"].as_str(), v["frames_dropped"].as_u64()),
+            (Some("falling_behind"), Some(7))
+        );
     }
 }

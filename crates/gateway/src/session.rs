@@ -88,6 +88,9 @@ pub struct SessionConfig {
     pub max_latency: Duration,
 }
 
+/// Shortest time between two `falling_behind` events of a session.
+const BEHIND_EVERY: Duration = Duration::from_secs(2);
+
 /// Figures of one session, for `GET /sessions/{id}` and the page.
 #[derive(Default)]
 pub struct Stats {
@@ -282,6 +285,7 @@ pub fn start(
         video_mid: None,
         voice_base: None,
         voice_arrivals: Default::default(),
+        said_behind: None,
         answered: Instant::now(),
         last_heard: Instant::now(),
     };
@@ -431,6 +435,8 @@ struct Worker {
     /// (moment in seconds, arrival) of the last ten seconds of voice packets: when the voice
     /// of a frame's moment reached the gateway, for the latency figure.
     voice_arrivals: std::collections::VecDeque<(f64, Instant)>,
+    /// When `falling_behind` was last told.
+    said_behind: Option<Instant>,
     answered: Instant,
     /// When the browser last proved it is there: the answer, the connection, then each of its
     /// voice packets (only the peer holding the DTLS keys can send one: datagrams from
@@ -627,6 +633,7 @@ impl Worker {
                         .pacer
                         .push_frame(Instant::now(), index, image, idle, heard);
                     self.count_dropped(dropped);
+                    self.say_if_behind(dropped);
                 }
                 Err(TryRecvError::Empty) => return Ok(()),
                 Err(TryRecvError::Disconnected) => {
@@ -755,6 +762,19 @@ impl Worker {
             };
             self.events.send(event);
         }
+    }
+
+    /// A session that cannot be held at its frame rate says so: `falling_behind` on its
+    /// events, at most every [`BEHIND_EVERY`] while frames keep being dropped.
+    fn say_if_behind(&mut self, dropped: u64) {
+        let now = Instant::now();
+        if dropped == 0 || self.said_behind.is_some_and(|t| now - t < BEHIND_EVERY) {
+            return;
+        }
+        self.said_behind = Some(now);
+        self.events.send(SessionEvent::Behind {
+            dropped: self.stats.frames_dropped.load(Ordering::Relaxed),
+        });
     }
 
     fn count_dropped(&self, n: u64) {
