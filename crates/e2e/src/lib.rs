@@ -265,6 +265,49 @@ pub async fn kserve_client(url: String) -> GrpcInferenceServiceClient<tonic::tra
         .max_decoding_message_size(64 << 20)
 }
 
+/// Inference (`passthrough`), a compositor with the fixture avatars and a gateway over them
+/// with `opts`, each on a loopback port: what the gateway tests talk to.
+pub struct GatewayStack {
+    _tmp: tempfile::TempDir,
+    _servers: (framecast_inference::server::Running, comp_server::Running),
+    pub gateway: Arc<framecast_gateway::Gateway>,
+    pub addr: std::net::SocketAddr,
+}
+
+/// Starts a [`GatewayStack`].
+pub async fn gateway_stack(opts: framecast_gateway::GatewayOptions) -> GatewayStack {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let (models, avatars) = write_fixtures(tmp.path(), 0);
+    let inference = spawn_inference(&models, Default::default()).await;
+    let pool = InferenceClient::connect_lazy(&[inference.url()], &Default::default())
+        .expect("an inference URL");
+    let compositor = spawn_compositor(&avatars, pool, 8, Default::default()).await;
+    let (gateway, addr) = spawn_gateway(compositor.url(), opts).await;
+    GatewayStack {
+        _tmp: tmp,
+        _servers: (inference, compositor),
+        gateway,
+        addr,
+    }
+}
+
+impl GatewayStack {
+    /// Where the models and avatars are (`models/`, `avatars/`).
+    pub fn root(&self) -> &Path {
+        self._tmp.path()
+    }
+
+    /// Sessions still open once the gateway has had up to 10 s to end them.
+    pub async fn settled(&self) -> usize {
+        stack::poll_until(
+            std::time::Duration::from_secs(10),
+            || async { self.gateway.open_sessions() },
+            |&n| n == 0,
+        )
+        .await
+    }
+}
+
 /// A gateway over the compositor at `compositor_url`, serving HTTP on a loopback port:
 /// the gateway (to look into) and its address.
 pub async fn spawn_gateway(

@@ -4,9 +4,9 @@
 //! microphone reaches the application, and every bad call gets its status without disturbing
 //! the session.
 
-use framecast_compositor::inference::{ClientOptions, InferenceClient};
+use framecast_e2e::gateway_stack;
 use framecast_e2e::http_request as http_full;
-use framecast_gateway::{Gateway, GatewayOptions};
+use framecast_gateway::GatewayOptions;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,32 +16,6 @@ use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    _servers: (
-        framecast_inference::server::Running,
-        framecast_compositor::server::Running,
-    ),
-    gateway: Arc<Gateway>,
-    addr: SocketAddr,
-}
-
-async fn fixture(opts: GatewayOptions) -> Fixture {
-    let tmp = tempfile::tempdir().unwrap();
-    let (models, avatars) = framecast_e2e::write_fixtures(tmp.path(), 0);
-    let inference = framecast_e2e::spawn_inference(&models, Default::default()).await;
-    let pool =
-        InferenceClient::connect_lazy(&[inference.url()], &ClientOptions::default()).unwrap();
-    let compositor = framecast_e2e::spawn_compositor(&avatars, pool, 8, Default::default()).await;
-    let (gateway, addr) = framecast_e2e::spawn_gateway(compositor.url(), opts).await;
-    Fixture {
-        _tmp: tmp,
-        _servers: (inference, compositor),
-        gateway,
-        addr,
-    }
-}
 
 /// One HTTP/1.1 request: (status, body).
 async fn http(
@@ -389,7 +363,7 @@ fn heard(seen: &Seen, from: Instant, to: Instant, hz: f64) -> (usize, f64, f64) 
 /// events and on the data channel alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_application_speaks_and_the_browser_hears_and_sees_it() {
-    let f = fixture(GatewayOptions::default()).await;
+    let f = gateway_stack(GatewayOptions::default()).await;
     let peer = Peer::connect(f.addr, "agent", 0.0).await;
     assert!(
         until(Duration::from_secs(10), || peer.seen().video_frames > 25).await,
@@ -499,7 +473,7 @@ async fn the_application_speaks_and_the_browser_hears_and_sees_it() {
 /// the session speaks again afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_interrupt_silences_the_voice_and_clears_the_queue() {
-    let f = fixture(GatewayOptions::default()).await;
+    let f = gateway_stack(GatewayOptions::default()).await;
     let peer = Peer::connect(f.addr, "agent", 0.0).await;
     assert!(until(Duration::from_secs(10), || peer.seen().video_frames > 25).await);
     let events = EventLog::open(f.addr, &peer.session, None).await;
@@ -623,7 +597,7 @@ async fn an_interrupt_silences_the_voice_and_clears_the_queue() {
 /// Two sessions speak different utterances at once: each browser hears its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_sessions_speak_at_once_without_crossing() {
-    let f = fixture(GatewayOptions::default()).await;
+    let f = gateway_stack(GatewayOptions::default()).await;
     let a = Peer::connect(f.addr, "agent", 0.0).await;
     let b = Peer::connect(f.addr, "agent", 0.0).await;
     for p in [&a, &b] {
@@ -654,7 +628,7 @@ async fn bad_calls_get_their_status_and_leave_the_session_alone() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let f = fixture(GatewayOptions {
+    let f = gateway_stack(GatewayOptions {
         max_speech_bytes: 64 << 10,
         max_utterances: 1,
         tts: framecast_gateway::tts::Tts::Http {
@@ -776,7 +750,7 @@ async fn bad_calls_get_their_status_and_leave_the_session_alone() {
 /// alone is refused (401).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_agent_endpoints_require_the_api_token() {
-    let f = fixture(GatewayOptions {
+    let f = gateway_stack(GatewayOptions {
         api_token: Some("s3cret".into()),
         ..Default::default()
     })
@@ -842,7 +816,7 @@ async fn the_agent_endpoints_require_the_api_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn text_is_spoken_and_the_microphone_reaches_the_application() {
     use futures::StreamExt;
-    let f = fixture(GatewayOptions::default()).await;
+    let f = gateway_stack(GatewayOptions::default()).await;
     let peer = Peer::connect(f.addr, "agent", 440.0).await;
     assert!(until(Duration::from_secs(10), || peer.seen().video_frames > 10).await);
     let events = EventLog::open(f.addr, &peer.session, None).await;
@@ -922,7 +896,7 @@ async fn streamed_bodies_and_an_operators_tts_speak_before_they_end() {
             });
         }
     });
-    let f = fixture(GatewayOptions {
+    let f = gateway_stack(GatewayOptions {
         tts: framecast_gateway::tts::Tts::Http {
             url: format!("http://{tts_addr}/speak"),
         },
@@ -1022,7 +996,7 @@ async fn the_example_voice_agent_answers_and_is_cut_off_by_the_user() {
     let python = std::env::var("FRAMECAST_REFERENCE_PYTHON").expect(
         "FRAMECAST_REFERENCE_PYTHON is not set: run through `make test` (scripts/setup.sh installs the example's websockets)",
     );
-    let f = fixture(GatewayOptions::default()).await;
+    let f = gateway_stack(GatewayOptions::default()).await;
     let peer = Peer::connect(f.addr, "agent", 0.0).await;
     assert!(until(Duration::from_secs(10), || peer.seen().video_frames > 10).await);
     let events = EventLog::open(f.addr, &peer.session, None).await;

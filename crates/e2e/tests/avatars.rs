@@ -48,6 +48,18 @@ async fn avatar_check_names_the_file_and_the_cause() {
     );
 }
 
+/// The compositor's ListAvatars answer.
+async fn list_avatars(
+    s: &framecast_e2e::stack::Stack,
+) -> framecast_proto::compositor::v1::ListAvatarsResponse {
+    s.client
+        .clone()
+        .list_avatars(framecast_proto::compositor::v1::ListAvatarsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn avatars_are_evicted_under_a_small_budget() {
     let tmp = tempfile::tempdir().unwrap();
@@ -78,13 +90,7 @@ async fn avatars_are_evicted_under_a_small_budget() {
         .await
         .unwrap();
     assert_eq!(s.metrics.avatar_evictions.get(), 2);
-    let list = s
-        .client
-        .clone()
-        .list_avatars(framecast_proto::compositor::v1::ListAvatarsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let list = list_avatars(&s).await;
     let state = |id: &str| {
         list.avatars
             .iter()
@@ -123,13 +129,7 @@ async fn avatars_are_evicted_under_a_small_budget() {
         "id = \"broken\"\nfps = 0\n",
     )
     .unwrap();
-    let list = s
-        .client
-        .clone()
-        .list_avatars(framecast_proto::compositor::v1::ListAvatarsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let list = list_avatars(&s).await;
     let broken = list
         .avatars
         .iter()

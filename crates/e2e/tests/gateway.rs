@@ -4,10 +4,9 @@
 //! process's memory flat. The offers come from str0m acting as the browser (the Chromium test
 //! in browser.rs covers a real one).
 
-use framecast_compositor::inference::{ClientOptions, InferenceClient};
-use framecast_gateway::{Gateway, GatewayOptions};
+use framecast_e2e::{gateway_stack, GatewayStack};
+use framecast_gateway::GatewayOptions;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use str0m::media::{Direction, MediaKind};
 use str0m::RtcConfig;
@@ -41,58 +40,20 @@ fn offer(audio: bool) -> String {
     offer.to_sdp_string()
 }
 
-impl Fixture {
-    /// A browser's offer for the `small` avatar: (status, head, body).
-    async fn post_offer(&self) -> (u16, String, String) {
-        http_full(
-            self.addr,
-            "POST",
-            "/sessions?avatar=small",
-            offer(true).as_bytes(),
-        )
-        .await
-    }
-
-    /// Sessions still open once the gateway has had up to 10 s to end them.
-    async fn settled(&self) -> usize {
-        framecast_e2e::stack::poll_until(
-            Duration::from_secs(10),
-            || async { self.gateway.open_sessions() },
-            |&n| n == 0,
-        )
-        .await
-    }
-}
-
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    _servers: (
-        framecast_inference::server::Running,
-        framecast_compositor::server::Running,
-    ),
-    gateway: Arc<Gateway>,
-    addr: SocketAddr,
-}
-
-async fn fixture(opts: GatewayOptions) -> Fixture {
-    let tmp = tempfile::tempdir().unwrap();
-    let (models, avatars) = framecast_e2e::write_fixtures(tmp.path(), 0);
-    let inference = framecast_e2e::spawn_inference(&models, Default::default()).await;
-    let pool =
-        InferenceClient::connect_lazy(&[inference.url()], &ClientOptions::default()).unwrap();
-    let compositor = framecast_e2e::spawn_compositor(&avatars, pool, 8, Default::default()).await;
-    let (gateway, addr) = framecast_e2e::spawn_gateway(compositor.url(), opts).await;
-    Fixture {
-        _tmp: tmp,
-        _servers: (inference, compositor),
-        gateway,
-        addr,
-    }
+/// A browser's offer for the `small` avatar to `f`'s gateway: (status, head, body).
+async fn post_offer(f: &GatewayStack) -> (u16, String, String) {
+    http_full(
+        f.addr,
+        "POST",
+        "/sessions?avatar=small",
+        offer(true).as_bytes(),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_their_status_and_reason() {
-    let f = fixture(GatewayOptions {
+    let f = gateway_stack(GatewayOptions {
         max_sessions: 1,
         ..Default::default()
     })
@@ -147,13 +108,13 @@ async fn bad_requests_get_their_status_and_reason() {
 /// DELETE) is reaped after the session timeout, and its Render stream with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_browser_is_reaped_and_cycles_leave_memory_flat() {
-    let f = fixture(GatewayOptions {
+    let f = gateway_stack(GatewayOptions {
         session_timeout: Duration::from_millis(500),
         max_sessions: 64,
         ..Default::default()
     })
     .await;
-    assert_eq!(f.post_offer().await.0, 201);
+    assert_eq!(post_offer(&f).await.0, 201);
     assert_eq!(f.gateway.open_sessions(), 1);
     assert_eq!(
         f.settled().await,
@@ -163,7 +124,7 @@ async fn a_vanished_browser_is_reaped_and_cycles_leave_memory_flat() {
 
     // Connect/disconnect cycles (answer, then DELETE its location): memory comes back.
     let cycle = || async {
-        let (status, head, _) = f.post_offer().await;
+        let (status, head, _) = post_offer(&f).await;
         assert_eq!(status, 201);
         // Absolute (RFC 9725): the path after the authority is what to DELETE.
         let location = head
@@ -212,15 +173,15 @@ async fn sessions_take_ports_from_the_range_and_are_refused_when_it_is_full() {
         .local_addr()
         .unwrap()
         .port();
-    let f = fixture(GatewayOptions {
+    let f = gateway_stack(GatewayOptions {
         udp_ports: Some((port, port)),
         ..Default::default()
     })
     .await;
-    let (status, _, answer) = f.post_offer().await;
+    let (status, _, answer) = post_offer(&f).await;
     assert_eq!(status, 201);
     assert!(answer.contains(&format!(" {port} typ host")), "{answer}");
-    let (status, _, why) = f.post_offer().await;
+    let (status, _, why) = post_offer(&f).await;
     assert_eq!(status, 503);
     assert!(why.contains("--udp-ports"), "{why}");
 }
@@ -229,7 +190,7 @@ async fn sessions_take_ports_from_the_range_and_are_refused_when_it_is_full() {
 /// with room for two, two are answered and six refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn offers_arriving_together_respect_the_session_limit() {
-    let f = fixture(GatewayOptions {
+    let f = gateway_stack(GatewayOptions {
         max_sessions: 2,
         ..Default::default()
     })
@@ -259,12 +220,12 @@ async fn offers_arriving_together_respect_the_session_limit() {
 /// on time all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_datagrams_do_not_keep_a_session_alive() {
-    let f = fixture(GatewayOptions {
+    let f = gateway_stack(GatewayOptions {
         session_timeout: Duration::from_millis(500),
         ..Default::default()
     })
     .await;
-    let (status, _, answer) = f.post_offer().await;
+    let (status, _, answer) = post_offer(&f).await;
     assert_eq!(status, 201);
     let port: u16 = answer
         .lines()
@@ -341,7 +302,7 @@ fn allow_descriptors(n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_that_never_come_cannot_lock_the_http_port() {
     allow_descriptors(4096);
-    let f = fixture(GatewayOptions {
+    let f = gateway_stack(GatewayOptions {
         body_timeout: Duration::from_secs(2),
         ..Default::default()
     })
@@ -391,7 +352,7 @@ async fn bodies_that_never_come_cannot_lock_the_http_port() {
 /// another address still gets a session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_address_has_its_share_of_sessions() {
-    let f = fixture(GatewayOptions {
+    let f = gateway_stack(GatewayOptions {
         max_sessions: 4,
         max_sessions_per_client: 2,
         ..Default::default()
@@ -424,8 +385,8 @@ async fn each_address_has_its_share_of_sessions() {
 /// refused with the reason (422), not answered with a session that then fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_avatar_that_cannot_speak_is_refused_at_offer_time() {
-    let f = fixture(GatewayOptions::default()).await;
-    framecast_e2e::copy_avatar(&f._tmp.path().join("avatars"), "small", "mute", None);
+    let f = gateway_stack(GatewayOptions::default()).await;
+    framecast_e2e::copy_avatar(&f.root().join("avatars"), "small", "mute", None);
     let (status, why) = http(
         f.addr,
         "POST",
@@ -443,7 +404,7 @@ async fn an_avatar_that_cannot_speak_is_refused_at_offer_time() {
 /// parse (whose parser error once carried heap addresses).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_offers_are_refused_in_words() {
-    let f = fixture(GatewayOptions::default()).await;
+    let f = gateway_stack(GatewayOptions::default()).await;
     let good = offer(true);
     let audio_pt = good
         .lines()
@@ -493,7 +454,7 @@ async fn request(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whip_where_it_applies() {
     use framecast_gateway::whip::IceServer;
-    let f = fixture(GatewayOptions {
+    let f = gateway_stack(GatewayOptions {
         cors_origins: vec!["https://app.example".into()],
         ice_servers: vec![
             IceServer::new("stun:stun.example.net:3478", None, None).unwrap(),
