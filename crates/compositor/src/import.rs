@@ -315,15 +315,23 @@ fn probe(video: &Path) -> Result<Probe, String> {
     })
 }
 
-/// `ffmpeg` decoding to packed RGB on a pipe, one frame at a time.
+/// `ffmpeg` decoding to packed RGB on a pipe, one frame at a time. Its messages are read on a
+/// thread of their own (the last few KiB kept): a damaged video can make it write a message
+/// per frame, and an unread pipe would stall it, and so the import, for good.
 struct Decoder {
     child: std::process::Child,
     frame_bytes: usize,
+    /// The end of the video was read.
+    ended: bool,
+    messages: Option<std::thread::JoinHandle<String>>,
 }
+
+/// Bytes of ffmpeg's messages kept (the last ones, which say why it failed).
+const MESSAGES_KEPT: usize = 8 << 10;
 
 impl Decoder {
     fn start(video: &Path, w: usize, h: usize) -> Result<Decoder, String> {
-        let child = Command::new("ffmpeg")
+        let mut child = Command::new("ffmpeg")
             .args(["-v", "error", "-nostdin", "-i"])
             .arg(video)
             .args([
@@ -344,9 +352,25 @@ impl Decoder {
             .map_err(|e| {
                 format!("ffmpeg (Debian's ffmpeg package; scripts/setup.sh installs it): {e}")
             })?;
+        let mut stderr = child.stderr.take().ok_or("ffmpeg has no message pipe")?;
+        let messages = std::thread::spawn(move || {
+            let (mut kept, mut buf) = (Vec::new(), [0u8; 4096]);
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                kept.extend_from_slice(&buf[..n]);
+                if kept.len() > 2 * MESSAGES_KEPT {
+                    kept.drain(..kept.len() - MESSAGES_KEPT);
+                }
+            }
+            String::from_utf8_lossy(&kept).into_owned()
+        });
         Ok(Decoder {
             child,
             frame_bytes: w * h * 3,
+            ended: false,
+            messages: Some(messages),
         })
     }
 
@@ -364,27 +388,43 @@ impl Decoder {
             }
         }
         match got {
-            0 => Ok(None),
+            0 => {
+                self.ended = true;
+                Ok(None)
+            }
             n if n == frame.len() => Ok(Some(frame)),
             _ => Err("the video's last frame is cut short".into()),
         }
     }
 
-    /// Waits for ffmpeg (stopping it if frames are left); its error, if it failed.
+    /// Stops ffmpeg if frames are left (a trimmed import: not a failure) or waits for it; its
+    /// last message, if it failed having decoded to the end.
     fn finish(mut self) -> Result<(), String> {
+        if !self.ended {
+            let _ = self.child.kill();
+        }
         drop(self.child.stdout.take());
-        let out = self
-            .child
-            .wait_with_output()
-            .map_err(|e| format!("ffmpeg: {e}"))?;
-        let why = String::from_utf8_lossy(&out.stderr);
-        // A pipe closed early (a trimmed import) is not a failure; a decode error is.
-        match why
-            .lines()
-            .find(|l| !l.contains("Broken pipe") && !l.trim().is_empty())
-        {
-            Some(line) if !out.status.success() => Err(format!("ffmpeg: {}", line.trim())),
+        let status = self.child.wait().map_err(|e| format!("ffmpeg: {e}"))?;
+        let messages = self
+            .messages
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        match messages.lines().rev().find(|l| !l.trim().is_empty()) {
+            Some(line) if self.ended && !status.success() => {
+                Err(format!("ffmpeg: {}", line.trim()))
+            }
             _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Decoder {
+    /// An import that failed midway stops its ffmpeg too.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }

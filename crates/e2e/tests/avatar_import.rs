@@ -191,6 +191,18 @@ async fn a_video_of_a_face_becomes_an_avatar_that_speaks() {
             framecast_compositor::avatar::Source::PreparedFile
         );
         assert_eq!((avatar.manifest.width, avatar.manifest.fps), (SIDE, 25.0));
+        // --trim: frames 5..15 only (ffmpeg stopped before the end is no failure).
+        let trimmed = ImportOptions {
+            trim: Some((5, 15)),
+            ..options(&video, &avatars, &format!("{id}-trimmed"))
+        };
+        let dir = import(&trimmed, |_| {}).unwrap();
+        let boxes: Vec<FaceBox> = manifest::load_boxes(&dir).unwrap();
+        assert_eq!(boxes.len(), 10, "{name} trimmed");
+        for (b, k) in boxes.iter().zip(&known[5..15]) {
+            let iou = iou(&[b.x as f64, b.y as f64, b.w as f64, b.h as f64], k);
+            assert!(iou >= 0.8, "{name} trimmed: IoU {iou}");
+        }
     }
     let leftovers: Vec<_> = std::fs::read_dir(&avatars)
         .unwrap()
