@@ -59,6 +59,12 @@ struct Peer {
 struct Seen {
     connected: bool,
     video_frames: u64,
+    /// Video frames the peer's H.264 decoder turned into pictures, and those it refused (a
+    /// P frame it cannot place: joining the shared idle stream anywhere but at a key frame,
+    /// a gap in it). A P frame decoded against the wrong picture still decodes: that the
+    /// pictures are right across the switches is checked in the gateway's `idle_video` tests.
+    video_decoded: u64,
+    video_undecodable: u64,
     /// (arrival, RMS level 0..1, dominant frequency Hz) of each 20 ms of received voice.
     voice: Vec<(Instant, f64, f64)>,
     /// Its RTP time (48 kHz) and sequence number, in the same order.
@@ -157,6 +163,7 @@ fn run_peer(
     let mut encoder =
         opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Voip).unwrap();
     let mut decoder = opus::Decoder::new(48_000, opus::Channels::Mono).unwrap();
+    let mut video = openh264::decoder::Decoder::new().unwrap();
     let mut events_channel = None;
     let mut buf = vec![0u8; 2000];
     let start = Instant::now();
@@ -211,7 +218,16 @@ fn run_peer(
                             seen.voice_rtp.push((d.time.numer(), seq));
                         }
                     }
-                    Event::MediaData(_) => seen.lock().video_frames += 1,
+                    Event::MediaData(d) => {
+                        let decoded = video.decode(&d.data);
+                        let mut seen = seen.lock();
+                        seen.video_frames += 1;
+                        match decoded {
+                            Ok(Some(_)) => seen.video_decoded += 1,
+                            Ok(None) => {}
+                            Err(_) => seen.video_undecodable += 1,
+                        }
+                    }
                     _ => {}
                 },
                 Err(_) => return,
@@ -420,6 +436,23 @@ async fn the_application_speaks_and_the_browser_hears_and_sees_it() {
     assert!((1.2..=1.9).contains(&shown_s), "shown for {shown_s} s");
     // What the browser heard: silence before, the tone while it played, silence after.
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Idle frames came from the avatar's shared idle stream, and every frame decoded,
+    // the session's own encodes and the stream's, across idle -> speech -> idle.
+    let (status, body) = http(
+        f.addr,
+        "GET",
+        &format!("/sessions/{}", peer.session),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let shared = stats["idle_frames_shared"].as_u64().unwrap_or(0);
+    assert!(
+        shared > 50,
+        "{shared} idle frames from the shared stream: {stats}"
+    );
     let seen = peer.seen();
     let (n, level, _) = heard(&seen, idle_from, idle_to, 440.0);
     assert!(
@@ -465,6 +498,13 @@ async fn the_application_speaks_and_the_browser_hears_and_sees_it() {
             "{t} not on the data channel: {page:?}"
         );
     }
+    assert_eq!(seen.video_undecodable, 0, "of {} frames", seen.video_frames);
+    assert!(
+        seen.video_decoded + 2 >= seen.video_frames,
+        "{} of {} frames decoded",
+        seen.video_decoded,
+        seen.video_frames
+    );
     assert_eq!(f.gateway.open_sessions(), 1);
 }
 

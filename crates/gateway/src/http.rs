@@ -5,6 +5,7 @@
 
 use crate::api;
 use crate::events::Events;
+use crate::idle_video::IdleVideo;
 use crate::metrics::Metrics;
 use crate::offer;
 use crate::session::{self, Mode, Session, SessionConfig};
@@ -79,6 +80,9 @@ pub struct GatewayOptions {
     pub ice_servers: Vec<crate::whip::IceServer>,
     /// The page and signalling are served over HTTPS (for the absolute `Location`).
     pub https: bool,
+    /// Bytes the shared encodes of the avatars' idle loops may hold (0: each session encodes
+    /// its own idle frames).
+    pub idle_cache_bytes: usize,
 }
 
 impl Default for GatewayOptions {
@@ -105,6 +109,7 @@ impl Default for GatewayOptions {
             cors_origins: Vec::new(),
             ice_servers: Vec::new(),
             https: false,
+            idle_cache_bytes: 64 << 20,
         }
     }
 }
@@ -121,6 +126,8 @@ pub struct Gateway {
     pub(crate) api_auth: BearerCheck,
     places: Arc<Places>,
     pub metrics: Metrics,
+    /// The avatars' idle loops, encoded once for all sessions.
+    idle_video: Arc<IdleVideo>,
     draining: AtomicBool,
 }
 
@@ -129,6 +136,7 @@ impl Gateway {
         // str0m's DTLS and SRTP through the pure-Rust provider, once per process.
         static CRYPTO: std::sync::Once = std::sync::Once::new();
         CRYPTO.call_once(|| str0m::crypto::from_feature_flags().install_process_default());
+        let metrics = Metrics::new();
         let gw = Arc::new(Gateway {
             compositor,
             opts: opts.clone(),
@@ -136,7 +144,8 @@ impl Gateway {
             ended: Mutex::default(),
             api_auth: BearerCheck::new(opts.api_token.as_deref()),
             places: Places::new(opts.max_sessions, opts.max_sessions_per_client),
-            metrics: Metrics::new(),
+            idle_video: IdleVideo::new(opts.idle_cache_bytes, metrics.clone()),
+            metrics,
             draining: AtomicBool::new(false),
         });
         // Sessions whose thread ended (browser gone, reaped, compositor failed) are forgotten.
@@ -593,6 +602,7 @@ fn answer(
         addr,
         gw.compositor.clone(),
         gw.metrics.clone(),
+        &gw.idle_video,
     )
     .map_err(internal)?;
     let mut sessions = gw.sessions.lock();

@@ -13,6 +13,7 @@ pub mod audio_in;
 pub mod events;
 pub mod fuzzing;
 pub mod http;
+pub mod idle_video;
 pub mod media;
 pub mod metrics;
 pub mod offer;

@@ -124,6 +124,11 @@ struct Args {
     /// The TURN servers' credential.
     #[arg(long, env = "FRAMECAST_GATEWAY_ICE_CREDENTIAL", hide_env_values = true)]
     ice_credential: Option<String>,
+    /// MiB the idle loops' shared H.264 encodes may hold, all avatars together: an avatar's
+    /// idle frames are encoded once and sent to each of its sessions between utterances (a
+    /// 10 s 720p loop at 2 Mbit/s is about 3 MiB). 0: every session encodes its own.
+    #[arg(long, env = "FRAMECAST_GATEWAY_IDLE_CACHE_MIB", default_value_t = GatewayOptions::default().idle_cache_bytes >> 20)]
+    idle_cache_mib: usize,
     /// A TTS service for agent sessions' text: an http:// URL the text is POSTed to
     /// (text/plain; voice and rate as query parameters) answering WAV or 16-bit PCM
     /// (audio/L16; rate=N or audio/pcm; rate=N), streamed. Unset: espeak-ng.
@@ -241,6 +246,7 @@ async fn main() -> Result<()> {
             .collect::<Result<_, _>>()
             .map_err(anyhow::Error::msg)?,
         https: tls.is_some(),
+        idle_cache_bytes: args.idle_cache_mib.saturating_mul(1 << 20),
         ..Default::default()
     };
     if opts.api_token.is_none() {

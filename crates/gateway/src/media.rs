@@ -112,6 +112,13 @@ impl VideoEncoder {
     }
 }
 
+/// Whether an access unit (Annex B) holds a key frame: an IDR slice (NAL type 5), which a
+/// decoder can start from whatever it held before.
+pub fn is_key_frame(au: &[u8]) -> bool {
+    au.windows(4)
+        .any(|n| n[..3] == [0, 0, 1] && n[3] & 0x1f == 5)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,10 +134,7 @@ mod tests {
             let frame: Vec<u8> = (0..w * h + 2 * cw * ch).map(|i| (i % 200) as u8).collect();
             let au = enc.encode(&frame).unwrap();
             assert!(au.starts_with(&[0, 0, 0, 1]) || au.starts_with(&[0, 0, 1]));
-            let idr = au
-                .windows(4)
-                .any(|n| n[..3] == [0, 0, 1] && n[3] & 0x1f == 5);
-            assert!(idr, "the first frame must be a key frame");
+            assert!(is_key_frame(&au), "the first frame must be a key frame");
             assert!(enc.encode(&frame[1..]).is_err());
         }
     }

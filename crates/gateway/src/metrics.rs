@@ -17,6 +17,10 @@ pub struct Metrics {
     pub frames_lost: IntCounter,
     pub encode_seconds: Histogram,
     pub rtt_seconds: Histogram,
+    /// Idle frames sent from the shared encode of their avatar's loop ([`crate::idle_video`]).
+    pub idle_frames_shared: IntCounter,
+    /// Bytes of the shared idle streams.
+    pub idle_cache_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -58,6 +62,16 @@ impl Metrics {
                 buckets
             ))
             .expect("valid metric"),
+            idle_frames_shared: IntCounter::new(
+                "idle_frames_shared_total",
+                "Idle frames sent from the shared encode of their avatar's loop (no encode of their own)",
+            )
+            .expect("valid metric"),
+            idle_cache_bytes: IntGauge::new(
+                "idle_cache_bytes",
+                "Bytes held by the shared encodes of the avatars' idle loops (--idle-cache-mib)",
+            )
+            .expect("valid metric"),
             registry,
         };
         for c in [
@@ -68,6 +82,8 @@ impl Metrics {
             Box::new(m.frames_lost.clone()),
             Box::new(m.encode_seconds.clone()),
             Box::new(m.rtt_seconds.clone()),
+            Box::new(m.idle_frames_shared.clone()),
+            Box::new(m.idle_cache_bytes.clone()),
         ] {
             m.registry.register(c).expect("metric registered once");
         }

@@ -24,7 +24,6 @@
 //! accumulates. A slow sender's voice arrives late too, so its frames stay within the bound
 //! and the clock still follows it.
 
-use bytes::Bytes;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -46,23 +45,24 @@ pub struct Voice {
     pub payload: std::sync::Arc<[u8]>,
 }
 
-#[derive(Default)]
-pub struct Due {
-    /// The frame to encode and send now, if one is due: (index, I420 image).
-    pub frame: Option<(u64, Bytes)>,
+pub struct Due<P> {
+    /// The frame to encode and send now, if one is due: (index, picture).
+    pub frame: Option<(u64, P)>,
     /// Voice to send now, in order.
     pub voice: Vec<Voice>,
     /// Frames dropped because a later frame was due too (or the queue overflowed).
     pub dropped: u64,
 }
 
-pub struct Pacer {
+/// Paces pictures of type `P` (what the session encodes: an I420 image and what it knows of
+/// it) and the voice.
+pub struct Pacer<P> {
     period: Duration,
     jitter: Duration,
     /// (t0, f0) once the first frame has arrived.
     base: Option<(Instant, u64)>,
-    /// (index, I420 image, idle).
-    frames: VecDeque<(u64, Bytes, bool)>,
+    /// (index, picture, idle).
+    frames: VecDeque<(u64, P, bool)>,
     voice: VecDeque<Voice>,
     /// Talking frames before this one come from speech an interrupt cut: not played.
     cut_at: u64,
@@ -72,8 +72,18 @@ pub struct Pacer {
     max_latency: Option<Duration>,
 }
 
-impl Pacer {
-    pub fn new(fps: f64, jitter: Duration) -> Pacer {
+impl<P> Due<P> {
+    fn new() -> Self {
+        Due {
+            frame: None,
+            voice: Vec::new(),
+            dropped: 0,
+        }
+    }
+}
+
+impl<P> Pacer<P> {
+    pub fn new(fps: f64, jitter: Duration) -> Pacer<P> {
         Pacer {
             period: Duration::from_secs_f64(1.0 / fps.max(1.0)),
             jitter,
@@ -88,7 +98,7 @@ impl Pacer {
 
     /// Frames later than `bound` after their voice reached the gateway are dropped, not
     /// waited for.
-    pub fn with_max_latency(mut self, bound: Duration) -> Pacer {
+    pub fn with_max_latency(mut self, bound: Duration) -> Pacer<P> {
         self.max_latency = Some(bound);
         self
     }
@@ -100,7 +110,7 @@ impl Pacer {
         &mut self,
         now: Instant,
         index: u64,
-        image: Bytes,
+        image: P,
         idle: bool,
         heard: Option<Instant>,
     ) -> u64 {
@@ -192,8 +202,8 @@ impl Pacer {
     }
 
     /// What is due at `now`.
-    pub fn due(&mut self, now: Instant) -> Due {
-        let mut due = Due::default();
+    pub fn due(&mut self, now: Instant) -> Due<P> {
+        let mut due = Due::new();
         while let Some(&(index, _, _)) = self.frames.front() {
             if self.slot(index).is_some_and(|t| t <= now) {
                 let (index, image, _) = self.frames.pop_front().expect("front");
@@ -225,6 +235,7 @@ impl Pacer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn silent() -> std::sync::Arc<[u8]> {
         std::sync::Arc::from(&[0u8][..])

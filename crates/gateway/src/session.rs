@@ -28,6 +28,7 @@
 //! the thread are bounded.
 
 use crate::events::{Event as SessionEvent, Events};
+use crate::idle_video::{Encoding, IdleFollower, IdleVideo};
 use crate::media::{VideoEncoder, VoiceDecoder, VOICE_RATE};
 use crate::metrics::Metrics;
 use crate::pacing::{Pacer, Voice};
@@ -105,7 +106,10 @@ pub struct Stats {
     pub frames_lost: AtomicU64,
     pub voice_packets_in: AtomicU64,
     pub voice_packets_out: AtomicU64,
-    /// CPU time of the session's stages, µs in all: H.264 encode, Opus decode, and the
+    /// Idle frames sent from their avatar's shared idle stream, not encoded by the session.
+    pub idle_frames_shared: AtomicU64,
+    /// CPU time of the session's stages, µs in all: H.264 encode (or taking a shared idle
+    /// frame), Opus decode, and the
     /// writes to str0m (RTP packetisation and SRTP).
     pub encode_us_total: AtomicU64,
     pub decode_us_total: AtomicU64,
@@ -145,6 +149,7 @@ impl Stats {
             "frames_lost": n(&self.frames_lost),
             "voice_packets_in": n(&self.voice_packets_in),
             "voice_packets_out": n(&self.voice_packets_out),
+            "idle_frames_shared": n(&self.idle_frames_shared),
             "encode_ms_mean": n(&self.encode_us_total) as f64 / 1e3 / sent.max(1) as f64,
             "encode_ms_total": n(&self.encode_us_total) as f64 / 1e3,
             "decode_ms_total": n(&self.decode_us_total) as f64 / 1e3,
@@ -196,9 +201,18 @@ const SPEAKER_CHANNEL: usize = 256;
 /// when no one reads.
 const MIC_CHANNEL: usize = 100;
 
-/// A frame from the compositor: its index, its I420 image, and whether it is idle (the
-/// background as it is: no speech in it).
-type RenderedI420 = (u64, Bytes, bool);
+/// A frame from the compositor as the session encodes it.
+struct Picture {
+    /// I420.
+    image: Bytes,
+    /// Which of the avatar's background frames it shows.
+    background: u32,
+    /// The background as it is: no speech in it.
+    idle: bool,
+}
+
+/// A frame from the compositor: its index and picture.
+type RenderedI420 = (u64, Picture);
 
 /// Starts a session whose answer has been made: `rtc` holds it, `socket` is its UDP port.
 /// `local` is the address the browser sends to (the candidate's; behind NAT not the socket's).
@@ -209,6 +223,7 @@ pub fn start(
     local: std::net::SocketAddr,
     compositor: Compositor,
     metrics: Metrics,
+    idle_video: &Arc<IdleVideo>,
 ) -> Result<Session, String> {
     let stats = Arc::new(Stats::default());
     stats.set_state("new");
@@ -265,6 +280,13 @@ pub fn start(
             config.fps,
             config.video_bitrate_bps,
         )?,
+        idle: idle_video.follower(Encoding {
+            avatar: config.avatar.clone(),
+            width: config.width,
+            height: config.height,
+            fps_milli: (config.fps * 1000.0).round() as u64,
+            bitrate_bps: config.video_bitrate_bps,
+        }),
         decoder: VoiceDecoder::new()?,
         pacer: Pacer::new(config.fps, config.jitter).with_max_latency(config.max_latency),
         config: config.clone(),
@@ -387,8 +409,12 @@ async fn render(
                         .fetch_add(f.frame_index - expected, Ordering::Relaxed);
                 }
                 expected = f.frame_index + 1;
-                let idle = f.timings.as_ref().is_some_and(|t| t.idle);
-                match frames.try_send((f.frame_index, f.image, idle)) {
+                let picture = Picture {
+                    image: f.image,
+                    background: f.background_index,
+                    idle: f.timings.as_ref().is_some_and(|t| t.idle),
+                };
+                match frames.try_send((f.frame_index, picture)) {
                     Ok(()) => {}
                     Err(TrySendError::Full(_)) => {
                         stats.frames_lost.fetch_add(1, Ordering::Relaxed);
@@ -412,8 +438,10 @@ struct Worker {
     socket: UdpSocket,
     local: std::net::SocketAddr,
     encoder: VideoEncoder,
+    /// Where the session stands in its avatar's shared idle stream (`None`: not shared).
+    idle: Option<IdleFollower>,
     decoder: VoiceDecoder,
-    pacer: Pacer,
+    pacer: Pacer<Picture>,
     stats: Arc<Stats>,
     metrics: Metrics,
     voice_tx: tokio::sync::mpsc::Sender<ToCompositor>,
@@ -603,7 +631,12 @@ impl Worker {
                     payload: d.data.clone(),
                 });
             }
-            Event::KeyframeRequest(_) => self.encoder.force_keyframe(),
+            Event::KeyframeRequest(_) => {
+                self.encoder.force_keyframe();
+                if let Some(idle) = &mut self.idle {
+                    idle.restart();
+                }
+            }
             Event::ChannelOpen(id, label) if label == EVENTS_CHANNEL => self.channel = Some(id),
             // The round trip from the browser's receiver reports (RTCP), or from transport-wide
             // congestion control feedback where the browser sends it.
@@ -627,11 +660,12 @@ impl Worker {
     fn take_frames(&mut self) -> Result<(), String> {
         loop {
             match self.frame_rx.try_recv() {
-                Ok((index, image, idle)) => {
+                Ok((index, picture)) => {
                     let heard = self.heard(index);
-                    let dropped = self
-                        .pacer
-                        .push_frame(Instant::now(), index, image, idle, heard);
+                    let idle = picture.idle;
+                    let dropped =
+                        self.pacer
+                            .push_frame(Instant::now(), index, picture, idle, heard);
                     self.count_dropped(dropped);
                     self.say_if_behind(dropped);
                 }
@@ -784,6 +818,26 @@ impl Worker {
         }
     }
 
+    /// The access unit of `picture`: an idle one from its avatar's shared stream where it
+    /// can, else the session's own encode.
+    fn video_frame(&mut self, picture: &Picture) -> Result<Vec<u8>, String> {
+        if let Some(idle) = &mut self.idle {
+            if picture.idle {
+                if let Some(au) = idle.next(picture.background, &picture.image) {
+                    self.stats
+                        .idle_frames_shared
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Ok(au.to_vec());
+                }
+            }
+            if idle.leave() {
+                // The browser holds the stream's picture, not this encoder's.
+                self.encoder.force_keyframe();
+            }
+        }
+        self.encoder.encode(&picture.image)
+    }
+
     /// Encodes and sends the frame and voice that are due.
     fn send_due(&mut self, now: Instant) -> Result<(), String> {
         let due = self.pacer.due(now);
@@ -811,11 +865,11 @@ impl Worker {
                     .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             }
         }
-        let (Some((index, image)), Some(mid)) = (due.frame, self.video_mid) else {
+        let (Some((index, picture)), Some(mid)) = (due.frame, self.video_mid) else {
             return Ok(());
         };
         let started = Instant::now();
-        let au = self.encoder.encode(&image)?;
+        let au = self.video_frame(&picture)?;
         let took = started.elapsed();
         self.stats
             .encode_us_total

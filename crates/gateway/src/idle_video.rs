@@ -1,0 +1,446 @@
+//! The idle loop encoded once for every session of an avatar.
+//!
+//! Between utterances a session shows its avatar's background loop as it is, and its own
+//! H.264 encode of that loop was most of an idle session's CPU (OpenH264 at 25 frames a
+//! second: 60% of the gateway's samples in a profile). The loop is the same picture for every
+//! session of the avatar, so an encoder of the loop's own encodes it once and the sessions
+//! send its access units.
+//!
+//! A P frame decodes only against the picture its encoder held before it, so the cache is one
+//! stream, kept in the order its encoder made it, and a session follows it: it joins at a key
+//! frame (IDR) of the stream, then takes frame after frame while the stream goes the way its
+//! own frames go. A frame that is not next in the stream is taken from a key frame of the
+//! stream with that picture; failing that the stream grows (a P frame where the session stands
+//! at its end, a key frame elsewhere) while the budget allows, else the session encodes the
+//! frame itself, its first such frame a key frame (its encoder's reference is not what the
+//! browser holds). The first session of an avatar thus encodes one pass of the loop, through
+//! the stream's encoder, and every pass after, its own and other sessions', is sent from it.
+//!
+//! Entries are matched by background index and a CRC of the whole I420 image: a replaced
+//! avatar is never shown from an old cache (a picture that differs from the cached one at its
+//! index starts the stream over). All streams together stay under a byte budget
+//! (`--idle-cache-mib`); once it is spent, streams stop growing.
+
+use crate::media::{is_key_frame, VideoEncoder};
+use crate::metrics::Metrics;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// The idle streams of a gateway, one per avatar and encoding.
+pub struct IdleVideo {
+    budget: usize,
+    used: AtomicUsize,
+    streams: Mutex<HashMap<Encoding, Arc<Mutex<Stream>>>>,
+    metrics: Metrics,
+}
+
+/// What a stream's access units fit: sessions of one avatar encoded alike.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct Encoding {
+    pub avatar: String,
+    pub width: usize,
+    pub height: usize,
+    /// Frames per second, in thousandths (a float is no key).
+    pub fps_milli: u64,
+    pub bitrate_bps: u32,
+}
+
+struct Stream {
+    encoding: Encoding,
+    /// Made on the first frame the stream encodes (and again after it starts over).
+    encoder: Option<VideoEncoder>,
+    entries: Vec<Entry>,
+    /// Indices of the key-frame entries, by background index.
+    keys: HashMap<u32, Vec<usize>>,
+    /// The picture's CRC at each background index encoded.
+    pictures: HashMap<u32, u32>,
+    bytes: usize,
+    /// Counts the times the stream started over: a session's place in an older one is void.
+    generation: u64,
+}
+
+struct Entry {
+    background: u32,
+    crc: u32,
+    len: usize,
+    au: Arc<[u8]>,
+}
+
+impl IdleVideo {
+    /// Streams of at most `budget` bytes together (0: no sharing, every session encodes its
+    /// own idle frames).
+    pub fn new(budget: usize, metrics: Metrics) -> Arc<IdleVideo> {
+        Arc::new(IdleVideo {
+            budget,
+            used: AtomicUsize::new(0),
+            streams: Mutex::default(),
+            metrics,
+        })
+    }
+
+    /// A session's follower of the stream of `encoding`; `None` when nothing may be cached.
+    pub fn follower(self: &Arc<Self>, encoding: Encoding) -> Option<IdleFollower> {
+        if self.budget == 0 {
+            return None;
+        }
+        let stream = self
+            .streams
+            .lock()
+            .entry(encoding.clone())
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(Stream {
+                    encoding,
+                    encoder: None,
+                    entries: Vec::new(),
+                    keys: HashMap::new(),
+                    pictures: HashMap::new(),
+                    bytes: 0,
+                    generation: 0,
+                }))
+            })
+            .clone();
+        Some(IdleFollower {
+            video: self.clone(),
+            stream,
+            generation: 0,
+            at: None,
+            borrowed: false,
+        })
+    }
+
+    /// Bytes held by all streams.
+    pub fn bytes(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn account(&self, added: usize, freed: usize) {
+        let now = if added >= freed {
+            self.used.fetch_add(added - freed, Ordering::Relaxed) + (added - freed)
+        } else {
+            self.used.fetch_sub(freed - added, Ordering::Relaxed) - (freed - added)
+        };
+        self.metrics.idle_cache_bytes.set(now as i64);
+    }
+}
+
+/// One session's place in its avatar's idle stream.
+pub struct IdleFollower {
+    video: Arc<IdleVideo>,
+    stream: Arc<Mutex<Stream>>,
+    generation: u64,
+    /// The entry the session sent last, while it follows the stream.
+    at: Option<usize>,
+    /// The browser's last picture came from the stream (not the session's encoder).
+    borrowed: bool,
+}
+
+impl IdleFollower {
+    /// The access unit to send for the idle frame at `background` (its I420 `image`), from
+    /// the stream; `None`: the session encodes the frame itself (after [`Self::leave`]).
+    pub fn next(&mut self, background: u32, image: &[u8]) -> Option<Arc<[u8]>> {
+        let crc = crc32fast::hash(image);
+        let mut s = self.stream.lock();
+        if s.pictures.get(&background).is_some_and(|&c| c != crc) {
+            // The avatar changed under the same name: what is cached shows the old one.
+            let freed = s.start_over();
+            self.video.account(0, freed);
+        }
+        if s.generation != self.generation {
+            self.generation = s.generation;
+            self.at = None;
+        }
+        let fits = |e: &Entry| e.background == background && e.crc == crc && e.len == image.len();
+        let next = self.at.map(|at| at + 1);
+        let found = next
+            .filter(|&n| s.entries.get(n).is_some_and(fits))
+            .or_else(|| {
+                s.keys
+                    .get(&background)?
+                    .iter()
+                    .copied()
+                    .find(|&i| fits(&s.entries[i]))
+            });
+        let found = match found {
+            Some(i) => Some(i),
+            None if self.video.bytes() < self.video.budget => {
+                // At the stream's end the browser holds what the stream's encoder holds.
+                let at_end = next.is_some() && next == Some(s.entries.len());
+                let added = s.append(background, crc, image, !at_end);
+                added.map(|(i, bytes)| {
+                    self.video.account(bytes, 0);
+                    i
+                })
+            }
+            None => None,
+        };
+        let i = found?;
+        self.at = Some(i);
+        self.borrowed = true;
+        self.video.metrics.idle_frames_shared.inc();
+        Some(s.entries[i].au.clone())
+    }
+
+    /// The session encodes a frame itself: whether that frame must be a key frame (the
+    /// browser's last picture came from the stream, not from the session's encoder).
+    pub fn leave(&mut self) -> bool {
+        self.at = None;
+        std::mem::take(&mut self.borrowed)
+    }
+
+    /// The browser asked for a key frame: the next frame from the stream is one of its key
+    /// frames (the session's encoder is told to make one by the caller).
+    pub fn restart(&mut self) {
+        self.at = None;
+    }
+}
+
+impl Stream {
+    /// Encodes `image` onto the end of the stream (a key frame if `key`: the session asking is
+    /// not where the stream ends); its index and size, or `None` if it cannot be encoded.
+    fn append(
+        &mut self,
+        background: u32,
+        crc: u32,
+        image: &[u8],
+        key: bool,
+    ) -> Option<(usize, usize)> {
+        let encoder = match &mut self.encoder {
+            Some(e) => e,
+            None => {
+                let e = &self.encoding;
+                let fps = e.fps_milli as f64 / 1000.0;
+                let made = VideoEncoder::new(e.width, e.height, fps, e.bitrate_bps);
+                match made {
+                    Ok(made) => self.encoder.insert(made),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "idle stream encoder");
+                        return None;
+                    }
+                }
+            }
+        };
+        if key {
+            encoder.force_keyframe();
+        }
+        let au = match encoder.encode(image) {
+            Ok(au) if !au.is_empty() => au,
+            Ok(_) => return None,
+            Err(e) => {
+                // Its reference is now unknown: the next frame starts a fresh encoder.
+                tracing::warn!(error = %e, "idle stream encode");
+                self.encoder = None;
+                return None;
+            }
+        };
+        let key = is_key_frame(&au);
+        if !key && self.entries.is_empty() {
+            return None;
+        }
+        let i = self.entries.len();
+        if key {
+            self.keys.entry(background).or_default().push(i);
+        }
+        self.pictures.insert(background, crc);
+        let bytes = au.len();
+        self.bytes += bytes;
+        self.entries.push(Entry {
+            background,
+            crc,
+            len: image.len(),
+            au: au.into(),
+        });
+        Some((i, bytes))
+    }
+
+    /// Forgets every entry (the pictures changed); returns the bytes freed.
+    fn start_over(&mut self) -> usize {
+        self.entries.clear();
+        self.keys.clear();
+        self.pictures.clear();
+        self.encoder = None;
+        self.generation += 1;
+        std::mem::take(&mut self.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openh264::decoder::Decoder;
+    use openh264::formats::YUVSource;
+
+    const W: usize = 96;
+    const H: usize = 64;
+    const LOOP: u32 = 12;
+
+    fn encoding() -> Encoding {
+        Encoding {
+            avatar: "a".into(),
+            width: W,
+            height: H,
+            fps_milli: 25_000,
+            bitrate_bps: 2_000_000,
+        }
+    }
+
+    /// Background picture `b` (shifted by `shade` for a "replaced avatar"): a bright bar whose
+    /// place moves with `b`, so a P frame decoded against the wrong picture shows it.
+    fn picture(b: u32, shade: u8) -> Vec<u8> {
+        let mut f = vec![128u8; W * H + 2 * (W / 2) * (H / 2)];
+        for y in 0..H {
+            for x in 0..W {
+                let bar = (x / 8) as u32 % LOOP == b;
+                f[y * W + x] = if bar {
+                    230
+                } else {
+                    40 + ((x + y) % 32) as u8 + shade
+                };
+            }
+        }
+        f
+    }
+
+    /// Decodes `au` and returns the mean absolute difference of its luma from `want`'s.
+    fn luma_error(d: &mut Decoder, au: &[u8], want: &[u8]) -> f64 {
+        let yuv = d.decode(au).expect("decodes").expect("a picture");
+        let (stride, _, _) = yuv.strides();
+        let y = yuv.y();
+        let mut sum = 0u64;
+        for row in 0..H {
+            for x in 0..W {
+                sum += (y[row * stride + x] as i64 - want[row * W + x] as i64).unsigned_abs();
+            }
+        }
+        sum as f64 / (W * H) as f64
+    }
+
+    /// What a session sends for one frame: from the stream if it is idle and cached,
+    /// otherwise its own encode (a key frame when it comes back from the stream).
+    fn send(
+        f: &mut IdleFollower,
+        own: &mut VideoEncoder,
+        b: u32,
+        idle: bool,
+        img: &[u8],
+    ) -> (Vec<u8>, bool) {
+        if idle {
+            if let Some(au) = f.next(b, img) {
+                return (au.to_vec(), true);
+            }
+        }
+        if f.leave() {
+            own.force_keyframe();
+        }
+        (own.encode(img).unwrap(), false)
+    }
+
+    /// Sessions mixing their own frames with the shared stream, joining it at different
+    /// places of the loop: every access unit each browser gets decodes to the picture meant,
+    /// every idle frame comes from the stream, and a session that goes where the stream has
+    /// been adds nothing to it (the loop is encoded once, not once per pass or session).
+    #[test]
+    fn sessions_share_one_encode_of_the_loop_and_their_browsers_see_the_right_pictures() {
+        let video = IdleVideo::new(64 << 20, Metrics::new());
+        let pictures: Vec<Vec<u8>> = (0..LOOP).map(|b| picture(b, 0)).collect();
+        let talking = picture(LOOP + 3, 9);
+        let stream = || video.streams.lock().values().next().unwrap().clone();
+        let mut sizes = Vec::new();
+        for (start, talk_at) in [(0u32, 30u32), (5, 17), (0, 30)] {
+            let mut f = video.follower(encoding()).unwrap();
+            let mut own = VideoEncoder::new(W, H, 25.0, 2_000_000).unwrap();
+            let mut browser = Decoder::new().unwrap();
+            let mut shared = 0;
+            for n in 0..60u32 {
+                let b = (start + n) % LOOP;
+                // Two stretches of talking frames (not idle).
+                let idle = ![talk_at, talk_at + 20]
+                    .iter()
+                    .any(|&t| (t..t + 4).contains(&n));
+                let img = if idle {
+                    &pictures[b as usize]
+                } else {
+                    &talking
+                };
+                let (au, from_stream) = send(&mut f, &mut own, b, idle, img);
+                shared += from_stream as u32;
+                let err = luma_error(&mut browser, &au, img);
+                assert!(
+                    err < 6.0,
+                    "session from {start}, frame {n} (background {b}, shared {from_stream}): \
+                     luma off by {err:.1}"
+                );
+            }
+            assert_eq!(
+                shared, 52,
+                "idle frames of the session from {start} sent from the stream"
+            );
+            sizes.push(stream().lock().entries.len());
+        }
+        // Five passes of the loop, 52 idle frames: one pass encoded, and each rejoin after
+        // talking adds at most the way to the next key frame.
+        assert!(
+            sizes[0] < 2 * LOOP as usize,
+            "first session: {sizes:?} entries"
+        );
+        assert_eq!(
+            sizes[2], sizes[1],
+            "a session repeating the first grew the stream"
+        );
+        assert_eq!(video.bytes(), stream().lock().bytes);
+    }
+
+    /// A picture that differs from the cached one at its index (the avatar was replaced) is
+    /// never answered from the old entries: the stream starts over and the browser sees the
+    /// new picture.
+    #[test]
+    fn a_replaced_avatar_is_not_shown_from_the_cache() {
+        let video = IdleVideo::new(64 << 20, Metrics::new());
+        let mut f = video.follower(encoding()).unwrap();
+        let mut browser = Decoder::new().unwrap();
+        for b in 0..LOOP {
+            let au = f.next(b, &picture(b, 0)).unwrap();
+            assert!(luma_error(&mut browser, &au, &picture(b, 0)) < 6.0);
+        }
+        let before = video.bytes();
+        let mut g = video.follower(encoding()).unwrap();
+        let mut other = Decoder::new().unwrap();
+        let new = picture(0, 60);
+        let au = g.next(0, &new).unwrap();
+        assert!(
+            luma_error(&mut other, &au, &new) < 6.0,
+            "the old picture was sent"
+        );
+        assert!(video.bytes() < before, "the old entries were not freed");
+        // The first follower's place is void: it rejoins at a key frame of the new stream.
+        let au = f.next(0, &new).unwrap();
+        assert!(is_key_frame(&au));
+        assert!(luma_error(&mut browser, &au, &new) < 6.0);
+    }
+
+    /// With the budget spent the stream stops growing and sessions encode for themselves;
+    /// a budget of 0 shares nothing.
+    #[test]
+    fn the_budget_bounds_the_streams() {
+        assert!(IdleVideo::new(0, Metrics::new())
+            .follower(encoding())
+            .is_none());
+        let video = IdleVideo::new(1, Metrics::new());
+        let mut f = video.follower(encoding()).unwrap();
+        assert!(
+            f.next(0, &picture(0, 0)).is_some(),
+            "the first entry fits an empty budget"
+        );
+        assert!(f.next(1, &picture(1, 0)).is_none(), "the budget is spent");
+        assert!(
+            f.next(0, &picture(0, 0)).is_some(),
+            "what is cached is still served"
+        );
+        assert!(
+            f.leave(),
+            "back on its own encoder after the stream: a key frame"
+        );
+        assert!(!f.leave());
+    }
+}
