@@ -145,8 +145,8 @@ struct Level {
     late: usize,
     /// Client-side latency, µs, sorted.
     latency: Vec<u64>,
-    /// Requests per executed batch of the face model, when known.
-    per_batch: Option<f64>,
+    /// Requests, and frames, per executed batch (forward pass) of the face model, when known.
+    per_batch: Option<(f64, f64)>,
 }
 
 /// Input seconds after which frame `k`'s window is complete (16 kHz sample
@@ -269,7 +269,13 @@ async fn run_level(
         .filter(|&&l| l as f64 > args.deadline_ms * 1e3)
         .count();
     let per_batch = match (before, after) {
-        (Some((r0, e0)), Some((r1, e1))) if e1 > e0 => Some((r1 - r0) as f64 / (e1 - e0) as f64),
+        (Some(b), Some(a)) if a.executions > b.executions => {
+            let passes = (a.executions - b.executions) as f64;
+            Some((
+                (a.requests - b.requests) as f64 / passes,
+                (a.frames - b.frames) as f64 / passes,
+            ))
+        }
         _ => None,
     };
     Ok(Level {
@@ -293,7 +299,7 @@ fn print_level(l: &Level) {
         .map(|(name, ms)| format!("  cpu/frame {name} {ms:.2} ms"))
         .collect();
     println!(
-        "{:<6} {:<8} sessions {:>3}  frames {:>6}  idle {:>5}  late {:>5}  latency p50 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms  requests/batch {}{cpu}",
+        "{:<6} {:<8} sessions {:>3}  frames {:>6}  idle {:>5}  late {:>5}  latency p50 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms  requests/batch {}  frames/batch {}{cpu}",
         l.path,
         l.mix.name(),
         l.sessions,
@@ -303,30 +309,52 @@ fn print_level(l: &Level) {
         ms(0.5),
         ms(0.99),
         ms(1.0),
-        l.per_batch.map_or("-".to_string(), |v| format!("{v:.2}"))
+        l.per_batch.map_or("-".to_string(), |v| format!("{:.2}", v.0)),
+        l.per_batch.map_or("-".to_string(), |v| format!("{:.2}", v.1))
     );
 }
 
-/// (successful requests, executions) of `model`, when --inference is given.
-async fn batch_stats(args: &SpeechArgs, model: &str) -> Result<Option<(u64, u64)>> {
+/// What the inference service has counted for a model.
+#[derive(Clone, Copy, Default)]
+struct Counts {
+    /// Successful requests.
+    requests: u64,
+    /// Frames (batch items) inferred.
+    frames: u64,
+    /// Forward passes.
+    executions: u64,
+}
+
+/// The counts of `model`, when --inference is given. A model not loaded yet (loaded at its
+/// first request) has counted nothing: zeros, not an error.
+async fn batch_stats(args: &SpeechArgs, model: &str) -> Result<Option<Counts>> {
     let Some(url) = &args.inference else {
         return Ok(None);
     };
-    let stats = client::kserve(url, &args.access)?
+    let reply = client::kserve(url, &args.access)?
         .model_statistics(ModelStatisticsRequest {
             name: model.to_string(),
             version: String::new(),
         })
-        .await
-        .context("ModelStatistics failed")?
-        .into_inner();
-    Ok(stats.model_stats.first().map(|s| {
-        let ok = s
+        .await;
+    let stats = match reply {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.message().contains("not loaded") => return Ok(Some(Counts::default())),
+        Err(s) => {
+            return Err(anyhow::anyhow!(
+                "ModelStatistics of '{model}' at --inference {url}: {}",
+                s.message()
+            ))
+        }
+    };
+    Ok(stats.model_stats.first().map(|s| Counts {
+        requests: s
             .inference_stats
             .as_ref()
             .and_then(|i| i.success.as_ref())
-            .map_or(0, |c| c.count);
-        (ok, s.execution_count)
+            .map_or(0, |c| c.count),
+        frames: s.inference_count,
+        executions: s.execution_count,
     }))
 }
 

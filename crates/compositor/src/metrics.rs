@@ -31,6 +31,12 @@ pub struct Metrics {
     pub inference_replicas: IntGaugeVec,
     /// Audio sessions whose mel windows shared one audio-encoder request.
     pub encoder_batch_sessions: Histogram,
+    /// Requests (a session's ready frames) per face-model inference request, and frames per
+    /// such request ([`crate::render::FrameClock`]).
+    pub face_batch_requests: Histogram,
+    pub face_batch_frames: Histogram,
+    /// How long requests waited in the frame clock for other sessions' frames.
+    pub frame_clock_wait_seconds: Histogram,
     /// Mel frames held by the open audio sessions (80 a second of audio).
     pub audio_mel_frames_held: IntGauge,
     /// Bytes of the batches sent to the inference replicas over gRPC and of their answers,
@@ -146,6 +152,22 @@ impl Metrics {
                 vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0]
             ))
             .expect("valid metric"),
+            face_batch_requests: Histogram::with_opts(histogram_opts!(
+                "face_batch_requests",
+                "Render requests (sessions' ready frames) merged into one face-model inference request",
+                vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0]
+            ))
+            .expect("valid metric"),
+            face_batch_frames: Histogram::with_opts(histogram_opts!(
+                "face_batch_frames",
+                "Frames per face-model inference request (per forward pass)",
+                vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0]
+            ))
+            .expect("valid metric"),
+            frame_clock_wait_seconds: histogram(
+                "frame_clock_wait_seconds",
+                "Time a face-model request waited in the frame clock for other sessions' frames",
+            ),
             audio_mel_frames_held: IntGauge::new(
                 "audio_mel_frames_held",
                 "Mel frames held by the open audio sessions (80 a second of audio)",
@@ -175,6 +197,9 @@ impl Metrics {
             Box::new(m.avatar_load_seconds.clone()),
             Box::new(m.inference_replicas.clone()),
             Box::new(m.encoder_batch_sessions.clone()),
+            Box::new(m.face_batch_requests.clone()),
+            Box::new(m.face_batch_frames.clone()),
+            Box::new(m.frame_clock_wait_seconds.clone()),
             Box::new(m.audio_mel_frames_held.clone()),
         ];
         for c in collectors {

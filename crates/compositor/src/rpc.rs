@@ -42,6 +42,8 @@ pub struct CompositorService {
     next_stream: Arc<std::sync::atomic::AtomicU64>,
     /// Audio-encoder batches shared by every audio session.
     encoders: Encoders,
+    /// Face-model batches shared by every session.
+    clock: render::FrameClock,
 }
 
 /// Open Render streams a compositor accepts unless told otherwise.
@@ -71,8 +73,15 @@ impl CompositorService {
             opts.max_batch,
             opts.encoder_batch_wait,
         );
+        let clock = render::FrameClock::new(
+            inference.clone(),
+            metrics.clone(),
+            opts.frame_tick,
+            opts.max_batch,
+        );
         CompositorService {
             encoders,
+            clock,
             store,
             inference,
             opts: Arc::new(opts),
@@ -140,12 +149,14 @@ impl CompositorService {
         req: RenderRequest,
         sink: &render::FrameSink,
         deadline: Option<Instant>,
+        stream: u64,
     ) -> Result<(), Error> {
         // Held until the render ends: the avatar cannot be evicted under it.
         let lease = self.store.get(&req.avatar_id).await?;
         let avatar = lease.value().clone();
         let model = self.model_of(&avatar).await?;
-        render::render(req, avatar, model, &self.target(sink, deadline), true).await
+        let target = self.target(sink, deadline, stream);
+        render::render(req, avatar, model, &target, true, None).await
     }
 
     /// One message of an audio session: opens the session (its first), takes its audio and
@@ -156,6 +167,7 @@ impl CompositorService {
         req: RenderRequest,
         sink: &render::FrameSink,
         deadline: Option<Instant>,
+        stream: u64,
     ) -> Result<(), Error> {
         let Some(chunk) = &req.audio else {
             let open = session.as_ref().map(|s| s.request_id()).unwrap_or_default();
@@ -182,7 +194,7 @@ impl CompositorService {
             s.cancel();
         }
         s.push(chunk, &self.opts)?;
-        s.render_ready(&self.target(sink, deadline), &self.encoders)
+        s.render_ready(&self.target(sink, deadline, stream), &self.encoders)
             .await?;
         if s.done() {
             *session = None;
@@ -203,9 +215,11 @@ impl CompositorService {
         &'a self,
         sink: &'a render::FrameSink,
         deadline: Option<Instant>,
+        stream: u64,
     ) -> render::Target<'a> {
         render::Target {
-            client: &self.inference,
+            clock: &self.clock,
+            stream,
             opts: &self.opts,
             metrics: &self.metrics,
             sink,
@@ -299,11 +313,13 @@ impl Compositor for CompositorService {
                 );
                 let before = session.as_ref().map(Session::frames_rendered);
                 let result = if req.audio.is_some() || session.is_some() {
-                    this.speak(&mut session, req, &tx, deadline)
+                    this.speak(&mut session, req, &tx, deadline, stream)
                         .instrument(span)
                         .await
                 } else {
-                    this.render_one(req, &tx, deadline).instrument(span).await
+                    this.render_one(req, &tx, deadline, stream)
+                        .instrument(span)
+                        .await
                 };
                 let rendered = match (&session, before) {
                     (Some(s), Some(b)) => s.frames_rendered() > b,

@@ -51,6 +51,8 @@ pub struct Opts {
     pub tensor_retry: std::time::Duration,
     /// The inference server offers framecast's extensions (`--framecast-extensions`).
     pub framecast_extensions: bool,
+    /// The compositor's frame clock (`--frame-tick-ms`).
+    pub frame_tick: std::time::Duration,
 }
 
 impl Default for Opts {
@@ -67,6 +69,7 @@ impl Default for Opts {
             other_inference_token: None,
             tensor_retry: ClientOptions::default().tensor_retry,
             framecast_extensions: true,
+            frame_tick: RenderOptions::default().frame_tick,
         }
     }
 }
@@ -110,6 +113,7 @@ pub async fn stack_with(root: &Path, batch: usize, o: Opts) -> Stack {
         RenderOptions {
             max_batch: batch,
             idle_timeout: o.idle_timeout,
+            frame_tick: o.frame_tick,
             ..Default::default()
         },
         metrics.clone(),

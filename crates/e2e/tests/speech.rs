@@ -865,3 +865,67 @@ async fn a_cancel_silences_the_speech_not_yet_rendered() {
         "the frame after the cut talks only without the cancel"
     );
 }
+
+/// Live sessions (40 ms of audio every 40 ms, each at its own phase of the frame period)
+/// share the face model's forward passes through the compositor's frame clock: the
+/// inference service runs several sessions' frames per pass (without the clock, nearly
+/// every pass held one frame: docs/performance.md), and every session gets all its frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_sessions_share_forward_passes_on_the_frame_clock() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 8).await;
+    let audio = speechlike(2.0);
+    let packets: Vec<Bytes> = audio.chunks(882).map(s16).collect();
+    let start = tokio::time::Instant::now() + Duration::from_millis(200);
+    let sessions = (0..4u64).map(|i| {
+        let client = s.client.clone();
+        let packets = packets.clone();
+        async move {
+            let phase = start + Duration::from_millis(10 * i);
+            tokio::time::sleep_until(phase).await;
+            let first = RenderRequest {
+                request_id: format!("live-{i}"),
+                ..opening("small", 0, packets[0].clone())
+            };
+            let (tx, mut stream) = open_render(&client, first).await;
+            let sender = tokio::spawn(async move {
+                for (k, p) in packets[1..].iter().enumerate() {
+                    tokio::time::sleep_until(phase + Duration::from_millis(40 * (k as u64 + 1)))
+                        .await;
+                    tx.send(more(p.clone(), k + 2 == packets.len()))
+                        .await
+                        .unwrap();
+                }
+            });
+            let mut frames = Vec::new();
+            drain(&mut stream, &mut frames).await;
+            sender.await.unwrap();
+            frames.len()
+        }
+    });
+    let counts = futures::future::join_all(sessions).await;
+    assert_eq!(counts, [50; 4], "frames per session");
+    let stats = kserve_client(s.inference_server.url())
+        .await
+        .model_statistics(ModelStatisticsRequest {
+            name: "passthrough".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let m = &stats.model_stats[0];
+    let per_pass = m.inference_count as f64 / m.execution_count.max(1) as f64;
+    let h = &s.metrics.face_batch_frames;
+    let sent = h.get_sample_sum() / h.get_sample_count().max(1) as f64;
+    eprintln!(
+        "{} frames in {} passes: {per_pass:.2} a pass; the clock sent {sent:.2} frames a request",
+        m.inference_count, m.execution_count
+    );
+    assert!(
+        per_pass >= 2.0,
+        "{per_pass:.2} frames per forward pass for 4 live sessions"
+    );
+    let waited = &s.metrics.frame_clock_wait_seconds;
+    assert!(waited.get_sample_count() > 0);
+}

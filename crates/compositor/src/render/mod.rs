@@ -12,18 +12,20 @@
 //! sends them in order. This file schedules the batches. Idle frames (`RenderRequest.idle`)
 //! skip inference: each is its prepared background.
 
+mod clock;
 mod composite;
 mod deliver;
 mod plan;
 mod wire;
 
+pub use clock::FrameClock;
 pub use composite::{compose, idle, splices, Composed, Crop, Output};
 
 use crate::avatar::Avatar;
 use crate::encode::Subsampling;
 use crate::error::Error;
 use crate::idle_frames::IdleBudget;
-use crate::inference::{InferenceClient, ModelInfo};
+use crate::inference::ModelInfo;
 use crate::metrics::Metrics;
 use framecast_proto::compositor::v1::{RenderRequest, RenderedFrame};
 use framecast_proto::kserve::ModelInferResponse;
@@ -53,6 +55,9 @@ pub struct RenderOptions {
     /// How long the audio-encoder batcher collects windows of different sessions into one
     /// request.
     pub encoder_batch_wait: Duration,
+    /// How long the face model's frame clock holds a batch for other sessions' frames
+    /// ([`FrameClock`]); zero: every request goes alone, as it comes.
+    pub frame_tick: Duration,
     /// An audio session's frame is idle (the background as it is, no inference) when its
     /// mel window's loudness ([`framecast_audio::window::loudness`], 0 silence .. 1 loud
     /// speech) is below this; 0 never.
@@ -72,11 +77,16 @@ impl Default for RenderOptions {
             idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
             max_audio_ahead: Duration::from_secs(10),
             encoder_batch_wait: Duration::from_millis(5),
+            frame_tick: DEFAULT_FRAME_TICK,
             idle_loudness: 0.05,
             idle_budget: IdleBudget::new(DEFAULT_IDLE_FRAME_CACHE_MIB << 20, None),
         }
     }
 }
+
+/// The frame clock's tick: one frame period at 25 fps, so the frames every session readies
+/// in one period share a forward pass (docs/performance.md, "Cross-session batching").
+pub const DEFAULT_FRAME_TICK: Duration = Duration::from_millis(40);
 
 /// The bytes (MiB) of idle raw frames kept for all avatars by default: 180 frames at 720p.
 pub const DEFAULT_IDLE_FRAME_CACHE_MIB: u64 = 256;
@@ -90,7 +100,10 @@ pub type FrameSink = mpsc::Sender<Result<RenderedFrame, Status>>;
 
 /// Where a request's frames go and what renders them: shared by every request of a stream.
 pub struct Target<'a> {
-    pub client: &'a InferenceClient,
+    /// Where the face model's requests meet other sessions' ([`FrameClock`]).
+    pub clock: &'a FrameClock,
+    /// The stream rendering (a session, for the clock).
+    pub stream: u64,
     pub opts: &'a RenderOptions,
     pub metrics: &'a Metrics,
     pub sink: &'a FrameSink,
@@ -109,9 +122,11 @@ pub async fn render(
     model: Arc<ModelInfo>,
     target: &Target<'_>,
     closes: bool,
+    due: Option<Instant>,
 ) -> Result<(), Error> {
     let Target {
-        client,
+        clock,
+        stream,
         opts,
         metrics,
         sink,
@@ -120,6 +135,9 @@ pub async fn render(
     let arrived = Instant::now();
     let plan = plan::validate(req, avatar, model, opts, arrived, deadline)?;
     let plan = Arc::new(plan::Plan { closes, ..plan });
+    // When each frame is due: an audio session's media clock, else as soon as it can be.
+    let due = due.unwrap_or(arrived);
+    let period = Duration::from_secs_f64(1.0 / plan.avatar.manifest.fps.max(1.0));
     let batch = opts.max_batch.max(1);
     if plan.idle {
         let timing = BatchTiming {
@@ -140,18 +158,27 @@ pub async fn render(
     while next < plan.count || !in_flight.is_empty() {
         while next < plan.count && in_flight.len() < opts.pipeline_depth.max(1) {
             let end = (next + batch).min(plan.count);
-            let client = client.clone();
+            let clock = clock.clone();
             let (request, faces, expected) = wire::infer_request(&plan, next, end);
             let sent = Instant::now();
             let lo = next;
+            let first_due = due + period.mul_f64(lo as f64);
             in_flight.push_back((
                 next,
                 end,
                 sent,
                 tokio::spawn(
                     async move {
-                        client
-                            .infer(request, Some(&faces), &expected, deadline)
+                        clock
+                            .infer(
+                                request,
+                                faces,
+                                expected,
+                                end - lo,
+                                first_due,
+                                deadline,
+                                stream,
+                            )
                             .await
                             .map_err(|s| {
                                 Error::inference(format!("inference for frames {lo}..{end}"), s)

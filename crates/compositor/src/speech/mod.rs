@@ -74,6 +74,9 @@ pub struct Session {
     resampled: Vec<f32>,
     /// Counts the mel frames this session holds, with every other session's.
     held: IntGauge,
+    /// When the session opened: frame `k` is due `k` periods after (its place on the media
+    /// clock, by which the frame clock orders sessions' frames).
+    opened: std::time::Instant,
 }
 
 impl Drop for Session {
@@ -196,6 +199,7 @@ impl Session {
             decoded: Vec::new(),
             resampled: Vec::new(),
             held,
+            opened: std::time::Instant::now(),
         })
     }
 
@@ -401,7 +405,9 @@ impl Session {
                 idle,
             };
             let closes = self.total == Some(hi);
-            render::render(req, self.avatar.clone(), self.model.clone(), target, closes).await?;
+            let due = self.opened + std::time::Duration::from_secs_f64(self.next as f64 / self.fps);
+            let (avatar, model) = (self.avatar.clone(), self.model.clone());
+            render::render(req, avatar, model, target, closes, Some(due)).await?;
             self.next = hi;
             self.forget();
         }

@@ -1,0 +1,391 @@
+//! The face model's batches across sessions: one frame clock per model and avatar.
+//!
+//! Each live session's frames become ready when its own audio lands, at its own phase of the
+//! frame period, so sent as they come they reach the inference service one frame per request
+//! and its short queue delay almost never merges two: one forward pass per frame per session,
+//! where a GPU's cost is the call, not the frame. The clock holds a ready batch for up to one
+//! tick (`--frame-tick-ms`, a frame period by default), long enough for every other session's
+//! frames of the same period to come, and sends what came as one request of at most
+//! `max_batch` frames. A lone session is not held: while no other session of the model and
+//! avatar has asked within the last second, a batch goes at once.
+//!
+//! Batches are filled by due time (when a request's first frame is due on screen), not by
+//! arrival: a session whose audio came far ahead has frames due later, so it cannot fill
+//! every batch and delay the frames other sessions need now. A request is never split;
+//! what does not fit goes in the next batch, which is sent at once.
+//!
+//! Requests merge when they name the same model, the same avatar's face rows (one tensor in
+//! the replica's cache) and the same inputs; sessions of different avatars meet only at the
+//! inference service's own batcher.
+
+use crate::inference::{CachedInput, Expected, InferenceClient};
+use crate::metrics::Metrics;
+use framecast_proto::kserve::{ModelInferRequest, ModelInferResponse};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+/// How long a session counts as another one of its clock after its last request.
+const PEER_WINDOW: Duration = Duration::from_secs(1);
+
+/// One inference request of a session, waiting for its batch.
+struct Ask {
+    request: ModelInferRequest,
+    faces: CachedInput,
+    expected: Expected,
+    /// Frames in it.
+    n: usize,
+    /// When its first frame is due on screen.
+    due: Instant,
+    deadline: Option<Instant>,
+    /// Who asked (a session's Render stream), to know whether it is alone.
+    session: u64,
+    queued: Instant,
+    reply: oneshot::Sender<Result<ModelInferResponse, Status>>,
+}
+
+/// The requests that may share a forward pass.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    model: String,
+    faces: String,
+    i420: bool,
+    /// Each input's name, datatype and shape past the batch dimension.
+    inputs: Vec<(String, String, Vec<i64>)>,
+}
+
+/// The frame clocks of a compositor, one per [`Key`], started on first use.
+#[derive(Clone)]
+pub struct FrameClock {
+    client: InferenceClient,
+    metrics: Arc<Metrics>,
+    tick: Duration,
+    max_batch: usize,
+    queues: Arc<Mutex<HashMap<Key, mpsc::Sender<Ask>>>>,
+}
+
+impl FrameClock {
+    /// Batches of at most `max_batch` frames, held for at most `tick` (zero: every request
+    /// goes alone, as it comes).
+    pub fn new(
+        client: InferenceClient,
+        metrics: Arc<Metrics>,
+        tick: Duration,
+        max_batch: usize,
+    ) -> Self {
+        FrameClock {
+            client,
+            metrics,
+            tick,
+            max_batch: max_batch.max(1),
+            queues: Arc::default(),
+        }
+    }
+
+    /// The answer to `request` (`n` frames, the first due at `due`, asked by `session`), from
+    /// a forward pass shared with the other sessions of its model and avatar: the response
+    /// holds this request's rows only.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn infer(
+        &self,
+        request: ModelInferRequest,
+        faces: CachedInput,
+        expected: Expected,
+        n: usize,
+        due: Instant,
+        deadline: Option<Instant>,
+        session: u64,
+    ) -> Result<ModelInferResponse, Status> {
+        if self.tick.is_zero() {
+            self.metrics.face_batch_requests.observe(1.0);
+            self.metrics.face_batch_frames.observe(n as f64);
+            return self
+                .client
+                .infer(request, Some(&faces), &expected, deadline)
+                .await;
+        }
+        let key = Key {
+            model: request.model_name.clone(),
+            faces: faces.source.name().to_string(),
+            i420: expected.i420,
+            inputs: request
+                .inputs
+                .iter()
+                .map(|i| {
+                    let dims = i.shape.get(1..).unwrap_or_default().to_vec();
+                    (i.name.clone(), i.datatype.clone(), dims)
+                })
+                .collect(),
+        };
+        let (reply, rx) = oneshot::channel();
+        let ask = Ask {
+            request,
+            faces,
+            expected,
+            n,
+            due,
+            deadline,
+            session,
+            queued: Instant::now(),
+            reply,
+        };
+        self.queue(key)
+            .send(ask)
+            .await
+            .map_err(|_| Status::internal("the frame clock stopped"))?;
+        rx.await
+            .map_err(|_| Status::internal("the frame clock dropped a request"))?
+    }
+
+    fn queue(&self, key: Key) -> mpsc::Sender<Ask> {
+        let mut queues = self.queues.lock();
+        if let Some(q) = queues.get(&key).filter(|q| !q.is_closed()) {
+            return q.clone();
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(collect(self.clone(), rx));
+        queues.insert(key, tx.clone());
+        tx
+    }
+}
+
+/// Gathers asks into batches, one tick at a time, and sends each on its own task.
+async fn collect(clock: FrameClock, mut rx: mpsc::Receiver<Ask>) {
+    let mut pending: Vec<Ask> = Vec::new();
+    // When each session last asked.
+    let mut seen: HashMap<u64, Instant> = HashMap::new();
+    loop {
+        if pending.is_empty() {
+            match rx.recv().await {
+                Some(a) => pending.push(a),
+                None => return,
+            }
+        }
+        let now = Instant::now();
+        seen.retain(|_, t| now.duration_since(*t) < PEER_WINDOW);
+        for a in &pending {
+            seen.insert(a.session, a.queued);
+        }
+        let alone = seen.len() <= 1;
+        let oldest = pending.iter().map(|a| a.queued).min().unwrap_or(now);
+        let until = tokio::time::Instant::from_std(oldest + clock.tick);
+        let mut frames: usize = pending.iter().map(|a| a.n).sum();
+        while !alone && frames < clock.max_batch {
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(a)) => {
+                    seen.insert(a.session, a.queued);
+                    frames += a.n;
+                    pending.push(a);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        while let Ok(a) = rx.try_recv() {
+            seen.insert(a.session, a.queued);
+            pending.push(a);
+        }
+        pending.sort_by_key(|a| a.due);
+        let sizes: Vec<usize> = pending.iter().map(|a| a.n).collect();
+        let taken = choose(&sizes, clock.max_batch);
+        let (mut batch, mut rest) = (Vec::new(), Vec::new());
+        for (a, take) in pending.drain(..).zip(taken) {
+            if take {
+                batch.push(a);
+            } else {
+                rest.push(a);
+            }
+        }
+        pending = rest;
+        let n = batch.iter().map(|a| a.n).sum();
+        tokio::spawn(run(clock.clone(), batch, n));
+    }
+}
+
+/// Which requests (their frame counts, in due order) the next batch takes: the frames due
+/// first, whole requests, up to `max` frames (a first request larger than `max` goes alone);
+/// later requests that fit the room left go too. What is not taken waits for the next batch.
+fn choose(sizes: &[usize], max: usize) -> Vec<bool> {
+    let mut n = 0;
+    sizes
+        .iter()
+        .map(|&k| {
+            let take = n == 0 || n + k <= max;
+            if take {
+                n += k;
+            }
+            take
+        })
+        .collect()
+}
+
+/// One request for every frame of `batch`; each ask gets its rows of the answer, or the error.
+async fn run(clock: FrameClock, batch: Vec<Ask>, n: usize) {
+    let sent = Instant::now();
+    let m = &clock.metrics;
+    m.face_batch_requests.observe(batch.len() as f64);
+    m.face_batch_frames.observe(n as f64);
+    for a in &batch {
+        m.frame_clock_wait_seconds
+            .observe(sent.duration_since(a.queued).as_secs_f64());
+    }
+    if batch.len() == 1 {
+        let a = batch.into_iter().next().expect("one ask");
+        let result = clock
+            .client
+            .infer(a.request, Some(&a.faces), &a.expected, a.deadline)
+            .await;
+        let _ = a.reply.send(result);
+        return;
+    }
+    let (request, faces, expected, deadline) = merge(&batch, n);
+    let result = clock
+        .client
+        .infer(request, Some(&faces), &expected, deadline)
+        .await;
+    let sizes: Vec<usize> = batch.iter().map(|a| a.n).collect();
+    let shares = result.and_then(|r| split(r, &sizes));
+    match shares {
+        Ok(shares) => {
+            for (a, share) in batch.into_iter().zip(shares) {
+                let _ = a.reply.send(Ok(share));
+            }
+        }
+        Err(s) => {
+            for a in batch {
+                let _ = a
+                    .reply
+                    .send(Err(Status::new(s.code(), s.message().to_string())));
+            }
+        }
+    }
+}
+
+/// One request holding the asks' frames end to end (they share a [`Key`]: the same inputs,
+/// the same face tensor), with the latest of their deadlines.
+fn merge(batch: &[Ask], n: usize) -> (ModelInferRequest, CachedInput, Expected, Option<Instant>) {
+    let first = &batch[0];
+    let mut request = first.request.clone();
+    request.id = format!("{} (+{} more)", first.request.id, batch.len() - 1);
+    for input in &mut request.inputs {
+        if let Some(b) = input.shape.first_mut() {
+            *b = n as i64;
+        }
+    }
+    request.raw_input_contents = (0..first.request.raw_input_contents.len())
+        .map(|j| {
+            let mut all = bytes::BytesMut::new();
+            for a in batch {
+                if let Some(part) = a.request.raw_input_contents.get(j) {
+                    all.extend_from_slice(part);
+                }
+            }
+            all.freeze()
+        })
+        .collect();
+    let faces = CachedInput {
+        input: first.faces.input,
+        source: first.faces.source.clone(),
+        rows: batch
+            .iter()
+            .flat_map(|a| a.faces.rows.iter().copied())
+            .collect(),
+    };
+    let expected = Expected {
+        output: first.expected.output.clone(),
+        bytes: batch.iter().map(|a| a.expected.bytes).sum(),
+        i420: first.expected.i420,
+    };
+    // The batch may wait for the most patient of its sessions.
+    let deadline = batch
+        .iter()
+        .map(|a| a.deadline)
+        .try_fold(None::<Instant>, |acc, d| {
+            d.map(|d| Some(acc.map_or(d, |a| a.max(d))))
+        })
+        .flatten();
+    (request, faces, expected, deadline)
+}
+
+/// The answer to a merged request cut back into one answer per ask (`sizes`: each ask's
+/// frames, in the merged order): every output's rows split in proportion.
+fn split(response: ModelInferResponse, sizes: &[usize]) -> Result<Vec<ModelInferResponse>, Status> {
+    let total: usize = sizes.iter().sum();
+    let mut shares: Vec<ModelInferResponse> = sizes
+        .iter()
+        .map(|&k| {
+            let mut r = response.clone();
+            r.raw_output_contents.clear();
+            for o in &mut r.outputs {
+                if let Some(b) = o.shape.first_mut() {
+                    *b = k as i64;
+                }
+            }
+            r
+        })
+        .collect();
+    for (j, raw) in response.raw_output_contents.iter().enumerate() {
+        if total == 0 || raw.len() % total != 0 {
+            return Err(Status::internal(format!(
+                "output {j} of the merged batch is {} bytes, not a whole number of rows for {total} frames",
+                raw.len()
+            )));
+        }
+        let per = raw.len() / total;
+        let mut at = 0;
+        for (share, &k) in shares.iter_mut().zip(sizes) {
+            share.raw_output_contents.push(raw.slice(at..at + k * per));
+            at += k * per;
+        }
+    }
+    Ok(shares)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use framecast_proto::kserve::model_infer_response::InferOutputTensor;
+
+    /// A session with a backlog (a request of 8 frames due later) does not crowd out the
+    /// frames due now: requests go by due time, whole, and what fits the room left joins.
+    #[test]
+    fn batches_take_the_frames_due_first() {
+        // In due order: three live sessions' single frames, then the backlog's 8.
+        assert_eq!(choose(&[1, 1, 1, 8], 8), [true, true, true, false]);
+        assert_eq!(choose(&[1, 8, 1, 1], 8), [true, false, true, true]);
+        // A request larger than a batch still goes, alone.
+        assert_eq!(choose(&[12, 1], 8), [true, false]);
+        assert_eq!(choose(&[], 8), Vec::<bool>::new());
+    }
+
+    /// A merged answer of 2 + 3 frames, 4 bytes a row, is cut at the asks' boundaries, with
+    /// each share's shape saying its own frame count; a size that is no whole number of rows
+    /// is an error, not a short share.
+    #[test]
+    fn answers_split_at_the_asks_rows() {
+        let response = ModelInferResponse {
+            outputs: vec![InferOutputTensor {
+                name: "out".into(),
+                datatype: "UINT8".into(),
+                shape: vec![5, 4],
+                ..Default::default()
+            }],
+            raw_output_contents: vec![bytes::Bytes::from((0u8..20).collect::<Vec<_>>())],
+            ..Default::default()
+        };
+        let shares = split(response.clone(), &[2, 3]).unwrap();
+        assert_eq!(
+            shares[0].raw_output_contents[0].as_ref(),
+            &(0u8..8).collect::<Vec<_>>()[..]
+        );
+        assert_eq!(
+            shares[1].raw_output_contents[0].as_ref(),
+            &(8u8..20).collect::<Vec<_>>()[..]
+        );
+        assert_eq!(shares[0].outputs[0].shape, vec![2, 4]);
+        assert_eq!(shares[1].outputs[0].shape, vec![3, 4]);
+        assert!(split(response, &[2, 4]).is_err());
+    }
+}
