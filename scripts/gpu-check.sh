@@ -95,16 +95,23 @@ done | tee -a "$out/table.md"
 
 "$bin/framecast-compositor" avatar make-demo --root "$out/avatars" >/dev/null
 start_compositor 18411 18401 "$out/compositor.log" --avatars "$out/avatars" --preload demo
-wait_ready 120 18411
+# The same without the frame clock (every request alone), for frames per forward pass.
+start_compositor 18421 18401 "$out/compositor-alone.log" --avatars "$out/avatars" --preload demo \
+  --frame-tick-ms 0
+wait_ready 120 18411 18421
 "$bin/framecast-bench" demo --compositor http://127.0.0.1:18411 --out "$out/demo" >"$out/demo.txt" 2>&1 \
   || die "the talking-demo render failed; see $out/demo.txt"
 echo "| talking-demo end to end (1280x720) | $(grep -m1 '^throughput' "$out/demo.txt" | sed 's/^throughput *//') |" | tee -a "$out/table.md"
 "$bin/framecast-bench" compositor --url http://127.0.0.1:18411 --mode realtime --chunk 25 --fps 25 \
   --duration-s 8 --max-sessions 64 >"$out/realtime.txt" 2>&1 || die "the real-time search failed; see $out/realtime.txt"
 echo "| 25-fps real-time sessions, no late frame (1 s chunks) | $(grep -m1 'real-time capacity' "$out/realtime.txt" | sed 's/.*capacity: *//') |" | tee -a "$out/table.md"
-"$bin/framecast-bench" speech --compositor http://127.0.0.1:18411 --sessions 1,8,32 --seconds 6 \
-  --out "$out/speech" >"$out/speech.txt" 2>&1 || die "the speech sessions failed; see $out/speech.txt"
-sed 's/^/    /' "$out/speech.txt" | tee -a "$out/table.md"
+for side in clock alone; do
+  port=18411; [ "$side" = alone ] && port=18421
+  "$bin/framecast-bench" speech --compositor "http://127.0.0.1:$port" --inference http://127.0.0.1:18401 \
+    --sessions 1,8,32 --seconds 6 --paths stream --out "$out/speech" >"$out/speech-$side.txt" 2>&1 \
+    || die "the speech sessions failed; see $out/speech-$side.txt"
+  grep '^stream' "$out/speech-$side.txt" | sed "s/^/    $side /" | tee -a "$out/table.md"
+done
 failed=$(grep -c FAILED "$out/table.md" || true)
 [ "$failed" = 0 ] || die "$failed measurement(s) FAILED; the table is in $out/table.md"
 echo "gpu-check: done; table in $out/table.md"

@@ -78,6 +78,10 @@ pub struct SpeechArgs {
     /// 2 s of speech and 2 s of silence in turn (dialogue).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "speech")]
     pub mixes: Vec<Mix>,
+    /// How speech sessions send their audio: streamed as it is spoken, and in requests of
+    /// --chunk frames (the other mixes are streamed only).
+    #[arg(long, value_delimiter = ',', default_value = "stream,chunk", value_parser = ["stream", "chunk"])]
+    pub paths: Vec<String>,
     /// A process on this host whose CPU time per frame to report, as NAME=PID (repeat for
     /// several, e.g. the compositor and the inference server).
     #[arg(long = "cpu", value_parser = parse_cpu)]
@@ -193,12 +197,15 @@ pub async fn run(args: SpeechArgs) -> Result<()> {
     }
     let mut levels = Vec::new();
     for &mix in &args.mixes {
-        let paths: &[&'static str] = match mix {
-            Mix::Speech => &["stream", "chunk"],
-            _ => &["stream"],
+        let paths: Vec<&'static str> = match mix {
+            Mix::Speech => ["stream", "chunk"]
+                .into_iter()
+                .filter(|p| args.paths.iter().any(|a| a == p))
+                .collect(),
+            _ => vec!["stream"],
         };
         for &sessions in &args.sessions {
-            for &path in paths {
+            for &path in &paths {
                 let level = run_level(&args, &client, &info, &voices, mix, sessions, path).await?;
                 print_level(&level);
                 levels.push(level);

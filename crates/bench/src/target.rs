@@ -70,6 +70,7 @@ impl Compositor {
             audio: None,
             idle: false,
             frame_format: self.frame_format,
+            idle_frame_format: 0,
         }
     }
 }

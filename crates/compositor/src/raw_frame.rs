@@ -65,6 +65,27 @@ pub fn from_rgb(rgb: &[u8], width: usize, height: usize, out: &mut Vec<u8>) -> R
     Ok(())
 }
 
+/// A JPEG (an avatar's prepared frame: an idle frame asked for as JPEG,
+/// `RenderRequest.idle_frame_format`) as the I420 frame the compositor would have sent for
+/// it: the JPEG's own 4:2:0 planes where it has them (no colour conversion, rescaled to
+/// limited range), else converted from RGB. The JPEG must be `width` x `height`.
+pub fn from_jpeg(jpeg: &[u8], width: u32, height: u32) -> Result<Vec<u8>, String> {
+    let (w, h) = (width as usize, height as usize);
+    let mut out = vec![0u8; len(w, h)];
+    if crate::encode::decode_yuv420(jpeg, width, height, &mut out).is_ok() {
+        full_to_limited(&mut out, w, h);
+        return Ok(out);
+    }
+    let (rgb, jw, jh) = crate::encode::decode_rgb(jpeg)?;
+    if (jw, jh) != (width, height) {
+        return Err(format!(
+            "the JPEG is {jw}x{jh}; the frames are {width}x{height}"
+        ));
+    }
+    from_rgb(&rgb, w, h, &mut out)?;
+    Ok(out)
+}
+
 /// Full-range YCbCr planes (JFIF, as a JPEG decodes) to limited range, in place.
 pub fn full_to_limited(i420: &mut [u8], width: usize, height: usize) {
     static LUTS: std::sync::OnceLock<([u8; 256], [u8; 256])> = std::sync::OnceLock::new();

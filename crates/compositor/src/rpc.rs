@@ -17,7 +17,7 @@ use framecast_proto::compositor::v1::{
 use framecast_proto::echo;
 use framecast_telemetry::places::{Place, Places, Refused};
 use framecast_telemetry::Drain;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use parking_lot::Mutex;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -58,6 +58,27 @@ pub fn default_streams_per_client(max: usize) -> usize {
 /// Frames rendered ahead of the client, per stream: a client that stops reading holds at
 /// most these (a 720p I420 frame is 1.4 MB).
 const FRAMES_AHEAD: usize = 16;
+
+/// Audio messages already waiting on a stream that join the one being handled (half a second
+/// of 20 ms packets): while a render waits (for the frame clock, for inference) the client's
+/// packets queue, and rendering after each one alone would fall behind real time by that wait
+/// per packet. One render for all of them renders every frame they complete.
+const AUDIO_JOINED: usize = 25;
+
+/// Audio a session takes from joined messages before it renders what it has: joining never
+/// holds more than this unrendered (nor nears `--max-audio-ahead-s`).
+const JOINED_AHEAD_S: f64 = 0.5;
+
+/// Whether the audio message `r` may take the messages waiting behind it: plain audio, not
+/// the end of its speech (a cancel applies to what came before it).
+fn takes_followers(r: &RenderRequest) -> bool {
+    r.audio.as_ref().is_some_and(|a| !a.end_of_speech)
+}
+
+/// Whether `r` may join the audio message before it: audio that cancels nothing.
+fn joins(r: &RenderRequest) -> bool {
+    r.audio.as_ref().is_some_and(|a| !a.cancel)
+}
 
 impl CompositorService {
     pub fn new(
@@ -165,6 +186,7 @@ impl CompositorService {
         &self,
         session: &mut Option<Session>,
         req: RenderRequest,
+        joined: Vec<RenderRequest>,
         sink: &render::FrameSink,
         deadline: Option<Instant>,
         stream: u64,
@@ -194,6 +216,16 @@ impl CompositorService {
             s.cancel();
         }
         s.push(chunk, &self.opts)?;
+        for r in &joined {
+            if let Some(chunk) = &r.audio {
+                if s.audio_ahead() >= JOINED_AHEAD_S {
+                    s.render_ready(&self.target(sink, deadline, stream), &self.encoders)
+                        .await?;
+                }
+                s.check_continuation(r, chunk)?;
+                s.push(chunk, &self.opts)?;
+            }
+        }
         s.render_ready(&self.target(sink, deadline, stream), &self.encoders)
             .await?;
         if s.done() {
@@ -270,39 +302,64 @@ impl Compositor for CompositorService {
             // Only progress keeps a stream: a request that renders frames (audio that
             // completes one, or frames asked for); empty keep-alive packets do not.
             let mut progress = tokio::time::Instant::now();
+            // A message read while looking for audio to join, handled next.
+            let mut carried = None;
             // Requests on one stream render one after another, so frames leave in the order
             // they were asked for.
             loop {
                 // Draining: the request being rendered finishes (this loop awaits it); a
                 // client still streaming is told to go elsewhere.
-                let msg = tokio::select! {
-                    biased;
-                    _ = this.drain.started() => {
-                        let bye = Status::unavailable("compositor shutting down: send further requests to another instance");
-                        let _ = tx.send_timeout(Err(bye), this.opts.idle_timeout).await;
-                        break;
+                let msg = if let Some(m) = carried.take() {
+                    m
+                } else {
+                    tokio::select! {
+                        biased;
+                        _ = this.drain.started() => {
+                            let bye = Status::unavailable("compositor shutting down: send further requests to another instance");
+                            let _ = tx.send_timeout(Err(bye), this.opts.idle_timeout).await;
+                            break;
+                        }
+                        _ = sleep_until_opt(deadline) => {
+                            let late = Status::deadline_exceeded("the stream's deadline passed while waiting for the next request");
+                            let _ = tx.send_timeout(Err(late), this.opts.idle_timeout).await;
+                            break;
+                        }
+                        // No frame rendered for the idle timeout: the stream goes, whatever
+                        // empty packets it sent meanwhile.
+                        _ = tokio::time::sleep_until(progress + this.opts.idle_timeout) => {
+                            this.metrics.requests.with_label_values(&["idle_timeout"]).inc();
+                            let idle = Status::deadline_exceeded(format!(
+                                "stream idle: no request for {} s (--stream-idle-timeout-s); open a new stream when there is more to render",
+                                this.opts.idle_timeout.as_secs_f64()
+                            ));
+                            let _ = tx.send_timeout(Err(idle), this.opts.idle_timeout).await;
+                            break;
+                        }
+                        msg = inbound.next() => msg,
                     }
-                    _ = sleep_until_opt(deadline) => {
-                        let late = Status::deadline_exceeded("the stream's deadline passed while waiting for the next request");
-                        let _ = tx.send_timeout(Err(late), this.opts.idle_timeout).await;
-                        break;
-                    }
-                    // No frame rendered for the idle timeout: the stream goes, whatever
-                    // empty packets it sent meanwhile.
-                    _ = tokio::time::sleep_until(progress + this.opts.idle_timeout) => {
-                        this.metrics.requests.with_label_values(&["idle_timeout"]).inc();
-                        let idle = Status::deadline_exceeded(format!(
-                            "stream idle: no request for {} s (--stream-idle-timeout-s); open a new stream when there is more to render",
-                            this.opts.idle_timeout.as_secs_f64()
-                        ));
-                        let _ = tx.send_timeout(Err(idle), this.opts.idle_timeout).await;
-                        break;
-                    }
-                    msg = inbound.next() => msg,
                 };
                 let Some(req) = framecast_telemetry::next_request(msg, &tx).await else {
                     break;
                 };
+                let mut joined = Vec::new();
+                if takes_followers(&req) {
+                    while joined.len() < AUDIO_JOINED {
+                        match inbound.next().now_or_never() {
+                            Some(Some(Ok(r))) if joins(&r) => {
+                                let last = !takes_followers(&r);
+                                joined.push(r);
+                                if last {
+                                    break;
+                                }
+                            }
+                            Some(other) => {
+                                carried = Some(other);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                }
                 let span = tracing::info_span!(
                     "render",
                     stream,
@@ -313,7 +370,7 @@ impl Compositor for CompositorService {
                 );
                 let before = session.as_ref().map(Session::frames_rendered);
                 let result = if req.audio.is_some() || session.is_some() {
-                    this.speak(&mut session, req, &tx, deadline, stream)
+                    this.speak(&mut session, req, joined, &tx, deadline, stream)
                         .instrument(span)
                         .await
                 } else {

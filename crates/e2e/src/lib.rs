@@ -168,6 +168,7 @@ pub fn request(avatar: &str, start: u64, n: u32) -> RenderRequest {
         audio: None,
         idle: false,
         frame_format: 0,
+        idle_frame_format: 0,
     }
 }
 

@@ -199,7 +199,8 @@ async fn an_encoder_avatar_embeds_each_window_once() {
 }
 
 /// Sessions speaking at once share audio-encoder requests: the compositor's batcher puts the
-/// windows of several sessions into one request.
+/// windows of several sessions into one request. The sessions speak in lockstep, a frame's
+/// audio (40 ms) every 40 ms, so each asks for one window at a time, together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn windows_of_concurrent_sessions_share_encoder_requests() {
     let tmp = tempfile::tempdir().unwrap();
@@ -214,19 +215,29 @@ async fn windows_of_concurrent_sessions_share_encoder_requests() {
     let table = "[audio]\ninput = \"audio\"\nfeatures = \"encoder\"\nencoder = \"audio-encoder\"\n";
     framecast_e2e::copy_avatar(&avatars, "small", "enc", Some(table));
     let audio = speechlike(1.0);
+    let start = tokio::time::Instant::now() + Duration::from_millis(200);
     let sessions = (0..4).map(|i| {
         let client = s.client.clone();
-        // One frame's audio (40 ms) per message, as a live client sends it.
         let packets: Vec<Bytes> = audio.chunks(882).map(s16).collect();
-        let mut msgs = vec![RenderRequest {
-            request_id: format!("enc-{i}"),
-            ..opening("enc", 0, packets[0].clone())
-        }];
-        for (k, p) in packets[1..].iter().enumerate() {
-            msgs.push(more(p.clone(), k + 2 == packets.len()));
-        }
         async move {
-            let frames = render(&client, msgs).await.unwrap();
+            tokio::time::sleep_until(start).await;
+            let first = RenderRequest {
+                request_id: format!("enc-{i}"),
+                ..opening("enc", 0, packets[0].clone())
+            };
+            let (tx, mut stream) = open_render(&client, first).await;
+            let sender = tokio::spawn(async move {
+                for (k, p) in packets[1..].iter().enumerate() {
+                    tokio::time::sleep_until(start + Duration::from_millis(40 * (k as u64 + 1)))
+                        .await;
+                    tx.send(more(p.clone(), k + 2 == packets.len()))
+                        .await
+                        .unwrap();
+                }
+            });
+            let mut frames = Vec::new();
+            drain(&mut stream, &mut frames).await;
+            sender.await.unwrap();
             frames.len()
         }
     });
@@ -648,6 +659,74 @@ async fn an_audio_session_can_take_raw_i420_frames() {
     let e = render(&s.client, msgs).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("frame_format"), "{}", e.message());
+}
+
+/// With idle_frame_format JPEG, an I420 audio session's idle frames come as their prepared
+/// JPEG (format says so; they decode to the avatar's size, and decoded as the gateway does
+/// they equal the I420 frame the compositor sends for them otherwise), its talking frames
+/// stay I420; a value that is no ImageFormat is refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_frames_can_come_as_their_prepared_jpeg() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 8).await;
+    let mut audio = speechlike(0.6);
+    audio.extend(std::iter::repeat_n(0.0, (RATE as f64 * 0.8) as usize));
+    let packets: Vec<Bytes> = audio.chunks(2205).map(s16).collect();
+    let session = |idle_format: ImageFormat| {
+        let mut first = opening("small", 0, packets[0].clone());
+        first.frame_format = ImageFormat::I420 as i32;
+        first.idle_frame_format = idle_format as i32;
+        let mut msgs = vec![first];
+        for (i, p) in packets[1..].iter().enumerate() {
+            msgs.push(more(p.clone(), i + 2 == packets.len()));
+        }
+        msgs
+    };
+    let frames = render(&s.client, session(ImageFormat::Jpeg)).await.unwrap();
+    let raw = render(&s.client, session(ImageFormat::Unspecified))
+        .await
+        .unwrap();
+    assert_eq!(frames.len(), raw.len());
+    let (w, h) = (frames[0].width, frames[0].height);
+    let mut idle = 0;
+    for (f, r) in frames.iter().zip(&raw) {
+        if f.timings.as_ref().unwrap().idle {
+            idle += 1;
+            assert_eq!(
+                f.format,
+                ImageFormat::Jpeg as i32,
+                "idle frame {}",
+                f.frame_index
+            );
+            assert_eq!(&f.image[..2], &[0xff, 0xd8], "a JPEG");
+            let decoded = framecast_compositor::raw_frame::from_jpeg(&f.image, w, h).unwrap();
+            let off = decoded
+                .iter()
+                .zip(r.image.iter())
+                .map(|(a, b)| (*a as i32 - *b as i32).unsigned_abs())
+                .max()
+                .unwrap();
+            // The compositor's own I420 keeps the face region as prepared (not through the JPEG).
+            assert!(
+                off <= 40,
+                "idle frame {} off by {off} from the I420 one",
+                f.frame_index
+            );
+        } else {
+            assert_eq!(
+                f.format,
+                ImageFormat::I420 as i32,
+                "frame {}",
+                f.frame_index
+            );
+        }
+    }
+    assert!(idle > 5, "{idle} idle frames");
+    let mut bad = session(ImageFormat::Jpeg);
+    bad[0].idle_frame_format = 7;
+    let e = render(&s.client, bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("idle_frame_format"), "{}", e.message());
 }
 
 /// Only progress keeps a stream: one that opens a session and then sends empty audio packets

@@ -594,6 +594,7 @@ fn answer(
         timeout: gw.opts.session_timeout,
         jitter: gw.opts.jitter,
         max_latency: gw.opts.max_latency,
+        shared_idle: gw.opts.idle_cache_bytes > 0,
     };
     let session = session::start(
         config,

@@ -137,9 +137,16 @@ pub struct IdleFollower {
 }
 
 impl IdleFollower {
-    /// The access unit to send for the idle frame at `background` (its I420 `image`), from
-    /// the stream; `None`: the session encodes the frame itself (after [`Self::leave`]).
-    pub fn next(&mut self, background: u32, image: &[u8]) -> Option<Arc<[u8]>> {
+    /// The access unit to send for the idle frame at `background`, from the stream; `None`:
+    /// the session encodes the frame itself (after [`Self::leave`]). `image` is the frame as
+    /// it came (the prepared JPEG, or I420), which identifies it; `raw` makes its I420,
+    /// called only when the stream encodes it.
+    pub fn next(
+        &mut self,
+        background: u32,
+        image: &[u8],
+        raw: impl FnOnce() -> Result<Vec<u8>, String>,
+    ) -> Option<Arc<[u8]>> {
         let crc = crc32fast::hash(image);
         let mut s = self.stream.lock();
         if s.pictures.get(&background).is_some_and(|&c| c != crc) {
@@ -167,7 +174,7 @@ impl IdleFollower {
             None if self.video.bytes() < self.video.budget => {
                 // At the stream's end the browser holds what the stream's encoder holds.
                 let at_end = next.is_some() && next == Some(s.entries.len());
-                let added = s.append(background, crc, image, !at_end);
+                let added = s.append(background, crc, image.len(), raw, !at_end);
                 added.map(|(i, bytes)| {
                     self.video.account(bytes, 0);
                     i
@@ -197,15 +204,24 @@ impl IdleFollower {
 }
 
 impl Stream {
-    /// Encodes `image` onto the end of the stream (a key frame if `key`: the session asking is
-    /// not where the stream ends); its index and size, or `None` if it cannot be encoded.
+    /// Encodes the picture (`raw`, its I420) onto the end of the stream (a key frame if
+    /// `key`: the session asking is not where the stream ends); its index and size, or
+    /// `None` if it cannot be encoded.
     fn append(
         &mut self,
         background: u32,
         crc: u32,
-        image: &[u8],
+        len: usize,
+        raw: impl FnOnce() -> Result<Vec<u8>, String>,
         key: bool,
     ) -> Option<(usize, usize)> {
+        let image = match raw() {
+            Ok(image) => image,
+            Err(e) => {
+                tracing::warn!(error = %e, "idle frame");
+                return None;
+            }
+        };
         let encoder = match &mut self.encoder {
             Some(e) => e,
             None => {
@@ -224,7 +240,7 @@ impl Stream {
         if key {
             encoder.force_keyframe();
         }
-        let au = match encoder.encode(image) {
+        let au = match encoder.encode(&image) {
             Ok(au) if !au.is_empty() => au,
             Ok(_) => return None,
             Err(e) => {
@@ -248,7 +264,7 @@ impl Stream {
         self.entries.push(Entry {
             background,
             crc,
-            len: image.len(),
+            len,
             au: au.into(),
         });
         Some((i, bytes))
@@ -326,7 +342,7 @@ mod tests {
         img: &[u8],
     ) -> (Vec<u8>, bool) {
         if idle {
-            if let Some(au) = f.next(b, img) {
+            if let Some(au) = f.next(b, img, || Ok(img.to_vec())) {
                 return (au.to_vec(), true);
             }
         }
@@ -400,21 +416,21 @@ mod tests {
         let mut f = video.follower(encoding()).unwrap();
         let mut browser = Decoder::new().unwrap();
         for b in 0..LOOP {
-            let au = f.next(b, &picture(b, 0)).unwrap();
+            let au = f.next(b, &picture(b, 0), || Ok(picture(b, 0))).unwrap();
             assert!(luma_error(&mut browser, &au, &picture(b, 0)) < 6.0);
         }
         let before = video.bytes();
         let mut g = video.follower(encoding()).unwrap();
         let mut other = Decoder::new().unwrap();
         let new = picture(0, 60);
-        let au = g.next(0, &new).unwrap();
+        let au = g.next(0, &new, || Ok(new.clone())).unwrap();
         assert!(
             luma_error(&mut other, &au, &new) < 6.0,
             "the old picture was sent"
         );
         assert!(video.bytes() < before, "the old entries were not freed");
         // The first follower's place is void: it rejoins at a key frame of the new stream.
-        let au = f.next(0, &new).unwrap();
+        let au = f.next(0, &new, || Ok(new.clone())).unwrap();
         assert!(is_key_frame(&au));
         assert!(luma_error(&mut browser, &au, &new) < 6.0);
     }
@@ -429,12 +445,15 @@ mod tests {
         let video = IdleVideo::new(1, Metrics::new());
         let mut f = video.follower(encoding()).unwrap();
         assert!(
-            f.next(0, &picture(0, 0)).is_some(),
+            f.next(0, &picture(0, 0), || Ok(picture(0, 0))).is_some(),
             "the first entry fits an empty budget"
         );
-        assert!(f.next(1, &picture(1, 0)).is_none(), "the budget is spent");
         assert!(
-            f.next(0, &picture(0, 0)).is_some(),
+            f.next(1, &picture(1, 0), || Ok(picture(1, 0))).is_none(),
+            "the budget is spent"
+        );
+        assert!(
+            f.next(0, &picture(0, 0), || Ok(picture(0, 0))).is_some(),
             "what is cached is still served"
         );
         assert!(

@@ -87,6 +87,9 @@ pub struct SessionConfig {
     pub jitter: Duration,
     /// Longest a frame may show after its voice reached the gateway; later ones are dropped.
     pub max_latency: Duration,
+    /// Idle frames come from the avatar's shared idle stream ([`crate::idle_video`]), so the
+    /// compositor sends them as JPEG.
+    pub shared_idle: bool,
 }
 
 /// Shortest time between two `falling_behind` events of a session.
@@ -203,12 +206,26 @@ const MIC_CHANNEL: usize = 100;
 
 /// A frame from the compositor as the session encodes it.
 struct Picture {
-    /// I420.
+    /// I420, or (an idle frame, when the session asked for them so) the prepared JPEG.
     image: Bytes,
+    jpeg: bool,
     /// Which of the avatar's background frames it shows.
     background: u32,
     /// The background as it is: no speech in it.
     idle: bool,
+}
+
+impl Picture {
+    /// Its I420 (`size`: the avatar's): as it came, or the JPEG decoded.
+    fn raw(&self, (w, h): (u32, u32)) -> Result<std::borrow::Cow<'_, [u8]>, String> {
+        if self.jpeg {
+            framecast_compositor::raw_frame::from_jpeg(&self.image, w, h)
+                .map(std::borrow::Cow::Owned)
+                .map_err(|e| format!("idle frame: {e}"))
+        } else {
+            Ok(std::borrow::Cow::Borrowed(&self.image))
+        }
+    }
 }
 
 /// A frame from the compositor: its index and picture.
@@ -367,6 +384,13 @@ async fn render(
         avatar_id: config.avatar.clone(),
         start_frame: 0,
         frame_format: ImageFormat::I420 as i32,
+        // Idle frames as their prepared JPEG: the shared idle stream needs a picture decoded
+        // only when it encodes it, not 1.4 MB of I420 for every idle frame of every session.
+        idle_frame_format: if config.shared_idle {
+            ImageFormat::Jpeg as i32
+        } else {
+            ImageFormat::Unspecified as i32
+        },
         audio: Some(AudioChunk {
             format: Some(AudioFormat {
                 sample_format: SampleFormat::S16le as i32,
@@ -410,6 +434,7 @@ async fn render(
                 }
                 expected = f.frame_index + 1;
                 let picture = Picture {
+                    jpeg: f.format == ImageFormat::Jpeg as i32,
                     image: f.image,
                     background: f.background_index,
                     idle: f.timings.as_ref().is_some_and(|t| t.idle),
@@ -821,9 +846,11 @@ impl Worker {
     /// The access unit of `picture`: an idle one from its avatar's shared stream where it
     /// can, else the session's own encode.
     fn video_frame(&mut self, picture: &Picture) -> Result<Vec<u8>, String> {
+        let size = (self.config.width as u32, self.config.height as u32);
         if let Some(idle) = &mut self.idle {
             if picture.idle {
-                if let Some(au) = idle.next(picture.background, &picture.image) {
+                let raw = || picture.raw(size).map(|r| r.into_owned());
+                if let Some(au) = idle.next(picture.background, &picture.image, raw) {
                     self.stats
                         .idle_frames_shared
                         .fetch_add(1, Ordering::Relaxed);
@@ -835,7 +862,7 @@ impl Worker {
                 self.encoder.force_keyframe();
             }
         }
-        self.encoder.encode(&picture.image)
+        self.encoder.encode(&picture.raw(size)?)
     }
 
     /// Encodes and sends the frame and voice that are due.

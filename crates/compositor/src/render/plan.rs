@@ -81,22 +81,23 @@ pub(super) fn validate(
             req.jpeg_quality
         )));
     }
-    let i420 = match ImageFormat::try_from(req.frame_format) {
-        Ok(ImageFormat::Unspecified | ImageFormat::Jpeg) => false,
-        Ok(ImageFormat::I420) => true,
-        Err(_) => {
-            return Err(invalid(format!(
-            "frame_format {} is not an ImageFormat (IMAGE_FORMAT_JPEG = 1, IMAGE_FORMAT_I420 = 2)",
-            req.frame_format
-        )))
-        }
+    let format_of = |field: &str, v: i32| match ImageFormat::try_from(v) {
+        Ok(ImageFormat::Unspecified) => Ok(None),
+        Ok(ImageFormat::Jpeg) => Ok(Some(false)),
+        Ok(ImageFormat::I420) => Ok(Some(true)),
+        Err(_) => Err(invalid(format!(
+            "{field} {v} is not an ImageFormat (IMAGE_FORMAT_JPEG = 1, IMAGE_FORMAT_I420 = 2)"
+        ))),
     };
-    if i420 && req.jpeg_quality != 0 {
+    let frames_i420 = format_of("frame_format", req.frame_format)?.unwrap_or(false);
+    let idle_i420 = format_of("idle_frame_format", req.idle_frame_format)?.unwrap_or(frames_i420);
+    if (frames_i420 || idle_i420) && req.jpeg_quality != 0 {
         return Err(invalid(format!(
             "jpeg_quality {} is set for IMAGE_FORMAT_I420 frames, which are not JPEG: leave it 0",
             req.jpeg_quality
         )));
     }
+    let i420 = if req.idle { idle_i420 } else { frames_i420 };
     if model.crop_size != avatar.manifest.crop_size {
         return Err(Error::Mismatch(format!(
             "avatar '{}' has crop_size {} but model '{}' takes {}",

@@ -52,6 +52,7 @@ pub struct Session {
     start_frame: u64,
     jpeg_quality: u32,
     frame_format: i32,
+    idle_frame_format: i32,
     format: (SampleFormat, u32),
     input: String,
     /// The audio input's shape per frame (without the batch dimension).
@@ -183,6 +184,7 @@ impl Session {
             start_frame: req.start_frame,
             jpeg_quality: req.jpeg_quality,
             frame_format: req.frame_format,
+            idle_frame_format: req.idle_frame_format,
             format,
             input: settings.input.clone(),
             dims,
@@ -260,6 +262,11 @@ impl Session {
                 "frame_format: differs from the open audio session's; end the session to change it",
             ));
         }
+        if req.idle_frame_format != 0 && req.idle_frame_format != self.idle_frame_format {
+            return Err(invalid(
+                "idle_frame_format: differs from the open audio session's; end the session to change it",
+            ));
+        }
         if let Some(f) = &chunk.format {
             if format_of(f)? != self.format {
                 return Err(invalid(
@@ -270,6 +277,11 @@ impl Session {
         Ok(())
     }
 
+    /// Seconds of audio taken and not yet rendered as frames.
+    pub fn audio_ahead(&self) -> f64 {
+        self.mel.samples() as f64 / SAMPLE_RATE as f64 - self.next as f64 / self.fps
+    }
+
     /// Takes one packet of audio (and the end of speech, when it says so).
     pub fn push(&mut self, chunk: &AudioChunk, opts: &RenderOptions) -> Result<(), Error> {
         let (format, rate) = self.format;
@@ -278,7 +290,7 @@ impl Session {
             .map_err(|e| invalid(format!("audio.pcm: {e}")))?;
         // Audio beyond the buffer is refused before any of it is taken.
         let incoming = self.decoded.len() as f64 / rate as f64;
-        let held = self.mel.samples() as f64 / SAMPLE_RATE as f64 - self.next as f64 / self.fps;
+        let held = self.audio_ahead();
         let limit = opts.max_audio_ahead.as_secs_f64();
         if held + incoming > limit {
             return Err(Error::Exhausted(format!(
@@ -401,6 +413,7 @@ impl Session {
                 conditioning,
                 jpeg_quality: self.jpeg_quality,
                 frame_format: self.frame_format,
+                idle_frame_format: self.idle_frame_format,
                 audio: None,
                 idle,
             };
