@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# make bench-clock: the compositor's frame clock (cross-session batching) side by side with
-# every request sent alone (--frame-tick-ms 0, how compositors sent them before the clock):
+# make bench-clock: the compositor's frame clock (cross-session batching, --frame-tick-ms
+# CLOCK_TICK_MS, default 40) side by side with every request sent alone (--frame-tick-ms 0,
+# how compositors sent them before the clock, and its `auto` default on a CPU):
 # `framecast-bench speech` at CLOCK_SESSIONS live sessions (default 4 8 12 16), CLOCK_SECONDS
 # each (default 8), the two compositors taking turns against one inference service. Each line
 # gives latency, late frames, requests and frames per forward pass (from the inference
@@ -23,7 +24,9 @@ inference=$!
 start_compositor 18311 18301 "$out/compositor-alone.log" --avatars "$work/avatars" --preload demo \
   --frame-tick-ms 0
 alone=$!
-start_compositor 18321 18301 "$out/compositor-clock.log" --avatars "$work/avatars" --preload demo
+# The clock set explicitly: its default (auto) is off for a model served on a CPU.
+start_compositor 18321 18301 "$out/compositor-clock.log" --avatars "$work/avatars" --preload demo \
+  --frame-tick-ms "${CLOCK_TICK_MS:-40}"
 clock=$!
 wait_ready 300 18301 18311 18321
 

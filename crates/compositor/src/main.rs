@@ -241,9 +241,11 @@ struct ServeArgs {
     /// Milliseconds the face model's frame clock holds a batch so the frames other sessions
     /// ready in the same frame period share its forward pass (frames taken by due time, at
     /// most --batch a pass; a session alone on its model and avatar is never held). Each
-    /// frame waits at most this long; 0 sends every request alone, as it comes.
-    #[arg(long, env = "FRAMECAST_FRAME_TICK_MS", default_value_t = RenderOptions::default().frame_tick.as_millis() as u64, value_parser = clap::value_parser!(u64).range(0..=1000))]
-    frame_tick_ms: u64,
+    /// frame waits at most this long; 0 sends every request alone, as it comes. auto: 40 for
+    /// models a replica runs on a GPU, 0 for models on a CPU (where one pass for many frames
+    /// costs more per frame than a pass each).
+    #[arg(long, env = "FRAMECAST_FRAME_TICK_MS", default_value_t = RenderOptions::default().frame_tick)]
+    frame_tick_ms: framecast_compositor::render::FrameTick,
     /// An audio session's frame is idle, sent as its background's pre-encoded JPEG with no
     /// inference and no encode, when its mel window's loudness (0 silence .. 1 loud speech)
     /// is below this; 0 turns idle frames off.
@@ -572,7 +574,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         idle_timeout: Duration::from_secs(args.stream_idle_timeout_s),
         max_audio_ahead: Duration::from_secs(args.max_audio_ahead_s),
         encoder_batch_wait: Duration::from_millis(args.encoder_batch_wait_ms),
-        frame_tick: Duration::from_millis(args.frame_tick_ms),
+        frame_tick: args.frame_tick_ms,
         idle_loudness: args.idle_loudness,
         idle_budget: framecast_compositor::idle_frames::IdleBudget::new(
             args.idle_frame_cache_mib.saturating_mul(1 << 20),

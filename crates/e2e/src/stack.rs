@@ -52,7 +52,7 @@ pub struct Opts {
     /// The inference server offers framecast's extensions (`--framecast-extensions`).
     pub framecast_extensions: bool,
     /// The compositor's frame clock (`--frame-tick-ms`).
-    pub frame_tick: std::time::Duration,
+    pub frame_tick: framecast_compositor::render::FrameTick,
 }
 
 impl Default for Opts {

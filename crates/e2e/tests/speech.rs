@@ -945,16 +945,25 @@ async fn a_cancel_silences_the_speech_not_yet_rendered() {
     );
 }
 
-/// Live sessions (40 ms of audio every 40 ms, each at its own phase of the frame period)
-/// share the face model's forward passes through the compositor's frame clock: the
-/// inference service runs several sessions' frames per pass (without the clock, nearly
+/// Live sessions (20 ms of audio every 20 ms, each at its own phase of the frame period)
+/// share the face model's forward passes through the compositor's frame clock (here set to
+/// 40 ms: its `auto` default leaves it off for a model served on a CPU, as this one is):
+/// the inference service runs several sessions' frames per pass (without the clock, nearly
 /// every pass held one frame: docs/performance.md), and every session gets all its frames.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_sessions_share_forward_passes_on_the_frame_clock() {
+    use framecast_compositor::render::FrameTick;
+    use framecast_e2e::stack::{stack_with, Opts};
     let tmp = tempfile::tempdir().unwrap();
-    let s = stack(tmp.path(), 8).await;
+    let opts = Opts {
+        frame_tick: FrameTick::Fixed(Duration::from_millis(40)),
+        ..Default::default()
+    };
+    let s = stack_with(tmp.path(), 8, opts).await;
+    let info = s.inference.model_info("passthrough").await.unwrap();
+    assert!(!info.on_gpu, "the CPU replica's ModelConfig says KIND_CPU");
     let audio = speechlike(2.0);
-    let packets: Vec<Bytes> = audio.chunks(882).map(s16).collect();
+    let packets: Vec<Bytes> = audio.chunks(441).map(s16).collect();
     let start = tokio::time::Instant::now() + Duration::from_millis(200);
     let sessions = (0..4u64).map(|i| {
         let client = s.client.clone();
@@ -969,7 +978,7 @@ async fn live_sessions_share_forward_passes_on_the_frame_clock() {
             let (tx, mut stream) = open_render(&client, first).await;
             let sender = tokio::spawn(async move {
                 for (k, p) in packets[1..].iter().enumerate() {
-                    tokio::time::sleep_until(phase + Duration::from_millis(40 * (k as u64 + 1)))
+                    tokio::time::sleep_until(phase + Duration::from_millis(20 * (k as u64 + 1)))
                         .await;
                     tx.send(more(p.clone(), k + 2 == packets.len()))
                         .await

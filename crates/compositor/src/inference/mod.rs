@@ -482,11 +482,41 @@ impl InferenceClient {
             return Ok(i.clone());
         }
         let meta = self.metadata(model).await?;
-        let info = ModelInfo::from_metadata(model, meta.inputs, &meta.outputs)
+        let mut info = ModelInfo::from_metadata(model, meta.inputs, &meta.outputs)
             .map_err(Status::failed_precondition)?;
+        info.on_gpu = self.on_gpu(model).await;
         let info = Arc::new(info);
         self.info.lock().insert(model.to_string(), info.clone());
         Ok(info)
+    }
+
+    /// Whether a replica runs `model` on a GPU, from its `ModelConfig` (Triton's extension):
+    /// an instance group of kind GPU, or none of kind CPU. A replica that does not answer it
+    /// is taken for a GPU server.
+    async fn on_gpu(&self, model: &str) -> bool {
+        use framecast_proto::kserve::model_instance_group::Kind;
+        let Some(replica) = self.pick(&self.snapshot(), None) else {
+            return true;
+        };
+        let request = framecast_proto::kserve::ModelConfigRequest {
+            name: model.to_string(),
+            version: String::new(),
+        };
+        let Ok(request) = authorize(Request::new(request), replica.token.as_deref()) else {
+            return true;
+        };
+        match replica.client.clone().model_config(request).await {
+            Ok(r) => {
+                let groups = r
+                    .into_inner()
+                    .config
+                    .map(|c| c.instance_group)
+                    .unwrap_or_default();
+                let kind = |k: Kind| groups.iter().any(|g| g.kind == k as i32);
+                kind(Kind::Gpu) || !kind(Kind::Cpu)
+            }
+            Err(_) => true,
+        }
     }
 
     /// [`Self::model_info`] for an audio-encoder model.

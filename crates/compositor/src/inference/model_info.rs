@@ -17,6 +17,9 @@ pub struct ModelInfo {
     pub output: String,
     /// Every other input: supplied per frame by the render request.
     pub conditioning: Vec<TensorMetadata>,
+    /// The replica runs it on a GPU (its `ModelConfig` instance group; true when it does not
+    /// say): where one forward pass for many sessions' frames pays (the frame clock).
+    pub on_gpu: bool,
 }
 
 impl ModelInfo {
@@ -55,6 +58,7 @@ impl ModelInfo {
             output: output.name.clone(),
             conditioning: inputs.into_iter().filter(|t| t.name != face.name).collect(),
             face_input: face.name,
+            on_gpu: true,
         })
     }
 }

@@ -7,7 +7,13 @@
 //! tick (`--frame-tick-ms`, a frame period by default), long enough for every other session's
 //! frames of the same period to come, and sends what came as one request of at most
 //! `max_batch` frames. A lone session is not held: while no other session of the model and
-//! avatar has asked within the last second, a batch goes at once.
+//! avatar has asked within the last second, a batch goes at once; and a batch goes as soon
+//! as every session that asked within the last second is in it.
+//!
+//! By default (`auto`) the clock runs for models a replica serves on a GPU and not for those
+//! on a CPU: there one forward pass of many frames costs more per frame than a pass each, and
+//! holds one core where separate requests use every instance (docs/performance.md,
+//! "Cross-session batching").
 //!
 //! Batches are filled by due time (when a request's first frame is due on screen), not by
 //! arrival: a session whose audio came far ahead has frames due later, so it cannot fill
@@ -30,6 +36,62 @@ use tonic::Status;
 
 /// How long a session counts as another one of its clock after its last request.
 const PEER_WINDOW: Duration = Duration::from_secs(1);
+
+/// How long the clock holds a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameTick {
+    /// [`super::DEFAULT_FRAME_TICK`] for models a replica runs on a GPU; none (every request
+    /// alone) for models on a CPU.
+    Auto,
+    /// This long for every model (zero: every request alone).
+    Fixed(Duration),
+}
+
+impl FrameTick {
+    /// The tick for a model that runs on a GPU or not.
+    pub fn for_model(self, on_gpu: bool) -> Duration {
+        match self {
+            FrameTick::Auto if on_gpu => super::DEFAULT_FRAME_TICK,
+            FrameTick::Auto => Duration::ZERO,
+            FrameTick::Fixed(d) => d,
+        }
+    }
+}
+
+impl std::str::FromStr for FrameTick {
+    type Err = String;
+
+    /// `auto`, or milliseconds 0..=1000.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(FrameTick::Auto);
+        }
+        match s.parse::<u64>() {
+            Ok(ms) if ms <= 1000 => Ok(FrameTick::Fixed(Duration::from_millis(ms))),
+            _ => Err(format!(
+                "{s:?} is neither auto nor milliseconds in 0..=1000"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for FrameTick {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameTick::Auto => f.write_str("auto"),
+            FrameTick::Fixed(d) => write!(f, "{}", d.as_millis()),
+        }
+    }
+}
+
+/// Who asks, for what: a request's frames, when its first is due, the session (its Render
+/// stream), and whether its model runs on a GPU.
+pub struct Asker {
+    pub frames: usize,
+    pub due: Instant,
+    pub session: u64,
+    pub on_gpu: bool,
+}
 
 /// One inference request of a session, waiting for its batch.
 struct Ask {
@@ -62,18 +124,17 @@ struct Key {
 pub struct FrameClock {
     client: InferenceClient,
     metrics: Arc<Metrics>,
-    tick: Duration,
+    tick: FrameTick,
     max_batch: usize,
     queues: Arc<Mutex<HashMap<Key, mpsc::Sender<Ask>>>>,
 }
 
 impl FrameClock {
-    /// Batches of at most `max_batch` frames, held for at most `tick` (zero: every request
-    /// goes alone, as it comes).
+    /// Batches of at most `max_batch` frames, held for at most `tick`.
     pub fn new(
         client: InferenceClient,
         metrics: Arc<Metrics>,
-        tick: Duration,
+        tick: FrameTick,
         max_batch: usize,
     ) -> Self {
         FrameClock {
@@ -85,21 +146,24 @@ impl FrameClock {
         }
     }
 
-    /// The answer to `request` (`n` frames, the first due at `due`, asked by `session`), from
-    /// a forward pass shared with the other sessions of its model and avatar: the response
-    /// holds this request's rows only.
-    #[allow(clippy::too_many_arguments)]
+    /// The answer to `request`, from a forward pass shared with the other sessions of its
+    /// model and avatar: the response holds this request's rows only.
     pub async fn infer(
         &self,
         request: ModelInferRequest,
         faces: CachedInput,
         expected: Expected,
-        n: usize,
-        due: Instant,
         deadline: Option<Instant>,
-        session: u64,
+        asker: Asker,
     ) -> Result<ModelInferResponse, Status> {
-        if self.tick.is_zero() {
+        let Asker {
+            frames: n,
+            due,
+            session,
+            on_gpu,
+        } = asker;
+        let tick = self.tick.for_model(on_gpu);
+        if tick.is_zero() {
             self.metrics.face_batch_requests.observe(1.0);
             self.metrics.face_batch_frames.observe(n as f64);
             return self
@@ -132,7 +196,7 @@ impl FrameClock {
             queued: Instant::now(),
             reply,
         };
-        self.queue(key)
+        self.queue(key, tick)
             .send(ask)
             .await
             .map_err(|_| Status::internal("the frame clock stopped"))?;
@@ -140,20 +204,20 @@ impl FrameClock {
             .map_err(|_| Status::internal("the frame clock dropped a request"))?
     }
 
-    fn queue(&self, key: Key) -> mpsc::Sender<Ask> {
+    fn queue(&self, key: Key, tick: Duration) -> mpsc::Sender<Ask> {
         let mut queues = self.queues.lock();
         if let Some(q) = queues.get(&key).filter(|q| !q.is_closed()) {
             return q.clone();
         }
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(collect(self.clone(), rx));
+        tokio::spawn(collect(self.clone(), tick, rx));
         queues.insert(key, tx.clone());
         tx
     }
 }
 
 /// Gathers asks into batches, one tick at a time, and sends each on its own task.
-async fn collect(clock: FrameClock, mut rx: mpsc::Receiver<Ask>) {
+async fn collect(clock: FrameClock, tick: Duration, mut rx: mpsc::Receiver<Ask>) {
     let mut pending: Vec<Ask> = Vec::new();
     // When each session last asked.
     let mut seen: HashMap<u64, Instant> = HashMap::new();
@@ -171,9 +235,13 @@ async fn collect(clock: FrameClock, mut rx: mpsc::Receiver<Ask>) {
         }
         let alone = seen.len() <= 1;
         let oldest = pending.iter().map(|a| a.queued).min().unwrap_or(now);
-        let until = tokio::time::Instant::from_std(oldest + clock.tick);
+        let until = tokio::time::Instant::from_std(oldest + tick);
         let mut frames: usize = pending.iter().map(|a| a.n).sum();
-        while !alone && frames < clock.max_batch {
+        // Every session that asked lately has its frames here: no one else is coming.
+        let everyone = |pending: &[Ask], seen: &HashMap<u64, Instant>| {
+            seen.keys().all(|s| pending.iter().any(|a| a.session == *s))
+        };
+        while !alone && frames < clock.max_batch && !everyone(&pending, &seen) {
             match tokio::time::timeout_at(until, rx.recv()).await {
                 Ok(Some(a)) => {
                     seen.insert(a.session, a.queued);
@@ -347,6 +415,18 @@ fn split(response: ModelInferResponse, sizes: &[usize]) -> Result<Vec<ModelInfer
 mod tests {
     use super::*;
     use framecast_proto::kserve::model_infer_response::InferOutputTensor;
+
+    /// `auto` holds batches for GPU-served models only; a number holds them for every model.
+    #[test]
+    fn the_tick_follows_the_device() {
+        let auto: FrameTick = "auto".parse().unwrap();
+        assert_eq!(auto.for_model(true), crate::render::DEFAULT_FRAME_TICK);
+        assert_eq!(auto.for_model(false), Duration::ZERO);
+        let fixed: FrameTick = "25".parse().unwrap();
+        assert_eq!(fixed.for_model(false), Duration::from_millis(25));
+        assert!("1001".parse::<FrameTick>().is_err() && "soon".parse::<FrameTick>().is_err());
+        assert_eq!(auto.to_string(), "auto");
+    }
 
     /// A session with a backlog (a request of 8 frames due later) does not crowd out the
     /// frames due now: requests go by due time, whole, and what fits the room left joins.

@@ -18,7 +18,7 @@ mod deliver;
 mod plan;
 mod wire;
 
-pub use clock::FrameClock;
+pub use clock::{Asker, FrameClock, FrameTick};
 pub use composite::{compose, idle, splices, Composed, Crop, Output};
 
 use crate::avatar::Avatar;
@@ -56,8 +56,8 @@ pub struct RenderOptions {
     /// request.
     pub encoder_batch_wait: Duration,
     /// How long the face model's frame clock holds a batch for other sessions' frames
-    /// ([`FrameClock`]); zero: every request goes alone, as it comes.
-    pub frame_tick: Duration,
+    /// ([`FrameClock`]).
+    pub frame_tick: FrameTick,
     /// An audio session's frame is idle (the background as it is, no inference) when its
     /// mel window's loudness ([`framecast_audio::window::loudness`], 0 silence .. 1 loud
     /// speech) is below this; 0 never.
@@ -77,7 +77,7 @@ impl Default for RenderOptions {
             idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
             max_audio_ahead: Duration::from_secs(10),
             encoder_batch_wait: Duration::from_millis(5),
-            frame_tick: DEFAULT_FRAME_TICK,
+            frame_tick: FrameTick::Auto,
             idle_loudness: 0.05,
             idle_budget: IdleBudget::new(DEFAULT_IDLE_FRAME_CACHE_MIB << 20, None),
         }
@@ -163,22 +163,21 @@ pub async fn render(
             let sent = Instant::now();
             let lo = next;
             let first_due = due + period.mul_f64(lo as f64);
+            let on_gpu = plan.model.on_gpu;
             in_flight.push_back((
                 next,
                 end,
                 sent,
                 tokio::spawn(
                     async move {
+                        let asker = Asker {
+                            frames: end - lo,
+                            due: first_due,
+                            session: stream,
+                            on_gpu,
+                        };
                         clock
-                            .infer(
-                                request,
-                                faces,
-                                expected,
-                                end - lo,
-                                first_due,
-                                deadline,
-                                stream,
-                            )
+                            .infer(request, faces, expected, deadline, asker)
                             .await
                             .map_err(|s| {
                                 Error::inference(format!("inference for frames {lo}..{end}"), s)
