@@ -11,6 +11,7 @@ use framecast_compositor::metrics::Metrics;
 use framecast_compositor::render::RenderOptions;
 use framecast_compositor::rpc::CompositorService;
 use framecast_compositor::server::ServeOptions;
+use framecast_telemetry::host_cpu::Headroom;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -215,6 +216,12 @@ struct ServeArgs {
     /// Name to expect in the replicas' certificates, when it is not the URLs' host.
     #[arg(long, env = "FRAMECAST_INFERENCE_TLS_DOMAIN")]
     inference_tls_domain: Option<String>,
+    /// Admission by measured margin: a new Render stream is refused (UNAVAILABLE, the reason)
+    /// while the host's free cores are fewer than one open stream's measured share of the
+    /// busy ones times this headroom (over the last 2 s; everything on the host counted).
+    /// off: streams are admitted up to --max-streams whatever the load.
+    #[arg(long, env = "FRAMECAST_ADMISSION_HEADROOM", default_value = "1.25", value_parser = Headroom::parse)]
+    admission_headroom: Headroom,
     /// Admission limit: open Render streams; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "FRAMECAST_MAX_STREAMS", default_value_t = framecast_compositor::rpc::DEFAULT_MAX_STREAMS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_streams: usize,
@@ -603,8 +610,11 @@ fn serve(args: ServeArgs) -> Result<()> {
         let per_client = args.max_streams_per_client.unwrap_or_else(|| {
             framecast_compositor::rpc::default_streams_per_client(args.max_streams)
         });
-        let svc = CompositorService::new(store, inference, opts, metrics)
+        let mut svc = CompositorService::new(store, inference, opts, metrics)
             .with_max_streams(args.max_streams, per_client);
+        if let Headroom(Some(headroom)) = args.admission_headroom {
+            svc = svc.with_admission(headroom);
+        }
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listen: cannot bind {}", args.listen))?;

@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -44,6 +44,15 @@ pub struct CompositorService {
     encoders: Encoders,
     /// Face-model batches shared by every session.
     clock: render::FrameClock,
+    /// Why no stream may open now (admission by measured margin), if so.
+    no_margin: Arc<parking_lot::Mutex<Option<String>>>,
+    /// The CPU samples admission judges (held here: its sampler stops when the service goes).
+    cpu_window: Option<Arc<parking_lot::Mutex<CpuWindow>>>,
+}
+
+/// The host's CPU a window back, for admission by margin: one sample a second.
+struct CpuWindow {
+    samples: std::collections::VecDeque<(Instant, Option<framecast_telemetry::host_cpu::CpuTimes>)>,
 }
 
 /// Open Render streams a compositor accepts unless told otherwise.
@@ -103,6 +112,8 @@ impl CompositorService {
         CompositorService {
             encoders,
             clock,
+            no_margin: Arc::default(),
+            cpu_window: None,
             store,
             inference,
             opts: Arc::new(opts),
@@ -130,6 +141,36 @@ impl CompositorService {
     /// instead of their addresses.
     pub fn with_authentication(mut self, on: bool) -> Self {
         self.authenticated = on;
+        self
+    }
+
+    /// The same service refusing new Render streams (UNAVAILABLE, the reason) while the
+    /// host's free cores are fewer than one open stream's measured share of the busy ones
+    /// times `headroom`, over the last two seconds (a conservative estimate when other
+    /// services share the host). Needs a Tokio runtime (it samples once a second).
+    pub fn with_admission(mut self, headroom: f64) -> Self {
+        use framecast_telemetry::host_cpu::{self, CpuTimes};
+        let window = Arc::new(parking_lot::Mutex::new(CpuWindow {
+            samples: Default::default(),
+        }));
+        let (verdict, metrics) = (self.no_margin.clone(), self.metrics.clone());
+        let cores = host_cpu::cores();
+        framecast_telemetry::periodic::every(&window, Duration::from_secs(1), move |w| {
+            let (verdict, metrics) = (verdict.clone(), metrics.clone());
+            async move {
+                let now = (Instant::now(), CpuTimes::now());
+                let mut w = w.lock();
+                while w.samples.len() > 2 {
+                    w.samples.pop_front();
+                }
+                let open = metrics.streams_active.get().max(0) as usize;
+                let old = w.samples.front().and_then(|s| s.1);
+                *verdict.lock() = host_cpu::short_of(old, now.1, cores, open, headroom, "stream");
+                w.samples.push_back(now);
+                true
+            }
+        });
+        self.cpu_window = Some(window);
         self
     }
 
@@ -269,6 +310,13 @@ impl Compositor for CompositorService {
         req: Request<Streaming<RenderRequest>>,
     ) -> Result<Response<Self::RenderStream>, Status> {
         let client = framecast_proto::client::of(&req, self.authenticated);
+        if let Some(why) = self.no_margin.lock().clone() {
+            self.metrics
+                .requests
+                .with_label_values(&["no_margin"])
+                .inc();
+            return Err(Status::unavailable(why));
+        }
         let place = self.streams.take(&client).map_err(|refused| {
             self.metrics
                 .requests
@@ -512,7 +560,7 @@ impl Outbox {
 
     /// Once the render task has ended: waits up to `idle` for the client to read what is
     /// queued (or to go), then drops what is left and gives the place back.
-    async fn close_after(&self, idle: std::time::Duration) {
+    async fn close_after(&self, idle: Duration) {
         let drained = async {
             loop {
                 let taken = self.0.taken.notified();

@@ -53,6 +53,8 @@ pub struct Opts {
     pub framecast_extensions: bool,
     /// The compositor's frame clock (`--frame-tick-ms`).
     pub frame_tick: framecast_compositor::render::FrameTick,
+    /// The compositor's admission by margin (`--admission-headroom`; `None`: off).
+    pub admission: Option<f64>,
 }
 
 impl Default for Opts {
@@ -70,6 +72,7 @@ impl Default for Opts {
             tensor_retry: ClientOptions::default().tensor_retry,
             framecast_extensions: true,
             frame_tick: RenderOptions::default().frame_tick,
+            admission: None,
         }
     }
 }
@@ -119,6 +122,10 @@ pub async fn stack_with(root: &Path, batch: usize, o: Opts) -> Stack {
         metrics.clone(),
     )
     .with_max_streams(o.max_streams, o.streams_per_client.unwrap_or(o.max_streams));
+    let svc = match o.admission {
+        Some(headroom) => svc.with_admission(headroom),
+        None => svc,
+    };
     let serve_opts = comp_server::ServeOptions {
         auth_token: o.tokens.1.map(String::from),
         ..Default::default()

@@ -531,3 +531,42 @@ async fn whip_where_it_applies() {
     let (_, head, _) = preflight("https://evil.example").await;
     assert!(!head.contains("access-control-allow-origin"), "{head}");
 }
+
+/// Admission by measured margin: with a session open and the host's free cores short of what
+/// one more needs (here a headroom no host has), the next offer is refused at once with 503,
+/// `Retry-After` and the reason, counted as `no_margin`; `--max-sessions` was not reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_past_the_measured_margin_are_refused_at_once() {
+    let f = gateway_stack(GatewayOptions {
+        admission: Some(1000.0),
+        session_timeout: std::time::Duration::from_secs(30),
+        ..Default::default()
+    })
+    .await;
+    let (status, _, body) = post_offer(&f).await;
+    assert_eq!(status, 201, "the first session, with no history: {body}");
+    // Two samples a window apart (one a second).
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    let started = Instant::now();
+    let (status, head, why) = post_offer(&f).await;
+    assert_eq!(status, 503, "{why}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "not at once"
+    );
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 2"),
+        "{head}"
+    );
+    assert!(
+        why.contains("no margin") && why.contains("cores free"),
+        "{why}"
+    );
+    let m = &f.gateway.metrics;
+    assert_eq!(
+        m.session_requests.with_label_values(&["no_margin"]).get(),
+        1
+    );
+    assert_eq!(m.admission_open.get(), 0);
+    assert_eq!(f.gateway.open_sessions(), 1);
+}

@@ -186,6 +186,36 @@ async fn streams_past_the_limit_are_refused_at_once() {
     assert!(admitted, "a stream was refused after the open one closed");
 }
 
+/// Admission by measured margin: with a stream open and the host's free cores short of what
+/// one more needs (a headroom no host has), a new Render stream is refused at once with
+/// UNAVAILABLE and the reason, counted as `no_margin`, below `--max-streams`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_past_the_measured_margin_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = Opts {
+        admission: Some(1000.0),
+        ..Default::default()
+    };
+    let s = stack_with(tmp.path(), 4, opts).await;
+    let (_req_tx, mut open) = open_render(&s.client, request("small", 0, 2)).await;
+    assert!(open.message().await.unwrap().is_some());
+    // Two samples (one a second) with the stream open.
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    let e = render(&s.client, vec![request("small", 0, 2)])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains("no margin") && e.message().contains("cores free"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        s.metrics.requests.with_label_values(&["no_margin"]).get(),
+        1
+    );
+}
+
 /// Bearer tokens on both services: the compositor authenticates its clients and itself to the
 /// inference service; calls without the right token get UNAUTHENTICATED; health stays open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

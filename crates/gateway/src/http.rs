@@ -3,6 +3,7 @@
 //! comes back with `201 Created` and `Location: /sessions/ID`; `DELETE` that location ends
 //! the session). Every refusal is an HTTP status with a one-line reason in the body.
 
+use crate::admission::{Admission, Counters, Verdict};
 use crate::api;
 use crate::events::Events;
 use crate::idle_video::IdleVideo;
@@ -83,6 +84,10 @@ pub struct GatewayOptions {
     /// Bytes the shared encodes of the avatars' idle loops may hold (0: each session encodes
     /// its own idle frames).
     pub idle_cache_bytes: usize,
+    /// Admission by measured margin ([`crate::admission`]): `None` admits up to
+    /// `max_sessions` whatever the load (the library's default; the binary's is on), else the
+    /// headroom one more session's CPU needs (0: frame rates only).
+    pub admission: Option<f64>,
 }
 
 impl Default for GatewayOptions {
@@ -110,6 +115,7 @@ impl Default for GatewayOptions {
             ice_servers: Vec::new(),
             https: false,
             idle_cache_bytes: 64 << 20,
+            admission: None,
         }
     }
 }
@@ -128,6 +134,7 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// The avatars' idle loops, encoded once for all sessions.
     idle_video: Arc<IdleVideo>,
+    admission: Option<Mutex<Admission>>,
     draining: AtomicBool,
 }
 
@@ -145,12 +152,14 @@ impl Gateway {
             api_auth: BearerCheck::new(opts.api_token.as_deref()),
             places: Places::new(opts.max_sessions, opts.max_sessions_per_client),
             idle_video: IdleVideo::new(opts.idle_cache_bytes, metrics.clone()),
+            admission: opts.admission.map(|h| Mutex::new(Admission::new(h))),
             metrics,
             draining: AtomicBool::new(false),
         });
         // Sessions whose thread ended (browser gone, reaped, compositor failed) are forgotten.
         framecast_telemetry::periodic::every(&gw, Duration::from_secs(1), |gw| async move {
             gw.forget_finished();
+            gw.sample_margin();
             true
         });
         gw
@@ -168,6 +177,42 @@ impl Gateway {
             self.remember_ended(id);
         }
         self.metrics.sessions.set(sessions.len() as i64);
+    }
+
+    /// Feeds admission a sample of the open sessions' counters.
+    fn sample_margin(&self) {
+        let Some(admission) = &self.admission else {
+            return;
+        };
+        let counters = self
+            .sessions
+            .lock()
+            .iter()
+            .map(|(id, (s, _))| {
+                let st = &s.stats;
+                let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+                let c = Counters {
+                    sent: n(&st.frames_sent),
+                    missed: n(&st.frames_dropped) + n(&st.frames_lost),
+                    fps: s.config.fps,
+                    connected: *st.state.lock() == "connected",
+                };
+                (id.clone(), c)
+            })
+            .collect();
+        let mut a = admission.lock();
+        a.sample(counters);
+        self.metrics
+            .admission_open
+            .set((*a.verdict() == Verdict::Admit) as i64);
+    }
+
+    /// Why no session may be admitted now, if so.
+    fn no_margin(&self) -> Option<String> {
+        match self.admission.as_ref()?.lock().verdict() {
+            Verdict::Admit => None,
+            Verdict::Refuse(why) => Some(why.clone()),
+        }
     }
 
     fn remember_ended(&self, id: String) {
@@ -433,6 +478,15 @@ async fn create(
             StatusCode::SERVICE_UNAVAILABLE,
             "the gateway is shutting down",
         );
+    }
+    if let Some(why) = gw.no_margin() {
+        outcome("no_margin");
+        let mut refusal = refuse(StatusCode::SERVICE_UNAVAILABLE, why);
+        refusal.headers_mut().insert(
+            header::RETRY_AFTER,
+            header::HeaderValue::from(crate::admission::WINDOW.as_secs()),
+        );
+        return refusal;
     }
     let client = framecast_proto::client::address(peer.ip());
     let place = match gw.place(&client) {

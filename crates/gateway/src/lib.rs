@@ -7,6 +7,7 @@
 //! Each session runs its WebRTC connection (str0m, sans-IO) on an OS thread with a UDP port of
 //! its own ([`session`]); the HTTP side ([`http`]) only creates, lists and ends sessions.
 
+pub mod admission;
 pub mod answer;
 pub mod api;
 pub mod audio_in;

@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use framecast_gateway::{Gateway, GatewayOptions};
+use framecast_telemetry::host_cpu::Headroom;
 use framecast_telemetry::tls::ClientTls;
 use framecast_telemetry::{metrics_http, LogFormat};
 use std::net::{IpAddr, SocketAddr};
@@ -124,6 +125,13 @@ struct Args {
     /// The TURN servers' credential.
     #[arg(long, env = "FRAMECAST_GATEWAY_ICE_CREDENTIAL", hide_env_values = true)]
     ice_credential: Option<String>,
+    /// Admission by measured margin: a new session is refused (503 with Retry-After and the
+    /// reason) while an open session misses frames or sends under 90% of its frame rate, or
+    /// while the host's free cores are fewer than one session's measured share of the busy
+    /// ones times this headroom. 0 keeps the frame-rate rule only; off admits up to
+    /// --max-sessions whatever the load.
+    #[arg(long, env = "FRAMECAST_GATEWAY_ADMISSION_HEADROOM", default_value = "1.25", value_parser = Headroom::parse)]
+    admission_headroom: Headroom,
     /// MiB the idle loops' shared H.264 encodes may hold, all avatars together: an avatar's
     /// idle frames are encoded once and sent to each of its sessions between utterances (a
     /// 10 s 720p loop at 2 Mbit/s is about 3 MiB). 0: every session encodes its own.
@@ -247,6 +255,7 @@ async fn main() -> Result<()> {
             .map_err(anyhow::Error::msg)?,
         https: tls.is_some(),
         idle_cache_bytes: args.idle_cache_mib.saturating_mul(1 << 20),
+        admission: args.admission_headroom.0,
         ..Default::default()
     };
     if opts.api_token.is_none() {

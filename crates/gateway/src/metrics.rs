@@ -21,6 +21,8 @@ pub struct Metrics {
     pub idle_frames_shared: IntCounter,
     /// Bytes of the shared idle streams.
     pub idle_cache_bytes: IntGauge,
+    /// 1 while admission by margin admits new sessions, 0 while it refuses them.
+    pub admission_open: IntGauge,
 }
 
 impl Metrics {
@@ -72,6 +74,11 @@ impl Metrics {
                 "Bytes held by the shared encodes of the avatars' idle loops (--idle-cache-mib)",
             )
             .expect("valid metric"),
+            admission_open: IntGauge::new(
+                "admission_open",
+                "1 while the measured margin admits new sessions, 0 while it refuses them (503 no_margin)",
+            )
+            .expect("valid metric"),
             registry,
         };
         for c in [
@@ -84,6 +91,7 @@ impl Metrics {
             Box::new(m.rtt_seconds.clone()),
             Box::new(m.idle_frames_shared.clone()),
             Box::new(m.idle_cache_bytes.clone()),
+            Box::new(m.admission_open.clone()),
         ] {
             m.registry.register(c).expect("metric registered once");
         }

@@ -3,6 +3,7 @@
 
 pub mod config_file;
 pub mod drain;
+pub mod host_cpu;
 pub mod http_server;
 pub mod metrics_http;
 pub mod oversize;

@@ -1,0 +1,211 @@
+//! Admission by measured margin: a new session is admitted only while the sessions already
+//! running hold their frame rate and the host has the CPU one more needs. `--max-sessions`
+//! stays the hard cap; this refuses earlier, at once, when the machine is already full.
+//!
+//! Every second the gateway takes a [`Sample`]: each session's frame counters and the host's
+//! CPU time. The verdict compares the newest sample with the one [`WINDOW`] before it:
+//! - a connected session that dropped or lost frames in the window, or sent fewer than 90% of
+//!   its frame rate, is falling behind: nothing more is admitted until none is;
+//! - the host's free cores must cover what one session costs (the busy cores over the
+//!   sessions open, everything on the host counted: a conservative estimate when the
+//!   compositor and the inference service share the host, as on one machine) times
+//!   `--admission-headroom`.
+//!
+//! A refused offer gets 503 with `Retry-After` (the window) and the reason, counted as
+//! `session_requests_total{outcome="no_margin"}`. Without a sample old enough (start-up),
+//! or with no session open, every offer is admitted up to the cap.
+
+use framecast_telemetry::host_cpu::{self, CpuTimes};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// The span a verdict looks back over.
+pub const WINDOW: Duration = Duration::from_secs(2);
+
+/// Fraction of its frame rate a session must send in the window.
+const MIN_RATE: f64 = 0.9;
+
+/// What admission looks at of one session.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counters {
+    pub sent: u64,
+    /// Dropped by the pacer and lost between the compositor and the encoder.
+    pub missed: u64,
+    pub fps: f64,
+    /// The browser is connected (before that no frame is expected).
+    pub connected: bool,
+}
+
+/// The gateway at one moment.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub at: Instant,
+    pub cpu: Option<CpuTimes>,
+    pub sessions: HashMap<String, Counters>,
+}
+
+/// Whether one more session may come, and if not why (for the 503's body).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    Admit,
+    Refuse(String),
+}
+
+/// The verdict from `old` to `new` on a host of `cores`, one session needing its measured
+/// share of the busy cores times `headroom` (0: CPU not considered).
+pub fn judge(old: &Sample, new: &Sample, cores: f64, headroom: f64) -> Verdict {
+    let span = new.at.saturating_duration_since(old.at).as_secs_f64();
+    if span <= 0.0 {
+        return Verdict::Admit;
+    }
+    let mut ids: Vec<&String> = new.sessions.keys().collect();
+    ids.sort();
+    for id in ids {
+        let (n, Some(o)) = (&new.sessions[id], old.sessions.get(id)) else {
+            continue;
+        };
+        if !(n.connected && o.connected) {
+            continue;
+        }
+        let missed = n.missed.saturating_sub(o.missed);
+        if missed > 0 {
+            return Verdict::Refuse(format!(
+                "no margin: session {id} missed {missed} frames in the last {span:.1} s; try again later"
+            ));
+        }
+        let rate = n.sent.saturating_sub(o.sent) as f64 / span;
+        if rate < MIN_RATE * n.fps {
+            return Verdict::Refuse(format!(
+                "no margin: session {id} sent {rate:.1} frames/s of its {:.0} in the last {span:.1} s; try again later",
+                n.fps
+            ));
+        }
+    }
+    let open = new.sessions.len();
+    match host_cpu::short_of(old.cpu, new.cpu, cores, open, headroom, "session") {
+        Some(why) => Verdict::Refuse(why),
+        None => Verdict::Admit,
+    }
+}
+
+/// The samples of the last window and the verdict they give.
+pub struct Admission {
+    headroom: f64,
+    cores: f64,
+    samples: std::collections::VecDeque<Sample>,
+    verdict: Verdict,
+}
+
+impl Admission {
+    /// `headroom`: see [`judge`].
+    pub fn new(headroom: f64) -> Self {
+        Admission {
+            headroom,
+            cores: host_cpu::cores(),
+            samples: Default::default(),
+            verdict: Verdict::Admit,
+        }
+    }
+
+    /// Takes a sample of `sessions` now and judges it against the one a window before.
+    pub fn sample(&mut self, sessions: HashMap<String, Counters>) {
+        let now = Sample {
+            at: Instant::now(),
+            cpu: CpuTimes::now(),
+            sessions,
+        };
+        while self
+            .samples
+            .get(1)
+            .is_some_and(|s| now.at.saturating_duration_since(s.at) >= WINDOW)
+        {
+            self.samples.pop_front();
+        }
+        self.verdict = match self.samples.front() {
+            Some(old) if now.at.saturating_duration_since(old.at) >= WINDOW / 2 => {
+                judge(old, &now, self.cores, self.headroom)
+            }
+            _ => Verdict::Admit,
+        };
+        self.samples.push_back(now);
+    }
+
+    pub fn verdict(&self) -> &Verdict {
+        &self.verdict
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(at: Instant, cpu: (u64, u64), sessions: &[(&str, u64, u64)]) -> Sample {
+        Sample {
+            at,
+            cpu: Some(CpuTimes {
+                busy: cpu.0,
+                total: cpu.1,
+            }),
+            sessions: sessions
+                .iter()
+                .map(|&(id, sent, missed)| {
+                    let c = Counters {
+                        sent,
+                        missed,
+                        fps: 25.0,
+                        connected: true,
+                    };
+                    (id.to_string(), c)
+                })
+                .collect(),
+        }
+    }
+
+    /// Sessions at their rate on a host with room: admitted. One that missed frames, or sent
+    /// too few, or a host without a session's worth of free cores: refused, saying which.
+    #[test]
+    fn the_verdict_follows_the_sessions_and_the_cpu() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(2);
+        let old = sample(t0, (0, 0), &[("a", 0, 0), ("b", 0, 0)]);
+        // Two sessions, 50 frames each in 2 s; half of 2 cores busy: 1.5 free, 0.5 each.
+        let fine = sample(t1, (100, 200), &[("a", 50, 0), ("b", 50, 0)]);
+        assert_eq!(judge(&old, &fine, 2.0, 1.25), Verdict::Admit);
+        let missed = sample(t1, (100, 200), &[("a", 50, 0), ("b", 49, 1)]);
+        let Verdict::Refuse(why) = judge(&old, &missed, 2.0, 1.25) else {
+            panic!("a session missed a frame");
+        };
+        assert!(why.contains("session b missed 1 frames"), "{why}");
+        let slow = sample(t1, (100, 200), &[("a", 50, 0), ("b", 40, 0)]);
+        let Verdict::Refuse(why) = judge(&old, &slow, 2.0, 1.25) else {
+            panic!("a session is slow");
+        };
+        assert!(
+            why.contains("session b sent 20.0 frames/s of its 25"),
+            "{why}"
+        );
+        // 1.6 of 2 cores busy: 0.4 free, a session costs 0.8.
+        let full = sample(t1, (160, 200), &[("a", 50, 0), ("b", 50, 0)]);
+        let Verdict::Refuse(why) = judge(&old, &full, 2.0, 1.25) else {
+            panic!("no CPU left");
+        };
+        assert!(why.contains("0.40 of 2 cores free"), "{why}");
+        assert_eq!(
+            judge(&old, &full, 2.0, 0.0),
+            Verdict::Admit,
+            "headroom 0: CPU ignored"
+        );
+        // A session not yet connected is not judged; a new one has no old counters.
+        let mut waiting = sample(t1, (100, 200), &[("a", 50, 0), ("c", 0, 0)]);
+        waiting.sessions.get_mut("a").unwrap().connected = false;
+        assert_eq!(judge(&old, &waiting, 2.0, 1.25), Verdict::Admit);
+    }
+
+    /// No sample a window old yet (start-up): admitted.
+    #[test]
+    fn without_history_everything_is_admitted() {
+        let mut a = Admission::new(1000.0);
+        a.sample(HashMap::new());
+        assert_eq!(a.verdict(), &Verdict::Admit);
+    }
+}
