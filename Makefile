@@ -4,7 +4,7 @@ ENV = eval "$$(scripts/setup.sh)"
 # The tests also drive a real browser: chromium and chromium-driver come with them.
 TEST_ENV = eval "$$(FRAMECAST_BROWSER=1 scripts/setup.sh)"
 
-.PHONY: demo browser-demo bench-browser bench-agent bench-clock test validate-deploy setup build build-cuda gpu-check lint fmt bench bench-network compare soak fuzz clean
+.PHONY: demo browser-demo bench-browser bench-agent bench-clock bench-gateway test validate-deploy setup build build-cuda gpu-check lint fmt bench bench-network compare soak fuzz clean
 
 ## Render the demo avatar end to end; output in out/demo.
 demo:
@@ -46,6 +46,11 @@ bench-browser:
 ## mouth and silence, CPU idle against speaking, a long session's sync (out/bench-agent/).
 bench-agent:
 	scripts/bench-agent.sh
+
+## WebRTC sessions per machine: a sweep for the largest count that holds 24 frames/s, then
+## twice that offered with admission on (out/bench-gateway/).
+bench-gateway:
+	scripts/bench-gateway.sh
 
 ## The compositor's frame clock side by side with requests sent alone: frames per forward
 ## pass, latency and CPU per frame at 4-16 live sessions (out/bench-clock/).

@@ -6,6 +6,7 @@ pub mod avi;
 pub mod charts;
 pub mod client;
 pub mod demo;
+pub mod gateway;
 pub mod load;
 pub mod report;
 pub mod speech;

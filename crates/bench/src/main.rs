@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use framecast_bench::load::{self, Phase};
 use framecast_bench::report::{self, Report};
 use framecast_bench::target::{self, Fill, Target};
-use framecast_bench::{charts, client, demo, speech};
+use framecast_bench::{charts, client, demo, gateway, speech};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,6 +84,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Sessions speaking at real-time pace: audio sessions vs chunk requests, side by side.
     Speech(speech::SpeechArgs),
+    /// WebRTC sessions against framecast-gateway (str0m peers speaking Opus, taking the
+    /// video): frames/s, gaps, latency, CPU per frame; --sweep for sessions per machine.
+    Gateway(gateway::GatewayArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -280,6 +283,7 @@ async fn run(cli: Cli) -> Result<()> {
         } => client::wait_healthy(&urls, &access, Duration::from_secs(timeout_s)).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Speech(args) => speech::run(args).await,
+        Command::Gateway(args) => gateway::run(args).await,
         Command::Compositor {
             url,
             avatar,

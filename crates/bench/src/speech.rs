@@ -121,7 +121,7 @@ impl Mix {
     }
 }
 
-fn parse_cpu(s: &str) -> Result<(String, u32), String> {
+pub(crate) fn parse_cpu(s: &str) -> Result<(String, u32), String> {
     let (name, pid) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?} is not NAME=PID"))?;
@@ -133,7 +133,7 @@ fn parse_cpu(s: &str) -> Result<(String, u32), String> {
 }
 
 /// CPU seconds (user + system) process `pid` has used.
-fn cpu_seconds(pid: u32) -> Result<f64, String> {
+pub(crate) fn cpu_seconds(pid: u32) -> Result<f64, String> {
     crate::report::cpu_time_of(Some(pid)).map(|d| d.as_secs_f64())
 }
 

@@ -11,9 +11,14 @@
 //!   compositor and the inference service share the host, as on one machine) times
 //!   `--admission-headroom`.
 //!
+//! The CPU lags the admissions (a session costs only once it is connected and streaming), so
+//! sessions admitted in the last two windows count against the free cores at the last
+//! measured cost each: a burst of offers takes what the margin holds, not every place up to
+//! the cap. Before any session's cost has been measured, one session is admitted per two
+//! windows.
+//!
 //! A refused offer gets 503 with `Retry-After` (the window) and the reason, counted as
-//! `session_requests_total{outcome="no_margin"}`. Without a sample old enough (start-up),
-//! or with no session open, every offer is admitted up to the cap.
+//! `session_requests_total{outcome="no_margin"}`.
 
 use framecast_telemetry::host_cpu::{self, CpuTimes};
 use std::collections::HashMap;
@@ -94,6 +99,12 @@ pub struct Admission {
     cores: f64,
     samples: std::collections::VecDeque<Sample>,
     verdict: Verdict,
+    /// Free cores at the last sample, and the cores one connected session cost (the last
+    /// time one was measured).
+    free: Option<f64>,
+    cost: Option<f64>,
+    /// Sessions admitted lately, not yet in the CPU figures.
+    recent: std::collections::VecDeque<Instant>,
 }
 
 impl Admission {
@@ -104,7 +115,49 @@ impl Admission {
             cores: host_cpu::cores(),
             samples: Default::default(),
             verdict: Verdict::Admit,
+            free: None,
+            cost: None,
+            recent: Default::default(),
         }
+    }
+
+    /// One more session, if the margin holds it (it is then counted as admitted); else why not.
+    pub fn admit(&mut self) -> Result<(), String> {
+        if let Verdict::Refuse(why) = &self.verdict {
+            return Err(why.clone());
+        }
+        let now = Instant::now();
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) > 2 * WINDOW)
+        {
+            self.recent.pop_front();
+        }
+        if self.headroom > 0.0 {
+            let pending = self.recent.len();
+            match (self.free, self.cost) {
+                (Some(free), Some(one)) => {
+                    let need = one * self.headroom * (pending + 1) as f64;
+                    if free < need {
+                        return Err(format!(
+                            "no margin: {free:.2} cores were free; {pending} sessions admitted in the last {} s are not in that figure yet, and with this one they need about {need:.2} (a session costs about {one:.2}, times --admission-headroom {}); try again later",
+                            (2 * WINDOW).as_secs(),
+                            self.headroom
+                        ));
+                    }
+                }
+                _ if pending > 0 => {
+                    return Err(format!(
+                        "no margin known yet: what a session costs here is not measured; one session every {} s until it is; try again later",
+                        (2 * WINDOW).as_secs()
+                    ));
+                }
+                _ => {}
+            }
+        }
+        self.recent.push_back(now);
+        Ok(())
     }
 
     /// Takes a sample of `sessions` now and judges it against the one a window before.
@@ -123,6 +176,15 @@ impl Admission {
         }
         self.verdict = match self.samples.front() {
             Some(old) if now.at.saturating_duration_since(old.at) >= WINDOW / 2 => {
+                if let (Some(a), Some(b)) = (old.cpu, now.cpu) {
+                    if let Some(busy) = b.busy_cores_since(&a, self.cores) {
+                        self.free = Some((self.cores - busy).max(0.0));
+                        let connected = now.sessions.values().filter(|c| c.connected).count();
+                        if connected > 0 {
+                            self.cost = Some(busy / connected as f64);
+                        }
+                    }
+                }
                 judge(old, &now, self.cores, self.headroom)
             }
             _ => Verdict::Admit,
@@ -201,11 +263,29 @@ mod tests {
         assert_eq!(judge(&old, &waiting, 2.0, 1.25), Verdict::Admit);
     }
 
-    /// No sample a window old yet (start-up): admitted.
+    /// No sample a window old yet (start-up): the first session is admitted, and no more
+    /// until what one costs is measured.
     #[test]
-    fn without_history_everything_is_admitted() {
-        let mut a = Admission::new(1000.0);
+    fn without_history_one_session_is_admitted_at_a_time() {
+        let mut a = Admission::new(1.25);
         a.sample(HashMap::new());
         assert_eq!(a.verdict(), &Verdict::Admit);
+        assert!(a.admit().is_ok());
+        let why = a.admit().unwrap_err();
+        assert!(why.contains("not measured"), "{why}");
+        // Headroom 0 (frame rates only): no CPU accounting.
+        let mut b = Admission::new(0.0);
+        assert!(b.admit().is_ok() && b.admit().is_ok());
+    }
+
+    /// A burst of offers takes what the free cores hold at the measured cost, not more.
+    #[test]
+    fn a_burst_takes_what_the_margin_holds() {
+        let mut a = Admission::new(1.0);
+        a.free = Some(1.0);
+        a.cost = Some(0.3);
+        assert!(a.admit().is_ok() && a.admit().is_ok() && a.admit().is_ok());
+        let why = a.admit().unwrap_err();
+        assert!(why.contains("3 sessions admitted"), "{why}");
     }
 }

@@ -207,12 +207,9 @@ impl Gateway {
             .set((*a.verdict() == Verdict::Admit) as i64);
     }
 
-    /// Why no session may be admitted now, if so.
+    /// Why no session may be admitted now, if so; else the session counts as admitted.
     fn no_margin(&self) -> Option<String> {
-        match self.admission.as_ref()?.lock().verdict() {
-            Verdict::Admit => None,
-            Verdict::Refuse(why) => Some(why.clone()),
-        }
+        self.admission.as_ref()?.lock().admit().err()
     }
 
     fn remember_ended(&self, id: String) {
