@@ -402,8 +402,11 @@ def main():
     p.add_argument("--seconds", type=float, default=22)
     p.add_argument("--screenshot")
     p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--relay", action="store_true", help="media through the gateway's TURN servers only")
     args = p.parse_args()
     page = f"{args.url}/?avatar={args.avatar}&autostart=1&probe={args.probe}"
+    if args.relay:
+        page += "&relay=1"
     scratch = tempfile.TemporaryDirectory()
     wav, speech_s = (args.wav, None)
     if args.sentence:
@@ -430,6 +433,7 @@ def main():
                        first_frame_ms: f.firstFrameMs, frames: f.frames,
                        probe: f.probeLuma, onsets: f.onsets, video: f.stats.video || null,
                        rtt_ms: f.stats.rttMs || null, page_fps: f.stats.fps || null,
+                       local_candidate: f.stats.localCandidate || null,
                        latency: document.getElementById("latency").textContent,
                        rtt: document.getElementById("rtt").textContent,
                        fps_shown: document.getElementById("fps").textContent};"""

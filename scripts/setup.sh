@@ -3,7 +3,7 @@
 #   - apt packages: cmake and nasm (turbojpeg builds its bundled libjpeg-turbo with them),
 #     libopus-dev and pkg-config (the gateway), espeak-ng (speech for tests and the demo),
 #     ffmpeg and opencv-data (`avatar import`: video decoding and OpenCV's face cascade);
-#     with FRAMECAST_BROWSER=1 also chromium and chromium-driver (the browser tests)
+#     with FRAMECAST_BROWSER=1 also chromium, chromium-driver and coturn (the browser tests)
 #   - libtorch 2.11.0 (the pair of tch 0.24) unpacked from the PyPI torch wheel into a cache dir
 # Prints the environment to use as `export` lines on stdout (everything else goes to stderr), so
 #   eval "$(scripts/setup.sh)"
@@ -45,6 +45,8 @@ command -v ffprobe >/dev/null || need_apt+=(ffmpeg)
 if [ "${FRAMECAST_BROWSER:-0}" = 1 ]; then
   command -v chromium >/dev/null || need_apt+=(chromium)
   command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
+  # A TURN server the relay test starts (NAT traversal through coturn).
+  command -v turnserver >/dev/null || need_apt+=(coturn)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} with apt-get"

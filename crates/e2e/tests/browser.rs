@@ -65,6 +65,10 @@ async fn browser_check(args: Vec<String>) -> (Value, Vec<u8>) {
 }
 
 async fn stack() -> Stack {
+    stack_with(GatewayOptions::default()).await
+}
+
+async fn stack_with(opts: GatewayOptions) -> Stack {
     let tmp = tempfile::tempdir().unwrap();
     let models = tmp.path().join("models");
     let zoo_opts = ZooOptions {
@@ -92,8 +96,7 @@ async fn stack() -> Stack {
     let pool =
         InferenceClient::connect_lazy(&[inference.url()], &ClientOptions::default()).unwrap();
     let compositor = framecast_e2e::spawn_compositor(&avatars, pool, 8, Default::default()).await;
-    let (gateway, addr) =
-        framecast_e2e::spawn_gateway(compositor.url(), GatewayOptions::default()).await;
+    let (gateway, addr) = framecast_e2e::spawn_gateway(compositor.url(), opts).await;
     // The mouth: the middle of the face box's lower third.
     let probe = format!(
         "{},{},{},{}",
@@ -145,6 +148,118 @@ async fn chromium_sees_and_hears_the_avatar_talk() {
     std::fs::write(out_dir().join("result.json"), &raw).unwrap();
     check(&seen);
     all_hung_up(&s).await;
+}
+
+/// NAT traversal for real: a TURN server (coturn) started here, the gateway naming it in its
+/// `Link` headers (RFC 9725), and Chromium forced to relay (`iceTransportPolicy: "relay"`, the
+/// page reading the servers from `OPTIONS /sessions`): the session connects through the relay
+/// and the video flows at its rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chromium_plays_through_a_turn_relay() {
+    let _one = ONE_BROWSER.lock().await;
+    let turn = Turn::start();
+    let url = format!("turn:127.0.0.1:{}?transport=udp", turn.port);
+    let server =
+        framecast_gateway::whip::IceServer::new(&url, Some("framecast"), Some("relay-test"))
+            .unwrap();
+    let s = stack_with(GatewayOptions {
+        ice_servers: vec![server],
+        ..Default::default()
+    })
+    .await;
+    let args: Vec<String> = vec![
+        "--url".into(),
+        s.url.clone(),
+        "--avatar".into(),
+        "browser".into(),
+        "--sentence".into(),
+        "Through the relay.".into(),
+        "--probe".into(),
+        s.probe.clone(),
+        "--seconds".into(),
+        "8".into(),
+        "--relay".into(),
+    ];
+    let (seen, raw) = browser_check(args).await;
+    std::fs::write(out_dir().join("relay.json"), &raw).unwrap();
+    assert_eq!(seen["state"], "connected", "{:?}", seen["error"]);
+    assert_eq!(
+        seen["local_candidate"], "relay",
+        "the page's media did not go through TURN"
+    );
+    let frames = seen["frames"].as_array().unwrap().len();
+    assert!(
+        frames >= 24 * 7,
+        "{frames} frames presented in 8 s through the relay"
+    );
+    let log = turn.log();
+    assert!(
+        log.contains("allocation"),
+        "coturn saw no allocation: {log}"
+    );
+    all_hung_up(&s).await;
+}
+
+/// A coturn `turnserver` on loopback for one test, with one long-term credential.
+struct Turn {
+    child: std::process::Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Turn {
+    fn start() -> Turn {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = out_dir().join("turnserver.log");
+        let child = std::process::Command::new("turnserver")
+            .args([
+                "-n",
+                "--no-cli",
+                "--no-tls",
+                "--no-dtls",
+                "--listening-ip=127.0.0.1",
+                "--relay-ip=127.0.0.1",
+                &format!("--listening-port={port}"),
+                "--min-port=49160",
+                "--max-port=49400",
+                "--allow-loopback-peers",
+                "--lt-cred-mech",
+                "--user=framecast:relay-test",
+                "--realm=framecast",
+                "--simple-log",
+                &format!("--log-file={}", log.display()),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("turnserver (coturn) is installed by scripts/setup.sh for the browser tests");
+        // It binds at once; give it a moment before the browser gathers.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        Turn { child, port, log }
+    }
+
+    /// What it logged (coturn appends a date to the file's name).
+    fn log(&self) -> String {
+        let dir = self.log.parent().unwrap();
+        let stem = self.log.file_stem().unwrap().to_string_lossy().to_string();
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&stem))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect()
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Agent mode in a real browser: the mouth is still while idle, moves while the speech API's

@@ -179,13 +179,30 @@ impl Admission {
                 if let (Some(a), Some(b)) = (old.cpu, now.cpu) {
                     if let Some(busy) = b.busy_cores_since(&a, self.cores) {
                         self.free = Some((self.cores - busy).max(0.0));
-                        let connected = now.sessions.values().filter(|c| c.connected).count();
-                        if connected > 0 {
-                            self.cost = Some(busy / connected as f64);
+                        // A session's cost from the busy cores only while every open session
+                        // streams at its rate through the window: one connecting costs next to
+                        // nothing yet and would make the others look cheap.
+                        let span = now.at.saturating_duration_since(old.at).as_secs_f64();
+                        let steady = now
+                            .sessions
+                            .iter()
+                            .filter(|(id, c)| {
+                                old.sessions.get(*id).is_some_and(|o| {
+                                    o.connected
+                                        && c.connected
+                                        && c.sent.saturating_sub(o.sent) as f64
+                                            >= MIN_RATE * c.fps * span
+                                })
+                            })
+                            .count();
+                        if steady > 0 && steady == now.sessions.len() {
+                            self.cost = Some(busy / steady as f64);
                         }
                     }
                 }
-                judge(old, &now, self.cores, self.headroom)
+                let verdict = judge(old, &now, self.cores, self.headroom);
+                tracing::debug!(free = ?self.free, cost = ?self.cost, ?verdict, "admission sample");
+                verdict
             }
             _ => Verdict::Admit,
         };
