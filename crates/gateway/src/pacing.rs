@@ -61,8 +61,8 @@ pub struct Pacer<P> {
     jitter: Duration,
     /// (t0, f0) once the first frame has arrived.
     base: Option<(Instant, u64)>,
-    /// (index, picture, idle).
-    frames: VecDeque<(u64, P, bool)>,
+    /// (index, picture, idle, when the voice of its moment reached the gateway).
+    frames: VecDeque<(u64, P, bool, Option<Instant>)>,
     voice: VecDeque<Voice>,
     /// Talking frames before this one come from speech an interrupt cut: not played.
     cut_at: u64,
@@ -140,7 +140,7 @@ impl<P> Pacer<P> {
             // Early: the sender's clock is faster than ours.
             self.base = Some((t0.checked_sub(excess).unwrap_or(t0), f0));
         }
-        self.frames.push_back((index, image, idle));
+        self.frames.push_back((index, image, idle, heard));
         let mut dropped = 0;
         while self.frames.len() > MAX_FRAMES {
             self.frames.pop_front();
@@ -164,9 +164,9 @@ impl<P> Pacer<P> {
         }
         self.cut_at = self.cut_at.max(frame);
         let before = self.frames.len();
-        self.frames.retain(|(i, _, idle)| *idle || *i >= frame);
+        self.frames.retain(|(i, _, idle, _)| *idle || *i >= frame);
         match (self.frames.front(), self.base) {
-            (Some(&(first, _, _)), Some((_, f0))) => {
+            (Some(&(first, ..)), Some((_, f0))) => {
                 let back = self.period.mul_f64(first.saturating_sub(f0) as f64);
                 self.base = Some((now.checked_sub(back).unwrap_or(now), f0));
             }
@@ -204,10 +204,17 @@ impl<P> Pacer<P> {
     /// What is due at `now`.
     pub fn due(&mut self, now: Instant) -> Due<P> {
         let mut due = Due::new();
-        while let Some(&(index, _, _)) = self.frames.front() {
+        while let Some(&(index, ..)) = self.frames.front() {
             if self.slot(index).is_some_and(|t| t <= now) {
-                let (index, image, _) = self.frames.pop_front().expect("front");
-                if due.frame.replace((index, image)).is_some() {
+                let (index, image, _, heard) = self.frames.pop_front().expect("front");
+                // Past the bound by now (it waited behind others after arriving in time):
+                // dropped here too, so no frame leaves later than the bound.
+                let stale = heard
+                    .zip(self.max_latency)
+                    .is_some_and(|(h, bound)| now.saturating_duration_since(h) > bound);
+                if stale {
+                    due.dropped += 1;
+                } else if due.frame.replace((index, image)).is_some() {
                     due.dropped += 1;
                 }
             } else {
@@ -226,7 +233,7 @@ impl<P> Pacer<P> {
 
     /// The next instant something falls due, if anything waits.
     pub fn next(&self) -> Option<Instant> {
-        let frame = self.frames.front().and_then(|(i, _, _)| self.slot(*i));
+        let frame = self.frames.front().and_then(|(i, ..)| self.slot(*i));
         let voice = self.voice.front().and_then(|v| self.voice_slot(v.at));
         frame.into_iter().chain(voice).min()
     }
@@ -247,6 +254,27 @@ mod tests {
             rtp_time: (at * 48_000.0) as u64,
             payload: std::sync::Arc::from(&[1u8][..]),
         }
+    }
+
+    /// The bound holds at sending too: a frame that arrived in time but whose slot comes
+    /// later than the bound after its voice (the clock held it behind others) is dropped,
+    /// not sent.
+    #[test]
+    fn no_frame_leaves_later_than_the_bound() {
+        let t = Instant::now();
+        let ms = |n: u64| Duration::from_millis(n);
+        let mut p = Pacer::new(25.0, ms(100)).with_max_latency(ms(500));
+        // Frame 0 sets the clock (plays at t + 100 ms); frame 1's voice came 450 ms before t.
+        assert_eq!(p.push_frame(t, 0, Bytes::new(), false, Some(t)), 0);
+        assert_eq!(
+            p.push_frame(t, 1, Bytes::new(), false, t.checked_sub(ms(450))),
+            0
+        );
+        let d = p.due(t + ms(100));
+        assert_eq!((d.frame.map(|f| f.0), d.dropped), (Some(0), 0));
+        // Frame 1 is due at t + 140 ms: 590 ms after its voice, past the 500 ms bound.
+        let d = p.due(t + ms(140));
+        assert_eq!((d.frame.map(|f| f.0), d.dropped), (None, 1));
     }
 
     /// With a latency bound, a compositor that falls behind costs frames, never delay: frames
@@ -394,7 +422,7 @@ mod tests {
             p.voice.iter().all(|v| v.payload[..] == [0u8][..]),
             "the voice went silent"
         );
-        let left: Vec<u64> = p.frames.iter().map(|(i, _, _)| *i).collect();
+        let left: Vec<u64> = p.frames.iter().map(|(i, ..)| *i).collect();
         assert_eq!(left, [3, 5]);
         // The idle frame 3 (due at 100 + 3 * 40 ms) plays at once, frame 5 two periods on.
         let d = p.due(t);
