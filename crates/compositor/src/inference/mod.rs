@@ -294,7 +294,9 @@ impl InferenceClient {
             }
         }
         match result {
-            Err(s) if s.code() == Code::Unavailable => {
+            // Unavailable, or Cancelled: a replica shutting down resets the streams it has not
+            // answered (this caller's own cancellation never gets here: its future is dropped).
+            Err(s) if matches!(s.code(), Code::Unavailable | Code::Cancelled) => {
                 // Another replica, from the pool as it is now (discovery may have changed it).
                 let Some(second) = self.pick(&self.snapshot(), Some(&first)) else {
                     return Err(s);
