@@ -34,7 +34,7 @@ pub struct GatewayArgs {
     /// Sessions at once (ignored with --sweep).
     #[arg(long, default_value_t = 1)]
     pub sessions: usize,
-    /// Counts to try in turn, FIRST:LAST[:STEP]; reports the largest that held.
+    /// Counts to try in turn, `FIRST:LAST[:STEP]`; reports the largest that held.
     #[arg(long)]
     pub sweep: Option<String>,
     /// Seconds each level runs once its sessions are up (frames before that do not count).
@@ -239,40 +239,37 @@ async fn run_level(
     let start = Instant::now();
     let count_from = start + warm;
     let until = count_from + Duration::from_secs_f64(args.seconds);
+    let plan = Arc::new(Plan {
+        addr,
+        avatar: args.avatar.clone(),
+        token: args.token.clone(),
+        decode: args.decode,
+        voice,
+        count_from,
+        until,
+    });
     let mut threads = Vec::new();
     for i in 0..n {
-        let (voice, stop) = (voice.clone(), stop.clone());
-        let (avatar, token, decode) = (args.avatar.clone(), args.token.clone(), args.decode);
+        let (plan, stop) = (plan.clone(), stop.clone());
         // Offers spread over the first second, as independent browsers would come.
         let at = start + Duration::from_millis(1000 * i as u64 / n as u64);
         threads.push(std::thread::spawn(move || {
             std::thread::sleep(at.saturating_duration_since(Instant::now()));
-            peer(
-                addr,
-                &avatar,
-                token.as_deref(),
-                decode,
-                &voice,
-                count_from,
-                until,
-                &stop,
-            )
+            peer(&plan, &stop)
         }));
     }
+    let cpu_now = || -> Result<Vec<f64>> {
+        args.cpu
+            .iter()
+            .map(|(_, pid)| crate::speech::cpu_seconds(*pid).map_err(anyhow::Error::msg))
+            .collect()
+    };
     // CPU over the counted span only: connecting (DTLS handshakes) is not a frame's cost.
     tokio::time::sleep(count_from.saturating_duration_since(Instant::now())).await;
-    let cpu_before: Vec<f64> = args
-        .cpu
-        .iter()
-        .map(|(_, pid)| crate::speech::cpu_seconds(*pid).map_err(anyhow::Error::msg))
-        .collect::<Result<_>>()?;
+    let cpu_before = cpu_now()?;
     tokio::time::sleep(until.saturating_duration_since(Instant::now()) + Duration::from_millis(50))
         .await;
-    let cpu_after: Vec<f64> = args
-        .cpu
-        .iter()
-        .map(|(_, pid)| crate::speech::cpu_seconds(*pid).map_err(anyhow::Error::msg))
-        .collect::<Result<_>>()?;
+    let cpu_after = cpu_now()?;
     stop.store(true, Ordering::Release);
     let mut seen = Vec::new();
     for t in threads {
@@ -322,23 +319,23 @@ async fn run_level(
     })
 }
 
-/// One browser: offers, connects, speaks the voice in a loop at real time and takes the
-/// video, counting from `count_from` to `until`.
-#[allow(clippy::too_many_arguments)]
-fn peer(
+/// What every peer of a level does.
+struct Plan {
     addr: SocketAddr,
-    avatar: &str,
-    token: Option<&str>,
+    avatar: String,
+    token: Option<String>,
     decode: bool,
-    voice: &Voice,
+    voice: Arc<Voice>,
+    /// Frames are counted from `count_from` to `until`.
     count_from: Instant,
     until: Instant,
-    stop: &AtomicBool,
-) -> Seen {
+}
+
+/// One browser: offers, connects, speaks the voice in a loop at real time and takes the
+/// video.
+fn peer(plan: &Plan, stop: &AtomicBool) -> Seen {
     let mut seen = Seen::default();
-    if let Err(e) = peer_inner(
-        addr, avatar, token, decode, voice, count_from, until, stop, &mut seen,
-    ) {
+    if let Err(e) = peer_inner(plan, stop, &mut seen) {
         if !seen.refused {
             seen.failed = Some(format!("{e:#}"));
         }
@@ -346,18 +343,17 @@ fn peer(
     seen
 }
 
-#[allow(clippy::too_many_arguments)]
-fn peer_inner(
-    addr: SocketAddr,
-    avatar: &str,
-    token: Option<&str>,
-    decode: bool,
-    voice: &Voice,
-    count_from: Instant,
-    until: Instant,
-    stop: &AtomicBool,
-    seen: &mut Seen,
-) -> Result<()> {
+fn peer_inner(plan: &Plan, stop: &AtomicBool, seen: &mut Seen) -> Result<()> {
+    let Plan {
+        addr,
+        ref avatar,
+        ref token,
+        decode,
+        ref voice,
+        count_from,
+        until,
+    } = *plan;
+    let token = token.as_deref();
     let socket = UdpSocket::bind((addr.ip(), 0)).context("UDP socket")?;
     let local = socket.local_addr()?;
     let mut rtc = RtcConfig::new().build(Instant::now());

@@ -198,6 +198,39 @@ async fn an_encoder_avatar_embeds_each_window_once() {
     );
 }
 
+/// A live session: `packets` of `packet_ms` of audio each, sent at real time from `start`
+/// (the first opens the session `id` on `avatar`); returns how many frames came back.
+async fn live_session(
+    client: &framecast_proto::compositor::v1::compositor_client::CompositorClient<
+        tonic::transport::Channel,
+    >,
+    id: String,
+    avatar: &str,
+    packets: Vec<Bytes>,
+    start: tokio::time::Instant,
+    packet_ms: u64,
+) -> usize {
+    tokio::time::sleep_until(start).await;
+    let first = RenderRequest {
+        request_id: id,
+        ..opening(avatar, 0, packets[0].clone())
+    };
+    let (tx, mut stream) = open_render(client, first).await;
+    let sender = tokio::spawn(async move {
+        for (k, p) in packets[1..].iter().enumerate() {
+            let at = start + Duration::from_millis(packet_ms * (k as u64 + 1));
+            tokio::time::sleep_until(at).await;
+            tx.send(more(p.clone(), k + 2 == packets.len()))
+                .await
+                .unwrap();
+        }
+    });
+    let mut frames = Vec::new();
+    drain(&mut stream, &mut frames).await;
+    sender.await.unwrap();
+    frames.len()
+}
+
 /// Sessions speaking at once share audio-encoder requests: the compositor's batcher puts the
 /// windows of several sessions into one request. The sessions speak in lockstep, a frame's
 /// audio (40 ms) every 40 ms, so each asks for one window at a time, together.
@@ -214,32 +247,17 @@ async fn windows_of_concurrent_sessions_share_encoder_requests() {
     let avatars = tmp.path().join("avatars");
     let table = "[audio]\ninput = \"audio\"\nfeatures = \"encoder\"\nencoder = \"audio-encoder\"\n";
     framecast_e2e::copy_avatar(&avatars, "small", "enc", Some(table));
-    let audio = speechlike(1.0);
+    let packets: Vec<Bytes> = speechlike(1.0).chunks(882).map(s16).collect();
     let start = tokio::time::Instant::now() + Duration::from_millis(200);
     let sessions = (0..4).map(|i| {
-        let client = s.client.clone();
-        let packets: Vec<Bytes> = audio.chunks(882).map(s16).collect();
-        async move {
-            tokio::time::sleep_until(start).await;
-            let first = RenderRequest {
-                request_id: format!("enc-{i}"),
-                ..opening("enc", 0, packets[0].clone())
-            };
-            let (tx, mut stream) = open_render(&client, first).await;
-            let sender = tokio::spawn(async move {
-                for (k, p) in packets[1..].iter().enumerate() {
-                    tokio::time::sleep_until(start + Duration::from_millis(40 * (k as u64 + 1)))
-                        .await;
-                    tx.send(more(p.clone(), k + 2 == packets.len()))
-                        .await
-                        .unwrap();
-                }
-            });
-            let mut frames = Vec::new();
-            drain(&mut stream, &mut frames).await;
-            sender.await.unwrap();
-            frames.len()
-        }
+        live_session(
+            &s.client,
+            format!("enc-{i}"),
+            "enc",
+            packets.clone(),
+            start,
+            40,
+        )
     });
     let counts = futures::future::join_all(sessions).await;
     assert_eq!(counts, [25; 4]);
@@ -962,34 +980,18 @@ async fn live_sessions_share_forward_passes_on_the_frame_clock() {
     let s = stack_with(tmp.path(), 8, opts).await;
     let info = s.inference.model_info("passthrough").await.unwrap();
     assert!(!info.on_gpu, "the CPU replica's ModelConfig says KIND_CPU");
-    let audio = speechlike(2.0);
-    let packets: Vec<Bytes> = audio.chunks(441).map(s16).collect();
+    let packets: Vec<Bytes> = speechlike(2.0).chunks(441).map(s16).collect();
     let start = tokio::time::Instant::now() + Duration::from_millis(200);
     let sessions = (0..4u64).map(|i| {
-        let client = s.client.clone();
-        let packets = packets.clone();
-        async move {
-            let phase = start + Duration::from_millis(10 * i);
-            tokio::time::sleep_until(phase).await;
-            let first = RenderRequest {
-                request_id: format!("live-{i}"),
-                ..opening("small", 0, packets[0].clone())
-            };
-            let (tx, mut stream) = open_render(&client, first).await;
-            let sender = tokio::spawn(async move {
-                for (k, p) in packets[1..].iter().enumerate() {
-                    tokio::time::sleep_until(phase + Duration::from_millis(20 * (k as u64 + 1)))
-                        .await;
-                    tx.send(more(p.clone(), k + 2 == packets.len()))
-                        .await
-                        .unwrap();
-                }
-            });
-            let mut frames = Vec::new();
-            drain(&mut stream, &mut frames).await;
-            sender.await.unwrap();
-            frames.len()
-        }
+        let phase = start + Duration::from_millis(10 * i);
+        live_session(
+            &s.client,
+            format!("live-{i}"),
+            "small",
+            packets.clone(),
+            phase,
+            20,
+        )
     });
     let counts = futures::future::join_all(sessions).await;
     assert_eq!(counts, [50; 4], "frames per session");

@@ -212,9 +212,8 @@ impl<P> Pacer<P> {
                 let stale = heard
                     .zip(self.max_latency)
                     .is_some_and(|(h, bound)| now.saturating_duration_since(h) > bound);
-                if stale {
-                    due.dropped += 1;
-                } else if due.frame.replace((index, image)).is_some() {
+                // A stale frame, or the frame it replaces (a later one was due too), is dropped.
+                if stale || due.frame.replace((index, image)).is_some() {
                     due.dropped += 1;
                 }
             } else {

@@ -119,7 +119,8 @@ struct Key {
     inputs: Vec<(String, String, Vec<i64>)>,
 }
 
-/// The frame clocks of a compositor, one per [`Key`], started on first use.
+/// The frame clocks of a compositor, one per model, avatar and input layout, started on first
+/// use.
 #[derive(Clone)]
 pub struct FrameClock {
     client: InferenceClient,
