@@ -113,6 +113,21 @@ pub struct Expected {
     pub i420: bool,
 }
 
+/// A call `replica` reset (Cancelled: it went away mid-call, killed or shutting down) is the
+/// replica unavailable, said with its address, and retried elsewhere like one. The caller's
+/// own cancellation never comes here: its future is dropped.
+fn lost(replica: &Replica, s: Status) -> Status {
+    if s.code() == Code::Cancelled {
+        Status::unavailable(format!(
+            "inference replica {} dropped the call: {}",
+            replica.label,
+            s.message()
+        ))
+    } else {
+        s
+    }
+}
+
 /// The output parameter asking for I420.
 fn i420_format() -> (String, InferParameter) {
     let format = InferParameter {
@@ -284,7 +299,8 @@ impl InferenceClient {
             .ok_or_else(|| Status::unavailable("no inference replica configured"))?;
         let result = self
             .infer_on(&first, req.clone(), cached, expected, deadline)
-            .await;
+            .await
+            .map_err(|s| lost(&first, s));
         if let Err(s) = &result {
             // The model refused the batch's shapes: it may have been reloaded with another
             // contract since its metadata was cached. Ask again next time.
@@ -294,9 +310,7 @@ impl InferenceClient {
             }
         }
         match result {
-            // Unavailable, or Cancelled: a replica shutting down resets the streams it has not
-            // answered (this caller's own cancellation never gets here: its future is dropped).
-            Err(s) if matches!(s.code(), Code::Unavailable | Code::Cancelled) => {
+            Err(s) if s.code() == Code::Unavailable => {
                 // Another replica, from the pool as it is now (discovery may have changed it).
                 let Some(second) = self.pick(&self.snapshot(), Some(&first)) else {
                     return Err(s);
@@ -305,6 +319,7 @@ impl InferenceClient {
                 tracing::warn!(from = %first.label, to = %second.label, "retrying batch on another replica");
                 self.infer_on(&second, req, cached, expected, deadline)
                     .await
+                    .map_err(|s| lost(&second, s))
             }
             other => other,
         }
