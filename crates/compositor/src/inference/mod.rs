@@ -113,6 +113,16 @@ pub struct Expected {
     pub i420: bool,
 }
 
+/// The deadline of a batch of several callers' requests: it may wait for the most patient of
+/// them (the latest deadline), and has none if one of them has none.
+pub fn latest_deadline(mut deadlines: impl Iterator<Item = Option<Instant>>) -> Option<Instant> {
+    deadlines
+        .try_fold(None::<Instant>, |acc, d| {
+            d.map(|d| Some(acc.map_or(d, |a| a.max(d))))
+        })
+        .flatten()
+}
+
 /// A call `replica` reset (Cancelled: it went away mid-call, killed or shutting down) is the
 /// replica unavailable, said with its address, and retried elsewhere like one. The caller's
 /// own cancellation never comes here: its future is dropped.

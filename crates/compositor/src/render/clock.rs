@@ -367,14 +367,7 @@ fn merge(batch: &[Ask], n: usize) -> (ModelInferRequest, CachedInput, Expected, 
         bytes: batch.iter().map(|a| a.expected.bytes).sum(),
         i420: first.expected.i420,
     };
-    // The batch may wait for the most patient of its sessions.
-    let deadline = batch
-        .iter()
-        .map(|a| a.deadline)
-        .try_fold(None::<Instant>, |acc, d| {
-            d.map(|d| Some(acc.map_or(d, |a| a.max(d))))
-        })
-        .flatten();
+    let deadline = crate::inference::latest_deadline(batch.iter().map(|a| a.deadline));
     (request, faces, expected, deadline)
 }
 

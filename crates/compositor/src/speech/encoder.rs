@@ -140,14 +140,7 @@ async fn run(enc: Encoders, info: Arc<EncoderInfo>, batch: Vec<Ask>, n: usize) {
         bytes: n * info.width * 4,
         i420: false,
     };
-    // The batch may wait for the most patient of its sessions.
-    let deadline = batch
-        .iter()
-        .map(|a| a.deadline)
-        .try_fold(None::<Instant>, |acc, d| {
-            d.map(|d| Some(acc.map_or(d, |a| a.max(d))))
-        })
-        .flatten();
+    let deadline = crate::inference::latest_deadline(batch.iter().map(|a| a.deadline));
     let result = enc
         .client
         .infer(request, None, &expected, deadline)
