@@ -4,7 +4,7 @@ ENV = eval "$$(scripts/setup.sh)"
 # The tests also drive a real browser: chromium and chromium-driver come with them.
 TEST_ENV = eval "$$(FRAMECAST_BROWSER=1 scripts/setup.sh)"
 
-.PHONY: demo browser-demo bench-browser bench-agent bench-clock bench-gateway test validate-deploy setup build build-cuda gpu-check lint fmt bench bench-network compare soak fuzz clean
+.PHONY: demo browser-demo bench-browser bench-agent bench-clock bench-gateway bench-codecs test validate-deploy setup build build-cuda gpu-check lint fmt bench bench-network compare soak fuzz clean
 
 ## Render the demo avatar end to end; output in out/demo.
 demo:
@@ -51,6 +51,11 @@ bench-agent:
 ## twice that offered with admission on (out/bench-gateway/).
 bench-gateway:
 	scripts/bench-gateway.sh
+
+## H.264 against VP8 as a session encodes a 720p avatar: encode ms per frame, bitrate made,
+## PSNR, the bitrate each needs for the same quality, and libvpx's speeds (about 3 minutes).
+bench-codecs:
+	$(ENV) && cargo bench -p framecast-gateway --bench codecs
 
 ## The compositor's frame clock side by side with requests sent alone: frames per forward
 ## pass, latency and CPU per frame at 4-16 live sessions (out/bench-clock/).

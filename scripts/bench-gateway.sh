@@ -8,7 +8,8 @@
 #   2. twice that count offered at once with admission on (the gateway's default): how many
 #      are admitted, whether every admitted one holds, how many were refused at once.
 # Each level: frames/s, longest gap, onset-to-voice latency, the gateway's latency p99, CPU
-# per delivered frame of each service. Results in out/bench-gateway/.
+# per delivered frame of each service. GW_CODEC (both, h264, vp8; default both: the gateway
+# chooses H.264) sets the video codecs the peers offer. Results in out/bench-gateway/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/setup.sh)"
@@ -21,6 +22,7 @@ source scripts/lib/services.sh
 trap stop_services EXIT
 demo_assets "$work"
 seconds=${GW_SECONDS:-12}
+codec=${GW_CODEC:-both}
 
 run_stack() { # admission headroom for the gateway
   start_inference 18501 "$out/inference.log" --repository "$work/models" --load talking-demo
@@ -33,7 +35,7 @@ run_stack() { # admission headroom for the gateway
   wait_ready 300 18501 18511
   wait_http 60 http://127.0.0.1:18521/healthz
 }
-cpu() { echo --cpu "inference=$inference" --cpu "compositor=$compositor" --cpu "gateway=$gateway"; }
+cpu() { echo --codec "$codec" --cpu "inference=$inference" --cpu "compositor=$compositor" --cpu "gateway=$gateway"; }
 
 echo "== sweep, admission off"
 run_stack off
@@ -50,7 +52,7 @@ echo "== $((2 * best)) sessions offered at once (twice the sweep's $best), admis
 run_stack 1.25
 # One session first, so the gateway has measured what a session costs (a running gateway has).
 "$bin/framecast-bench" gateway --url http://127.0.0.1:18521 --sessions 1 --seconds 3 \
-  --out "$out/warm" > "$out/warm.txt"
+  --codec "$codec" --out "$out/warm" > "$out/warm.txt"
 sleep 5
 # shellcheck disable=SC2046
 "$bin/framecast-bench" gateway --url http://127.0.0.1:18521 --sessions $((2 * best)) \

@@ -403,10 +403,13 @@ def main():
     p.add_argument("--screenshot")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--relay", action="store_true", help="media through the gateway's TURN servers only")
+    p.add_argument("--codec", choices=["vp8", "h264"], help="offer this video codec only")
     args = p.parse_args()
     page = f"{args.url}/?avatar={args.avatar}&autostart=1&probe={args.probe}"
     if args.relay:
         page += "&relay=1"
+    if args.codec:
+        page += f"&codec={args.codec}"
     scratch = tempfile.TemporaryDirectory()
     wav, speech_s = (args.wav, None)
     if args.sentence:
@@ -434,6 +437,7 @@ def main():
                        probe: f.probeLuma, onsets: f.onsets, video: f.stats.video || null,
                        rtt_ms: f.stats.rttMs || null, page_fps: f.stats.fps || null,
                        local_candidate: f.stats.localCandidate || null,
+                       codec: f.stats.codec || null,
                        latency: document.getElementById("latency").textContent,
                        rtt: document.getElementById("rtt").textContent,
                        fps_shown: document.getElementById("fps").textContent};"""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks, idempotently:
 #   - apt packages: cmake and nasm (turbojpeg builds its bundled libjpeg-turbo with them),
-#     libopus-dev and pkg-config (the gateway), espeak-ng (speech for tests and the demo),
+#     libopus-dev, libvpx-dev and pkg-config (the gateway), espeak-ng (speech for tests and the demo),
 #     ffmpeg and opencv-data (`avatar import`: video decoding and OpenCV's face cascade);
 #     with FRAMECAST_BROWSER=1 also chromium, chromium-driver and coturn (the browser tests)
 #   - libtorch 2.11.0 (the pair of tch 0.24) unpacked from the PyPI torch wheel into a cache dir
@@ -38,6 +38,8 @@ command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
 # The gateway decodes the browser's Opus with libopus.
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 [ -f /usr/include/opus/opus.h ] || need_apt+=(libopus-dev)
+# ...and encodes VP8 (browsers without H.264) with libvpx.
+[ -f /usr/include/vpx/vp8cx.h ] || need_apt+=(libvpx-dev)
 # avatar import: ffmpeg decodes the user's video, opencv-data holds the face cascade.
 command -v ffprobe >/dev/null || need_apt+=(ffmpeg)
 [ -f /usr/share/opencv4/haarcascades/haarcascade_frontalface_default.xml ] || need_apt+=(opencv-data)

@@ -1,7 +1,7 @@
 //! `framecast-bench gateway`: many WebRTC sessions against framecast-gateway from one process,
 //! each a real peer (str0m: the SDP offer over HTTP, ICE, DTLS-SRTP), speaking a WAV (or
-//! espeak-ng's sentence) as Opus at real time and receiving the H.264 video (decoded with
-//! `--decode`). Per session: frames per second, the longest gap between frames, the time from
+//! espeak-ng's sentence) as Opus at real time and receiving the video, H.264 or VP8 as
+//! `--codec` offers (decoded with `--decode`). Per session: frames per second, the longest gap between frames, the time from
 //! each voice onset sent to the same onset coming back on the audio track (mirror mode plays
 //! the browser's voice back with the frames of it, on one clock: this is the frames' latency
 //! too), and the gateway's own latency figure. Per level: the CPU of each `--cpu` process per
@@ -46,10 +46,13 @@ pub struct GatewayArgs {
     /// A mono 16-bit WAV to speak instead of --text.
     #[arg(long)]
     pub wav: Option<std::path::PathBuf>,
-    /// Decode the video (OpenH264), as a browser would; without it frames are counted as
-    /// they arrive.
+    /// Decode the video (OpenH264, libvpx), as a browser would; without it frames are
+    /// counted as they arrive.
     #[arg(long)]
     pub decode: bool,
+    /// The video codecs each peer offers: h264, vp8, or both (the gateway chooses).
+    #[arg(long, value_enum, default_value_t = Offer::Both)]
+    pub codec: Offer,
     /// A session holds if it receives at least this many frames a second...
     #[arg(long, default_value_t = 24.0)]
     pub min_fps: f64,
@@ -64,6 +67,37 @@ pub struct GatewayArgs {
     pub out: std::path::PathBuf,
 }
 
+/// Video codecs a peer offers.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offer {
+    H264,
+    Vp8,
+    Both,
+}
+
+/// A peer's video decoder, made for the codec the gateway chose.
+enum VideoDecoder {
+    H264(openh264::decoder::Decoder),
+    Vp8(framecast_vp8::Decoder),
+}
+
+impl VideoDecoder {
+    fn new(codec: Codec) -> Result<VideoDecoder> {
+        Ok(match codec {
+            Codec::Vp8 => VideoDecoder::Vp8(framecast_vp8::Decoder::new()?),
+            _ => VideoDecoder::H264(openh264::decoder::Decoder::new().context("H.264 decoder")?),
+        })
+    }
+
+    /// Whether `frame` decoded to a picture.
+    fn decode(&mut self, frame: &[u8]) -> Result<bool> {
+        Ok(match self {
+            VideoDecoder::H264(d) => d.decode(frame)?.is_some(),
+            VideoDecoder::Vp8(d) => d.decode(frame)?.is_some(),
+        })
+    }
+}
+
 /// What one session saw.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 struct Seen {
@@ -71,6 +105,8 @@ struct Seen {
     refused: bool,
     /// Why the session failed, if it did (not a refusal).
     failed: Option<String>,
+    /// The video codec the gateway chose (as str0m names it).
+    codec: Option<String>,
     frames: u64,
     decoded: u64,
     undecodable: u64,
@@ -89,6 +125,8 @@ struct Level {
     refused: usize,
     failed: usize,
     held: usize,
+    /// The video codecs the sessions got, as str0m names them.
+    codecs: Vec<String>,
     fps_min: f64,
     fps_median: f64,
     longest_gap_ms: f64,
@@ -142,12 +180,13 @@ fn print_level(l: &Level) {
         .map(|(n, ms)| format!("  cpu/frame {n} {ms:.2} ms"))
         .collect();
     println!(
-        "sessions {:>3}  admitted {:>3}  refused {:>3}  failed {:>2}  held {:>3}  fps min {:>5.1} median {:>5.1}  longest gap {:>6.0} ms  onset->voice p50 {} p99 {} ms  gateway latency p99 max {} ms  frames {:>6}{cpu}",
+        "sessions {:>3}  admitted {:>3}  refused {:>3}  failed {:>2}  held {:>3}  video {}  fps min {:>5.1} median {:>5.1}  longest gap {:>6.0} ms  onset->voice p50 {} p99 {} ms  gateway latency p99 max {} ms  frames {:>6}{cpu}",
         l.sessions,
         l.admitted,
         l.refused,
         l.failed,
         l.held,
+        if l.codecs.is_empty() { "-".to_string() } else { l.codecs.join(",") },
         l.fps_min,
         l.fps_median,
         l.longest_gap_ms,
@@ -244,6 +283,7 @@ async fn run_level(
         avatar: args.avatar.clone(),
         token: args.token.clone(),
         decode: args.decode,
+        codec: args.codec,
         voice,
         count_from,
         until,
@@ -301,6 +341,12 @@ async fn run_level(
         refused: seen.iter().filter(|s| s.refused).count(),
         failed: admitted.iter().filter(|s| s.failed.is_some()).count(),
         held: admitted.iter().filter(ok).count(),
+        codecs: {
+            let mut c: Vec<String> = admitted.iter().filter_map(|s| s.codec.clone()).collect();
+            c.sort();
+            c.dedup();
+            c
+        },
         fps_min: fps.first().copied().unwrap_or(0.0),
         fps_median: pct(&fps, 0.5).unwrap_or(0.0),
         longest_gap_ms: admitted
@@ -325,6 +371,7 @@ struct Plan {
     avatar: String,
     token: Option<String>,
     decode: bool,
+    codec: Offer,
     voice: Arc<Voice>,
     /// Frames are counted from `count_from` to `until`.
     count_from: Instant,
@@ -349,6 +396,7 @@ fn peer_inner(plan: &Plan, stop: &AtomicBool, seen: &mut Seen) -> Result<()> {
         ref avatar,
         ref token,
         decode,
+        codec,
         ref voice,
         count_from,
         until,
@@ -356,7 +404,13 @@ fn peer_inner(plan: &Plan, stop: &AtomicBool, seen: &mut Seen) -> Result<()> {
     let token = token.as_deref();
     let socket = UdpSocket::bind((addr.ip(), 0)).context("UDP socket")?;
     let local = socket.local_addr()?;
-    let mut rtc = RtcConfig::new().build(Instant::now());
+    let config = RtcConfig::new().clear_codecs().enable_opus(true, false);
+    let config = match codec {
+        Offer::H264 => config.enable_h264(true),
+        Offer::Vp8 => config.enable_vp8(true),
+        Offer::Both => config.enable_h264(true).enable_vp8(true),
+    };
+    let mut rtc = config.build(Instant::now());
     rtc.add_local_candidate(Candidate::host(local, "udp").context("candidate")?);
     let mut api = rtc.sdp_api();
     let audio = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
@@ -384,11 +438,7 @@ fn peer_inner(plan: &Plan, stop: &AtomicBool, seen: &mut Seen) -> Result<()> {
     rtc.sdp_api()
         .accept_answer(pending, answer)
         .context("answer")?;
-    let mut decoder = if decode {
-        Some(openh264::decoder::Decoder::new().context("H.264 decoder")?)
-    } else {
-        None
-    };
+    let mut decoder: Option<VideoDecoder> = None;
     let mut opus = opus::Decoder::new(48_000, opus::Channels::Mono).context("opus decoder")?;
     let mut pcm = vec![0i16; 5760];
     let mut buf = vec![0u8; 2000];
@@ -453,10 +503,15 @@ fn peer_inner(plan: &Plan, stop: &AtomicBool, seen: &mut Seen) -> Result<()> {
                             }
                         }
                         last_frame = Some(now);
+                        let codec = d.params.spec().codec;
+                        seen.codec.get_or_insert_with(|| codec.to_string());
+                        if decode && decoder.is_none() {
+                            decoder = Some(VideoDecoder::new(codec)?);
+                        }
                         if let Some(dec) = decoder.as_mut() {
                             match dec.decode(&d.data) {
-                                Ok(Some(_)) => seen.decoded += 1,
-                                Ok(None) => {}
+                                Ok(true) => seen.decoded += 1,
+                                Ok(false) => {}
                                 Err(_) => seen.undecodable += 1,
                             }
                         }

@@ -198,6 +198,61 @@ async fn chromium_plays_through_a_turn_relay() {
     all_hung_up(&s).await;
 }
 
+/// A browser without H.264: the page offers VP8 only (`setCodecPreferences`), the gateway
+/// chooses VP8 from the offer, and Chromium decodes the avatar at its rate, the mouth moving
+/// with the voice; idle frames come from the avatar's VP8 idle stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chromium_without_h264_gets_vp8() {
+    let _one = ONE_BROWSER.lock().await;
+    let s = stack().await;
+    let args: Vec<String> = vec![
+        "--url".into(),
+        s.url.clone(),
+        "--avatar".into(),
+        "browser".into(),
+        "--sentence".into(),
+        "Hello there, in VP8.".into(),
+        "--probe".into(),
+        s.probe.clone(),
+        "--seconds".into(),
+        "10".into(),
+        "--codec".into(),
+        "vp8".into(),
+    ];
+    let (seen, raw) = browser_check(args).await;
+    std::fs::write(out_dir().join("vp8.json"), &raw).unwrap();
+    assert_eq!(seen["state"], "connected", "{:?}", seen["error"]);
+    assert_eq!(seen["codec"], "video/VP8", "the codec Chromium decoded");
+    let gw = &seen["gateway"];
+    assert_eq!(gw["video_codec"], "VP8", "{gw}");
+    let video = &seen["video"];
+    assert_eq!(
+        (video["frameWidth"].as_u64(), video["frameHeight"].as_u64()),
+        (Some(WIDTH as u64), Some(HEIGHT as u64)),
+        "decoded frame size"
+    );
+    let frames = seen["frames"].as_array().unwrap().len();
+    assert!(frames >= 24 * 9, "{frames} VP8 frames presented in 10 s");
+    let lumas: Vec<f64> = seen["probe"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[1].as_f64().unwrap())
+        .collect();
+    let (lo, hi) = lumas
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &l| (a.min(l), b.max(l)));
+    assert!(
+        hi - lo > 8.0,
+        "the mouth never moved: luma {lo:.1}..{hi:.1}"
+    );
+    assert!(
+        gw["idle_frames_shared"].as_u64().unwrap_or(0) > 0,
+        "no idle frame from the VP8 idle stream: {gw}"
+    );
+    all_hung_up(&s).await;
+}
+
 /// A coturn `turnserver` on loopback for one test, with one long-term credential.
 struct Turn {
     child: std::process::Child,

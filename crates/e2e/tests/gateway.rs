@@ -570,3 +570,71 @@ async fn offers_past_the_measured_margin_are_refused_at_once() {
     assert_eq!(m.admission_open.get(), 0);
     assert_eq!(f.gateway.open_sessions(), 1);
 }
+
+/// The gateway sends the codec the offer allows, by its `--video-codecs` order: the load
+/// client offering VP8 only gets VP8 and offering both gets H.264 (the default order), each
+/// decoded frame for frame with no undecodable one; a gateway that sends only H.264 refuses a
+/// VP8-only offer naming what each side has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_get_the_codec_their_offer_allows() {
+    use framecast_bench::gateway::{GatewayArgs, Offer};
+    let f = gateway_stack(GatewayOptions::default()).await;
+    let out = tempfile::tempdir().unwrap();
+    for (offer, want) in [(Offer::Vp8, "VP8"), (Offer::Both, "H264")] {
+        let args = GatewayArgs {
+            url: format!("http://{}", f.addr),
+            avatar: "small".into(),
+            token: None,
+            sessions: 1,
+            sweep: None,
+            seconds: 2.0,
+            text: "Testing one two.".into(),
+            wav: None,
+            decode: true,
+            codec: offer,
+            min_fps: 20.0,
+            max_gap_ms: 500.0,
+            cpu: Vec::new(),
+            out: out.path().to_path_buf(),
+        };
+        framecast_bench::gateway::run(args).await.unwrap();
+        let levels: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap())
+                .unwrap();
+        let level = &levels[0];
+        assert_eq!(level["codecs"], serde_json::json!([want]), "{level}");
+        let seen = &level["per_session"][0];
+        assert!(seen["failed"].is_null(), "{seen}");
+        assert!(seen["decoded"].as_u64().unwrap() >= 25, "{seen}");
+        assert_eq!(seen["undecodable"], 0, "{seen}");
+    }
+
+    let h264_only = gateway_stack(GatewayOptions {
+        video_codecs: vec![framecast_gateway::media::VideoCodec::H264],
+        ..Default::default()
+    })
+    .await;
+    let vp8_offer = {
+        let mut rtc = RtcConfig::new()
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .build(Instant::now());
+        let mut api = rtc.sdp_api();
+        api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+        api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
+        api.apply().unwrap().0.to_sdp_string()
+    };
+    let (status, why) = http(
+        h264_only.addr,
+        "POST",
+        "/sessions?avatar=small",
+        vp8_offer.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 400, "{why}");
+    assert!(
+        why.contains("has VP8") && why.contains("sends H264 (--video-codecs)"),
+        "{why}"
+    );
+}

@@ -15,7 +15,7 @@ pub fn sdp_offer(data: &[u8]) {
             assert!(!reason.is_empty());
             assert!(!reason.contains("0x7f"), "an address in {reason:?}");
         }
-        Ok(()) => {
+        Ok(_) => {
             let Ok(offer) = str0m::change::SdpOffer::from_sdp_string(text) else {
                 return;
             };

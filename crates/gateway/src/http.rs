@@ -7,6 +7,7 @@ use crate::admission::{Admission, Counters, Verdict};
 use crate::api;
 use crate::events::Events;
 use crate::idle_video::IdleVideo;
+use crate::media::VideoCodec;
 use crate::metrics::Metrics;
 use crate::offer;
 use crate::session::{self, Mode, Session, SessionConfig};
@@ -57,6 +58,9 @@ pub struct GatewayOptions {
     /// Largest request body (an SDP offer is a few KB).
     pub max_body_bytes: usize,
     pub video_bitrate_bps: u32,
+    /// The video codecs sessions may use, most preferred first: a session gets the first
+    /// its browser's offer has.
+    pub video_codecs: Vec<VideoCodec>,
     /// Margin between a frame's arrival and its play time.
     pub jitter: Duration,
     /// Longest a frame may show after its voice reached the gateway: later frames are dropped
@@ -103,6 +107,7 @@ impl Default for GatewayOptions {
             session_timeout: Duration::from_secs(10),
             max_body_bytes: 64 * 1024,
             video_bitrate_bps: 2_000_000,
+            video_codecs: vec![VideoCodec::H264, VideoCodec::Vp8],
             jitter: Duration::from_millis(150),
             max_latency: Duration::from_millis(600),
             sample_wav: None,
@@ -505,10 +510,25 @@ async fn create(
             return refuse(status, reason);
         }
     };
-    if let Err(reason) = offer::check(&body) {
+    let offered = match offer::check(&body) {
+        Ok(offered) => offered,
+        Err(reason) => {
+            outcome("bad_offer");
+            return refuse(StatusCode::BAD_REQUEST, reason);
+        }
+    };
+    let Some(codec) = offered.choose(&gw.opts.video_codecs) else {
         outcome("bad_offer");
-        return refuse(StatusCode::BAD_REQUEST, reason);
-    }
+        let names = |c: &[VideoCodec]| c.iter().map(|c| c.name()).collect::<Vec<_>>().join(", ");
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the offer's video has {} and this gateway sends {} (--video-codecs)",
+                names(&offered.video),
+                names(&gw.opts.video_codecs)
+            ),
+        );
+    };
     let offer = match SdpOffer::from_sdp_string(&body) {
         Ok(o) => o,
         Err(e) => {
@@ -556,7 +576,7 @@ async fn create(
             ),
         );
     }
-    match answer(&gw, avatar, mode, &info, offer, place) {
+    match answer(&gw, avatar, mode, codec, &info, offer, place) {
         Ok((id, sdp)) => {
             outcome("answered");
             let mut r = (
@@ -594,6 +614,7 @@ fn answer(
     gw: &Arc<Gateway>,
     avatar: &str,
     mode: Mode,
+    codec: VideoCodec,
     info: &framecast_proto::compositor::v1::AvatarInfo,
     offer: SdpOffer,
     place: Place,
@@ -642,6 +663,7 @@ fn answer(
         height: info.height as usize,
         fps: if info.fps > 0.0 { info.fps } else { 25.0 },
         video_bitrate_bps: gw.opts.video_bitrate_bps,
+        video_codec: codec,
         timeout: gw.opts.session_timeout,
         jitter: gw.opts.jitter,
         max_latency: gw.opts.max_latency,

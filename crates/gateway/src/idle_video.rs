@@ -1,14 +1,14 @@
 //! The idle loop encoded once for every session of an avatar.
 //!
 //! Between utterances a session shows its avatar's background loop as it is, and its own
-//! H.264 encode of that loop was most of an idle session's CPU (OpenH264 at 25 frames a
+//! video encode of that loop was most of an idle session's CPU (OpenH264 at 25 frames a
 //! second: 60% of the gateway's samples in a profile). The loop is the same picture for every
 //! session of the avatar, so an encoder of the loop's own encodes it once and the sessions
 //! send its access units.
 //!
 //! A P frame decodes only against the picture its encoder held before it, so the cache is one
 //! stream, kept in the order its encoder made it, and a session follows it: it joins at a key
-//! frame (IDR) of the stream, then takes frame after frame while the stream goes the way its
+//! frame (an IDR, or a VP8 key frame) of the stream, then takes frame after frame while the stream goes the way its
 //! own frames go. A frame that is not next in the stream is taken from a key frame of the
 //! stream with that picture; failing that the stream grows (a P frame where the session stands
 //! at its end, a key frame elsewhere) while the budget allows, else the session encodes the
@@ -21,14 +21,15 @@
 //! index starts the stream over). All streams together stay under a byte budget
 //! (`--idle-cache-mib`); once it is spent, streams stop growing.
 
-use crate::media::{is_key_frame, VideoEncoder};
+use crate::media::{VideoCodec, VideoEncoder};
 use crate::metrics::Metrics;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// The idle streams of a gateway, one per avatar and encoding.
+/// The idle streams of a gateway, one per avatar and encoding (codec included: a VP8 session
+/// follows a stream of its own).
 pub struct IdleVideo {
     budget: usize,
     used: AtomicUsize,
@@ -39,6 +40,7 @@ pub struct IdleVideo {
 /// What a stream's access units fit: sessions of one avatar encoded alike.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct Encoding {
+    pub codec: VideoCodec,
     pub avatar: String,
     pub width: usize,
     pub height: usize,
@@ -227,7 +229,7 @@ impl Stream {
             None => {
                 let e = &self.encoding;
                 let fps = e.fps_milli as f64 / 1000.0;
-                let made = VideoEncoder::new(e.width, e.height, fps, e.bitrate_bps);
+                let made = VideoEncoder::new(e.codec, e.width, e.height, fps, e.bitrate_bps);
                 match made {
                     Ok(made) => self.encoder.insert(made),
                     Err(e) => {
@@ -250,7 +252,7 @@ impl Stream {
                 return None;
             }
         };
-        let key = is_key_frame(&au);
+        let key = self.encoding.codec.is_key_frame(&au);
         if !key && self.entries.is_empty() {
             return None;
         }
@@ -284,15 +286,17 @@ impl Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use openh264::decoder::Decoder;
     use openh264::formats::YUVSource;
 
     const W: usize = 96;
     const H: usize = 64;
     const LOOP: u32 = 12;
 
-    fn encoding() -> Encoding {
+    const CODECS: [VideoCodec; 2] = [VideoCodec::H264, VideoCodec::Vp8];
+
+    fn encoding(codec: VideoCodec) -> Encoding {
         Encoding {
+            codec,
             avatar: "a".into(),
             width: W,
             height: H,
@@ -318,11 +322,33 @@ mod tests {
         f
     }
 
+    /// A browser's decoder of the codec.
+    enum Browser {
+        H264(openh264::decoder::Decoder),
+        Vp8(framecast_vp8::Decoder),
+    }
+
+    impl Browser {
+        fn new(codec: VideoCodec) -> Browser {
+            match codec {
+                VideoCodec::H264 => Browser::H264(openh264::decoder::Decoder::new().unwrap()),
+                VideoCodec::Vp8 => Browser::Vp8(framecast_vp8::Decoder::new().unwrap()),
+            }
+        }
+    }
+
     /// Decodes `au` and returns the mean absolute difference of its luma from `want`'s.
-    fn luma_error(d: &mut Decoder, au: &[u8], want: &[u8]) -> f64 {
-        let yuv = d.decode(au).expect("decodes").expect("a picture");
-        let (stride, _, _) = yuv.strides();
-        let y = yuv.y();
+    fn luma_error(d: &mut Browser, au: &[u8], want: &[u8]) -> f64 {
+        let (stride, y) = match d {
+            Browser::H264(d) => {
+                let yuv = d.decode(au).expect("decodes").expect("a picture");
+                (yuv.strides().0, yuv.y().to_vec())
+            }
+            Browser::Vp8(d) => {
+                let pic = d.decode(au).expect("decodes").expect("a picture");
+                (pic.width, pic.i420[..pic.width * pic.height].to_vec())
+            }
+        };
         let mut sum = 0u64;
         for row in 0..H {
             for x in 0..W {
@@ -358,15 +384,21 @@ mod tests {
     /// been adds nothing to it (the loop is encoded once, not once per pass or session).
     #[test]
     fn sessions_share_one_encode_of_the_loop_and_their_browsers_see_the_right_pictures() {
+        for codec in CODECS {
+            share_one_encode(codec);
+        }
+    }
+
+    fn share_one_encode(codec: VideoCodec) {
         let video = IdleVideo::new(64 << 20, Metrics::new());
         let pictures: Vec<Vec<u8>> = (0..LOOP).map(|b| picture(b, 0)).collect();
         let talking = picture(LOOP + 3, 9);
         let stream = || video.streams.lock().values().next().unwrap().clone();
         let mut sizes = Vec::new();
         for (start, talk_at) in [(0u32, 30u32), (5, 17), (0, 30)] {
-            let mut f = video.follower(encoding()).unwrap();
-            let mut own = VideoEncoder::new(W, H, 25.0, 2_000_000).unwrap();
-            let mut browser = Decoder::new().unwrap();
+            let mut f = video.follower(encoding(codec)).unwrap();
+            let mut own = VideoEncoder::new(codec, W, H, 25.0, 2_000_000).unwrap();
+            let mut browser = Browser::new(codec);
             let mut shared = 0;
             for n in 0..60u32 {
                 let b = (start + n) % LOOP;
@@ -384,13 +416,13 @@ mod tests {
                 let err = luma_error(&mut browser, &au, img);
                 assert!(
                     err < 6.0,
-                    "session from {start}, frame {n} (background {b}, shared {from_stream}): \
-                     luma off by {err:.1}"
+                    "{codec:?} session from {start}, frame {n} (background {b}, shared \
+                     {from_stream}): luma off by {err:.1}"
                 );
             }
             assert_eq!(
                 shared, 52,
-                "idle frames of the session from {start} sent from the stream"
+                "idle frames of the {codec:?} session from {start} sent from the stream"
             );
             sizes.push(stream().lock().entries.len());
         }
@@ -398,11 +430,11 @@ mod tests {
         // talking adds at most the way to the next key frame.
         assert!(
             sizes[0] < 2 * LOOP as usize,
-            "first session: {sizes:?} entries"
+            "first {codec:?} session: {sizes:?} entries"
         );
         assert_eq!(
             sizes[2], sizes[1],
-            "a session repeating the first grew the stream"
+            "a {codec:?} session repeating the first grew the stream"
         );
         assert_eq!(video.bytes(), stream().lock().bytes);
     }
@@ -412,16 +444,22 @@ mod tests {
     /// new picture.
     #[test]
     fn a_replaced_avatar_is_not_shown_from_the_cache() {
+        for codec in CODECS {
+            replaced_avatar(codec);
+        }
+    }
+
+    fn replaced_avatar(codec: VideoCodec) {
         let video = IdleVideo::new(64 << 20, Metrics::new());
-        let mut f = video.follower(encoding()).unwrap();
-        let mut browser = Decoder::new().unwrap();
+        let mut f = video.follower(encoding(codec)).unwrap();
+        let mut browser = Browser::new(codec);
         for b in 0..LOOP {
             let au = f.next(b, &picture(b, 0), || Ok(picture(b, 0))).unwrap();
             assert!(luma_error(&mut browser, &au, &picture(b, 0)) < 6.0);
         }
         let before = video.bytes();
-        let mut g = video.follower(encoding()).unwrap();
-        let mut other = Decoder::new().unwrap();
+        let mut g = video.follower(encoding(codec)).unwrap();
+        let mut other = Browser::new(codec);
         let new = picture(0, 60);
         let au = g.next(0, &new, || Ok(new.clone())).unwrap();
         assert!(
@@ -431,7 +469,7 @@ mod tests {
         assert!(video.bytes() < before, "the old entries were not freed");
         // The first follower's place is void: it rejoins at a key frame of the new stream.
         let au = f.next(0, &new, || Ok(new.clone())).unwrap();
-        assert!(is_key_frame(&au));
+        assert!(codec.is_key_frame(&au));
         assert!(luma_error(&mut browser, &au, &new) < 6.0);
     }
 
@@ -440,10 +478,10 @@ mod tests {
     #[test]
     fn the_budget_bounds_the_streams() {
         assert!(IdleVideo::new(0, Metrics::new())
-            .follower(encoding())
+            .follower(encoding(VideoCodec::H264))
             .is_none());
         let video = IdleVideo::new(1, Metrics::new());
-        let mut f = video.follower(encoding()).unwrap();
+        let mut f = video.follower(encoding(VideoCodec::H264)).unwrap();
         assert!(
             f.next(0, &picture(0, 0), || Ok(picture(0, 0))).is_some(),
             "the first entry fits an empty budget"

@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use framecast_gateway::media::VideoCodec;
 use framecast_gateway::{Gateway, GatewayOptions};
 use framecast_telemetry::host_cpu::Headroom;
 use framecast_telemetry::tls::ClientTls;
@@ -88,9 +89,20 @@ struct Args {
         default_value_t = GatewayOptions::default().session_timeout.as_secs_f64()
     )]
     session_timeout_s: f64,
-    /// Video bitrate per session, kbit/s (H.264).
+    /// Video bitrate per session, kbit/s (H.264 or VP8).
     #[arg(long, env = "FRAMECAST_GATEWAY_VIDEO_KBPS", default_value_t = GatewayOptions::default().video_bitrate_bps / 1000)]
     video_kbps: u32,
+    /// Video codecs sessions may use, most preferred first (h264, vp8): a session gets the
+    /// first one its browser offers; an offer with none of them is refused (400). H.264 is
+    /// first by default: VP8 needs about a quarter more bitrate for the same quality on a
+    /// 720p avatar (docs/performance.md), and most devices decode H.264 in hardware.
+    #[arg(
+        long,
+        env = "FRAMECAST_GATEWAY_VIDEO_CODECS",
+        value_delimiter = ',',
+        default_value = "h264,vp8"
+    )]
+    video_codecs: Vec<VideoCodec>,
     /// Margin between a frame's arrival and its play time, ms: absorbs the compositor's
     /// batches; the voice is delayed by the same amount.
     #[arg(long, env = "FRAMECAST_GATEWAY_JITTER_MS", default_value_t = GatewayOptions::default().jitter.as_millis() as u64)]
@@ -229,6 +241,7 @@ async fn main() -> Result<()> {
         body_timeout: Duration::from_secs_f64(args.body_timeout_s),
         session_timeout: Duration::from_secs_f64(args.session_timeout_s),
         video_bitrate_bps: args.video_kbps * 1000,
+        video_codecs: args.video_codecs,
         jitter: Duration::from_millis(args.jitter_ms),
         max_latency: Duration::from_millis(args.max_latency_ms),
         sample_wav: args.sample_wav,

@@ -1,5 +1,6 @@
-//! The two codecs of a session: the browser's Opus microphone decoded to PCM for the
-//! compositor, and the compositor's raw I420 frames encoded to H.264 for the browser.
+//! The codecs of a session: the browser's Opus microphone decoded to PCM for the
+//! compositor, and the compositor's raw I420 frames encoded for the browser, to H.264 or (a
+//! browser whose offer has no H.264) VP8.
 
 use openh264::encoder::{
     BitRate, Encoder, EncoderConfig, FrameRate, IntraFramePeriod, RateControlMode, UsageType,
@@ -37,9 +38,107 @@ impl VoiceDecoder {
     }
 }
 
-/// I420 frames (the layout of `IMAGE_FORMAT_I420`) to H.264 access units (Annex B),
-/// constrained baseline as every WebRTC browser decodes it.
-pub struct VideoEncoder {
+/// The video codecs a session may send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VideoCodec {
+    /// Constrained baseline (OpenH264), packetization mode 1 where the browser offers it.
+    H264,
+    /// libvpx, for browsers without H.264.
+    Vp8,
+}
+
+impl VideoCodec {
+    /// As SDP's rtpmap and `--video-codecs` write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            VideoCodec::H264 => "H264",
+            VideoCodec::Vp8 => "VP8",
+        }
+    }
+
+    /// Whether one encoded frame of this codec is a key frame.
+    pub fn is_key_frame(self, frame: &[u8]) -> bool {
+        match self {
+            VideoCodec::H264 => is_key_frame(frame),
+            VideoCodec::Vp8 => framecast_vp8::is_key_frame(frame),
+        }
+    }
+}
+
+impl std::str::FromStr for VideoCodec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "h264" | "h.264" => Ok(VideoCodec::H264),
+            "vp8" => Ok(VideoCodec::Vp8),
+            other => Err(format!(
+                "{:?} is not a video codec the gateway encodes (h264, vp8)",
+                framecast_proto::echo(other)
+            )),
+        }
+    }
+}
+
+/// I420 frames (the layout of `IMAGE_FORMAT_I420`) to the frames of a session's codec.
+pub enum VideoEncoder {
+    /// Boxed: OpenH264's state is 7 KB inline.
+    H264(Box<H264Encoder>),
+    Vp8(framecast_vp8::Encoder),
+}
+
+impl VideoEncoder {
+    pub fn new(
+        codec: VideoCodec,
+        width: usize,
+        height: usize,
+        fps: f64,
+        bitrate_bps: u32,
+    ) -> Result<Self, String> {
+        Ok(match codec {
+            VideoCodec::H264 => {
+                VideoEncoder::H264(Box::new(H264Encoder::new(width, height, fps, bitrate_bps)?))
+            }
+            VideoCodec::Vp8 => VideoEncoder::Vp8(
+                framecast_vp8::Encoder::new(framecast_vp8::EncoderConfig::new(
+                    width,
+                    height,
+                    fps,
+                    bitrate_bps,
+                ))
+                .map_err(|e| e.to_string())?,
+            ),
+        })
+    }
+
+    /// The size of the frames the browser receives.
+    pub fn coded_size(&self) -> (usize, usize) {
+        match self {
+            VideoEncoder::H264(e) => e.coded_size(),
+            VideoEncoder::Vp8(e) => e.coded_size(),
+        }
+    }
+
+    /// The next frame a key frame (a browser asked, with PLI or FIR).
+    pub fn force_keyframe(&mut self) {
+        match self {
+            VideoEncoder::H264(e) => e.force_keyframe(),
+            VideoEncoder::Vp8(e) => e.force_keyframe(),
+        }
+    }
+
+    /// One I420 frame to one encoded frame (an H.264 access unit, or a VP8 frame).
+    pub fn encode(&mut self, i420: &[u8]) -> Result<Vec<u8>, String> {
+        match self {
+            VideoEncoder::H264(e) => e.encode(i420),
+            VideoEncoder::Vp8(e) => e.encode(i420).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// I420 frames to H.264 access units (Annex B), constrained baseline as every WebRTC
+/// browser decodes it.
+pub struct H264Encoder {
     encoder: Encoder,
     width: usize,
     height: usize,
@@ -47,7 +146,7 @@ pub struct VideoEncoder {
     coded: (usize, usize),
 }
 
-impl VideoEncoder {
+impl H264Encoder {
     pub fn new(width: usize, height: usize, fps: f64, bitrate_bps: u32) -> Result<Self, String> {
         let coded = (width & !1, height & !1);
         if coded.0 < 16 || coded.1 < 16 {
@@ -66,7 +165,7 @@ impl VideoEncoder {
             .intra_frame_period(IntraFramePeriod::from_num_frames((fps * 2.0).round() as u32));
         let encoder = Encoder::with_api_config(OpenH264API::from_source(), config)
             .map_err(|e| format!("H.264 encoder: {e}"))?;
-        Ok(VideoEncoder {
+        Ok(H264Encoder {
             encoder,
             width,
             height,
@@ -128,7 +227,7 @@ mod tests {
     #[test]
     fn frames_encode_to_h264_access_units() {
         for (w, h) in [(64usize, 48usize), (65, 49)] {
-            let mut enc = VideoEncoder::new(w, h, 25.0, 500_000).unwrap();
+            let mut enc = VideoEncoder::new(VideoCodec::H264, w, h, 25.0, 500_000).unwrap();
             assert_eq!(enc.coded_size(), (w & !1, h & !1));
             let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
             let frame: Vec<u8> = (0..w * h + 2 * cw * ch).map(|i| (i % 200) as u8).collect();
@@ -137,6 +236,27 @@ mod tests {
             assert!(is_key_frame(&au), "the first frame must be a key frame");
             assert!(enc.encode(&frame[1..]).is_err());
         }
+    }
+
+    /// A VP8 session encodes at the avatar's own size (odd too), a key frame first and when
+    /// asked; codec names parse as `--video-codecs` takes them.
+    #[test]
+    fn frames_encode_to_vp8() {
+        let (w, h) = (65usize, 49usize);
+        let mut enc = VideoEncoder::new(VideoCodec::Vp8, w, h, 25.0, 500_000).unwrap();
+        assert_eq!(enc.coded_size(), (w, h));
+        let frame = vec![90u8; framecast_vp8::i420_len(w, h)];
+        assert!(VideoCodec::Vp8.is_key_frame(&enc.encode(&frame).unwrap()));
+        assert!(!VideoCodec::Vp8.is_key_frame(&enc.encode(&frame).unwrap()));
+        enc.force_keyframe();
+        assert!(VideoCodec::Vp8.is_key_frame(&enc.encode(&frame).unwrap()));
+        assert!(enc.encode(&frame[1..]).is_err());
+        assert_eq!("VP8".parse::<VideoCodec>(), Ok(VideoCodec::Vp8));
+        assert_eq!("h264".parse::<VideoCodec>(), Ok(VideoCodec::H264));
+        assert!("vp9"
+            .parse::<VideoCodec>()
+            .unwrap_err()
+            .contains("h264, vp8"));
     }
 
     /// Opus from libopus decodes to the samples' count at 48 kHz (20 ms: 960).

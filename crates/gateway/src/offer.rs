@@ -1,11 +1,28 @@
 //! What the gateway needs from a browser's SDP offer, checked before any WebRTC state is made:
 //! a microphone it may receive (an audio m-line the browser sends on) and a video m-line it
-//! may send H.264 on, and payload types that mean one codec of the m-line's own kind (an
-//! offer mapping an audio payload type to a video codec once made the WebRTC library panic).
-//! Each refusal says which, so a front-end developer can fix the page.
+//! may send H.264 or VP8 on, and payload types that mean one codec of the m-line's own kind
+//! (an offer mapping an audio payload type to a video codec once made the WebRTC library
+//! panic). Each refusal says which, so a front-end developer can fix the page.
+
+use crate::media::VideoCodec;
+
+/// What a valid offer allows.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Offered {
+    /// The video codecs the gateway encodes that the browser can receive, in the offer's
+    /// order (the browser's preference).
+    pub video: Vec<VideoCodec>,
+}
+
+impl Offered {
+    /// The first of `preference` (the gateway's order) the browser offered.
+    pub fn choose(&self, preference: &[VideoCodec]) -> Option<VideoCodec> {
+        preference.iter().copied().find(|c| self.video.contains(c))
+    }
+}
 
 /// Checks `sdp`; the error is the reason, for a 400 answer.
-pub fn check(sdp: &str) -> Result<(), String> {
+pub fn check(sdp: &str) -> Result<Offered, String> {
     if !sdp.trim_start().starts_with("v=0") {
         return Err("the body is not an SDP offer (it must start with \"v=0\")".into());
     }
@@ -27,8 +44,14 @@ pub fn check(sdp: &str) -> Result<(), String> {
             if let Some(map) = line.strip_prefix("a=rtpmap:") {
                 let (pt, codec) = map.split_once(' ').unwrap_or((map, ""));
                 let name = codec.split('/').next().unwrap_or("").to_ascii_uppercase();
-                if codec.to_ascii_uppercase().starts_with("H264/90000") {
-                    s.h264 = true;
+                let upper = codec.to_ascii_uppercase();
+                for (known, rtpmap) in [
+                    (VideoCodec::H264, "H264/90000"),
+                    (VideoCodec::Vp8, "VP8/90000"),
+                ] {
+                    if s.kind == "video" && upper.starts_with(rtpmap) && !s.video.contains(&known) {
+                        s.video.push(known);
+                    }
                 }
                 let other = match s.kind.as_str() {
                     "audio" => VIDEO_CODECS.contains(&name.as_str()).then_some("video"),
@@ -100,10 +123,22 @@ pub fn check(sdp: &str) -> Result<(), String> {
     if !video.iter().any(|s| s.browser_receives) {
         return Err("the offer's video is sendonly: the gateway sends the avatar's video (recvonly or sendrecv)".into());
     }
-    if !video.iter().any(|s| s.h264) {
-        return Err("the offer's video has no H.264 codec: the gateway encodes H.264".into());
+    let mut offered = Vec::new();
+    for c in video
+        .iter()
+        .filter(|s| s.browser_receives)
+        .flat_map(|s| &s.video)
+    {
+        if !offered.contains(c) {
+            offered.push(*c);
+        }
     }
-    Ok(())
+    if offered.is_empty() {
+        return Err(
+            "the offer's video has neither H.264 nor VP8: the gateway encodes those two".into(),
+        );
+    }
+    Ok(Offered { video: offered })
 }
 
 /// Codec names (as rtpmap writes them) that only video m-lines carry.
@@ -144,7 +179,8 @@ struct Section {
     formats: Vec<String>,
     browser_sends: bool,
     browser_receives: bool,
-    h264: bool,
+    /// The codecs the gateway encodes among its rtpmap lines, in their order.
+    video: Vec<VideoCodec>,
 }
 
 impl Section {
@@ -154,7 +190,7 @@ impl Section {
             formats: Vec::new(),
             browser_sends: true,
             browser_receives: true,
-            h264: false,
+            video: Vec::new(),
         }
     }
 }
@@ -173,9 +209,20 @@ mod tests {
 
     const VIDEO: &str = "m=video 9 UDP/TLS/RTP/SAVPF 96 102\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:102 H264/90000\r\na=recvonly\r\n";
 
+    /// The video codecs come in the offer's order; the gateway's preference chooses.
     #[test]
-    fn a_browser_offer_with_microphone_and_h264_passes() {
-        check(&offer("a=sendrecv\r\n", VIDEO)).unwrap();
+    fn a_browser_offer_with_microphone_and_a_known_codec_passes() {
+        let both = check(&offer("a=sendrecv\r\n", VIDEO)).unwrap();
+        assert_eq!(both.video, [VideoCodec::Vp8, VideoCodec::H264]);
+        assert_eq!(
+            both.choose(&[VideoCodec::H264, VideoCodec::Vp8]),
+            Some(VideoCodec::H264)
+        );
+        assert_eq!(both.choose(&[VideoCodec::Vp8]), Some(VideoCodec::Vp8));
+        let vp8_only = VIDEO.replace("a=rtpmap:102 H264/90000\r\n", "");
+        let vp8 = check(&offer("a=sendrecv\r\n", &vp8_only)).unwrap();
+        assert_eq!(vp8.video, [VideoCodec::Vp8]);
+        assert_eq!(vp8.choose(&[VideoCodec::H264]), None);
     }
 
     #[test]
@@ -184,8 +231,10 @@ mod tests {
         assert!(e("hello").contains("not an SDP offer"));
         assert!(e(&offer("a=recvonly\r\n", VIDEO)).contains("recvonly"));
         assert!(e(&offer("a=sendrecv\r\n", "")).contains("no video m-line"));
-        let vp8_only = VIDEO.replace("a=rtpmap:102 H264/90000\r\n", "");
-        assert!(e(&offer("a=sendrecv\r\n", &vp8_only)).contains("H.264"));
+        let vp9_only = VIDEO
+            .replace("a=rtpmap:102 H264/90000\r\n", "")
+            .replace("VP8", "VP9");
+        assert!(e(&offer("a=sendrecv\r\n", &vp9_only)).contains("neither H.264 nor VP8"));
         let sendonly = VIDEO.replace("a=recvonly", "a=sendonly");
         assert!(e(&offer("a=sendrecv\r\n", &sendonly)).contains("sendonly"));
         let no_audio = "v=0\r\ns=-\r\n".to_string() + VIDEO;

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //!  browser ──Opus──▶ [session thread] ──PCM──▶ [render task] ──RenderRequest.audio──▶ compositor
-//!  browser ◀─H.264── [session thread] ◀─I420── [render task] ◀──RenderedFrame (I420)── compositor
+//!  browser ◀─H.264/VP8─ [session thread] ◀─I420── [render task] ◀──RenderedFrame (I420)── compositor
 //!  browser ◀─Opus─── [session thread]   (the browser's own voice, delayed to meet its frames)
 //! ```
 //!
@@ -18,7 +18,7 @@
 //! ```text
 //!  application ──speech API──▶ [speaker] ──PCM──▶ [render task] ──▶ compositor ──I420──▶ [render task]
 //!                              [speaker] ──Opus, marks──▶ [session thread] ◀──I420────────┘
-//!  browser ◀─H.264, Opus── [session thread] ──events──▶ data channel, server-sent events
+//!  browser ◀─video, Opus── [session thread] ──events──▶ data channel, server-sent events
 //!  browser ──Opus──▶ [session thread] ──16 kHz PCM──▶ microphone WebSocket ──▶ application
 //! ```
 //!
@@ -29,7 +29,7 @@
 
 use crate::events::{Event as SessionEvent, Events};
 use crate::idle_video::{Encoding, IdleFollower, IdleVideo};
-use crate::media::{VideoEncoder, VoiceDecoder, VOICE_RATE};
+use crate::media::{VideoCodec, VideoEncoder, VoiceDecoder, VOICE_RATE};
 use crate::metrics::Metrics;
 use crate::pacing::{Pacer, Voice};
 use crate::speech::{self, Speaker, ToCompositor, ToThread};
@@ -81,6 +81,8 @@ pub struct SessionConfig {
     pub height: usize,
     pub fps: f64,
     pub video_bitrate_bps: u32,
+    /// What the frames are encoded to (chosen from the offer).
+    pub video_codec: VideoCodec,
     /// The session ends when the browser sends nothing for this long.
     pub timeout: Duration,
     /// Margin between a frame's arrival and its play time (absorbs the compositor's bursts).
@@ -99,6 +101,8 @@ const BEHIND_EVERY: Duration = Duration::from_secs(2);
 #[derive(Default)]
 pub struct Stats {
     pub state: Mutex<String>,
+    /// The video codec's name, as SDP writes it.
+    pub video_codec: Mutex<&'static str>,
     /// Why it ended, once it has.
     pub ended: Mutex<Option<String>>,
     pub frames_received: AtomicU64,
@@ -111,7 +115,7 @@ pub struct Stats {
     pub voice_packets_out: AtomicU64,
     /// Idle frames sent from their avatar's shared idle stream, not encoded by the session.
     pub idle_frames_shared: AtomicU64,
-    /// CPU time of the session's stages, µs in all: H.264 encode (or taking a shared idle
+    /// CPU time of the session's stages, µs in all: video encode (or taking a shared idle
     /// frame), Opus decode, and the
     /// writes to str0m (RTP packetisation and SRTP).
     pub encode_us_total: AtomicU64,
@@ -145,6 +149,7 @@ impl Stats {
         };
         serde_json::json!({
             "state": *self.state.lock(),
+            "video_codec": *self.video_codec.lock(),
             "ended": *self.ended.lock(),
             "frames_received": n(&self.frames_received),
             "frames_sent": sent,
@@ -244,6 +249,7 @@ pub fn start(
 ) -> Result<Session, String> {
     let stats = Arc::new(Stats::default());
     stats.set_state("new");
+    *stats.video_codec.lock() = config.video_codec.name();
     let events = Events::new(config.fps);
     let (voice_tx, voice_rx) = tokio::sync::mpsc::channel::<ToCompositor>(VOICE_CHANNEL);
     let (frame_tx, frame_rx) = std::sync::mpsc::sync_channel::<RenderedI420>(FRAME_CHANNEL);
@@ -292,12 +298,14 @@ pub fn start(
     let finished = Arc::new(AtomicBool::new(false));
     let mut worker = Worker {
         encoder: VideoEncoder::new(
+            config.video_codec,
             config.width,
             config.height,
             config.fps,
             config.video_bitrate_bps,
         )?,
         idle: idle_video.follower(Encoding {
+            codec: config.video_codec,
             avatar: config.avatar.clone(),
             width: config.width,
             height: config.height,
@@ -905,19 +913,24 @@ impl Worker {
         let Some(writer) = self.rtc.writer(mid) else {
             return Ok(());
         };
+        let codec = match self.config.video_codec {
+            VideoCodec::H264 => Codec::H264,
+            VideoCodec::Vp8 => Codec::Vp8,
+        };
         let pt = writer
             .payload_params()
             .find(|p| {
                 let s = p.spec();
-                s.codec == Codec::H264 && s.format.packetization_mode == Some(1)
+                s.codec == codec && (codec != Codec::H264 || s.format.packetization_mode == Some(1))
             })
-            .or_else(|| {
-                writer
-                    .payload_params()
-                    .find(|p| p.spec().codec == Codec::H264)
-            })
+            .or_else(|| writer.payload_params().find(|p| p.spec().codec == codec))
             .map(|p| p.pt())
-            .ok_or("the browser accepted no H.264 payload type")?;
+            .ok_or_else(|| {
+                format!(
+                    "the browser accepted no {} payload type",
+                    self.config.video_codec.name()
+                )
+            })?;
         let time = MediaTime::new(
             (index as f64 * 90_000.0 / self.config.fps) as u64,
             Frequency::NINETY_KHZ,
