@@ -1,7 +1,7 @@
 # framecast-compositor: CPU only, no libtorch. Build from the repository root:
 #   docker build -f deploy/docker/compositor.Dockerfile -t framecast/compositor .
 FROM rust:1-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends cmake nasm \
+RUN apt-get update && apt-get install -y --no-install-recommends cmake nasm libopus-dev libvpx-dev pkg-config \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -9,8 +9,9 @@ RUN cargo build --release -p framecast-compositor -p framecast-bench --bins
 
 FROM debian:bookworm-slim
 # `framecast-compositor avatar import` decodes videos with ffmpeg and finds faces with
-# OpenCV's cascade from opencv-data (run it as a job: `docker run ... avatar import VIDEO`).
-RUN apt-get update && apt-get install -y --no-install-recommends ffmpeg opencv-data \
+# OpenCV's cascade from opencv-data (run it as a job: `docker run ... avatar import VIDEO`);
+# framecast-bench (the health check) links libopus and libvpx for its WebRTC peers.
+RUN apt-get update && apt-get install -y --no-install-recommends ffmpeg opencv-data libopus0 libvpx7 \
     && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --home /srv framecast
 ENV FRAMECAST_AVATARS=/avatars \

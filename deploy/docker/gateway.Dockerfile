@@ -2,14 +2,14 @@
 # root:
 #   docker build -f deploy/docker/gateway.Dockerfile -t framecast/gateway .
 FROM rust:1-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends cmake nasm libopus-dev pkg-config \
+RUN apt-get update && apt-get install -y --no-install-recommends cmake nasm libopus-dev libvpx-dev pkg-config \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN cargo build --release -p framecast-gateway --bins
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends libopus0 curl \
+RUN apt-get update && apt-get install -y --no-install-recommends libopus0 libvpx7 curl \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home /srv framecast
 # Sessions take UDP ports 40000-40007 (one each, --max-sessions 8); the page and signalling

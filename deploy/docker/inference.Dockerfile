@@ -4,14 +4,18 @@
 # path as `make build-cuda`) and writes the built-in models with the CPU build.
 FROM rust:1-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends cmake nasm unzip python3-pip \
+    libopus-dev libvpx-dev pkg-config \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN scripts/build-cuda.sh && cargo build --release -p framecast-bench --bins
 
-# Stage 2: PyTorch 2.11's own CUDA libraries (pulled by the wheel) and the binary, as non-root.
+# Stage 2: PyTorch 2.11's own CUDA libraries (pulled by the wheel) and the binary, as non-root;
+# libopus and libvpx for framecast-bench (the health check), which links them.
 FROM python:3.11-slim-bookworm
-RUN pip install --no-cache-dir torch==2.11.0 \
+RUN apt-get update && apt-get install -y --no-install-recommends libopus0 libvpx7 \
+    && rm -rf /var/lib/apt/lists/* \
+    && pip install --no-cache-dir torch==2.11.0 \
     && useradd --system --uid 10001 --home /srv framecast
 ENV LD_LIBRARY_PATH=/usr/local/lib/python3.11/site-packages/torch/lib \
     FRAMECAST_REPOSITORY=/models \
