@@ -149,17 +149,17 @@ fn main() {
             })
         });
         g.bench_function("compose", |b| {
-            b.iter(|| render::compose(&a, 1, crop(1), jpeg(q)).expect("compose"))
+            b.iter(|| render::compose(&a, 1, crop(1), jpeg(q), None).expect("compose"))
         });
         g.bench_function("compose_rgb_crop", |b| {
             let c = render::Crop::Rgb(&rgb_crops[1]);
-            b.iter(|| render::compose(&a, 1, c, jpeg(q)).expect("compose"))
+            b.iter(|| render::compose(&a, 1, c, jpeg(q), None).expect("compose"))
         });
         g.bench_function("compose_i420", |b| {
-            b.iter(|| render::compose(&a, 1, crop(1), render::Output::I420).expect("compose"))
+            b.iter(|| render::compose(&a, 1, crop(1), render::Output::I420, None).expect("compose"))
         });
         g.bench_function("compose_whole", |b| {
-            b.iter(|| render::compose(&a, 1, crop(1), jpeg(q + 1)).expect("compose"))
+            b.iter(|| render::compose(&a, 1, crop(1), jpeg(q + 1), None).expect("compose"))
         });
         g.bench_function("idle", |b| {
             b.iter(|| render::idle(&a, 1, jpeg(q), None).expect("idle"))
@@ -186,7 +186,7 @@ fn main() {
         for r in 0..rounds {
             let i = r % frames;
             let t = Instant::now();
-            black_box(render::compose(&a, i, crop(i), jpeg(q)).expect("compose"));
+            black_box(render::compose(&a, i, crop(i), jpeg(q), None).expect("compose"));
             composed.push(t.elapsed().as_secs_f64());
             let j = (i + frames / 2) % frames;
             let t = Instant::now();

@@ -91,7 +91,7 @@ pub fn prepared_file(data: &[u8]) {
         if let Ok(raw) = idle(&avatar, bg, Output::I420, None) {
             assert!(!raw.image.is_empty());
         }
-        let spliced = compose(&avatar, bg, Crop::I420(&face), jpeg).expect("a face splices");
+        let spliced = compose(&avatar, bg, Crop::I420(&face), jpeg, None).expect("a face splices");
         assert!(!spliced.image.is_empty());
     }
 }

@@ -1,7 +1,9 @@
 //! Idle frames kept as raw I420. A session that takes raw frames (a WebRTC gateway encodes
 //! them) is sent the avatar's background between utterances at full frame rate; made from
 //! the prepared JPEG that is a whole-frame decode each time (about 3 ms at 720p, as much as
-//! a speaking frame's composite). Made once and kept, an idle frame costs a reference count.
+//! a speaking frame's composite). Made once and kept, an idle frame costs a reference count,
+//! and a talking frame of that background a copy with the face region put in
+//! (`render::composite`), no decode.
 //!
 //! The kept frames belong to their avatar (they go when it is unloaded) and count against
 //! one budget for all avatars (`--idle-frame-cache-mib`). A frame is kept while the budget

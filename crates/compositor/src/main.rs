@@ -258,9 +258,9 @@ struct ServeArgs {
     /// is below this; 0 turns idle frames off.
     #[arg(long, env = "FRAMECAST_IDLE_LOUDNESS", default_value_t = RenderOptions::default().idle_loudness, value_parser = parse_unit)]
     idle_loudness: f32,
-    /// MiB of idle frames kept as raw I420 for all avatars (sessions that take raw frames,
-    /// as a WebRTC gateway does, are sent them between utterances): a kept frame costs no
-    /// decode; 0 keeps none. About 1.4 MiB a 720p frame.
+    /// MiB of background frames kept as raw I420 for all avatars, for sessions that take raw
+    /// frames (a WebRTC gateway's): a kept frame costs no decode, idle or talking (a talking
+    /// frame is it copied with the face put in); 0 keeps none. About 1.4 MiB a 720p frame.
     #[arg(long, env = "FRAMECAST_IDLE_FRAME_CACHE_MIB", default_value_t = framecast_compositor::render::DEFAULT_IDLE_FRAME_CACHE_MIB)]
     idle_frame_cache_mib: u64,
     /// On SIGTERM: stop accepting, let each stream finish the request it is rendering for at

@@ -88,8 +88,41 @@ pub fn from_jpeg(jpeg: &[u8], width: u32, height: u32) -> Result<Vec<u8>, String
 
 /// Full-range YCbCr planes (JFIF, as a JPEG decodes) to limited range, in place.
 pub fn full_to_limited(i420: &mut [u8], width: usize, height: usize) {
+    let (y_lut, c_lut) = range_luts();
+    let (y, chroma) = i420.split_at_mut(width * height);
+    y.iter_mut().for_each(|v| *v = y_lut[*v as usize]);
+    chroma.iter_mut().for_each(|v| *v = c_lut[*v as usize]);
+}
+
+/// [`full_to_limited`] for the `rw` x `rh` region at (`x`, `y`) of a `width` x `height`
+/// frame only (the region as [`put_planes`] takes it: even coordinates, inside the frame).
+pub fn full_to_limited_region(
+    i420: &mut [u8],
+    (width, height): (usize, usize),
+    (x, y): (usize, usize),
+    (rw, rh): (usize, usize),
+) {
+    let (y_lut, c_lut) = range_luts();
+    let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
+    let (frame_y, frame_c) = i420.split_at_mut(width * height);
+    for row in y..(y + rh).min(height) {
+        let line = &mut frame_y[row * width..][x.min(width)..(x + rw).min(width)];
+        line.iter_mut().for_each(|v| *v = y_lut[*v as usize]);
+    }
+    let (cx, cy) = (x / 2, y / 2);
+    let (rcw, rch) = (rw.div_ceil(2), rh.div_ceil(2));
+    for plane in frame_c.chunks_exact_mut(cw * ch) {
+        for row in cy..(cy + rch).min(ch) {
+            let line = &mut plane[row * cw..][cx.min(cw)..(cx + rcw).min(cw)];
+            line.iter_mut().for_each(|v| *v = c_lut[*v as usize]);
+        }
+    }
+}
+
+/// Lookup tables from full to limited range: (luma, chroma).
+fn range_luts() -> &'static ([u8; 256], [u8; 256]) {
     static LUTS: std::sync::OnceLock<([u8; 256], [u8; 256])> = std::sync::OnceLock::new();
-    let (y_lut, c_lut) = LUTS.get_or_init(|| {
+    LUTS.get_or_init(|| {
         let mut y = [0u8; 256];
         let mut c = [0u8; 256];
         for v in 0..256 {
@@ -97,10 +130,7 @@ pub fn full_to_limited(i420: &mut [u8], width: usize, height: usize) {
             c[v] = (128.0 + (v as f64 - 128.0) * 224.0 / 255.0).round() as u8;
         }
         (y, c)
-    });
-    let (y, chroma) = i420.split_at_mut(width * height);
-    y.iter_mut().for_each(|v| *v = y_lut[*v as usize]);
-    chroma.iter_mut().for_each(|v| *v = c_lut[*v as usize]);
+    })
 }
 
 /// Writes a region's YCbCr planes (`planes`, laid out as [`crate::planes::Planes`]) at

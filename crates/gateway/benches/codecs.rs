@@ -4,8 +4,9 @@
 //! time per frame (median), the bitrate it made, and the luma PSNR of what a browser decodes
 //! (OpenH264's and libvpx's decoders). Then the bitrate each needs for the quality H.264 has
 //! at the gateway's default 2 Mbit/s (interpolated on the measured points). The codecs take
-//! turns frame by frame so machine noise hits both alike. Last, libvpx's real-time speeds at
-//! the default bitrate, side by side the same way (how the VP8 default was chosen).
+//! turns frame by frame so machine noise hits both alike. Last, OpenH264's complexities and
+//! libvpx's real-time speeds at the default bitrate, side by side the same way (how the
+//! defaults were chosen).
 //!
 //! `cargo bench -p framecast-gateway --bench codecs` (`make bench-codecs`); `-- --quick`
 //! runs fewer frames.
@@ -14,7 +15,9 @@ use framecast_compositor::avatar;
 use framecast_compositor::demo::{self, DemoOptions};
 use framecast_compositor::manifest;
 use framecast_compositor::raw_frame;
-use framecast_gateway::media::{VideoCodec, VideoEncoder};
+use framecast_gateway::media::{
+    Complexity, H264Encoder, VideoCodec, VideoEncoder, H264_COMPLEXITY,
+};
 use openh264::formats::YUVSource;
 use std::time::Instant;
 
@@ -200,6 +203,46 @@ fn main() {
             Some(k) => println!("  {:<5} {k:>6.0} kbit/s", codec.name()),
             None => println!("  {:<5} outside the measured bitrates", codec.name()),
         }
+    }
+
+    let mut h264: Vec<(Complexity, H264Encoder, Browser)> =
+        [Complexity::High, Complexity::Medium, Complexity::Low]
+            .into_iter()
+            .map(|c| {
+                let e = H264Encoder::with_complexity(W, H, FPS, DEFAULT_KBPS * 1000, c)
+                    .expect("encoder");
+                (
+                    c,
+                    e,
+                    Browser::H264(openh264::decoder::Decoder::new().expect("decoder")),
+                )
+            })
+            .collect();
+    let mut figures = vec![(Vec::new(), 0usize, 0.0f64); h264.len()];
+    for f in &frames {
+        for ((_, e, d), (ms, bytes, db)) in h264.iter_mut().zip(figures.iter_mut()) {
+            let started = Instant::now();
+            let out = e.encode(f).expect("encode");
+            ms.push(started.elapsed().as_secs_f64() * 1e3);
+            *bytes += out.len();
+            *db += psnr(&f[..W * H], &d.luma(&out));
+        }
+    }
+    println!(
+        "\nOpenH264 complexities at {DEFAULT_KBPS} kbit/s (the gateway's: {H264_COMPLEXITY:?}):"
+    );
+    println!(
+        "{:>10} {:>9} {:>9} {:>11}",
+        "complexity", "made", "Y-PSNR", "encode ms"
+    );
+    for ((c, _, _), (ms, bytes, db)) in h264.iter().zip(figures) {
+        let made = bytes as f64 * 8.0 * FPS / n as f64 / 1000.0;
+        println!(
+            "{:>10} {made:>9.0} {:>9.2} {:>11.2}",
+            format!("{c:?}"),
+            db / n as f64,
+            median(ms)
+        );
     }
 
     let speeds = [-4, -6, -8, -10, -12, -14, -16];

@@ -141,6 +141,7 @@ pub fn compose(
     background: usize,
     crop: Crop<'_>,
     output: Output,
+    budget: Option<&Arc<IdleBudget>>,
 ) -> Result<Composed, String> {
     let frame = &avatar.frames[background];
     let region = &frame.region;
@@ -173,6 +174,8 @@ pub fn compose(
                 &mut out,
             )?;
             out
+        } else if let (Output::I420, Some(budget)) = (output, budget) {
+            over_idle(avatar, background, pasted, budget)?
         } else {
             whole(avatar, background, pasted, output)?
         };
@@ -195,19 +198,54 @@ pub fn idle(
 ) -> Result<Composed, String> {
     let t = Instant::now();
     let frame = &avatar.frames[background];
-    let make = || whole(avatar, background, frame.pixels.view(), output);
     let image = if splices(avatar, output) {
         frame.jpeg.clone()
     } else if let (Output::I420, Some(budget)) = (output, budget) {
-        avatar.idle_raw.get_or_make(background, budget, make)?
+        kept_idle(avatar, background, budget)?
     } else {
-        Bytes::from(make()?)
+        Bytes::from(whole(avatar, background, frame.pixels.view(), output)?)
     };
     Ok(Composed {
         image,
         blend: Duration::ZERO,
         encode: t.elapsed(),
     })
+}
+
+/// Background `background` as raw I420, kept under `budget` ([`crate::idle_frames`]).
+fn kept_idle(
+    avatar: &Avatar,
+    background: usize,
+    budget: &Arc<IdleBudget>,
+) -> Result<Bytes, String> {
+    let frame = &avatar.frames[background];
+    avatar.idle_raw.get_or_make(background, budget, || {
+        whole(avatar, background, frame.pixels.view(), Output::I420)
+    })
+}
+
+/// A raw talking frame made over its background's kept idle frame: that frame copied and the
+/// face region's planes put in (rescaled to limited range), so no JPEG is decoded per talking
+/// frame once the background is kept. Byte for byte what [`whole`] makes.
+fn over_idle(
+    avatar: &Avatar,
+    background: usize,
+    region: Pixels<&[u8]>,
+    budget: &Arc<IdleBudget>,
+) -> Result<Vec<u8>, String> {
+    let (w, h) = (avatar.grid.width as usize, avatar.grid.height as usize);
+    let Pixels::Ycc420(planes) = region else {
+        return whole(avatar, background, region, Output::I420);
+    };
+    if !w.is_multiple_of(2) || !h.is_multiple_of(2) {
+        return whole(avatar, background, region, Output::I420);
+    }
+    let r = &avatar.frames[background].region;
+    let mut out = kept_idle(avatar, background, budget)?.to_vec();
+    let at = (r.x as usize, r.y as usize);
+    raw_frame::put_planes(&mut out, (w, h), at, planes, &Planes::new(r.w, r.h))?;
+    raw_frame::full_to_limited_region(&mut out, (w, h), at, (r.w as usize, r.h as usize));
+    Ok(out)
 }
 
 /// The whole-frame path: the prepared JPEG decoded, `region` (the face region's pixels)
@@ -361,7 +399,7 @@ mod tests {
         assert!(matches!(a.frames[1].pixels, Pixels::Ycc420(_)));
         let crop = gradient_crop();
         let out = jpeg(a.params.quality, Subsampling::S420);
-        let c = compose(&a, 1, Crop::Rgb(&crop), out).unwrap();
+        let c = compose(&a, 1, Crop::Rgb(&crop), out, None).unwrap();
         assert!(c.image == expected(tmp.path(), &a, 1, &crop));
         // The idle frame is the prepared background itself, and that is an encode of the
         // source: from RGB or from libjpeg's planes of it, the same bytes.
@@ -391,10 +429,10 @@ mod tests {
         let crop = gradient_crop();
         let yuv = i420::from_planar_rgb(&crop, 1, 32, 32);
         let out = jpeg(a.params.quality, Subsampling::S420);
-        let from_rgb = compose(&a, 2, Crop::Rgb(&crop), out).unwrap();
-        let from_i420 = compose(&a, 2, Crop::I420(&yuv), out).unwrap();
+        let from_rgb = compose(&a, 2, Crop::Rgb(&crop), out, None).unwrap();
+        let from_i420 = compose(&a, 2, Crop::I420(&yuv), out, None).unwrap();
         assert!(from_rgb.image == from_i420.image);
-        assert!(compose(&a, 2, Crop::I420(&yuv[1..]), out).is_err());
+        assert!(compose(&a, 2, Crop::I420(&yuv[1..]), out, None).is_err());
         // The odd-size path against the even one, on the same face box: a 31 x 31 crop is
         // the 32 x 32 one less its last row and column, nearly the same face.
         let mut odd = Vec::new();
@@ -423,8 +461,8 @@ mod tests {
         let crop = gradient_crop();
         let yuv = i420::from_planar_rgb(&crop, 1, 32, 32);
         let out = jpeg(a.params.quality, Subsampling::S444);
-        let from_rgb = compose(&a, 0, Crop::Rgb(&crop), out).unwrap();
-        let from_i420 = compose(&a, 0, Crop::I420(&yuv), out).unwrap();
+        let from_rgb = compose(&a, 0, Crop::Rgb(&crop), out, None).unwrap();
+        let from_i420 = compose(&a, 0, Crop::I420(&yuv), out, None).unwrap();
         let (x, ..) = encode::decode_rgb(&from_rgb.image).unwrap();
         let (y, ..) = encode::decode_rgb(&from_i420.image).unwrap();
         let (bg, ..) = encode::decode_rgb(&a.frames[0].jpeg).unwrap();
@@ -439,7 +477,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let a = avatar(tmp.path());
         let crop = gradient_crop();
-        let c = compose(&a, 0, Crop::Rgb(&crop), jpeg(97, Subsampling::S444)).unwrap();
+        let c = compose(&a, 0, Crop::Rgb(&crop), jpeg(97, Subsampling::S444), None).unwrap();
         let (rgb, w, h) = encode::decode_rgb(&c.image).unwrap();
         assert_eq!((w, h), (a.manifest.width, a.manifest.height));
         let want = expected(tmp.path(), &a, 0, &crop);
@@ -469,7 +507,7 @@ mod tests {
         ];
         let out = jpeg(a.params.quality, Subsampling::S420);
         (0..64usize).into_par_iter().for_each(|i| {
-            let c = compose(&a, 2, Crop::Rgb(&crops[i % 2]), out).unwrap();
+            let c = compose(&a, 2, Crop::Rgb(&crops[i % 2]), out, None).unwrap();
             assert!(
                 c.image == want[i % 2],
                 "compose {i} saw another worker's face"
@@ -486,7 +524,7 @@ mod tests {
         let a = avatar(tmp.path());
         let (w, h) = (a.manifest.width as usize, a.manifest.height as usize);
         let crop = gradient_crop();
-        let raw = compose(&a, 1, Crop::Rgb(&crop), Output::I420).unwrap();
+        let raw = compose(&a, 1, Crop::Rgb(&crop), Output::I420, None).unwrap();
         assert_eq!(raw.image.len(), raw_frame::len(w, h));
         let rgb = raw_frame::to_rgb(&raw.image, w, h).unwrap();
         let (want, ..) = encode::decode_rgb(&expected(tmp.path(), &a, 1, &crop)).unwrap();
@@ -519,5 +557,31 @@ mod tests {
         assert!(psnr(&idle_rgb, &bg) > 30.0);
         // The face region differs between the two; the rest is the same background.
         assert_ne!(raw.image, idle.image);
+    }
+
+    /// A raw talking frame made over the kept idle frame is byte for byte the one made from
+    /// the JPEG, for every background and whether the background was kept before or is
+    /// kept by it; a budget too small to keep anything still makes the same frame.
+    #[test]
+    fn talking_frames_over_the_kept_idle_frame_are_the_decoded_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = avatar(tmp.path());
+        let crop = gradient_crop();
+        let budget = IdleBudget::new(1 << 30, None);
+        let none = IdleBudget::new(0, None);
+        idle(&a, 0, Output::I420, Some(&budget)).unwrap();
+        for bg in 0..a.frames.len() {
+            let decoded = compose(&a, bg, Crop::Rgb(&crop), Output::I420, None).unwrap();
+            for b in [&budget, &none] {
+                let over = compose(&a, bg, Crop::Rgb(&crop), Output::I420, Some(b)).unwrap();
+                assert!(over.image == decoded.image, "background {bg}");
+            }
+        }
+        let (w, h) = (a.manifest.width as usize, a.manifest.height as usize);
+        assert_eq!(
+            budget.used(),
+            (a.frames.len() * raw_frame::len(w, h)) as u64
+        );
+        assert_eq!(none.used(), 0);
     }
 }

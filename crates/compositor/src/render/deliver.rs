@@ -45,7 +45,13 @@ pub(super) async fn batch(
                 // A panic on a rayon::spawn thread aborts the process: a frame that panics
                 // (a codec's assertion) fails its request instead.
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &crops {
-                    Some(crops) => super::compose(&work.avatar, bg, crops.get(i), work.output),
+                    Some(crops) => super::compose(
+                        &work.avatar,
+                        bg,
+                        crops.get(i),
+                        work.output,
+                        Some(&work.idle_budget),
+                    ),
                     None => super::idle(&work.avatar, bg, work.output, Some(&work.idle_budget)),
                 }))
                 .unwrap_or_else(|_| Err("compositing the frame panicked".to_string()))
