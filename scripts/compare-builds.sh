@@ -19,27 +19,13 @@ seconds=${BENCH_SECONDS:-8}
 rounds=${BENCH_ROUNDS:-3}
 rm -rf "$out" && mkdir -p "$out/old" "$out/new"
 
-# The old build: a worktree at REV, built into this tree's target directory (the
-# dependencies are shared, only framecast's crates build again), its binaries copied aside.
-# Both trees' crates get the same artifact names and cargo compares sources by time, so
-# framecast's release artifacts are removed before each build: neither is taken for the other.
-worktree=$(mktemp -d)
-trap 'git worktree remove --force "$worktree" 2>/dev/null || true' EXIT
-git worktree add --detach "$worktree" "$rev" >/dev/null
-ours=$(cargo metadata --no-deps --format-version 1 \
-  | python3 -c 'import json, sys; print(" ".join("-p " + p["name"] for p in json.load(sys.stdin)["packages"]))')
-# shellcheck disable=SC2086 # one word per flag
-cargo clean --release $ours
-(cd "$worktree" && CARGO_TARGET_DIR="$OLDPWD/target" cargo build --release --bins \
-  -p framecast-inference -p framecast-compositor -p framecast-bench)
-for b in framecast-inference framecast-compositor framecast-bench; do cp "target/release/$b" "$out/old/"; done
-# shellcheck disable=SC2086
-cargo clean --release $ours
+# The old build (scripts/lib/build_rev.sh), then this tree's.
+source scripts/lib/build_rev.sh
+build_rev "$rev" "$out/old" framecast-inference framecast-compositor framecast-bench
 cargo build --release --bins -p framecast-inference -p framecast-compositor -p framecast-bench
 for b in framecast-inference framecast-compositor framecast-bench; do cp "target/release/$b" "$out/new/"; done
 
 source scripts/lib/services.sh
-trap 'stop_services; git worktree remove --force "$worktree" 2>/dev/null || true' EXIT
 
 # build port-base: its services, each with its own models and avatar.
 start() {

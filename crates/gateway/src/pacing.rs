@@ -125,6 +125,19 @@ impl<P> Pacer<P> {
                 self.base = Some((now.checked_sub(back).unwrap_or(now), f0));
             }
         }
+        if self.base.is_none() {
+            if let (Some(heard), Some(bound)) = (heard, self.max_latency) {
+                if now.saturating_duration_since(heard) > bound {
+                    // Too old to show within the bound (a cold compositor's first frames): it
+                    // does not set the clock, or every frame after it would be as late.
+                    return 1;
+                }
+                // The first frame plays after the jitter margin, but a period inside the bound
+                // at the latest (the thread wakes a little after a slot).
+                let latest = (heard + bound).checked_sub(self.period).unwrap_or(now);
+                self.base = Some(((now + self.jitter).min(latest.max(now)), index));
+            }
+        }
         let (t0, f0) = *self.base.get_or_insert((now + self.jitter, index));
         let slot = self.slot(index).unwrap_or(t0);
         if slot < now {
@@ -274,6 +287,42 @@ mod tests {
         // Frame 1 is due at t + 140 ms: 590 ms after its voice, past the 500 ms bound.
         let d = p.due(t + ms(140));
         assert_eq!((d.frame.map(|f| f.0), d.dropped), (None, 1));
+    }
+
+    /// A session whose first frames come late (a cold compositor: the first forward passes,
+    /// the face tensor's registration) shows the first frame that comes within the bound and
+    /// every one after it: the late ones neither play nor set the clock. Once the clock set
+    /// itself on a frame 500 ms after its voice, so every frame after it was as late, past the
+    /// 600 ms bound once the jitter margin was added, and the session never showed a frame.
+    #[test]
+    fn late_first_frames_do_not_set_the_clock() {
+        let t = Instant::now();
+        let ms = |n: u64| Duration::from_millis(n);
+        let mut p = Pacer::new(25.0, ms(150)).with_max_latency(ms(600));
+        // Voice of moment i reaches the gateway at t + 40i ms; frames 0-9 come 2 s after it.
+        let heard = |i: u64| t + ms(40 * i);
+        for i in 0..10 {
+            assert_eq!(
+                p.push_frame(heard(i) + ms(2000), i, Bytes::new(), false, Some(heard(i))),
+                1
+            );
+        }
+        assert_eq!(p.slot(10), None, "a frame past the bound set the clock");
+        // Frame 10 comes 500 ms after its voice, the rest too: all shown, each within bound.
+        let mut shown = 0;
+        for i in 10..60 {
+            let now = heard(i) + ms(500);
+            assert_eq!(p.push_frame(now, i, Bytes::new(), false, Some(heard(i))), 0);
+            let slot = p.slot(i).expect("the clock is set");
+            assert!(
+                slot <= heard(i) + ms(600) - ms(40),
+                "frame {i} plays past the bound"
+            );
+            let d = p.due(slot + ms(2));
+            assert_eq!(d.dropped, 0, "frame {i}");
+            shown += d.frame.is_some() as u32;
+        }
+        assert_eq!(shown, 50);
     }
 
     /// With a latency bound, a compositor that falls behind costs frames, never delay: frames
