@@ -152,6 +152,15 @@ impl<P> Pacer<P> {
         } else if let Some(excess) = slot.checked_duration_since(now + self.jitter + MAX_AHEAD) {
             // Early: the sender's clock is faster than ours.
             self.base = Some((t0.checked_sub(excess).unwrap_or(t0), f0));
+        } else if let (Some(heard), Some(bound)) = (heard, self.max_latency) {
+            // A clock within two periods of the bound (set by a slow first frame) while the
+            // frames now come with more than the jitter margin to spare: pulled in to the
+            // margin, or the compositor's ordinary jitter would push frame after frame past
+            // the bound.
+            let close = slot.saturating_duration_since(heard) + 2 * self.period > bound;
+            if let (true, Some(spare)) = (close, slot.checked_duration_since(now + self.jitter)) {
+                self.base = Some((t0.checked_sub(spare).unwrap_or(t0), f0));
+            }
         }
         self.frames.push_back((index, image, idle, heard));
         let mut dropped = 0;
@@ -276,10 +285,11 @@ mod tests {
         let t = Instant::now();
         let ms = |n: u64| Duration::from_millis(n);
         let mut p = Pacer::new(25.0, ms(100)).with_max_latency(ms(500));
-        // Frame 0 sets the clock (plays at t + 100 ms); frame 1's voice came 450 ms before t.
+        // Frame 0 sets the clock (plays at t + 100 ms); frame 1's voice came 450 ms before t,
+        // and it comes at t + 100 ms (no time to spare: the clock stays).
         assert_eq!(p.push_frame(t, 0, Bytes::new(), false, Some(t)), 0);
         assert_eq!(
-            p.push_frame(t, 1, Bytes::new(), false, t.checked_sub(ms(450))),
+            p.push_frame(t + ms(100), 1, Bytes::new(), false, t.checked_sub(ms(450))),
             0
         );
         let d = p.due(t + ms(100));
@@ -323,6 +333,34 @@ mod tests {
             shown += d.frame.is_some() as u32;
         }
         assert_eq!(shown, 50);
+    }
+
+    /// A clock set close to the bound by a slow first frame comes back to the jitter margin
+    /// once frames come faster: the compositor's ordinary jitter then costs no frames.
+    #[test]
+    fn a_clock_near_the_bound_comes_back_when_frames_come_early() {
+        let t = Instant::now();
+        let ms = |n: u64| Duration::from_millis(n);
+        let mut p = Pacer::new(25.0, ms(150)).with_max_latency(ms(600));
+        let heard = |i: u64| t + ms(40 * i);
+        // The first frame 550 ms after its voice: the clock is set at 560 ms.
+        p.push_frame(heard(0) + ms(550), 0, Bytes::new(), false, Some(heard(0)));
+        assert_eq!(p.slot(0), Some(heard(0) + ms(560)));
+        // Then frames 250 ms after their voice: the clock comes in to 250 + 150 ms.
+        p.push_frame(heard(1) + ms(250), 1, Bytes::new(), false, Some(heard(1)));
+        assert_eq!(p.slot(1), Some(heard(1) + ms(400)));
+        // Ordinary jitter (a frame 180 ms later than the others) costs nothing now.
+        p.push_frame(heard(2) + ms(430), 2, Bytes::new(), false, Some(heard(2)));
+        let d = p.due(p.slot(2).unwrap() + ms(2));
+        assert_eq!(
+            (d.frame.map(|f| f.0), d.dropped),
+            (Some(2), 2),
+            "0 and 1 replaced"
+        );
+        // The clock does not move on frames arriving in the margin as usual.
+        let slot3 = p.slot(3);
+        p.push_frame(heard(3) + ms(300), 3, Bytes::new(), false, Some(heard(3)));
+        assert_eq!(p.slot(3), slot3);
     }
 
     /// With a latency bound, a compositor that falls behind costs frames, never delay: frames
