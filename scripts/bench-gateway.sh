@@ -2,7 +2,7 @@
 # make bench-gateway: WebRTC sessions per machine, measured. Starts the inference service
 # (talking-demo), the compositor and the gateway (release builds, all on this host), then
 # `framecast-bench gateway` (str0m peers speaking espeak-ng's sentence as Opus, taking the
-# H.264 video):
+# video, H.264 or VP8):
 #   1. --sweep 1:GW_MAX (default 8) with admission off: the largest count where every session
 #      holds >= 24 frames/s with no gap over 500 ms;
 #   2. twice that count offered at once with admission on (the gateway's default): how many

@@ -32,8 +32,7 @@ pub mod segments;
 pub mod server;
 pub mod shm_pool;
 pub mod speech;
-#[cfg(test)]
-mod testing;
+pub mod testing;
 
 /// Accepts only names that are one safe path component: `[A-Za-z0-9._-]`, not starting
 /// with '.', so a request can never reach outside the avatar root.

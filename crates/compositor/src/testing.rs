@@ -1,4 +1,5 @@
-//! Helpers of this crate's unit tests.
+//! Helpers of the tests and benchmarks that judge pictures (this crate's, the end-to-end
+//! tests', the gateway's codec bench).
 
 /// Peak signal-to-noise ratio of `b` against `a`, in dB (8-bit samples).
 pub fn psnr(a: &[u8], b: &[u8]) -> f64 {

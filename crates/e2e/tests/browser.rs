@@ -64,6 +64,12 @@ async fn browser_check(args: Vec<String>) -> (Value, Vec<u8>) {
     (serde_json::from_slice(&out.stdout).unwrap(), out.stdout)
 }
 
+/// browser_check.py's arguments for `s`'s page (the `browser` avatar, its probe) and `rest`.
+fn page(s: &Stack, rest: &[&str]) -> Vec<String> {
+    let common = ["--url", &s.url, "--avatar", "browser", "--probe", &s.probe];
+    common.iter().chain(rest).map(|a| a.to_string()).collect()
+}
+
 async fn stack() -> Stack {
     stack_with(GatewayOptions::default()).await
 }
@@ -130,20 +136,17 @@ async fn chromium_sees_and_hears_the_avatar_talk() {
     let _one = ONE_BROWSER.lock().await;
     let s = stack().await;
     let screenshot = out_dir().join("page.png");
-    let args: Vec<String> = vec![
-        "--url".into(),
-        s.url.clone(),
-        "--avatar".into(),
-        "browser".into(),
-        "--sentence".into(),
-        "Hello there. I am the framecast avatar, and I speak as you listen.".into(),
-        "--probe".into(),
-        s.probe.clone(),
-        "--seconds".into(),
-        WATCH_S.to_string(),
-        "--screenshot".into(),
-        screenshot.display().to_string(),
-    ];
+    let args = page(
+        &s,
+        &[
+            "--sentence",
+            "Hello there. I am the framecast avatar, and I speak as you listen.",
+            "--seconds",
+            &WATCH_S.to_string(),
+            "--screenshot",
+            &screenshot.display().to_string(),
+        ],
+    );
     let (seen, raw) = browser_check(args).await;
     std::fs::write(out_dir().join("result.json"), &raw).unwrap();
     check(&seen);
@@ -167,19 +170,16 @@ async fn chromium_plays_through_a_turn_relay() {
         ..Default::default()
     })
     .await;
-    let args: Vec<String> = vec![
-        "--url".into(),
-        s.url.clone(),
-        "--avatar".into(),
-        "browser".into(),
-        "--sentence".into(),
-        "Through the relay.".into(),
-        "--probe".into(),
-        s.probe.clone(),
-        "--seconds".into(),
-        "8".into(),
-        "--relay".into(),
-    ];
+    let args = page(
+        &s,
+        &[
+            "--sentence",
+            "Through the relay.",
+            "--seconds",
+            "8",
+            "--relay",
+        ],
+    );
     let (seen, raw) = browser_check(args).await;
     std::fs::write(out_dir().join("relay.json"), &raw).unwrap();
     assert_eq!(seen["state"], "connected", "{:?}", seen["error"]);
@@ -205,20 +205,17 @@ async fn chromium_plays_through_a_turn_relay() {
 async fn chromium_without_h264_gets_vp8() {
     let _one = ONE_BROWSER.lock().await;
     let s = stack().await;
-    let args: Vec<String> = vec![
-        "--url".into(),
-        s.url.clone(),
-        "--avatar".into(),
-        "browser".into(),
-        "--sentence".into(),
-        "Hello there, in VP8.".into(),
-        "--probe".into(),
-        s.probe.clone(),
-        "--seconds".into(),
-        "10".into(),
-        "--codec".into(),
-        "vp8".into(),
-    ];
+    let args = page(
+        &s,
+        &[
+            "--sentence",
+            "Hello there, in VP8.",
+            "--seconds",
+            "10",
+            "--codec",
+            "vp8",
+        ],
+    );
     let (seen, raw) = browser_check(args).await;
     std::fs::write(out_dir().join("vp8.json"), &raw).unwrap();
     assert_eq!(seen["state"], "connected", "{:?}", seen["error"]);
@@ -310,24 +307,7 @@ impl Drop for Turn {
 async fn chromium_shows_the_application_speaking_and_interrupted() {
     let _one = ONE_BROWSER.lock().await;
     let s = stack().await;
-    let args: Vec<String> = vec![
-        "--url".into(),
-        s.url.clone(),
-        "--avatar".into(),
-        "browser".into(),
-        "--agent".into(),
-        "Hello there. I am the framecast avatar, speaking for the application, and this sentence goes on for a while.".into(),
-        "--probe".into(),
-        s.probe.clone(),
-        "--idle-s".into(),
-        "3".into(),
-        "--interrupt-after".into(),
-        "2.5".into(),
-        "--seconds".into(),
-        "4".into(),
-        "--screenshot".into(),
-        out_dir().join("agent.png").display().to_string(),
-    ];
+    let args = page(&s, &["--agent", "Hello there. I am the framecast avatar, speaking for the application, and this sentence goes on for a while.", "--idle-s", "3", "--interrupt-after", "2.5", "--seconds", "4", "--screenshot", &out_dir().join("agent.png").display().to_string()]);
     let (seen, raw) = browser_check(args).await;
     std::fs::write(out_dir().join("agent.json"), &raw).unwrap();
     check_agent(&seen);

@@ -6,6 +6,7 @@ use framecast_compositor::avatar::{ping_pong, Avatar};
 use framecast_compositor::encode::{self, Subsampling};
 use framecast_compositor::mask;
 use framecast_compositor::raw_frame;
+use framecast_compositor::testing::psnr;
 use framecast_e2e::stack::{render, stack, stack_with, Opts, Stack};
 use framecast_e2e::{request, CROP, FRAMES, H, W};
 use framecast_proto::compositor::v1::{ImageFormat, RenderRequest};
@@ -22,16 +23,6 @@ fn face_region(img: &[u8], width: u32, b: &framecast_compositor::manifest::FaceB
             img[i..i + (b.w * 3) as usize].to_vec()
         })
         .collect()
-}
-
-fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    let mse = a
-        .iter()
-        .zip(b)
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum::<f64>()
-        / a.len() as f64;
-    10.0 * (255.0f64 * 255.0 / mse.max(1e-9)).log10()
 }
 
 /// The composite computed independently of the compositor's blend path: crop → S x S →

@@ -15,6 +15,7 @@ use framecast_compositor::avatar;
 use framecast_compositor::demo::{self, DemoOptions};
 use framecast_compositor::manifest;
 use framecast_compositor::raw_frame;
+use framecast_compositor::testing::psnr;
 use framecast_gateway::media::{
     Complexity, H264Encoder, VideoCodec, VideoEncoder, H264_COMPLEXITY,
 };
@@ -99,28 +100,67 @@ impl Browser {
     }
 }
 
-fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    let mse = a
-        .iter()
-        .zip(b)
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum::<f64>()
-        / a.len() as f64;
-    10.0 * (255.0f64 * 255.0 / mse.max(1e-9)).log10()
-}
+/// An I420 frame to an encoded one.
+type Encode = Box<dyn FnMut(&[u8]) -> Vec<u8>>;
 
-/// One codec at one bitrate.
-struct Run {
-    codec: VideoCodec,
-    encoder: VideoEncoder,
+/// One contender of a side-by-side run: an encoder and the browser that decodes its frames.
+struct Contender {
+    encode: Encode,
     browser: Browser,
-    encode_ms: Vec<f64>,
-    bytes: usize,
-    psnr: Vec<f64>,
 }
 
-/// (target kbps, made kbps, PSNR dB, encode ms median) of each bitrate.
-type Curve = Vec<(u32, f64, f64, f64)>;
+impl Contender {
+    fn new(
+        mut encode: impl FnMut(&[u8]) -> Result<Vec<u8>, String> + 'static,
+        codec: VideoCodec,
+    ) -> Contender {
+        Contender {
+            encode: Box::new(move |f| encode(f).expect("encode")),
+            browser: match codec {
+                VideoCodec::H264 => {
+                    Browser::H264(openh264::decoder::Decoder::new().expect("decoder"))
+                }
+                VideoCodec::Vp8 => Browser::Vp8(framecast_vp8::Decoder::new().expect("decoder")),
+            },
+        }
+    }
+}
+
+/// What a contender made: kbit/s, mean luma PSNR (dB), median encode ms a frame.
+#[derive(Clone, Copy)]
+struct Figures {
+    kbps: f64,
+    db: f64,
+    ms: f64,
+}
+
+/// Every frame through every contender, the contenders taking turns frame by frame so noise
+/// on the machine hits them alike.
+fn side_by_side(frames: &[Vec<u8>], contenders: &mut [Contender]) -> Vec<Figures> {
+    let mut ms = vec![Vec::new(); contenders.len()];
+    let mut bytes = vec![0usize; contenders.len()];
+    let mut db = vec![0.0f64; contenders.len()];
+    for f in frames {
+        for (i, c) in contenders.iter_mut().enumerate() {
+            let started = Instant::now();
+            let out = (c.encode)(f);
+            ms[i].push(started.elapsed().as_secs_f64() * 1e3);
+            bytes[i] += out.len();
+            db[i] += psnr(&f[..W * H], &c.browser.luma(&out));
+        }
+    }
+    let n = frames.len() as f64;
+    (0..contenders.len())
+        .map(|i| Figures {
+            kbps: bytes[i] as f64 * 8.0 * FPS / n / 1000.0,
+            db: db[i] / n,
+            ms: median(std::mem::take(&mut ms[i])),
+        })
+        .collect()
+}
+
+/// (target kbps, what was made) of each bitrate.
+type Curve = Vec<(u32, Figures)>;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -130,8 +170,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// The bitrate at which `curve` reaches `db`, interpolated between its points.
 fn kbps_at(curve: &Curve, db: f64) -> Option<f64> {
     curve.windows(2).find_map(|w| {
-        let ((_, k0, p0, _), (_, k1, p1, _)) = (w[0], w[1]);
-        ((p0..=p1).contains(&db) && p1 > p0).then(|| k0 + (k1 - k0) * (db - p0) / (p1 - p0))
+        let (a, b) = (w[0].1, w[1].1);
+        ((a.db..=b.db).contains(&db) && b.db > a.db)
+            .then(|| a.kbps + (b.kbps - a.kbps) * (db - a.db) / (b.db - a.db))
     })
 }
 
@@ -140,94 +181,58 @@ fn main() {
         std::env::args().any(|a| a == "--quick") || !std::env::args().any(|a| a == "--bench");
     let n = if quick { 50 } else { 250 };
     let frames = frames(n);
-    let mut curves: Vec<(VideoCodec, Curve)> =
-        vec![(VideoCodec::H264, vec![]), (VideoCodec::Vp8, vec![])];
+    let codecs = [VideoCodec::H264, VideoCodec::Vp8];
+    let mut curves: Vec<Curve> = vec![Vec::new(); codecs.len()];
     println!("{n} frames of the demo avatar at {W}x{H}, {FPS} fps, the codecs interleaved frame by frame");
     println!(
         "{:<5} {:>7} {:>9} {:>9} {:>11}",
         "codec", "target", "made", "Y-PSNR", "encode ms"
     );
     for kbps in BITRATES_KBPS {
-        let mut runs: Vec<Run> = [VideoCodec::H264, VideoCodec::Vp8]
-            .into_iter()
-            .map(|codec| Run {
-                codec,
-                encoder: VideoEncoder::new(codec, W, H, FPS, kbps * 1000).expect("encoder"),
-                browser: match codec {
-                    VideoCodec::H264 => {
-                        Browser::H264(openh264::decoder::Decoder::new().expect("decoder"))
-                    }
-                    VideoCodec::Vp8 => {
-                        Browser::Vp8(framecast_vp8::Decoder::new().expect("decoder"))
-                    }
-                },
-                encode_ms: Vec::new(),
-                bytes: 0,
-                psnr: Vec::new(),
+        let mut contenders: Vec<Contender> = codecs
+            .iter()
+            .map(|&codec| {
+                let mut e = VideoEncoder::new(codec, W, H, FPS, kbps * 1000).expect("encoder");
+                Contender::new(move |f| e.encode(f), codec)
             })
             .collect();
-        for f in &frames {
-            for r in runs.iter_mut() {
-                let started = Instant::now();
-                let out = r.encoder.encode(f).expect("encode");
-                r.encode_ms.push(started.elapsed().as_secs_f64() * 1e3);
-                r.bytes += out.len();
-                let y = r.browser.luma(&out);
-                r.psnr.push(psnr(&f[..W * H], &y));
-            }
-        }
-        for (r, (_, curve)) in runs.into_iter().zip(curves.iter_mut()) {
-            let made = r.bytes as f64 * 8.0 * FPS / n as f64 / 1000.0;
-            let db = r.psnr.iter().sum::<f64>() / r.psnr.len() as f64;
-            let ms = median(r.encode_ms);
+        for ((codec, f), curve) in codecs
+            .iter()
+            .zip(side_by_side(&frames, &mut contenders))
+            .zip(curves.iter_mut())
+        {
             println!(
-                "{:<5} {:>7} {:>9.0} {:>9.2} {:>11.2}",
-                r.codec.name(),
-                kbps,
-                made,
-                db,
-                ms
+                "{:<5} {kbps:>7} {:>9.0} {:>9.2} {:>11.2}",
+                codec.name(),
+                f.kbps,
+                f.db,
+                f.ms
             );
-            curve.push((kbps, made, db, ms));
+            curve.push((kbps, f));
         }
     }
-    let h264 = &curves[0].1;
-    let reference = h264
+    let reference = curves[0]
         .iter()
-        .find(|c| c.0 == DEFAULT_KBPS)
-        .map(|c| c.2)
+        .find(|(k, _)| *k == DEFAULT_KBPS)
+        .map(|(_, f)| f.db)
         .expect("the default bitrate");
     println!("\nbitrate for the quality H.264 has at {DEFAULT_KBPS} kbit/s ({reference:.2} dB):");
-    for (codec, curve) in &curves {
+    for (codec, curve) in codecs.iter().zip(&curves) {
         match kbps_at(curve, reference) {
             Some(k) => println!("  {:<5} {k:>6.0} kbit/s", codec.name()),
             None => println!("  {:<5} outside the measured bitrates", codec.name()),
         }
     }
 
-    let mut h264: Vec<(Complexity, H264Encoder, Browser)> =
-        [Complexity::High, Complexity::Medium, Complexity::Low]
-            .into_iter()
-            .map(|c| {
-                let e = H264Encoder::with_complexity(W, H, FPS, DEFAULT_KBPS * 1000, c)
-                    .expect("encoder");
-                (
-                    c,
-                    e,
-                    Browser::H264(openh264::decoder::Decoder::new().expect("decoder")),
-                )
-            })
-            .collect();
-    let mut figures = vec![(Vec::new(), 0usize, 0.0f64); h264.len()];
-    for f in &frames {
-        for ((_, e, d), (ms, bytes, db)) in h264.iter_mut().zip(figures.iter_mut()) {
-            let started = Instant::now();
-            let out = e.encode(f).expect("encode");
-            ms.push(started.elapsed().as_secs_f64() * 1e3);
-            *bytes += out.len();
-            *db += psnr(&f[..W * H], &d.luma(&out));
-        }
-    }
+    let complexities = [Complexity::High, Complexity::Medium, Complexity::Low];
+    let mut contenders: Vec<Contender> = complexities
+        .iter()
+        .map(|&c| {
+            let mut e =
+                H264Encoder::with_complexity(W, H, FPS, DEFAULT_KBPS * 1000, c).expect("encoder");
+            Contender::new(move |f| e.encode(f), VideoCodec::H264)
+        })
+        .collect();
     println!(
         "\nOpenH264 complexities at {DEFAULT_KBPS} kbit/s (the gateway's: {H264_COMPLEXITY:?}):"
     );
@@ -235,37 +240,32 @@ fn main() {
         "{:>10} {:>9} {:>9} {:>11}",
         "complexity", "made", "Y-PSNR", "encode ms"
     );
-    for ((c, _, _), (ms, bytes, db)) in h264.iter().zip(figures) {
-        let made = bytes as f64 * 8.0 * FPS / n as f64 / 1000.0;
+    for (c, f) in complexities
+        .iter()
+        .zip(side_by_side(&frames, &mut contenders))
+    {
         println!(
-            "{:>10} {made:>9.0} {:>9.2} {:>11.2}",
+            "{:>10} {:>9.0} {:>9.2} {:>11.2}",
             format!("{c:?}"),
-            db / n as f64,
-            median(ms)
+            f.kbps,
+            f.db,
+            f.ms
         );
     }
 
     let speeds = [-4, -6, -8, -10, -12, -14, -16];
-    let mut encoders: Vec<(i32, framecast_vp8::Encoder, framecast_vp8::Decoder)> = speeds
+    let mut contenders: Vec<Contender> = speeds
         .iter()
         .map(|&speed| {
             let mut config = framecast_vp8::EncoderConfig::new(W, H, FPS, DEFAULT_KBPS * 1000);
             config.speed = speed;
-            let e = framecast_vp8::Encoder::new(config).expect("encoder");
-            (speed, e, framecast_vp8::Decoder::new().expect("decoder"))
+            let mut e = framecast_vp8::Encoder::new(config).expect("encoder");
+            Contender::new(
+                move |f| e.encode(f).map_err(|e| e.to_string()),
+                VideoCodec::Vp8,
+            )
         })
         .collect();
-    let mut figures = vec![(Vec::new(), 0usize, 0.0f64); speeds.len()];
-    for f in &frames {
-        for ((_, e, d), (ms, bytes, db)) in encoders.iter_mut().zip(figures.iter_mut()) {
-            let started = Instant::now();
-            let out = e.encode(f).expect("encode");
-            ms.push(started.elapsed().as_secs_f64() * 1e3);
-            *bytes += out.len();
-            let pic = d.decode(&out).expect("decodes").expect("a picture");
-            *db += psnr(&f[..W * H], &pic.i420[..W * H]);
-        }
-    }
     println!(
         "\nVP8 speeds at {DEFAULT_KBPS} kbit/s (default {}):",
         framecast_vp8::EncoderConfig::DEFAULT_SPEED
@@ -274,12 +274,7 @@ fn main() {
         "{:>6} {:>9} {:>9} {:>11}",
         "speed", "made", "Y-PSNR", "encode ms"
     );
-    for ((speed, _, _), (ms, bytes, db)) in encoders.iter().zip(figures) {
-        let made = bytes as f64 * 8.0 * FPS / n as f64 / 1000.0;
-        println!(
-            "{speed:>6} {made:>9.0} {:>9.2} {:>11.2}",
-            db / n as f64,
-            median(ms)
-        );
+    for (speed, f) in speeds.iter().zip(side_by_side(&frames, &mut contenders)) {
+        println!("{speed:>6} {:>9.0} {:>9.2} {:>11.2}", f.kbps, f.db, f.ms);
     }
 }

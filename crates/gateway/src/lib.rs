@@ -1,8 +1,8 @@
 //! framecast-gateway: the WebRTC front end. A browser posts an SDP offer (WHIP/WHEP style:
 //! `POST /sessions?avatar=ID` with `application/sdp`, the answer back, `DELETE` ends it);
 //! its microphone (Opus) is decoded and streamed into a compositor `Render` audio session,
-//! whose raw I420 frames are encoded to H.264 and sent back with the browser's own voice,
-//! delayed so lips and sound meet ([`pacing`]). It also serves the page (`GET /`).
+//! whose raw I420 frames are encoded to H.264 (or VP8) and sent back with the browser's own
+//! voice, delayed so lips and sound meet ([`pacing`]). It also serves the page (`GET /`).
 //!
 //! Each session runs its WebRTC connection (str0m, sans-IO) on an OS thread with a UDP port of
 //! its own ([`session`]); the HTTP side ([`http`]) only creates, lists and ends sessions.

@@ -144,9 +144,9 @@ struct Args {
     /// --max-sessions whatever the load.
     #[arg(long, env = "FRAMECAST_GATEWAY_ADMISSION_HEADROOM", default_value = "1.25", value_parser = Headroom::parse)]
     admission_headroom: Headroom,
-    /// MiB the idle loops' shared H.264 encodes may hold, all avatars together: an avatar's
-    /// idle frames are encoded once and sent to each of its sessions between utterances (a
-    /// 10 s 720p loop at 2 Mbit/s is about 3 MiB). 0: every session encodes its own.
+    /// MiB the idle loops' shared encodes (one per codec) may hold, all avatars together: an
+    /// avatar's idle frames are encoded once and sent to each of its sessions between
+    /// utterances (a 10 s 720p loop at 2 Mbit/s is about 3 MiB). 0: every session encodes its own.
     #[arg(long, env = "FRAMECAST_GATEWAY_IDLE_CACHE_MIB", default_value_t = GatewayOptions::default().idle_cache_bytes >> 20)]
     idle_cache_mib: usize,
     /// A TTS service for agent sessions' text: an http:// URL the text is POSTed to

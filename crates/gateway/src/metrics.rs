@@ -54,7 +54,7 @@ impl Metrics {
             .expect("valid metric"),
             encode_seconds: Histogram::with_opts(histogram_opts!(
                 "encode_seconds",
-                "H.264 encode time per frame",
+                "Video encode time per frame (H.264 or VP8)",
                 buckets.clone()
             ))
             .expect("valid metric"),
