@@ -52,7 +52,13 @@ pub struct CompositorService {
 
 /// The host's CPU a window back, for admission by margin: one sample a second.
 struct CpuWindow {
-    samples: std::collections::VecDeque<(Instant, Option<framecast_telemetry::host_cpu::CpuTimes>)>,
+    /// (when, CPU times, streams open then).
+    samples: std::collections::VecDeque<(
+        Instant,
+        Option<framecast_telemetry::host_cpu::CpuTimes>,
+        usize,
+    )>,
+    idle: framecast_telemetry::host_cpu::Idle,
 }
 
 /// Open Render streams a compositor accepts unless told otherwise.
@@ -146,26 +152,36 @@ impl CompositorService {
 
     /// The same service refusing new Render streams (UNAVAILABLE, the reason) while the
     /// host's free cores are fewer than one open stream's measured share of the busy ones
-    /// times `headroom`, over the last two seconds (a conservative estimate when other
-    /// services share the host). Needs a Tokio runtime (it samples once a second).
+    /// (above what the host keeps busy with none open) times `headroom`, over the last two
+    /// seconds (a conservative estimate when other services share the host). Needs a Tokio runtime (it samples once a second).
     pub fn with_admission(mut self, headroom: f64) -> Self {
         use framecast_telemetry::host_cpu::{self, CpuTimes};
         let window = Arc::new(parking_lot::Mutex::new(CpuWindow {
             samples: Default::default(),
+            idle: Default::default(),
         }));
         let (verdict, metrics) = (self.no_margin.clone(), self.metrics.clone());
         let cores = host_cpu::cores();
         framecast_telemetry::periodic::every(&window, Duration::from_secs(1), move |w| {
             let (verdict, metrics) = (verdict.clone(), metrics.clone());
             async move {
-                let now = (Instant::now(), CpuTimes::now());
+                let open = metrics.streams_active.get().max(0) as usize;
+                let now = (Instant::now(), CpuTimes::now(), open);
                 let mut w = w.lock();
                 while w.samples.len() > 2 {
                     w.samples.pop_front();
                 }
-                let open = metrics.streams_active.get().max(0) as usize;
-                let old = w.samples.front().and_then(|s| s.1);
-                *verdict.lock() = host_cpu::short_of(old, now.1, cores, open, headroom, "stream");
+                let old = w.samples.front().copied();
+                if let (Some((_, Some(a), was_open)), Some(b)) = (old, now.1) {
+                    if let Some(busy) = b.busy_cores_since(&a, cores) {
+                        // Idle only if no stream was open at either end of the span.
+                        w.idle.observe(now.0, busy, open.max(was_open));
+                    }
+                }
+                let idle = w.idle.cores();
+                let old = old.and_then(|s| s.1);
+                *verdict.lock() =
+                    host_cpu::short_of(old, now.1, cores, open, headroom, idle, "stream");
                 w.samples.push_back(now);
                 true
             }

@@ -6,10 +6,10 @@
 //! CPU time. The verdict compares the newest sample with the one [`WINDOW`] before it:
 //! - a connected session that dropped or lost frames in the window, or sent fewer than 90% of
 //!   its frame rate, is falling behind: nothing more is admitted until none is;
-//! - the host's free cores must cover what one session costs (the busy cores over the
-//!   sessions open, everything on the host counted: a conservative estimate when the
-//!   compositor and the inference service share the host, as on one machine) times
-//!   `--admission-headroom`.
+//! - the host's free cores must cover what one session costs (the busy cores above what the
+//!   host keeps busy with no session open, over the sessions open: everything else on the
+//!   host counted, a conservative estimate when the compositor and the inference service
+//!   share the host, as on one machine) times `--admission-headroom`.
 //!
 //! The CPU lags the admissions (a session costs only once it is connected and streaming), so
 //! sessions admitted in the last two windows count against the free cores at the last
@@ -57,8 +57,8 @@ pub enum Verdict {
 }
 
 /// The verdict from `old` to `new` on a host of `cores`, one session needing its measured
-/// share of the busy cores times `headroom` (0: CPU not considered).
-pub fn judge(old: &Sample, new: &Sample, cores: f64, headroom: f64) -> Verdict {
+/// share of the cores busy above `idle` times `headroom` (0: CPU not considered).
+pub fn judge(old: &Sample, new: &Sample, cores: f64, headroom: f64, idle: f64) -> Verdict {
     let span = new.at.saturating_duration_since(old.at).as_secs_f64();
     if span <= 0.0 {
         return Verdict::Admit;
@@ -87,7 +87,7 @@ pub fn judge(old: &Sample, new: &Sample, cores: f64, headroom: f64) -> Verdict {
         }
     }
     let open = new.sessions.len();
-    match host_cpu::short_of(old.cpu, new.cpu, cores, open, headroom, "session") {
+    match host_cpu::short_of(old.cpu, new.cpu, cores, open, headroom, idle, "session") {
         Some(why) => Verdict::Refuse(why),
         None => Verdict::Admit,
     }
@@ -105,6 +105,8 @@ pub struct Admission {
     cost: Option<f64>,
     /// Sessions admitted lately, not yet in the CPU figures.
     recent: std::collections::VecDeque<Instant>,
+    /// What the host keeps busy with no session open.
+    idle: host_cpu::Idle,
 }
 
 impl Admission {
@@ -118,6 +120,7 @@ impl Admission {
             free: None,
             cost: None,
             recent: Default::default(),
+            idle: Default::default(),
         }
     }
 
@@ -179,6 +182,8 @@ impl Admission {
                 if let (Some(a), Some(b)) = (old.cpu, now.cpu) {
                     if let Some(busy) = b.busy_cores_since(&a, self.cores) {
                         self.free = Some((self.cores - busy).max(0.0));
+                        let open = old.sessions.len().max(now.sessions.len());
+                        self.idle.observe(now.at, busy, open + self.recent.len());
                         // A session's cost from the busy cores only while every open session
                         // streams at its rate through the window: one connecting costs next to
                         // nothing yet and would make the others look cheap.
@@ -196,11 +201,11 @@ impl Admission {
                             })
                             .count();
                         if steady > 0 && steady == now.sessions.len() {
-                            self.cost = Some(busy / steady as f64);
+                            self.cost = Some(host_cpu::share(busy, self.idle.cores(), steady));
                         }
                     }
                 }
-                let verdict = judge(old, &now, self.cores, self.headroom);
+                let verdict = judge(old, &now, self.cores, self.headroom, self.idle.cores());
                 tracing::debug!(free = ?self.free, cost = ?self.cost, ?verdict, "admission sample");
                 verdict
             }
@@ -249,14 +254,14 @@ mod tests {
         let old = sample(t0, (0, 0), &[("a", 0, 0), ("b", 0, 0)]);
         // Two sessions, 50 frames each in 2 s; half of 2 cores busy: 1.5 free, 0.5 each.
         let fine = sample(t1, (100, 200), &[("a", 50, 0), ("b", 50, 0)]);
-        assert_eq!(judge(&old, &fine, 2.0, 1.25), Verdict::Admit);
+        assert_eq!(judge(&old, &fine, 2.0, 1.25, 0.0), Verdict::Admit);
         let missed = sample(t1, (100, 200), &[("a", 50, 0), ("b", 49, 1)]);
-        let Verdict::Refuse(why) = judge(&old, &missed, 2.0, 1.25) else {
+        let Verdict::Refuse(why) = judge(&old, &missed, 2.0, 1.25, 0.0) else {
             panic!("a session missed a frame");
         };
         assert!(why.contains("session b missed 1 frames"), "{why}");
         let slow = sample(t1, (100, 200), &[("a", 50, 0), ("b", 40, 0)]);
-        let Verdict::Refuse(why) = judge(&old, &slow, 2.0, 1.25) else {
+        let Verdict::Refuse(why) = judge(&old, &slow, 2.0, 1.25, 0.0) else {
             panic!("a session is slow");
         };
         assert!(
@@ -265,19 +270,26 @@ mod tests {
         );
         // 1.6 of 2 cores busy: 0.4 free, a session costs 0.8.
         let full = sample(t1, (160, 200), &[("a", 50, 0), ("b", 50, 0)]);
-        let Verdict::Refuse(why) = judge(&old, &full, 2.0, 1.25) else {
+        let Verdict::Refuse(why) = judge(&old, &full, 2.0, 1.25, 0.0) else {
             panic!("no CPU left");
         };
         assert!(why.contains("0.40 of 2 cores free"), "{why}");
         assert_eq!(
-            judge(&old, &full, 2.0, 0.0),
+            judge(&old, &full, 2.0, 0.0, 0.0),
             Verdict::Admit,
             "headroom 0: CPU ignored"
         );
+        // The same load with 0.6 cores busy when no session was open: a session costs 0.5,
+        // and 0.4 free does not hold 0.625 either; with 1.2 of it idle, 0.2 does.
+        assert!(matches!(
+            judge(&old, &full, 2.0, 1.25, 0.6),
+            Verdict::Refuse(_)
+        ));
+        assert_eq!(judge(&old, &full, 2.0, 1.25, 1.2), Verdict::Admit);
         // A session not yet connected is not judged; a new one has no old counters.
         let mut waiting = sample(t1, (100, 200), &[("a", 50, 0), ("c", 0, 0)]);
         waiting.sessions.get_mut("a").unwrap().connected = false;
-        assert_eq!(judge(&old, &waiting, 2.0, 1.25), Verdict::Admit);
+        assert_eq!(judge(&old, &waiting, 2.0, 1.25, 0.0), Verdict::Admit);
     }
 
     /// No sample a window old yet (start-up): the first session is admitted, and no more
