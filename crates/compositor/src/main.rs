@@ -218,7 +218,8 @@ struct ServeArgs {
     inference_tls_domain: Option<String>,
     /// Admission by measured margin: a new Render stream is refused (UNAVAILABLE, the reason)
     /// while the host's free cores are fewer than one open stream's measured share of the
-    /// busy ones times this headroom (over the last 2 s; everything on the host counted).
+    /// cores busy above the host's idle load, times this headroom (over the last 2 s;
+    /// everything else on the host counted).
     /// off: streams are admitted up to --max-streams whatever the load.
     #[arg(long, env = "FRAMECAST_ADMISSION_HEADROOM", default_value = "1.25", value_parser = Headroom::parse)]
     admission_headroom: Headroom,

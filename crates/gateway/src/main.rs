@@ -139,9 +139,9 @@ struct Args {
     ice_credential: Option<String>,
     /// Admission by measured margin: a new session is refused (503 with Retry-After and the
     /// reason) while an open session misses frames or sends under 90% of its frame rate, or
-    /// while the host's free cores are fewer than one session's measured share of the busy
-    /// ones times this headroom. 0 keeps the frame-rate rule only; off admits up to
-    /// --max-sessions whatever the load.
+    /// while the host's free cores are fewer than one session's measured share of the cores
+    /// busy above the host's idle load times this headroom. 0 keeps the frame-rate rule only;
+    /// off admits up to --max-sessions whatever the load.
     #[arg(long, env = "FRAMECAST_GATEWAY_ADMISSION_HEADROOM", default_value = "1.25", value_parser = Headroom::parse)]
     admission_headroom: Headroom,
     /// MiB the idle loops' shared encodes (one per codec) may hold, all avatars together: an
