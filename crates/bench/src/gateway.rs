@@ -19,7 +19,7 @@ use str0m::change::SdpAnswer;
 use str0m::format::Codec;
 use str0m::media::{Direction, Frequency, MediaKind, MediaTime};
 use str0m::net::{Protocol, Receive};
-use str0m::{Candidate, Event, Input, Output, RtcConfig};
+use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 
 #[derive(clap::Args, Debug)]
 pub struct GatewayArgs {
@@ -390,6 +390,40 @@ fn peer(plan: &Plan, stop: &AtomicBool) -> Seen {
     seen
 }
 
+/// A peer's input step: waits on `socket` (its address `local`) until str0m's `timeout`, at
+/// least 1 ms and at most 5 ms (the peer has voice to send meanwhile), and hands `rtc` the
+/// datagram that came, or the time that passed.
+pub fn feed(
+    rtc: &mut Rtc,
+    socket: &UdpSocket,
+    local: SocketAddr,
+    timeout: Instant,
+    buf: &mut [u8],
+) -> std::io::Result<()> {
+    let wait = timeout
+        .saturating_duration_since(Instant::now())
+        .clamp(Duration::from_millis(1), Duration::from_millis(5));
+    socket.set_read_timeout(Some(wait))?;
+    let input = match socket.recv_from(buf) {
+        Ok((n, source)) => match buf[..n].try_into() {
+            Ok(contents) => Input::Receive(
+                Instant::now(),
+                Receive {
+                    proto: Protocol::Udp,
+                    source,
+                    destination: local,
+                    contents,
+                },
+            ),
+            // Not STUN, DTLS or RTP: ignored.
+            Err(_) => return Ok(()),
+        },
+        Err(_) => Input::Timeout(Instant::now()),
+    };
+    let _ = rtc.handle_input(input);
+    Ok(())
+}
+
 fn peer_inner(plan: &Plan, stop: &AtomicBool, seen: &mut Seen) -> Result<()> {
     let Plan {
         addr,
@@ -521,28 +555,7 @@ fn peer_inner(plan: &Plan, stop: &AtomicBool, seen: &mut Seen) -> Result<()> {
                 Err(e) => bail!("WebRTC: {e}"),
             }
         };
-        let wait = timeout
-            .saturating_duration_since(Instant::now())
-            .clamp(Duration::from_millis(1), Duration::from_millis(5));
-        socket.set_read_timeout(Some(wait))?;
-        match socket.recv_from(&mut buf) {
-            Ok((n, source)) => {
-                if let Ok(contents) = buf[..n].try_into() {
-                    let _ = rtc.handle_input(Input::Receive(
-                        Instant::now(),
-                        Receive {
-                            proto: Protocol::Udp,
-                            source,
-                            destination: local,
-                            contents,
-                        },
-                    ));
-                }
-            }
-            Err(_) => {
-                let _ = rtc.handle_input(Input::Timeout(Instant::now()));
-            }
-        }
+        feed(&mut rtc, &socket, local, timeout, &mut buf)?;
     }
     if connected_at.is_none() {
         bail!("never connected");

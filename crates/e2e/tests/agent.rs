@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 use str0m::change::SdpAnswer;
 use str0m::format::Codec;
 use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid};
-use str0m::net::{Protocol, Receive};
-use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
+use str0m::{Candidate, Event, Output, Rtc, RtcConfig};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 /// One HTTP/1.1 request: (status, body).
@@ -233,30 +232,7 @@ fn run_peer(
                 Err(_) => return,
             }
         };
-        let wait = timeout
-            .saturating_duration_since(Instant::now())
-            .min(Duration::from_millis(5));
-        socket
-            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
-            .unwrap();
-        match socket.recv_from(&mut buf) {
-            Ok((n, source)) => {
-                if let Ok(contents) = buf[..n].try_into() {
-                    let _ = rtc.handle_input(Input::Receive(
-                        Instant::now(),
-                        Receive {
-                            proto: Protocol::Udp,
-                            source,
-                            destination: local,
-                            contents,
-                        },
-                    ));
-                }
-            }
-            Err(_) => {
-                let _ = rtc.handle_input(Input::Timeout(Instant::now()));
-            }
-        }
+        framecast_bench::gateway::feed(&mut rtc, &socket, local, timeout, &mut buf).unwrap();
     }
 }
 
