@@ -464,6 +464,12 @@ fn check(seen: &Value) {
         gw["frames_lost"], 0,
         "frames lost between compositor and encoder: {gw}"
     );
+    // Talking frames were the avatar's shared stream with the session's face region spliced
+    // in (H.264, crate::splice): what Chromium decoded and the mouth checks below watch.
+    assert!(
+        gw["frames_spliced"].as_u64().unwrap_or(0) > 100,
+        "talking frames spliced: {gw}"
+    );
     // The page's figures tell the truth: the round trip is RTCP's (not the ICE pair's 0.0 on
     // loopback), the frame rate is what it presented (not the browser's estimate rounded to
     // 26), and there is a latency figure.

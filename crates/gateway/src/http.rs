@@ -88,6 +88,9 @@ pub struct GatewayOptions {
     /// Bytes the shared encodes of the avatars' idle loops may hold (0: each session encodes
     /// its own idle frames).
     pub idle_cache_bytes: usize,
+    /// H.264 talking frames are the shared stream with the session's face region spliced
+    /// in ([`crate::splice`]): only the region is encoded per session.
+    pub face_splice: bool,
     /// Admission by measured margin ([`crate::admission`]): `None` admits up to
     /// `max_sessions` whatever the load (the library's default; the binary's is on), else the
     /// headroom one more session's CPU needs (0: frame rates only).
@@ -120,6 +123,7 @@ impl Default for GatewayOptions {
             ice_servers: Vec::new(),
             https: false,
             idle_cache_bytes: 64 << 20,
+            face_splice: true,
             admission: None,
         }
     }
@@ -609,6 +613,24 @@ async fn create(
     }
 }
 
+/// Where talking frames of the avatar can splice their face region into the shared stream:
+/// the region the compositor reports, widened to macroblocks (of the even size H.264 codes).
+fn face_layout(
+    enabled: bool,
+    info: &framecast_proto::compositor::v1::AvatarInfo,
+) -> Option<framecast_h264::Layout> {
+    let r = info.face_region.as_ref().filter(|_| enabled)?;
+    let coded = (info.width & !1, info.height & !1);
+    match framecast_h264::Layout::around(coded.0, coded.1, (r.x, r.y, r.width, r.height)) {
+        Ok(layout) => Some(layout),
+        Err(e) => {
+            // Talking frames are then encoded whole, as they always were.
+            tracing::info!(avatar = %info.avatar_id, reason = %e, "face region not spliced");
+            None
+        }
+    }
+}
+
 /// Makes the session's connection and answer and starts it: (id, answer SDP).
 fn answer(
     gw: &Arc<Gateway>,
@@ -668,6 +690,7 @@ fn answer(
         jitter: gw.opts.jitter,
         max_latency: gw.opts.max_latency,
         shared_idle: gw.opts.idle_cache_bytes > 0,
+        face_layout: face_layout(gw.opts.face_splice, info),
     };
     let session = session::start(
         config,

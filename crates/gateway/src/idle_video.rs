@@ -16,6 +16,11 @@
 //! browser holds). The first session of an avatar thus encodes one pass of the loop, through
 //! the stream's encoder, and every pass after, its own and other sessions', is sent from it.
 //!
+//! A talking frame's picture differs from its background's only in the face region: where
+//! the avatar's region is known ([`Encoding::layout`], H.264), the stream is sliced around
+//! it and a talking frame is the stream's access unit with the session's own face region
+//! spliced in ([`crate::splice`], [`IdleFollower::base`]).
+//!
 //! Entries are matched by background index and a CRC of the whole I420 image: a replaced
 //! avatar is never shown from an old cache (a picture that differs from the cached one at its
 //! index starts the stream over). All streams together stay under a byte budget
@@ -47,12 +52,17 @@ pub struct Encoding {
     /// Frames per second, in thousandths (a float is no key).
     pub fps_milli: u64,
     pub bitrate_bps: u32,
+    /// The face region every talking frame's difference lies in: the stream's slices are
+    /// cut around it so that talking frames can splice theirs in. H.264 only.
+    pub layout: Option<framecast_h264::Layout>,
 }
 
 struct Stream {
     encoding: Encoding,
     /// Made on the first frame the stream encodes (and again after it starts over).
     encoder: Option<VideoEncoder>,
+    /// Its encoder's parameter sets, where its frames are spliced into.
+    parameter_sets: Option<Arc<[u8]>>,
     entries: Vec<Entry>,
     /// Indices of the key-frame entries, by background index.
     keys: HashMap<u32, Vec<usize>>,
@@ -65,6 +75,7 @@ struct Stream {
 
 struct Entry {
     background: u32,
+    key: bool,
     crc: u32,
     len: usize,
     au: Arc<[u8]>,
@@ -95,6 +106,7 @@ impl IdleVideo {
                 Arc::new(Mutex::new(Stream {
                     encoding,
                     encoder: None,
+                    parameter_sets: None,
                     entries: Vec::new(),
                     keys: HashMap::new(),
                     pictures: HashMap::new(),
@@ -125,6 +137,14 @@ impl IdleVideo {
         };
         self.metrics.idle_cache_bytes.set(now as i64);
     }
+}
+
+/// A stream's access unit for a talking frame to be spliced into.
+pub struct Base {
+    pub au: Arc<[u8]>,
+    pub key: bool,
+    /// The SPS and PPS the stream's frames are decoded with.
+    pub parameter_sets: Option<Arc<[u8]>>,
 }
 
 /// One session's place in its avatar's idle stream.
@@ -176,7 +196,7 @@ impl IdleFollower {
             None if self.video.bytes() < self.video.budget => {
                 // At the stream's end the browser holds what the stream's encoder holds.
                 let at_end = next.is_some() && next == Some(s.entries.len());
-                let added = s.append(background, crc, image.len(), raw, !at_end);
+                let added = s.append(background, crc, image.len(), raw, !at_end, false);
                 added.map(|(i, bytes)| {
                     self.video.account(bytes, 0);
                     i
@@ -189,6 +209,50 @@ impl IdleFollower {
         self.borrowed = true;
         self.video.metrics.idle_frames_shared.inc();
         Some(s.entries[i].au.clone())
+    }
+
+    /// The stream's access unit for a talking frame at `background` to be spliced into
+    /// ([`crate::splice`]), and whether it is a key frame: the entry after the session's if it
+    /// shows that background, else the newest key frame that does, else one encoded onto the
+    /// stream from the talking frame itself (`raw`, its I420). Such an entry's face region
+    /// shows that session's face, but only spliced frames take it: its CRC is the talking
+    /// frame's, which no idle frame has. `None`: the budget is spent.
+    pub fn base(&mut self, background: u32, raw: &[u8]) -> Option<Base> {
+        let mut s = self.stream.lock();
+        if s.generation != self.generation {
+            self.generation = s.generation;
+            self.at = None;
+        }
+        let next = self.at.map(|at| at + 1);
+        let found = next
+            .filter(|&n| s.entries.get(n).is_some_and(|e| e.background == background))
+            .or_else(|| s.keys.get(&background)?.last().copied());
+        let i = match found {
+            Some(i) => i,
+            None if self.video.bytes() < self.video.budget => {
+                let at_end = next.is_some() && next == Some(s.entries.len());
+                let crc = crc32fast::hash(raw);
+                let (i, bytes) = s.append(
+                    background,
+                    crc,
+                    raw.len(),
+                    || Ok(raw.to_vec()),
+                    !at_end,
+                    true,
+                )?;
+                self.video.account(bytes, 0);
+                i
+            }
+            None => return None,
+        };
+        self.at = Some(i);
+        self.borrowed = true;
+        let e = &s.entries[i];
+        Some(Base {
+            au: e.au.clone(),
+            key: e.key,
+            parameter_sets: s.parameter_sets.clone(),
+        })
     }
 
     /// The session encodes a frame itself: whether that frame must be a key frame (the
@@ -208,7 +272,8 @@ impl IdleFollower {
 impl Stream {
     /// Encodes the picture (`raw`, its I420) onto the end of the stream (a key frame if
     /// `key`: the session asking is not where the stream ends); its index and size, or
-    /// `None` if it cannot be encoded.
+    /// `None` if it cannot be encoded. A `talking` picture is not the background's: it is
+    /// not recorded as the picture at its index.
     fn append(
         &mut self,
         background: u32,
@@ -216,6 +281,7 @@ impl Stream {
         len: usize,
         raw: impl FnOnce() -> Result<Vec<u8>, String>,
         key: bool,
+        talking: bool,
     ) -> Option<(usize, usize)> {
         let image = match raw() {
             Ok(image) => image,
@@ -229,9 +295,19 @@ impl Stream {
             None => {
                 let e = &self.encoding;
                 let fps = e.fps_milli as f64 / 1000.0;
-                let made = VideoEncoder::new(e.codec, e.width, e.height, fps, e.bitrate_bps);
+                let made = VideoEncoder::for_stream(
+                    e.codec,
+                    e.width,
+                    e.height,
+                    fps,
+                    e.bitrate_bps,
+                    e.layout.as_ref(),
+                );
                 match made {
-                    Ok(made) => self.encoder.insert(made),
+                    Ok(made) => {
+                        self.parameter_sets = made.parameter_sets().map(Arc::from);
+                        self.encoder.insert(made)
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "idle stream encoder");
                         return None;
@@ -260,11 +336,14 @@ impl Stream {
         if key {
             self.keys.entry(background).or_default().push(i);
         }
-        self.pictures.insert(background, crc);
+        if !talking {
+            self.pictures.insert(background, crc);
+        }
         let bytes = au.len();
         self.bytes += bytes;
         self.entries.push(Entry {
             background,
+            key,
             crc,
             len,
             au: au.into(),
@@ -302,6 +381,7 @@ mod tests {
             height: H,
             fps_milli: 25_000,
             bitrate_bps: 2_000_000,
+            layout: None,
         }
     }
 

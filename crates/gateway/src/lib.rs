@@ -21,7 +21,9 @@ pub mod offer;
 pub mod pacing;
 pub mod session;
 pub mod speech;
+pub mod splice;
 pub mod tts;
+pub mod video_out;
 pub mod whip;
 
 pub use http::{serve, Gateway, GatewayOptions};

@@ -149,6 +149,12 @@ struct Args {
     /// utterances (a 10 s 720p loop at 2 Mbit/s is about 3 MiB). 0: every session encodes its own.
     #[arg(long, env = "FRAMECAST_GATEWAY_IDLE_CACHE_MIB", default_value_t = GatewayOptions::default().idle_cache_bytes >> 20)]
     idle_cache_mib: usize,
+    /// H.264 talking frames made from the avatar's shared stream with the session's own face
+    /// region spliced in: a session encodes only its face region (about 5% of a 720p frame),
+    /// not the whole frame. Needs the shared stream (--idle-cache-mib above 0). false: every
+    /// talking frame encoded whole by its session.
+    #[arg(long, env = "FRAMECAST_GATEWAY_FACE_SPLICE", default_value_t = true, action = clap::ArgAction::Set)]
+    face_splice: bool,
     /// A TTS service for agent sessions' text: an http:// URL the text is POSTed to
     /// (text/plain; voice and rate as query parameters) answering WAV or 16-bit PCM
     /// (audio/L16; rate=N or audio/pcm; rate=N), streamed. Unset: espeak-ng.
@@ -268,6 +274,7 @@ async fn main() -> Result<()> {
             .map_err(anyhow::Error::msg)?,
         https: tls.is_some(),
         idle_cache_bytes: args.idle_cache_mib.saturating_mul(1 << 20),
+        face_splice: args.face_splice,
         admission: args.admission_headroom.0,
         ..Default::default()
     };

@@ -2,6 +2,7 @@
 //! compositor, and the compositor's raw I420 frames encoded for the browser, to H.264 or (a
 //! browser whose offer has no H.264) VP8.
 
+use framecast_h264::TileSlicing;
 pub use openh264::encoder::Complexity;
 use openh264::encoder::{
     BitRate, Encoder, EncoderConfig, FrameRate, IntraFramePeriod, RateControlMode, UsageType,
@@ -85,6 +86,8 @@ impl std::str::FromStr for VideoCodec {
 pub enum VideoEncoder {
     /// Boxed: OpenH264's state is 7 KB inline.
     H264(Box<H264Encoder>),
+    /// H.264 made of tiles around a face region (an avatar's shared stream).
+    Mosaic(Box<MosaicEncoder>),
     Vp8(framecast_vp8::Encoder),
 }
 
@@ -112,10 +115,38 @@ impl VideoEncoder {
         })
     }
 
+    /// The encoder of an avatar's shared stream ([`crate::idle_video`]): an H.264 one with
+    /// a `layout` is sliced around its face region for talking frames to be spliced into.
+    pub fn for_stream(
+        codec: VideoCodec,
+        width: usize,
+        height: usize,
+        fps: f64,
+        bitrate_bps: u32,
+        layout: Option<&framecast_h264::Layout>,
+    ) -> Result<Self, String> {
+        match (codec, layout) {
+            (VideoCodec::H264, Some(layout)) => Ok(VideoEncoder::Mosaic(Box::new(
+                MosaicEncoder::new(*layout, width, height, fps, bitrate_bps)?,
+            ))),
+            _ => VideoEncoder::new(codec, width, height, fps, bitrate_bps),
+        }
+    }
+
+    /// The SPS and PPS every frame is decoded with, where frames may come without them (a
+    /// mosaic's, whose P frames a session splices into).
+    pub fn parameter_sets(&self) -> Option<&[u8]> {
+        match self {
+            VideoEncoder::Mosaic(e) => Some(e.mosaic.parameter_sets()),
+            _ => None,
+        }
+    }
+
     /// The size of the frames the browser receives.
     pub fn coded_size(&self) -> (usize, usize) {
         match self {
             VideoEncoder::H264(e) => e.coded_size(),
+            VideoEncoder::Mosaic(e) => e.coded_size(),
             VideoEncoder::Vp8(e) => e.coded_size(),
         }
     }
@@ -124,6 +155,7 @@ impl VideoEncoder {
     pub fn force_keyframe(&mut self) {
         match self {
             VideoEncoder::H264(e) => e.force_keyframe(),
+            VideoEncoder::Mosaic(e) => e.force_keyframe(),
             VideoEncoder::Vp8(e) => e.force_keyframe(),
         }
     }
@@ -132,6 +164,7 @@ impl VideoEncoder {
     pub fn encode(&mut self, i420: &[u8]) -> Result<Vec<u8>, String> {
         match self {
             VideoEncoder::H264(e) => e.encode(i420),
+            VideoEncoder::Mosaic(e) => e.encode(i420),
             VideoEncoder::Vp8(e) => e.encode(i420).map_err(|e| e.to_string()),
         }
     }
@@ -191,6 +224,59 @@ impl H264Encoder {
         })
     }
 
+    /// An encoder of one tile of a [`framecast_h264::Layout`]: its pictures cut into slices
+    /// as `slicing` says, never deblocked across a slice's edge, one reference picture, key
+    /// frames only when forced (the tiles of a frame make theirs together).
+    pub fn sliced(
+        width: usize,
+        height: usize,
+        fps: f64,
+        bitrate_bps: u32,
+        slicing: TileSlicing,
+    ) -> Result<Self, String> {
+        use openh264_sys2::{SEncParamExt, ENCODER_OPTION_SVC_ENCODE_PARAM_EXT, SM_RASTER_SLICE};
+        let mut e = Self::new(width, height, fps, bitrate_bps)?;
+        // OpenH264 takes slice settings only once initialised, which the crate does on the
+        // first encode: one grey frame, never sent.
+        let (w, h) = (width, height);
+        e.encode(&vec![128u8; w * h + 2 * w.div_ceil(2) * h.div_ceil(2)])?;
+        let counts = slicing.slice_counts((w.div_ceil(16) * h.div_ceil(16)) as u32);
+        let mut p = SEncParamExt::default();
+        // SAFETY: the encoder is initialised (it encoded a frame), `p` is an SEncParamExt
+        // that OpenH264 fills and then reads, and the slice counts fit uiSliceMbNum.
+        let set = unsafe {
+            let raw = e.encoder.raw_api();
+            if raw.get_option(ENCODER_OPTION_SVC_ENCODE_PARAM_EXT, (&raw mut p).cast()) != 0 {
+                return Err("H.264 encoder: its parameters cannot be read".into());
+            }
+            // Deblocking stops at slice edges: a spliced slice's pixels are its encoder's.
+            p.iLoopFilterDisableIdc = 2;
+            // One reference picture: the one before, in either stream.
+            p.iNumRefFrame = 1;
+            p.uiIntraPeriod = 0;
+            let arg = &mut p.sSpatialLayers[0].sSliceArgument;
+            if counts.len() > arg.uiSliceMbNum.len() {
+                return Err(format!(
+                    "{} slices; OpenH264 makes at most {}",
+                    counts.len(),
+                    arg.uiSliceMbNum.len()
+                ));
+            }
+            arg.uiSliceMode = SM_RASTER_SLICE;
+            arg.uiSliceNum = counts.len() as u32;
+            arg.uiSliceMbNum = [0; 35];
+            arg.uiSliceMbNum[..counts.len()].copy_from_slice(&counts);
+            raw.set_option(ENCODER_OPTION_SVC_ENCODE_PARAM_EXT, (&raw mut p).cast())
+        };
+        if set != 0 {
+            return Err(format!(
+                "H.264 encoder: OpenH264 refused the slices (error {set})"
+            ));
+        }
+        e.force_keyframe();
+        Ok(e)
+    }
+
     /// The size of the frames the browser receives.
     pub fn coded_size(&self) -> (usize, usize) {
         self.coded
@@ -226,6 +312,128 @@ impl H264Encoder {
             .encode(&yuv)
             .map_err(|e| format!("H.264 encode: {e}"))?;
         Ok(bitstream.to_vec())
+    }
+}
+
+/// An avatar's shared stream where its face region is known: each tile of the layout (the
+/// bands above and below the region, the strips beside it, the region) encoded by an
+/// OpenH264 of its own and the tiles' slices assembled into one frame
+/// ([`framecast_h264::Mosaic`]), so that a session can put its own region in
+/// ([`crate::splice`]). One encoder of the whole frame could not: OpenH264 cuts a picture
+/// into at most 35 slices, and the region's rows need two each.
+pub struct MosaicEncoder {
+    tiles: Vec<(framecast_h264::MbRect, H264Encoder)>,
+    mosaic: framecast_h264::Mosaic,
+    width: usize,
+    height: usize,
+    coded: (usize, usize),
+    crop: Vec<u8>,
+    /// Frames between key frames (two seconds, as a session's encoder), and since the last.
+    key_every: u32,
+    since_key: u32,
+}
+
+impl MosaicEncoder {
+    pub fn new(
+        layout: framecast_h264::Layout,
+        width: usize,
+        height: usize,
+        fps: f64,
+        bitrate_bps: u32,
+    ) -> Result<Self, String> {
+        let coded = (width & !1, height & !1);
+        // The frame's parameter sets: an encoder of the whole frame sliced as a tile is.
+        let mut whole =
+            H264Encoder::sliced(coded.0, coded.1, fps, bitrate_bps, TileSlicing::Whole)?;
+        let sets = whole.encode(&vec![128u8; coded.0 * coded.1 * 3 / 2])?;
+        let mosaic = framecast_h264::Mosaic::new(layout, &sets).map_err(|e| e.to_string())?;
+        let area = (coded.0 * coded.1) as f64;
+        let tiles = layout
+            .tiles()
+            .into_iter()
+            .map(|(tile, slicing)| {
+                let (_, _, w, h) = tile_pixels(tile, coded);
+                let share = (w * h) as f64 / area;
+                let bitrate = (f64::from(bitrate_bps) * share).max(16_000.0) as u32;
+                Ok((tile, H264Encoder::sliced(w, h, fps, bitrate, slicing)?))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(MosaicEncoder {
+            tiles,
+            mosaic,
+            width,
+            height,
+            coded,
+            crop: Vec::new(),
+            key_every: (fps * 2.0).round().max(1.0) as u32,
+            since_key: 0,
+        })
+    }
+
+    pub fn coded_size(&self) -> (usize, usize) {
+        self.coded
+    }
+
+    pub fn force_keyframe(&mut self) {
+        self.since_key = 0;
+    }
+
+    /// One I420 frame (of the size given) to one access unit.
+    pub fn encode(&mut self, i420: &[u8]) -> Result<Vec<u8>, String> {
+        let (w, h) = (self.width, self.height);
+        let expected = w * h + 2 * w.div_ceil(2) * h.div_ceil(2);
+        if i420.len() != expected {
+            return Err(format!(
+                "frame of {} bytes; a {w}x{h} I420 frame has {expected}",
+                i420.len()
+            ));
+        }
+        let key = self.since_key == 0;
+        self.since_key = (self.since_key + 1) % self.key_every;
+        let mut aus = Vec::with_capacity(self.tiles.len());
+        for (tile, encoder) in &mut self.tiles {
+            if key {
+                encoder.force_keyframe();
+            }
+            crop_i420(i420, (w, h), tile_pixels(*tile, self.coded), &mut self.crop);
+            aus.push(encoder.encode(&self.crop)?);
+        }
+        let refs: Vec<&[u8]> = aus.iter().map(Vec::as_slice).collect();
+        self.mosaic
+            .assemble(&refs)
+            .map_err(|e| format!("H.264 mosaic: {e}"))
+    }
+}
+
+/// A tile's pixels in a frame of the `coded` size: (x, y, width, height); the tiles at the
+/// right and bottom end where the picture does (not at a whole macroblock).
+fn tile_pixels(
+    tile: framecast_h264::MbRect,
+    coded: (usize, usize),
+) -> (usize, usize, usize, usize) {
+    let (x, y, w, h) = tile.pixels();
+    (x, y, w.min(coded.0 - x), h.min(coded.1 - y))
+}
+
+/// The rectangle `(x, y, w, h)` (x, y even) of a `width` x `height` I420 frame into `out`,
+/// as I420.
+pub fn crop_i420(
+    i420: &[u8],
+    (width, height): (usize, usize),
+    (x, y, w, h): (usize, usize, usize, usize),
+    out: &mut Vec<u8>,
+) {
+    out.clear();
+    let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
+    for row in y..y + h {
+        out.extend_from_slice(&i420[row * width + x..row * width + x + w]);
+    }
+    for plane in 0..2 {
+        let base = width * height + plane * cw * ch;
+        for row in y / 2..(y + h).div_ceil(2) {
+            let at = base + row * cw + x / 2;
+            out.extend_from_slice(&i420[at..at + w.div_ceil(2)]);
+        }
     }
 }
 

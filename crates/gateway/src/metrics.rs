@@ -19,6 +19,9 @@ pub struct Metrics {
     pub rtt_seconds: Histogram,
     /// Idle frames sent from the shared encode of their avatar's loop ([`crate::idle_video`]).
     pub idle_frames_shared: IntCounter,
+    /// Talking frames sent as their avatar's shared stream with the session's face region
+    /// spliced in ([`crate::splice`]).
+    pub frames_spliced: IntCounter,
     /// Bytes of the shared idle streams.
     pub idle_cache_bytes: IntGauge,
     /// 1 while admission by margin admits new sessions, 0 while it refuses them.
@@ -69,6 +72,11 @@ impl Metrics {
                 "Idle frames sent from the shared encode of their avatar's loop (no encode of their own)",
             )
             .expect("valid metric"),
+            frames_spliced: IntCounter::new(
+                "frames_spliced_total",
+                "Talking frames sent as the avatar's shared stream with the session's own face region spliced in (only the region encoded)",
+            )
+            .expect("valid metric"),
             idle_cache_bytes: IntGauge::new(
                 "idle_cache_bytes",
                 "Bytes held by the shared encodes of the avatars' idle loops (--idle-cache-mib)",
@@ -90,6 +98,7 @@ impl Metrics {
             Box::new(m.encode_seconds.clone()),
             Box::new(m.rtt_seconds.clone()),
             Box::new(m.idle_frames_shared.clone()),
+            Box::new(m.frames_spliced.clone()),
             Box::new(m.idle_cache_bytes.clone()),
             Box::new(m.admission_open.clone()),
         ] {

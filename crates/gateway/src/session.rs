@@ -28,11 +28,13 @@
 //! the thread are bounded.
 
 use crate::events::{Event as SessionEvent, Events};
-use crate::idle_video::{Encoding, IdleFollower, IdleVideo};
+use crate::idle_video::{Encoding, IdleVideo};
 use crate::media::{VideoCodec, VideoEncoder, VoiceDecoder, VOICE_RATE};
 use crate::metrics::Metrics;
 use crate::pacing::{Pacer, Voice};
 use crate::speech::{self, Speaker, ToCompositor, ToThread};
+use crate::splice::RegionSplice;
+use crate::video_out::{Frame, Made, VideoOut};
 use crate::Compositor;
 use bytes::Bytes;
 use framecast_proto::compositor::v1::{
@@ -92,6 +94,9 @@ pub struct SessionConfig {
     /// Idle frames come from the avatar's shared idle stream ([`crate::idle_video`]), so the
     /// compositor sends them as JPEG.
     pub shared_idle: bool,
+    /// The avatar's face region in macroblocks, where talking frames splice their region
+    /// into the shared stream ([`crate::splice`]); `None`: each talking frame encoded whole.
+    pub face_layout: Option<framecast_h264::Layout>,
 }
 
 /// Shortest time between two `falling_behind` events of a session.
@@ -115,6 +120,10 @@ pub struct Stats {
     pub voice_packets_out: AtomicU64,
     /// Idle frames sent from their avatar's shared idle stream, not encoded by the session.
     pub idle_frames_shared: AtomicU64,
+    /// Talking frames sent as the shared stream with the session's face region spliced in.
+    pub frames_spliced: AtomicU64,
+    /// Frames the session's own encoder made whole.
+    pub frames_encoded: AtomicU64,
     /// CPU time of the session's stages, µs in all: video encode (or taking a shared idle
     /// frame), Opus decode, and the
     /// writes to str0m (RTP packetisation and SRTP).
@@ -158,6 +167,8 @@ impl Stats {
             "voice_packets_in": n(&self.voice_packets_in),
             "voice_packets_out": n(&self.voice_packets_out),
             "idle_frames_shared": n(&self.idle_frames_shared),
+            "frames_spliced": n(&self.frames_spliced),
+            "frames_encoded": n(&self.frames_encoded),
             "encode_ms_mean": n(&self.encode_us_total) as f64 / 1e3 / sent.max(1) as f64,
             "encode_ms_total": n(&self.encode_us_total) as f64 / 1e3,
             "decode_ms_total": n(&self.decode_us_total) as f64 / 1e3,
@@ -233,6 +244,13 @@ impl Picture {
     }
 }
 
+/// The face layout a session splices with: H.264 sessions that share the idle stream.
+fn splice_layout(config: &SessionConfig) -> Option<framecast_h264::Layout> {
+    (config.shared_idle && config.video_codec == VideoCodec::H264)
+        .then_some(config.face_layout)
+        .flatten()
+}
+
 /// A frame from the compositor: its index and picture.
 type RenderedI420 = (u64, Picture);
 
@@ -297,21 +315,33 @@ pub fn start(
     let stop = Arc::new(AtomicBool::new(false));
     let finished = Arc::new(AtomicBool::new(false));
     let mut worker = Worker {
-        encoder: VideoEncoder::new(
-            config.video_codec,
-            config.width,
-            config.height,
-            config.fps,
-            config.video_bitrate_bps,
-        )?,
-        idle: idle_video.follower(Encoding {
-            codec: config.video_codec,
-            avatar: config.avatar.clone(),
-            width: config.width,
-            height: config.height,
-            fps_milli: (config.fps * 1000.0).round() as u64,
-            bitrate_bps: config.video_bitrate_bps,
-        }),
+        video: VideoOut {
+            encoder: VideoEncoder::new(
+                config.video_codec,
+                config.width,
+                config.height,
+                config.fps,
+                config.video_bitrate_bps,
+            )?,
+            idle: idle_video.follower(Encoding {
+                codec: config.video_codec,
+                avatar: config.avatar.clone(),
+                width: config.width,
+                height: config.height,
+                fps_milli: (config.fps * 1000.0).round() as u64,
+                bitrate_bps: config.video_bitrate_bps,
+                layout: splice_layout(&config),
+            }),
+            splice: match splice_layout(&config) {
+                Some(layout) => Some(RegionSplice::new(
+                    layout,
+                    (config.width, config.height),
+                    config.fps,
+                    config.video_bitrate_bps,
+                )?),
+                None => None,
+            },
+        },
         decoder: VoiceDecoder::new()?,
         pacer: Pacer::new(config.fps, config.jitter).with_max_latency(config.max_latency),
         config: config.clone(),
@@ -470,9 +500,8 @@ struct Worker {
     rtc: Rtc,
     socket: UdpSocket,
     local: std::net::SocketAddr,
-    encoder: VideoEncoder,
-    /// Where the session stands in its avatar's shared idle stream (`None`: not shared).
-    idle: Option<IdleFollower>,
+    /// Its encoders: its own, its place in the avatar's shared stream, its face region's.
+    video: VideoOut,
     decoder: VoiceDecoder,
     pacer: Pacer<Picture>,
     stats: Arc<Stats>,
@@ -664,12 +693,7 @@ impl Worker {
                     payload: d.data.clone(),
                 });
             }
-            Event::KeyframeRequest(_) => {
-                self.encoder.force_keyframe();
-                if let Some(idle) = &mut self.idle {
-                    idle.restart();
-                }
-            }
+            Event::KeyframeRequest(_) => self.video.key_frame_asked(),
             Event::ChannelOpen(id, label) if label == EVENTS_CHANNEL => self.channel = Some(id),
             // The round trip from the browser's receiver reports (RTCP), or from transport-wide
             // congestion control feedback where the browser sends it.
@@ -851,26 +875,31 @@ impl Worker {
         }
     }
 
-    /// The access unit of `picture`: an idle one from its avatar's shared stream where it
-    /// can, else the session's own encode.
+    /// The access unit of `picture` ([`crate::video_out`]), counted by where it came from.
     fn video_frame(&mut self, picture: &Picture) -> Result<Vec<u8>, String> {
         let size = (self.config.width as u32, self.config.height as u32);
-        if let Some(idle) = &mut self.idle {
-            if picture.idle {
-                let raw = || picture.raw(size).map(|r| r.into_owned());
-                if let Some(au) = idle.next(picture.background, &picture.image, raw) {
-                    self.stats
-                        .idle_frames_shared
-                        .fetch_add(1, Ordering::Relaxed);
-                    return Ok(au.to_vec());
-                }
+        let frame = Frame {
+            idle: picture.idle,
+            background: picture.background,
+            image: &picture.image,
+            raw_is_image: !picture.jpeg,
+        };
+        let (au, made) = self.video.frame(&frame, || picture.raw(size))?;
+        match made {
+            Made::Shared => {
+                self.stats
+                    .idle_frames_shared
+                    .fetch_add(1, Ordering::Relaxed);
             }
-            if idle.leave() {
-                // The browser holds the stream's picture, not this encoder's.
-                self.encoder.force_keyframe();
+            Made::Spliced => {
+                self.stats.frames_spliced.fetch_add(1, Ordering::Relaxed);
+                self.metrics.frames_spliced.inc();
+            }
+            Made::Own => {
+                self.stats.frames_encoded.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.encoder.encode(&picture.raw(size)?)
+        Ok(au)
     }
 
     /// Encodes and sends the frame and voice that are due.
