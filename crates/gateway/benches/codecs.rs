@@ -6,19 +6,23 @@
 //! at the gateway's default 2 Mbit/s (interpolated on the measured points). The codecs take
 //! turns frame by frame so machine noise hits both alike. Last, OpenH264's complexities and
 //! libvpx's real-time speeds at the default bitrate, side by side the same way (how the
-//! defaults were chosen).
+//! defaults were chosen). And talking frames as a spliced session makes them (its face
+//! region encoded and put into the shared stream's frame: `framecast_gateway::splice`)
+//! against the same frames encoded whole, per frame what the session spends.
 //!
 //! `cargo bench -p framecast-gateway --bench codecs` (`make bench-codecs`); `-- --quick`
 //! runs fewer frames.
 
 use framecast_compositor::avatar;
 use framecast_compositor::demo::{self, DemoOptions};
+use framecast_compositor::encode::Subsampling;
 use framecast_compositor::manifest;
 use framecast_compositor::raw_frame;
 use framecast_compositor::testing::psnr;
 use framecast_gateway::media::{
-    Complexity, H264Encoder, VideoCodec, VideoEncoder, H264_COMPLEXITY,
+    crop_i420, Complexity, H264Encoder, MosaicEncoder, VideoCodec, VideoEncoder, H264_COMPLEXITY,
 };
+use framecast_h264::{Layout, Splicer, TileSlicing};
 use openh264::formats::YUVSource;
 use std::time::Instant;
 
@@ -30,8 +34,10 @@ const BITRATES_KBPS: [u32; 4] = [500, 1000, 2000, 3000];
 const DEFAULT_KBPS: u32 = 2000;
 
 /// The demo loop as I420 frames, a dark mouth in each face box opening and closing over an
-/// 8-frame cycle (the talking part of a frame is its face; the rest is the loop).
-fn frames(count: usize) -> Vec<Vec<u8>> {
+/// 8-frame cycle (the talking part of a frame is its face; the rest is the loop); with each
+/// frame's background as it is, and the union of the avatar's face regions (x, y, w, h) as
+/// the compositor reports it.
+fn frames(count: usize) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, (u32, u32, u32, u32)) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let opts = DemoOptions {
         id: "codecs".into(),
@@ -47,7 +53,25 @@ fn frames(count: usize) -> Vec<Vec<u8>> {
         .iter()
         .map(|f| avatar::decode_frame(f, W as u32, H as u32).expect("decode"))
         .collect();
-    (0..count)
+    let prepared = avatar::Avatar::load_with(&dir, Subsampling::S420).expect("avatar");
+    let regions = prepared.frames.iter().map(|f| &f.region);
+    let (x0, y0) = (
+        regions.clone().map(|r| r.x).min().unwrap(),
+        regions.clone().map(|r| r.y).min().unwrap(),
+    );
+    let (x1, y1) = (
+        regions.clone().map(|r| r.x + r.w).max().unwrap(),
+        regions.map(|r| r.y + r.h).max().unwrap(),
+    );
+    let backgrounds = (0..count)
+        .map(|t| {
+            let mut i420 = Vec::new();
+            let i = avatar::ping_pong(t as u64, loop_frames.len());
+            raw_frame::from_rgb(&loop_frames[i], W, H, &mut i420).expect("i420");
+            i420
+        })
+        .collect();
+    let talking = (0..count)
         .map(|t| {
             let i = avatar::ping_pong(t as u64, loop_frames.len());
             let mut rgb = loop_frames[i].clone();
@@ -72,7 +96,8 @@ fn frames(count: usize) -> Vec<Vec<u8>> {
             raw_frame::from_rgb(&rgb, W, H, &mut i420).expect("i420");
             i420
         })
-        .collect()
+        .collect();
+    (talking, backgrounds, (x0, y0, x1 - x0, y1 - y0))
 }
 
 enum Browser {
@@ -180,7 +205,7 @@ fn main() {
     let quick =
         std::env::args().any(|a| a == "--quick") || !std::env::args().any(|a| a == "--bench");
     let n = if quick { 50 } else { 250 };
-    let frames = frames(n);
+    let (frames, backgrounds, region) = frames(n);
     let codecs = [VideoCodec::H264, VideoCodec::Vp8];
     let mut curves: Vec<Curve> = vec![Vec::new(); codecs.len()];
     println!("{n} frames of the demo avatar at {W}x{H}, {FPS} fps, the codecs interleaved frame by frame");
@@ -276,5 +301,67 @@ fn main() {
     );
     for (speed, f) in speeds.iter().zip(side_by_side(&frames, &mut contenders)) {
         println!("{speed:>6} {:>9.0} {:>9.2} {:>11.2}", f.kbps, f.db, f.ms);
+    }
+
+    spliced_against_whole(&frames, &backgrounds, region);
+}
+
+/// Talking frames at the default bitrate: encoded whole by the session, against the shared
+/// stream's frame (encoded beforehand, once for every session) with the session's region
+/// encoded and spliced in; taking turns frame by frame. The session's cost is what the
+/// closure times: for the spliced one the region's encode and the splice.
+fn spliced_against_whole(
+    frames: &[Vec<u8>],
+    backgrounds: &[Vec<u8>],
+    region: (u32, u32, u32, u32),
+) {
+    let layout = Layout::around(W as u32, H as u32, region).expect("a layout");
+    let bitrate = DEFAULT_KBPS * 1000;
+    let mut shared = MosaicEncoder::new(layout, W, H, FPS, bitrate).expect("mosaic");
+    let shared_aus: Vec<Vec<u8>> = backgrounds
+        .iter()
+        .map(|b| shared.encode(b).expect("shared frame"))
+        .collect();
+    let sets = shared.parameter_sets().to_vec();
+    let (_, _, rw, rh) = layout.region_pixels();
+    let slicing = if layout.region.width() == layout.width_mbs {
+        TileSlicing::Whole
+    } else {
+        TileSlicing::Rows
+    };
+    let share = (rw * rh) as f64 / (W * H) as f64;
+    let mut own = H264Encoder::sliced(rw, rh, FPS, (f64::from(bitrate) * share) as u32, slicing)
+        .expect("region");
+    let mut splicer = Splicer::new(layout);
+    splicer.parameter_sets(&sets).expect("parameter sets");
+    let mut crop = Vec::new();
+    let mut t = 0;
+    let spliced = Contender::new(
+        move |f: &[u8]| {
+            let base = &shared_aus[t];
+            t += 1;
+            if framecast_gateway::media::is_key_frame(base) {
+                own.force_keyframe();
+            }
+            crop_i420(f, (W, H), layout.region_pixels(), &mut crop);
+            let region = own.encode(&crop)?;
+            splicer.splice(base, &region).map_err(|e| e.to_string())
+        },
+        VideoCodec::H264,
+    );
+    let mut e = H264Encoder::new(W, H, FPS, bitrate).expect("encoder");
+    let whole = Contender::new(move |f| e.encode(f), VideoCodec::H264);
+    let (x, y, w, h) = layout.region_pixels();
+    println!(
+        "\ntalking frames at {DEFAULT_KBPS} kbit/s, the face region {w}x{h} at ({x}, {y}) ({:.0}% of the frame):",
+        share * 100.0
+    );
+    println!(
+        "{:>8} {:>9} {:>9} {:>11}",
+        "session", "made", "Y-PSNR", "encode ms"
+    );
+    let figures = side_by_side(frames, &mut [whole, spliced]);
+    for (name, f) in ["whole", "spliced"].iter().zip(figures) {
+        println!("{name:>8} {:>9.0} {:>9.2} {:>11.2}", f.kbps, f.db, f.ms);
     }
 }

@@ -137,7 +137,7 @@ impl VideoEncoder {
     /// mosaic's, whose P frames a session splices into).
     pub fn parameter_sets(&self) -> Option<&[u8]> {
         match self {
-            VideoEncoder::Mosaic(e) => Some(e.mosaic.parameter_sets()),
+            VideoEncoder::Mosaic(e) => Some(e.parameter_sets()),
             _ => None,
         }
     }
@@ -372,6 +372,11 @@ impl MosaicEncoder {
 
     pub fn coded_size(&self) -> (usize, usize) {
         self.coded
+    }
+
+    /// The frame's SPS and PPS (Annex B), as every key frame carries them.
+    pub fn parameter_sets(&self) -> &[u8] {
+        self.mosaic.parameter_sets()
     }
 
     pub fn force_keyframe(&mut self) {
