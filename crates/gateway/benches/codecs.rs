@@ -11,7 +11,7 @@
 //! against the same frames encoded whole, per frame what the session spends.
 //!
 //! `cargo bench -p framecast-gateway --bench codecs` (`make bench-codecs`); `-- --quick`
-//! runs fewer frames.
+//! runs fewer frames, `-- --splice-only` only the last comparison.
 
 use framecast_compositor::avatar;
 use framecast_compositor::demo::{self, DemoOptions};
@@ -33,11 +33,14 @@ const BITRATES_KBPS: [u32; 4] = [500, 1000, 2000, 3000];
 /// The gateway's default `--video-kbps`.
 const DEFAULT_KBPS: u32 = 2000;
 
+/// Talking frames, their backgrounds, and the face region (x, y, w, h).
+type Talking = (Vec<Vec<u8>>, Vec<Vec<u8>>, (u32, u32, u32, u32));
+
 /// The demo loop as I420 frames, a dark mouth in each face box opening and closing over an
 /// 8-frame cycle (the talking part of a frame is its face; the rest is the loop); with each
 /// frame's background as it is, and the union of the avatar's face regions (x, y, w, h) as
 /// the compositor reports it.
-fn frames(count: usize) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, (u32, u32, u32, u32)) {
+fn frames(count: usize) -> Talking {
     let tmp = tempfile::tempdir().expect("tempdir");
     let opts = DemoOptions {
         id: "codecs".into(),
@@ -206,6 +209,10 @@ fn main() {
         std::env::args().any(|a| a == "--quick") || !std::env::args().any(|a| a == "--bench");
     let n = if quick { 50 } else { 250 };
     let (frames, backgrounds, region) = frames(n);
+    if std::env::args().any(|a| a == "--splice-only") {
+        spliced_against_whole(&frames, &backgrounds, region);
+        return;
+    }
     let codecs = [VideoCodec::H264, VideoCodec::Vp8];
     let mut curves: Vec<Curve> = vec![Vec::new(); codecs.len()];
     println!("{n} frames of the demo avatar at {W}x{H}, {FPS} fps, the codecs interleaved frame by frame");
@@ -306,23 +313,50 @@ fn main() {
     spliced_against_whole(&frames, &backgrounds, region);
 }
 
-/// Talking frames at the default bitrate: encoded whole by the session, against the shared
+/// Talking frames: encoded whole by the session at the default bitrate, against the shared
 /// stream's frame (encoded beforehand, once for every session) with the session's region
-/// encoded and spliced in; taking turns frame by frame. The session's cost is what the
-/// closure times: for the spliced one the region's encode and the splice.
+/// encoded and spliced in, at the default bitrate and at 1.5 times it (for the bitrate at
+/// the same quality); taking turns frame by frame. The session's cost is what the closure
+/// times: for a spliced one the region's encode and the splice.
 fn spliced_against_whole(
     frames: &[Vec<u8>],
     backgrounds: &[Vec<u8>],
     region: (u32, u32, u32, u32),
 ) {
     let layout = Layout::around(W as u32, H as u32, region).expect("a layout");
-    let bitrate = DEFAULT_KBPS * 1000;
+    let (x, y, w, h) = layout.region_pixels();
+    let share = (w * h) as f64 / (W * H) as f64;
+    let rates = [DEFAULT_KBPS, DEFAULT_KBPS * 3 / 2];
+    let mut e = H264Encoder::new(W, H, FPS, DEFAULT_KBPS * 1000).expect("encoder");
+    let mut contenders = vec![Contender::new(move |f| e.encode(f), VideoCodec::H264)];
+    for kbps in rates {
+        contenders.push(spliced(layout, backgrounds, kbps * 1000));
+    }
+    println!(
+        "\ntalking frames, the face region {w}x{h} at ({x}, {y}) ({:.0}% of the frame):",
+        share * 100.0
+    );
+    println!(
+        "{:>8} {:>7} {:>9} {:>9} {:>11}",
+        "session", "target", "made", "Y-PSNR", "encode ms"
+    );
+    let figures = side_by_side(frames, &mut contenders);
+    let names = std::iter::once(("whole", DEFAULT_KBPS)).chain(rates.map(|k| ("spliced", k)));
+    for ((name, kbps), f) in names.zip(figures) {
+        println!(
+            "{name:>8} {kbps:>7} {:>9.0} {:>9.2} {:>11.2}",
+            f.kbps, f.db, f.ms
+        );
+    }
+}
+
+/// A spliced session at `bitrate` over its own shared stream, encoded before the run.
+fn spliced(layout: Layout, backgrounds: &[Vec<u8>], bitrate: u32) -> Contender {
     let mut shared = MosaicEncoder::new(layout, W, H, FPS, bitrate).expect("mosaic");
     let shared_aus: Vec<Vec<u8>> = backgrounds
         .iter()
         .map(|b| shared.encode(b).expect("shared frame"))
         .collect();
-    let sets = shared.parameter_sets().to_vec();
     let (_, _, rw, rh) = layout.region_pixels();
     let slicing = if layout.region.width() == layout.width_mbs {
         TileSlicing::Whole
@@ -333,10 +367,12 @@ fn spliced_against_whole(
     let mut own = H264Encoder::sliced(rw, rh, FPS, (f64::from(bitrate) * share) as u32, slicing)
         .expect("region");
     let mut splicer = Splicer::new(layout);
-    splicer.parameter_sets(&sets).expect("parameter sets");
+    splicer
+        .parameter_sets(shared.parameter_sets())
+        .expect("parameter sets");
     let mut crop = Vec::new();
     let mut t = 0;
-    let spliced = Contender::new(
+    Contender::new(
         move |f: &[u8]| {
             let base = &shared_aus[t];
             t += 1;
@@ -348,20 +384,5 @@ fn spliced_against_whole(
             splicer.splice(base, &region).map_err(|e| e.to_string())
         },
         VideoCodec::H264,
-    );
-    let mut e = H264Encoder::new(W, H, FPS, bitrate).expect("encoder");
-    let whole = Contender::new(move |f| e.encode(f), VideoCodec::H264);
-    let (x, y, w, h) = layout.region_pixels();
-    println!(
-        "\ntalking frames at {DEFAULT_KBPS} kbit/s, the face region {w}x{h} at ({x}, {y}) ({:.0}% of the frame):",
-        share * 100.0
-    );
-    println!(
-        "{:>8} {:>9} {:>9} {:>11}",
-        "session", "made", "Y-PSNR", "encode ms"
-    );
-    let figures = side_by_side(frames, &mut [whole, spliced]);
-    for (name, f) in ["whole", "spliced"].iter().zip(figures) {
-        println!("{name:>8} {:>9.0} {:>9.2} {:>11.2}", f.kbps, f.db, f.ms);
-    }
+    )
 }

@@ -46,6 +46,8 @@ pub enum Error {
 /// OpenH264 encodes at most this many slices a picture (`MAX_SLICES_NUM_TMP`, the length of
 /// `uiSliceMbNum`): a tile narrower than the frame has at most this many rows.
 pub const MAX_SLICES: u32 = 35;
+/// Macroblocks across or down, at most (an SPS's bound here: 65,536 pixels).
+const MAX_FRAME_MBS: u32 = 1 << 12;
 /// OpenH264 encodes a picture of this many macroblocks or fewer as one slice.
 const MIN_SLICED_MBS: u32 = 48;
 
@@ -126,6 +128,12 @@ impl Layout {
         (x, y, w, h): (u32, u32, u32, u32),
     ) -> Result<Layout, Error> {
         let (width_mbs, height_mbs) = (width.div_ceil(16), height.div_ceil(16));
+        if width_mbs > MAX_FRAME_MBS || height_mbs > MAX_FRAME_MBS {
+            return Err(Error::OutOfRange("frame size"));
+        }
+        if w == 0 || h == 0 {
+            return Err(Error::Mismatch(format!("face region {w}x{h} is empty")));
+        }
         let mut region = MbRect {
             x0: x / 16,
             y0: y / 16,
@@ -166,7 +174,7 @@ impl Layout {
 
     /// A layout whose tiles OpenH264 can encode as [`Layout::tiles`] says.
     pub fn new(width_mbs: u32, height_mbs: u32, region: MbRect) -> Result<Layout, Error> {
-        if width_mbs > 1 << 12 || height_mbs > 1 << 12 {
+        if width_mbs > MAX_FRAME_MBS || height_mbs > MAX_FRAME_MBS {
             return Err(Error::OutOfRange("frame size"));
         }
         if region.x0 >= region.x1
@@ -184,8 +192,8 @@ impl Layout {
             region,
         };
         for (tile, slicing) in layout.tiles() {
-            if slicing == TileSlicing::Rows
-                && (tile.area() <= MIN_SLICED_MBS || tile.height() > MAX_SLICES)
+            if tile.area() <= MIN_SLICED_MBS
+                || (slicing == TileSlicing::Rows && tile.height() > MAX_SLICES)
             {
                 return Err(Error::Mismatch(format!(
                     "a tile of {}x{} macroblocks: OpenH264 slices only pictures above {MIN_SLICED_MBS} macroblocks, by rows up to {MAX_SLICES}",
@@ -688,4 +696,63 @@ impl TileSets {
 fn push_raw(out: &mut Vec<u8>, raw: &[u8]) {
     out.extend_from_slice(&[0, 0, 0, 1]);
     out.extend_from_slice(raw);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_layout_widens_the_region_to_macroblocks_and_cuts_five_tiles() {
+        let l = Layout::around(1280, 720, (384, 112, 448, 352)).unwrap();
+        assert_eq!(
+            l.region,
+            MbRect {
+                x0: 24,
+                y0: 7,
+                x1: 52,
+                y1: 29
+            }
+        );
+        let tiles: Vec<MbRect> = l.tiles().into_iter().map(|t| t.0).collect();
+        assert_eq!(tiles.len(), 5);
+        assert_eq!(tiles.iter().map(|t| t.area()).sum::<u32>(), 80 * 45);
+        // An off-grid rectangle is widened outwards.
+        let l = Layout::around(1280, 720, (390, 115, 100, 100)).unwrap();
+        assert_eq!(
+            (l.region.x0, l.region.y0, l.region.x1, l.region.y1),
+            (24, 7, 31, 14)
+        );
+    }
+
+    #[test]
+    fn strips_too_small_to_slice_join_the_region() {
+        // 2 macroblocks left of the region over 10 rows: 20, one slice for OpenH264.
+        let l = Layout::around(640, 368, (32, 160, 200, 160)).unwrap();
+        assert_eq!(l.region.x0, 0);
+        assert!(l.tiles().iter().all(|(t, _)| t.area() > 48));
+        // A band of one row above a narrow frame joins it too.
+        let l = Layout::around(320, 192, (64, 16, 160, 96)).unwrap();
+        assert_eq!(l.region.y0, 0);
+    }
+
+    #[test]
+    fn layouts_out_of_reach_are_refused_in_words() {
+        for (w, h, r) in [
+            (1280, 720, (1200, 100, 200, 200)), // leaves the picture
+            (1280, 720, (100, 100, 0, 50)),     // empty
+            (1280, 1080, (400, 0, 400, 1000)),  // 63 rows: more slices than OpenH264 makes
+            (64, 48, (0, 0, 64, 48)),           // 12 macroblocks: never sliced
+            (u32::MAX, 720, (0, 0, 64, 64)),    // no H.264 frame that wide
+        ] {
+            let e = Layout::around(w, h, r).unwrap_err();
+            assert!(!e.to_string().is_empty(), "{w}x{h} {r:?}");
+        }
+    }
+
+    #[test]
+    fn a_whole_width_tile_asks_for_two_slices() {
+        assert_eq!(TileSlicing::Whole.slice_counts(560), vec![559, 1]);
+        assert_eq!(TileSlicing::Rows.slice_counts(560), vec![0]);
+    }
 }
