@@ -328,7 +328,15 @@ impl Stream {
                 return None;
             }
         };
-        let key = self.encoding.codec.is_key_frame(&au);
+        let made_key = self.encoding.codec.is_key_frame(&au);
+        if key && !made_key {
+            // A P frame where the session needs one it can start from: the encoder's state
+            // is not what was asked; the next frame starts a fresh encoder.
+            tracing::warn!("idle stream: a key frame asked for, a P frame made");
+            self.encoder = None;
+            return None;
+        }
+        let key = made_key;
         if !key && self.entries.is_empty() {
             return None;
         }

@@ -352,7 +352,7 @@ impl MosaicEncoder {
             .tiles()
             .into_iter()
             .map(|(tile, slicing)| {
-                let (_, _, w, h) = tile_pixels(tile, coded);
+                let (_, _, w, h) = tile.pixels_within(coded);
                 let share = (w * h) as f64 / area;
                 let bitrate = (f64::from(bitrate_bps) * share).max(16_000.0) as u32;
                 Ok((tile, H264Encoder::sliced(w, h, fps, bitrate, slicing)?))
@@ -400,7 +400,7 @@ impl MosaicEncoder {
             if key {
                 encoder.force_keyframe();
             }
-            crop_i420(i420, (w, h), tile_pixels(*tile, self.coded), &mut self.crop);
+            crop_i420(i420, (w, h), tile.pixels_within(self.coded), &mut self.crop);
             aus.push(encoder.encode(&self.crop)?);
         }
         let refs: Vec<&[u8]> = aus.iter().map(Vec::as_slice).collect();
@@ -408,16 +408,6 @@ impl MosaicEncoder {
             .assemble(&refs)
             .map_err(|e| format!("H.264 mosaic: {e}"))
     }
-}
-
-/// A tile's pixels in a frame of the `coded` size: (x, y, width, height); the tiles at the
-/// right and bottom end where the picture does (not at a whole macroblock).
-fn tile_pixels(
-    tile: framecast_h264::MbRect,
-    coded: (usize, usize),
-) -> (usize, usize, usize, usize) {
-    let (x, y, w, h) = tile.pixels();
-    (x, y, w.min(coded.0 - x), h.min(coded.1 - y))
 }
 
 /// The rectangle `(x, y, w, h)` (x, y even) of a `width` x `height` I420 frame into `out`,

@@ -940,6 +940,9 @@ impl Worker {
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         self.metrics.encode_seconds.observe(took.as_secs_f64());
         let Some(writer) = self.rtc.writer(mid) else {
+            // Made, not sent: the browser does not hold the picture the next frame would
+            // be predicted from.
+            self.video.key_frame_asked();
             return Ok(());
         };
         let codec = match self.config.video_codec {

@@ -25,7 +25,8 @@ const MIN_REGION_BITRATE_BPS: u32 = 64_000;
 
 /// One session's encoder of its face region and its splicer.
 pub struct RegionSplice {
-    layout: Layout,
+    /// The region's pixels in the frame: (x, y, width, height).
+    pixels: (usize, usize, usize, usize),
     size: (usize, usize),
     encoder: H264Encoder,
     splicer: Splicer,
@@ -44,7 +45,9 @@ impl RegionSplice {
         fps: f64,
         bitrate_bps: u32,
     ) -> Result<RegionSplice, String> {
-        let (_, _, rw, rh) = layout.region_pixels();
+        let coded = (width & !1, height & !1);
+        let pixels = layout.region.pixels_within(coded);
+        let (_, _, rw, rh) = pixels;
         let slicing = if layout.region.width() == layout.width_mbs {
             TileSlicing::Whole
         } else {
@@ -54,7 +57,7 @@ impl RegionSplice {
         let bitrate = ((f64::from(bitrate_bps) * share * REGION_BITRATE_WEIGHT) as u32)
             .clamp(MIN_REGION_BITRATE_BPS.min(bitrate_bps), bitrate_bps);
         Ok(RegionSplice {
-            layout,
+            pixels,
             size: (width, height),
             encoder: H264Encoder::sliced(rw, rh, fps, bitrate, slicing)?,
             splicer: Splicer::new(layout),
@@ -82,7 +85,7 @@ impl RegionSplice {
         if base.key || !self.in_sync {
             self.encoder.force_keyframe();
         }
-        crop_i420(i420, self.size, self.layout.region_pixels(), &mut self.crop);
+        crop_i420(i420, self.size, self.pixels, &mut self.crop);
         let splicer = &mut self.splicer;
         let spliced = self.encoder.encode(&self.crop).and_then(|region| {
             if let Some(sets) = &base.parameter_sets {

@@ -73,6 +73,18 @@ impl MbRect {
         self.width() * self.height()
     }
 
+    /// Its pixels in a picture of `size` (width, height): the last macroblock row and column
+    /// of a picture whose size is not a multiple of 16 end where the picture does.
+    pub fn pixels_within(&self, size: (usize, usize)) -> (usize, usize, usize, usize) {
+        let (x, y, w, h) = self.pixels();
+        (
+            x,
+            y,
+            w.min(size.0.saturating_sub(x)),
+            h.min(size.1.saturating_sub(y)),
+        )
+    }
+
     /// Its pixels: (x, y, width, height).
     pub fn pixels(&self) -> (usize, usize, usize, usize) {
         (
@@ -142,14 +154,22 @@ impl Layout {
         };
         if region.x0 >= region.x1
             || region.y0 >= region.y1
-            || region.x1 * 16 > width
-            || region.y1 * 16 > height
+            || u64::from(x) + u64::from(w) > u64::from(width)
+            || u64::from(y) + u64::from(h) > u64::from(height)
         {
             return Err(Error::Mismatch(format!(
-                "face region ({x}, {y}, {w}x{h}) widened to macroblocks is empty or leaves the {width}x{height} picture"
+                "face region ({x}, {y}, {w}x{h}) is empty or leaves the {width}x{height} picture"
             )));
         }
-        // A band or strip beside the region that OpenH264 would not slice joins the region.
+        // A band or strip beside the region that OpenH264 would not slice, or not encode at
+        // all (under 16 pixels: the last macroblock row or column of a frame whose size is
+        // not a multiple of 16), joins the region.
+        if region.y1 < height_mbs && height - region.y1 * 16 < 16 {
+            region.y1 = height_mbs;
+        }
+        if region.x1 < width_mbs && width - region.x1 * 16 < 16 {
+            region.x1 = width_mbs;
+        }
         if region.y0 * width_mbs <= MIN_SLICED_MBS {
             region.y0 = 0;
         }
@@ -169,7 +189,18 @@ impl Layout {
                 region.x0 -= 1;
             }
         }
-        Layout::new(width_mbs, height_mbs, region)
+        let layout = Layout::new(width_mbs, height_mbs, region)?;
+        let size = (width as usize, height as usize);
+        if let Some((t, _)) = layout.tiles().into_iter().find(|(t, _)| {
+            let (_, _, w, h) = t.pixels_within(size);
+            w < 16 || h < 16
+        }) {
+            return Err(Error::Mismatch(format!(
+                "a tile {:?} under 16 pixels of the {width}x{height} picture",
+                t.pixels_within(size)
+            )));
+        }
+        Ok(layout)
     }
 
     /// A layout whose tiles OpenH264 can encode as [`Layout::tiles`] says.
@@ -366,6 +397,11 @@ fn rewrite(
     tile_pps: &Pps,
     (sps, pps): (&Sps, &Pps),
 ) -> Result<(), Error> {
+    if tile.nal_ref_idc == 0 {
+        // Its encoder's next picture predicts from the one before this; the frame's would
+        // predict from this one.
+        return Err(Error::Unsupported("a tile's non-reference picture"));
+    }
     if picture.idr && tile.slice_type != SliceType::I {
         return Err(Error::Mismatch(
             "a key frame's tile must be intra (force its encoder to a key frame)".into(),
@@ -498,18 +534,18 @@ impl Mosaic {
             pictures.push(sets.picture(au, *rect, width, &format!("tile {n}"))?);
         }
         let idr = pictures.iter().all(|p| p.slices.iter().all(|s| s.0.idr));
-        if idr {
-            self.since_key = 0;
-            self.idr_pic_id = (self.idr_pic_id + 1) & 0xffff;
+        // Numbered here, kept only once the picture is made.
+        let (since_key, idr_pic_id) = if idr {
+            (0, (self.idr_pic_id + 1) & 0xffff)
         } else {
-            self.since_key += 1;
-        }
+            (self.since_key.wrapping_add(1), self.idr_pic_id)
+        };
         let picture = PictureId {
             nal_ref_idc: 3,
             idr,
-            frame_num: self.since_key & ((1 << self.sps.log2_max_frame_num) - 1),
-            idr_pic_id: self.idr_pic_id,
-            poc_lsb: (2 * self.since_key) & ((1u32 << self.sps.log2_max_poc_lsb.max(1)) - 1),
+            frame_num: since_key & ((1 << self.sps.log2_max_frame_num) - 1),
+            idr_pic_id,
+            poc_lsb: since_key.wrapping_mul(2) & ((1u32 << self.sps.log2_max_poc_lsb.max(1)) - 1),
         };
         let marking = if idr {
             Marking::Idr {
@@ -540,6 +576,8 @@ impl Mosaic {
                 (&self.sps, &self.pps),
             )?;
         }
+        self.since_key = since_key;
+        self.idr_pic_id = idr_pic_id;
         Ok(out)
     }
 }
@@ -748,6 +786,21 @@ mod tests {
             let e = Layout::around(w, h, r).unwrap_err();
             assert!(!e.to_string().is_empty(), "{w}x{h} {r:?}");
         }
+    }
+
+    #[test]
+    fn tiles_never_reach_past_a_picture_whose_size_is_not_a_multiple_of_16() {
+        // 360 rows: the last macroblock row is 8 pixels; a region down to the picture's
+        // edge takes it, ending where the picture does.
+        let l = Layout::around(640, 360, (200, 100, 200, 260)).unwrap();
+        assert_eq!(l.region.y1, 23);
+        for (t, _) in l.tiles() {
+            let (x, y, w, h) = t.pixels_within((640, 360));
+            assert!(x + w <= 640 && y + h <= 360 && w >= 16 && h >= 16, "{t:?}");
+        }
+        // 1080 rows: a band of 8 pixels below the region joins it.
+        let l = Layout::around(1920, 1080, (800, 600, 300, 470)).unwrap();
+        assert_eq!(l.region.y1, 68);
     }
 
     #[test]
