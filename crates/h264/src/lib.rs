@@ -308,7 +308,50 @@ struct TileSlices<'a> {
 }
 
 impl TileSets {
-    /// Parses `au`, a picture of the tile `rect` of a `frame_width`-macroblock-wide frame.
+    /// Parses `au`, a picture of `rect`'s size: parameter sets kept, slices parsed against
+    /// them, other units (SEI) returned as they are.
+    fn parse<'a>(
+        &mut self,
+        au: &'a [u8],
+        rect: MbRect,
+        what: &str,
+    ) -> Result<FramePicture<'a>, Error> {
+        let mut slices = Vec::new();
+        let mut others = Vec::new();
+        for unit in nal_units(au).into_iter().map(Unit::new) {
+            match unit.kind() {
+                7 => self.sps = Some(Sps::parse(&unit.rbsp)?),
+                8 => self.pps = Some(Pps::parse(&unit.rbsp)?),
+                _ => {}
+            }
+            if !matches!(unit.kind(), 1 | 5) {
+                push_raw(&mut others, unit.raw);
+                continue;
+            }
+            let (Some(sps), Some(pps)) = (&self.sps, &self.pps) else {
+                return Err(Error::Mismatch(format!(
+                    "{what} slice before its parameter sets"
+                )));
+            };
+            if (sps.width_mbs, sps.height_mbs) != (rect.width(), rect.height()) {
+                return Err(Error::Mismatch(format!(
+                    "{what} stream of {}x{} macroblocks; its picture is {}x{}",
+                    sps.width_mbs,
+                    sps.height_mbs,
+                    rect.width(),
+                    rect.height()
+                )));
+            }
+            slices.push((SliceHeader::parse(unit.raw[0], &unit.rbsp, sps, pps)?, unit));
+        }
+        if slices.is_empty() {
+            return Err(Error::Mismatch(format!("{what} picture without slices")));
+        }
+        Ok(FramePicture { slices, others })
+    }
+
+    /// Parses `au`, a picture of the tile `rect` of a `frame_width`-macroblock-wide frame,
+    /// its slices placed in the frame.
     fn picture<'a>(
         &mut self,
         au: &'a [u8],
@@ -316,52 +359,28 @@ impl TileSets {
         frame_width: u32,
         what: &str,
     ) -> Result<TileSlices<'a>, Error> {
-        let mut slices = Vec::new();
-        for unit in nal_units(au).into_iter().map(Unit::new) {
-            match unit.kind() {
-                7 => self.sps = Some(Sps::parse(&unit.rbsp)?),
-                8 => self.pps = Some(Pps::parse(&unit.rbsp)?),
-                1 | 5 => {
-                    let (Some(sps), Some(pps)) = (&self.sps, &self.pps) else {
-                        return Err(Error::Mismatch(format!(
-                            "{what} slice before its parameter sets"
-                        )));
-                    };
-                    if (sps.width_mbs, sps.height_mbs) != (rect.width(), rect.height()) {
-                        return Err(Error::Mismatch(format!(
-                            "{what} stream of {}x{} macroblocks; its tile is {}x{}",
-                            sps.width_mbs,
-                            sps.height_mbs,
-                            rect.width(),
-                            rect.height()
-                        )));
-                    }
-                    let header = SliceHeader::parse(unit.raw[0], &unit.rbsp, sps, pps)?;
-                    if !matches!(header.deblocking, Some((1 | 2, _, _))) {
-                        return Err(Error::Unsupported(
-                            "slices deblocked across their edges (disable_deblocking_filter_idc 0)",
-                        ));
-                    }
-                    if header.first_mb >= rect.area() {
-                        return Err(Error::Malformed("first_mb_in_slice outside the picture"));
-                    }
-                    let (x, y) = (
-                        header.first_mb % rect.width(),
-                        header.first_mb / rect.width(),
-                    );
-                    let at = (rect.y0 + y) * frame_width + rect.x0 + x;
-                    slices.push((header, unit, at));
-                }
-                _ => {}
+        let parsed = self.parse(au, rect, what)?;
+        let mut slices = Vec::with_capacity(parsed.slices.len());
+        for (header, unit) in parsed.slices {
+            if !matches!(header.deblocking, Some((1 | 2, _, _))) {
+                return Err(Error::Unsupported(
+                    "slices deblocked across their edges (disable_deblocking_filter_idc 0)",
+                ));
             }
+            if header.first_mb >= rect.area() {
+                return Err(Error::Malformed("first_mb_in_slice outside the picture"));
+            }
+            let (x, y) = (
+                header.first_mb % rect.width(),
+                header.first_mb / rect.width(),
+            );
+            let at = (rect.y0 + y) * frame_width + rect.x0 + x;
+            slices.push((header, unit, at));
         }
         let pps = self
             .pps
             .clone()
             .ok_or_else(|| Error::Mismatch(format!("{what} picture without parameter sets")))?;
-        if slices.is_empty() {
-            return Err(Error::Mismatch(format!("{what} picture without slices")));
-        }
         // Narrower than the frame, a slice must stay in its row: the frame's raster order
         // runs on outside the tile.
         if rect.width() != frame_width {
@@ -628,7 +647,7 @@ impl Splicer {
         };
         let mut frame_sets = self.frame.clone();
         let mut region_sets = self.region.clone();
-        let frame = frame_sets.picture_any(frame_au, whole)?;
+        let frame = frame_sets.parse(frame_au, whole, "frame")?;
         let region = region_sets.picture(region_au, layout.region, layout.width_mbs, "region")?;
         let (Some(sps), Some(pps)) = (&frame_sets.sps, &frame_sets.pps) else {
             return Err(Error::Mismatch(
@@ -695,40 +714,6 @@ impl Splicer {
 struct FramePicture<'a> {
     slices: Vec<(SliceHeader, Unit<'a>)>,
     others: Vec<u8>,
-}
-
-impl TileSets {
-    fn picture_any<'a>(&mut self, au: &'a [u8], rect: MbRect) -> Result<FramePicture<'a>, Error> {
-        let mut slices = Vec::new();
-        let mut others = Vec::new();
-        for unit in nal_units(au).into_iter().map(Unit::new) {
-            match unit.kind() {
-                7 => self.sps = Some(Sps::parse(&unit.rbsp)?),
-                8 => self.pps = Some(Pps::parse(&unit.rbsp)?),
-                _ => {}
-            }
-            if !matches!(unit.kind(), 1 | 5) {
-                push_raw(&mut others, unit.raw);
-                continue;
-            }
-            let (Some(sps), Some(pps)) = (&self.sps, &self.pps) else {
-                return Err(Error::Mismatch(
-                    "frame slice before its parameter sets".into(),
-                ));
-            };
-            if (sps.width_mbs, sps.height_mbs) != (rect.width(), rect.height()) {
-                return Err(Error::Mismatch(format!(
-                    "frame stream of {}x{} macroblocks; the layout's frame is {}x{}",
-                    sps.width_mbs,
-                    sps.height_mbs,
-                    rect.width(),
-                    rect.height()
-                )));
-            }
-            slices.push((SliceHeader::parse(unit.raw[0], &unit.rbsp, sps, pps)?, unit));
-        }
-        Ok(FramePicture { slices, others })
-    }
 }
 
 fn push_raw(out: &mut Vec<u8>, raw: &[u8]) {

@@ -12,6 +12,13 @@ use openh264_sys2::{SEncParamExt, ENCODER_OPTION_SVC_ENCODE_PARAM_EXT, SM_RASTER
 
 const W: usize = 1280;
 const H: usize = 720;
+/// A region as tall as the demo avatar's face region (22 macroblock rows) at 720p.
+const DEMO_REGION: MbRect = MbRect {
+    x0: 24,
+    y0: 7,
+    x1: 52,
+    y1: 29,
+};
 
 /// `slicing`: None, OpenH264 as the gateway's sessions have it (one slice, deblocked
 /// throughout); else sliced for a mosaic, deblocking stopping at slice edges.
@@ -222,12 +229,7 @@ fn is_key(au: &[u8]) -> bool {
 /// sessions). A region as tall as the demo avatar's (22 macroblock rows).
 #[test]
 fn a_region_spliced_into_a_shared_frame_decodes_as_the_composite() {
-    let region = MbRect {
-        x0: 24,
-        y0: 7,
-        x1: 52,
-        y1: 29,
-    };
+    let region = DEMO_REGION;
     let layout = Layout::new(80, 45, region).unwrap();
     let kbps = 2000;
     let mut shared = Shared::new(layout, kbps);
@@ -306,12 +308,7 @@ fn a_region_spliced_into_a_shared_frame_decodes_as_the_composite() {
 /// mosaic: an error or a splice, never a panic or a hang.
 #[test]
 fn damaged_access_units_are_refused_not_trusted() {
-    let region = MbRect {
-        x0: 24,
-        y0: 7,
-        x1: 52,
-        y1: 29,
-    };
+    let region = DEMO_REGION;
     let layout = Layout::new(80, 45, region).unwrap();
     let mut shared = Shared::new(layout, 2000);
     let (_, _, cw, ch) = region.pixels();
