@@ -17,14 +17,16 @@
 //! the stream's encoder, and every pass after, its own and other sessions', is sent from it.
 //!
 //! A talking frame's picture differs from its background's only in the face region: where
-//! the avatar's region is known ([`Encoding::layout`], H.264), the stream is sliced around
-//! it and a talking frame is the stream's access unit with the session's own face region
+//! the avatar's region is known ([`Encoding::layout`], H.264), the stream is a mosaic of
+//! tiles around it ([`crate::media::MosaicEncoder`]) and a talking frame is the stream's access unit with the session's own face region
 //! spliced in ([`crate::splice`], [`IdleFollower::base`]).
 //!
-//! Entries are matched by background index and a CRC of the whole I420 image: a replaced
-//! avatar is never shown from an old cache (a picture that differs from the cached one at its
+//! Entries are matched by background index and a CRC of the whole I420 image: an idle frame
+//! of a replaced avatar is never shown from an old cache (a picture that differs from the cached one at its
 //! index starts the stream over). All streams together stay under a byte budget
-//! (`--idle-cache-mib`); once it is spent, streams stop growing.
+//! (`--idle-cache-mib`); once it is spent, streams stop growing. A talking frame carries no
+//! idle picture to check, so until the next idle frame of a replaced avatar starts its stream
+//! over, spliced frames show the old background around the new face region.
 
 use crate::media::{VideoCodec, VideoEncoder};
 use crate::metrics::Metrics;
