@@ -19,11 +19,14 @@ use framecast_compositor::encode::Subsampling;
 use framecast_compositor::manifest;
 use framecast_compositor::raw_frame;
 use framecast_compositor::testing::psnr;
+use framecast_gateway::idle_video::Base;
 use framecast_gateway::media::{
-    crop_i420, Complexity, H264Encoder, MosaicEncoder, VideoCodec, VideoEncoder, H264_COMPLEXITY,
+    is_key_frame, Complexity, H264Encoder, MosaicEncoder, VideoCodec, VideoEncoder, H264_COMPLEXITY,
 };
-use framecast_h264::{Layout, Splicer, TileSlicing};
+use framecast_gateway::splice::RegionSplice;
+use framecast_h264::Layout;
 use openh264::formats::YUVSource;
+use std::sync::Arc;
 use std::time::Instant;
 
 const W: usize = 1280;
@@ -353,35 +356,24 @@ fn spliced_against_whole(
 /// A spliced session at `bitrate` over its own shared stream, encoded before the run.
 fn spliced(layout: Layout, backgrounds: &[Vec<u8>], bitrate: u32) -> Contender {
     let mut shared = MosaicEncoder::new(layout, W, H, FPS, bitrate).expect("mosaic");
-    let shared_aus: Vec<Vec<u8>> = backgrounds
+    let parameter_sets: Option<Arc<[u8]>> = Some(shared.parameter_sets().into());
+    let bases: Vec<Base> = backgrounds
         .iter()
-        .map(|b| shared.encode(b).expect("shared frame"))
+        .map(|b| {
+            let au = shared.encode(b).expect("shared frame");
+            Base {
+                key: is_key_frame(&au),
+                au: au.into(),
+                parameter_sets: parameter_sets.clone(),
+            }
+        })
         .collect();
-    let (_, _, rw, rh) = layout.region_pixels();
-    let slicing = if layout.region.width() == layout.width_mbs {
-        TileSlicing::Whole
-    } else {
-        TileSlicing::Rows
-    };
-    let share = (rw * rh) as f64 / (W * H) as f64;
-    let mut own = H264Encoder::sliced(rw, rh, FPS, (f64::from(bitrate) * share) as u32, slicing)
-        .expect("region");
-    let mut splicer = Splicer::new(layout);
-    splicer
-        .parameter_sets(shared.parameter_sets())
-        .expect("parameter sets");
-    let mut crop = Vec::new();
+    let mut session = RegionSplice::new(layout, (W, H), FPS, bitrate).expect("region");
     let mut t = 0;
     Contender::new(
         move |f: &[u8]| {
-            let base = &shared_aus[t];
             t += 1;
-            if framecast_gateway::media::is_key_frame(base) {
-                own.force_keyframe();
-            }
-            crop_i420(f, (W, H), layout.region_pixels(), &mut crop);
-            let region = own.encode(&crop)?;
-            splicer.splice(base, &region).map_err(|e| e.to_string())
+            session.splice_onto(&bases[t - 1], f)
         },
         VideoCodec::H264,
     )

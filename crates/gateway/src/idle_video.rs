@@ -172,20 +172,65 @@ impl IdleFollower {
         raw: impl FnOnce() -> Result<Vec<u8>, String>,
     ) -> Option<Arc<[u8]>> {
         let crc = crc32fast::hash(image);
-        let mut s = self.stream.lock();
+        let stream = self.stream.clone();
+        let mut s = stream.lock();
         if s.pictures.get(&background).is_some_and(|&c| c != crc) {
             // The avatar changed under the same name: what is cached shows the old one.
             let freed = s.start_over();
             self.video.account(0, freed);
         }
+        let fits = |e: &Entry| e.background == background && e.crc == crc && e.len == image.len();
+        let i = self.advance(&mut s, background, fits, |s, key| {
+            s.append(background, crc, image.len(), raw, key, false)
+        })?;
+        self.video.metrics.idle_frames_shared.inc();
+        Some(s.entries[i].au.clone())
+    }
+
+    /// The stream's access unit for a talking frame at `background` to be spliced into
+    /// ([`crate::splice`]), and whether it is a key frame: the entry after the session's if it
+    /// shows that background, else a key frame that does, else one encoded onto the stream
+    /// from the talking frame itself (`raw`, its I420). Such an entry's face region shows
+    /// that session's face, but only spliced frames take it: its CRC is the talking frame's,
+    /// which no idle frame has. `None`: the budget is spent.
+    pub fn base(&mut self, background: u32, raw: &[u8]) -> Option<Base> {
+        let stream = self.stream.clone();
+        let mut s = stream.lock();
+        let i = self.advance(
+            &mut s,
+            background,
+            |e| e.background == background,
+            |s, key| {
+                let crc = crc32fast::hash(raw);
+                s.append(background, crc, raw.len(), || Ok(raw.to_vec()), key, true)
+            },
+        )?;
+        let e = &s.entries[i];
+        Some(Base {
+            au: e.au.clone(),
+            key: e.key,
+            parameter_sets: s.parameter_sets.clone(),
+        })
+    }
+
+    /// Moves the session to the entry it sends next for a picture at `background`: the one
+    /// after its own if it `fits`, else the first key frame that does, else one `append`ed
+    /// while the budget allows (told whether it must be a key frame: the session does not
+    /// stand at the stream's end, where the browser holds what the stream's encoder holds).
+    fn advance(
+        &mut self,
+        s: &mut Stream,
+        background: u32,
+        fits: impl Fn(&Entry) -> bool,
+        append: impl FnOnce(&mut Stream, bool) -> Option<(usize, usize)>,
+    ) -> Option<usize> {
         if s.generation != self.generation {
             self.generation = s.generation;
             self.at = None;
         }
-        let fits = |e: &Entry| e.background == background && e.crc == crc && e.len == image.len();
         let next = self.at.map(|at| at + 1);
         let found = next
-            .filter(|&n| s.entries.get(n).is_some_and(fits))
+            .filter(|&n| s.entries.get(n).is_some_and(&fits))
             .or_else(|| {
                 s.keys
                     .get(&background)?
@@ -193,55 +238,11 @@ impl IdleFollower {
                     .copied()
                     .find(|&i| fits(&s.entries[i]))
             });
-        let found = match found {
-            Some(i) => Some(i),
-            None if self.video.bytes() < self.video.budget => {
-                // At the stream's end the browser holds what the stream's encoder holds.
-                let at_end = next.is_some() && next == Some(s.entries.len());
-                let added = s.append(background, crc, image.len(), raw, !at_end, false);
-                added.map(|(i, bytes)| {
-                    self.video.account(bytes, 0);
-                    i
-                })
-            }
-            None => None,
-        };
-        let i = found?;
-        self.at = Some(i);
-        self.borrowed = true;
-        self.video.metrics.idle_frames_shared.inc();
-        Some(s.entries[i].au.clone())
-    }
-
-    /// The stream's access unit for a talking frame at `background` to be spliced into
-    /// ([`crate::splice`]), and whether it is a key frame: the entry after the session's if it
-    /// shows that background, else the newest key frame that does, else one encoded onto the
-    /// stream from the talking frame itself (`raw`, its I420). Such an entry's face region
-    /// shows that session's face, but only spliced frames take it: its CRC is the talking
-    /// frame's, which no idle frame has. `None`: the budget is spent.
-    pub fn base(&mut self, background: u32, raw: &[u8]) -> Option<Base> {
-        let mut s = self.stream.lock();
-        if s.generation != self.generation {
-            self.generation = s.generation;
-            self.at = None;
-        }
-        let next = self.at.map(|at| at + 1);
-        let found = next
-            .filter(|&n| s.entries.get(n).is_some_and(|e| e.background == background))
-            .or_else(|| s.keys.get(&background)?.last().copied());
         let i = match found {
             Some(i) => i,
             None if self.video.bytes() < self.video.budget => {
                 let at_end = next.is_some() && next == Some(s.entries.len());
-                let crc = crc32fast::hash(raw);
-                let (i, bytes) = s.append(
-                    background,
-                    crc,
-                    raw.len(),
-                    || Ok(raw.to_vec()),
-                    !at_end,
-                    true,
-                )?;
+                let (i, bytes) = append(s, !at_end)?;
                 self.video.account(bytes, 0);
                 i
             }
@@ -249,12 +250,7 @@ impl IdleFollower {
         };
         self.at = Some(i);
         self.borrowed = true;
-        let e = &s.entries[i];
-        Some(Base {
-            au: e.au.clone(),
-            key: e.key,
-            parameter_sets: s.parameter_sets.clone(),
-        })
+        Some(i)
     }
 
     /// The session encodes a frame itself: whether that frame must be a key frame (the

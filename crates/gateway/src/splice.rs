@@ -13,9 +13,9 @@
 //! own encoder, a key frame asked for) is intra, and so is every region put into a key frame
 //! of the stream. Back to idle, the session rejoins the stream at a key frame.
 
-use crate::idle_video::IdleFollower;
+use crate::idle_video::{Base, IdleFollower};
 use crate::media::{crop_i420, H264Encoder};
-use framecast_h264::{Layout, Splicer, TileSlicing};
+use framecast_h264::{Layout, Splicer};
 
 /// The region's bitrate against its share of the frame's area: at 1 a spliced session sends
 /// what a whole-frame one does (measured: crates/h264/tests/splice.rs).
@@ -48,18 +48,13 @@ impl RegionSplice {
         let coded = (width & !1, height & !1);
         let pixels = layout.region.pixels_within(coded);
         let (_, _, rw, rh) = pixels;
-        let slicing = if layout.region.width() == layout.width_mbs {
-            TileSlicing::Whole
-        } else {
-            TileSlicing::Rows
-        };
         let share = (rw * rh) as f64 / (width * height) as f64;
         let bitrate = ((f64::from(bitrate_bps) * share * REGION_BITRATE_WEIGHT) as u32)
             .clamp(MIN_REGION_BITRATE_BPS.min(bitrate_bps), bitrate_bps);
         Ok(RegionSplice {
             pixels,
             size: (width, height),
-            encoder: H264Encoder::sliced(rw, rh, fps, bitrate, slicing)?,
+            encoder: H264Encoder::sliced(rw, rh, fps, bitrate, layout.region_slicing())?,
             splicer: Splicer::new(layout),
             crop: Vec::new(),
             in_sync: false,
@@ -82,22 +77,8 @@ impl RegionSplice {
             return None;
         }
         let base = follower.base(background, i420)?;
-        if base.key || !self.in_sync {
-            self.encoder.force_keyframe();
-        }
-        crop_i420(i420, self.size, self.pixels, &mut self.crop);
-        let splicer = &mut self.splicer;
-        let spliced = self.encoder.encode(&self.crop).and_then(|region| {
-            if let Some(sets) = &base.parameter_sets {
-                splicer.parameter_sets(sets).map_err(|e| e.to_string())?;
-            }
-            splicer.splice(&base.au, &region).map_err(|e| e.to_string())
-        });
-        match spliced {
-            Ok(au) => {
-                self.in_sync = true;
-                Some(au)
-            }
+        match self.splice_onto(&base, i420) {
+            Ok(au) => Some(au),
             Err(e) => {
                 tracing::warn!(error = %e, "face region splice; the session encodes its frames itself");
                 self.failed = true;
@@ -105,6 +86,27 @@ impl RegionSplice {
                 None
             }
         }
+    }
+
+    /// `base` (the stream's frame for the background of `i420`) with this session's region
+    /// of `i420` put in: intra where the browser does not hold this encoder's region.
+    pub fn splice_onto(&mut self, base: &Base, i420: &[u8]) -> Result<Vec<u8>, String> {
+        if base.key || !self.in_sync {
+            self.encoder.force_keyframe();
+        }
+        crop_i420(i420, self.size, self.pixels, &mut self.crop);
+        let region = self.encoder.encode(&self.crop)?;
+        if let Some(sets) = &base.parameter_sets {
+            self.splicer
+                .parameter_sets(sets)
+                .map_err(|e| e.to_string())?;
+        }
+        let au = self
+            .splicer
+            .splice(&base.au, &region)
+            .map_err(|e| e.to_string())?;
+        self.in_sync = true;
+        Ok(au)
     }
 
     /// Whether the session's last frame was spliced.

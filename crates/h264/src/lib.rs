@@ -236,6 +236,15 @@ impl Layout {
         Ok(layout)
     }
 
+    /// How the region's own encoder slices it (as [`Layout::tiles`] says of the region).
+    pub fn region_slicing(&self) -> TileSlicing {
+        if self.region.width() == self.width_mbs {
+            TileSlicing::Whole
+        } else {
+            TileSlicing::Rows
+        }
+    }
+
     /// The region in pixels: (x, y, width, height).
     pub fn region_pixels(&self) -> (usize, usize, usize, usize) {
         self.region.pixels()
