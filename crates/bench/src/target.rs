@@ -71,6 +71,7 @@ impl Compositor {
             idle: false,
             frame_format: self.frame_format,
             idle_frame_format: 0,
+            frame_region: None,
         }
     }
 }

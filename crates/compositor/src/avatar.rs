@@ -292,6 +292,22 @@ impl Avatar {
         )
     }
 
+    /// The smallest rectangle holding every frame's face region: a talking frame differs
+    /// from its background only inside it. `None` for an avatar without frames.
+    pub fn face_region(&self) -> Option<crate::raw_frame::Rect> {
+        let regions = self.frames.iter().map(|f| &f.region);
+        let x = regions.clone().map(|r| r.x).min()?;
+        let y = regions.clone().map(|r| r.y).min()?;
+        let right = regions.clone().map(|r| r.x + r.w).max()?;
+        let bottom = regions.map(|r| r.y + r.h).max()?;
+        Some(crate::raw_frame::Rect {
+            x,
+            y,
+            w: right - x,
+            h: bottom - y,
+        })
+    }
+
     /// Bytes this avatar holds in memory.
     pub fn resident_bytes(&self) -> u64 {
         let frames: usize = self.frames.iter().map(Frame::resident_bytes).sum();

@@ -173,6 +173,102 @@ pub fn put_planes(
     Ok(())
 }
 
+/// A rectangle of a frame, in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rect {
+    pub x: u32,
+    pub y: u32,
+    pub w: u32,
+    pub h: u32,
+}
+
+impl Rect {
+    /// Whether `other` lies inside this rectangle.
+    pub fn holds(&self, other: &Rect) -> bool {
+        other.x >= self.x
+            && other.y >= self.y
+            && other.x + other.w <= self.x + self.w
+            && other.y + other.h <= self.y + self.h
+    }
+
+    /// Checks that the rectangle can be cut from a `width` x `height` I420 frame as an I420
+    /// image of its own: non-empty, inside the frame, on even coordinates and sizes (chroma
+    /// samples are not split). The error says which.
+    pub fn check_within(&self, width: u32, height: u32) -> Result<(), String> {
+        let Rect { x, y, w, h } = *self;
+        if w == 0 || h == 0 {
+            return Err(format!("{w}x{h} is empty"));
+        }
+        if [x, y, w, h].iter().any(|v| v % 2 != 0) {
+            return Err(format!(
+                "({x}, {y}) {w}x{h}: x, y, width and height must be even"
+            ));
+        }
+        let inside = x.checked_add(w).is_some_and(|r| r <= width)
+            && y.checked_add(h).is_some_and(|b| b <= height);
+        if !inside {
+            return Err(format!(
+                "({x}, {y}) {w}x{h} is not inside the {width}x{height} frame"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `rect` ([`Rect::check_within`]) of a `width` x `height` I420 frame, into `out` as an I420
+/// image of the rectangle's own size (replacing what it held).
+pub fn crop(
+    i420: &[u8],
+    (width, height): (usize, usize),
+    rect: Rect,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    rect.check_within(width as u32, height as u32)?;
+    if i420.len() != len(width, height) {
+        return Err(format!(
+            "{} bytes of I420 for a {width}x{height} frame",
+            i420.len()
+        ));
+    }
+    let (x, y, w, h) = (
+        rect.x as usize,
+        rect.y as usize,
+        rect.w as usize,
+        rect.h as usize,
+    );
+    out.clear();
+    out.reserve(len(w, h));
+    for row in y..y + h {
+        out.extend_from_slice(&i420[row * width + x..][..w]);
+    }
+    let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
+    for plane in 0..2 {
+        let base = width * height + plane * cw * ch;
+        for row in y / 2..(y + h) / 2 {
+            out.extend_from_slice(&i420[base + row * cw + x / 2..][..w / 2]);
+        }
+    }
+    Ok(())
+}
+
+/// Puts `part`, the I420 image of `rect` ([`Rect::check_within`]), into a `width` x
+/// `height` I420 frame: the inverse of [`crop`].
+pub fn put(
+    i420: &mut [u8],
+    (width, height): (usize, usize),
+    rect: Rect,
+    part: &[u8],
+) -> Result<(), String> {
+    rect.check_within(width as u32, height as u32)?;
+    put_planes(
+        i420,
+        (width, height),
+        (rect.x as usize, rect.y as usize),
+        part,
+        &crate::planes::Planes::new(rect.w, rect.h),
+    )
+}
+
 /// I420 back to packed RGB (chroma repeated over its block): for tests and tools.
 pub fn to_rgb(i420: &[u8], width: usize, height: usize) -> Result<Vec<u8>, String> {
     if i420.len() != len(width, height) {
@@ -205,6 +301,49 @@ pub fn to_rgb(i420: &[u8], width: usize, height: usize) -> Result<Vec<u8>, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cropped_rectangle_put_back_restores_the_frame_and_bad_rectangles_are_named() {
+        let (w, h) = (10usize, 7usize);
+        let frame: Vec<u8> = (0..len(w, h)).map(|i| (i * 7 % 251) as u8).collect();
+        let rect = Rect {
+            x: 2,
+            y: 2,
+            w: 6,
+            h: 4,
+        };
+        let mut part = Vec::new();
+        crop(&frame, (w, h), rect, &mut part).unwrap();
+        assert_eq!(part.len(), len(6, 4));
+        // Row 1 of the crop's luma is frame row 3 from column 2; its Cr plane's first sample
+        // is the frame's Cr at (1, 1).
+        assert_eq!(part[6..12], frame[3 * w + 2..3 * w + 8]);
+        let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+        assert_eq!(part[24 + 6], frame[w * h + cw * ch + cw + 1]);
+        let mut blank = vec![0u8; len(w, h)];
+        put(&mut blank, (w, h), rect, &part).unwrap();
+        let mut again = Vec::new();
+        crop(&blank, (w, h), rect, &mut again).unwrap();
+        assert_eq!(again, part);
+        assert!(blank[..w].iter().all(|&v| v == 0), "outside the rectangle");
+        for (bad, says) in [
+            (Rect { x: 1, ..rect }, "even"),
+            (Rect { w: 0, ..rect }, "empty"),
+            (Rect { x: 6, ..rect }, "not inside"),
+            (
+                Rect {
+                    y: u32::MAX - 1,
+                    ..rect
+                },
+                "not inside",
+            ),
+        ] {
+            let e = crop(&frame, (w, h), bad, &mut part).unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+        assert!(crop(&frame[1..], (w, h), rect, &mut part).is_err());
+        assert!(put(&mut blank, (w, h), rect, &part[1..]).is_err());
+    }
 
     #[test]
     fn black_white_and_grey_land_on_the_limited_range() {

@@ -198,20 +198,6 @@ impl CompositorService {
 }
 
 /// The union of the frames' face regions.
-fn face_region(a: &Avatar) -> Option<FaceRegion> {
-    let regions = a.frames.iter().map(|f| &f.region);
-    let x0 = regions.clone().map(|r| r.x).min()?;
-    let y0 = regions.clone().map(|r| r.y).min()?;
-    let x1 = regions.clone().map(|r| r.x + r.w).max()?;
-    let y1 = regions.map(|r| r.y + r.h).max()?;
-    Some(FaceRegion {
-        x: x0,
-        y: y0,
-        width: x1 - x0,
-        height: y1 - y0,
-    })
-}
-
 fn info(s: &AvatarStatus) -> AvatarInfo {
     let mut i = AvatarInfo {
         avatar_id: s.id.clone(),
@@ -222,7 +208,12 @@ fn info(s: &AvatarStatus) -> AvatarInfo {
     let (m, frames) = match (&s.avatar, &s.on_disk) {
         (Some(a), _) => {
             i.resident_bytes = a.resident_bytes();
-            i.face_region = face_region(a);
+            i.face_region = a.face_region().map(|r| FaceRegion {
+                x: r.x,
+                y: r.y,
+                width: r.w,
+                height: r.h,
+            });
             (&a.manifest, a.frames.len() as u32)
         }
         (None, Some((m, frames))) => (m, *frames),

@@ -169,6 +169,7 @@ pub fn request(avatar: &str, start: u64, n: u32) -> RenderRequest {
         idle: false,
         frame_format: 0,
         idle_frame_format: 0,
+        frame_region: None,
     }
 }
 

@@ -266,6 +266,92 @@ async fn bad_render_requests_get_precise_statuses() {
     assert!(e.message().contains("jpeg_quality 80"), "{}", e.message());
 }
 
+/// Talking frames asked for as a rectangle holding the avatar's face region come back as
+/// that rectangle and their background's prepared JPEG, which together are byte for byte
+/// the whole raw frame; the rectangle is checked, field named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn talking_frames_cut_to_the_face_region_rebuild_the_whole_frame() {
+    use framecast_proto::compositor::v1::{FaceRegion, ListAvatarsRequest};
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(tmp.path(), 4).await;
+    let mut whole = request("small", 3, 6);
+    whole.frame_format = ImageFormat::I420 as i32;
+    let whole = render(&s.client, vec![whole]).await.unwrap();
+    let listed = s
+        .client
+        .clone()
+        .list_avatars(ListAvatarsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let small = listed
+        .avatars
+        .iter()
+        .find(|a| a.avatar_id == "small")
+        .unwrap();
+    let face = small.face_region.expect("a ready avatar's face region");
+    let (x, y) = (face.x & !1, face.y & !1);
+    let rect = FaceRegion {
+        x,
+        y,
+        width: (face.x + face.width).next_multiple_of(2).min(W) - x,
+        height: (face.y + face.height).next_multiple_of(2).min(H) - y,
+    };
+    let mut cut = request("small", 3, 6);
+    cut.frame_format = ImageFormat::I420 as i32;
+    cut.frame_region = Some(rect);
+    let cut = render(&s.client, vec![cut]).await.unwrap();
+    assert_eq!(cut.len(), whole.len());
+    let r = raw_frame::Rect {
+        x: rect.x,
+        y: rect.y,
+        w: rect.width,
+        h: rect.height,
+    };
+    let (w, h) = (W as usize, H as usize);
+    for (c, f) in cut.iter().zip(&whole) {
+        assert_eq!(c.region, Some(rect), "frame {}", c.frame_index);
+        assert_eq!(c.format, ImageFormat::I420 as i32);
+        assert_eq!(c.image.len(), raw_frame::len(r.w as usize, r.h as usize));
+        assert!(c.image.len() < f.image.len(), "a region, not the frame");
+        let mut rebuilt = raw_frame::from_jpeg(&c.background, W, H).unwrap();
+        raw_frame::put(&mut rebuilt, (w, h), r, &c.image).unwrap();
+        assert!(rebuilt == f.image.as_ref(), "frame {}", c.frame_index);
+    }
+
+    let err = |r: RenderRequest| {
+        let c = s.client.clone();
+        async move { render(&c, vec![r]).await.unwrap_err() }
+    };
+    for (bad, says) in [
+        (FaceRegion { x: 1, ..rect }, "even"),
+        (
+            FaceRegion {
+                width: W + 2,
+                ..rect
+            },
+            "not inside",
+        ),
+        (FaceRegion { height: 0, ..rect }, "empty"),
+    ] {
+        let mut r = request("small", 0, 2);
+        r.frame_format = ImageFormat::I420 as i32;
+        r.frame_region = Some(bad);
+        let e = err(r).await;
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().contains("frame_region") && e.message().contains(says),
+            "{}",
+            e.message()
+        );
+    }
+    let mut r = request("small", 0, 2);
+    r.frame_region = Some(rect);
+    let e = err(r).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("frame_region"), "{}", e.message());
+}
+
 /// A hand-made bundle: odd frame size, boxes touching every edge, a non-square box.
 fn write_edge_bundle(root: &Path) -> Vec<framecast_compositor::manifest::FaceBox> {
     let (w, h) = (161u32, 97u32);

@@ -369,11 +369,15 @@ fn spliced(layout: Layout, backgrounds: &[Vec<u8>], bitrate: u32) -> Contender {
         })
         .collect();
     let mut session = RegionSplice::new(layout, (W, H), FPS, bitrate).expect("region");
+    let mut region = Vec::new();
     let mut t = 0;
     Contender::new(
         move |f: &[u8]| {
             t += 1;
-            session.splice_onto(&bases[t - 1], f)
+            // The compositor sends only the region; cut here, and counted, to stay on the
+            // safe side.
+            raw_frame::crop(f, (W, H), session.rect(), &mut region)?;
+            session.splice_onto(&bases[t - 1], &region)
         },
         VideoCodec::H264,
     )

@@ -18,15 +18,17 @@
 //!
 //! A talking frame's picture differs from its background's only in the face region: where
 //! the avatar's region is known ([`Encoding::layout`], H.264), the stream is a mosaic of
-//! tiles around it ([`crate::media::MosaicEncoder`]) and a talking frame is the stream's access unit with the session's own face region
-//! spliced in ([`crate::splice`], [`IdleFollower::base`]).
+//! tiles around it ([`crate::media::MosaicEncoder`]) and a talking frame is the stream's
+//! access unit for its background with the session's own face region spliced in
+//! ([`crate::splice`], [`IdleFollower::base`]). The compositor sends such a frame as its
+//! region and its background's prepared JPEG, which names the background's entry exactly as
+//! an idle frame would.
 //!
-//! Entries are matched by background index and a CRC of the whole I420 image: an idle frame
-//! of a replaced avatar is never shown from an old cache (a picture that differs from the cached one at its
-//! index starts the stream over). All streams together stay under a byte budget
-//! (`--idle-cache-mib`); once it is spent, streams stop growing. A talking frame carries no
-//! idle picture to check, so until the next idle frame of a replaced avatar starts its stream
-//! over, spliced frames show the old background around the new face region.
+//! Entries are matched by background index and a CRC of the picture as it came (the
+//! prepared JPEG, or I420): an idle frame of a replaced avatar is never shown from an old
+//! cache (a picture that differs from the cached one at its index starts the stream over).
+//! All streams together stay under a byte budget (`--idle-cache-mib`); once it is spent,
+//! streams stop growing.
 
 use crate::media::{VideoCodec, VideoEncoder};
 use crate::metrics::Metrics;
@@ -162,16 +164,31 @@ pub struct IdleFollower {
 
 impl IdleFollower {
     /// The access unit to send for the idle frame at `background`, from the stream; `None`:
-    /// the session encodes the frame itself (after [`Self::leave`]). `image` is the frame as
-    /// it came (the prepared JPEG, or I420), which identifies it; `raw` makes its I420,
+    /// the session encodes the frame itself (after [`Self::leave`]). `picture` is the frame
+    /// as it came (the prepared JPEG, or I420), which identifies it; `raw` makes its I420,
     /// called only when the stream encodes it.
     pub fn next(
         &mut self,
         background: u32,
-        image: &[u8],
+        picture: &[u8],
         raw: impl FnOnce() -> Result<Vec<u8>, String>,
     ) -> Option<Arc<[u8]>> {
-        let crc = crc32fast::hash(image);
+        let base = self.base(background, picture, raw)?;
+        self.video.metrics.idle_frames_shared.inc();
+        Some(base.au)
+    }
+
+    /// The stream's frame for the background at `background` whose picture is `picture` (as
+    /// [`Self::next`] takes it), for a talking frame to splice its face region into
+    /// ([`crate::splice`]): the entry [`Self::next`] would send, and whether it is a key
+    /// frame. `None`: the budget is spent.
+    pub fn base(
+        &mut self,
+        background: u32,
+        picture: &[u8],
+        raw: impl FnOnce() -> Result<Vec<u8>, String>,
+    ) -> Option<Base> {
+        let crc = crc32fast::hash(picture);
         let stream = self.stream.clone();
         let mut s = stream.lock();
         if s.pictures.get(&background).is_some_and(|&c| c != crc) {
@@ -179,32 +196,11 @@ impl IdleFollower {
             let freed = s.start_over();
             self.video.account(0, freed);
         }
-        let fits = |e: &Entry| e.background == background && e.crc == crc && e.len == image.len();
+        let len = picture.len();
+        let fits = |e: &Entry| e.background == background && e.crc == crc && e.len == len;
         let i = self.advance(&mut s, background, fits, |s, key| {
-            s.append(background, crc, image.len(), raw, key, false)
+            s.append(background, crc, len, raw, key)
         })?;
-        self.video.metrics.idle_frames_shared.inc();
-        Some(s.entries[i].au.clone())
-    }
-
-    /// The stream's access unit for a talking frame at `background` to be spliced into
-    /// ([`crate::splice`]), and whether it is a key frame: the entry after the session's if it
-    /// shows that background, else a key frame that does, else one encoded onto the stream
-    /// from the talking frame itself (`raw`, its I420). Such an entry's face region shows
-    /// that session's face, but only spliced frames take it: its CRC is the talking frame's,
-    /// which no idle frame has. `None`: the budget is spent.
-    pub fn base(&mut self, background: u32, raw: &[u8]) -> Option<Base> {
-        let stream = self.stream.clone();
-        let mut s = stream.lock();
-        let i = self.advance(
-            &mut s,
-            background,
-            |e| e.background == background,
-            |s, key| {
-                let crc = crc32fast::hash(raw);
-                s.append(background, crc, raw.len(), || Ok(raw.to_vec()), key, true)
-            },
-        )?;
         let e = &s.entries[i];
         Some(Base {
             au: e.au.clone(),
@@ -270,8 +266,7 @@ impl IdleFollower {
 impl Stream {
     /// Encodes the picture (`raw`, its I420) onto the end of the stream (a key frame if
     /// `key`: the session asking is not where the stream ends); its index and size, or
-    /// `None` if it cannot be encoded. A `talking` picture is not the background's: it is
-    /// not recorded as the picture at its index.
+    /// `None` if it cannot be encoded.
     fn append(
         &mut self,
         background: u32,
@@ -279,7 +274,6 @@ impl Stream {
         len: usize,
         raw: impl FnOnce() -> Result<Vec<u8>, String>,
         key: bool,
-        talking: bool,
     ) -> Option<(usize, usize)> {
         let image = match raw() {
             Ok(image) => image,
@@ -342,9 +336,7 @@ impl Stream {
         if key {
             self.keys.entry(background).or_default().push(i);
         }
-        if !talking {
-            self.pictures.insert(background, crc);
-        }
+        self.pictures.insert(background, crc);
         let bytes = au.len();
         self.bytes += bytes;
         self.entries.push(Entry {

@@ -2,6 +2,7 @@
 //! compositor, and the compositor's raw I420 frames encoded for the browser, to H.264 or (a
 //! browser whose offer has no H.264) VP8.
 
+use framecast_compositor::raw_frame::{self, Rect};
 use framecast_h264::TileSlicing;
 pub use openh264::encoder::Complexity;
 use openh264::encoder::{
@@ -400,35 +401,20 @@ impl MosaicEncoder {
             if key {
                 encoder.force_keyframe();
             }
-            crop_i420(i420, (w, h), tile.pixels_within(self.coded), &mut self.crop);
+            let (x, y, tw, th) = tile.pixels_within(self.coded);
+            let rect = Rect {
+                x: x as u32,
+                y: y as u32,
+                w: tw as u32,
+                h: th as u32,
+            };
+            raw_frame::crop(i420, (w, h), rect, &mut self.crop)?;
             aus.push(encoder.encode(&self.crop)?);
         }
         let refs: Vec<&[u8]> = aus.iter().map(Vec::as_slice).collect();
         self.mosaic
             .assemble(&refs)
             .map_err(|e| format!("H.264 mosaic: {e}"))
-    }
-}
-
-/// The rectangle `(x, y, w, h)` (x, y even) of a `width` x `height` I420 frame into `out`,
-/// as I420.
-pub fn crop_i420(
-    i420: &[u8],
-    (width, height): (usize, usize),
-    (x, y, w, h): (usize, usize, usize, usize),
-    out: &mut Vec<u8>,
-) {
-    out.clear();
-    let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
-    for row in y..y + h {
-        out.extend_from_slice(&i420[row * width + x..row * width + x + w]);
-    }
-    for plane in 0..2 {
-        let base = width * height + plane * cw * ch;
-        for row in y / 2..(y + h).div_ceil(2) {
-            let at = base + row * cw + x / 2;
-            out.extend_from_slice(&i420[at..at + w.div_ceil(2)]);
-        }
     }
 }
 

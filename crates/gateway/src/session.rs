@@ -33,12 +33,13 @@ use crate::media::{VideoCodec, VideoEncoder, VoiceDecoder, VOICE_RATE};
 use crate::metrics::Metrics;
 use crate::pacing::{Pacer, Voice};
 use crate::speech::{self, Speaker, ToCompositor, ToThread};
-use crate::splice::RegionSplice;
+use crate::splice::{region_rect, RegionSplice};
 use crate::video_out::{Frame, Made, VideoOut};
 use crate::Compositor;
 use bytes::Bytes;
+use framecast_compositor::raw_frame::Rect;
 use framecast_proto::compositor::v1::{
-    AudioChunk, AudioFormat, ImageFormat, RenderRequest, SampleFormat,
+    AudioChunk, AudioFormat, FaceRegion, ImageFormat, RenderRequest, RenderedFrame, SampleFormat,
 };
 use futures::StreamExt;
 use parking_lot::Mutex;
@@ -222,24 +223,82 @@ const MIC_CHANNEL: usize = 100;
 
 /// A frame from the compositor as the session encodes it.
 struct Picture {
-    /// I420, or (an idle frame, when the session asked for them so) the prepared JPEG.
+    /// As it came: I420 (of the whole frame, or of `form`'s region), or (an idle frame, when
+    /// the session asked for them so) the prepared JPEG.
     image: Bytes,
-    jpeg: bool,
+    form: Form,
     /// Which of the avatar's background frames it shows.
     background: u32,
     /// The background as it is: no speech in it.
     idle: bool,
 }
 
+/// What a [`Picture`]'s image is.
+enum Form {
+    I420,
+    Jpeg,
+    /// A talking frame as only its face region (`RenderRequest.frame_region`), over its
+    /// background's prepared JPEG.
+    Region {
+        rect: Rect,
+        background: Bytes,
+    },
+}
+
 impl Picture {
-    /// Its I420 (`size`: the avatar's): as it came, or the JPEG decoded.
-    fn raw(&self, (w, h): (u32, u32)) -> Result<std::borrow::Cow<'_, [u8]>, String> {
-        if self.jpeg {
-            framecast_compositor::raw_frame::from_jpeg(&self.image, w, h)
-                .map(std::borrow::Cow::Owned)
-                .map_err(|e| format!("idle frame: {e}"))
-        } else {
-            Ok(std::borrow::Cow::Borrowed(&self.image))
+    fn of(f: RenderedFrame) -> Picture {
+        let form = match (f.region, f.format == ImageFormat::Jpeg as i32) {
+            (Some(r), _) => Form::Region {
+                rect: Rect {
+                    x: r.x,
+                    y: r.y,
+                    w: r.width,
+                    h: r.height,
+                },
+                background: f.background,
+            },
+            (None, true) => Form::Jpeg,
+            (None, false) => Form::I420,
+        };
+        Picture {
+            image: f.image,
+            form,
+            background: f.background_index,
+            idle: f.timings.as_ref().is_some_and(|t| t.idle),
+        }
+    }
+
+    /// What names its background's picture in the shared stream ([`Frame::picture`]).
+    fn picture(&self) -> &[u8] {
+        match &self.form {
+            Form::Region { background, .. } => background,
+            Form::I420 | Form::Jpeg => &self.image,
+        }
+    }
+
+    /// The I420 of [`Self::picture`] (`size`: the avatar's).
+    fn background_raw(&self, (w, h): (u32, u32)) -> Result<Vec<u8>, String> {
+        match &self.form {
+            Form::I420 => Ok(self.image.to_vec()),
+            Form::Jpeg | Form::Region { .. } => {
+                framecast_compositor::raw_frame::from_jpeg(self.picture(), w, h)
+                    .map_err(|e| format!("background JPEG: {e}"))
+            }
+        }
+    }
+
+    /// Its whole I420: as it came, or the JPEG decoded (with the region put in).
+    fn raw(&self, size: (u32, u32)) -> Result<std::borrow::Cow<'_, [u8]>, String> {
+        match &self.form {
+            Form::I420 => Ok(std::borrow::Cow::Borrowed(&self.image)),
+            Form::Jpeg => self.background_raw(size).map(std::borrow::Cow::Owned),
+            Form::Region { rect, .. } => {
+                let mut frame = self.background_raw(size)?;
+                let at = (size.0 as usize, size.1 as usize);
+                framecast_compositor::raw_frame::put(&mut frame, at, *rect, &self.image)
+                    .map_err(|e| format!("face region: {e}"))?;
+                Ok(std::borrow::Cow::Owned(frame))
+            }
         }
     }
 }
@@ -429,6 +488,17 @@ async fn render(
         } else {
             ImageFormat::Unspecified as i32
         },
+        // Talking frames as the face region only where they are spliced: the rest of the
+        // frame is the shared stream's, so 1.4 MB a frame need not cross the socket.
+        frame_region: splice_layout(&config).map(|layout| {
+            let r = region_rect(&layout, (config.width, config.height));
+            FaceRegion {
+                x: r.x,
+                y: r.y,
+                width: r.w,
+                height: r.h,
+            }
+        }),
         audio: Some(AudioChunk {
             format: Some(AudioFormat {
                 sample_format: SampleFormat::S16le as i32,
@@ -471,13 +541,8 @@ async fn render(
                         .fetch_add(f.frame_index - expected, Ordering::Relaxed);
                 }
                 expected = f.frame_index + 1;
-                let picture = Picture {
-                    jpeg: f.format == ImageFormat::Jpeg as i32,
-                    image: f.image,
-                    background: f.background_index,
-                    idle: f.timings.as_ref().is_some_and(|t| t.idle),
-                };
-                match frames.try_send((f.frame_index, picture)) {
+                let index = f.frame_index;
+                match frames.try_send((index, Picture::of(f))) {
                     Ok(()) => {}
                     Err(TrySendError::Full(_)) => {
                         stats.frames_lost.fetch_add(1, Ordering::Relaxed);
@@ -878,13 +943,25 @@ impl Worker {
     /// The access unit of `picture` ([`crate::video_out`]), counted by where it came from.
     fn video_frame(&mut self, picture: &Picture) -> Result<Vec<u8>, String> {
         let size = (self.config.width as u32, self.config.height as u32);
+        let region = match &picture.form {
+            Form::Region { rect, .. }
+                if Some(*rect) == self.video.splice.as_ref().map(|s| s.rect()) =>
+            {
+                Some(&picture.image[..])
+            }
+            _ => None,
+        };
         let frame = Frame {
             idle: picture.idle,
             background: picture.background,
-            image: &picture.image,
-            raw_is_image: !picture.jpeg,
+            picture: picture.picture(),
+            region,
         };
-        let (au, made) = self.video.frame(&frame, || picture.raw(size))?;
+        let (au, made) = self.video.frame(
+            &frame,
+            || picture.background_raw(size),
+            || picture.raw(size),
+        )?;
         match made {
             Made::Shared => {
                 self.stats

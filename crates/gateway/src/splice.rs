@@ -14,7 +14,8 @@
 //! of the stream. Back to idle, the session rejoins the stream at a key frame.
 
 use crate::idle_video::{Base, IdleFollower};
-use crate::media::{crop_i420, H264Encoder};
+use crate::media::H264Encoder;
+use framecast_compositor::raw_frame::{self, Rect};
 use framecast_h264::{Layout, Splicer};
 
 /// The region's bitrate against its share of the frame's area: at 1 a spliced session sends
@@ -23,14 +24,24 @@ const REGION_BITRATE_WEIGHT: f64 = 1.0;
 /// Below this the region's encoder cannot hold a face at all.
 const MIN_REGION_BITRATE_BPS: u32 = 64_000;
 
+/// The pixels of `layout`'s face region in a `width` x `height` frame: what a session's
+/// region encoder takes, and what it asks the compositor for (`RenderRequest.frame_region`).
+/// Its corner is on macroblocks and its size even (H.264 codes the even part of the frame).
+pub fn region_rect(layout: &Layout, (width, height): (usize, usize)) -> Rect {
+    let (x, y, w, h) = layout.region.pixels_within((width & !1, height & !1));
+    Rect {
+        x: x as u32,
+        y: y as u32,
+        w: w as u32,
+        h: h as u32,
+    }
+}
+
 /// One session's encoder of its face region and its splicer.
 pub struct RegionSplice {
-    /// The region's pixels in the frame: (x, y, width, height).
-    pixels: (usize, usize, usize, usize),
-    size: (usize, usize),
+    rect: Rect,
     encoder: H264Encoder,
     splicer: Splicer,
-    crop: Vec<u8>,
     /// The browser's picture has this encoder's region: its last frame was spliced.
     in_sync: bool,
     /// A splice failed: the session encodes its frames itself from then on.
@@ -45,39 +56,45 @@ impl RegionSplice {
         fps: f64,
         bitrate_bps: u32,
     ) -> Result<RegionSplice, String> {
-        let coded = (width & !1, height & !1);
-        let pixels = layout.region.pixels_within(coded);
-        let (_, _, rw, rh) = pixels;
+        let rect = region_rect(&layout, (width, height));
+        let (rw, rh) = (rect.w as usize, rect.h as usize);
         let share = (rw * rh) as f64 / (width * height) as f64;
         let bitrate = ((f64::from(bitrate_bps) * share * REGION_BITRATE_WEIGHT) as u32)
             .clamp(MIN_REGION_BITRATE_BPS.min(bitrate_bps), bitrate_bps);
         Ok(RegionSplice {
-            pixels,
-            size: (width, height),
+            rect,
             encoder: H264Encoder::sliced(rw, rh, fps, bitrate, layout.region_slicing())?,
             splicer: Splicer::new(layout),
-            crop: Vec::new(),
             in_sync: false,
             failed: false,
         })
     }
 
-    /// The talking frame `i420` at `background` as an access unit: the stream's frame with
-    /// this session's region. `None`: not possible (no stream frame, or a splice failed); the
-    /// caller encodes the frame itself, a key frame if `follower.leave()` says so.
+    /// Its face region in the frame: what [`Self::frame`] takes.
+    pub fn rect(&self) -> Rect {
+        self.rect
+    }
+
+    /// A talking frame as an access unit: the stream's frame for `background` (whose picture
+    /// is `picture`, as [`IdleFollower::base`] takes it; `raw` its I420) with `region` (this
+    /// session's face region, I420 of [`Self::rect`]) put in. `None`: not possible (no
+    /// stream frame, or a splice failed); the caller encodes the frame itself, a key frame
+    /// if `follower.leave()` says so.
     pub fn frame(
         &mut self,
         follower: &mut IdleFollower,
         background: u32,
-        i420: &[u8],
+        picture: &[u8],
+        region: &[u8],
+        raw: impl FnOnce() -> Result<Vec<u8>, String>,
     ) -> Option<Vec<u8>> {
-        let (w, h) = self.size;
-        if self.failed || i420.len() != w * h + 2 * w.div_ceil(2) * h.div_ceil(2) {
-            // A frame of another size is the session's own encoder's to refuse.
+        let (w, h) = (self.rect.w as usize, self.rect.h as usize);
+        if self.failed || region.len() != raw_frame::len(w, h) {
+            // A region of another size is the session's own encoder's to refuse.
             return None;
         }
-        let base = follower.base(background, i420)?;
-        match self.splice_onto(&base, i420) {
+        let base = follower.base(background, picture, raw)?;
+        match self.splice_onto(&base, region) {
             Ok(au) => Some(au),
             Err(e) => {
                 tracing::warn!(error = %e, "face region splice; the session encodes its frames itself");
@@ -88,14 +105,14 @@ impl RegionSplice {
         }
     }
 
-    /// `base` (the stream's frame for the background of `i420`) with this session's region
-    /// of `i420` put in: intra where the browser does not hold this encoder's region.
-    pub fn splice_onto(&mut self, base: &Base, i420: &[u8]) -> Result<Vec<u8>, String> {
+    /// `base` (the stream's frame for a talking frame's background) with this session's
+    /// `region` (I420 of [`Self::rect`]) put in: intra where the browser does not hold this
+    /// encoder's region.
+    pub fn splice_onto(&mut self, base: &Base, region: &[u8]) -> Result<Vec<u8>, String> {
         if base.key || !self.in_sync {
             self.encoder.force_keyframe();
         }
-        crop_i420(i420, self.size, self.pixels, &mut self.crop);
-        let region = self.encoder.encode(&self.crop)?;
+        let region = self.encoder.encode(region)?;
         if let Some(sets) = &base.parameter_sets {
             self.splicer
                 .parameter_sets(sets)

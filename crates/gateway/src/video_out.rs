@@ -39,18 +39,24 @@ pub struct Frame<'a> {
     pub idle: bool,
     /// Which of the avatar's background frames it shows.
     pub background: u32,
-    /// As it came: I420, or an idle frame's prepared JPEG (`raw_is_image` false).
-    pub image: &'a [u8],
-    pub raw_is_image: bool,
+    /// The background's picture as it came, which names it in the shared stream: an idle
+    /// frame's image (its prepared JPEG, or I420), a talking frame's background JPEG where it
+    /// came as its face region.
+    pub picture: &'a [u8],
+    /// A talking frame sent as only the session's face region (I420 of
+    /// [`RegionSplice::rect`]): the frame is `picture` with it put in.
+    pub region: Option<&'a [u8]>,
 }
 
 impl VideoOut {
-    /// The frame's access unit, and where it came from. `raw` makes the frame's I420 (the
-    /// image itself, or its JPEG decoded), called only when an encoder needs it.
+    /// The frame's access unit, and where it came from. `background` makes the I420 of the
+    /// frame's `picture`, `whole` the frame's own I420 (the same for an idle frame), each
+    /// called only when an encoder needs it.
     pub fn frame<'a>(
         &mut self,
         frame: &Frame<'a>,
-        raw: impl Fn() -> Result<Cow<'a, [u8]>, String>,
+        background: impl FnOnce() -> Result<Vec<u8>, String>,
+        whole: impl FnOnce() -> Result<Cow<'a, [u8]>, String>,
     ) -> Result<(Vec<u8>, Made), String> {
         if let Some(idle) = &mut self.idle {
             if frame.idle {
@@ -60,13 +66,12 @@ impl VideoOut {
                     splice.desync();
                     idle.restart();
                 }
-                let shared =
-                    idle.next(frame.background, frame.image, || raw().map(Cow::into_owned));
-                if let Some(au) = shared {
+                if let Some(au) = idle.next(frame.background, frame.picture, background) {
                     return Ok((au.to_vec(), Made::Shared));
                 }
-            } else if let (Some(splice), true) = (&mut self.splice, frame.raw_is_image) {
-                if let Some(au) = splice.frame(idle, frame.background, frame.image) {
+            } else if let (Some(splice), Some(region)) = (&mut self.splice, frame.region) {
+                let au = splice.frame(idle, frame.background, frame.picture, region, background);
+                if let Some(au) = au {
                     return Ok((au, Made::Spliced));
                 }
             }
@@ -78,7 +83,7 @@ impl VideoOut {
         if let Some(splice) = &mut self.splice {
             splice.desync();
         }
-        Ok((self.encoder.encode(&raw()?)?, Made::Own))
+        Ok((self.encoder.encode(&whole()?)?, Made::Own))
     }
 
     /// The browser asked for a key frame (PLI, FIR): the next frame is intra whichever
@@ -100,6 +105,7 @@ mod tests {
     use crate::idle_video::{Encoding, IdleVideo};
     use crate::media::VideoCodec;
     use crate::metrics::Metrics;
+    use framecast_compositor::raw_frame;
     use framecast_h264::Layout;
     use openh264::formats::YUVSource;
     use std::sync::Arc;
@@ -186,6 +192,7 @@ mod tests {
         let video = IdleVideo::new(64 << 20, Metrics::new());
         for (session, start) in [(0, 0u32), (1, 7)] {
             let mut out = out(&video);
+            let rect = out.splice.as_ref().unwrap().rect();
             let mut browser = openh264::decoder::Decoder::new().unwrap();
             let mut made = Vec::new();
             for n in 0..70u32 {
@@ -203,14 +210,23 @@ mod tests {
                 } else {
                     background(b)
                 };
+                // The compositor sends a talking frame as its region over the background's
+                // picture (here its I420 stands for the JPEG that names it).
+                let idle_picture = background(b);
+                let mut region = Vec::new();
+                raw_frame::crop(&picture, (W, H), rect, &mut region).unwrap();
                 let frame = Frame {
                     idle: !talk,
                     background: b,
-                    image: &picture,
-                    raw_is_image: true,
+                    picture: &idle_picture,
+                    region: talk.then_some(&region[..]),
                 };
                 let (au, from) = out
-                    .frame(&frame, || Ok(Cow::Borrowed(&picture[..])))
+                    .frame(
+                        &frame,
+                        || Ok(idle_picture.clone()),
+                        || Ok(Cow::Borrowed(&picture[..])),
+                    )
                     .unwrap();
                 let err = luma_error(&mut browser, &au, &picture);
                 assert!(

@@ -20,7 +20,7 @@ use crate::idle_frames::IdleBudget;
 use crate::manifest::FaceBox;
 use crate::planes::{self, CropPlanes, Planes};
 use crate::prepared::Pixels;
-use crate::raw_frame;
+use crate::raw_frame::{self, Rect};
 use crate::segments;
 use bytes::Bytes;
 use framecast_proto::i420;
@@ -51,6 +51,10 @@ pub enum Output {
     },
     /// Raw frames for a video encoder ([`crate::raw_frame`]).
     I420,
+    /// Talking frames as only this rectangle of their raw frame ([`raw_frame::crop`]), with
+    /// the background's prepared JPEG for the rest; a frame whose face region is not inside
+    /// it, and an idle frame, as [`Output::I420`].
+    I420Region(Rect),
 }
 
 /// A generated face crop, S x S, as the inference service answered it.
@@ -67,6 +71,9 @@ pub enum Crop<'a> {
 pub struct Composed {
     /// The frame in the request's [`Output`] format.
     pub image: Bytes,
+    /// Where `image` holds only this rectangle of the frame ([`Output::I420Region`]): the
+    /// rectangle and the background's prepared JPEG.
+    pub region: Option<(Rect, Bytes)>,
     pub blend: Duration,
     pub encode: Duration,
 }
@@ -161,6 +168,7 @@ pub fn compose(
         )?;
         let t1 = Instant::now();
         let pasted = frame.pixels.with(scratch.region.as_slice());
+        let mut cut = None;
         let image = if splices(avatar, output) {
             pasted.encode_into(region.w, region.h, avatar.params, &mut scratch.part)?;
             let part_layout = segments::parse(&scratch.part)?;
@@ -174,13 +182,27 @@ pub fn compose(
                 &mut out,
             )?;
             out
-        } else if let (Output::I420, Some(budget)) = (output, budget) {
-            over_idle(avatar, background, pasted, budget)?
         } else {
-            whole(avatar, background, pasted, output)?
+            let face = Rect {
+                x: region.x,
+                y: region.y,
+                w: region.w,
+                h: region.h,
+            };
+            match (output, budget) {
+                (Output::I420Region(rect), _) if rect.holds(&face) => {
+                    cut = Some((rect, frame.jpeg.clone()));
+                    cut_over_idle(avatar, background, pasted, rect, budget)?
+                }
+                (Output::I420 | Output::I420Region(_), Some(budget)) => {
+                    over_idle(avatar, background, pasted, budget)?
+                }
+                _ => whole(avatar, background, pasted, output)?,
+            }
         };
         Ok(Composed {
             image: Bytes::from(image),
+            region: cut,
             blend: t1 - t0,
             encode: t1.elapsed(),
         })
@@ -200,13 +222,14 @@ pub fn idle(
     let frame = &avatar.frames[background];
     let image = if splices(avatar, output) {
         frame.jpeg.clone()
-    } else if let (Output::I420, Some(budget)) = (output, budget) {
+    } else if let (Output::I420 | Output::I420Region(_), Some(budget)) = (output, budget) {
         kept_idle(avatar, background, budget)?
     } else {
         Bytes::from(whole(avatar, background, frame.pixels.view(), output)?)
     };
     Ok(Composed {
         image,
+        region: None,
         blend: Duration::ZERO,
         encode: t.elapsed(),
     })
@@ -248,6 +271,44 @@ fn over_idle(
     Ok(out)
 }
 
+/// `rect` of a raw talking frame ([`Output::I420Region`]), byte for byte what
+/// [`raw_frame::crop`] cuts from [`over_idle`]'s frame: cut from the background's kept idle
+/// frame with the face region's planes put in, so no whole frame is copied either.
+fn cut_over_idle(
+    avatar: &Avatar,
+    background: usize,
+    region: Pixels<&[u8]>,
+    rect: Rect,
+    budget: Option<&Arc<IdleBudget>>,
+) -> Result<Vec<u8>, String> {
+    let size = (avatar.grid.width as usize, avatar.grid.height as usize);
+    let even = size.0.is_multiple_of(2) && size.1.is_multiple_of(2);
+    let mut out = Vec::new();
+    match (region, budget) {
+        (Pixels::Ycc420(planes), Some(budget)) if even => {
+            let r = &avatar.frames[background].region;
+            raw_frame::crop(
+                &kept_idle(avatar, background, budget)?,
+                size,
+                rect,
+                &mut out,
+            )?;
+            let at = ((r.x - rect.x) as usize, (r.y - rect.y) as usize);
+            let part = (rect.w as usize, rect.h as usize);
+            raw_frame::put_planes(&mut out, part, at, planes, &Planes::new(r.w, r.h))?;
+            raw_frame::full_to_limited_region(&mut out, part, at, (r.w as usize, r.h as usize));
+        }
+        _ => {
+            let raw = match budget {
+                Some(budget) => over_idle(avatar, background, region, budget)?,
+                None => whole(avatar, background, region, Output::I420)?,
+            };
+            raw_frame::crop(&raw, size, rect, &mut out)?;
+        }
+    }
+    Ok(out)
+}
+
 /// The whole-frame path: the prepared JPEG decoded, `region` (the face region's pixels)
 /// written over it, the frame made into `output`.
 fn whole(
@@ -262,7 +323,9 @@ fn whole(
     // Odd sizes: libjpeg pads the luma plane of a 4:2:0 decode to even, which I420's
     // layout does not; those take the RGB path.
     let even = w.is_multiple_of(2) && h.is_multiple_of(2);
-    if let (Output::I420, Pixels::Ycc420(planes), true) = (output, region, even) {
+    if let (Output::I420 | Output::I420Region(_), Pixels::Ycc420(planes), true) =
+        (output, region, even)
+    {
         // The JPEG's own 4:2:0 planes are I420 already (full range): decoded without colour
         // conversion or upsampling, the region's planes put in, rescaled to limited range.
         // No pixel is converted (docs/performance.md).
@@ -295,7 +358,7 @@ fn whole(
             quality,
             subsampling,
         } => encode::encode_rgb(&rgb, width, height, quality, subsampling),
-        Output::I420 => {
+        Output::I420 | Output::I420Region(_) => {
             let mut out = Vec::new();
             raw_frame::from_rgb(&rgb, width as usize, height as usize, &mut out)?;
             Ok(out)
@@ -583,5 +646,47 @@ mod tests {
             (a.frames.len() * raw_frame::len(w, h)) as u64
         );
         assert_eq!(none.used(), 0);
+    }
+
+    /// A talking frame asked for as a rectangle holding the face region is byte for byte
+    /// that rectangle of the whole raw frame, with the background's prepared JPEG, for a
+    /// 4:2:0 avatar and an RGB one, kept backgrounds or not; a rectangle that does not hold
+    /// the frame's face region, and an idle frame, come whole.
+    #[test]
+    fn a_talking_frame_cut_to_a_rectangle_is_that_part_of_the_whole_frame() {
+        let tmp = tempfile::tempdir().unwrap();
+        for subsampling in [Subsampling::S420, Subsampling::S444] {
+            let a = avatar_at(&tmp.path().join(format!("{subsampling:?}")), subsampling);
+            let size = (a.manifest.width as usize, a.manifest.height as usize);
+            let face = a.face_region().unwrap();
+            let rect = Rect {
+                x: face.x & !1,
+                y: face.y & !1,
+                w: (face.x + face.w).next_multiple_of(2) - (face.x & !1),
+                h: (face.y + face.h).next_multiple_of(2) - (face.y & !1),
+            };
+            let crop = gradient_crop();
+            let budget = IdleBudget::new(1 << 30, None);
+            for bg in 0..a.frames.len() {
+                let whole = compose(&a, bg, Crop::Rgb(&crop), Output::I420, None).unwrap();
+                let mut want = Vec::new();
+                raw_frame::crop(&whole.image, size, rect, &mut want).unwrap();
+                for b in [None, Some(&budget)] {
+                    let cut =
+                        compose(&a, bg, Crop::Rgb(&crop), Output::I420Region(rect), b).unwrap();
+                    let (at, jpeg) = cut.region.expect("cut to the rectangle");
+                    assert_eq!(at, rect);
+                    assert_eq!(jpeg, a.frames[bg].jpeg);
+                    assert!(cut.image == want, "{subsampling:?}, background {bg}");
+                }
+            }
+            let small = Rect { w: 2, h: 2, ..rect };
+            let whole = compose(&a, 0, Crop::Rgb(&crop), Output::I420Region(small), None).unwrap();
+            assert!(whole.region.is_none());
+            assert_eq!(whole.image.len(), raw_frame::len(size.0, size.1));
+            let idle = idle(&a, 0, Output::I420Region(rect), None).unwrap();
+            assert!(idle.region.is_none());
+            assert_eq!(idle.image.len(), raw_frame::len(size.0, size.1));
+        }
     }
 }

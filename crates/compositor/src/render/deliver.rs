@@ -6,7 +6,7 @@ use super::wire::Crops;
 use super::{BatchTiming, FrameSink, Output};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use framecast_proto::compositor::v1::{ImageFormat, RenderedFrame, StageTimings};
+use framecast_proto::compositor::v1::{FaceRegion, ImageFormat, RenderedFrame, StageTimings};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -86,11 +86,18 @@ pub(super) async fn batch(
                 request_id: plan.request_id.clone(),
                 frame_index,
                 background_index: bg as u32,
-                image: c.image,
                 format: match plan.output {
                     Output::Jpeg { .. } => ImageFormat::Jpeg,
-                    Output::I420 => ImageFormat::I420,
+                    Output::I420 | Output::I420Region(_) => ImageFormat::I420,
                 } as i32,
+                region: c.region.as_ref().map(|(r, _)| FaceRegion {
+                    x: r.x,
+                    y: r.y,
+                    width: r.w,
+                    height: r.h,
+                }),
+                background: c.region.map(|(_, jpeg)| jpeg).unwrap_or_default(),
+                image: c.image,
                 width: m.width,
                 height: m.height,
                 timings: Some(StageTimings {

@@ -6,6 +6,7 @@ use crate::avatar::Avatar;
 use crate::error::{invalid, Error};
 use crate::idle_frames::IdleBudget;
 use crate::inference::ModelInfo;
+use crate::raw_frame::Rect;
 use bytes::Bytes;
 use framecast_proto::compositor::v1::{ImageFormat, RenderRequest, Tensor};
 use framecast_proto::echo;
@@ -98,6 +99,26 @@ pub(super) fn validate(
         )));
     }
     let i420 = if req.idle { idle_i420 } else { frames_i420 };
+    let frame_region = match &req.frame_region {
+        None => None,
+        Some(_) if !frames_i420 => {
+            return Err(invalid(
+                "frame_region: only with frame_format IMAGE_FORMAT_I420 (a JPEG frame is spliced whole)",
+            ))
+        }
+        Some(r) => {
+            let rect = Rect {
+                x: r.x,
+                y: r.y,
+                w: r.width,
+                h: r.height,
+            };
+            let m = &avatar.manifest;
+            rect.check_within(m.width, m.height)
+                .map_err(|e| invalid(format!("frame_region: {e}")))?;
+            Some(rect)
+        }
+    };
     if model.crop_size != avatar.manifest.crop_size {
         return Err(Error::Mismatch(format!(
             "avatar '{}' has crop_size {} but model '{}' takes {}",
@@ -175,7 +196,10 @@ pub(super) fn validate(
         conditioning.push((Arc::from(name.as_str()), dt, shape, data));
     }
     let output = if i420 {
-        Output::I420
+        match frame_region {
+            Some(rect) if !req.idle => Output::I420Region(rect),
+            _ => Output::I420,
+        }
     } else {
         Output::Jpeg {
             quality: match req.jpeg_quality {

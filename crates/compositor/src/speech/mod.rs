@@ -24,7 +24,7 @@ use crate::render::{self, RenderOptions, Target};
 use framecast_audio::mel::{MelFrame, MelStream, FLOOR};
 use framecast_audio::window::{self, WINDOW};
 use framecast_audio::{pcm, Resampler, SampleFormat, N_MELS, SAMPLE_RATE};
-use framecast_proto::compositor::v1::{self as v1, AudioChunk, RenderRequest, Tensor};
+use framecast_proto::compositor::v1::{self as v1, AudioChunk, FaceRegion, RenderRequest, Tensor};
 use framecast_proto::echo;
 use framecast_proto::tensor::{self, DataType};
 use framecast_telemetry::prometheus::IntGauge;
@@ -53,6 +53,7 @@ pub struct Session {
     jpeg_quality: u32,
     frame_format: i32,
     idle_frame_format: i32,
+    frame_region: Option<FaceRegion>,
     format: (SampleFormat, u32),
     input: String,
     /// The audio input's shape per frame (without the batch dimension).
@@ -185,6 +186,7 @@ impl Session {
             jpeg_quality: req.jpeg_quality,
             frame_format: req.frame_format,
             idle_frame_format: req.idle_frame_format,
+            frame_region: req.frame_region,
             format,
             input: settings.input.clone(),
             dims,
@@ -265,6 +267,11 @@ impl Session {
         if req.idle_frame_format != 0 && req.idle_frame_format != self.idle_frame_format {
             return Err(invalid(
                 "idle_frame_format: differs from the open audio session's; end the session to change it",
+            ));
+        }
+        if req.frame_region.is_some() && req.frame_region != self.frame_region {
+            return Err(invalid(
+                "frame_region: differs from the open audio session's; end the session to change it",
             ));
         }
         if let Some(f) = &chunk.format {
@@ -414,6 +421,7 @@ impl Session {
                 jpeg_quality: self.jpeg_quality,
                 frame_format: self.frame_format,
                 idle_frame_format: self.idle_frame_format,
+                frame_region: self.frame_region,
                 audio: None,
                 idle,
             };
