@@ -207,7 +207,9 @@ impl MelStream {
             .process_with_scratch(&mut self.frame, &mut self.spectrum, &mut self.scratch)
             .expect("buffers made by the plan");
         for (m, c) in self.magnitude.iter_mut().zip(&self.spectrum) {
-            *m = c.norm();
+            // Not `norm()`: that is libm's hypot, overflow-safe and several times slower
+            // (4% of a compositor's CPU); a spectrum's squares cannot overflow.
+            *m = c.norm_sqr().sqrt();
         }
         let mut frame = [0f32; N_MELS];
         for (v, (first, weights)) in frame.iter_mut().zip(&f.bands) {

@@ -72,6 +72,8 @@ impl Compositor {
             frame_format: self.frame_format,
             idle_frame_format: 0,
             frame_region: None,
+            backgrounds_once: false,
+            resend_backgrounds: false,
         }
     }
 }

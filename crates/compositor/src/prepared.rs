@@ -37,6 +37,9 @@ pub const FIXED: usize = IDENTITY + 4;
 pub struct Frame {
     /// The whole frame, encoded once with the avatar's [`Params`].
     pub jpeg: Bytes,
+    /// The CRC-32 of `jpeg`, which names it to a client that keeps it
+    /// (`RenderedFrame.background_crc32`).
+    pub jpeg_crc: u32,
     pub layout: Layout,
     /// The segment-aligned region holding the face box, and its original pixels.
     pub region: Region,
@@ -150,6 +153,7 @@ impl Frame {
             }
         };
         Ok(Frame {
+            jpeg_crc: crc32fast::hash(&jpeg),
             jpeg: Bytes::from(jpeg),
             layout,
             region,
@@ -496,6 +500,7 @@ pub fn read(dir: &Path, expect: &Expect<'_>) -> Result<Option<Vec<Frame>>, Strin
             ));
         }
         frames.push(Frame {
+            jpeg_crc: crc32fast::hash(&jpeg),
             jpeg,
             layout,
             region,

@@ -228,20 +228,22 @@ fn info(s: &AvatarStatus) -> AvatarInfo {
     i
 }
 
+/// What every request of one Render stream renders onto.
+struct StreamOut {
+    sink: render::FrameSink,
+    /// The client's deadline for the stream (`grpc-timeout`), if it set one.
+    deadline: Option<Instant>,
+    stream: u64,
+    sent: Arc<render::SentBackgrounds>,
+}
+
 impl CompositorService {
-    async fn render_one(
-        &self,
-        req: RenderRequest,
-        sink: &render::FrameSink,
-        deadline: Option<Instant>,
-        stream: u64,
-    ) -> Result<(), Error> {
+    async fn render_one(&self, req: RenderRequest, out: &StreamOut) -> Result<(), Error> {
         // Held until the render ends: the avatar cannot be evicted under it.
         let lease = self.store.get(&req.avatar_id).await?;
         let avatar = lease.value().clone();
         let model = self.model_of(&avatar).await?;
-        let target = self.target(sink, deadline, stream);
-        render::render(req, avatar, model, &target, true, None).await
+        render::render(req, avatar, model, &self.target(out), true, None).await
     }
 
     /// One message of an audio session: opens the session (its first), takes its audio and
@@ -251,9 +253,7 @@ impl CompositorService {
         session: &mut Option<Session>,
         req: RenderRequest,
         joined: Vec<RenderRequest>,
-        sink: &render::FrameSink,
-        deadline: Option<Instant>,
-        stream: u64,
+        out: &StreamOut,
     ) -> Result<(), Error> {
         let Some(chunk) = &req.audio else {
             let open = session.as_ref().map(|s| s.request_id()).unwrap_or_default();
@@ -283,15 +283,13 @@ impl CompositorService {
         for r in &joined {
             if let Some(chunk) = &r.audio {
                 if s.audio_ahead() >= JOINED_AHEAD_S {
-                    s.render_ready(&self.target(sink, deadline, stream), &self.encoders)
-                        .await?;
+                    s.render_ready(&self.target(out), &self.encoders).await?;
                 }
                 s.check_continuation(r, chunk)?;
                 s.push(chunk, &self.opts)?;
             }
         }
-        s.render_ready(&self.target(sink, deadline, stream), &self.encoders)
-            .await?;
+        s.render_ready(&self.target(out), &self.encoders).await?;
         if s.done() {
             *session = None;
         }
@@ -307,19 +305,15 @@ impl CompositorService {
             .map_err(|s| Error::inference(format!("model '{}' of avatar '{}'", m.model, m.id), s))
     }
 
-    fn target<'a>(
-        &'a self,
-        sink: &'a render::FrameSink,
-        deadline: Option<Instant>,
-        stream: u64,
-    ) -> render::Target<'a> {
+    fn target<'a>(&'a self, out: &'a StreamOut) -> render::Target<'a> {
         render::Target {
             clock: &self.clock,
-            stream,
+            stream: out.stream,
             opts: &self.opts,
             metrics: &self.metrics,
-            sink,
-            deadline,
+            sink: &out.sink,
+            deadline: out.deadline,
+            sent: &out.sent,
         }
     }
 }
@@ -370,6 +364,12 @@ impl Compositor for CompositorService {
         tokio::spawn(async move {
             this.metrics.streams_active.inc();
             let mut session: Option<Session> = None;
+            let out = StreamOut {
+                sink: tx.clone(),
+                deadline,
+                stream,
+                sent: Arc::default(),
+            };
             // Only progress keeps a stream: a request that renders frames (audio that
             // completes one, or frames asked for); empty keep-alive packets do not.
             let mut progress = tokio::time::Instant::now();
@@ -440,14 +440,15 @@ impl Compositor for CompositorService {
                     frames = req.frame_count,
                 );
                 let before = session.as_ref().map(Session::frames_rendered);
+                if req.resend_backgrounds || joined.iter().any(|r| r.resend_backgrounds) {
+                    out.sent.forget();
+                }
                 let result = if req.audio.is_some() || session.is_some() {
-                    this.speak(&mut session, req, joined, &tx, deadline, stream)
+                    this.speak(&mut session, req, joined, &out)
                         .instrument(span)
                         .await
                 } else {
-                    this.render_one(req, &tx, deadline, stream)
-                        .instrument(span)
-                        .await
+                    this.render_one(req, &out).instrument(span).await
                 };
                 let rendered = match (&session, before) {
                     (Some(s), Some(b)) => s.frames_rendered() > b,

@@ -170,6 +170,8 @@ pub fn request(avatar: &str, start: u64, n: u32) -> RenderRequest {
         frame_format: 0,
         idle_frame_format: 0,
         frame_region: None,
+        backgrounds_once: false,
+        resend_backgrounds: false,
     }
 }
 

@@ -319,6 +319,36 @@ async fn talking_frames_cut_to_the_face_region_rebuild_the_whole_frame() {
         assert!(rebuilt == f.image.as_ref(), "frame {}", c.frame_index);
     }
 
+    // Each background's JPEG once a stream: frames 3..9 show backgrounds 3, 4, 5, 4, 3, 2;
+    // the second 4 and 3 carry only its CRC, until the client asks for them again.
+    let mut once = request("small", 3, 6);
+    once.frame_format = ImageFormat::I420 as i32;
+    once.frame_region = Some(rect);
+    once.backgrounds_once = true;
+    let again = RenderRequest {
+        request_id: "again".into(),
+        resend_backgrounds: true,
+        ..once.clone()
+    };
+    let frames = render(&s.client, vec![once, again]).await.unwrap();
+    assert_eq!(frames.len(), 12);
+    let mut seen = std::collections::HashSet::new();
+    for (i, f) in frames.iter().enumerate() {
+        let jpeg = &cut[i % 6].background;
+        assert_eq!(f.background_crc32, crc32fast::hash(jpeg), "frame {i}");
+        assert_eq!(f.image, cut[i % 6].image);
+        if i == 6 {
+            seen.clear(); // resend_backgrounds
+        }
+        let first = seen.insert(f.background_index);
+        assert_eq!(
+            f.background.is_empty(),
+            !first,
+            "frame {i}, background {}",
+            f.background_index
+        );
+    }
+
     let err = |r: RenderRequest| {
         let c = s.client.clone();
         async move { render(&c, vec![r]).await.unwrap_err() }

@@ -691,6 +691,7 @@ fn answer(
         max_latency: gw.opts.max_latency,
         shared_idle: gw.opts.idle_cache_bytes > 0,
         face_layout: face_layout(gw.opts.face_splice, info),
+        backgrounds: info.frame_count,
     };
     let session = session::start(
         config,

@@ -40,6 +40,8 @@ use std::sync::Arc;
 /// The idle streams of a gateway, one per avatar and encoding (codec included: a VP8 session
 /// follows a stream of its own).
 pub struct IdleVideo {
+    /// The background JPEGs spliced sessions' talking frames are made over.
+    pub backgrounds: crate::backgrounds::Backgrounds,
     budget: usize,
     used: AtomicUsize,
     streams: Mutex<HashMap<Encoding, Arc<Mutex<Stream>>>>,
@@ -81,7 +83,6 @@ struct Entry {
     background: u32,
     key: bool,
     crc: u32,
-    len: usize,
     au: Arc<[u8]>,
 }
 
@@ -90,6 +91,7 @@ impl IdleVideo {
     /// own idle frames).
     pub fn new(budget: usize, metrics: Metrics) -> Arc<IdleVideo> {
         Arc::new(IdleVideo {
+            backgrounds: Default::default(),
             budget,
             used: AtomicUsize::new(0),
             streams: Mutex::default(),
@@ -164,31 +166,30 @@ pub struct IdleFollower {
 
 impl IdleFollower {
     /// The access unit to send for the idle frame at `background`, from the stream; `None`:
-    /// the session encodes the frame itself (after [`Self::leave`]). `picture` is the frame
-    /// as it came (the prepared JPEG, or I420), which identifies it; `raw` makes its I420,
-    /// called only when the stream encodes it.
+    /// the session encodes the frame itself (after [`Self::leave`]). `crc` is the CRC-32 of
+    /// the picture as it came (the prepared JPEG, or I420), which identifies it; `raw` makes
+    /// its I420, called only when the stream encodes it.
     pub fn next(
         &mut self,
         background: u32,
-        picture: &[u8],
+        crc: u32,
         raw: impl FnOnce() -> Result<Vec<u8>, String>,
     ) -> Option<Arc<[u8]>> {
-        let base = self.base(background, picture, raw)?;
+        let base = self.base(background, crc, raw)?;
         self.video.metrics.idle_frames_shared.inc();
         Some(base.au)
     }
 
-    /// The stream's frame for the background at `background` whose picture is `picture` (as
-    /// [`Self::next`] takes it), for a talking frame to splice its face region into
+    /// The stream's frame for the background at `background` whose picture has CRC-32 `crc`
+    /// (as [`Self::next`] takes it), for a talking frame to splice its face region into
     /// ([`crate::splice`]): the entry [`Self::next`] would send, and whether it is a key
     /// frame. `None`: the budget is spent.
     pub fn base(
         &mut self,
         background: u32,
-        picture: &[u8],
+        crc: u32,
         raw: impl FnOnce() -> Result<Vec<u8>, String>,
     ) -> Option<Base> {
-        let crc = crc32fast::hash(picture);
         let stream = self.stream.clone();
         let mut s = stream.lock();
         if s.pictures.get(&background).is_some_and(|&c| c != crc) {
@@ -196,10 +197,9 @@ impl IdleFollower {
             let freed = s.start_over();
             self.video.account(0, freed);
         }
-        let len = picture.len();
-        let fits = |e: &Entry| e.background == background && e.crc == crc && e.len == len;
+        let fits = |e: &Entry| e.background == background && e.crc == crc;
         let i = self.advance(&mut s, background, fits, |s, key| {
-            s.append(background, crc, len, raw, key)
+            s.append(background, crc, raw, key)
         })?;
         let e = &s.entries[i];
         Some(Base {
@@ -271,7 +271,6 @@ impl Stream {
         &mut self,
         background: u32,
         crc: u32,
-        len: usize,
         raw: impl FnOnce() -> Result<Vec<u8>, String>,
         key: bool,
     ) -> Option<(usize, usize)> {
@@ -343,7 +342,6 @@ impl Stream {
             background,
             key,
             crc,
-            len,
             au: au.into(),
         });
         Some((i, bytes))
@@ -446,7 +444,7 @@ mod tests {
         img: &[u8],
     ) -> (Vec<u8>, bool) {
         if idle {
-            if let Some(au) = f.next(b, img, || Ok(img.to_vec())) {
+            if let Some(au) = f.next(b, crc32fast::hash(img), || Ok(img.to_vec())) {
                 return (au.to_vec(), true);
             }
         }
@@ -532,21 +530,27 @@ mod tests {
         let mut f = video.follower(encoding(codec)).unwrap();
         let mut browser = Browser::new(codec);
         for b in 0..LOOP {
-            let au = f.next(b, &picture(b, 0), || Ok(picture(b, 0))).unwrap();
+            let au = f
+                .next(b, crc32fast::hash(&picture(b, 0)), || Ok(picture(b, 0)))
+                .unwrap();
             assert!(luma_error(&mut browser, &au, &picture(b, 0)) < 6.0);
         }
         let before = video.bytes();
         let mut g = video.follower(encoding(codec)).unwrap();
         let mut other = Browser::new(codec);
         let new = picture(0, 60);
-        let au = g.next(0, &new, || Ok(new.clone())).unwrap();
+        let au = g
+            .next(0, crc32fast::hash(&new), || Ok(new.clone()))
+            .unwrap();
         assert!(
             luma_error(&mut other, &au, &new) < 6.0,
             "the old picture was sent"
         );
         assert!(video.bytes() < before, "the old entries were not freed");
         // The first follower's place is void: it rejoins at a key frame of the new stream.
-        let au = f.next(0, &new, || Ok(new.clone())).unwrap();
+        let au = f
+            .next(0, crc32fast::hash(&new), || Ok(new.clone()))
+            .unwrap();
         assert!(codec.is_key_frame(&au));
         assert!(luma_error(&mut browser, &au, &new) < 6.0);
     }
@@ -561,15 +565,18 @@ mod tests {
         let video = IdleVideo::new(1, Metrics::new());
         let mut f = video.follower(encoding(VideoCodec::H264)).unwrap();
         assert!(
-            f.next(0, &picture(0, 0), || Ok(picture(0, 0))).is_some(),
+            f.next(0, crc32fast::hash(&picture(0, 0)), || Ok(picture(0, 0)))
+                .is_some(),
             "the first entry fits an empty budget"
         );
         assert!(
-            f.next(1, &picture(1, 0), || Ok(picture(1, 0))).is_none(),
+            f.next(1, crc32fast::hash(&picture(1, 0)), || Ok(picture(1, 0)))
+                .is_none(),
             "the budget is spent"
         );
         assert!(
-            f.next(0, &picture(0, 0), || Ok(picture(0, 0))).is_some(),
+            f.next(0, crc32fast::hash(&picture(0, 0)), || Ok(picture(0, 0)))
+                .is_some(),
             "what is cached is still served"
         );
         assert!(

@@ -11,6 +11,7 @@ pub mod admission;
 pub mod answer;
 pub mod api;
 pub mod audio_in;
+pub mod backgrounds;
 pub mod events;
 pub mod fuzzing;
 pub mod http;

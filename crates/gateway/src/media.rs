@@ -255,6 +255,10 @@ impl H264Encoder {
             // One reference picture: the one before, in either stream.
             p.iNumRefFrame = 1;
             p.uiIntraPeriod = 0;
+            // Intra only when asked, never on a scene change: every tile and region makes its
+            // key frames together. (Background detection off was measured too: +0.3 dB for
+            // 15% more encode time; left on.)
+            p.bEnableSceneChangeDetect = false;
             let arg = &mut p.sSpatialLayers[0].sSliceArgument;
             if counts.len() > arg.uiSliceMbNum.len() {
                 return Err(format!(

@@ -27,6 +27,7 @@
 //! each utterance's start and end when their frames leave. Channels between the tasks and
 //! the thread are bounded.
 
+use crate::backgrounds::AvatarBackgrounds;
 use crate::events::{Event as SessionEvent, Events};
 use crate::idle_video::{Encoding, IdleVideo};
 use crate::media::{VideoCodec, VideoEncoder, VoiceDecoder, VOICE_RATE};
@@ -98,6 +99,8 @@ pub struct SessionConfig {
     /// The avatar's face region in macroblocks, where talking frames splice their region
     /// into the shared stream ([`crate::splice`]); `None`: each talking frame encoded whole.
     pub face_layout: Option<framecast_h264::Layout>,
+    /// The avatar's background frames (`AvatarInfo.frame_count`).
+    pub backgrounds: u32,
 }
 
 /// Shortest time between two `falling_behind` events of a session.
@@ -238,12 +241,17 @@ enum Form {
     I420,
     Jpeg,
     /// A talking frame as only its face region (`RenderRequest.frame_region`), over its
-    /// background's prepared JPEG.
+    /// background's prepared JPEG (CRC-32 `crc`): with the frame the first time the stream
+    /// sends it, else one the avatar's sessions keep ([`crate::backgrounds`]).
     Region {
         rect: Rect,
-        background: Bytes,
+        background: Option<Bytes>,
+        crc: u32,
     },
 }
+
+/// A region frame's background JPEG is neither with it nor kept: the frame cannot be made.
+const NO_BACKGROUND: &str = "its background JPEG is not held";
 
 impl Picture {
     fn of(f: RenderedFrame) -> Picture {
@@ -255,7 +263,8 @@ impl Picture {
                     w: r.width,
                     h: r.height,
                 },
-                background: f.background,
+                background: (!f.background.is_empty()).then_some(f.background),
+                crc: f.background_crc32,
             },
             (None, true) => Form::Jpeg,
             (None, false) => Form::I420,
@@ -268,32 +277,48 @@ impl Picture {
         }
     }
 
-    /// What names its background's picture in the shared stream ([`Frame::picture`]).
-    fn picture(&self) -> &[u8] {
+    /// The CRC-32 of its background's picture as it came, which names it in the shared
+    /// stream ([`Frame::picture`]).
+    fn picture(&self) -> u32 {
         match &self.form {
-            Form::Region { background, .. } => background,
-            Form::I420 | Form::Jpeg => &self.image,
+            Form::Region { crc, .. } => *crc,
+            Form::I420 | Form::Jpeg => crc32fast::hash(&self.image),
         }
     }
 
-    /// The I420 of [`Self::picture`] (`size`: the avatar's).
-    fn background_raw(&self, (w, h): (u32, u32)) -> Result<Vec<u8>, String> {
-        match &self.form {
-            Form::I420 => Ok(self.image.to_vec()),
-            Form::Jpeg | Form::Region { .. } => {
-                framecast_compositor::raw_frame::from_jpeg(self.picture(), w, h)
-                    .map_err(|e| format!("background JPEG: {e}"))
-            }
-        }
+    /// The I420 of its background's picture (`size`: the avatar's), a region frame's JPEG
+    /// from `kept` where it did not come with it.
+    fn background_raw(
+        &self,
+        (w, h): (u32, u32),
+        kept: Option<&AvatarBackgrounds>,
+    ) -> Result<Vec<u8>, String> {
+        let jpeg = match &self.form {
+            Form::I420 => return Ok(self.image.to_vec()),
+            Form::Jpeg => self.image.clone(),
+            Form::Region {
+                background: Some(jpeg),
+                ..
+            } => jpeg.clone(),
+            Form::Region { crc, .. } => kept
+                .and_then(|k| k.get(self.background, *crc))
+                .ok_or(NO_BACKGROUND)?,
+        };
+        framecast_compositor::raw_frame::from_jpeg(&jpeg, w, h)
+            .map_err(|e| format!("background JPEG: {e}"))
     }
 
     /// Its whole I420: as it came, or the JPEG decoded (with the region put in).
-    fn raw(&self, size: (u32, u32)) -> Result<std::borrow::Cow<'_, [u8]>, String> {
+    fn raw(
+        &self,
+        size: (u32, u32),
+        kept: Option<&AvatarBackgrounds>,
+    ) -> Result<std::borrow::Cow<'_, [u8]>, String> {
         match &self.form {
             Form::I420 => Ok(std::borrow::Cow::Borrowed(&self.image)),
-            Form::Jpeg => self.background_raw(size).map(std::borrow::Cow::Owned),
+            Form::Jpeg => self.background_raw(size, kept).map(std::borrow::Cow::Owned),
             Form::Region { rect, .. } => {
-                let mut frame = self.background_raw(size)?;
+                let mut frame = self.background_raw(size, kept)?;
                 let at = (size.0 as usize, size.1 as usize);
                 framecast_compositor::raw_frame::put(&mut frame, at, *rect, &self.image)
                     .map_err(|e| format!("face region: {e}"))?;
@@ -363,6 +388,13 @@ pub fn start(
         Mode::Mirror => VOICE_RATE,
         Mode::Agent => crate::audio_in::RATE,
     };
+    // Talking frames come as their face region, each background's JPEG once a stream: the
+    // avatar's sessions keep them ([`crate::backgrounds`]).
+    let kept = splice_layout(&config).map(|_| {
+        idle_video
+            .backgrounds
+            .of(&config.avatar, config.backgrounds)
+    });
     let render = tokio::spawn(render(
         compositor,
         config.clone(),
@@ -370,6 +402,7 @@ pub fn start(
         voice_rx,
         frame_tx,
         stats.clone(),
+        kept.clone(),
     ));
     let stop = Arc::new(AtomicBool::new(false));
     let finished = Arc::new(AtomicBool::new(false));
@@ -411,6 +444,8 @@ pub fn start(
         metrics,
         voice_tx,
         frame_rx,
+        kept,
+        asked_resend: None,
         stop: stop.clone(),
         agent,
         events: events.clone(),
@@ -467,12 +502,13 @@ async fn render(
     mut voice: tokio::sync::mpsc::Receiver<ToCompositor>,
     frames: SyncSender<RenderedI420>,
     stats: Arc<Stats>,
+    kept: Option<Arc<AvatarBackgrounds>>,
 ) {
     // The session opens with the first voice, so its frame 0 is the voice's moment 0.
     let first = loop {
         match voice.recv().await {
             Some(ToCompositor::Pcm(pcm)) => break pcm,
-            Some(ToCompositor::Cancel) => continue,
+            Some(ToCompositor::Cancel | ToCompositor::ResendBackgrounds) => continue,
             None => return,
         }
     };
@@ -490,6 +526,8 @@ async fn render(
         },
         // Talking frames as the face region only where they are spliced: the rest of the
         // frame is the shared stream's, so 1.4 MB a frame need not cross the socket.
+        // Each background's JPEG once: the avatar's sessions keep them.
+        backgrounds_once: kept.is_some(),
         frame_region: splice_layout(&config).map(|layout| {
             let r = region_rect(&layout, (config.width, config.height));
             FaceRegion {
@@ -510,6 +548,7 @@ async fn render(
         ..Default::default()
     };
     let rest = tokio_stream::wrappers::ReceiverStream::new(voice).map(|v| RenderRequest {
+        resend_backgrounds: matches!(v, ToCompositor::ResendBackgrounds),
         audio: Some(match v {
             ToCompositor::Pcm(pcm) => AudioChunk {
                 pcm,
@@ -519,6 +558,7 @@ async fn render(
                 cancel: true,
                 ..Default::default()
             },
+            ToCompositor::ResendBackgrounds => AudioChunk::default(),
         }),
         ..Default::default()
     });
@@ -542,6 +582,11 @@ async fn render(
                 }
                 expected = f.frame_index + 1;
                 let index = f.frame_index;
+                if let (Some(kept), Some(_), false) = (&kept, &f.region, f.background.is_empty()) {
+                    // Kept here, not by the worker: a frame lost on the way below still
+                    // brought its background, which the compositor sends once.
+                    kept.keep(f.background_index, f.background_crc32, f.background.clone());
+                }
                 match frames.try_send((index, Picture::of(f))) {
                     Ok(()) => {}
                     Err(TrySendError::Full(_)) => {
@@ -573,6 +618,10 @@ struct Worker {
     metrics: Metrics,
     voice_tx: tokio::sync::mpsc::Sender<ToCompositor>,
     frame_rx: Receiver<RenderedI420>,
+    /// The avatar's background JPEGs, where talking frames come as their region.
+    kept: Option<Arc<AvatarBackgrounds>>,
+    /// When the compositor was last asked to send background JPEGs again.
+    asked_resend: Option<Instant>,
     stop: Arc<AtomicBool>,
     /// What an agent session has besides (`None` in mirror mode).
     agent: Option<AgentIo>,
@@ -940,8 +989,11 @@ impl Worker {
         }
     }
 
-    /// The access unit of `picture` ([`crate::video_out`]), counted by where it came from.
-    fn video_frame(&mut self, picture: &Picture) -> Result<Vec<u8>, String> {
+    /// The access unit of `picture` ([`crate::video_out`]), counted by where it came from;
+    /// `None`: it cannot be made (a region frame whose background JPEG is not held, which a
+    /// conforming compositor never causes): dropped, counted, and the compositor asked for
+    /// its backgrounds again (at most once a second).
+    fn video_frame(&mut self, picture: &Picture) -> Result<Option<Vec<u8>>, String> {
         let size = (self.config.width as u32, self.config.height as u32);
         let region = match &picture.form {
             Form::Region { rect, .. }
@@ -957,11 +1009,31 @@ impl Worker {
             picture: picture.picture(),
             region,
         };
-        let (au, made) = self.video.frame(
+        let kept = self.kept.as_deref();
+        let made = self.video.frame(
             &frame,
-            || picture.background_raw(size),
-            || picture.raw(size),
-        )?;
+            || picture.background_raw(size, kept),
+            || picture.raw(size, kept),
+        );
+        let (au, made) = match made {
+            Err(e) if e == NO_BACKGROUND => {
+                tracing::warn!(
+                    background = picture.background,
+                    "talking frame dropped: {e}"
+                );
+                self.count_dropped(1);
+                let now = Instant::now();
+                if self
+                    .asked_resend
+                    .is_none_or(|t| now - t >= Duration::from_secs(1))
+                {
+                    self.asked_resend = Some(now);
+                    let _ = self.voice_tx.try_send(ToCompositor::ResendBackgrounds);
+                }
+                return Ok(None);
+            }
+            made => made?,
+        };
         match made {
             Made::Shared => {
                 self.stats
@@ -976,7 +1048,7 @@ impl Worker {
                 self.stats.frames_encoded.fetch_add(1, Ordering::Relaxed);
             }
         }
-        Ok(au)
+        Ok(Some(au))
     }
 
     /// Encodes and sends the frame and voice that are due.
@@ -1010,7 +1082,9 @@ impl Worker {
             return Ok(());
         };
         let started = Instant::now();
-        let au = self.video_frame(&picture)?;
+        let Some(au) = self.video_frame(&picture)? else {
+            return Ok(());
+        };
         let took = started.elapsed();
         self.stats
             .encode_us_total

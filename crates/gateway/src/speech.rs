@@ -34,6 +34,8 @@ pub enum ToCompositor {
     Pcm(Bytes),
     /// Render what is held of the cancelled speech as silence.
     Cancel,
+    /// Send the background JPEGs of talking frames again (one was missing).
+    ResendBackgrounds,
 }
 
 /// What the speaker tells the session thread.

@@ -5,7 +5,11 @@
 //! [`crate::idle_video`], a mosaic of tiles around the region: [`crate::media::MosaicEncoder`]).
 //! So a session encodes only its region, a slice per macroblock row, and puts those slices in
 //! place of the region's in the stream's access unit for the background
-//! ([`framecast_h264::Splicer`]): the demo avatar's region is 17% of its 720p frame.
+//! ([`framecast_h264::Splicer`]): the demo avatar's region is 17% of its 720p frame. The
+//! compositor sends such a frame as that region only ([`region_rect`],
+//! `RenderRequest.frame_region`) beside its background's prepared JPEG, which names the
+//! stream's frame for the background ([`IdleFollower::base`]): no whole raw frame crosses
+//! the socket.
 //!
 //! The browser then holds two encoders' pictures: outside the region the stream's, inside
 //! the session's. Each spliced frame must follow one that left the browser so: the region's
@@ -76,7 +80,7 @@ impl RegionSplice {
     }
 
     /// A talking frame as an access unit: the stream's frame for `background` (whose picture
-    /// is `picture`, as [`IdleFollower::base`] takes it; `raw` its I420) with `region` (this
+    /// has CRC-32 `picture`, as [`IdleFollower::base`] takes it; `raw` its I420) with `region` (this
     /// session's face region, I420 of [`Self::rect`]) put in. `None`: not possible (no
     /// stream frame, or a splice failed); the caller encodes the frame itself, a key frame
     /// if `follower.leave()` says so.
@@ -84,7 +88,7 @@ impl RegionSplice {
         &mut self,
         follower: &mut IdleFollower,
         background: u32,
-        picture: &[u8],
+        picture: u32,
         region: &[u8],
         raw: impl FnOnce() -> Result<Vec<u8>, String>,
     ) -> Option<Vec<u8>> {

@@ -39,18 +39,18 @@ pub struct Frame<'a> {
     pub idle: bool,
     /// Which of the avatar's background frames it shows.
     pub background: u32,
-    /// The background's picture as it came, which names it in the shared stream: an idle
-    /// frame's image (its prepared JPEG, or I420), a talking frame's background JPEG where it
-    /// came as its face region.
-    pub picture: &'a [u8],
+    /// The CRC-32 of the background's picture as it came, which names it in the shared
+    /// stream: of an idle frame's image (its prepared JPEG, or I420), of a talking frame's
+    /// background JPEG where it came as its face region.
+    pub picture: u32,
     /// A talking frame sent as only the session's face region (I420 of
-    /// [`RegionSplice::rect`]): the frame is `picture` with it put in.
+    /// [`RegionSplice::rect`]): the frame is the background with it put in.
     pub region: Option<&'a [u8]>,
 }
 
 impl VideoOut {
     /// The frame's access unit, and where it came from. `background` makes the I420 of the
-    /// frame's `picture`, `whole` the frame's own I420 (the same for an idle frame), each
+    /// frame's background picture, `whole` the frame's own I420 (the same for an idle frame), each
     /// called only when an encoder needs it.
     pub fn frame<'a>(
         &mut self,
@@ -211,14 +211,14 @@ mod tests {
                     background(b)
                 };
                 // The compositor sends a talking frame as its region over the background's
-                // picture (here its I420 stands for the JPEG that names it).
+                // picture (here its I420 stands for the JPEG whose CRC names it).
                 let idle_picture = background(b);
                 let mut region = Vec::new();
                 raw_frame::crop(&picture, (W, H), rect, &mut region).unwrap();
                 let frame = Frame {
                     idle: !talk,
                     background: b,
-                    picture: &idle_picture,
+                    picture: crc32fast::hash(&idle_picture),
                     region: talk.then_some(&region[..]),
                 };
                 let (au, from) = out

@@ -6,6 +6,7 @@ use super::wire::Crops;
 use super::{BatchTiming, FrameSink, Output};
 use crate::error::Error;
 use crate::metrics::Metrics;
+use bytes::Bytes;
 use framecast_proto::compositor::v1::{FaceRegion, ImageFormat, RenderedFrame, StageTimings};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -96,7 +97,23 @@ pub(super) async fn batch(
                     width: r.w,
                     height: r.h,
                 }),
-                background: c.region.map(|(_, jpeg)| jpeg).unwrap_or_default(),
+                background_crc32: c
+                    .region
+                    .as_ref()
+                    .map_or(0, |_| plan.avatar.frames[bg].jpeg_crc),
+                background: match (c.region, &plan.sent) {
+                    (Some((_, jpeg)), None) => jpeg,
+                    (Some((_, jpeg)), Some(sent))
+                        if sent.first(
+                            &plan.avatar.manifest.id,
+                            bg as u32,
+                            plan.avatar.frames[bg].jpeg_crc,
+                        ) =>
+                    {
+                        jpeg
+                    }
+                    _ => Bytes::new(),
+                },
                 image: c.image,
                 width: m.width,
                 height: m.height,

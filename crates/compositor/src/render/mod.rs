@@ -29,7 +29,7 @@ use crate::inference::ModelInfo;
 use crate::metrics::Metrics;
 use framecast_proto::compositor::v1::{RenderRequest, RenderedFrame};
 use framecast_proto::kserve::ModelInferResponse;
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -98,6 +98,31 @@ pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Where frames go; a closed receiver means the client went away.
 pub type FrameSink = mpsc::Sender<Result<RenderedFrame, Status>>;
 
+/// The background JPEGs a stream has sent with region frames, by avatar: with
+/// `RenderRequest.backgrounds_once` each goes once (until `resend_backgrounds`).
+#[derive(Default)]
+pub struct SentBackgrounds(parking_lot::Mutex<HashMap<String, HashSet<(u32, u32)>>>);
+
+impl SentBackgrounds {
+    /// Whether `avatar`'s background `background` (its JPEG's CRC `crc`) goes with this frame:
+    /// true the first time.
+    pub fn first(&self, avatar: &str, background: u32, crc: u32) -> bool {
+        let mut sent = self.0.lock();
+        match sent.get_mut(avatar) {
+            Some(set) => set.insert((background, crc)),
+            None => {
+                sent.insert(avatar.to_string(), HashSet::from([(background, crc)]));
+                true
+            }
+        }
+    }
+
+    /// Every background goes again (`RenderRequest.resend_backgrounds`).
+    pub fn forget(&self) {
+        self.0.lock().clear();
+    }
+}
+
 /// Where a request's frames go and what renders them: shared by every request of a stream.
 pub struct Target<'a> {
     /// Where the face model's requests meet other sessions' ([`FrameClock`]).
@@ -109,6 +134,7 @@ pub struct Target<'a> {
     pub sink: &'a FrameSink,
     /// The client's deadline for the stream (`grpc-timeout`), if it set one.
     pub deadline: Option<Instant>,
+    pub sent: &'a Arc<SentBackgrounds>,
 }
 
 /// Renders one request onto `target.sink`. Returns an error for the stream, or Ok when done
@@ -131,10 +157,16 @@ pub async fn render(
         metrics,
         sink,
         deadline,
+        sent,
     } = *target;
     let arrived = Instant::now();
     let plan = plan::validate(req, avatar, model, opts, arrived, deadline)?;
-    let plan = Arc::new(plan::Plan { closes, ..plan });
+    let sent = plan.backgrounds_once.then(|| sent.clone());
+    let plan = Arc::new(plan::Plan {
+        closes,
+        sent,
+        ..plan
+    });
     // When each frame is due: an audio session's media clock, else as soon as it can be.
     let due = due.unwrap_or(arrived);
     let period = Duration::from_secs_f64(1.0 / plan.avatar.manifest.fps.max(1.0));

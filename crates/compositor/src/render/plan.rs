@@ -1,7 +1,7 @@
 //! A Render request checked against its avatar and model: the [`Plan`] its batches are cut
 //! from.
 
-use super::{Output, RenderOptions};
+use super::{Output, RenderOptions, SentBackgrounds};
 use crate::avatar::Avatar;
 use crate::error::{invalid, Error};
 use crate::idle_frames::IdleBudget;
@@ -33,6 +33,10 @@ pub(super) struct Plan {
     /// Idle frames: the background as it is, no inference.
     pub(super) idle: bool,
     pub(super) idle_budget: Arc<IdleBudget>,
+    /// `RenderRequest.backgrounds_once`.
+    pub(super) backgrounds_once: bool,
+    /// With `backgrounds_once`: the background JPEGs the stream has sent (set by the caller).
+    pub(super) sent: Option<Arc<SentBackgrounds>>,
 }
 
 impl Plan {
@@ -223,5 +227,7 @@ pub(super) fn validate(
         closes: true,
         idle: req.idle,
         idle_budget: opts.idle_budget.clone(),
+        backgrounds_once: req.backgrounds_once,
+        sent: None,
     })
 }

@@ -54,6 +54,7 @@ pub struct Session {
     frame_format: i32,
     idle_frame_format: i32,
     frame_region: Option<FaceRegion>,
+    backgrounds_once: bool,
     format: (SampleFormat, u32),
     input: String,
     /// The audio input's shape per frame (without the batch dimension).
@@ -187,6 +188,7 @@ impl Session {
             frame_format: req.frame_format,
             idle_frame_format: req.idle_frame_format,
             frame_region: req.frame_region,
+            backgrounds_once: req.backgrounds_once,
             format,
             input: settings.input.clone(),
             dims,
@@ -422,6 +424,8 @@ impl Session {
                 frame_format: self.frame_format,
                 idle_frame_format: self.idle_frame_format,
                 frame_region: self.frame_region,
+                backgrounds_once: self.backgrounds_once,
+                resend_backgrounds: false,
                 audio: None,
                 idle,
             };
