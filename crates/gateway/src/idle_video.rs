@@ -21,8 +21,9 @@
 //! tiles around it ([`crate::media::MosaicEncoder`]) and a talking frame is the stream's
 //! access unit for its background with the session's own face region spliced in
 //! ([`crate::splice`], [`IdleFollower::base`]). The compositor sends such a frame as its
-//! region and its background's prepared JPEG, which names the background's entry exactly as
-//! an idle frame would.
+//! region and the CRC of its background's prepared JPEG (the JPEG itself once a stream:
+//! [`crate::backgrounds`]), which names the background's entry exactly as an idle frame's
+//! JPEG does.
 //!
 //! Entries are matched by background index and a CRC of the picture as it came (the
 //! prepared JPEG, or I420): an idle frame of a replaced avatar is never shown from an old

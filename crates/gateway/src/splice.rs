@@ -7,9 +7,9 @@
 //! place of the region's in the stream's access unit for the background
 //! ([`framecast_h264::Splicer`]): the demo avatar's region is 17% of its 720p frame. The
 //! compositor sends such a frame as that region only ([`region_rect`],
-//! `RenderRequest.frame_region`) beside its background's prepared JPEG, which names the
-//! stream's frame for the background ([`IdleFollower::base`]): no whole raw frame crosses
-//! the socket.
+//! `RenderRequest.frame_region`) with the CRC of its background's prepared JPEG, which names
+//! the stream's frame for the background ([`IdleFollower::base`]; the JPEG itself comes once
+//! a stream, [`crate::backgrounds`]): no whole raw frame crosses the socket.
 //!
 //! The browser then holds two encoders' pictures: outside the region the stream's, inside
 //! the session's. Each spliced frame must follow one that left the browser so: the region's
