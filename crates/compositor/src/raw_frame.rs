@@ -7,6 +7,8 @@
 //! Cr ((width + 1) / 2 x (height + 1) / 2 each). A chroma sample is the average of the pixels
 //! of its 2 x 2 block (of the one or two there are on an odd edge).
 
+use framecast_proto::compositor::v1::FaceRegion;
+
 /// Bytes of a `width` x `height` frame.
 pub fn len(width: usize, height: usize) -> usize {
     let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
@@ -215,6 +217,29 @@ impl Rect {
             ));
         }
         Ok(())
+    }
+}
+
+/// The wire's form of a rectangle (`RenderRequest.frame_region`, `RenderedFrame.region`).
+impl From<FaceRegion> for Rect {
+    fn from(r: FaceRegion) -> Rect {
+        Rect {
+            x: r.x,
+            y: r.y,
+            w: r.width,
+            h: r.height,
+        }
+    }
+}
+
+impl From<Rect> for FaceRegion {
+    fn from(r: Rect) -> FaceRegion {
+        FaceRegion {
+            x: r.x,
+            y: r.y,
+            width: r.w,
+            height: r.h,
+        }
     }
 }
 

@@ -208,12 +208,7 @@ fn info(s: &AvatarStatus) -> AvatarInfo {
     let (m, frames) = match (&s.avatar, &s.on_disk) {
         (Some(a), _) => {
             i.resident_bytes = a.resident_bytes();
-            i.face_region = a.face_region().map(|r| FaceRegion {
-                x: r.x,
-                y: r.y,
-                width: r.w,
-                height: r.h,
-            });
+            i.face_region = a.face_region().map(FaceRegion::from);
             (&a.manifest, a.frames.len() as u32)
         }
         (None, Some((m, frames))) => (m, *frames),

@@ -302,12 +302,7 @@ async fn talking_frames_cut_to_the_face_region_rebuild_the_whole_frame() {
     cut.frame_region = Some(rect);
     let cut = render(&s.client, vec![cut]).await.unwrap();
     assert_eq!(cut.len(), whole.len());
-    let r = raw_frame::Rect {
-        x: rect.x,
-        y: rect.y,
-        w: rect.width,
-        h: rect.height,
-    };
+    let r = raw_frame::Rect::from(rect);
     let (w, h) = (W as usize, H as usize);
     for (c, f) in cut.iter().zip(&whole) {
         assert_eq!(c.region, Some(rect), "frame {}", c.frame_index);

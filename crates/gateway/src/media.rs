@@ -405,20 +405,25 @@ impl MosaicEncoder {
             if key {
                 encoder.force_keyframe();
             }
-            let (x, y, tw, th) = tile.pixels_within(self.coded);
-            let rect = Rect {
-                x: x as u32,
-                y: y as u32,
-                w: tw as u32,
-                h: th as u32,
-            };
-            raw_frame::crop(i420, (w, h), rect, &mut self.crop)?;
+            raw_frame::crop(i420, (w, h), pixel_rect(tile, self.coded), &mut self.crop)?;
             aus.push(encoder.encode(&self.crop)?);
         }
         let refs: Vec<&[u8]> = aus.iter().map(Vec::as_slice).collect();
         self.mosaic
             .assemble(&refs)
             .map_err(|e| format!("H.264 mosaic: {e}"))
+    }
+}
+
+/// The pixels of `mb`'s macroblocks inside the `coded` part of a frame (even sizes), as the
+/// rectangle an encoder of that part takes.
+pub fn pixel_rect(mb: &framecast_h264::MbRect, coded: (usize, usize)) -> Rect {
+    let (x, y, w, h) = mb.pixels_within(coded);
+    Rect {
+        x: x as u32,
+        y: y as u32,
+        w: w as u32,
+        h: h as u32,
     }
 }
 

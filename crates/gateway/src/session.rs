@@ -40,7 +40,7 @@ use crate::Compositor;
 use bytes::Bytes;
 use framecast_compositor::raw_frame::Rect;
 use framecast_proto::compositor::v1::{
-    AudioChunk, AudioFormat, FaceRegion, ImageFormat, RenderRequest, RenderedFrame, SampleFormat,
+    AudioChunk, AudioFormat, ImageFormat, RenderRequest, RenderedFrame, SampleFormat,
 };
 use futures::StreamExt;
 use parking_lot::Mutex;
@@ -257,12 +257,7 @@ impl Picture {
     fn of(f: RenderedFrame) -> Picture {
         let form = match (f.region, f.format == ImageFormat::Jpeg as i32) {
             (Some(r), _) => Form::Region {
-                rect: Rect {
-                    x: r.x,
-                    y: r.y,
-                    w: r.width,
-                    h: r.height,
-                },
+                rect: Rect::from(r),
                 background: (!f.background.is_empty()).then_some(f.background),
                 crc: f.background_crc32,
             },
@@ -528,15 +523,8 @@ async fn render(
         // frame is the shared stream's, so 1.4 MB a frame need not cross the socket.
         // Each background's JPEG once: the avatar's sessions keep them.
         backgrounds_once: kept.is_some(),
-        frame_region: splice_layout(&config).map(|layout| {
-            let r = region_rect(&layout, (config.width, config.height));
-            FaceRegion {
-                x: r.x,
-                y: r.y,
-                width: r.w,
-                height: r.h,
-            }
-        }),
+        frame_region: splice_layout(&config)
+            .map(|layout| region_rect(&layout, (config.width, config.height)).into()),
         audio: Some(AudioChunk {
             format: Some(AudioFormat {
                 sample_format: SampleFormat::S16le as i32,

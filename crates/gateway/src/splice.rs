@@ -18,7 +18,7 @@
 //! of the stream. Back to idle, the session rejoins the stream at a key frame.
 
 use crate::idle_video::{Base, IdleFollower};
-use crate::media::H264Encoder;
+use crate::media::{pixel_rect, H264Encoder};
 use framecast_compositor::raw_frame::{self, Rect};
 use framecast_h264::{Layout, Splicer};
 
@@ -32,13 +32,7 @@ const MIN_REGION_BITRATE_BPS: u32 = 64_000;
 /// region encoder takes, and what it asks the compositor for (`RenderRequest.frame_region`).
 /// Its corner is on macroblocks and its size even (H.264 codes the even part of the frame).
 pub fn region_rect(layout: &Layout, (width, height): (usize, usize)) -> Rect {
-    let (x, y, w, h) = layout.region.pixels_within((width & !1, height & !1));
-    Rect {
-        x: x as u32,
-        y: y as u32,
-        w: w as u32,
-        h: h as u32,
-    }
+    pixel_rect(&layout.region, (width & !1, height & !1))
 }
 
 /// One session's encoder of its face region and its splicer.

@@ -83,6 +83,7 @@ pub(super) async fn batch(
                 }
             };
             let m = &plan.avatar.manifest;
+            let crc = plan.avatar.frames[bg].jpeg_crc;
             let frame = RenderedFrame {
                 request_id: plan.request_id.clone(),
                 frame_index,
@@ -91,24 +92,12 @@ pub(super) async fn batch(
                     Output::Jpeg { .. } => ImageFormat::Jpeg,
                     Output::I420 | Output::I420Region(_) => ImageFormat::I420,
                 } as i32,
-                region: c.region.as_ref().map(|(r, _)| FaceRegion {
-                    x: r.x,
-                    y: r.y,
-                    width: r.w,
-                    height: r.h,
-                }),
-                background_crc32: c
-                    .region
-                    .as_ref()
-                    .map_or(0, |_| plan.avatar.frames[bg].jpeg_crc),
+                region: c.region.as_ref().map(|&(r, _)| FaceRegion::from(r)),
+                background_crc32: c.region.as_ref().map_or(0, |_| crc),
                 background: match (c.region, &plan.sent) {
                     (Some((_, jpeg)), None) => jpeg,
                     (Some((_, jpeg)), Some(sent))
-                        if sent.first(
-                            &plan.avatar.manifest.id,
-                            bg as u32,
-                            plan.avatar.frames[bg].jpeg_crc,
-                        ) =>
+                        if sent.first(&plan.avatar.manifest.id, bg as u32, crc) =>
                     {
                         jpeg
                     }

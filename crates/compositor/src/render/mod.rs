@@ -162,13 +162,8 @@ pub async fn render(
         sent,
     } = *target;
     let arrived = Instant::now();
-    let plan = plan::validate(req, avatar, model, opts, arrived, deadline)?;
-    let sent = plan.backgrounds_once.then(|| sent.clone());
-    let plan = Arc::new(plan::Plan {
-        closes,
-        sent,
-        ..plan
-    });
+    let plan = plan::validate(req, avatar, model, opts, arrived, deadline, sent)?;
+    let plan = Arc::new(plan::Plan { closes, ..plan });
     // When each frame is due: an audio session's media clock, else as soon as it can be.
     let due = due.unwrap_or(arrived);
     let period = Duration::from_secs_f64(1.0 / plan.avatar.manifest.fps.max(1.0));

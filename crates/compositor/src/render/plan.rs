@@ -33,9 +33,7 @@ pub(super) struct Plan {
     /// Idle frames: the background as it is, no inference.
     pub(super) idle: bool,
     pub(super) idle_budget: Arc<IdleBudget>,
-    /// `RenderRequest.backgrounds_once`.
-    pub(super) backgrounds_once: bool,
-    /// With `backgrounds_once`: the background JPEGs the stream has sent (set by the caller).
+    /// With `RenderRequest.backgrounds_once`: the background JPEGs the stream has sent.
     pub(super) sent: Option<Arc<SentBackgrounds>>,
 }
 
@@ -58,7 +56,8 @@ impl Plan {
     }
 }
 
-/// Checks a request against its avatar and model.
+/// Checks a request against its avatar and model. `sent` is its stream's record of the
+/// background JPEGs sent, which the plan takes where the request asks for each once.
 pub(super) fn validate(
     req: RenderRequest,
     avatar: Arc<Avatar>,
@@ -66,6 +65,7 @@ pub(super) fn validate(
     opts: &RenderOptions,
     arrived: Instant,
     deadline: Option<Instant>,
+    sent: &Arc<SentBackgrounds>,
 ) -> Result<Plan, Error> {
     if req.frame_count == 0 || req.frame_count > opts.max_frames_per_request {
         return Err(invalid(format!(
@@ -111,12 +111,7 @@ pub(super) fn validate(
             ))
         }
         Some(r) => {
-            let rect = Rect {
-                x: r.x,
-                y: r.y,
-                w: r.width,
-                h: r.height,
-            };
+            let rect = Rect::from(*r);
             let m = &avatar.manifest;
             rect.check_within(m.width, m.height)
                 .map_err(|e| invalid(format!("frame_region: {e}")))?;
@@ -227,7 +222,6 @@ pub(super) fn validate(
         closes: true,
         idle: req.idle,
         idle_budget: opts.idle_budget.clone(),
-        backgrounds_once: req.backgrounds_once,
-        sent: None,
+        sent: req.backgrounds_once.then(|| sent.clone()),
     })
 }
