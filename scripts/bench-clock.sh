@@ -29,13 +29,21 @@ start_compositor 18321 18301 "$out/compositor-clock.log" --avatars "$work/avatar
   --frame-tick-ms "${CLOCK_TICK_MS:-40}"
 clock=$!
 wait_ready 300 18301 18311 18321
+# One short session on each compositor first: what a fresh process does once (the avatar's
+# face inputs registered with the inference service, shared memory set up) is not what
+# either side costs per session. (The compositor registers a preloaded avatar's face inputs
+# by itself once the inference service is ready, but this run starts the moment it is.)
+for port in 18311 18321; do
+  "$bin/framecast-bench" speech --compositor "http://127.0.0.1:$port" --sessions 1 --seconds 2 \
+    --paths stream --out "$out/warm-up" > /dev/null
+done
 
 for n in ${CLOCK_SESSIONS:-4 8 12 16}; do
   for side in alone clock; do
     if [ "$side" = alone ]; then port=18311 pid=$alone; else port=18321 pid=$clock; fi
     "$bin/framecast-bench" speech --compositor "http://127.0.0.1:$port" \
       --inference http://127.0.0.1:18301 --sessions "$n" --seconds "${CLOCK_SECONDS:-8}" \
-      --paths stream --cpu "inference=$inference" --cpu "compositor=$pid" --out "$out/speech" \
+      --paths stream --cpu "inference=$inference" --cpu "compositor=$pid" --out "$out/speech-$side" \
       | grep '^stream' | sed "s/^/$side /"
   done
 done | tee "$out/speech.txt"

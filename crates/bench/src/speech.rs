@@ -71,7 +71,8 @@ pub struct SpeechArgs {
     /// A frame arriving later than this after its audio is late, ms.
     #[arg(long, default_value_t = 250.0)]
     pub deadline_ms: f64,
-    /// Where speech.wav goes.
+    /// Where speech.wav goes, and each level's every frame latency
+    /// (`latency-PATH-MIX-SESSIONS.csv`: session, frame index, ms).
     #[arg(long, default_value = "out/bench-speech")]
     pub out: PathBuf,
     /// What the sessions say, in turn: speech throughout, silence throughout (idle), or
@@ -147,6 +148,9 @@ struct Level {
     /// CPU ms per frame of each `--cpu` process.
     cpu: Vec<(String, f64)>,
     late: usize,
+    /// Late frames by the second of the session their frame falls in (frame index / fps):
+    /// a start-up cost shows at second 0, a stall of the host as one second of every session.
+    late_by_second: std::collections::BTreeMap<u64, usize>,
     /// Client-side latency, µs, sorted.
     latency: Vec<u64>,
     /// Requests, and frames, per executed batch (forward pass) of the face model, when known.
@@ -254,11 +258,24 @@ async fn run_level(
         }));
     }
     let (mut latency, mut idle) = (Vec::new(), 0);
-    for t in tasks {
+    let mut late_by_second = std::collections::BTreeMap::new();
+    // Every frame's latency, to see where in the run the slow ones fall.
+    let mut csv = String::from("session,frame,latency_ms\n");
+    for (s, t) in tasks.into_iter().enumerate() {
         let (l, i) = t.await??;
-        latency.extend(l);
+        for (k, us) in l {
+            csv.push_str(&format!("{s},{k},{:.1}\n", us as f64 / 1e3));
+            if us as f64 > args.deadline_ms * 1e3 {
+                *late_by_second.entry((k as f64 / fps) as u64).or_insert(0) += 1;
+            }
+            latency.push(us);
+        }
         idle += i;
     }
+    let csv_path = args
+        .out
+        .join(format!("latency-{path}-{}-{sessions}.csv", mix.name()));
+    std::fs::write(&csv_path, csv).with_context(|| format!("{}", csv_path.display()))?;
     let after = batch_stats(args, &info.model).await?;
     let frames = latency.len();
     let cpu = args
@@ -293,6 +310,7 @@ async fn run_level(
         idle,
         cpu,
         late,
+        late_by_second,
         latency,
         per_batch,
     })
@@ -305,8 +323,18 @@ fn print_level(l: &Level) {
         .iter()
         .map(|(name, ms)| format!("  cpu/frame {name} {ms:.2} ms"))
         .collect();
+    let by_second: String = if l.late_by_second.is_empty() {
+        String::new()
+    } else {
+        let seconds: Vec<String> = l
+            .late_by_second
+            .iter()
+            .map(|(s, n)| format!("{s}s:{n}"))
+            .collect();
+        format!("  late by second {}", seconds.join(","))
+    };
     println!(
-        "{:<6} {:<8} sessions {:>3}  frames {:>6}  idle {:>5}  late {:>5}  latency p50 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms  requests/batch {}  frames/batch {}{cpu}",
+        "{:<6} {:<8} sessions {:>3}  frames {:>6}  idle {:>5}  late {:>5}  latency p50 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms  requests/batch {}  frames/batch {}{cpu}{by_second}",
         l.path,
         l.mix.name(),
         l.sessions,
@@ -378,7 +406,7 @@ fn frame_energies(samples: &[i16], rate: u32, fps: f64) -> Vec<f32> {
         .collect()
 }
 
-/// One audio session at real-time pace; the latency of each frame, µs.
+/// One audio session at real-time pace; each frame's index and latency, µs.
 async fn stream_session(
     mut client: CompositorClient<client::Authed>,
     id: String,
@@ -387,7 +415,7 @@ async fn stream_session(
     samples: &[i16],
     packet_ms: u32,
     fps: f64,
-) -> Result<(Vec<u64>, usize)> {
+) -> Result<(Vec<(u64, u64)>, usize)> {
     let packet = (rate as usize * packet_ms as usize / 1000).max(1);
     let messages = demo::session(&id, &avatar, rate, samples, packet);
     let count = messages.len();
@@ -428,14 +456,14 @@ async fn stream_session(
         .map(|(k, at)| {
             let needed = (window_done(k, fps) * rate as f64).ceil() as usize;
             let p = (needed.div_ceil(packet)).clamp(1, count) - 1;
-            at.saturating_duration_since(sent[p]).as_micros() as u64
+            (k, at.saturating_duration_since(sent[p]).as_micros() as u64)
         })
         .collect();
     Ok((latency, idle))
 }
 
 /// The chunk path at real-time pace: each `chunk` frames are asked for once the audio of the
-/// chunk's last window is available; the latency of each frame, µs.
+/// chunk's last window is available; each frame's index and latency, µs.
 #[allow(clippy::too_many_arguments)]
 async fn chunk_session(
     mut client: CompositorClient<client::Authed>,
@@ -446,7 +474,7 @@ async fn chunk_session(
     energies: &[f32],
     chunk: u32,
     fps: f64,
-) -> Result<(Vec<u64>, usize)> {
+) -> Result<(Vec<(u64, u64)>, usize)> {
     let total = energies.len() as u64;
     let duration = samples.len() as f64 / rate as f64;
     let per = 32 * 16 * 16;
@@ -494,7 +522,8 @@ async fn chunk_session(
     while let Some(f) = stream.next().await {
         let f = f.context("render stream")?;
         let ready = t0 + Duration::from_secs_f64(window_done(f.frame_index, fps).min(duration));
-        latency.push(Instant::now().saturating_duration_since(ready).as_micros() as u64);
+        let us = Instant::now().saturating_duration_since(ready).as_micros() as u64;
+        latency.push((f.frame_index, us));
     }
     sender.await?;
     Ok((latency, 0))

@@ -5,10 +5,10 @@ use framecast_compositor::avatar_store::AvatarStore;
 use framecast_compositor::demo::{self, DemoOptions};
 use framecast_compositor::encode::Subsampling;
 use framecast_compositor::import::{self, ImportOptions, Progress};
-use framecast_compositor::inference::{ClientOptions, InferenceClient};
+use framecast_compositor::inference::{ClientOptions, InferenceClient, RowSource};
 use framecast_compositor::manifest::Channel;
 use framecast_compositor::metrics::Metrics;
-use framecast_compositor::render::RenderOptions;
+use framecast_compositor::render::{FaceInputs, RenderOptions};
 use framecast_compositor::rpc::CompositorService;
 use framecast_compositor::server::ServeOptions;
 use framecast_telemetry::host_cpu::Headroom;
@@ -602,12 +602,24 @@ fn serve(args: ServeArgs) -> Result<()> {
         .with_profiling(args.profiling);
         framecast_telemetry::serve_metrics(args.metrics_listen, metrics.registry.clone(), access)
             .await?;
+        let mut preloaded = Vec::new();
         for id in &args.preload {
-            store
+            let avatar = store
                 .load(id)
                 .await
                 .with_context(|| format!("preload: avatar '{id}'"))?;
+            preloaded.push(Arc::downgrade(&avatar));
         }
+        // Their face inputs go to the inference replicas' tensor caches now, not with the
+        // first session's first batch (which every session's frames would wait for). Weak:
+        // an avatar unloaded or replaced since is not kept alive for this.
+        inference.register_ahead(Arc::new(move || {
+            preloaded
+                .iter()
+                .filter_map(std::sync::Weak::upgrade)
+                .map(|a| Arc::new(FaceInputs::new(a)) as Arc<dyn RowSource>)
+                .collect()
+        }));
         let per_client = args.max_streams_per_client.unwrap_or_else(|| {
             framecast_compositor::rpc::default_streams_per_client(args.max_streams)
         });

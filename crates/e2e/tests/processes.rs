@@ -659,3 +659,45 @@ fn avatar_check_reports_a_tampered_prepared_file() {
         String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("impossible"), "{text}");
 }
+
+/// A preloaded avatar's face inputs reach the replica's tensor cache before any session asks
+/// for a frame, so the first session does not wait while they are computed and sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preloaded_avatars_faces_are_registered_before_the_first_session() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (models, avatars) = write_fixtures(tmp.path(), 0);
+    let metrics = std::sync::Arc::new(framecast_inference::metrics::Metrics::new());
+    let inference = framecast_e2e::spawn_inference_with(
+        &models,
+        Default::default(),
+        metrics.clone(),
+        Default::default(),
+    )
+    .await;
+    assert_eq!(metrics.tensor_cache_bytes.get(), 0);
+    let comp_addr = free_addr();
+    let args = compositor_args(
+        &avatars,
+        &inference.url(),
+        comp_addr,
+        &["--preload", "small"],
+    );
+    let mut compositor = Proc::start("compositor", COMPOSITOR, &args);
+    compositor.wait_serving(comp_addr).await;
+    let started = Instant::now();
+    while metrics.tensor_cache_bytes.get() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "nothing registered 30 s after the compositor served, with no session open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The small avatar's face inputs: one row (6 x S x S bytes) per frame, at least.
+    let per_row =
+        framecast_compositor::face_contract::input_bytes(framecast_e2e::CROP as usize) as i64;
+    assert!(
+        metrics.tensor_cache_bytes.get() >= per_row * framecast_e2e::FRAMES as i64,
+        "{} bytes held",
+        metrics.tensor_cache_bytes.get()
+    );
+}

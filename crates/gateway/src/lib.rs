@@ -23,6 +23,7 @@ pub mod pacing;
 pub mod session;
 pub mod speech;
 pub mod splice;
+pub mod stap_a;
 pub mod tts;
 pub mod video_out;
 pub mod whip;

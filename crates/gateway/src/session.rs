@@ -50,7 +50,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use str0m::channel::ChannelId;
-use str0m::format::Codec;
+use str0m::format::{Codec, PayloadParams};
 use str0m::media::{Frequency, MediaKind, MediaTime, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Event, IceConnectionState, Input, Output, Rtc};
@@ -1088,14 +1088,12 @@ impl Worker {
             VideoCodec::H264 => Codec::H264,
             VideoCodec::Vp8 => Codec::Vp8,
         };
-        let pt = writer
+        let mode_1 = |p: &PayloadParams| p.spec().format.packetization_mode == Some(1);
+        let (pt, aggregate) = writer
             .payload_params()
-            .find(|p| {
-                let s = p.spec();
-                s.codec == codec && (codec != Codec::H264 || s.format.packetization_mode == Some(1))
-            })
+            .find(|p| p.spec().codec == codec && (codec != Codec::H264 || mode_1(p)))
             .or_else(|| writer.payload_params().find(|p| p.spec().codec == codec))
-            .map(|p| p.pt())
+            .map(|p| (p.pt(), codec == Codec::H264 && mode_1(p)))
             .ok_or_else(|| {
                 format!(
                     "the browser accepted no {} payload type",
@@ -1108,6 +1106,12 @@ impl Worker {
         );
         let wallclock = self.pacer.slot(index).unwrap_or(now).min(now);
         let started = Instant::now();
+        // A spliced frame's many small slices in a few packets, where the browser takes STAP-A.
+        let au = if aggregate {
+            crate::stap_a::pack(&au, crate::stap_a::MAX_STAP_A_BYTES)
+        } else {
+            au
+        };
         writer
             .write(pt, wallclock, time, au)
             .map_err(|e| format!("video write: {e}"))?;

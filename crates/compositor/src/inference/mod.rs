@@ -30,7 +30,7 @@ mod tensors;
 pub use model_info::{EncoderInfo, ModelInfo};
 use replica::InFlight;
 pub(crate) use replica::Replica;
-pub use tensors::{CachedInput, RowSource};
+pub use tensors::{AheadSources, CachedInput, RowSource};
 
 use crate::discovery::{self, Resolve, SystemResolver};
 use crate::shm_pool::Lease;
@@ -186,6 +186,8 @@ pub struct InferenceClient {
     encoders: Arc<Mutex<HashMap<String, Arc<EncoderInfo>>>>,
     next_id: Arc<AtomicU64>,
     shm_batches: Arc<AtomicU64>,
+    /// What every replica should hold before a batch needs it.
+    ahead: Arc<RwLock<Option<AheadSources>>>,
     opts: ClientOptions,
 }
 
@@ -218,8 +220,10 @@ impl InferenceClient {
             .map(|(i, url)| Replica::open(i as u64, url, None, opts))
             .collect::<Result<Vec<_>, String>>()?;
         let replicas = Arc::new(RwLock::new(Arc::new(replicas)));
+        let ahead = Arc::new(RwLock::new(None));
         health::spawn_checks(
             Arc::downgrade(&replicas),
+            ahead.clone(),
             opts.health_interval,
             opts.replicas_gauge.clone(),
         );
@@ -238,8 +242,23 @@ impl InferenceClient {
             encoders: Arc::default(),
             next_id: Arc::new(AtomicU64::new(1)),
             shm_batches: Arc::default(),
+            ahead,
             opts: opts.clone(),
         })
+    }
+
+    /// Has every replica hold `sources`' tensors (a preloaded avatar's face inputs) in its
+    /// tensor cache before a batch needs them: now for the replicas taken to be healthy, and
+    /// again whenever one turns healthy (a replica found later, or back from a restart).
+    /// Without it the first batch to need a tensor registers it, and every session's frames
+    /// wait for that (the demo avatar's face inputs: 123 MB, computed and sent).
+    pub fn register_ahead(&self, sources: AheadSources) {
+        *self.ahead.write() = Some(sources.clone());
+        for r in self.snapshot().iter() {
+            if r.healthy.load(Ordering::Acquire) {
+                health::register_ahead(r, sources.clone(), false);
+            }
+        }
     }
 
     fn snapshot(&self) -> Replicas {

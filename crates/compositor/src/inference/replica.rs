@@ -43,6 +43,9 @@ pub(crate) struct Replica {
     stream: tokio::sync::Mutex<Option<Arc<StreamConn>>>,
     pub(crate) in_flight: AtomicUsize,
     pub(crate) healthy: AtomicBool,
+    /// The tensors to hold ahead of the first batch ([`super::InferenceClient::register_ahead`])
+    /// were handed to it since it last turned healthy (or are being so).
+    pub(crate) ahead: AtomicBool,
     pub(crate) shm: Option<Arc<ShmPool>>,
     /// What its tensor cache holds of ours.
     pub(crate) tensors: ReplicaTensors,
@@ -101,6 +104,7 @@ impl Replica {
             stream: tokio::sync::Mutex::new(None),
             in_flight: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
+            ahead: AtomicBool::new(false),
             shm,
             tensors,
             token: opts.token.clone(),

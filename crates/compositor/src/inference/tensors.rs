@@ -50,6 +50,11 @@ pub trait RowSource: Send + Sync {
     fn rows(&self, rows: &[usize]) -> Result<Bytes, String>;
 }
 
+/// The tensors every replica should hold before a batch needs them (a preloaded avatar's face
+/// inputs), asked for afresh each time a replica turns healthy, so a source gone since (an
+/// avatar unloaded) is not registered.
+pub type AheadSources = Arc<dyn Fn() -> Vec<Arc<dyn RowSource>> + Send + Sync>;
+
 /// One input of a batch given as rows of a [`RowSource`]: the request's `inputs[input]`
 /// carries no payload until the replica is chosen.
 #[derive(Clone)]
@@ -234,6 +239,34 @@ impl ReplicaTensors {
         self.refused.lock().remove(&name);
         self.registered.lock().insert(name);
         Ok(true)
+    }
+
+    /// Registers each of `sources` with the replica (`kserve`'s) unless it holds it, if it
+    /// offers the extension. Refused ones are left to the first batch that needs them; an
+    /// error (the replica went away) is returned, so the caller tries again.
+    /// `again`: the replica was unhealthy since they were registered and may have restarted
+    /// empty, so they are sent again whatever we think it holds.
+    pub(crate) async fn register_ahead(
+        &self,
+        kserve: &GrpcInferenceServiceClient<Channel>,
+        sources: &[Arc<dyn RowSource>],
+        again: bool,
+    ) -> Result<usize, Status> {
+        if sources.is_empty()
+            || !self
+                .offers(kserve, framecast_proto::tensorcache::EXTENSION)
+                .await
+        {
+            return Ok(0);
+        }
+        let mut held = 0;
+        for s in sources {
+            if again {
+                self.forget(s.name());
+            }
+            held += usize::from(self.ensure(s).await?);
+        }
+        Ok(held)
     }
 
     /// Forgets that the replica holds `name` (it said it does not).

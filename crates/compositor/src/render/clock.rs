@@ -20,6 +20,13 @@
 //! every batch and delay the frames other sessions need now. A request is never split;
 //! what does not fit goes in the next batch, which is sent at once.
 //!
+//! A stream's last request (the frames left when its audio ends) goes at once, alone: its
+//! session is leaving the clock and every one of those frames is due, so holding it only
+//! delays them; merged into one pass with the other sessions' it ran on one instance where
+//! alone the inference service spreads such requests over its instances
+//! (docs/performance.md, "Cross-session batching"). A session catching up after a stall is
+//! still merged: merging is what lets an overloaded host catch up.
+//!
 //! Requests merge when they name the same model, the same avatar's face rows (one tensor in
 //! the replica's cache) and the same inputs; sessions of different avatars meet only at the
 //! inference service's own batcher.
@@ -84,11 +91,12 @@ impl std::fmt::Display for FrameTick {
     }
 }
 
-/// Who asks, for what: a request's frames, when its first is due, the session (its Render
-/// stream), and whether its model runs on a GPU.
+/// Who asks, for what: a request's frames, when its first is due, whether it is its stream's
+/// last, the session (its Render stream), and whether its model runs on a GPU.
 pub struct Asker {
     pub frames: usize,
     pub due: Instant,
+    pub last: bool,
     pub session: u64,
     pub on_gpu: bool,
 }
@@ -160,11 +168,12 @@ impl FrameClock {
         let Asker {
             frames: n,
             due,
+            last,
             session,
             on_gpu,
         } = asker;
         let tick = self.tick.for_model(on_gpu);
-        if tick.is_zero() {
+        if tick.is_zero() || last {
             self.metrics.face_batch_requests.observe(1.0);
             self.metrics.face_batch_frames.observe(n as f64);
             return self

@@ -20,6 +20,7 @@ mod wire;
 
 pub use clock::{Asker, FrameClock, FrameTick};
 pub use composite::{compose, idle, splices, Composed, Crop, Output};
+pub use wire::FaceInputs;
 
 use crate::avatar::Avatar;
 use crate::encode::Subsampling;
@@ -193,6 +194,7 @@ pub async fn render(
             let lo = next;
             let first_due = due + period.mul_f64(lo as f64);
             let on_gpu = plan.model.on_gpu;
+            let last = plan.closes && end == plan.count;
             in_flight.push_back((
                 next,
                 end,
@@ -202,6 +204,7 @@ pub async fn render(
                         let asker = Asker {
                             frames: end - lo,
                             due: first_due,
+                            last,
                             session: stream,
                             on_gpu,
                         };
