@@ -241,6 +241,12 @@ impl IdleFollower {
                 let at_end = next.is_some() && next == Some(s.entries.len());
                 let (i, bytes) = append(s, !at_end)?;
                 self.video.account(bytes, 0);
+                let kind = if s.entries[i].key { "key" } else { "delta" };
+                self.video
+                    .metrics
+                    .idle_stream_encoded
+                    .with_label_values(&[kind])
+                    .inc();
                 i
             }
             None => return None,

@@ -22,6 +22,8 @@ pub struct Metrics {
     /// Talking frames sent as their avatar's shared stream with the session's face region
     /// spliced in ([`crate::splice`]).
     pub frames_spliced: IntCounter,
+    /// Frames encoded onto the shared streams, by kind (`key`, `delta`).
+    pub idle_stream_encoded: IntCounterVec,
     /// Bytes of the shared idle streams.
     pub idle_cache_bytes: IntGauge,
     /// 1 while admission by margin admits new sessions, 0 while it refuses them.
@@ -77,6 +79,14 @@ impl Metrics {
                 "Talking frames sent as the avatar's shared stream with the session's own face region spliced in (only the region encoded)",
             )
             .expect("valid metric"),
+            idle_stream_encoded: IntCounterVec::new(
+                Opts::new(
+                    "idle_stream_encoded_total",
+                    "Frames encoded onto the avatars' shared streams (each a background decoded and encoded once for every session), by kind: key or delta",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
             idle_cache_bytes: IntGauge::new(
                 "idle_cache_bytes",
                 "Bytes held by the shared encodes of the avatars' idle loops (--idle-cache-mib)",
@@ -99,6 +109,7 @@ impl Metrics {
             Box::new(m.rtt_seconds.clone()),
             Box::new(m.idle_frames_shared.clone()),
             Box::new(m.frames_spliced.clone()),
+            Box::new(m.idle_stream_encoded.clone()),
             Box::new(m.idle_cache_bytes.clone()),
             Box::new(m.admission_open.clone()),
         ] {
