@@ -24,6 +24,7 @@ use framecast_gateway::media::{
     is_key_frame, Complexity, H264Encoder, MosaicEncoder, VideoCodec, VideoEncoder, H264_COMPLEXITY,
 };
 use framecast_gateway::splice::RegionSplice;
+use framecast_gateway::stap_a;
 use framecast_h264::Layout;
 use openh264::formats::YUVSource;
 use std::sync::Arc;
@@ -157,12 +158,34 @@ impl Contender {
     }
 }
 
-/// What a contender made: kbit/s, mean luma PSNR (dB), median encode ms a frame.
+/// What a contender made: kbit/s, mean luma PSNR (dB), median encode ms a frame, and RTP
+/// packets a frame (H.264: each NAL unit a packet, or FU-A fragments of one too large for
+/// str0m's payload budget) as sent and with small slices packed into STAP-A units.
 #[derive(Clone, Copy)]
 struct Figures {
     kbps: f64,
     db: f64,
     ms: f64,
+    packets: (f64, f64),
+}
+
+/// RTP payload bytes str0m gives a packet at its default MTU (1150, less SRTP's 16-byte tag,
+/// rounded down to 16).
+const RTP_PAYLOAD: usize = 1120;
+
+/// The H.264 packets `au` goes out as: a NAL unit that fits the payload budget is one packet,
+/// a larger one its FU-A fragments.
+fn packets(au: &[u8]) -> usize {
+    framecast_h264::nal_units(au)
+        .iter()
+        .map(|u| {
+            if u.len() <= RTP_PAYLOAD {
+                1
+            } else {
+                (u.len() - 1).div_ceil(RTP_PAYLOAD - 2)
+            }
+        })
+        .sum()
 }
 
 /// Every frame through every contender, the contenders taking turns frame by frame so noise
@@ -171,12 +194,16 @@ fn side_by_side(frames: &[Vec<u8>], contenders: &mut [Contender]) -> Vec<Figures
     let mut ms = vec![Vec::new(); contenders.len()];
     let mut bytes = vec![0usize; contenders.len()];
     let mut db = vec![0.0f64; contenders.len()];
+    let mut sent = vec![(0usize, 0usize); contenders.len()];
     for f in frames {
         for (i, c) in contenders.iter_mut().enumerate() {
             let started = Instant::now();
             let out = (c.encode)(f);
             ms[i].push(started.elapsed().as_secs_f64() * 1e3);
             bytes[i] += out.len();
+            let packed = stap_a::pack(&out, stap_a::MAX_STAP_A_BYTES);
+            sent[i].0 += packets(&out);
+            sent[i].1 += packets(&packed);
             db[i] += psnr(&f[..W * H], &c.browser.luma(&out));
         }
     }
@@ -186,6 +213,7 @@ fn side_by_side(frames: &[Vec<u8>], contenders: &mut [Contender]) -> Vec<Figures
             kbps: bytes[i] as f64 * 8.0 * FPS / n / 1000.0,
             db: db[i] / n,
             ms: median(std::mem::take(&mut ms[i])),
+            packets: (sent[i].0 as f64 / n, sent[i].1 as f64 / n),
         })
         .collect()
 }
@@ -340,15 +368,15 @@ fn spliced_against_whole(
         share * 100.0
     );
     println!(
-        "{:>8} {:>7} {:>9} {:>9} {:>11}",
-        "session", "target", "made", "Y-PSNR", "encode ms"
+        "{:>8} {:>7} {:>9} {:>9} {:>11} {:>17}",
+        "session", "target", "made", "Y-PSNR", "encode ms", "packets (STAP-A)"
     );
     let figures = side_by_side(frames, &mut contenders);
     let names = std::iter::once(("whole", DEFAULT_KBPS)).chain(rates.map(|k| ("spliced", k)));
     for ((name, kbps), f) in names.zip(figures) {
         println!(
-            "{name:>8} {kbps:>7} {:>9.0} {:>9.2} {:>11.2}",
-            f.kbps, f.db, f.ms
+            "{name:>8} {kbps:>7} {:>9.0} {:>9.2} {:>11.2} {:>8.1} ({:>5.1})",
+            f.kbps, f.db, f.ms, f.packets.0, f.packets.1
         );
     }
 }

@@ -1,9 +1,9 @@
 //! Small NAL units of an access unit packed into STAP-A aggregation packets (RFC 6184 §5.7.1).
 //!
-//! A spliced frame is made of many slices: for the demo avatar 77 (a slice for each of the
-//! face region's 25 macroblock rows, one for each strip left and right of it, and the bands
-//! above and below), most of them a few dozen bytes. The RTP packetizer (str0m's) sends each
-//! NAL unit in a packet of its own, so a 4 KB frame went out as about 77 packets, each one
+//! A spliced frame is made of many slices: for the demo avatar 79 (a slice for each of the
+//! face region's 25 macroblock rows and for each row of the strips left and right of it, two
+//! for each band above and below), most of them a few dozen bytes. The RTP packetizer (str0m's) sends each
+//! NAL unit in a packet of its own, so a frame of a few KB went out as 79 packets, each one
 //! sealed (SRTP), sent (a system call) and received by the browser on its own: the kernel
 //! was a quarter of the gateway's CPU. Packed into STAP-A units of at most
 //! [`MAX_STAP_A_BYTES`], the same frame goes in a handful.

@@ -252,12 +252,20 @@ impl ReplicaTensors {
         sources: &[Arc<dyn RowSource>],
         again: bool,
     ) -> Result<usize, Status> {
-        if sources.is_empty()
-            || !self
-                .offers(kserve, framecast_proto::tensorcache::EXTENSION)
-                .await
-        {
+        if sources.is_empty() {
             return Ok(0);
+        }
+        if !self
+            .offers(kserve, framecast_proto::tensorcache::EXTENSION)
+            .await
+        {
+            // Not offered (a plain Triton), or not known yet: the replica did not answer.
+            return match self.extensions.get() {
+                Some(_) => Ok(0),
+                None => Err(Status::unavailable(
+                    "the replica did not answer ServerMetadata",
+                )),
+            };
         }
         let mut held = 0;
         for s in sources {
