@@ -11,6 +11,11 @@
 //!   host counted, a conservative estimate when the compositor and the inference service
 //!   share the host, as on one machine) times `--admission-headroom`.
 //!
+//! Work done once for every session (encoding an avatar's shared stream: its first pass of
+//! the loop, paid by whichever session reaches a frame first) is taken out of a session's
+//! cost: counted in, it made the first session of a burst look two to three times what a
+//! session costs, and admission took a third of what the host holds.
+//!
 //! The CPU lags the admissions (a session costs only once it is connected and streaming), so
 //! sessions admitted in the last two windows count against the free cores at the last
 //! measured cost each: a burst of offers takes what the margin holds, not every place up to
@@ -46,7 +51,19 @@ pub struct Counters {
 pub struct Sample {
     pub at: Instant,
     pub cpu: Option<CpuTimes>,
+    /// CPU time spent so far on work shared by every session ([`crate::idle_video`]'s
+    /// encodes onto the shared streams).
+    pub shared: Duration,
     pub sessions: HashMap<String, Counters>,
+}
+
+/// Cores spent on shared work between `old` and `new`.
+fn shared_cores(old: &Sample, new: &Sample) -> f64 {
+    let span = new.at.saturating_duration_since(old.at).as_secs_f64();
+    if span <= 0.0 {
+        return 0.0;
+    }
+    new.shared.saturating_sub(old.shared).as_secs_f64() / span
 }
 
 /// Whether one more session may come, and if not why (for the 503's body).
@@ -57,7 +74,8 @@ pub enum Verdict {
 }
 
 /// The verdict from `old` to `new` on a host of `cores`, one session needing its measured
-/// share of the cores busy above `idle` times `headroom` (0: CPU not considered).
+/// share of the cores busy above `idle` and the shared work times `headroom` (0: CPU not
+/// considered).
 pub fn judge(old: &Sample, new: &Sample, cores: f64, headroom: f64, idle: f64) -> Verdict {
     let span = new.at.saturating_duration_since(old.at).as_secs_f64();
     if span <= 0.0 {
@@ -87,7 +105,8 @@ pub fn judge(old: &Sample, new: &Sample, cores: f64, headroom: f64, idle: f64) -
         }
     }
     let open = new.sessions.len();
-    match host_cpu::short_of(old.cpu, new.cpu, cores, open, headroom, idle, "session") {
+    let above = idle + shared_cores(old, new);
+    match host_cpu::short_of(old.cpu, new.cpu, cores, open, headroom, above, "session") {
         Some(why) => Verdict::Refuse(why),
         None => Verdict::Admit,
     }
@@ -164,10 +183,12 @@ impl Admission {
     }
 
     /// Takes a sample of `sessions` now and judges it against the one a window before.
-    pub fn sample(&mut self, sessions: HashMap<String, Counters>) {
+    /// `shared`: CPU time spent so far on work shared by every session.
+    pub fn sample(&mut self, sessions: HashMap<String, Counters>, shared: Duration) {
         let now = Sample {
             at: Instant::now(),
             cpu: CpuTimes::now(),
+            shared,
             sessions,
         };
         while self
@@ -201,7 +222,8 @@ impl Admission {
                             })
                             .count();
                         if steady > 0 && steady == now.sessions.len() {
-                            self.cost = Some(host_cpu::share(busy, self.idle.cores(), steady));
+                            let above = self.idle.cores() + shared_cores(old, &now);
+                            self.cost = Some(host_cpu::share(busy, above, steady));
                         }
                     }
                 }
@@ -230,6 +252,7 @@ mod tests {
                 busy: cpu.0,
                 total: cpu.1,
             }),
+            shared: Duration::ZERO,
             sessions: sessions
                 .iter()
                 .map(|&(id, sent, missed)| {
@@ -286,6 +309,11 @@ mod tests {
             Verdict::Refuse(_)
         ));
         assert_eq!(judge(&old, &full, 2.0, 1.25, 1.2), Verdict::Admit);
+        // 1.2 of the 1.6 busy cores went on the shared stream's encodes: a session costs
+        // 0.2, which 0.4 free holds.
+        let mut shared = full.clone();
+        shared.shared = Duration::from_millis(2400);
+        assert_eq!(judge(&old, &shared, 2.0, 1.25, 0.0), Verdict::Admit);
         // A session not yet connected is not judged; a new one has no old counters.
         let mut waiting = sample(t1, (100, 200), &[("a", 50, 0), ("c", 0, 0)]);
         waiting.sessions.get_mut("a").unwrap().connected = false;
@@ -297,7 +325,7 @@ mod tests {
     #[test]
     fn without_history_one_session_is_admitted_at_a_time() {
         let mut a = Admission::new(1.25);
-        a.sample(HashMap::new());
+        a.sample(HashMap::new(), Duration::ZERO);
         assert_eq!(a.verdict(), &Verdict::Admit);
         assert!(a.admit().is_ok());
         let why = a.admit().unwrap_err();

@@ -210,7 +210,7 @@ impl Gateway {
             })
             .collect();
         let mut a = admission.lock();
-        a.sample(counters);
+        a.sample(counters, self.idle_video.shared_work());
         self.metrics
             .admission_open
             .set((*a.verdict() == Verdict::Admit) as i64);

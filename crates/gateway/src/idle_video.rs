@@ -35,7 +35,7 @@ use crate::media::{VideoCodec, VideoEncoder};
 use crate::metrics::Metrics;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The idle streams of a gateway, one per avatar and encoding (codec included: a VP8 session
@@ -45,6 +45,9 @@ pub struct IdleVideo {
     pub backgrounds: crate::backgrounds::Backgrounds,
     budget: usize,
     used: AtomicUsize,
+    /// CPU time spent encoding frames onto the streams, µs: work done once for every session
+    /// of an avatar, which admission does not charge to the session that happened to do it.
+    shared_cpu_us: AtomicU64,
     streams: Mutex<HashMap<Encoding, Arc<Mutex<Stream>>>>,
     metrics: Metrics,
 }
@@ -95,6 +98,7 @@ impl IdleVideo {
             backgrounds: Default::default(),
             budget,
             used: AtomicUsize::new(0),
+            shared_cpu_us: AtomicU64::new(0),
             streams: Mutex::default(),
             metrics,
         })
@@ -129,6 +133,12 @@ impl IdleVideo {
             at: None,
             borrowed: false,
         })
+    }
+
+    /// CPU time spent so far encoding frames onto the streams (each background decoded and
+    /// encoded once for every session): an avatar's first pass of its loop, then little.
+    pub fn shared_work(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.shared_cpu_us.load(Ordering::Relaxed))
     }
 
     /// Bytes held by all streams.
@@ -239,7 +249,14 @@ impl IdleFollower {
             Some(i) => i,
             None if self.video.bytes() < self.video.budget => {
                 let at_end = next.is_some() && next == Some(s.entries.len());
-                let (i, bytes) = append(s, !at_end)?;
+                let started = framecast_telemetry::host_cpu::thread_cpu();
+                let appended = append(s, !at_end);
+                if let (Some(a), Some(b)) = (started, framecast_telemetry::host_cpu::thread_cpu()) {
+                    self.video
+                        .shared_cpu_us
+                        .fetch_add(b.saturating_sub(a).as_micros() as u64, Ordering::Relaxed);
+                }
+                let (i, bytes) = appended?;
                 self.video.account(bytes, 0);
                 let kind = if s.entries[i].key { "key" } else { "delta" };
                 self.video

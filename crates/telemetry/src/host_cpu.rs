@@ -23,6 +23,18 @@ impl CpuTimes {
     }
 }
 
+/// CPU time the calling thread has used so far (Linux `CLOCK_THREAD_CPUTIME_ID`): what a
+/// piece of work cost the host, unlike its wall time, which grows when the cores are busy.
+pub fn thread_cpu() -> Option<std::time::Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is, and reads nothing else.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
 /// Why the host cannot take one more unit of work (a session, a stream) between `old` and
 /// `new`: its free cores are fewer than one unit's share of the busy ones (`units` running)
 /// times `headroom`. A unit's share is of the cores busy above `idle`, what the host keeps
@@ -45,7 +57,7 @@ pub fn short_of(
     let one = share(busy, idle, units);
     (free < one * headroom).then(|| {
         format!(
-            "no margin: the host has {free:.2} of {cores:.0} cores free; a {unit} costs about {one:.2} here (busy cores above the {idle:.2} busy with none open, over {units} {unit}s) and the admission headroom asks {headroom}x that; try again later"
+            "no margin: the host has {free:.2} of {cores:.0} cores free; a {unit} costs about {one:.2} here (busy cores above the {idle:.2} busy with none open or on work shared by all, over {units} {unit}s) and the admission headroom asks {headroom}x that; try again later"
         )
     })
 }
