@@ -158,15 +158,15 @@ impl Contender {
     }
 }
 
-/// What a contender made: kbit/s, mean luma PSNR (dB), median encode ms a frame, and RTP
-/// packets a frame (H.264: each NAL unit a packet, or FU-A fragments of one too large for
-/// str0m's payload budget) as sent and with small slices packed into STAP-A units.
+/// What a contender made: kbit/s, mean luma PSNR (dB), median encode ms a frame, and for
+/// H.264 the RTP packets a frame (each NAL unit a packet, or FU-A fragments of one too large
+/// for str0m's payload budget) as sent and with small slices packed into STAP-A units.
 #[derive(Clone, Copy)]
 struct Figures {
     kbps: f64,
     db: f64,
     ms: f64,
-    packets: (f64, f64),
+    packets: Option<(f64, f64)>,
 }
 
 /// RTP payload bytes str0m gives a packet at its default MTU (1150, less SRTP's 16-byte tag,
@@ -201,9 +201,11 @@ fn side_by_side(frames: &[Vec<u8>], contenders: &mut [Contender]) -> Vec<Figures
             let out = (c.encode)(f);
             ms[i].push(started.elapsed().as_secs_f64() * 1e3);
             bytes[i] += out.len();
-            let packed = stap_a::pack(&out, stap_a::MAX_STAP_A_BYTES);
-            sent[i].0 += packets(&out);
-            sent[i].1 += packets(&packed);
+            if matches!(c.browser, Browser::H264(_)) {
+                let packed = stap_a::pack(&out, stap_a::MAX_STAP_A_BYTES);
+                sent[i].0 += packets(&out);
+                sent[i].1 += packets(&packed);
+            }
             db[i] += psnr(&f[..W * H], &c.browser.luma(&out));
         }
     }
@@ -213,7 +215,8 @@ fn side_by_side(frames: &[Vec<u8>], contenders: &mut [Contender]) -> Vec<Figures
             kbps: bytes[i] as f64 * 8.0 * FPS / n / 1000.0,
             db: db[i] / n,
             ms: median(std::mem::take(&mut ms[i])),
-            packets: (sent[i].0 as f64 / n, sent[i].1 as f64 / n),
+            packets: matches!(contenders[i].browser, Browser::H264(_))
+                .then(|| (sent[i].0 as f64 / n, sent[i].1 as f64 / n)),
         })
         .collect()
 }
@@ -376,7 +379,11 @@ fn spliced_against_whole(
     for ((name, kbps), f) in names.zip(figures) {
         println!(
             "{name:>8} {kbps:>7} {:>9.0} {:>9.2} {:>11.2} {:>8.1} ({:>5.1})",
-            f.kbps, f.db, f.ms, f.packets.0, f.packets.1
+            f.kbps,
+            f.db,
+            f.ms,
+            f.packets.map_or(0.0, |p| p.0),
+            f.packets.map_or(0.0, |p| p.1)
         );
     }
 }
