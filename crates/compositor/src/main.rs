@@ -300,7 +300,8 @@ struct ServeArgs {
     /// JPEG chroma subsampling: 4:4:4, 4:2:2, 4:2:0 or gray.
     #[arg(long, env = "FRAMECAST_SUBSAMPLING", default_value_t = RenderOptions::default().subsampling)]
     subsampling: Subsampling,
-    /// Threads for blending and encoding (0: one per core).
+    /// Threads for blending and encoding (0: one per core); also how many lone frames (a
+    /// live session's) are composited at once.
     #[arg(long, env = "FRAMECAST_WORKERS", default_value_t = 0)]
     workers: usize,
     /// HTTP/2 keep-alive ping interval to the inference service, seconds.

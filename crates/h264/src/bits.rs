@@ -5,19 +5,13 @@ use crate::Error;
 /// The NAL units of an Annex B byte stream (start codes of three or four bytes), without
 /// their start codes.
 pub fn nal_units(stream: &[u8]) -> Vec<&[u8]> {
-    let mut starts = Vec::new();
-    let mut i = 0;
-    while i + 3 <= stream.len() {
-        if stream[i] == 0 && stream[i + 1] == 0 && stream[i + 2] == 1 {
-            starts.push((i, i + 3));
-            i += 3;
-        } else {
-            i += 1;
-        }
-    }
+    // Found with memchr's vector search: every access unit the gateway sends is scanned
+    // two or three times (splice, STAP-A packing), and a byte-at-a-time scan was 2% of its CPU.
+    let starts: Vec<usize> = memchr::memmem::find_iter(stream, &[0u8, 0, 1]).collect();
     let mut units = Vec::with_capacity(starts.len());
-    for (n, &(_, begin)) in starts.iter().enumerate() {
-        let mut end = starts.get(n + 1).map_or(stream.len(), |&(code, _)| code);
+    for (n, &code) in starts.iter().enumerate() {
+        let begin = code + 3;
+        let mut end = starts.get(n + 1).copied().unwrap_or(stream.len());
         // A four-byte start code's leading zero (and trailing_zero_8bits) belong to no unit.
         while end > begin && stream[end - 1] == 0 {
             end -= 1;

@@ -290,11 +290,24 @@ struct Unit<'a> {
     rbsp: Vec<u8>,
 }
 
+/// RBSP bytes a slice header takes at most in practice (a few dozen with every option): where
+/// only the header is read, only these are unescaped, not the slice's data.
+const HEAD_BYTES: usize = 96;
+
 impl<'a> Unit<'a> {
     fn new(raw: &'a [u8]) -> Unit<'a> {
         Unit {
             raw,
             rbsp: unescape(&raw[1..]),
+        }
+    }
+
+    /// The unit with only the start of its RBSP, enough for a slice header (see
+    /// [`TileSets::parse`] for the rare header that is longer).
+    fn head(raw: &'a [u8]) -> Unit<'a> {
+        Unit {
+            raw,
+            rbsp: unescape(&raw[1..raw.len().min(1 + HEAD_BYTES)]),
         }
     }
 
@@ -318,16 +331,24 @@ struct TileSlices<'a> {
 
 impl TileSets {
     /// Parses `au`, a picture of `rect`'s size: parameter sets kept, slices parsed against
-    /// them, other units (SEI) returned as they are.
+    /// them, other units (SEI) returned as they are. With `headers_only` a slice's units
+    /// hold the RBSP of its header, not of its data (a slice copied as it is needs no more).
     fn parse<'a>(
         &mut self,
         au: &'a [u8],
         rect: MbRect,
         what: &str,
+        headers_only: bool,
     ) -> Result<FramePicture<'a>, Error> {
         let mut slices = Vec::new();
         let mut others = Vec::new();
-        for unit in nal_units(au).into_iter().map(Unit::new) {
+        for raw in nal_units(au) {
+            let slice = matches!(raw[0] & 0x1f, 1 | 5);
+            let unit = if headers_only && slice {
+                Unit::head(raw)
+            } else {
+                Unit::new(raw)
+            };
             match unit.kind() {
                 7 => self.sps = Some(Sps::parse(&unit.rbsp)?),
                 8 => self.pps = Some(Pps::parse(&unit.rbsp)?),
@@ -351,7 +372,15 @@ impl TileSets {
                     rect.height()
                 )));
             }
-            slices.push((SliceHeader::parse(unit.raw[0], &unit.rbsp, sps, pps)?, unit));
+            let (header, unit) = match SliceHeader::parse(unit.raw[0], &unit.rbsp, sps, pps) {
+                // A header longer than HEAD_BYTES: read again from the whole unit.
+                Err(Error::Truncated) if unit.rbsp.len() < unit.raw.len() - 1 => {
+                    let unit = Unit::new(unit.raw);
+                    (SliceHeader::parse(unit.raw[0], &unit.rbsp, sps, pps)?, unit)
+                }
+                parsed => (parsed?, unit),
+            };
+            slices.push((header, unit));
         }
         if slices.is_empty() {
             return Err(Error::Mismatch(format!("{what} picture without slices")));
@@ -368,7 +397,7 @@ impl TileSets {
         frame_width: u32,
         what: &str,
     ) -> Result<TileSlices<'a>, Error> {
-        let parsed = self.parse(au, rect, what)?;
+        let parsed = self.parse(au, rect, what, false)?;
         let mut slices = Vec::with_capacity(parsed.slices.len());
         for (header, unit) in parsed.slices {
             if !matches!(header.deblocking, Some((1 | 2, _, _))) {
@@ -656,7 +685,7 @@ impl Splicer {
         };
         let mut frame_sets = self.frame.clone();
         let mut region_sets = self.region.clone();
-        let frame = frame_sets.parse(frame_au, whole, "frame")?;
+        let frame = frame_sets.parse(frame_au, whole, "frame", true)?;
         let region = region_sets.picture(region_au, layout.region, layout.width_mbs, "region")?;
         let (Some(sps), Some(pps)) = (&frame_sets.sps, &frame_sets.pps) else {
             return Err(Error::Mismatch(
@@ -688,29 +717,30 @@ impl Splicer {
                 region.slices.len()
             )));
         }
+        // In raster order of their first macroblocks, written straight into the picture.
+        let mut placed: Vec<(u32, Option<&[u8]>, usize)> = kept
+            .iter()
+            .map(|s| (s.0.first_mb, Some(s.1.raw), 0))
+            .chain((0..region.slices.len()).map(|i| (region.slices[i].2, None, i)))
+            .collect();
+        placed.sort_by_key(|p| p.0);
         let mut out = Vec::with_capacity(frame_au.len() + region_au.len());
         out.extend_from_slice(&frame.others);
-        let mut placed: Vec<(u32, Vec<u8>)> = Vec::with_capacity(frame.slices.len());
-        for s in kept {
-            let mut raw = Vec::new();
-            push_raw(&mut raw, s.1.raw);
-            placed.push((s.0.first_mb, raw));
-        }
-        for (header, unit, at) in &region.slices {
-            let mut raw = Vec::new();
-            rewrite(
-                &mut raw,
-                &picture,
-                &marking,
-                (header, unit, *at),
-                &region.pps,
-                (sps, pps),
-            )?;
-            placed.push((*at, raw));
-        }
-        placed.sort_by_key(|p| p.0);
-        for (_, raw) in placed {
-            out.extend_from_slice(&raw);
+        for (_, kept, i) in placed {
+            match kept {
+                Some(raw) => push_raw(&mut out, raw),
+                None => {
+                    let (header, unit, at) = &region.slices[i];
+                    rewrite(
+                        &mut out,
+                        &picture,
+                        &marking,
+                        (header, unit, *at),
+                        &region.pps,
+                        (sps, pps),
+                    )?;
+                }
+            }
         }
         self.frame = frame_sets;
         self.region = region_sets;
@@ -795,6 +825,80 @@ mod tests {
         // 1080 rows: a band of 8 pixels below the region joins it.
         let l = Layout::around(1920, 1080, (800, 600, 300, 470)).unwrap();
         assert_eq!(l.region.y1, 68);
+    }
+
+    /// A frame slice's header is read from its first HEAD_BYTES only; one that runs longer
+    /// (64 memory management operations with large arguments) is read again whole, to the
+    /// same header and data offset.
+    #[test]
+    fn a_slice_header_longer_than_the_head_is_read_from_the_whole_unit() {
+        use openh264::encoder::Encoder;
+        use openh264::formats::YUVSlices;
+        let (w, h) = (64usize, 64usize);
+        let grey = vec![128u8; w * h * 3 / 2];
+        let mut enc = Encoder::new().unwrap();
+        let first = enc
+            .encode(&YUVSlices::new(
+                (
+                    &grey[..w * h],
+                    &grey[w * h..w * h * 5 / 4],
+                    &grey[w * h * 5 / 4..],
+                ),
+                (w, h),
+                (w, w / 2, w / 2),
+            ))
+            .unwrap()
+            .to_vec();
+        let whole = MbRect {
+            x0: 0,
+            y0: 0,
+            x1: 4,
+            y1: 4,
+        };
+        let mut sets = TileSets::default();
+        sets.parse(&first, whole, "test", false).unwrap();
+        let (sps, pps) = (sets.sps.clone().unwrap(), sets.pps.clone().unwrap());
+        let header = SliceHeader {
+            nal_ref_idc: 3,
+            idr: false,
+            first_mb: 0,
+            slice_type: SliceType::P,
+            pps_id: pps.id,
+            frame_num: 1,
+            idr_pic_id: 0,
+            poc_lsb: 2,
+            num_ref_idx_override: None,
+            list_modification: Vec::new(),
+            marking: Marking::Adaptive(Some((0..64).map(|i| (1, vec![1_000_000 + i])).collect())),
+            qp_delta: 0,
+            deblocking: pps.deblocking_filter_control_present.then_some((2, 0, 0)),
+            data_offset: 0,
+        };
+        let (nal, mut bits) = header.write(&sps, &pps);
+        bits.bits(0xabcd, 16);
+        let mut au = vec![0, 0, 0, 1, nal];
+        escape_into(&bits.finish(), &mut au);
+        assert!(
+            au.len() > HEAD_BYTES + 5,
+            "the header must outrun HEAD_BYTES"
+        );
+        let mut head_sets = sets.clone();
+        let heads = head_sets.parse(&au, whole, "test", true).unwrap();
+        let full = sets.parse(&au, whole, "test", false).unwrap();
+        let (a, b) = (&heads.slices[0].0, &full.slices[0].0);
+        assert_eq!(a, b);
+        assert_eq!(a.marking, header.marking);
+        assert_eq!(heads.slices[0].1.rbsp, full.slices[0].1.rbsp);
+    }
+
+    /// Where the header fits, a frame slice's unit holds only the head of its RBSP.
+    #[test]
+    fn a_short_header_is_read_from_the_head_alone() {
+        let raw: Vec<u8> = std::iter::once(0x41)
+            .chain((0..400).map(|i| (i % 200 + 1) as u8))
+            .collect();
+        assert_eq!(Unit::head(&raw).rbsp.len(), HEAD_BYTES);
+        assert_eq!(Unit::new(&raw).rbsp.len(), 400);
     }
 
     #[test]

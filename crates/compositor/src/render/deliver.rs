@@ -1,5 +1,5 @@
-//! A batch's frames composited in parallel on the rayon pool and sent in order, each as soon
-//! as it and every frame before it are done.
+//! A batch's frames composited in parallel on the rayon pool (a lone frame on tokio's
+//! blocking pool) and sent in order, each as soon as it and every frame before it are done.
 
 use super::plan::Plan;
 use super::wire::Crops;
@@ -10,15 +10,24 @@ use bytes::Bytes;
 use framecast_proto::compositor::v1::{FaceRegion, ImageFormat, RenderedFrame, StageTimings};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::SendTimeoutError;
+use tokio::sync::Semaphore;
 
 /// Why a frame of a batch has no image.
 enum FrameError {
     /// Not composited: the client went away or its deadline passed.
     Skipped,
     Failed(String),
+}
+
+/// Single frames composited at once: as many as the rayon pool (`--workers`) has threads.
+fn single_frame_slots() -> Arc<Semaphore> {
+    static SLOTS: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    SLOTS
+        .get_or_init(|| Arc::new(Semaphore::new(rayon::current_num_threads())))
+        .clone()
 }
 
 /// Composites frames `lo..hi` of `plan` from their `crops` (none: idle frames) and sends
@@ -36,31 +45,49 @@ pub(super) async fn batch(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let work = plan.clone();
     let watch = sink.clone();
-    rayon::spawn(move || {
-        (0..n).into_par_iter().for_each_with(tx.clone(), |tx, i| {
-            let bg = work.avatar.background_index(work.start + (lo + i) as u64);
-            // A client gone or out of time stops the rest of the batch here, not after it.
-            let r = if watch.is_closed() || work.past_deadline() {
-                Err(FrameError::Skipped)
-            } else {
-                // A panic on a rayon::spawn thread aborts the process: a frame that panics
-                // (a codec's assertion) fails its request instead.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &crops {
-                    Some(crops) => super::compose(
-                        &work.avatar,
-                        bg,
-                        crops.get(i),
-                        work.output,
-                        Some(&work.idle_budget),
-                    ),
-                    None => super::idle(&work.avatar, bg, work.output, Some(&work.idle_budget)),
-                }))
-                .unwrap_or_else(|_| Err("compositing the frame panicked".to_string()))
-                .map_err(FrameError::Failed)
-            };
-            let _ = tx.send((i, bg, r));
+    let frame = move |i: usize| {
+        let bg = work.avatar.background_index(work.start + (lo + i) as u64);
+        // A client gone or out of time stops the rest of the batch here, not after it.
+        let r = if watch.is_closed() || work.past_deadline() {
+            Err(FrameError::Skipped)
+        } else {
+            // A panic on a rayon::spawn thread aborts the process: a frame that panics
+            // (a codec's assertion) fails its request instead.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &crops {
+                Some(crops) => super::compose(
+                    &work.avatar,
+                    bg,
+                    crops.get(i),
+                    work.output,
+                    Some(&work.idle_budget),
+                ),
+                None => super::idle(&work.avatar, bg, work.output, Some(&work.idle_budget)),
+            }))
+            .unwrap_or_else(|_| Err("compositing the frame panicked".to_string()))
+            .map_err(FrameError::Failed)
+        };
+        (i, bg, r)
+    };
+    if n == 1 {
+        // A live session's frames come one at a time. Handed to rayon, each woke a worker
+        // that then spun in sched_yield looking for more (a sixth of the compositor's CPU
+        // at 8 sessions); a blocking-pool thread sleeps until the next instead, and the
+        // permits keep as many frames at once as the rayon pool has threads.
+        let permit = single_frame_slots()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Internal("compositing slots closed".into()))?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let _ = tx.send(frame(0));
         });
-    });
+    } else {
+        rayon::spawn(move || {
+            (0..n)
+                .into_par_iter()
+                .for_each_with(tx, |tx, i| drop(tx.send(frame(i))));
+        });
+    }
     let mut pending = BTreeMap::new();
     let mut emitted = 0usize;
     while emitted < n {
