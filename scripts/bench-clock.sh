@@ -6,7 +6,8 @@
 # each (default 8), the two compositors taking turns against one inference service. Each line
 # gives latency, late frames, requests and frames per forward pass (from the inference
 # service's statistics) and CPU ms per frame of the inference service and the compositor.
-# Then lipsync-ref's inference CPU per frame at batch 1 against batch 8. Results in
+# Then lipsync-ref's inference CPU per frame at batch 1 against batch 8. CLOCK_TORCH_THREADS
+# sets the inference service's --torch-threads (its default otherwise). Results in
 # out/bench-clock/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,8 @@ work=$out/work
 source scripts/lib/services.sh
 trap stop_services EXIT
 demo_assets "$work"
-start_inference 18301 "$out/inference.log" --repository "$work/models" --load talking-demo,lipsync-ref
+start_inference 18301 "$out/inference.log" --repository "$work/models" --load talking-demo,lipsync-ref \
+  ${CLOCK_TORCH_THREADS:+--torch-threads "$CLOCK_TORCH_THREADS"}
 inference=$!
 start_compositor 18311 18301 "$out/compositor-alone.log" --avatars "$work/avatars" --preload demo \
   --frame-tick-ms 0

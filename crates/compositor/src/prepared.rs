@@ -152,13 +152,17 @@ impl Frame {
                 Pixels::Rgb(Bytes::from(packed))
             }
         };
-        Ok(Frame {
+        Ok(Frame::new(Bytes::from(jpeg), layout, region, pixels))
+    }
+
+    fn new(jpeg: Bytes, layout: Layout, region: Region, pixels: Pixels<Bytes>) -> Frame {
+        Frame {
             jpeg_crc: crc32fast::hash(&jpeg),
-            jpeg: Bytes::from(jpeg),
+            jpeg,
             layout,
             region,
             pixels,
-        })
+        }
     }
 
     /// Bytes this frame holds in memory.
@@ -499,13 +503,12 @@ pub fn read(dir: &Path, expect: &Expect<'_>) -> Result<Option<Vec<Frame>>, Strin
                 "its JPEG headers (tables, components, sampling or restart interval) differ from those the encoder writes for the avatar's parameters".into(),
             ));
         }
-        frames.push(Frame {
-            jpeg_crc: crc32fast::hash(&jpeg),
+        frames.push(Frame::new(
             jpeg,
             layout,
             region,
-            pixels: Pixels::kind_for(expect.params.subsampling, data.slice(jpeg_end..end)),
-        });
+            Pixels::kind_for(expect.params.subsampling, data.slice(jpeg_end..end)),
+        ));
         at = end;
     }
     Ok(Some(frames))

@@ -110,7 +110,8 @@ pub(super) async fn batch(
                 }
             };
             let m = &plan.avatar.manifest;
-            let crc = plan.avatar.frames[bg].jpeg_crc;
+            let background = &plan.avatar.frames[bg];
+            let crc = background.jpeg_crc;
             let frame = RenderedFrame {
                 request_id: plan.request_id.clone(),
                 frame_index,
@@ -119,14 +120,14 @@ pub(super) async fn batch(
                     Output::Jpeg { .. } => ImageFormat::Jpeg,
                     Output::I420 | Output::I420Region(_) => ImageFormat::I420,
                 } as i32,
-                region: c.region.as_ref().map(|&(r, _)| FaceRegion::from(r)),
-                background_crc32: c.region.as_ref().map_or(0, |_| crc),
+                region: c.region.map(FaceRegion::from),
+                background_crc32: c.region.map_or(0, |_| crc),
                 background: match (c.region, &plan.sent) {
-                    (Some((_, jpeg)), None) => jpeg,
-                    (Some((_, jpeg)), Some(sent))
+                    (Some(_), None) => background.jpeg.clone(),
+                    (Some(_), Some(sent))
                         if sent.first(&plan.avatar.manifest.id, bg as u32, crc) =>
                     {
-                        jpeg
+                        background.jpeg.clone()
                     }
                     _ => Bytes::new(),
                 },
