@@ -28,8 +28,9 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Per rayon thread: blend buffers, the region being composited, a converted crop and the
-/// region's encode, reused frame after frame so the hot path allocates only the output.
+/// Per compositing thread (rayon's, or the blocking pool's for a lone frame): blend buffers,
+/// the region being composited, a converted crop and the region's encode, reused frame after
+/// frame so the hot path allocates only the output.
 #[derive(Default)]
 struct Scratch {
     blend: BlendScratch,
@@ -142,7 +143,7 @@ fn paste(
     }
 }
 
-/// Blends one frame and makes it into `output` on the calling (rayon) thread.
+/// Blends one frame and makes it into `output` on the calling (compositing) thread.
 pub fn compose(
     avatar: &Avatar,
     background: usize,
