@@ -70,9 +70,10 @@ pub(super) async fn batch(
     };
     if n == 1 {
         // A live session's frames come one at a time. Handed to rayon, each woke a worker
-        // that then spun in sched_yield looking for more (a sixth of the compositor's CPU
-        // at 8 sessions); a blocking-pool thread sleeps until the next instead, and the
-        // permits keep as many frames at once as the rayon pool has threads.
+        // that then spun in sched_yield looking for more (11% of the compositor's CPU
+        // samples at 8 sessions, docs/performance.md); a blocking-pool thread sleeps until
+        // the next instead, and the permits keep as many frames at once as the rayon pool
+        // has threads.
         let permit = single_frame_slots()
             .acquire_owned()
             .await
