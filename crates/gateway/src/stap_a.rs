@@ -2,8 +2,8 @@
 //!
 //! A spliced frame is made of many slices: for the demo avatar 79 (a slice for each of the
 //! face region's 25 macroblock rows and for each row of the strips left and right of it, two
-//! for each band above and below), most of them a few dozen bytes. The RTP packetizer (str0m's) sends each
-//! NAL unit in a packet of its own, so a frame of a few KB went out as 79 packets, each one
+//! for each band above and below), most of them a few dozen bytes. The RTP packetizer
+//! (str0m's) sends each NAL unit in a packet of its own, so a frame of a few KB went out as 79 packets, each one
 //! sealed (SRTP), sent (a system call) and received by the browser on its own: the kernel
 //! was a quarter of the gateway's CPU. Packed into STAP-A units of at most
 //! [`MAX_STAP_A_BYTES`], the same frame goes in a handful.
@@ -15,7 +15,7 @@
 //! packetization mode 1, which every browser's H.264 receiver implements; the caller packs
 //! only for a payload type that negotiated mode 1.
 
-use framecast_h264::nal_units;
+use framecast_h264::{nal_units, push_unit};
 
 /// The largest STAP-A unit made: under str0m's RTP payload budget (its default MTU of 1150
 /// bytes less SRTP's tag), so the packetizer never has to fragment one (FU-A cannot carry a
@@ -71,11 +71,6 @@ fn flush(out: &mut Vec<u8>, run: &mut Vec<&[u8]>) {
         }
     }
     run.clear();
-}
-
-fn push_unit(out: &mut Vec<u8>, unit: &[u8]) {
-    out.extend_from_slice(&[0, 0, 0, 1]);
-    out.extend_from_slice(unit);
 }
 
 #[cfg(test)]

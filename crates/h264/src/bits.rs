@@ -23,6 +23,13 @@ pub fn nal_units(stream: &[u8]) -> Vec<&[u8]> {
     units
 }
 
+/// Appends `unit` (a NAL unit, escaped) to `out` as Annex B: a four-byte start code, then
+/// the unit; what [`nal_units`] reads back.
+pub fn push_unit(out: &mut Vec<u8>, unit: &[u8]) {
+    out.extend_from_slice(&[0, 0, 0, 1]);
+    out.extend_from_slice(unit);
+}
+
 /// A NAL unit's payload with emulation prevention bytes (the 3 of 00 00 03) taken out.
 pub fn unescape(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len());

@@ -23,7 +23,7 @@
 mod bits;
 mod syntax;
 
-pub use bits::nal_units;
+pub use bits::{nal_units, push_unit};
 pub use syntax::{Marking, Pps, SliceHeader, SliceType, Sps};
 
 use bits::{escape_into, stop_bit, unescape};
@@ -355,7 +355,7 @@ impl TileSets {
                 _ => {}
             }
             if !matches!(unit.kind(), 1 | 5) {
-                push_raw(&mut others, unit.raw);
+                push_unit(&mut others, unit.raw);
                 continue;
             }
             let (Some(sps), Some(pps)) = (&self.sps, &self.pps) else {
@@ -374,7 +374,7 @@ impl TileSets {
             }
             let (header, unit) = match SliceHeader::parse(unit.raw[0], &unit.rbsp, sps, pps) {
                 // A header longer than HEAD_BYTES: read again from the whole unit.
-                Err(Error::Truncated) if unit.rbsp.len() < unit.raw.len() - 1 => {
+                Err(Error::Truncated) if unit.raw.len() > 1 + HEAD_BYTES && headers_only => {
                     let unit = Unit::new(unit.raw);
                     (SliceHeader::parse(unit.raw[0], &unit.rbsp, sps, pps)?, unit)
                 }
@@ -540,7 +540,7 @@ impl Mosaic {
                 8 => pps = Some(Pps::parse(&unit.rbsp)?),
                 _ => continue,
             }
-            push_raw(&mut sets_nal, unit.raw);
+            push_unit(&mut sets_nal, unit.raw);
         }
         let (Some(sps), Some(pps)) = (sps, pps) else {
             return Err(Error::Mismatch("no SPS and PPS for the frame".into()));
@@ -728,7 +728,7 @@ impl Splicer {
         out.extend_from_slice(&frame.others);
         for (_, kept, i) in placed {
             match kept {
-                Some(raw) => push_raw(&mut out, raw),
+                Some(raw) => push_unit(&mut out, raw),
                 None => {
                     let (header, unit, at) = &region.slices[i];
                     rewrite(
@@ -753,11 +753,6 @@ impl Splicer {
 struct FramePicture<'a> {
     slices: Vec<(SliceHeader, Unit<'a>)>,
     others: Vec<u8>,
-}
-
-fn push_raw(out: &mut Vec<u8>, raw: &[u8]) {
-    out.extend_from_slice(&[0, 0, 0, 1]);
-    out.extend_from_slice(raw);
 }
 
 #[cfg(test)]
