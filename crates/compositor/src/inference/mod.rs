@@ -123,19 +123,35 @@ pub fn latest_deadline(mut deadlines: impl Iterator<Item = Option<Instant>>) -> 
         .flatten()
 }
 
-/// A call `replica` reset (Cancelled: it went away mid-call, killed or shutting down) is the
-/// replica unavailable, said with its address, and retried elsewhere like one. The caller's
-/// own cancellation never comes here: its future is dropped.
-fn lost(replica: &Replica, s: Status) -> Status {
-    if s.code() == Code::Cancelled {
+/// A call that failed on the way rather than on `replica` is the replica unavailable, said
+/// with its address, and retried elsewhere like one: the replica reset it (Cancelled: killed
+/// or shutting down), or the connection broke under it. tonic reports a broken connection as
+/// UNKNOWN "transport error" (or whatever hyper said) and keeps the failure as the status's
+/// source; a status the replica sent has none. The caller's own cancellation never comes
+/// here: its future is dropped.
+fn lost(replica: &str, s: Status) -> Status {
+    if s.code() == Code::Cancelled || broke_in_transport(&s) {
+        let code = s.code();
         Status::unavailable(format!(
-            "inference replica {} dropped the call: {}",
-            replica.label,
+            "inference replica {replica} dropped the call ({code:?}): {}",
             s.message()
         ))
     } else {
         s
     }
+}
+
+/// Whether `s` was made here from a failed connection or stream: its source chain holds
+/// tonic's transport error, hyper's, or an I/O error.
+fn broke_in_transport(s: &Status) -> bool {
+    let mut next = std::error::Error::source(s);
+    while let Some(e) = next {
+        if e.is::<tonic::transport::Error>() || e.is::<hyper::Error>() || e.is::<std::io::Error>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// The output parameter asking for I420.
@@ -329,7 +345,7 @@ impl InferenceClient {
         let result = self
             .infer_on(&first, req.clone(), cached, expected, deadline)
             .await
-            .map_err(|s| lost(&first, s));
+            .map_err(|s| lost(&first.label, s));
         if let Err(s) = &result {
             // The model refused the batch's shapes: it may have been reloaded with another
             // contract since its metadata was cached. Ask again next time.
@@ -348,7 +364,7 @@ impl InferenceClient {
                 tracing::warn!(from = %first.label, to = %second.label, "retrying batch on another replica");
                 self.infer_on(&second, req, cached, expected, deadline)
                     .await
-                    .map_err(|s| lost(&second, s))
+                    .map_err(|s| lost(&second.label, s))
             }
             other => other,
         }
@@ -598,5 +614,32 @@ impl InferenceClient {
             }
         }
         Err(last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_broken_on_the_way_are_the_replica_lost_and_replies_are_kept() {
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let broken = Status::from_error(Box::new(reset));
+        assert_eq!(broken.code(), Code::Unknown);
+        let s = lost("10.0.0.7:8001", broken);
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(s.message().contains("10.0.0.7:8001"), "{}", s.message());
+
+        let dropped = lost("r", Status::cancelled("stream reset"));
+        assert_eq!(dropped.code(), Code::Unavailable);
+
+        // What the replica answered stays as it was: UNKNOWN from the model, its own refusal.
+        for sent in [
+            Status::unknown("model raised"),
+            Status::invalid_argument("shape"),
+        ] {
+            let code = sent.code();
+            assert_eq!(lost("r", sent).code(), code);
+        }
     }
 }
