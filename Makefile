@@ -4,7 +4,7 @@ ENV = eval "$$(scripts/setup.sh)"
 # The tests also drive a real browser: chromium and chromium-driver come with them.
 TEST_ENV = eval "$$(FRAMECAST_BROWSER=1 scripts/setup.sh)"
 
-.PHONY: demo browser-demo bench-browser bench-agent bench-clock bench-gateway bench-codecs test validate-deploy setup build build-cuda gpu-check lint fmt bench bench-network compare soak fuzz clean
+.PHONY: demo browser-demo bench-browser bench-agent bench-clock bench-gateway bench-codecs test validate-deploy setup build build-cuda gpu-check lint fmt bench bench-network compare compare-gateway soak fuzz clean
 
 ## Render the demo avatar end to end; output in out/demo.
 demo:
@@ -36,6 +36,11 @@ bench-network:
 ## host: frames/s, latency, CPU per frame of each process (results in out/compare/).
 compare:
 	scripts/compare-builds.sh
+
+## This tree's compositor and gateway against an earlier commit's (REV=...), side by side in
+## one stack: WebRTC sessions, CPU per delivered frame of each (results in out/compare-gateway/).
+compare-gateway:
+	scripts/compare-gateway.sh
 
 ## The gateway with a real browser: time to first frame, frame rate, latency, CPU per session
 ## (results in out/bench-browser/).

@@ -41,7 +41,13 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 
 
+# Chromium and chromedriver leave their profile and singleton directories in TMPDIR when a
+# run ends abruptly; theirs is one this process removes when it exits.
+_SCRATCH = tempfile.TemporaryDirectory(prefix="framecast-chromium-", ignore_cleanup_errors=True)
+
+
 def browser(wav):
+    os.environ["TMPDIR"] = _SCRATCH.name
     o = Options()
     o.binary_location = "/usr/bin/chromium"
     for flag in (

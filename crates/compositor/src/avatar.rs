@@ -8,6 +8,7 @@ use crate::blend::BoxMask;
 use crate::encode::{Params, Subsampling};
 use crate::manifest::{self, Channel, FaceBox, Manifest};
 use crate::prepared::{self, Expect, Frame};
+use crate::raw_frame::Rect;
 use crate::segments::Grid;
 use crate::{encode, mask};
 use fast_image_resize::images::{Image, ImageRef};
@@ -292,19 +293,39 @@ impl Avatar {
         )
     }
 
-    /// The smallest rectangle holding every frame's face region: a talking frame differs
-    /// from its background only inside it. `None` for an avatar without frames.
-    pub fn face_region(&self) -> Option<crate::raw_frame::Rect> {
-        let regions = self.frames.iter().map(|f| &f.region);
-        let x = regions.clone().map(|r| r.x).min()?;
-        let y = regions.clone().map(|r| r.y).min()?;
-        let right = regions.clone().map(|r| r.x + r.w).max()?;
-        let bottom = regions.map(|r| r.y + r.h).max()?;
-        Some(crate::raw_frame::Rect {
-            x,
-            y,
-            w: right - x,
-            h: bottom - y,
+    /// The pixels of background frame `bg` a talking frame can change: its face box where
+    /// the mask lets the face through (alpha above 0), widened to even coordinates (a chroma
+    /// sample covers 2x2 pixels) and kept to the frame's region. `None` where the mask lets
+    /// nothing through.
+    pub fn changed(&self, bg: usize) -> Option<Rect> {
+        let (b, m) = (&self.boxes[bg], &self.box_masks[bg]);
+        if m.is_empty() {
+            return None;
+        }
+        let (x0, y0) = ((b.x + m.x0) & !1, (b.y + m.y0) & !1);
+        let (x1, y1) = (
+            (b.x + m.x1).next_multiple_of(2),
+            (b.y + m.y1).next_multiple_of(2),
+        );
+        self.frames[bg].region.rect().intersect(&Rect {
+            x: x0,
+            y: y0,
+            w: x1 - x0,
+            h: y1 - y0,
+        })
+    }
+
+    /// The smallest rectangle holding every pixel a talking frame can change ([`Self::changed`]
+    /// of every frame): outside it a talking frame is its background, byte for byte. Where the
+    /// mask lets nothing through, the frames' face regions. `None` for an avatar without
+    /// frames.
+    pub fn face_region(&self) -> Option<Rect> {
+        let changed = (0..self.frames.len()).filter_map(|bg| self.changed(bg));
+        changed.reduce(|a, b| a.union(&b)).or_else(|| {
+            self.frames
+                .iter()
+                .map(|f| f.region.rect())
+                .reduce(|a, b| a.union(&b))
         })
     }
 

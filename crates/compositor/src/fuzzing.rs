@@ -29,6 +29,7 @@ pub fn avatar_manifest(data: &[u8]) {
 /// process, in its own directory; the prefix of its prepared file that ties the file to it
 /// (format, parameters, fingerprint, size, count) and the rest of that file.
 struct PreparedFixture {
+    root: std::path::PathBuf,
     dir: std::path::PathBuf,
     prefix: Vec<u8>,
     tail: Vec<u8>,
@@ -54,8 +55,20 @@ fn prepared_fixture() -> &'static PreparedFixture {
         let file = std::fs::read(&path).expect("reading the prepared file");
         let prefix = file[..crate::prepared::FIXED].to_vec();
         let tail = file[crate::prepared::FIXED..].to_vec();
-        PreparedFixture { dir, prefix, tail }
+        PreparedFixture {
+            root,
+            dir,
+            prefix,
+            tail,
+        }
     })
+}
+
+/// Removes the fixture's directory (a static is never dropped, so each process would leave
+/// one in the temporary directory). Only for the end of a process's use: `prepared_file`
+/// fails after it.
+pub fn remove_prepared_fixture() {
+    let _ = std::fs::remove_dir_all(&prepared_fixture().root);
 }
 
 /// The part of the fixture's prepared file after its header's identity and checksum (the

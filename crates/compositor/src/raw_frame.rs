@@ -143,36 +143,65 @@ fn chroma_to_limited(v: u8) -> u8 {
 /// even (chroma samples are not split) and the region inside the frame.
 pub fn put_planes(
     i420: &mut [u8],
+    size: (usize, usize),
+    at: (usize, usize),
+    region: &[u8],
+    planes: &crate::planes::Planes,
+) -> Result<(), String> {
+    let whole = Rect {
+        x: 0,
+        y: 0,
+        w: planes.w,
+        h: planes.h,
+    };
+    put_planes_part(i420, size, at, region, planes, whole)
+}
+
+/// [`put_planes`] for the part `part` of the region (in the region's own coordinates, its
+/// corner even), written with its corner at (`x`, `y`).
+pub fn put_planes_part(
+    i420: &mut [u8],
     (width, height): (usize, usize),
     (x, y): (usize, usize),
     region: &[u8],
     planes: &crate::planes::Planes,
+    part: Rect,
 ) -> Result<(), String> {
-    let (rw, rh) = (planes.w as usize, planes.h as usize);
+    let (px, py, pw, ph) = (
+        part.x as usize,
+        part.y as usize,
+        part.w as usize,
+        part.h as usize,
+    );
     if x % 2 != 0
         || y % 2 != 0
-        || x + rw > width
-        || y + rh > height
+        || px % 2 != 0
+        || py % 2 != 0
+        || !Rect::at_origin(planes.w, planes.h).holds(&part)
+        || x + pw > width
+        || y + ph > height
         || region.len() != planes.bytes()
         || i420.len() != len(width, height)
     {
         return Err(format!(
-            "a {rw}x{rh} region at ({x}, {y}) does not fit the {width}x{height} frame on even coordinates"
+            "a {pw}x{ph} part at ({px}, {py}) of a {}x{} region, put at ({x}, {y}), does not fit the {width}x{height} frame on even coordinates",
+            planes.w, planes.h
         ));
     }
     let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
-    let (rcw, rch) = (rw.div_ceil(2), rh.div_ceil(2));
+    let (pcw, pch) = (pw.div_ceil(2), ph.div_ceil(2));
     let (frame_y, frame_c) = i420.split_at_mut(width * height);
     let (frame_u, frame_v) = frame_c.split_at_mut(cw * ch);
     let (part_y, part_u, part_v) = planes.split(region);
-    for row in 0..rh {
+    for row in 0..ph {
         let at = (y + row) * width + x;
-        frame_y[at..at + rw].copy_from_slice(&part_y[row * planes.yw..][..rw]);
+        frame_y[at..at + pw].copy_from_slice(&part_y[(py + row) * planes.yw + px..][..pw]);
     }
     for (dst, src) in [(frame_u, part_u), (frame_v, part_v)] {
-        for row in 0..rch {
+        for row in 0..pch {
             let at = (y / 2 + row) * cw + x / 2;
-            dst[at..at + rcw].copy_from_slice(&src[row * planes.cw..][..rcw]);
+            let from = (py / 2 + row) * planes.cw + px / 2;
+            dst[at..at + pcw].copy_from_slice(&src[from..][..pcw]);
         }
     }
     Ok(())
@@ -188,6 +217,35 @@ pub struct Rect {
 }
 
 impl Rect {
+    /// `w` x `h` at (0, 0).
+    pub fn at_origin(w: u32, h: u32) -> Rect {
+        Rect { x: 0, y: 0, w, h }
+    }
+
+    /// The smallest rectangle holding both.
+    pub fn union(&self, other: &Rect) -> Rect {
+        let (x, y) = (self.x.min(other.x), self.y.min(other.y));
+        Rect {
+            x,
+            y,
+            w: (self.x + self.w).max(other.x + other.w) - x,
+            h: (self.y + self.h).max(other.y + other.h) - y,
+        }
+    }
+
+    /// Where both are, if anywhere.
+    pub fn intersect(&self, other: &Rect) -> Option<Rect> {
+        let (x, y) = (self.x.max(other.x), self.y.max(other.y));
+        let right = (self.x + self.w).min(other.x + other.w);
+        let bottom = (self.y + self.h).min(other.y + other.h);
+        (right > x && bottom > y).then(|| Rect {
+            x,
+            y,
+            w: right - x,
+            h: bottom - y,
+        })
+    }
+
     /// Whether `other` lies inside this rectangle.
     pub fn holds(&self, other: &Rect) -> bool {
         other.x >= self.x

@@ -70,6 +70,16 @@ impl Region {
             && face.y + face.h <= self.y + self.h
     }
 
+    /// Where the region lies in the frame.
+    pub fn rect(&self) -> crate::raw_frame::Rect {
+        crate::raw_frame::Rect {
+            x: self.x,
+            y: self.y,
+            w: self.w,
+            h: self.h,
+        }
+    }
+
     /// `face` in the region's own coordinates.
     pub fn local(&self, face: &FaceBox) -> FaceBox {
         FaceBox {

@@ -52,4 +52,5 @@ fn prepared_file_regressions() {
         "prepared_file",
         framecast_compositor::fuzzing::prepared_file,
     );
+    framecast_compositor::fuzzing::remove_prepared_fixture();
 }

@@ -37,13 +37,17 @@ const BITRATES_KBPS: [u32; 4] = [500, 1000, 2000, 3000];
 /// The gateway's default `--video-kbps`.
 const DEFAULT_KBPS: u32 = 2000;
 
-/// Talking frames, their backgrounds, and the face region (x, y, w, h).
-type Talking = (Vec<Vec<u8>>, Vec<Vec<u8>>, (u32, u32, u32, u32));
+/// A rectangle of the frame: x, y, w, h.
+type Area = (u32, u32, u32, u32);
+
+/// Talking frames, their backgrounds, and two face regions: what the face changes (what the
+/// compositor reports) and the union of the frames' regions kept decoded (what it reported
+/// before).
+type Talking = (Vec<Vec<u8>>, Vec<Vec<u8>>, [Area; 2]);
 
 /// The demo loop as I420 frames, a dark mouth in each face box opening and closing over an
 /// 8-frame cycle (the talking part of a frame is its face; the rest is the loop); with each
-/// frame's background as it is, and the union of the avatar's face regions (x, y, w, h) as
-/// the compositor reports it.
+/// frame's background as it is, and the face regions.
 fn frames(count: usize) -> Talking {
     let tmp = tempfile::tempdir().expect("tempdir");
     let opts = DemoOptions {
@@ -61,15 +65,10 @@ fn frames(count: usize) -> Talking {
         .map(|f| avatar::decode_frame(f, W as u32, H as u32).expect("decode"))
         .collect();
     let prepared = avatar::Avatar::load_with(&dir, Subsampling::S420).expect("avatar");
-    let regions = prepared.frames.iter().map(|f| &f.region);
-    let (x0, y0) = (
-        regions.clone().map(|r| r.x).min().unwrap(),
-        regions.clone().map(|r| r.y).min().unwrap(),
-    );
-    let (x1, y1) = (
-        regions.clone().map(|r| r.x + r.w).max().unwrap(),
-        regions.map(|r| r.y + r.h).max().unwrap(),
-    );
+    let area = |r: raw_frame::Rect| (r.x, r.y, r.w, r.h);
+    let changed = area(prepared.face_region().expect("a face region"));
+    let regions = prepared.frames.iter().map(|f| f.region.rect());
+    let kept = area(regions.reduce(|a, b| a.union(&b)).expect("frames"));
     let backgrounds = (0..count)
         .map(|t| {
             let mut i420 = Vec::new();
@@ -104,7 +103,7 @@ fn frames(count: usize) -> Talking {
             i420
         })
         .collect();
-    (talking, backgrounds, (x0, y0, x1 - x0, y1 - y0))
+    (talking, backgrounds, [changed, kept])
 }
 
 enum Browser {
@@ -242,9 +241,9 @@ fn main() {
     let quick =
         std::env::args().any(|a| a == "--quick") || !std::env::args().any(|a| a == "--bench");
     let n = if quick { 50 } else { 250 };
-    let (frames, backgrounds, region) = frames(n);
+    let (frames, backgrounds, regions) = frames(n);
     if std::env::args().any(|a| a == "--splice-only") {
-        spliced_against_whole(&frames, &backgrounds, region);
+        spliced_against_whole(&frames, &backgrounds, regions);
         return;
     }
     let codecs = [VideoCodec::H264, VideoCodec::Vp8];
@@ -344,41 +343,43 @@ fn main() {
         println!("{speed:>6} {:>9.0} {:>9.2} {:>11.2}", f.kbps, f.db, f.ms);
     }
 
-    spliced_against_whole(&frames, &backgrounds, region);
+    spliced_against_whole(&frames, &backgrounds, regions);
 }
 
 /// Talking frames: encoded whole by the session at the default bitrate, against the shared
 /// stream's frame (encoded beforehand, once for every session) with the session's region
 /// encoded and spliced in, at the default bitrate and at 1.5 times it (for the bitrate at
-/// the same quality); taking turns frame by frame. The session's cost is what the closure
-/// times: for a spliced one the region's encode and the splice.
-fn spliced_against_whole(
-    frames: &[Vec<u8>],
-    backgrounds: &[Vec<u8>],
-    region: (u32, u32, u32, u32),
-) {
-    let layout = Layout::around(W as u32, H as u32, region).expect("a layout");
-    let (x, y, w, h) = layout.region_pixels();
-    let share = (w * h) as f64 / (W * H) as f64;
-    let rates = [DEFAULT_KBPS, DEFAULT_KBPS * 3 / 2];
+/// the same quality), for the region of what the face changes and, at the default bitrate,
+/// for the frames' regions kept decoded (the region spliced before); taking turns frame by
+/// frame. The session's cost is what the closure times: for a spliced one the region's
+/// encode and the splice.
+fn spliced_against_whole(frames: &[Vec<u8>], backgrounds: &[Vec<u8>], [changed, kept]: [Area; 2]) {
+    let layout = |area| Layout::around(W as u32, H as u32, area).expect("a layout");
+    let runs = [
+        ("changed", layout(changed), DEFAULT_KBPS),
+        ("changed", layout(changed), DEFAULT_KBPS * 3 / 2),
+        ("regions", layout(kept), DEFAULT_KBPS),
+    ];
     let mut e = H264Encoder::new(W, H, FPS, DEFAULT_KBPS * 1000).expect("encoder");
     let mut contenders = vec![Contender::new(move |f| e.encode(f), VideoCodec::H264)];
-    for kbps in rates {
+    for (_, layout, kbps) in runs {
         contenders.push(spliced(layout, backgrounds, kbps * 1000));
     }
+    println!("\ntalking frames, whole or with a face region spliced in:");
     println!(
-        "\ntalking frames, the face region {w}x{h} at ({x}, {y}) ({:.0}% of the frame):",
-        share * 100.0
-    );
-    println!(
-        "{:>8} {:>7} {:>9} {:>9} {:>11} {:>17}",
-        "session", "target", "made", "Y-PSNR", "encode ms", "packets (STAP-A)"
+        "{:>8} {:>20} {:>7} {:>9} {:>9} {:>11} {:>17}",
+        "session", "region", "target", "made", "Y-PSNR", "encode ms", "packets (STAP-A)"
     );
     let figures = side_by_side(frames, &mut contenders);
-    let names = std::iter::once(("whole", DEFAULT_KBPS)).chain(rates.map(|k| ("spliced", k)));
-    for ((name, kbps), f) in names.zip(figures) {
+    let whole = ("whole", format!("{W}x{H} (100%)"), DEFAULT_KBPS);
+    let rows = std::iter::once(whole).chain(runs.map(|(name, layout, kbps)| {
+        let (_, _, w, h) = layout.region_pixels();
+        let share = (w * h) as f64 * 100.0 / (W * H) as f64;
+        (name, format!("{w}x{h} ({share:.0}%)"), kbps)
+    }));
+    for ((name, region, kbps), f) in rows.zip(figures) {
         println!(
-            "{name:>8} {kbps:>7} {:>9.0} {:>9.2} {:>11.2} {:>8.1} ({:>5.1})",
+            "{name:>8} {region:>20} {kbps:>7} {:>9.0} {:>9.2} {:>11.2} {:>8.1} ({:>5.1})",
             f.kbps,
             f.db,
             f.ms,

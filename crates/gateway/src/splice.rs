@@ -1,11 +1,12 @@
 //! Talking frames as their avatar's shared stream with the session's face region spliced in.
 //!
-//! A talking frame differs from its background only inside the avatar's face region, and the
+//! A talking frame differs from its background only inside the avatar's face region (what the
+//! blend mask lets the face change, `AvatarInfo.face_region`), and the
 //! background's encode is already made once for every session (the shared stream of
 //! [`crate::idle_video`], a mosaic of tiles around the region: [`crate::media::MosaicEncoder`]).
 //! So a session encodes only its region, a slice per macroblock row, and puts those slices in
 //! place of the region's in the stream's access unit for the background
-//! ([`framecast_h264::Splicer`]): the demo avatar's region is 17% of its 720p frame. The
+//! ([`framecast_h264::Splicer`]): the demo avatar's region is 9% of its 720p frame. The
 //! compositor sends such a frame as that region only ([`region_rect`],
 //! `RenderRequest.frame_region`) with the CRC of its background's prepared JPEG, which names
 //! the stream's frame for the background ([`IdleFollower::base`]; the JPEG itself comes once

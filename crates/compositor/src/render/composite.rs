@@ -184,14 +184,12 @@ pub fn compose(
             )?;
             out
         } else {
-            let face = Rect {
-                x: region.x,
-                y: region.y,
-                w: region.w,
-                h: region.h,
-            };
+            // Outside what the face changes the frame is its background: a region holding
+            // that is all the frame a caller needs.
+            let holds_change =
+                |rect: &Rect| avatar.changed(background).is_none_or(|c| rect.holds(&c));
             match (output, budget) {
-                (Output::I420Region(rect), _) if rect.holds(&face) => {
+                (Output::I420Region(rect), _) if holds_change(&rect) => {
                     cut = Some(rect);
                     cut_over_idle(avatar, background, pasted, rect, budget)?
                 }
@@ -273,8 +271,9 @@ fn over_idle(
 }
 
 /// `rect` of a raw talking frame ([`Output::I420Region`]), byte for byte what
-/// [`raw_frame::crop`] cuts from [`over_idle`]'s frame: cut from the background's kept idle
-/// frame with the face region's planes put in, so no whole frame is copied either.
+/// [`raw_frame::crop`] cuts from [`over_idle`]'s frame when `rect` holds what the face
+/// changes ([`Avatar::changed`]): cut from the background's kept idle frame with the part of
+/// the face region's planes inside `rect` put in, so no whole frame is copied either.
 fn cut_over_idle(
     avatar: &Avatar,
     background: usize,
@@ -294,10 +293,29 @@ fn cut_over_idle(
                 rect,
                 &mut out,
             )?;
-            let at = ((r.x - rect.x) as usize, (r.y - rect.y) as usize);
-            let part = (rect.w as usize, rect.h as usize);
-            raw_frame::put_planes(&mut out, part, at, planes, &Planes::new(r.w, r.h))?;
-            raw_frame::full_to_limited_region(&mut out, part, at, (r.w as usize, r.h as usize));
+            if let Some(both) = r.rect().intersect(&rect) {
+                let at = ((both.x - rect.x) as usize, (both.y - rect.y) as usize);
+                let part = (rect.w as usize, rect.h as usize);
+                let in_region = Rect {
+                    x: both.x - r.x,
+                    y: both.y - r.y,
+                    ..both
+                };
+                raw_frame::put_planes_part(
+                    &mut out,
+                    part,
+                    at,
+                    planes,
+                    &Planes::new(r.w, r.h),
+                    in_region,
+                )?;
+                raw_frame::full_to_limited_region(
+                    &mut out,
+                    part,
+                    at,
+                    (both.w as usize, both.h as usize),
+                );
+            }
         }
         _ => {
             let raw = match budget {
@@ -623,6 +641,14 @@ mod tests {
         assert_ne!(raw.image, idle.image);
     }
 
+    /// Zeroes `rect` (even corner and size) of a `size` I420 frame.
+    fn blank(i420: &mut [u8], size: (usize, usize), rect: Rect) {
+        let zeros = vec![0u8; raw_frame::len(rect.w as usize, rect.h as usize)];
+        let planes = Planes::new(rect.w, rect.h);
+        let at = (rect.x as usize, rect.y as usize);
+        raw_frame::put_planes(i420, size, at, &zeros, &planes).unwrap();
+    }
+
     /// A raw talking frame made over the kept idle frame is byte for byte the one made from
     /// the JPEG, for every background and whether the background was kept before or is
     /// kept by it; a budget too small to keep anything still makes the same frame.
@@ -649,10 +675,12 @@ mod tests {
         assert_eq!(none.used(), 0);
     }
 
-    /// A talking frame asked for as a rectangle holding the face region is byte for byte
-    /// that rectangle of the whole raw frame, with the background's prepared JPEG, for a
-    /// 4:2:0 avatar and an RGB one, kept backgrounds or not; a rectangle that does not hold
-    /// the frame's face region, and an idle frame, come whole.
+    /// A talking frame asked for as a rectangle holding the face region (what the mask lets
+    /// the face change, smaller than the region kept decoded) is byte for byte that
+    /// rectangle of the whole raw frame, with the background's prepared JPEG, for a 4:2:0
+    /// avatar and an RGB one, kept backgrounds or not; outside it the whole frame is its
+    /// idle frame; a rectangle that does not hold what the face changes, and an idle frame,
+    /// come whole.
     #[test]
     fn a_talking_frame_cut_to_a_rectangle_is_that_part_of_the_whole_frame() {
         let tmp = tempfile::tempdir().unwrap();
@@ -666,10 +694,19 @@ mod tests {
                 w: (face.x + face.w).next_multiple_of(2) - (face.x & !1),
                 h: (face.y + face.h).next_multiple_of(2) - (face.y & !1),
             };
+            let regions = a.frames.iter().map(|f| f.region.rect());
+            let regions = regions.reduce(|a, b| a.union(&b)).unwrap();
+            assert!(regions.holds(&face) && face.w * face.h < regions.w * regions.h);
             let crop = gradient_crop();
             let budget = IdleBudget::new(1 << 30, None);
             for bg in 0..a.frames.len() {
                 let whole = compose(&a, bg, Crop::Rgb(&crop), Output::I420, None).unwrap();
+                let background = super::idle(&a, bg, Output::I420, None).unwrap();
+                let (mut talking, mut idle) = (whole.image.to_vec(), background.image.to_vec());
+                for frame in [&mut talking, &mut idle] {
+                    blank(frame, size, rect);
+                }
+                assert!(talking == idle, "background {bg} changed outside {rect:?}");
                 let mut want = Vec::new();
                 raw_frame::crop(&whole.image, size, rect, &mut want).unwrap();
                 for b in [None, Some(&budget)] {
