@@ -317,16 +317,19 @@ impl Avatar {
 
     /// The smallest rectangle holding every pixel a talking frame can change ([`Self::changed`]
     /// of every frame): outside it a talking frame is its background, byte for byte. Where the
-    /// mask lets nothing through, the frames' face regions. `None` for an avatar without
-    /// frames.
+    /// mask lets nothing through, [`Self::kept_region`]. `None` for an avatar without frames.
     pub fn face_region(&self) -> Option<Rect> {
         let changed = (0..self.frames.len()).filter_map(|bg| self.changed(bg));
-        changed.reduce(|a, b| a.union(&b)).or_else(|| {
-            self.frames
-                .iter()
-                .map(|f| f.region.rect())
-                .reduce(|a, b| a.union(&b))
-        })
+        changed
+            .reduce(|a, b| a.union(&b))
+            .or_else(|| self.kept_region())
+    }
+
+    /// The smallest rectangle holding every frame's region kept decoded (its face box widened
+    /// to the JPEG's restart segments). `None` for an avatar without frames.
+    pub fn kept_region(&self) -> Option<Rect> {
+        let regions = self.frames.iter().map(|f| f.region.rect());
+        regions.reduce(|a, b| a.union(&b))
     }
 
     /// Bytes this avatar holds in memory.

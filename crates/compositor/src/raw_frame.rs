@@ -148,12 +148,7 @@ pub fn put_planes(
     region: &[u8],
     planes: &crate::planes::Planes,
 ) -> Result<(), String> {
-    let whole = Rect {
-        x: 0,
-        y: 0,
-        w: planes.w,
-        h: planes.h,
-    };
+    let whole = Rect::at_origin(planes.w, planes.h);
     put_planes_part(i420, size, at, region, planes, whole)
 }
 

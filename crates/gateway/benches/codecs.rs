@@ -67,8 +67,7 @@ fn frames(count: usize) -> Talking {
     let prepared = avatar::Avatar::load_with(&dir, Subsampling::S420).expect("avatar");
     let area = |r: raw_frame::Rect| (r.x, r.y, r.w, r.h);
     let changed = area(prepared.face_region().expect("a face region"));
-    let regions = prepared.frames.iter().map(|f| f.region.rect());
-    let kept = area(regions.reduce(|a, b| a.union(&b)).expect("frames"));
+    let kept = area(prepared.kept_region().expect("frames"));
     let backgrounds = (0..count)
         .map(|t| {
             let mut i420 = Vec::new();

@@ -3,10 +3,10 @@
 //! A spliced frame is made of many slices: for the demo avatar 79 (a slice for each of the
 //! face region's 25 macroblock rows and for each row of the strips left and right of it, two
 //! for each band above and below), most of them a few dozen bytes. The RTP packetizer
-//! (str0m's) sends each NAL unit in a packet of its own, so a frame of a few KB went out as 79 packets, each one
-//! sealed (SRTP), sent (a system call) and received by the browser on its own: the kernel
-//! was a quarter of the gateway's CPU. Packed into STAP-A units of at most
-//! [`MAX_STAP_A_BYTES`], the same frame goes in a handful.
+//! (str0m's) sends each NAL unit in a packet of its own, so a frame of a few KB went out as
+//! 79 packets, each one sealed (SRTP), sent (a system call) and received by the browser on
+//! its own: the kernel was a quarter of the gateway's CPU. Packed into STAP-A units of at
+//! most [`MAX_STAP_A_BYTES`], the same frame goes in a handful.
 //!
 //! The packetizer sends a NAL unit that fits its MTU as it is, so a STAP-A unit written into
 //! the access unit's byte stream travels as one packet. It is safe to write there: its

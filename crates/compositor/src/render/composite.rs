@@ -694,8 +694,7 @@ mod tests {
                 w: (face.x + face.w).next_multiple_of(2) - (face.x & !1),
                 h: (face.y + face.h).next_multiple_of(2) - (face.y & !1),
             };
-            let regions = a.frames.iter().map(|f| f.region.rect());
-            let regions = regions.reduce(|a, b| a.union(&b)).unwrap();
+            let regions = a.kept_region().unwrap();
             assert!(regions.holds(&face) && face.w * face.h < regions.w * regions.h);
             let crop = gradient_crop();
             let budget = IdleBudget::new(1 << 30, None);
